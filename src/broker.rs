@@ -1,0 +1,157 @@
+//! The embedded MQTT broker: rumqttd, configured from `[broker]`, running on
+//! its own threads inside the fleetgate process.
+//!
+//! fleetgate consumes through rumqttd's local link (no second TCP hop). Two
+//! properties of rumqttd 0.20 shape this module: it binds inside its server
+//! thread without reporting the bound address, so port 0 is resolved here
+//! by reserving a free port first; and it has no shutdown, so its threads
+//! end with the process (the pipeline drains separately, see `ingest`).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
+
+use crate::config::BrokerConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot reserve a free port on {addr}: {source}")]
+    Reserve {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot link to the embedded broker: {0}")]
+    Link(#[from] rumqttd::local::LinkError),
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the broker did not start listening on {addr} (is the port in use? see the log)")]
+    NotListening { addr: SocketAddr },
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// How long the broker may take to answer its first CONNECT.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Publishes the router hands the local link per sweep.
+const LINK_BATCH: u64 = 1024;
+
+/// A running embedded broker and fleetgate's link to it.
+pub struct EmbeddedBroker {
+    /// Where MQTT 3.1.1 clients connect.
+    pub mqtt_addr: SocketAddr,
+    /// Where MQTT 5 clients connect.
+    pub mqtt5_addr: SocketAddr,
+    pub link_tx: LinkTx,
+    pub link_rx: LinkRx,
+    _thread: JoinHandle<()>,
+}
+
+/// Starts rumqttd and waits until it accepts MQTT connections.
+pub fn start(config: &BrokerConfig, link_name: &str) -> Result<EmbeddedBroker> {
+    let mqtt_addr = resolve_port(config.mqtt_addr)?;
+    let mqtt5_addr = resolve_port(config.mqtt5_addr)?;
+    let connections = ConnectionSettings {
+        connection_timeout_ms: config.connect_timeout_ms,
+        max_payload_size: config.max_packet_bytes,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = |name: &str, listen| {
+        HashMap::from([(
+            name.to_owned(),
+            ServerSettings {
+                name: name.to_owned(),
+                listen,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: connections.clone(),
+            },
+        )])
+    };
+    let rumqttd_config = rumqttd::Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: config.max_connections,
+            max_outgoing_packet_count: LINK_BATCH,
+            max_segment_size: config.segment_bytes,
+            max_segment_count: config.segment_count,
+            ..RouterConfig::default()
+        },
+        v4: Some(server("mqtt-v4", mqtt_addr)),
+        v5: Some(server("mqtt-v5", mqtt5_addr)),
+        ..rumqttd::Config::default()
+    };
+    let mut broker = Broker::new(rumqttd_config);
+    let (link_tx, link_rx) = broker.link(link_name)?;
+    let thread = std::thread::Builder::new()
+        .name("broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    wait_until_listening(mqtt_addr, CONNECT_V4, &thread)?;
+    wait_until_listening(mqtt5_addr, CONNECT_V5, &thread)?;
+    Ok(EmbeddedBroker {
+        mqtt_addr,
+        mqtt5_addr,
+        link_tx,
+        link_rx,
+        _thread: thread,
+    })
+}
+
+/// Port 0 means "any free port": reserve one now so its number is known.
+/// The port is free again between this call and rumqttd's bind; if another
+/// process takes it in that moment, start-up fails with `NotListening`.
+fn resolve_port(addr: SocketAddr) -> Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map_err(|source| BrokerError::Reserve { addr, source })
+}
+
+/// Waits for the broker to answer an MQTT CONNECT with a CONNACK (any return
+/// code: the broker is up even if it refuses this anonymous probe).
+fn wait_until_listening(
+    addr: SocketAddr,
+    connect: &[u8],
+    broker_thread: &JoinHandle<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline && !broker_thread.is_finished() {
+        if probe(addr, connect).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BrokerError::NotListening { addr })
+}
+
+/// MQTT 3.1.1 CONNECT: clean session, keep-alive 10 s, client id "fleetgate-probe".
+const CONNECT_V4: &[u8] = b"\x10\x1b\x00\x04MQTT\x04\x02\x00\x0a\x00\x0ffleetgate-probe";
+/// The same for MQTT 5, with an empty property list.
+const CONNECT_V5: &[u8] = b"\x10\x1c\x00\x04MQTT\x05\x02\x00\x0a\x00\x00\x0ffleetgate-probe";
+
+fn probe(addr: SocketAddr, connect: &[u8]) -> std::io::Result<()> {
+    const DISCONNECT: &[u8] = b"\xe0\x00";
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.write_all(connect)?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    if connack[0] != 0x20 {
+        return Err(std::io::Error::other("not a CONNACK"));
+    }
+    stream.write_all(DISCONNECT)
+}

@@ -1,0 +1,257 @@
+//! Configuration: the serde structs behind `fleetgate.toml`, their defaults and
+//! their validation.
+//!
+//! The file shipped at the repository root shows every key with its default; a
+//! unit test keeps it equal to [`Config::default`]. Unknown keys are rejected so a
+//! typo never silently falls back to a default. Nothing here starts anything.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors of loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// The whole configuration of a fleetgate server.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub storage: StorageConfig,
+    pub pipeline: PipelineConfig,
+}
+
+/// The embedded MQTT broker.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub mqtt_addr: SocketAddr,
+    pub mqtt5_addr: SocketAddr,
+    pub max_packet_bytes: usize,
+    pub max_connections: usize,
+    pub connect_timeout_ms: u16,
+    pub segment_bytes: usize,
+    pub segment_count: usize,
+}
+
+/// Where and how data is stored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub key_file: PathBuf,
+    pub roll_rows: usize,
+    pub roll_bytes: usize,
+    pub roll_age_ms: u64,
+    pub max_open_files: usize,
+    pub zstd_level: i32,
+}
+
+/// The decode/validate/pseudonymise stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub max_payload_bytes: usize,
+    pub max_records_per_publish: usize,
+    pub dead_letter_payload_bytes: usize,
+    pub max_clock_skew_ms: i64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            mqtt5_addr: SocketAddr::from(([127, 0, 0, 1], 1884)),
+            max_packet_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            connect_timeout_ms: 5_000,
+            segment_bytes: 32 * 1024 * 1024,
+            segment_count: 4,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            key_file: PathBuf::from("./keys/pseudonym.key"),
+            roll_rows: 1_000_000,
+            roll_bytes: 128 * 1024 * 1024,
+            roll_age_ms: 2_000,
+            max_open_files: 64,
+            zstd_level: 3,
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            queue_capacity: 1024,
+            max_payload_bytes: 256 * 1024,
+            max_records_per_publish: 10_000,
+            dead_letter_payload_bytes: 4096,
+            max_clock_skew_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text; keys it leaves out keep their defaults.
+    pub fn from_toml(text: &str) -> std::result::Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks what serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let s = &self.storage;
+        let p = &self.pipeline;
+        let b = &self.broker;
+        if s.roll_rows == 0 || s.roll_bytes == 0 || s.roll_age_ms == 0 {
+            return invalid("storage.roll_rows, roll_bytes and roll_age_ms must be > 0".into());
+        }
+        if s.max_open_files == 0 {
+            return invalid("storage.max_open_files must be > 0".into());
+        }
+        if !(1..=22).contains(&s.zstd_level) {
+            return invalid(format!(
+                "storage.zstd_level {} is not in 1..=22",
+                s.zstd_level
+            ));
+        }
+        if p.queue_capacity == 0 || p.max_records_per_publish == 0 {
+            return invalid(
+                "pipeline.queue_capacity and max_records_per_publish must be > 0".into(),
+            );
+        }
+        if p.max_clock_skew_ms < 0 {
+            return invalid("pipeline.max_clock_skew_ms must be >= 0".into());
+        }
+        if b.max_packet_bytes <= p.max_payload_bytes {
+            return invalid(format!(
+                "broker.max_packet_bytes ({}) must exceed pipeline.max_payload_bytes ({}), \
+                 or oversize payloads close the connection instead of being dead-lettered",
+                b.max_packet_bytes, p.max_payload_bytes
+            ));
+        }
+        if b.segment_bytes == 0 || b.segment_count == 0 {
+            return invalid("broker.segment_bytes and segment_count must be > 0".into());
+        }
+        if key_file_inside_data_dir(&s.key_file, &s.data_dir) {
+            return invalid(format!(
+                "storage.key_file {} lies inside storage.data_dir {}: keep the key apart from the data",
+                s.key_file.display(),
+                s.data_dir.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of worker threads, resolving 0 to the number of cores.
+    pub fn worker_count(&self) -> usize {
+        match self.pipeline.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Compares lexically after making both absolute, so `./data/../keys` is not
+/// mistaken for a path inside `./data`.
+fn key_file_inside_data_dir(key_file: &Path, data_dir: &Path) -> bool {
+    let absolute = |p: &Path| -> PathBuf {
+        let joined = if p.is_absolute() {
+            p.to_owned()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
+        let mut out = PathBuf::new();
+        for part in joined.components() {
+            match part {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    };
+    absolute(key_file).starts_with(absolute(data_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_exactly_the_defaults() {
+        let shipped = include_str!("../fleetgate.toml");
+        let parsed = Config::from_toml(shipped).expect("shipped config parses");
+        assert_eq!(parsed, Config::default());
+        parsed.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::from_toml("[storage]\nroll_rowz = 5\n").expect_err("must fail");
+        assert!(err.to_string().contains("roll_rowz"), "{err}");
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let cfg = Config::from_toml("[storage]\nroll_rows = 5\n").expect("parses");
+        assert_eq!(cfg.storage.roll_rows, 5);
+        assert_eq!(cfg.broker, BrokerConfig::default());
+    }
+
+    #[test]
+    fn key_inside_data_dir_is_refused() {
+        let mut cfg = Config::default();
+        cfg.storage.key_file = PathBuf::from("./data/keys/k");
+        assert!(cfg.validate().is_err());
+        cfg.storage.key_file = PathBuf::from("./data/../keys/k");
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn packet_limit_must_exceed_payload_limit() {
+        let mut cfg = Config::default();
+        cfg.broker.max_packet_bytes = cfg.pipeline.max_payload_bytes;
+        assert!(cfg.validate().is_err());
+    }
+}

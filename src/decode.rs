@@ -1,0 +1,489 @@
+//! Decoding and validation: one MQTT payload in, one outcome per record out.
+//!
+//! A payload holds one JSON object or a JSON array of them. Every record is
+//! checked against its stream's schema (types, required fields, ranges,
+//! allowed values, unknown fields, the VIN against the topic's, the vehicle
+//! timestamp against the time of receipt) and either becomes a [`Record`] or
+//! a [`RejectedRecord`] carrying its own reason. Messages name the field and
+//! the problem; they never quote a value that could identify a person.
+
+use chrono::DateTime;
+use serde_json::Value as Json;
+
+use crate::dead_letter::{RejectCode, Rejection};
+use crate::schema::{FieldSpec, FieldType, StreamSchema};
+
+/// Earliest vehicle timestamp accepted: 2000-01-01T00:00:00Z.
+const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
+
+/// A validated field value, typed as its schema says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    /// Milliseconds since the Unix epoch, UTC.
+    Timestamp(i64),
+    List(Vec<String>),
+}
+
+/// A valid record: one value per field of its schema, in schema order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub values: Vec<Value>,
+}
+
+impl Record {
+    /// The vehicle timestamp, which the schema guarantees is present.
+    pub fn timestamp_ms(&self, schema: &StreamSchema) -> i64 {
+        match self.values[schema.ts_index] {
+            Value::Timestamp(ms) => ms,
+            _ => unreachable!("ts is a required timestamp field, checked by the decoder"),
+        }
+    }
+}
+
+/// What was rejected, kept for the dead-letter copy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RejectedBytes {
+    /// The whole payload, which could not be read as records.
+    Payload,
+    /// One parsed record of the payload.
+    Json(Json),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedRecord {
+    /// Index in a JSON array payload; `None` for a single object or the whole payload.
+    pub index: Option<usize>,
+    pub rejection: Rejection,
+    pub bytes: RejectedBytes,
+}
+
+/// Limits a payload must respect, from `[pipeline]` in the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub max_records_per_publish: usize,
+    pub max_clock_skew_ms: i64,
+}
+
+/// Outcomes of one payload, reused across payloads to keep allocations down.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub valid: Vec<Record>,
+    pub rejected: Vec<RejectedRecord>,
+}
+
+impl Decoded {
+    pub fn clear(&mut self) {
+        self.valid.clear();
+        self.rejected.clear();
+    }
+}
+
+/// Decodes `payload` published on `vehicles/{topic_vin}/{schema.stream}`,
+/// appending to `out`.
+pub fn decode(
+    schema: &StreamSchema,
+    limits: &Limits,
+    topic_vin: &str,
+    payload: &[u8],
+    received_at_ms: i64,
+    out: &mut Decoded,
+) {
+    let whole = |code, message: String| RejectedRecord {
+        index: None,
+        rejection: Rejection::new(code, message),
+        bytes: RejectedBytes::Payload,
+    };
+    if payload.len() > limits.max_payload_bytes {
+        out.rejected.push(whole(
+            RejectCode::Oversize,
+            format!(
+                "payload of {} bytes exceeds the limit of {} bytes",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+        return;
+    }
+    let parsed: Json = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            out.rejected.push(whole(
+                RejectCode::NotJson,
+                format!("payload is not JSON: {e}"),
+            ));
+            return;
+        }
+    };
+    let checker = Checker {
+        schema,
+        topic_vin,
+        max_ts_ms: received_at_ms.saturating_add(limits.max_clock_skew_ms),
+    };
+    match parsed {
+        Json::Array(items) if items.is_empty() => {
+            out.rejected.push(whole(
+                RejectCode::Empty,
+                "payload is an empty array".to_owned(),
+            ));
+        }
+        Json::Array(items) if items.len() > limits.max_records_per_publish => {
+            out.rejected.push(whole(
+                RejectCode::TooManyRecords,
+                format!(
+                    "payload holds {} records, more than the limit of {}",
+                    items.len(),
+                    limits.max_records_per_publish
+                ),
+            ));
+        }
+        Json::Array(items) => {
+            for (i, item) in items.into_iter().enumerate() {
+                checker.push(Some(i), item, out);
+            }
+        }
+        item => checker.push(None, item, out),
+    }
+}
+
+struct Checker<'a> {
+    schema: &'a StreamSchema,
+    topic_vin: &'a str,
+    max_ts_ms: i64,
+}
+
+impl Checker<'_> {
+    fn push(&self, index: Option<usize>, item: Json, out: &mut Decoded) {
+        match self.record(&item) {
+            Ok(record) => out.valid.push(record),
+            Err(rejection) => out.rejected.push(RejectedRecord {
+                index,
+                rejection,
+                bytes: RejectedBytes::Json(item),
+            }),
+        }
+    }
+
+    fn record(&self, item: &Json) -> Result<Record, Rejection> {
+        let Json::Object(map) = item else {
+            return Err(Rejection::new(
+                RejectCode::NotAnObject,
+                format!("record is a JSON {}, not an object", json_kind(item)),
+            ));
+        };
+        let mut values = Vec::with_capacity(self.schema.fields.len());
+        for field in &self.schema.fields {
+            let value = match map.get(&field.name) {
+                None | Some(Json::Null) if field.required => {
+                    return Err(Rejection::new(
+                        RejectCode::MissingField,
+                        format!("required field '{}' is missing", field.name),
+                    ));
+                }
+                None | Some(Json::Null) => Value::Null,
+                Some(json) => convert(field, json)?,
+            };
+            values.push(value);
+        }
+        if let Some(key) = map
+            .keys()
+            .find(|k| !self.schema.fields.iter().any(|f| &f.name == *k))
+        {
+            return Err(Rejection::new(
+                RejectCode::UnknownField,
+                format!("field '{key}' is not in the {} schema", self.schema.stream),
+            ));
+        }
+        if values[self.schema.vin_index] != Value::Str(self.topic_vin.to_owned()) {
+            return Err(Rejection::new(
+                RejectCode::VinMismatch,
+                "the record's vin differs from the VIN in the topic",
+            ));
+        }
+        let record = Record { values };
+        let ts = record.timestamp_ms(self.schema);
+        if !(MIN_TIMESTAMP_MS..=self.max_ts_ms).contains(&ts) {
+            return Err(Rejection::new(
+                RejectCode::OutOfRange,
+                format!("field 'ts' ({ts} ms) is before 2000 or too far after the time of receipt"),
+            ));
+        }
+        Ok(record)
+    }
+}
+
+/// Converts one JSON value to the field's type, checking its constraints.
+fn convert(field: &FieldSpec, json: &Json) -> Result<Value, Rejection> {
+    let wrong_type = || {
+        Rejection::new(
+            RejectCode::WrongType,
+            format!(
+                "field '{}' must be {}, got a JSON {}",
+                field.name,
+                type_name(field.field_type),
+                json_kind(json)
+            ),
+        )
+    };
+    let out_of_range = |what: String| {
+        Rejection::new(
+            RejectCode::OutOfRange,
+            format!("field '{}' {what}", field.name),
+        )
+    };
+    let value = match field.field_type {
+        FieldType::String => {
+            let s = json.as_str().ok_or_else(wrong_type)?;
+            if s.len() > field.max_len() {
+                return Err(out_of_range(format!(
+                    "is {} bytes long, more than {}",
+                    s.len(),
+                    field.max_len()
+                )));
+            }
+            if let Some(allowed) = &field.allowed {
+                if !allowed.iter().any(|a| a == s) {
+                    // Enumerations are technical values, safe to quote.
+                    return Err(out_of_range(format!("'{s}' is not one of {allowed:?}")));
+                }
+            }
+            Value::Str(s.to_owned())
+        }
+        FieldType::Int => {
+            let n = json.as_i64().ok_or_else(wrong_type)?;
+            check_range(field, n as f64).map_err(out_of_range)?;
+            Value::Int(n)
+        }
+        FieldType::Float => {
+            let n = json.as_f64().ok_or_else(wrong_type)?;
+            check_range(field, n).map_err(out_of_range)?;
+            Value::Float(n)
+        }
+        FieldType::Bool => Value::Bool(json.as_bool().ok_or_else(wrong_type)?),
+        FieldType::Timestamp => Value::Timestamp(match json {
+            Json::String(s) => DateTime::parse_from_rfc3339(s)
+                .map_err(|_| wrong_type())?
+                .timestamp_millis(),
+            Json::Number(n) => n.as_i64().ok_or_else(wrong_type)?,
+            _ => return Err(wrong_type()),
+        }),
+        FieldType::StringList => {
+            let items = json.as_array().ok_or_else(wrong_type)?;
+            if items.len() > crate::schema::MAX_LIST_ITEMS {
+                return Err(out_of_range(format!(
+                    "has {} items, more than {}",
+                    items.len(),
+                    crate::schema::MAX_LIST_ITEMS
+                )));
+            }
+            let mut list = Vec::with_capacity(items.len());
+            for item in items {
+                let s = item.as_str().ok_or_else(wrong_type)?;
+                if s.len() > field.max_len() {
+                    return Err(out_of_range(format!(
+                        "has an item longer than {} bytes",
+                        field.max_len()
+                    )));
+                }
+                list.push(s.to_owned());
+            }
+            Value::List(list)
+        }
+    };
+    Ok(value)
+}
+
+fn check_range(field: &FieldSpec, n: f64) -> Result<(), String> {
+    if field.min.is_some_and(|min| n < min) || field.max.is_some_and(|max| n > max) {
+        let bound = |b: Option<f64>| b.map_or("-".to_owned(), |b| b.to_string());
+        return Err(format!(
+            "value {n} is outside [{}, {}]",
+            bound(field.min),
+            bound(field.max)
+        ));
+    }
+    Ok(())
+}
+
+fn type_name(t: FieldType) -> &'static str {
+    match t {
+        FieldType::String => "a string",
+        FieldType::Int => "an integer",
+        FieldType::Float => "a number",
+        FieldType::Bool => "a boolean",
+        FieldType::Timestamp => "an RFC 3339 string or epoch milliseconds",
+        FieldType::StringList => "an array of strings",
+    }
+}
+
+fn json_kind(json: &Json) -> &'static str {
+    match json {
+        Json::Null => "null",
+        Json::Bool(_) => "boolean",
+        Json::Number(_) => "number",
+        Json::String(_) => "string",
+        Json::Array(_) => "array",
+        Json::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{Registry, Stream};
+    use std::path::Path;
+
+    const TOPIC_VIN_OF_INVALID: &str = "WMWTEST0000000001";
+    /// 2026-11-25T00:00:00Z, after every example's timestamp.
+    const RECEIVED_AT_MS: i64 = 1_796_083_200_000;
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload_bytes: 256 * 1024,
+            max_records_per_publish: 100,
+            max_clock_skew_ms: 86_400_000,
+        }
+    }
+
+    fn examples(stream: Stream, kind: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas/examples")
+            .join(stream.name())
+            .join(kind);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("examples directory")
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .map(|p| {
+                let name = p.file_name().expect("name").to_string_lossy().into_owned();
+                (name, std::fs::read(&p).expect("read example"))
+            })
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no {kind} examples for {stream}");
+        files
+    }
+
+    fn decode_one(stream: Stream, vin: &str, payload: &[u8]) -> Decoded {
+        let registry = Registry::load().expect("schemas");
+        let mut out = Decoded::default();
+        decode(
+            registry.get(stream),
+            &limits(),
+            vin,
+            payload,
+            RECEIVED_AT_MS,
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn every_valid_example_decodes_completely() {
+        for stream in Stream::ALL {
+            for (name, bytes) in examples(stream, "valid") {
+                let json: Json = serde_json::from_slice(&bytes).expect("valid example is JSON");
+                let records = json.as_array().cloned().unwrap_or_else(|| vec![json]);
+                let vin = records[0]["vin"].as_str().expect("vin").to_owned();
+                let out = decode_one(stream, &vin, &bytes);
+                assert!(
+                    out.rejected.is_empty(),
+                    "{stream}/{name}: {:?}",
+                    out.rejected
+                );
+                assert_eq!(out.valid.len(), records.len(), "{stream}/{name}");
+                assert!(
+                    records.len() > 1,
+                    "{stream}/{name} should hold several records"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_invalid_example_is_rejected_with_its_named_reason() {
+        for stream in Stream::ALL {
+            for (name, bytes) in examples(stream, "invalid") {
+                let expected = name.split("__").next().expect("reason prefix");
+                let out = decode_one(stream, TOPIC_VIN_OF_INVALID, &bytes);
+                assert!(
+                    out.valid.is_empty(),
+                    "{stream}/{name} produced a valid record"
+                );
+                assert!(!out.rejected.is_empty(), "{stream}/{name}");
+                for r in &out.rejected {
+                    assert_eq!(
+                        r.rejection.code.as_str(),
+                        expected,
+                        "{stream}/{name}: {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn values_are_typed_and_timestamps_normalised() {
+        let payload = br#"{"vin":"WMW11DJ04N2T00001","ts":"2026-11-22T12:30:00+01:00","seq":7,
+            "ecu":"EGS","severity":"critical","fault_codes":["P0730"],"operating_hours":3}"#;
+        let out = decode_one(Stream::Diagnostics, "WMW11DJ04N2T00001", payload);
+        let record = &out.valid[0];
+        let registry = Registry::load().expect("schemas");
+        let schema = registry.get(Stream::Diagnostics);
+        let by_name = |name: &str| {
+            let i = schema
+                .fields
+                .iter()
+                .position(|f| f.name == name)
+                .expect("field");
+            record.values[i].clone()
+        };
+        // 2026-11-22T11:30:00Z
+        assert_eq!(by_name("ts"), Value::Timestamp(1_795_347_000_000));
+        assert_eq!(by_name("seq"), Value::Int(7));
+        assert_eq!(by_name("operating_hours"), Value::Float(3.0));
+        assert_eq!(by_name("fault_codes"), Value::List(vec!["P0730".into()]));
+        assert_eq!(by_name("anomaly"), Value::Null);
+    }
+
+    #[test]
+    fn one_bad_record_does_not_poison_its_batch() {
+        let payload = br#"[
+            {"vin":"WMW11DJ04N2T00001","ts":1795536000000,"seq":1,"ecu":"DME","severity":"info"},
+            {"vin":"WMW11DJ04N2T00001","ts":1795536000000,"seq":2,"ecu":"DME","severity":"loud"},
+            {"vin":"WMW11DJ04N2T00001","ts":1795536000000,"seq":3,"ecu":"DME","severity":"info"}]"#;
+        let out = decode_one(Stream::Diagnostics, "WMW11DJ04N2T00001", payload);
+        assert_eq!(out.valid.len(), 2);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(out.rejected[0].index, Some(1));
+        assert_eq!(out.rejected[0].rejection.code, RejectCode::OutOfRange);
+    }
+
+    #[test]
+    fn limits_apply_to_the_whole_payload() {
+        let big = vec![b' '; limits().max_payload_bytes + 1];
+        let out = decode_one(Stream::Rtti, "WMW11DJ04N2T00001", &big);
+        assert_eq!(out.rejected[0].rejection.code, RejectCode::Oversize);
+        let many = format!("[{}]", vec!["{}"; 101].join(","));
+        let out = decode_one(Stream::Rtti, "WMW11DJ04N2T00001", many.as_bytes());
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(out.rejected[0].rejection.code, RejectCode::TooManyRecords);
+    }
+
+    #[test]
+    fn messages_never_quote_identifying_values() {
+        let payload = br#"{"vin":"WMW11DJ04N2T00001","ts":1795536000000,"seq":1,"session_id":"s",
+            "event":"start","started_at":1795536000000,"contract_number":12345}"#;
+        let out = decode_one(Stream::Charging, "WMW11DJ04N2T00001", payload);
+        let message = &out.rejected[0].rejection.message;
+        assert!(message.contains("contract_number"), "{message}");
+        assert!(!message.contains("12345"), "{message}");
+        let out = decode_one(Stream::Charging, "WMW21GD07P2S00002", payload);
+        assert_eq!(out.rejected[0].rejection.code, RejectCode::WrongType);
+    }
+}

@@ -1,0 +1,257 @@
+//! Ingest: the one thread that consumes the embedded broker's local link,
+//! parses each topic into (vehicle, stream), and hands the payload, without
+//! copying it, to the worker shard that owns the vehicle.
+//!
+//! Sharding by VIN keeps one vehicle's records in order on one worker.
+//! When the workers fall behind, this thread blocks on their bounded queues
+//! and stops reading the link; rumqttd then pauses delivery to it.
+//!
+//! Clean shutdown is a barrier, not a timeout: this thread publishes a
+//! marker with a random nonce through its own link. Everything the broker
+//! acknowledged before that sits ahead of the marker in the same log, so when
+//! the marker comes back, every record acknowledged before shutdown began has
+//! been handed to a worker.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use crossbeam::channel::Sender;
+use rumqttd::Notification;
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+
+use crate::dead_letter::{RejectCode, Rejection};
+use crate::pseudo::is_vin;
+use crate::schema::Stream;
+
+/// First topic level of vehicle topics: `vehicles/{VIN}/{stream}`.
+pub const TOPIC_ROOT: &str = "vehicles";
+/// Topic filter fleetgate subscribes to: every topic, so that publishes to
+/// unknown topics are dead-lettered rather than silently dropped.
+const SUBSCRIPTION: &str = "#";
+/// Topic prefix of the shutdown marker.
+const DRAIN_TOPIC: &str = "fleetgate/drain";
+/// How long shutdown waits for the marker before giving up (logged).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the loop looks at the stop flag while the link is idle.
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("embedded broker link: {0}")]
+    Link(#[from] LinkError),
+    #[error("cannot start the ingest thread: {0}")]
+    Thread(std::io::Error),
+}
+
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+/// Where a publish goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Vehicle {
+        vin: String,
+        stream: Stream,
+    },
+    /// The topic itself is unacceptable; the whole payload is dead-lettered.
+    Rejected {
+        rejection: Rejection,
+        /// The raw topic, to be pseudonymised before it is stored.
+        topic: String,
+        stream: Option<Stream>,
+    },
+}
+
+/// One publish on its way to a worker.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub route: Route,
+    pub payload: Bytes,
+    pub received_at_ms: i64,
+}
+
+/// Parses `vehicles/{VIN}/{stream}`.
+pub fn route(topic: &str) -> Route {
+    let rejected = |code, message: String, stream| Route::Rejected {
+        rejection: Rejection::new(code, message),
+        topic: topic.to_owned(),
+        stream,
+    };
+    let mut parts = topic.split('/');
+    let (Some(TOPIC_ROOT), Some(vin), Some(stream_name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return rejected(
+            RejectCode::UnknownTopic,
+            format!("topic is not {TOPIC_ROOT}/{{VIN}}/{{stream}}"),
+            None,
+        );
+    };
+    let Some(stream) = Stream::from_name(stream_name) else {
+        return rejected(
+            RejectCode::UnknownStream,
+            format!("no stream named {stream_name:?}"),
+            None,
+        );
+    };
+    if !is_vin(vin) {
+        return rejected(
+            RejectCode::InvalidVin,
+            "the topic's VIN is not 17 characters of the VIN alphabet".to_owned(),
+            Some(stream),
+        );
+    }
+    Route::Vehicle {
+        vin: vin.to_owned(),
+        stream,
+    }
+}
+
+/// Milliseconds since the Unix epoch now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Starts the ingest thread. It runs until `stop` is set and the drain
+/// barrier has passed, then drops the shard senders, which lets the workers
+/// finish.
+pub fn spawn(
+    mut link_tx: LinkTx,
+    mut link_rx: LinkRx,
+    shards: Vec<Sender<Inbound>>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>> {
+    link_tx.subscribe(SUBSCRIPTION)?;
+    std::thread::Builder::new()
+        .name("ingest".into())
+        .spawn(move || {
+            if let Err(e) = run(&mut link_tx, &mut link_rx, &shards, &stop) {
+                tracing::error!(error = %e, "ingest stopped on a link error");
+            }
+        })
+        .map_err(IngestError::Thread)
+}
+
+fn run(
+    link_tx: &mut LinkTx,
+    link_rx: &mut LinkRx,
+    shards: &[Sender<Inbound>],
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut drain: Option<(String, Instant)> = None;
+    loop {
+        if drain.is_none() && stop.load(Ordering::Relaxed) {
+            let marker = format!("{DRAIN_TOPIC}/{:016x}", random_nonce());
+            link_tx.publish(marker.clone(), Vec::new())?;
+            drain = Some((marker, Instant::now() + DRAIN_TIMEOUT));
+        }
+        match link_rx.recv_deadline(Instant::now() + POLL) {
+            Ok(Some(Notification::Forward(forward))) => {
+                let topic = String::from_utf8_lossy(&forward.publish.topic);
+                if drain.as_ref().is_some_and(|(marker, _)| *marker == topic) {
+                    return Ok(());
+                }
+                let inbound = Inbound {
+                    route: route(&topic),
+                    payload: forward.publish.payload,
+                    received_at_ms: now_ms(),
+                };
+                let shard = &shards[shard_of(&inbound.route, shards.len())];
+                if shard.send(inbound).is_err() {
+                    tracing::error!("a worker has stopped; ingest stops too");
+                    return Ok(());
+                }
+            }
+            // The router paused delivery because our buffer was full; we have
+            // emptied it, so ask for more.
+            Ok(Some(Notification::Unschedule)) => link_rx.ready()?,
+            Ok(_) => {}
+            Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some((_, deadline)) = &drain {
+            if Instant::now() > *deadline {
+                tracing::warn!(
+                    "shutdown marker did not come back within {DRAIN_TIMEOUT:?}; \
+                     records still queued in the broker are not stored"
+                );
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn shard_of(route: &Route, shards: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match route {
+        Route::Vehicle { vin, .. } => vin.hash(&mut hasher),
+        Route::Rejected { topic, .. } => topic.hash(&mut hasher),
+    }
+    (hasher.finish() % shards as u64) as usize
+}
+
+fn random_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Without a random source, time still makes the marker unguessable enough
+    // that a client cannot end the drain early by accident.
+    if getrandom::fill(&mut bytes).is_err() {
+        return now_ms() as u64;
+    }
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(route: Route) -> Option<RejectCode> {
+        match route {
+            Route::Rejected { rejection, .. } => Some(rejection.code),
+            Route::Vehicle { .. } => None,
+        }
+    }
+
+    #[test]
+    fn vehicle_topics_route_to_their_stream() {
+        assert_eq!(
+            route("vehicles/WMW11DJ04N2T00001/rtti"),
+            Route::Vehicle {
+                vin: "WMW11DJ04N2T00001".into(),
+                stream: Stream::Rtti
+            }
+        );
+    }
+
+    #[test]
+    fn bad_topics_are_rejected_with_their_reason() {
+        assert_eq!(
+            code(route("vehicles/WMW11DJ04N2T00001/radio")),
+            Some(RejectCode::UnknownStream)
+        );
+        assert_eq!(
+            code(route("vehicles/NOT-A-VIN/rtti")),
+            Some(RejectCode::InvalidVin)
+        );
+        assert_eq!(
+            code(route("vehicles/WMW11DJ04N2T00001/rtti/x")),
+            Some(RejectCode::UnknownTopic)
+        );
+        assert_eq!(
+            code(route("cars/WMW11DJ04N2T00001/rtti")),
+            Some(RejectCode::UnknownTopic)
+        );
+        assert_eq!(code(route("")), Some(RejectCode::UnknownTopic));
+    }
+
+    #[test]
+    fn one_vehicle_always_lands_on_one_shard() {
+        let a = route("vehicles/WMW11DJ04N2T00001/rtti");
+        let b = route("vehicles/WMW11DJ04N2T00001/charging");
+        assert_eq!(shard_of(&a, 7), shard_of(&b, 7));
+    }
+}

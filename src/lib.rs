@@ -1,0 +1,28 @@
+//! fleetgate: connected-car telemetry from MQTT to lawful, queryable Parquet.
+//!
+//! The path of one record, one module per step:
+//! - [`broker`]: the embedded rumqttd broker vehicles publish to;
+//! - [`ingest`]: consumes the broker's local link, routes each topic to a worker shard;
+//! - [`pipeline`]: worker shards that decode, validate, pseudonymise and batch;
+//! - [`decode`]: payload → typed records, each with its own rejection;
+//! - [`schema`]: the stream schemas in `schemas/`, the single source of truth;
+//! - [`pseudo`]: keyed pseudonyms and redaction of raw identifiers;
+//! - [`dead_letter`]: rejected records, their reasons and redacted copies;
+//! - [`store`]: Arrow batches → zstd Parquet files, committed atomically per hour partition;
+//! - [`query`]: SQL over the store through DataFusion;
+//! - [`metrics`]: counters of what was received, stored and rejected;
+//! - [`server`]: wires the stages together and shuts them down in order;
+//! - [`config`]: the configuration file and its defaults.
+
+pub mod broker;
+pub mod config;
+pub mod dead_letter;
+pub mod decode;
+pub mod ingest;
+pub mod metrics;
+pub mod pipeline;
+pub mod pseudo;
+pub mod query;
+pub mod schema;
+pub mod server;
+pub mod store;

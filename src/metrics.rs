@@ -1,0 +1,171 @@
+//! Counters of what the pipeline received, stored and rejected, per stream.
+//!
+//! Counters are atomics, added to once per batch by the stage that owns the
+//! number, never per record under a lock. A snapshot is logged at shutdown and
+//! is what the later `/metrics` endpoint exposes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+use crate::dead_letter::RejectCode;
+use crate::schema::Stream;
+use crate::store::{Commit, CommitListener, StoreError};
+
+/// Counts of one table's committed files.
+#[derive(Debug, Default)]
+pub struct TableCounters {
+    pub rows_stored: AtomicU64,
+    pub files_committed: AtomicU64,
+    pub bytes_committed: AtomicU64,
+    pub rows_lost_to_write_errors: AtomicU64,
+}
+
+/// Rejections by reason code.
+#[derive(Debug, Default)]
+pub struct RejectCounters([AtomicU64; RejectCode::ALL.len()]);
+
+impl RejectCounters {
+    pub fn add(&self, code: RejectCode, n: u64) {
+        self.0[code.index()].fetch_add(n, Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        RejectCode::ALL
+            .iter()
+            .map(|c| (c.as_str(), self.0[c.index()].load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    /// Records decoded from publishes on this stream, valid or not.
+    pub records_received: AtomicU64,
+    pub rejected: RejectCounters,
+    pub table: TableCounters,
+}
+
+/// All counters of a running server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub streams: [StreamCounters; Stream::ALL.len()],
+    /// Rejections of publishes whose topic names no stream.
+    pub unrouted: RejectCounters,
+    pub dead_letters: TableCounters,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricsSnapshot {
+    pub streams: Vec<StreamSnapshot>,
+    pub unrouted_rejected: Vec<(&'static str, u64)>,
+    pub dead_letters_stored: u64,
+    pub rows_lost_to_write_errors: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamSnapshot {
+    pub stream: &'static str,
+    pub received: u64,
+    pub stored: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub rejected: Vec<(&'static str, u64)>,
+}
+
+impl Metrics {
+    pub fn stream(&self, stream: Stream) -> &StreamCounters {
+        &self.streams[stream.index()]
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let lost = self
+            .streams
+            .iter()
+            .map(|s| &s.table)
+            .chain([&self.dead_letters])
+            .map(|t| t.rows_lost_to_write_errors.load(Relaxed))
+            .sum();
+        MetricsSnapshot {
+            streams: Stream::ALL
+                .iter()
+                .map(|&s| {
+                    let c = self.stream(s);
+                    StreamSnapshot {
+                        stream: s.name(),
+                        received: c.records_received.load(Relaxed),
+                        stored: c.table.rows_stored.load(Relaxed),
+                        files: c.table.files_committed.load(Relaxed),
+                        bytes: c.table.bytes_committed.load(Relaxed),
+                        rejected: c.rejected.snapshot(),
+                    }
+                })
+                .collect(),
+            unrouted_rejected: self.unrouted.snapshot(),
+            dead_letters_stored: self.dead_letters.rows_stored.load(Relaxed),
+            rows_lost_to_write_errors: lost,
+        }
+    }
+
+    /// One info line per stream, fields first.
+    pub fn log(&self) {
+        let snap = self.snapshot();
+        for s in &snap.streams {
+            tracing::info!(
+                stream = s.stream,
+                received = s.received,
+                stored = s.stored,
+                files = s.files,
+                bytes = s.bytes,
+                rejected = ?s.rejected,
+                "stream totals"
+            );
+        }
+        tracing::info!(
+            unrouted_rejected = ?snap.unrouted_rejected,
+            dead_letters_stored = snap.dead_letters_stored,
+            rows_lost_to_write_errors = snap.rows_lost_to_write_errors,
+            "pipeline totals"
+        );
+    }
+}
+
+/// Feeds a table writer's commits into the counters of its table.
+pub struct TableListener {
+    metrics: Arc<Metrics>,
+    table: Option<Stream>,
+}
+
+impl TableListener {
+    /// `None` is the dead-letter table.
+    pub fn new(metrics: Arc<Metrics>, table: Option<Stream>) -> Arc<Self> {
+        Arc::new(Self { metrics, table })
+    }
+
+    fn counters(&self) -> &TableCounters {
+        match self.table {
+            Some(s) => &self.metrics.stream(s).table,
+            None => &self.metrics.dead_letters,
+        }
+    }
+}
+
+impl CommitListener for TableListener {
+    fn committed(&self, commit: &Commit) {
+        let c = self.counters();
+        c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
+        c.files_committed.fetch_add(1, Relaxed);
+        c.bytes_committed.fetch_add(commit.bytes, Relaxed);
+    }
+
+    fn failed(&self, error: &StoreError, rows_lost: usize) {
+        let table = self.table.map_or(crate::dead_letter::TABLE, Stream::name);
+        tracing::error!(table, rows_lost, %error, "write failed");
+        self.counters()
+            .rows_lost_to_write_errors
+            .fetch_add(rows_lost as u64, Relaxed);
+    }
+}

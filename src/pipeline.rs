@@ -1,0 +1,276 @@
+//! Worker shards: decode → validate → pseudonymise → batch, one thread per
+//! shard, each owning its vehicles.
+//!
+//! A worker blocks for the first publish, drains up to [`DRAIN_MAX`] more
+//! without blocking, then hands one record batch per (table, hour) to the
+//! table writers. Each worker owns its batchers and pseudonym cache, so no
+//! lock is taken per record. Rejected records become dead letters whose
+//! copy is redacted here, before anything is written.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{Receiver, Sender};
+use serde_json::Value as Json;
+
+use crate::dead_letter::{self, DeadLetter};
+use crate::decode::{self, Decoded, Limits, RejectedBytes};
+use crate::ingest::{Inbound, Route, TOPIC_ROOT};
+use crate::metrics::Metrics;
+use crate::pseudo::{PseudonymCache, Pseudonymiser};
+use crate::schema::{Registry, Stream, StreamSchema, Transform};
+use crate::store::{PartitionKey, StoreError, StreamBatcher, TableBatch};
+
+/// Most publishes a worker takes per round before handing its batches on.
+pub const DRAIN_MAX: usize = 512;
+/// What replaces a value the dead-letter copy may not keep.
+const REDACTED: &str = "<redacted>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot start a worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Everything a worker needs; cloned once per worker.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub registry: Arc<Registry>,
+    pub limits: Limits,
+    pub dead_letter_payload_bytes: usize,
+    pub pseudonymiser: Pseudonymiser,
+    pub metrics: Arc<Metrics>,
+    /// One sender per stream, in [`Stream::ALL`] order.
+    pub stream_writers: Vec<Sender<TableBatch>>,
+    pub dead_letter_writer: Sender<TableBatch>,
+}
+
+/// Starts worker `index`, which runs until its queue is closed and drained.
+pub fn spawn_worker(
+    index: usize,
+    context: WorkerContext,
+    queue: Receiver<Inbound>,
+) -> Result<JoinHandle<()>, PipelineError> {
+    std::thread::Builder::new()
+        .name(format!("worker-{index}"))
+        .spawn(move || Worker::new(context).run(queue))
+        .map_err(PipelineError::Thread)
+}
+
+struct Worker {
+    batchers: Vec<StreamBatcher>,
+    dead_letters: Vec<DeadLetter>,
+    pseudonyms: PseudonymCache,
+    decoded: Decoded,
+    /// Records received per stream this round, added to the metrics per round.
+    received: [u64; Stream::ALL.len()],
+    ctx: WorkerContext,
+}
+
+impl Worker {
+    fn new(ctx: WorkerContext) -> Self {
+        Self {
+            batchers: Stream::ALL
+                .iter()
+                .map(|&s| StreamBatcher::new(ctx.registry.get(s)))
+                .collect(),
+            dead_letters: Vec::new(),
+            pseudonyms: PseudonymCache::new(ctx.pseudonymiser.clone()),
+            decoded: Decoded::default(),
+            received: [0; Stream::ALL.len()],
+            ctx,
+        }
+    }
+
+    fn run(mut self, queue: Receiver<Inbound>) {
+        while let Ok(first) = queue.recv() {
+            self.handle(first);
+            for next in queue.try_iter().take(DRAIN_MAX - 1) {
+                self.handle(next);
+            }
+            if let Err(e) = self.flush() {
+                tracing::error!(error = %e, "cannot build a record batch");
+            }
+        }
+    }
+
+    fn handle(&mut self, inbound: Inbound) {
+        let Inbound {
+            route,
+            payload,
+            received_at_ms,
+        } = inbound;
+        let (vin, stream) = match route {
+            Route::Vehicle { vin, stream } => (vin, stream),
+            Route::Rejected {
+                rejection,
+                topic,
+                stream,
+            } => {
+                let counters = match stream {
+                    Some(s) => &self.ctx.metrics.stream(s).rejected,
+                    None => &self.ctx.metrics.unrouted,
+                };
+                counters.add(rejection.code, 1);
+                let copy = self.pseudonyms.pseudonymiser().redact_vins(&payload);
+                let topic = self.redact_topic(&topic);
+                self.dead_letters.push(DeadLetter {
+                    received_at_ms,
+                    topic,
+                    stream: stream.map(Stream::name),
+                    vehicle_id: None,
+                    rejection,
+                    record_index: None,
+                    payload_size: payload.len(),
+                    payload: self.cut(copy),
+                });
+                return;
+            }
+        };
+        let registry = self.ctx.registry.clone();
+        let schema = registry.get(stream);
+        self.decoded.clear();
+        decode::decode(
+            schema,
+            &self.ctx.limits,
+            &vin,
+            &payload,
+            received_at_ms,
+            &mut self.decoded,
+        );
+        let decoded = std::mem::take(&mut self.decoded);
+        self.received[stream.index()] += (decoded.valid.len() + decoded.rejected.len()) as u64;
+        for record in &decoded.valid {
+            self.batchers[stream.index()].push(record, received_at_ms, &mut self.pseudonyms);
+        }
+        if !decoded.rejected.is_empty() {
+            let vehicle_id = self.pseudonyms.get(crate::pseudo::VIN_LABEL, &vin);
+            let topic = format!("{TOPIC_ROOT}/vin:{vehicle_id}/{stream}");
+            for rejected in &decoded.rejected {
+                self.ctx
+                    .metrics
+                    .stream(stream)
+                    .rejected
+                    .add(rejected.rejection.code, 1);
+                let (copy, size) = match &rejected.bytes {
+                    RejectedBytes::Payload => (
+                        self.pseudonyms.pseudonymiser().redact_vins(&payload),
+                        payload.len(),
+                    ),
+                    RejectedBytes::Json(json) => {
+                        let size = serde_json::to_vec(json).map_or(0, |v| v.len());
+                        (self.redact_record(schema, json), size)
+                    }
+                };
+                self.dead_letters.push(DeadLetter {
+                    received_at_ms,
+                    topic: topic.clone(),
+                    stream: Some(stream.name()),
+                    vehicle_id: Some(vehicle_id.clone()),
+                    rejection: rejected.rejection.clone(),
+                    record_index: rejected.index,
+                    payload_size: size,
+                    payload: self.cut(copy),
+                });
+            }
+        }
+        self.decoded = decoded;
+    }
+
+    /// Hands every buffered batch to its writer; blocks while a writer's queue is full.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        for (i, stream) in Stream::ALL.iter().enumerate() {
+            if self.received[i] > 0 {
+                self.ctx
+                    .metrics
+                    .stream(*stream)
+                    .records_received
+                    .fetch_add(self.received[i], Relaxed);
+                self.received[i] = 0;
+            }
+            if self.batchers[i].is_empty() {
+                continue;
+            }
+            for (partition, batch) in self.batchers[i].drain()? {
+                // A closed writer only happens at shutdown after a writer failed; its
+                // failure is already logged and counted.
+                let _ = self.ctx.stream_writers[i].send(TableBatch { partition, batch });
+            }
+        }
+        if !self.dead_letters.is_empty() {
+            let mut rows = std::mem::take(&mut self.dead_letters);
+            rows.sort_by_key(|d| PartitionKey::from_millis(d.received_at_ms));
+            for group in rows.chunk_by(|a, b| {
+                PartitionKey::from_millis(a.received_at_ms)
+                    == PartitionKey::from_millis(b.received_at_ms)
+            }) {
+                let batch = dead_letter::to_batch(group)?;
+                let partition = PartitionKey::from_millis(group[0].received_at_ms);
+                let _ = self
+                    .ctx
+                    .dead_letter_writer
+                    .send(TableBatch { partition, batch });
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic with its VIN slot pseudonymised, or every VIN-shaped token
+    /// pseudonymised when the topic does not have the vehicle layout.
+    fn redact_topic(&mut self, topic: &str) -> String {
+        let parts: Vec<&str> = topic.split('/').collect();
+        if parts.len() >= 2 && parts[0] == TOPIC_ROOT {
+            let pseudonym = self.pseudonyms.get(crate::pseudo::VIN_LABEL, parts[1]);
+            let slot = format!("vin:{pseudonym}");
+            let mut out = vec![parts[0], slot.as_str()];
+            out.extend(&parts[2..]);
+            let joined = out.join("/");
+            return String::from_utf8_lossy(
+                &self
+                    .pseudonyms
+                    .pseudonymiser()
+                    .redact_vins(joined.as_bytes()),
+            )
+            .into_owned();
+        }
+        String::from_utf8_lossy(
+            &self
+                .pseudonyms
+                .pseudonymiser()
+                .redact_vins(topic.as_bytes()),
+        )
+        .into_owned()
+    }
+
+    /// A rejected record as JSON, keeping only values its schema lets the
+    /// store keep: pseudonymised fields as pseudonyms, dropped and unknown
+    /// fields as `<redacted>`; then any VIN-shaped token anywhere replaced.
+    fn redact_record(&mut self, schema: &StreamSchema, json: &Json) -> Vec<u8> {
+        let redacted = match json {
+            Json::Object(map) => Json::Object(
+                map.iter()
+                    .map(|(key, value)| {
+                        let field = schema.fields.iter().find(|f| &f.name == key);
+                        let kept = match (field.map(|f| f.transform), value) {
+                            (Some(Transform::Keep), _) => value.clone(),
+                            (Some(Transform::Pseudonym), Json::String(raw)) => {
+                                Json::String(self.pseudonyms.get(key, raw))
+                            }
+                            _ => Json::String(REDACTED.to_owned()),
+                        };
+                        (key.clone(), kept)
+                    })
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        let bytes = serde_json::to_vec(&redacted).unwrap_or_default();
+        self.pseudonyms.pseudonymiser().redact_vins(&bytes)
+    }
+
+    fn cut(&self, mut copy: Vec<u8>) -> Vec<u8> {
+        copy.truncate(self.ctx.dead_letter_payload_bytes);
+        copy
+    }
+}

@@ -1,0 +1,425 @@
+//! The stream schemas in `schemas/*.toml`, the single source of truth for every
+//! field: its type, unit, whether it is required, its privacy class and what
+//! the pipeline does with it before storage.
+//!
+//! The decoder validates against these definitions and the Arrow schema of
+//! each table is derived from them; no field list is written anywhere else.
+//! The schema files are compiled into the binary, so a release runs anywhere.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use serde::Deserialize;
+
+/// Errors in a schema file. Each names the stream and field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("schema {file}: {source}")]
+    Parse {
+        file: &'static str,
+        source: Box<toml::de::Error>,
+    },
+    #[error("schema {stream}, field {field}: {problem}")]
+    Field {
+        stream: String,
+        field: String,
+        problem: String,
+    },
+    #[error("schema {stream}: {problem}")]
+    Stream { stream: String, problem: String },
+}
+
+pub type Result<T, E = SchemaError> = std::result::Result<T, E>;
+
+/// The four telemetry streams a vehicle publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stream {
+    Teleservice,
+    Rtti,
+    Diagnostics,
+    Charging,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 4] = [
+        Stream::Teleservice,
+        Stream::Rtti,
+        Stream::Diagnostics,
+        Stream::Charging,
+    ];
+
+    /// The topic segment and table name of the stream.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Teleservice => "teleservice",
+            Stream::Rtti => "rtti",
+            Stream::Diagnostics => "diagnostics",
+            Stream::Charging => "charging",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Stream> {
+        Stream::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Position in [`Stream::ALL`], for per-stream arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    fn source(self) -> (&'static str, &'static str) {
+        match self {
+            Stream::Teleservice => (
+                "teleservice.toml",
+                include_str!("../schemas/teleservice.toml"),
+            ),
+            Stream::Rtti => ("rtti.toml", include_str!("../schemas/rtti.toml")),
+            Stream::Diagnostics => (
+                "diagnostics.toml",
+                include_str!("../schemas/diagnostics.toml"),
+            ),
+            Stream::Charging => ("charging.toml", include_str!("../schemas/charging.toml")),
+        }
+    }
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Value type of a field as it arrives in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    String,
+    Int,
+    Float,
+    Bool,
+    /// RFC 3339 text or integer milliseconds since the Unix epoch.
+    Timestamp,
+    StringList,
+}
+
+/// What a field says about a person (catalog §4 identifier classes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyClass {
+    /// Identifies a person or their car account on its own: VIN, contact data, contract number.
+    DirectIdentifier,
+    /// Identifies in combination: position, timestamps, incident ids.
+    QuasiIdentifier,
+    /// Other personal data.
+    Personal,
+    /// Technical vehicle data.
+    Technical,
+}
+
+/// What the pipeline does with a field before it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    Keep,
+    /// Replaced by a keyed pseudonym (HMAC-SHA256 under the server's secret key).
+    Pseudonym,
+    /// Validated, then never stored.
+    Drop,
+}
+
+/// One field of a stream, as written in its schema file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    pub required: bool,
+    pub privacy: PrivacyClass,
+    pub transform: Transform,
+    /// Stored column name, when it differs from the field name.
+    pub column: Option<String>,
+    pub unit: Option<String>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub max_len: Option<usize>,
+    pub allowed: Option<Vec<String>>,
+    pub description: String,
+}
+
+/// Longest string accepted where a field sets no `max_len`.
+pub const DEFAULT_MAX_LEN: usize = 256;
+/// Most items accepted in a `string_list` field.
+pub const MAX_LIST_ITEMS: usize = 64;
+
+impl FieldSpec {
+    pub fn column_name(&self) -> &str {
+        self.column.as_deref().unwrap_or(&self.name)
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len.unwrap_or(DEFAULT_MAX_LEN)
+    }
+
+    pub fn is_stored(&self) -> bool {
+        self.transform != Transform::Drop
+    }
+
+    /// Arrow type of the stored column.
+    fn stored_type(&self) -> DataType {
+        match (self.transform, self.field_type) {
+            (Transform::Pseudonym, _) | (_, FieldType::String) => DataType::Utf8,
+            (_, FieldType::Int) => DataType::Int64,
+            (_, FieldType::Float) => DataType::Float64,
+            (_, FieldType::Bool) => DataType::Boolean,
+            (_, FieldType::Timestamp) => timestamp_type(),
+            (_, FieldType::StringList) => {
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaFile {
+    stream: String,
+    version: u32,
+    description: String,
+    field: Vec<FieldSpec>,
+}
+
+/// The fields every stream must carry, with the type they must have.
+const ENVELOPE: [(&str, FieldType); 3] = [
+    (VIN_FIELD, FieldType::String),
+    (TS_FIELD, FieldType::Timestamp),
+    ("seq", FieldType::Int),
+];
+/// Name of the field carrying the VIN, which must match the topic.
+pub const VIN_FIELD: &str = "vin";
+/// Name of the vehicle timestamp field, which decides the partition.
+pub const TS_FIELD: &str = "ts";
+/// System column: when fleetgate received the record.
+pub const RECEIVED_AT_COLUMN: &str = "received_at";
+
+/// Arrow type of every stored timestamp: milliseconds, UTC.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// A validated stream schema with its derived Arrow schema.
+#[derive(Debug)]
+pub struct StreamSchema {
+    pub stream: Stream,
+    pub version: u32,
+    pub description: String,
+    pub fields: Vec<FieldSpec>,
+    /// Index of the `vin` field in `fields`.
+    pub vin_index: usize,
+    /// Index of the `ts` field in `fields`.
+    pub ts_index: usize,
+    /// Stored columns: the kept and pseudonymised fields, then `received_at`.
+    pub arrow: SchemaRef,
+}
+
+impl StreamSchema {
+    fn load(stream: Stream) -> Result<Self> {
+        let (file, text) = stream.source();
+        let parsed: SchemaFile = toml::from_str(text).map_err(|source| SchemaError::Parse {
+            file,
+            source: Box::new(source),
+        })?;
+        Self::from_file(stream, parsed)
+    }
+
+    fn from_file(stream: Stream, file: SchemaFile) -> Result<Self> {
+        let stream_err = |problem: String| SchemaError::Stream {
+            stream: stream.name().to_owned(),
+            problem,
+        };
+        if file.stream != stream.name() {
+            return Err(stream_err(format!("declares stream {:?}", file.stream)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &file.field {
+            check_field(stream, f)?;
+            if !seen.insert(f.name.as_str())
+                || (f.column.is_some() && !seen.insert(f.column_name()))
+            {
+                return Err(stream_err(format!("name {:?} is used twice", f.name)));
+            }
+        }
+        let position = |name: &str, ty: FieldType| {
+            file.field
+                .iter()
+                .position(|f| f.name == name && f.field_type == ty && f.required)
+                .ok_or_else(|| stream_err(format!("needs a required {ty:?} field {name:?}")))
+        };
+        for (name, ty) in ENVELOPE {
+            position(name, ty)?;
+        }
+        let vin_index = position(VIN_FIELD, FieldType::String)?;
+        let ts_index = position(TS_FIELD, FieldType::Timestamp)?;
+
+        let mut columns: Vec<Field> = file
+            .field
+            .iter()
+            .filter(|f| f.is_stored())
+            .map(|f| Field::new(f.column_name(), f.stored_type(), !f.required))
+            .collect();
+        columns.push(Field::new(RECEIVED_AT_COLUMN, timestamp_type(), false));
+        Ok(Self {
+            stream,
+            version: file.version,
+            description: file.description,
+            fields: file.field,
+            vin_index,
+            ts_index,
+            arrow: Arc::new(Schema::new(columns)),
+        })
+    }
+}
+
+/// The privacy rules every field must satisfy before the server starts.
+fn check_field(stream: Stream, f: &FieldSpec) -> Result<()> {
+    let problem = |problem: &str| {
+        Err(SchemaError::Field {
+            stream: stream.name().to_owned(),
+            field: f.name.clone(),
+            problem: problem.to_owned(),
+        })
+    };
+    if f.privacy == PrivacyClass::DirectIdentifier && f.transform == Transform::Keep {
+        return problem("a direct identifier may not be stored as it arrives (transform = keep)");
+    }
+    if f.transform == Transform::Pseudonym && f.field_type != FieldType::String {
+        return problem("only string fields can be pseudonymised");
+    }
+    if f.name == RECEIVED_AT_COLUMN || f.column.as_deref() == Some(RECEIVED_AT_COLUMN) {
+        return problem("received_at is a system column");
+    }
+    if f.allowed.is_some() && f.field_type != FieldType::String {
+        return problem("allowed values are only for string fields");
+    }
+    if (f.min.is_some() || f.max.is_some())
+        && !matches!(f.field_type, FieldType::Int | FieldType::Float)
+    {
+        return problem("min/max are only for numeric fields");
+    }
+    if f.description.trim().is_empty() {
+        return problem("needs a description");
+    }
+    Ok(())
+}
+
+/// All stream schemas, loaded once at start-up.
+#[derive(Debug)]
+pub struct Registry {
+    streams: Vec<StreamSchema>,
+}
+
+impl Registry {
+    /// Loads and checks every schema compiled into the binary.
+    pub fn load() -> Result<Arc<Registry>> {
+        let streams = Stream::ALL
+            .into_iter()
+            .map(StreamSchema::load)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(Registry { streams }))
+    }
+
+    pub fn get(&self, stream: Stream) -> &StreamSchema {
+        &self.streams[stream.index()]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &StreamSchema> {
+        self.streams.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<StreamSchema> {
+        let file: SchemaFile = toml::from_str(text).expect("test schema parses as TOML");
+        StreamSchema::from_file(Stream::Rtti, file)
+    }
+
+    const ENVELOPE_TOML: &str = r#"
+stream = "rtti"
+version = 1
+description = "test"
+[[field]]
+name = "vin"
+type = "string"
+required = true
+privacy = "direct_identifier"
+transform = "pseudonym"
+column = "vehicle_id"
+description = "vin"
+[[field]]
+name = "ts"
+type = "timestamp"
+required = true
+privacy = "quasi_identifier"
+transform = "keep"
+description = "ts"
+[[field]]
+name = "seq"
+type = "int"
+required = true
+privacy = "technical"
+transform = "keep"
+description = "seq"
+"#;
+
+    #[test]
+    fn shipped_schemas_load() {
+        let registry = Registry::load().expect("shipped schemas are valid");
+        let rtti = registry.get(Stream::Rtti);
+        assert_eq!(rtti.arrow.field(0).name(), "vehicle_id");
+        assert!(rtti.arrow.field_with_name("vin").is_err());
+        assert!(rtti.arrow.field_with_name(RECEIVED_AT_COLUMN).is_ok());
+        let teleservice = registry.get(Stream::Teleservice);
+        assert!(teleservice.arrow.field_with_name("contact_phone").is_err());
+    }
+
+    #[test]
+    fn direct_identifier_kept_in_clear_is_refused() {
+        let text = format!(
+            "{ENVELOPE_TOML}[[field]]\nname = \"owner_email\"\ntype = \"string\"\nrequired = false\n\
+             privacy = \"direct_identifier\"\ntransform = \"keep\"\ndescription = \"x\"\n"
+        );
+        let err = parse(&text).expect_err("must refuse");
+        assert!(err.to_string().contains("owner_email"), "{err}");
+    }
+
+    #[test]
+    fn field_without_policy_is_a_parse_error_naming_it() {
+        let text = format!(
+            "{ENVELOPE_TOML}[[field]]\nname = \"odometer\"\ntype = \"int\"\nrequired = false\n\
+             description = \"x\"\n"
+        );
+        let file: std::result::Result<SchemaFile, _> = toml::from_str(&text);
+        let err = file.expect_err("privacy and transform are required");
+        assert!(err.to_string().contains("missing field `privacy`"), "{err}");
+    }
+
+    #[test]
+    fn envelope_fields_are_required() {
+        let text = ENVELOPE_TOML.replace("name = \"seq\"", "name = \"sequence\"");
+        let err = parse(&text).expect_err("seq missing");
+        assert!(err.to_string().contains("seq"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let text = format!(
+            "{ENVELOPE_TOML}[[field]]\nname = \"vehicle_id\"\ntype = \"string\"\nrequired = false\n\
+             privacy = \"technical\"\ntransform = \"keep\"\ndescription = \"x\"\n"
+        );
+        assert!(parse(&text).is_err());
+    }
+}
