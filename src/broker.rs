@@ -26,7 +26,7 @@ pub enum BrokerError {
         source: std::io::Error,
     },
     #[error("cannot link to the embedded broker: {0}")]
-    Link(#[from] rumqttd::local::LinkError),
+    Link(Box<rumqttd::local::LinkError>),
     #[error("cannot start the broker thread: {0}")]
     Thread(std::io::Error),
     #[error("the broker did not start listening on {addr} (is the port in use? see the log)")]
@@ -34,6 +34,12 @@ pub enum BrokerError {
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+impl From<rumqttd::local::LinkError> for BrokerError {
+    fn from(e: rumqttd::local::LinkError) -> Self {
+        BrokerError::Link(Box::new(e))
+    }
+}
 
 /// How long the broker may take to answer its first CONNECT.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,8 +104,8 @@ pub fn start(config: &BrokerConfig, link_name: &str) -> Result<EmbeddedBroker> {
             }
         })
         .map_err(BrokerError::Thread)?;
-    wait_until_listening(mqtt_addr, CONNECT_V4, &thread)?;
-    wait_until_listening(mqtt5_addr, CONNECT_V5, &thread)?;
+    wait_until_listening(mqtt_addr, MQTT_V4, &thread)?;
+    wait_until_listening(mqtt5_addr, MQTT_V5, &thread)?;
     Ok(EmbeddedBroker {
         mqtt_addr,
         mqtt5_addr,
@@ -121,16 +127,16 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr> {
         .map_err(|source| BrokerError::Reserve { addr, source })
 }
 
+/// MQTT protocol levels of the two listeners.
+const MQTT_V4: u8 = 4;
+const MQTT_V5: u8 = 5;
+
 /// Waits for the broker to answer an MQTT CONNECT with a CONNACK (any return
 /// code: the broker is up even if it refuses this anonymous probe).
-fn wait_until_listening(
-    addr: SocketAddr,
-    connect: &[u8],
-    broker_thread: &JoinHandle<()>,
-) -> Result<()> {
+fn wait_until_listening(addr: SocketAddr, level: u8, broker_thread: &JoinHandle<()>) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline && !broker_thread.is_finished() {
-        if probe(addr, connect).is_ok() {
+        if probe(addr, level).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -138,20 +144,31 @@ fn wait_until_listening(
     Err(BrokerError::NotListening { addr })
 }
 
-/// MQTT 3.1.1 CONNECT: clean session, keep-alive 10 s, client id "fleetgate-probe".
-const CONNECT_V4: &[u8] = b"\x10\x1b\x00\x04MQTT\x04\x02\x00\x0a\x00\x0ffleetgate-probe";
-/// The same for MQTT 5, with an empty property list.
-const CONNECT_V5: &[u8] = b"\x10\x1c\x00\x04MQTT\x05\x02\x00\x0a\x00\x00\x0ffleetgate-probe";
+/// One CONNECT / CONNACK / DISCONNECT exchange. Every probe uses a fresh
+/// client id: rumqttd 0.20 panics, and poisons its listener for good, when a
+/// client id whose previous connection failed during set-up connects again
+/// (`will_handlers` in its server/broker.rs).
+fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
+    let client_id = format!("fleetgate-probe-{:016x}", crate::ingest::random_nonce());
+    let mut variable = Vec::with_capacity(32);
+    variable.extend_from_slice(b"\x00\x04MQTT");
+    variable.push(level);
+    variable.extend_from_slice(&[0x02, 0x00, 0x0a]); // clean session, keep-alive 10 s
+    if level == MQTT_V5 {
+        variable.push(0x00); // no properties
+    }
+    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    variable.extend_from_slice(client_id.as_bytes());
+    let mut connect = vec![0x10, variable.len() as u8];
+    connect.extend_from_slice(&variable);
 
-fn probe(addr: SocketAddr, connect: &[u8]) -> std::io::Result<()> {
-    const DISCONNECT: &[u8] = b"\xe0\x00";
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-    stream.write_all(connect)?;
+    stream.write_all(&connect)?;
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack)?;
     if connack[0] != 0x20 {
         return Err(std::io::Error::other("not a CONNACK"));
     }
-    stream.write_all(DISCONNECT)
+    stream.write_all(b"\xe0\x00")
 }

@@ -246,11 +246,9 @@ fn convert(field: &FieldSpec, json: &Json) -> Result<Value, Rejection> {
                     field.max_len()
                 )));
             }
-            if let Some(allowed) = &field.allowed {
-                if !allowed.iter().any(|a| a == s) {
-                    // Enumerations are technical values, safe to quote.
-                    return Err(out_of_range(format!("'{s}' is not one of {allowed:?}")));
-                }
+            if let Some(allowed) = field.allowed.as_ref().filter(|a| !a.iter().any(|a| a == s)) {
+                // Enumerations are technical values, safe to quote.
+                return Err(out_of_range(format!("'{s}' is not one of {allowed:?}")));
             }
             Value::Str(s.to_owned())
         }

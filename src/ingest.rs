@@ -42,12 +42,18 @@ const POLL: Duration = Duration::from_millis(50);
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("embedded broker link: {0}")]
-    Link(#[from] LinkError),
+    Link(Box<LinkError>),
     #[error("cannot start the ingest thread: {0}")]
     Thread(std::io::Error),
 }
 
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+impl From<LinkError> for IngestError {
+    fn from(e: LinkError) -> Self {
+        IngestError::Link(Box::new(e))
+    }
+}
 
 /// Where a publish goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,14 +180,15 @@ fn run(
             Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
             Err(e) => return Err(e.into()),
         }
-        if let Some((_, deadline)) = &drain {
-            if Instant::now() > *deadline {
-                tracing::warn!(
-                    "shutdown marker did not come back within {DRAIN_TIMEOUT:?}; \
-                     records still queued in the broker are not stored"
-                );
-                return Ok(());
-            }
+        if drain
+            .as_ref()
+            .is_some_and(|(_, deadline)| Instant::now() > *deadline)
+        {
+            tracing::warn!(
+                "shutdown marker did not come back within {DRAIN_TIMEOUT:?}; \
+                 records still queued in the broker are not stored"
+            );
+            return Ok(());
         }
     }
 }
@@ -195,7 +202,8 @@ fn shard_of(route: &Route, shards: usize) -> usize {
     (hasher.finish() % shards as u64) as usize
 }
 
-fn random_nonce() -> u64 {
+/// 64 random bits, for names no client can guess.
+pub fn random_nonce() -> u64 {
     let mut bytes = [0u8; 8];
     // Without a random source, time still makes the marker unguessable enough
     // that a client cannot end the drain early by accident.

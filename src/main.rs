@@ -44,6 +44,8 @@ enum Command {
         /// The SQL statement, e.g. "SELECT count(*) FROM rtti".
         statement: String,
     },
+    /// Print every stream's fields (type, unit, privacy class, storage) as Markdown.
+    Schema,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +121,10 @@ fn main() -> anyhow::Result<()> {
                 query::format(&batches, format)
             })?;
             println!("{text}");
+            Ok(())
+        }
+        Command::Schema => {
+            print!("{}", fleetgate::schema::Registry::load()?.markdown());
             Ok(())
         }
     }

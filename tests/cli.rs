@@ -1,0 +1,115 @@
+//! The `fleetgate` binary as a user runs it: `serve` on port 0 prints where it
+//! listens, SIGTERM stores everything received and exits 0, and `sql` prints
+//! the rows in each output format. Also: a config file with an unknown key
+//! is refused with the key named.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use fleetgate::schema::Stream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
+
+fn sql(dir: &std::path::Path, format: &str, statement: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["sql", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--format", format, statement])
+        .output()
+        .expect("run fleetgate sql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--mqtt5-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fleetgate serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut first_line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first_line)
+        .expect("banner");
+    let addr: std::net::SocketAddr = first_line
+        .split("mqtt://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("address in banner")
+        .parse()
+        .expect("socket address");
+
+    let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
+    let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
+    publish_all(addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    assert!(exit.success(), "serve exited with {exit}");
+
+    // Default key file is ./keys, outside the default ./data.
+    assert!(dir.path().join("keys/pseudonym.key").is_file());
+    let csv = sql(
+        dir.path(),
+        "csv",
+        "SELECT seq, event, soc_pct FROM charging ORDER BY seq",
+    );
+    assert_eq!(
+        csv,
+        "seq,event,soc_pct\n880,start,18.0\n881,progress,62.5\n882,end,80.0\n\n"
+    );
+    let json = sql(
+        dir.path(),
+        "json",
+        "SELECT seq, energy_kwh FROM charging WHERE date = DATE '2026-11-22' AND hour = 16 ORDER BY seq",
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("json output");
+    assert_eq!(
+        parsed,
+        serde_json::json!([{"seq": 880}, {"seq": 881, "energy_kwh": 31.4}, {"seq": 882, "energy_kwh": 41.9}])
+    );
+    let table = sql(
+        dir.path(),
+        "table",
+        "SELECT count(*) AS n FROM dead_letters",
+    );
+    assert!(table.contains("| 0 |"), "{table}");
+}
+
+#[test]
+fn unknown_config_key_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("fleetgate.toml");
+    std::fs::write(&config, "[storage]\nrol_rows = 5\n").expect("write config");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rol_rows"), "{stderr}");
+}
