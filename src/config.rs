@@ -36,6 +36,31 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub storage: StorageConfig,
     pub pipeline: PipelineConfig,
+    pub wal: WalConfig,
+}
+
+/// The write-ahead log.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// Directory of the log; `None` is `<data_dir>/_wal`.
+    pub dir: Option<PathBuf>,
+    pub fsync_interval_ms: u64,
+    pub fsync_bytes: usize,
+    pub segment_bytes: u64,
+    pub skip_corrupt: bool,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            fsync_interval_ms: 5,
+            fsync_bytes: 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
+            skip_corrupt: false,
+        }
+    }
 }
 
 /// The embedded MQTT broker.
@@ -168,6 +193,9 @@ impl Config {
                 b.max_packet_bytes, p.max_payload_bytes
             ));
         }
+        if self.wal.fsync_interval_ms == 0 || self.wal.segment_bytes == 0 {
+            return invalid("wal.fsync_interval_ms and wal.segment_bytes must be > 0".into());
+        }
         if b.segment_bytes == 0 || b.segment_count == 0 {
             return invalid("broker.segment_bytes and segment_count must be > 0".into());
         }
@@ -179,6 +207,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Directory of the write-ahead log.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.wal
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.storage.data_dir.join("_wal"))
     }
 
     /// Number of worker threads, resolving 0 to the number of cores.

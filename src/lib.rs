@@ -8,6 +8,7 @@
 //! - [`schema`]: the stream schemas in `schemas/`, the single source of truth;
 //! - [`pseudo`]: keyed pseudonyms and redaction of raw identifiers;
 //! - [`dead_letter`]: rejected records, their reasons and redacted copies;
+//! - [`wal`]: the write-ahead log every batch is appended to before it is stored;
 //! - [`store`]: Arrow batches → zstd Parquet files, committed atomically per hour partition;
 //! - [`query`]: SQL over the store through DataFusion;
 //! - [`metrics`]: counters of what was received, stored and rejected;
@@ -26,3 +27,4 @@ pub mod query;
 pub mod schema;
 pub mod server;
 pub mod store;
+pub mod wal;

@@ -4,8 +4,10 @@
 //! number, never per record under a lock. A snapshot is logged at shutdown and
 //! is what the later `/metrics` endpoint exposes.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use hdrhistogram::Histogram;
 
 use serde::Serialize;
 
@@ -19,7 +21,67 @@ pub struct TableCounters {
     pub rows_stored: AtomicU64,
     pub files_committed: AtomicU64,
     pub bytes_committed: AtomicU64,
-    pub rows_lost_to_write_errors: AtomicU64,
+    /// Rows whose write failed and was retried after a back-off.
+    pub rows_delayed_by_write_errors: AtomicU64,
+}
+
+/// Counters and latencies of the write-ahead log.
+#[derive(Debug)]
+pub struct WalCounters {
+    pub bytes_synced: AtomicU64,
+    pub syncs: AtomicU64,
+    pub errors: AtomicU64,
+    pub entries_replayed: AtomicU64,
+    /// Duration of each fsync, in microseconds.
+    pub fsync_micros: Mutex<Histogram<u64>>,
+    /// Time of receipt to the fsync that made a row durable, in milliseconds, per row.
+    pub receipt_to_durable_ms: Mutex<Histogram<u64>>,
+}
+
+impl Default for WalCounters {
+    fn default() -> Self {
+        let histogram =
+            || Mutex::new(Histogram::new(3).expect("3 significant figures is in range"));
+        Self {
+            bytes_synced: AtomicU64::default(),
+            syncs: AtomicU64::default(),
+            errors: AtomicU64::default(),
+            entries_replayed: AtomicU64::default(),
+            fsync_micros: histogram(),
+            receipt_to_durable_ms: histogram(),
+        }
+    }
+}
+
+/// Quantiles of a histogram.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Quantiles {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Quantiles {
+    fn of(h: &Mutex<Histogram<u64>>) -> Self {
+        match h.lock() {
+            Ok(h) => Quantiles {
+                count: h.len(),
+                p50: h.value_at_quantile(0.5),
+                p99: h.value_at_quantile(0.99),
+                p999: h.value_at_quantile(0.999),
+                max: h.max(),
+            },
+            Err(_) => Quantiles {
+                count: 0,
+                p50: 0,
+                p99: 0,
+                p999: 0,
+                max: 0,
+            },
+        }
+    }
 }
 
 /// Rejections by reason code.
@@ -55,6 +117,7 @@ pub struct Metrics {
     /// Rejections of publishes whose topic names no stream.
     pub unrouted: RejectCounters,
     pub dead_letters: TableCounters,
+    pub wal: WalCounters,
 }
 
 /// A point-in-time copy of the counters.
@@ -63,7 +126,13 @@ pub struct MetricsSnapshot {
     pub streams: Vec<StreamSnapshot>,
     pub unrouted_rejected: Vec<(&'static str, u64)>,
     pub dead_letters_stored: u64,
-    pub rows_lost_to_write_errors: u64,
+    pub rows_delayed_by_write_errors: u64,
+    pub wal_syncs: u64,
+    pub wal_bytes_synced: u64,
+    pub wal_errors: u64,
+    pub wal_entries_replayed: u64,
+    pub wal_fsync_micros: Quantiles,
+    pub receipt_to_durable_ms: Quantiles,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -82,12 +151,12 @@ impl Metrics {
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
-        let lost = self
+        let delayed = self
             .streams
             .iter()
             .map(|s| &s.table)
             .chain([&self.dead_letters])
-            .map(|t| t.rows_lost_to_write_errors.load(Relaxed))
+            .map(|t| t.rows_delayed_by_write_errors.load(Relaxed))
             .sum();
         MetricsSnapshot {
             streams: Stream::ALL
@@ -106,7 +175,13 @@ impl Metrics {
                 .collect(),
             unrouted_rejected: self.unrouted.snapshot(),
             dead_letters_stored: self.dead_letters.rows_stored.load(Relaxed),
-            rows_lost_to_write_errors: lost,
+            rows_delayed_by_write_errors: delayed,
+            wal_syncs: self.wal.syncs.load(Relaxed),
+            wal_bytes_synced: self.wal.bytes_synced.load(Relaxed),
+            wal_errors: self.wal.errors.load(Relaxed),
+            wal_entries_replayed: self.wal.entries_replayed.load(Relaxed),
+            wal_fsync_micros: Quantiles::of(&self.wal.fsync_micros),
+            receipt_to_durable_ms: Quantiles::of(&self.wal.receipt_to_durable_ms),
         }
     }
 
@@ -127,8 +202,17 @@ impl Metrics {
         tracing::info!(
             unrouted_rejected = ?snap.unrouted_rejected,
             dead_letters_stored = snap.dead_letters_stored,
-            rows_lost_to_write_errors = snap.rows_lost_to_write_errors,
+            rows_delayed_by_write_errors = snap.rows_delayed_by_write_errors,
             "pipeline totals"
+        );
+        tracing::info!(
+            syncs = snap.wal_syncs,
+            bytes = snap.wal_bytes_synced,
+            errors = snap.wal_errors,
+            replayed = snap.wal_entries_replayed,
+            fsync_us = ?snap.wal_fsync_micros,
+            receipt_to_durable_ms = ?snap.receipt_to_durable_ms,
+            "write-ahead log totals"
         );
     }
 }
@@ -161,11 +245,11 @@ impl CommitListener for TableListener {
         c.bytes_committed.fetch_add(commit.bytes, Relaxed);
     }
 
-    fn failed(&self, error: &StoreError, rows_lost: usize) {
+    fn failed(&self, error: &StoreError, rows_delayed: usize) {
         let table = self.table.map_or(crate::dead_letter::TABLE, Stream::name);
-        tracing::error!(table, rows_lost, %error, "write failed");
+        tracing::error!(table, rows_delayed, %error, "write failed; will write these rows again");
         self.counters()
-            .rows_lost_to_write_errors
-            .fetch_add(rows_lost as u64, Relaxed);
+            .rows_delayed_by_write_errors
+            .fetch_add(rows_delayed as u64, Relaxed);
     }
 }

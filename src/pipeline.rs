@@ -1,17 +1,22 @@
-//! Worker shards: decode → validate → pseudonymise → batch, one thread per
-//! shard, each owning its vehicles.
+//! Worker shards: decode → validate → pseudonymise → batch → WAL, one thread
+//! per shard, each owning its vehicles.
 //!
 //! A worker blocks for the first publish, drains up to [`DRAIN_MAX`] more
-//! without blocking, then hands one record batch per (table, hour) to the
-//! table writers. Each worker owns its batchers and pseudonym cache, so no
-//! lock is taken per record. Rejected records become dead letters whose
-//! copy is redacted here, before anything is written.
+//! without blocking, appends one record batch per (table, hour) to its own
+//! write-ahead log, and hands each batch to its table writer. It fsyncs the
+//! log when a group commit is due (`wal.fsync_interval_ms` / `fsync_bytes`)
+//! and deletes log segments once the writers have committed all they hold.
+//! Each worker owns its batchers, pseudonym cache and log, so no lock is
+//! taken per record. Rejected records become dead letters whose copy is
+//! redacted here, before anything is written.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crossbeam::channel::{Receiver, Sender};
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
 use crate::dead_letter::{self, DeadLetter};
@@ -19,11 +24,16 @@ use crate::decode::{self, Decoded, Limits, RejectedBytes};
 use crate::ingest::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::Metrics;
 use crate::pseudo::{PseudonymCache, Pseudonymiser};
-use crate::schema::{Registry, Stream, StreamSchema, Transform};
-use crate::store::{PartitionKey, StoreError, StreamBatcher, TableBatch};
+use crate::schema::{RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform};
+use crate::store::{PartitionKey, StoreError, StreamBatcher, Table, TableBatch};
+use crate::wal::{EntryId, ShardWal};
 
 /// Most publishes a worker takes per round before handing its batches on.
 pub const DRAIN_MAX: usize = 512;
+/// How often an idle worker looks for WAL segments it may delete.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+/// Longest wait between attempts to append to a failing WAL.
+const MAX_WAL_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// What replaces a value the dead-letter copy may not keep.
 const REDACTED: &str = "<redacted>";
 
@@ -46,19 +56,24 @@ pub struct WorkerContext {
     pub dead_letter_writer: Sender<TableBatch>,
 }
 
-/// Starts worker `index`, which runs until its queue is closed and drained.
+/// Starts worker `index`, which runs until its queue is closed and drained,
+/// then returns its log for the server to close once the writers are done.
 pub fn spawn_worker(
     index: usize,
     context: WorkerContext,
     queue: Receiver<Inbound>,
-) -> Result<JoinHandle<()>, PipelineError> {
+    wal: ShardWal,
+) -> Result<JoinHandle<ShardWal>, PipelineError> {
     std::thread::Builder::new()
         .name(format!("worker-{index}"))
-        .spawn(move || Worker::new(context).run(queue))
+        .spawn(move || Worker::new(context, wal).run(queue))
         .map_err(PipelineError::Thread)
 }
 
 struct Worker {
+    wal: ShardWal,
+    /// `received_at` columns of batches appended since the last fsync.
+    unsynced_receipts: Vec<ArrayRef>,
     batchers: Vec<StreamBatcher>,
     dead_letters: Vec<DeadLetter>,
     pseudonyms: PseudonymCache,
@@ -69,8 +84,10 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: WorkerContext) -> Self {
+    fn new(ctx: WorkerContext, wal: ShardWal) -> Self {
         Self {
+            wal,
+            unsynced_receipts: Vec::new(),
             batchers: Stream::ALL
                 .iter()
                 .map(|&s| StreamBatcher::new(ctx.registry.get(s)))
@@ -83,14 +100,94 @@ impl Worker {
         }
     }
 
-    fn run(mut self, queue: Receiver<Inbound>) {
-        while let Ok(first) = queue.recv() {
-            self.handle(first);
-            for next in queue.try_iter().take(DRAIN_MAX - 1) {
-                self.handle(next);
+    fn run(mut self, queue: Receiver<Inbound>) -> ShardWal {
+        loop {
+            let wait = if self.wal.has_unsynced() {
+                self.wal.until_sync_due()
+            } else {
+                IDLE_TICK
+            };
+            match queue.recv_timeout(wait) {
+                Ok(first) => {
+                    self.handle(first);
+                    for next in queue.try_iter().take(DRAIN_MAX - 1) {
+                        self.handle(next);
+                    }
+                    if let Err(e) = self.flush() {
+                        tracing::error!(error = %e, "cannot build a record batch");
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
-            if let Err(e) = self.flush() {
-                tracing::error!(error = %e, "cannot build a record batch");
+            self.sync_wal(false);
+        }
+        self.sync_wal(true);
+        self.wal
+    }
+
+    /// Group commit: fsyncs the log when due (or when `force`), records how
+    /// long each row waited from receipt to durability, and deletes segments
+    /// the writers no longer need.
+    fn sync_wal(&mut self, force: bool) {
+        if force || self.wal.sync_due() {
+            let wal = &self.ctx.metrics.wal;
+            match self.wal.sync() {
+                Ok(Some(synced)) => {
+                    wal.syncs.fetch_add(1, Relaxed);
+                    wal.bytes_synced.fetch_add(synced.bytes as u64, Relaxed);
+                    if let Ok(mut h) = wal.fsync_micros.lock() {
+                        h.saturating_record(synced.took.as_micros() as u64);
+                    }
+                    let now = crate::ingest::now_ms();
+                    if let Ok(mut h) = wal.receipt_to_durable_ms.lock() {
+                        for column in self.unsynced_receipts.drain(..) {
+                            if let Some(times) =
+                                column.as_any().downcast_ref::<TimestampMillisecondArray>()
+                            {
+                                for t in times.values() {
+                                    h.saturating_record((now - t).max(0) as u64);
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    wal.errors.fetch_add(1, Relaxed);
+                    self.unsynced_receipts.clear();
+                    tracing::error!(error = %e, "WAL fsync failed; the batches since the last fsync are durable only once written to Parquet");
+                }
+            }
+        }
+        if let Err(e) = self.wal.truncate_covered() {
+            tracing::warn!(error = %e, "cannot delete a WAL segment");
+        }
+    }
+
+    /// Appends to the log, retrying with back-off while the disk refuses:
+    /// the worker stops taking publishes meanwhile, which stops ingest.
+    fn append_to_wal(
+        &mut self,
+        table: Table,
+        partition: PartitionKey,
+        batch: &RecordBatch,
+    ) -> EntryId {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.wal.append(table, partition, batch) {
+                Ok(id) => {
+                    if let Some(column) = batch.column_by_name(RECEIVED_AT_COLUMN) {
+                        self.unsynced_receipts.push(column.clone());
+                    }
+                    return id;
+                }
+                Err(e) => {
+                    self.ctx.metrics.wal.errors.fetch_add(1, Relaxed);
+                    tracing::error!(error = %e, retry_in = ?delay, "WAL append failed; holding the batch and retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_WAL_RETRY_DELAY);
+                }
             }
         }
     }
@@ -193,9 +290,14 @@ impl Worker {
                 continue;
             }
             for (partition, batch) in self.batchers[i].drain()? {
-                // A closed writer only happens at shutdown after a writer failed; its
-                // failure is already logged and counted.
-                let _ = self.ctx.stream_writers[i].send(TableBatch { partition, batch });
+                let wal = self.append_to_wal(Table::Stream(*stream), partition, &batch);
+                // Writers outlive workers; a closed writer means it panicked,
+                // and the batch stays in the WAL for the next start.
+                let _ = self.ctx.stream_writers[i].send(TableBatch {
+                    partition,
+                    batch,
+                    wal,
+                });
             }
         }
         if !self.dead_letters.is_empty() {
@@ -207,10 +309,12 @@ impl Worker {
             }) {
                 let batch = dead_letter::to_batch(group)?;
                 let partition = PartitionKey::from_millis(group[0].received_at_ms);
-                let _ = self
-                    .ctx
-                    .dead_letter_writer
-                    .send(TableBatch { partition, batch });
+                let wal = self.append_to_wal(Table::DeadLetters, partition, &batch);
+                let _ = self.ctx.dead_letter_writer.send(TableBatch {
+                    partition,
+                    batch,
+                    wal,
+                });
             }
         }
         Ok(())

@@ -1,10 +1,13 @@
-//! Wiring of a running server: broker → ingest → worker shards → table
-//! writers, started in that order's reverse and stopped in its order.
+//! Wiring of a running server: broker → ingest → worker shards (with their
+//! write-ahead logs) → table writers, started in that order's reverse and
+//! stopped in its order.
 //!
-//! [`start`] returns a [`ServerHandle`]; [`ServerHandle::shutdown`] stops
-//! ingest at the drain barrier, lets every worker empty its queue and every
-//! writer commit its open files, and returns the final counters. Nothing
-//! here decodes, validates or writes; it only connects the stages.
+//! [`start`] first recovers: it reads the WAL, asks the Parquet footers which
+//! entries are already stored, and hands the writers exactly the rest.
+//! [`ServerHandle::shutdown`] stops ingest at the drain barrier, lets every
+//! worker empty its queue and every writer commit its open files, then
+//! closes the logs, which leaves them empty. Nothing here decodes,
+//! validates or writes; it only connects the stages.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +24,10 @@ use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
 use crate::pseudo::{PseudoError, Pseudonymiser};
 use crate::schema::{Registry, SchemaError, Stream};
-use crate::store::{StoreError, WriterSettings, spawn_writer, table_dir};
+use crate::store::{
+    StoreError, Table, TableBatch, WriterSettings, committed_wal_entries, spawn_writer, table_dir,
+};
+use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 use crate::{broker, dead_letter, ingest};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +46,8 @@ pub enum ServerError {
     Ingest(#[from] ingest::IngestError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -58,9 +66,10 @@ pub struct ServerHandle {
     data_dir: PathBuf,
     stop: Arc<AtomicBool>,
     ingest: JoinHandle<()>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<ShardWal>>,
     writers: Vec<JoinHandle<()>>,
     metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
 }
 
 /// Starts every stage; returns once the broker accepts connections.
@@ -89,6 +98,14 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         metadata,
     };
     let queue = config.pipeline.queue_capacity;
+    let wal_settings = WalSettings {
+        dir: config.wal_dir(),
+        segment_bytes: config.wal.segment_bytes,
+        fsync_interval: Duration::from_millis(config.wal.fsync_interval_ms),
+        fsync_bytes: config.wal.fsync_bytes,
+    };
+    let recovered = wal::recover(&wal_settings.dir, config.wal.skip_corrupt)?;
+    let tracker = Arc::new(Tracker::default());
 
     let mut writers = Vec::new();
     let mut stream_writers = Vec::new();
@@ -106,6 +123,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             writer_settings(stream.name(), schema.arrow.clone(), metadata),
             rx,
             TableListener::new(metrics.clone(), Some(stream)),
+            tracker.clone(),
         )?);
         stream_writers.push(tx);
     }
@@ -118,7 +136,42 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         ),
         rx,
         TableListener::new(metrics.clone(), None),
+        tracker.clone(),
     )?);
+
+    // Recovery: whatever the log holds that no committed file holds.
+    if recovered.entry_count() > 0 {
+        let since = recovered.oldest_ms().unwrap_or(0) - FOOTER_SCAN_MARGIN_MS;
+        let stored = committed_wal_entries(&data_dir, since)?;
+        let mut replayed = 0u64;
+        for entry in recovered.shards.values().flat_map(|s| &s.entries) {
+            if stored.contains(&entry.id) {
+                continue;
+            }
+            tracker.register(entry.id);
+            let writer = match entry.table {
+                Table::Stream(s) => &stream_writers[s.index()],
+                Table::DeadLetters => &dead_letter_writer,
+            };
+            // The writers run already; a send fails only if one panicked.
+            let _ = writer.send(TableBatch {
+                partition: entry.partition,
+                batch: entry.batch.clone(),
+                wal: entry.id,
+            });
+            replayed += 1;
+        }
+        metrics
+            .wal
+            .entries_replayed
+            .fetch_add(replayed, Ordering::Relaxed);
+        tracing::warn!(
+            entries = recovered.entry_count(),
+            replayed,
+            already_stored = recovered.entry_count() as u64 - replayed,
+            "recovered the write-ahead log of an unclean stop"
+        );
+    }
 
     let context = WorkerContext {
         registry,
@@ -133,11 +186,25 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         stream_writers,
         dead_letter_writer,
     };
+    // A log written by more workers than are configured now keeps its
+    // shards: each is owned by a worker until it is empty.
+    let recovered_shards = recovered
+        .shards
+        .keys()
+        .max()
+        .map_or(0, |s| usize::from(*s) + 1);
     let mut shards = Vec::new();
     let mut workers = Vec::new();
-    for index in 0..config.worker_count() {
+    for index in 0..config.worker_count().max(recovered_shards) {
+        let shard = u16::try_from(index).unwrap_or(u16::MAX);
+        let log = ShardWal::open(
+            &wal_settings,
+            shard,
+            recovered.shards.get(&shard),
+            tracker.clone(),
+        )?;
         let (tx, rx) = bounded(queue);
-        workers.push(spawn_worker(index, context.clone(), rx)?);
+        workers.push(spawn_worker(index, context.clone(), rx, log)?);
         shards.push(tx);
     }
     // The workers now hold the only writer senders, so the writers stop when they do.
@@ -162,8 +229,13 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         workers,
         writers,
         metrics,
+        tracker,
     })
 }
+
+/// Parquet files modified this long before the oldest WAL segment was
+/// created are also searched for the entries they hold (clock granularity).
+const FOOTER_SCAN_MARGIN_MS: i64 = 2_000;
 
 impl ServerHandle {
     /// Where MQTT 3.1.1 clients connect.
@@ -190,18 +262,30 @@ impl ServerHandle {
     pub fn shutdown(self) -> Result<MetricsSnapshot> {
         self.stop.store(true, Ordering::Relaxed);
         join("ingest", self.ingest)?;
+        let mut logs = Vec::new();
         for w in self.workers {
-            join("worker", w)?;
+            logs.push(join("worker", w)?);
         }
         for w in self.writers {
             join("writer", w)?;
+        }
+        // Every writer has committed, so every entry is covered: the logs empty.
+        for log in logs {
+            log.close()?;
+        }
+        let pending = self.tracker.pending_count();
+        if pending > 0 {
+            tracing::error!(
+                entries = pending,
+                "WAL entries not in Parquet at shutdown; kept for the next start"
+            );
         }
         self.metrics.log();
         Ok(self.metrics.snapshot())
     }
 }
 
-fn join(name: &str, handle: JoinHandle<()>) -> Result<()> {
+fn join<T>(name: &str, handle: JoinHandle<T>) -> Result<T> {
     handle
         .join()
         .map_err(|_| ServerError::Panicked(name.to_owned()))

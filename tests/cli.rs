@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 use fleetgate::schema::Stream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
 
 fn sql(dir: &std::path::Path, format: &str, statement: &str) -> String {
     let out = Command::new(BIN)
@@ -31,43 +28,11 @@ fn sql(dir: &std::path::Path, format: &str, statement: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--mqtt-addr",
-            "127.0.0.1:0",
-            "--mqtt5-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fleetgate serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut first_line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first_line)
-        .expect("banner");
-    let addr: std::net::SocketAddr = first_line
-        .split("mqtt://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("address in banner")
-        .parse()
-        .expect("socket address");
-
+    let server = ServeProcess::spawn(dir.path(), "");
     let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
     let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
-    publish_all(addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
-
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = child.wait().expect("wait");
-    assert!(exit.success(), "serve exited with {exit}");
+    publish_all(server.addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
+    server.terminate();
 
     // Default key file is ./keys, outside the default ./data.
     assert!(dir.path().join("keys/pseudonym.key").is_file());

@@ -2,9 +2,12 @@
 //! appends them to one open Parquet file per hour partition, and commits a
 //! file when it reaches `roll_rows` rows, `roll_bytes` bytes or `roll_age`.
 //!
-//! Commit = write the footer, fsync the file, rename it from its hidden
-//! in-progress name to `part-<run>-<n>.parquet`, fsync the directory. Only
-//! then are its rows counted as stored. This thread never decodes or
+//! Commit = write the footer (naming the WAL entries the file holds), fsync
+//! the file, rename it from its hidden in-progress name to
+//! `part-<run>-<n>.parquet`, fsync the directory. Only then are its rows
+//! counted as stored and its WAL entries released. A failed write or commit
+//! loses nothing: the file's batches are kept and written again after a
+//! back-off, until the disk accepts them. This thread never decodes or
 //! pseudonymises; it only stores what the workers built.
 
 use std::collections::HashMap;
@@ -23,12 +26,15 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use super::{IN_PROGRESS_SUFFIX, PARQUET_EXTENSION, PartitionKey, Result, StoreError, io_error};
+use crate::wal::{self, EntryId, Tracker};
 
-/// Rows of one hour partition on their way to a table writer.
-#[derive(Debug)]
+/// Rows of one hour partition on their way to a table writer, with the WAL
+/// entry that holds them.
+#[derive(Debug, Clone)]
 pub struct TableBatch {
     pub partition: PartitionKey,
     pub batch: RecordBatch,
+    pub wal: EntryId,
 }
 
 /// What a table writer needs to know.
@@ -58,8 +64,13 @@ pub struct Commit {
 /// Called after every commit, and after every failed write with its error.
 pub trait CommitListener: Send + Sync {
     fn committed(&self, commit: &Commit);
-    fn failed(&self, error: &StoreError, rows_lost: usize);
+    /// A write failed; `rows_delayed` rows will be written again after a back-off.
+    fn failed(&self, error: &StoreError, rows_delayed: usize);
 }
+
+/// First wait before writing failed batches again; doubles up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 struct OpenFile {
     writer: ArrowWriter<File>,
@@ -67,6 +78,8 @@ struct OpenFile {
     committed: PathBuf,
     rows: usize,
     opened: Instant,
+    /// What the file holds, kept until it is committed so a failure loses nothing.
+    batches: Vec<TableBatch>,
 }
 
 struct TableWriter {
@@ -75,6 +88,10 @@ struct TableWriter {
     open: HashMap<PartitionKey, OpenFile>,
     next_file: u64,
     listener: Arc<dyn CommitListener>,
+    tracker: Arc<Tracker>,
+    retry: Vec<TableBatch>,
+    retry_delay: Duration,
+    retry_at: Instant,
 }
 
 /// Removes in-progress files a crash left behind; they were never committed.
@@ -103,6 +120,7 @@ pub fn spawn_writer(
     settings: WriterSettings,
     rx: Receiver<TableBatch>,
     listener: Arc<dyn CommitListener>,
+    tracker: Arc<Tracker>,
 ) -> Result<JoinHandle<()>> {
     let removed = remove_in_progress(&settings.dir)?;
     if removed > 0 {
@@ -128,6 +146,10 @@ pub fn spawn_writer(
         open: HashMap::new(),
         next_file: 0,
         listener,
+        tracker,
+        retry: Vec::new(),
+        retry_delay: FIRST_RETRY_DELAY,
+        retry_at: Instant::now(),
     };
     std::thread::Builder::new()
         .name(name)
@@ -151,16 +173,53 @@ impl TableWriter {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.commit_aged();
+            self.retry_due();
         }
-        let all: Vec<PartitionKey> = self.open.keys().copied().collect();
-        for key in all {
-            self.commit(key);
+        // Shutting down: commit everything, retrying failed writes until they
+        // succeed, so nothing received is left behind.
+        loop {
+            let all: Vec<PartitionKey> = self.open.keys().copied().collect();
+            for key in all {
+                self.commit(key);
+            }
+            if self.retry.is_empty() {
+                break;
+            }
+            std::thread::sleep(self.retry_at.saturating_duration_since(Instant::now()));
+            self.retry_due();
         }
     }
 
-    fn append(&mut self, TableBatch { partition, batch }: TableBatch) {
-        let rows = batch.num_rows();
+    fn retry_due(&mut self) {
+        if self.retry.is_empty() || Instant::now() < self.retry_at {
+            return;
+        }
+        let batches = std::mem::take(&mut self.retry);
+        let failed_before = batches.len();
+        for batch in batches {
+            self.append(batch);
+        }
+        if self.retry.is_empty() {
+            self.retry_delay = FIRST_RETRY_DELAY;
+        } else if self.retry.len() >= failed_before {
+            tracing::warn!(table = %self.settings.table, batches = self.retry.len(), "writing failed batches again failed; backing off");
+        }
+    }
+
+    /// Keeps batches whose write failed, to be written again after a back-off.
+    fn keep_for_retry(&mut self, batches: Vec<TableBatch>, error: &StoreError) {
+        let rows = batches.iter().map(|b| b.batch.num_rows()).sum();
+        self.listener.failed(error, rows);
+        self.retry.extend(batches);
+        self.retry_at = Instant::now() + self.retry_delay;
+        self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+    }
+
+    fn append(&mut self, table_batch: TableBatch) {
+        let partition = table_batch.partition;
+        let rows = table_batch.batch.num_rows();
         if rows == 0 {
+            self.tracker.covered(&[table_batch.wal]);
             return;
         }
         if !self.open.contains_key(&partition) {
@@ -172,7 +231,7 @@ impl TableWriter {
                     self.open.insert(partition, file);
                 }
                 Err(e) => {
-                    self.listener.failed(&e, rows);
+                    self.keep_for_retry(vec![table_batch], &e);
                     return;
                 }
             }
@@ -180,13 +239,14 @@ impl TableWriter {
         let Some(file) = self.open.get_mut(&partition) else {
             return;
         };
-        if let Err(e) = file.writer.write(&batch) {
-            let lost = file.rows + rows;
-            self.abandon(partition);
-            self.listener.failed(&e.into(), lost);
+        if let Err(e) = file.writer.write(&table_batch.batch) {
+            let mut batches = self.abandon(partition);
+            batches.push(table_batch);
+            self.keep_for_retry(batches, &e.into());
             return;
         }
         file.rows += rows;
+        file.batches.push(table_batch);
         let bytes = file.writer.bytes_written() + file.writer.in_progress_size();
         if file.rows >= self.settings.roll_rows || bytes >= self.settings.roll_bytes {
             self.commit(partition);
@@ -223,6 +283,7 @@ impl TableWriter {
             committed,
             rows: 0,
             opened: Instant::now(),
+            batches: Vec::new(),
         })
     }
 
@@ -254,38 +315,67 @@ impl TableWriter {
         let Some(file) = self.open.remove(&partition) else {
             return;
         };
-        let rows = file.rows;
         let in_progress = file.in_progress.clone();
         match finish(file) {
-            Ok(commit) => self.listener.committed(&commit),
-            Err(e) => {
+            Ok((commit, batches)) => {
+                let entries: Vec<EntryId> = batches.iter().map(|b| b.wal).collect();
+                self.tracker.covered(&entries);
+                self.listener.committed(&commit);
+            }
+            Err((e, batches)) => {
                 let _ = fs::remove_file(&in_progress);
-                self.listener.failed(&e, rows);
+                self.keep_for_retry(batches, &e);
             }
         }
     }
 
-    fn abandon(&mut self, partition: PartitionKey) {
-        if let Some(file) = self.open.remove(&partition) {
-            let _ = fs::remove_file(&file.in_progress);
+    /// Drops an open file that cannot be completed; returns what it held.
+    fn abandon(&mut self, partition: PartitionKey) -> Vec<TableBatch> {
+        match self.open.remove(&partition) {
+            Some(file) => {
+                let _ = fs::remove_file(&file.in_progress);
+                file.batches
+            }
+            None => Vec::new(),
         }
     }
 }
 
 /// Writes the footer, fsyncs, renames into place and fsyncs the directory.
-fn finish(file: OpenFile) -> Result<Commit> {
+/// Returns the batches the file holds, with the commit or with the error.
+fn finish(
+    file: OpenFile,
+) -> std::result::Result<(Commit, Vec<TableBatch>), (StoreError, Vec<TableBatch>)> {
     let OpenFile {
-        writer,
+        mut writer,
         in_progress,
         committed,
         rows,
+        batches,
         ..
     } = file;
+    let entries: Vec<EntryId> = batches.iter().map(|b| b.wal).collect();
+    writer.append_key_value_metadata(KeyValue::new(
+        wal::FOOTER_KEY.to_owned(),
+        wal::footer_value(&entries),
+    ));
+    match commit_file(writer, &in_progress, &committed, rows) {
+        Ok(commit) => Ok((commit, batches)),
+        Err(e) => Err((e, batches)),
+    }
+}
+
+fn commit_file(
+    writer: ArrowWriter<File>,
+    in_progress: &Path,
+    committed: &Path,
+    rows: usize,
+) -> Result<Commit> {
     let file = writer.into_inner()?;
-    file.sync_all().map_err(io_error(&in_progress))?;
-    let bytes = file.metadata().map_err(io_error(&in_progress))?.len();
+    file.sync_all().map_err(io_error(in_progress))?;
+    let bytes = file.metadata().map_err(io_error(in_progress))?.len();
     drop(file);
-    fs::rename(&in_progress, &committed).map_err(io_error(&committed))?;
+    fs::rename(in_progress, committed).map_err(io_error(committed))?;
     if let Some(dir) = committed.parent() {
         sync_dir(dir)?;
     }

@@ -190,3 +190,87 @@ pub fn wait_for(mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `fleetgate serve` as a child process, as an operator runs it.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
+
+impl ServeProcess {
+    /// Starts `fleetgate serve` in `dir` on port 0 with `config` (TOML, may
+    /// be empty), its log going to `dir/serve.log` (appended), and waits for
+    /// the line saying where it listens.
+    pub fn spawn(dir: &Path, config: &str) -> Self {
+        use std::io::BufRead;
+        let config_path = dir.join("fleetgate.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .expect("log file");
+        let mut child = std::process::Command::new(BIN)
+            .current_dir(dir)
+            .args([
+                "serve",
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--mqtt5-addr",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fleetgate serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut banner = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut banner)
+            .expect("banner");
+        let addr = banner
+            .split("mqtt://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {banner:?}"))
+            .parse()
+            .expect("socket address");
+        Self { child, addr }
+    }
+
+    /// SIGTERM, and the exit status must be success.
+    pub fn terminate(mut self) {
+        self.signal("-TERM");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "serve exited with {status}");
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(mut self) {
+        self.signal("-KILL");
+        self.child.wait().expect("wait");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+/// A single-number query result.
+pub async fn count(data_dir: &Path, sql: &str) -> i64 {
+    let batches = query(data_dir, sql).await;
+    batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("an integer result")
+        .value(0)
+}

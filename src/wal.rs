@@ -1,0 +1,848 @@
+//! The write-ahead log: every batch a worker builds is appended here, and
+//! group-committed with fsync, before a table writer may rely on it.
+//!
+//! Each worker shard owns its log (`<wal_dir>/shard-<i>/`), so appends take no
+//! lock. The log holds what the store will hold, after pseudonymisation, never
+//! a raw identifier. A segment is a header (magic, creation time) and frames:
+//!
+//! ```text
+//! len u32 LE | crc32 u32 LE (of body) | body: seq u64 | table u8 | days i32 | hour u8 | zstd(Arrow IPC stream)
+//! ```
+//!
+//! Each committed Parquet file names, in its footer, the entries it holds
+//! (see [`FOOTER_KEY`]). Recovery replays every entry no committed file holds,
+//! so replay is idempotent. A segment is deleted only when every entry in it
+//! is in a committed file: [`Tracker`] knows which are still pending.
+//! A torn or corrupt tail of the newest segment is cut off with a warning
+//! naming the offset; corruption anywhere else stops start-up unless
+//! `wal.skip_corrupt` is set.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+
+use crate::store::{PartitionKey, Table};
+
+const MAGIC: &[u8; 8] = b"FGWAL001";
+const HEADER_BYTES: usize = 16;
+const FRAME_HEADER_BYTES: usize = 8;
+const BODY_HEADER_BYTES: usize = 8 + 1 + 4 + 1;
+/// Largest frame accepted when reading: anything larger is corruption.
+const MAX_FRAME_BYTES: usize = 1 << 30;
+/// Key of the Parquet footer entry listing the WAL entries a file holds.
+pub const FOOTER_KEY: &str = "fleetgate.wal";
+/// zstd level of WAL entries: fast, the log is short-lived.
+const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "WAL {path} is corrupt at offset {offset}: {reason} (set wal.skip_corrupt = true to skip the rest of that segment)"
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("WAL entry encoding: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+pub type Result<T, E = WalError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Names one WAL entry: the shard that wrote it and its sequence number there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryId {
+    pub shard: u16,
+    pub seq: u64,
+}
+
+/// One batch of rows of one table partition, as logged.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: EntryId,
+    pub table: Table,
+    pub partition: PartitionKey,
+    pub batch: RecordBatch,
+}
+
+/// Settings of the log, from `[wal]`.
+#[derive(Debug, Clone)]
+pub struct WalSettings {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    pub fsync_interval: Duration,
+    pub fsync_bytes: usize,
+}
+
+/// Which entries are appended but not yet in a committed Parquet file, per shard.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    pending: Mutex<HashMap<u16, BTreeSet<u64>>>,
+}
+
+impl Tracker {
+    /// Marks an entry as appended; call before handing its batch to a writer.
+    pub fn register(&self, id: EntryId) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.entry(id.shard).or_default().insert(id.seq);
+        }
+    }
+
+    /// Marks entries as held by a committed, fsync'd Parquet file.
+    pub fn covered(&self, ids: &[EntryId]) {
+        if let Ok(mut p) = self.pending.lock() {
+            for id in ids {
+                if let Some(set) = p.get_mut(&id.shard) {
+                    set.remove(&id.seq);
+                }
+            }
+        }
+    }
+
+    /// The lowest pending sequence number of a shard, if any is pending.
+    pub fn lowest_pending(&self, shard: u16) -> Option<u64> {
+        self.pending
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&shard).and_then(|s| s.first().copied()))
+    }
+
+    /// Number of entries still pending, over all shards.
+    pub fn pending_count(&self) -> usize {
+        self.pending
+            .lock()
+            .map_or(0, |p| p.values().map(BTreeSet::len).sum())
+    }
+}
+
+/// A sealed segment: no more appends, deleted once every entry is covered.
+#[derive(Debug, Clone)]
+struct Segment {
+    path: PathBuf,
+    last_seq: Option<u64>,
+}
+
+/// The log of one worker shard.
+pub struct ShardWal {
+    shard: u16,
+    dir: PathBuf,
+    settings: WalSettings,
+    tracker: Arc<Tracker>,
+    sealed: Vec<Segment>,
+    active: File,
+    active_path: PathBuf,
+    active_last_seq: Option<u64>,
+    /// Bytes of complete frames in the active segment, header included.
+    active_len: u64,
+    next_seq: u64,
+    unsynced_bytes: usize,
+    first_unsynced: Option<Instant>,
+}
+
+/// What a sync made durable, for the caller's measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct Synced {
+    pub bytes: usize,
+    pub took: Duration,
+}
+
+impl ShardWal {
+    /// Opens shard `shard`'s log, continuing after what recovery found, in a new segment.
+    pub fn open(
+        settings: &WalSettings,
+        shard: u16,
+        recovered: Option<&RecoveredShard>,
+        tracker: Arc<Tracker>,
+    ) -> Result<Self> {
+        let dir = shard_dir(&settings.dir, shard);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let sealed = recovered.map(|r| r.segments.clone()).unwrap_or_default();
+        let next_seq = recovered.map_or(0, |r| r.next_seq);
+        let (active, active_path) = new_segment(&dir, next_seq)?;
+        Ok(Self {
+            shard,
+            dir,
+            settings: settings.clone(),
+            tracker,
+            sealed,
+            active,
+            active_path,
+            active_last_seq: None,
+            active_len: HEADER_BYTES as u64,
+            next_seq,
+            unsynced_bytes: 0,
+            first_unsynced: None,
+        })
+    }
+
+    /// Appends one batch and registers it as pending. Written with one
+    /// `write` call; on failure the segment is cut back to its last complete
+    /// frame and a fresh segment is started, so no torn frame stays behind.
+    pub fn append(
+        &mut self,
+        table: Table,
+        partition: PartitionKey,
+        batch: &RecordBatch,
+    ) -> Result<EntryId> {
+        let id = EntryId {
+            shard: self.shard,
+            seq: self.next_seq,
+        };
+        let frame = encode_frame(id.seq, table, partition, batch)?;
+        if let Err(e) = self.active.write_all(&frame) {
+            self.recover_from_write_error();
+            return Err(io_err(&self.active_path)(e));
+        }
+        self.next_seq += 1;
+        self.active_len += frame.len() as u64;
+        self.active_last_seq = Some(id.seq);
+        self.unsynced_bytes += frame.len();
+        self.first_unsynced.get_or_insert_with(Instant::now);
+        self.tracker.register(id);
+        Ok(id)
+    }
+
+    /// Whether unsynced appends have waited `fsync_interval` or reached `fsync_bytes`.
+    pub fn sync_due(&self) -> bool {
+        self.unsynced_bytes >= self.settings.fsync_bytes
+            || self
+                .first_unsynced
+                .is_some_and(|t| t.elapsed() >= self.settings.fsync_interval)
+    }
+
+    pub fn has_unsynced(&self) -> bool {
+        self.first_unsynced.is_some()
+    }
+
+    /// How long until a sync is due, for the worker's wait.
+    pub fn until_sync_due(&self) -> Duration {
+        self.first_unsynced
+            .map_or(self.settings.fsync_interval, |t| {
+                self.settings.fsync_interval.saturating_sub(t.elapsed())
+            })
+    }
+
+    /// fsyncs the active segment (group commit), then rotates it if it is full.
+    pub fn sync(&mut self) -> Result<Option<Synced>> {
+        if self.first_unsynced.is_none() {
+            return Ok(None);
+        }
+        let start = Instant::now();
+        if let Err(e) = self.active.sync_data() {
+            // After a failed fsync the page cache cannot be trusted: never
+            // append to this file again.
+            self.rotate().ok();
+            return Err(io_err(&self.active_path)(e));
+        }
+        let synced = Synced {
+            bytes: self.unsynced_bytes,
+            took: start.elapsed(),
+        };
+        self.unsynced_bytes = 0;
+        self.first_unsynced = None;
+        if self.active_len >= self.settings.segment_bytes {
+            self.rotate()?;
+        }
+        Ok(Some(synced))
+    }
+
+    /// Deletes sealed segments whose every entry is in a committed file.
+    pub fn truncate_covered(&mut self) -> Result<usize> {
+        let watermark = self
+            .tracker
+            .lowest_pending(self.shard)
+            .unwrap_or(self.next_seq);
+        let mut removed = 0;
+        while let Some(segment) = self.sealed.first() {
+            if segment.last_seq.is_some_and(|last| last >= watermark) {
+                break;
+            }
+            fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
+            self.sealed.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+
+    /// Seals the active segment when it holds only covered entries, so a
+    /// clean shutdown leaves an empty log.
+    pub fn close(mut self) -> Result<()> {
+        self.sync()?;
+        self.rotate()?;
+        self.truncate_covered()?;
+        // The fresh, empty segment rotate() opened is not needed.
+        if self.sealed.is_empty() {
+            fs::remove_file(&self.active_path).map_err(io_err(&self.active_path))?;
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<()> {
+        let (file, path) = new_segment(&self.dir, self.next_seq)?;
+        let old = std::mem::replace(&mut self.active_path, path);
+        self.active = file;
+        self.sealed.push(Segment {
+            path: old,
+            last_seq: self.active_last_seq.take(),
+        });
+        self.active_len = HEADER_BYTES as u64;
+        Ok(())
+    }
+
+    fn recover_from_write_error(&mut self) {
+        let _ = self.active.set_len(self.active_len);
+        let _ = self.rotate();
+    }
+}
+
+fn shard_dir(wal_dir: &Path, shard: u16) -> PathBuf {
+    wal_dir.join(format!("shard-{shard:03}"))
+}
+
+fn new_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf)> {
+    // A second segment starting at the same sequence (nothing appended in
+    // between) gets a suffix so names stay unique and ordered.
+    let mut n = 0;
+    let path = loop {
+        let p = dir.join(format!("{first_seq:020}-{n:03}.wal"));
+        if !p.exists() {
+            break p;
+        }
+        n += 1;
+    };
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let mut header = [0u8; HEADER_BYTES];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..].copy_from_slice(&crate::ingest::now_ms().to_le_bytes());
+    file.write_all(&header).map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok((file, path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn encode_frame(
+    seq: u64,
+    table: Table,
+    partition: PartitionKey,
+    batch: &RecordBatch,
+) -> Result<Vec<u8>> {
+    let mut ipc = Vec::new();
+    {
+        let mut writer = StreamWriter::try_new(&mut ipc, &batch.schema())?;
+        writer.write(batch)?;
+        writer.finish()?;
+    }
+    let compressed = zstd::bulk::compress(&ipc, ZSTD_LEVEL).map_err(io_err(Path::new("zstd")))?;
+    let (days, hour) = partition.to_parts();
+    let mut body = Vec::with_capacity(BODY_HEADER_BYTES + compressed.len());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.push(table.index() as u8);
+    body.extend_from_slice(&days.to_le_bytes());
+    body.push(hour);
+    body.extend_from_slice(&compressed);
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+fn decode_body(
+    body: &[u8],
+) -> std::result::Result<(u64, Table, PartitionKey, RecordBatch), String> {
+    if body.len() < BODY_HEADER_BYTES {
+        return Err("frame body too short".into());
+    }
+    let seq = u64::from_le_bytes(body[0..8].try_into().map_err(|_| "seq")?);
+    let table = Table::from_index(body[8].into()).ok_or("unknown table")?;
+    let days = i32::from_le_bytes(body[9..13].try_into().map_err(|_| "days")?);
+    let partition = PartitionKey::from_parts(days, body[13]).ok_or("bad partition")?;
+    let ipc = zstd::stream::decode_all(&body[BODY_HEADER_BYTES..]).map_err(|e| e.to_string())?;
+    let mut reader = StreamReader::try_new(ipc.as_slice(), None).map_err(|e| e.to_string())?;
+    let batch = reader
+        .next()
+        .ok_or("no batch in entry")?
+        .map_err(|e| e.to_string())?;
+    Ok((seq, table, partition, batch))
+}
+
+/// What recovery found in one shard's directory.
+#[derive(Debug, Default)]
+pub struct RecoveredShard {
+    pub entries: Vec<Entry>,
+    segments: Vec<Segment>,
+    pub next_seq: u64,
+    /// Creation time of the oldest segment, in ms since the epoch.
+    pub oldest_ms: Option<i64>,
+}
+
+/// Everything in the WAL directory, per shard.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub shards: BTreeMap<u16, RecoveredShard>,
+}
+
+impl Recovered {
+    pub fn entry_count(&self) -> usize {
+        self.shards.values().map(|s| s.entries.len()).sum()
+    }
+
+    pub fn oldest_ms(&self) -> Option<i64> {
+        self.shards.values().filter_map(|s| s.oldest_ms).min()
+    }
+}
+
+/// Reads every segment of every shard. Cuts a torn or corrupt tail off the
+/// newest segment of a shard (logged with its offset); any other corruption
+/// is an error unless `skip_corrupt`, in which case the rest of that segment
+/// is skipped with an error logged.
+pub fn recover(wal_dir: &Path, skip_corrupt: bool) -> Result<Recovered> {
+    read_dir(wal_dir, Mode::Recover { skip_corrupt })
+}
+
+/// Reads every complete entry without changing anything, stopping at the
+/// first bad frame of a segment: for looking at the log of a running server.
+pub fn inspect(wal_dir: &Path) -> Result<Recovered> {
+    read_dir(wal_dir, Mode::Inspect)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Recover { skip_corrupt: bool },
+    Inspect,
+}
+
+fn read_dir(wal_dir: &Path, mode: Mode) -> Result<Recovered> {
+    let mut recovered = Recovered::default();
+    let Ok(shard_dirs) = fs::read_dir(wal_dir) else {
+        return Ok(recovered);
+    };
+    for entry in shard_dirs {
+        let path = entry.map_err(io_err(wal_dir))?.path();
+        let Some(shard) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("shard-"))
+            .and_then(|n| n.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        recovered
+            .shards
+            .insert(shard, recover_shard(&path, shard, mode)?);
+    }
+    Ok(recovered)
+}
+
+fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<RecoveredShard> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    paths.sort();
+    let mut out = RecoveredShard::default();
+    for (i, path) in paths.iter().enumerate() {
+        let newest = i + 1 == paths.len();
+        let (created_ms, entries) = read_segment(path, shard, newest, mode)?;
+        if let Some(ms) = created_ms {
+            out.oldest_ms = Some(out.oldest_ms.map_or(ms, |o: i64| o.min(ms)));
+        }
+        let last_seq = entries.last().map(|e| e.id.seq);
+        if let Some(last) = last_seq {
+            out.next_seq = out.next_seq.max(last + 1);
+        }
+        out.entries.extend(entries);
+        out.segments.push(Segment {
+            path: path.clone(),
+            last_seq,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads one segment: (creation time, entries).
+fn read_segment(
+    path: &Path,
+    shard: u16,
+    newest: bool,
+    mode: Mode,
+) -> Result<(Option<i64>, Vec<Entry>)> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    if bytes.len() < HEADER_BYTES {
+        if matches!(mode, Mode::Inspect) {
+            return Ok((None, Vec::new()));
+        }
+        // A crash while the header was written: nothing was ever appended.
+        tracing::warn!(path = %path.display(), "WAL segment without a complete header; removing it");
+        fs::remove_file(path).map_err(io_err(path))?;
+        return Ok((None, Vec::new()));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(WalError::Corrupt {
+            path: path.to_owned(),
+            offset: 0,
+            reason: "not a fleetgate WAL segment".into(),
+        });
+    }
+    let created_ms = i64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
+    let mut entries = Vec::new();
+    let mut offset = HEADER_BYTES;
+    while offset < bytes.len() {
+        match read_frame(&bytes[offset..]) {
+            Ok((len, body)) => match decode_body(body) {
+                Err(_) if matches!(mode, Mode::Inspect) => break,
+                Ok((seq, table, partition, batch)) => {
+                    entries.push(Entry {
+                        id: EntryId { shard, seq },
+                        table,
+                        partition,
+                        batch,
+                    });
+                    offset += len;
+                }
+                Err(reason) => {
+                    return Err(WalError::Corrupt {
+                        path: path.to_owned(),
+                        offset: offset as u64,
+                        reason: format!("checksum matches but the entry does not decode: {reason}"),
+                    });
+                }
+            },
+            Err(_) if matches!(mode, Mode::Inspect) => break,
+            Err(reason) => {
+                let skip_corrupt = matches!(mode, Mode::Recover { skip_corrupt: true });
+                let torn_tail = newest && is_tail(&bytes[offset..]);
+                if torn_tail {
+                    tracing::warn!(path = %path.display(), offset, %reason, "cutting a torn WAL tail");
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(io_err(path))?;
+                    file.set_len(offset as u64).map_err(io_err(path))?;
+                    file.sync_all().map_err(io_err(path))?;
+                } else if skip_corrupt {
+                    tracing::error!(path = %path.display(), offset, %reason, "skipping the rest of a corrupt WAL segment");
+                } else {
+                    return Err(WalError::Corrupt {
+                        path: path.to_owned(),
+                        offset: offset as u64,
+                        reason,
+                    });
+                }
+                break;
+            }
+        }
+    }
+    Ok((Some(created_ms), entries))
+}
+
+/// A complete, checksummed frame at the start of `bytes`: (frame length, body).
+fn read_frame(bytes: &[u8]) -> std::result::Result<(usize, &[u8]), String> {
+    if bytes.len() < FRAME_HEADER_BYTES {
+        return Err("incomplete frame header".into());
+    }
+    let len = u32::from_le_bytes(bytes[0..4].try_into().map_err(|_| "len")?) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().map_err(|_| "crc")?);
+    if len < BODY_HEADER_BYTES {
+        return Err(format!("frame of {len} bytes is too short"));
+    }
+    if len > MAX_FRAME_BYTES || FRAME_HEADER_BYTES + len > bytes.len() {
+        return Err(format!(
+            "frame of {len} bytes runs past the end of the segment"
+        ));
+    }
+    let body = &bytes[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok((FRAME_HEADER_BYTES + len, body))
+}
+
+/// Whether a bad frame is the torn end of the log rather than damage in its
+/// middle: nothing after it parses as a frame.
+fn is_tail(rest: &[u8]) -> bool {
+    (1..rest.len()).all(|start| read_frame(&rest[start..]).is_err())
+}
+
+/// Encodes the entries a Parquet file holds for its footer: `{"shard": [[first, last], ...]}`.
+pub fn footer_value(entries: &[EntryId]) -> String {
+    let mut by_shard: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+    for id in entries {
+        by_shard.entry(id.shard).or_default().push(id.seq);
+    }
+    let ranges: BTreeMap<String, Vec<[u64; 2]>> = by_shard
+        .into_iter()
+        .map(|(shard, mut seqs)| {
+            seqs.sort_unstable();
+            let mut ranges: Vec<[u64; 2]> = Vec::new();
+            for seq in seqs {
+                match ranges.last_mut() {
+                    Some(r) if r[1] + 1 == seq => r[1] = seq,
+                    _ => ranges.push([seq, seq]),
+                }
+            }
+            (shard.to_string(), ranges)
+        })
+        .collect();
+    serde_json::to_string(&ranges).unwrap_or_default()
+}
+
+/// Parses a footer value written by [`footer_value`].
+pub fn parse_footer_value(value: &str) -> Vec<EntryId> {
+    let Ok(ranges) = serde_json::from_str::<BTreeMap<String, Vec<[u64; 2]>>>(value) else {
+        return Vec::new();
+    };
+    ranges
+        .into_iter()
+        .filter_map(|(shard, r)| shard.parse::<u16>().ok().map(|s| (s, r)))
+        .flat_map(|(shard, r)| {
+            r.into_iter().flat_map(move |[first, last]| {
+                (first..=last).map(move |seq| EntryId { shard, seq })
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn settings(dir: &Path, segment_bytes: u64) -> WalSettings {
+        WalSettings {
+            dir: dir.to_owned(),
+            segment_bytes,
+            fsync_interval: Duration::from_millis(5),
+            fsync_bytes: 1 << 20,
+        }
+    }
+
+    fn batch(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("seq", DataType::Int64, false),
+            Field::new("vehicle_id", DataType::Utf8, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![n, n + 1])),
+                Arc::new(StringArray::from(vec!["a", "b"])),
+            ],
+        )
+        .expect("batch")
+    }
+
+    const PARTITION_MS: i64 = 1_795_506_305_000;
+
+    /// Appends `n` batches and syncs; returns the log (not closed: a crash).
+    fn write(dir: &Path, n: i64, segment_bytes: u64, tracker: Arc<Tracker>) -> ShardWal {
+        let mut wal =
+            ShardWal::open(&settings(dir, segment_bytes), 0, None, tracker).expect("open");
+        for i in 0..n {
+            wal.append(
+                Table::Stream(crate::schema::Stream::Rtti),
+                PartitionKey::from_millis(PARTITION_MS),
+                &batch(i * 10),
+            )
+            .expect("append");
+        }
+        wal.sync().expect("sync");
+        wal
+    }
+
+    fn only_segment(dir: &Path) -> PathBuf {
+        let shard = shard_dir(dir, 0);
+        let mut segments: Vec<_> = fs::read_dir(&shard)
+            .expect("shard dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        segments.sort();
+        segments.remove(0)
+    }
+
+    #[test]
+    fn entries_survive_a_crash_with_their_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(write(dir.path(), 3, 1 << 30, Arc::default()));
+        let recovered = recover(dir.path(), false).expect("recover");
+        let shard = &recovered.shards[&0];
+        assert_eq!(shard.entries.len(), 3);
+        assert_eq!(shard.next_seq, 3);
+        for (i, entry) in shard.entries.iter().enumerate() {
+            assert_eq!(
+                entry.id,
+                EntryId {
+                    shard: 0,
+                    seq: i as u64
+                }
+            );
+            assert_eq!(entry.batch, batch(i as i64 * 10));
+            assert_eq!(entry.partition, PartitionKey::from_millis(PARTITION_MS));
+            assert_eq!(entry.table, Table::Stream(crate::schema::Stream::Rtti));
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_the_rest_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(write(dir.path(), 2, 1 << 30, Arc::default()));
+        let path = only_segment(dir.path());
+        let good_len = fs::metadata(&path).expect("stat").len();
+        let frame = encode_frame(
+            2,
+            Table::DeadLetters,
+            PartitionKey::from_millis(PARTITION_MS),
+            &batch(0),
+        )
+        .expect("frame");
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(&frame[..frame.len() / 2])
+            .expect("torn write");
+        drop(file);
+        let recovered = recover(dir.path(), false).expect("a torn tail is not an error");
+        assert_eq!(recovered.shards[&0].entries.len(), 2);
+        assert_eq!(fs::metadata(&path).expect("stat").len(), good_len);
+    }
+
+    #[test]
+    fn a_bad_checksum_in_the_middle_stops_recovery_unless_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(write(dir.path(), 3, 1 << 30, Arc::default()));
+        let path = only_segment(dir.path());
+        let mut bytes = fs::read(&path).expect("read");
+        let first_len = u32::from_le_bytes(bytes[16..20].try_into().expect("len")) as usize;
+        let second = HEADER_BYTES + FRAME_HEADER_BYTES + first_len;
+        bytes[second + FRAME_HEADER_BYTES + 3] ^= 0xff;
+        fs::write(&path, &bytes).expect("write");
+        match recover(dir.path(), false) {
+            Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, second as u64),
+            other => panic!("expected corruption at {second}, got {other:?}"),
+        }
+        let skipped = recover(dir.path(), true).expect("skip");
+        assert_eq!(skipped.shards[&0].entries.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_checksum_at_the_end_is_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(write(dir.path(), 2, 1 << 30, Arc::default()));
+        let path = only_segment(dir.path());
+        let mut bytes = fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, &bytes).expect("write");
+        assert_eq!(
+            recover(dir.path(), false).expect("recover").shards[&0]
+                .entries
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn segments_are_deleted_only_once_every_entry_is_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tracker = Arc::new(Tracker::default());
+        // A tiny segment size: every sync seals its segment.
+        let mut wal =
+            ShardWal::open(&settings(dir.path(), 1), 0, None, tracker.clone()).expect("open");
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            ids.push(
+                wal.append(
+                    Table::DeadLetters,
+                    PartitionKey::from_millis(PARTITION_MS),
+                    &batch(i),
+                )
+                .expect("append"),
+            );
+            wal.sync().expect("sync");
+        }
+        let segments = || fs::read_dir(shard_dir(dir.path(), 0)).expect("dir").count();
+        assert_eq!(segments(), 3, "two sealed, one active");
+        assert_eq!(wal.truncate_covered().expect("truncate"), 0);
+        tracker.covered(&ids[1..]);
+        assert_eq!(
+            wal.truncate_covered().expect("truncate"),
+            0,
+            "entry 0 still pending"
+        );
+        tracker.covered(&ids[..1]);
+        assert_eq!(wal.truncate_covered().expect("truncate"), 2);
+        wal.close().expect("close");
+        assert_eq!(segments(), 0, "a closed, fully committed log is empty");
+    }
+
+    #[test]
+    fn a_reopened_log_continues_its_numbering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(write(dir.path(), 2, 1 << 30, Arc::default()));
+        let recovered = recover(dir.path(), false).expect("recover");
+        let tracker = Arc::new(Tracker::default());
+        let mut wal = ShardWal::open(
+            &settings(dir.path(), 1 << 30),
+            0,
+            recovered.shards.get(&0),
+            tracker,
+        )
+        .expect("open");
+        let id = wal
+            .append(
+                Table::DeadLetters,
+                PartitionKey::from_millis(PARTITION_MS),
+                &batch(0),
+            )
+            .expect("append");
+        assert_eq!(id.seq, 2);
+    }
+
+    #[test]
+    fn footer_ranges_round_trip() {
+        let ids: Vec<EntryId> = [(0, 1), (0, 2), (0, 3), (0, 7), (2, 5)]
+            .into_iter()
+            .map(|(shard, seq)| EntryId { shard, seq })
+            .collect();
+        let value = footer_value(&ids);
+        assert_eq!(value, r#"{"0":[[1,3],[7,7]],"2":[[5,5]]}"#);
+        assert_eq!(parse_footer_value(&value), ids);
+    }
+}
