@@ -37,6 +37,26 @@ pub struct Config {
     pub storage: StorageConfig,
     pub pipeline: PipelineConfig,
     pub wal: WalConfig,
+    pub privacy: PrivacyConfig,
+}
+
+/// Key rotation and trip pseudonyms.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Pseudonym keys rotate every this many days, by record time; 0 = never.
+    pub key_epoch_days: u32,
+    /// An RTTI trip id lasts at most this long, even within one ignition cycle.
+    pub max_trip_minutes: u32,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            key_epoch_days: 30,
+            max_trip_minutes: 30,
+        }
+    }
 }
 
 /// The write-ahead log.
@@ -82,6 +102,9 @@ pub struct BrokerConfig {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub key_file: PathBuf,
+    pub vault_file: PathBuf,
+    /// Directory of stream schemas replacing the built-in ones; `None` = built in.
+    pub schema_dir: Option<PathBuf>,
     pub roll_rows: usize,
     pub roll_bytes: usize,
     pub roll_age_ms: u64,
@@ -119,7 +142,9 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
-            key_file: PathBuf::from("./keys/pseudonym.key"),
+            key_file: PathBuf::from("./keys/root.key"),
+            vault_file: PathBuf::from("./keys/vault.redb"),
+            schema_dir: None,
             roll_rows: 1_000_000,
             roll_bytes: 128 * 1024 * 1024,
             roll_age_ms: 2_000,
@@ -199,12 +224,17 @@ impl Config {
         if b.segment_bytes == 0 || b.segment_count == 0 {
             return invalid("broker.segment_bytes and segment_count must be > 0".into());
         }
-        if key_file_inside_data_dir(&s.key_file, &s.data_dir) {
-            return invalid(format!(
-                "storage.key_file {} lies inside storage.data_dir {}: keep the key apart from the data",
-                s.key_file.display(),
-                s.data_dir.display()
-            ));
+        for (key, path) in [("key_file", &s.key_file), ("vault_file", &s.vault_file)] {
+            if inside(path, &s.data_dir) {
+                return invalid(format!(
+                    "storage.{key} {} lies inside storage.data_dir {}: keep keys apart from the data",
+                    path.display(),
+                    s.data_dir.display()
+                ));
+            }
+        }
+        if self.privacy.max_trip_minutes == 0 {
+            return invalid("privacy.max_trip_minutes must be > 0".into());
         }
         Ok(())
     }
@@ -228,7 +258,7 @@ impl Config {
 
 /// Compares lexically after making both absolute, so `./data/../keys` is not
 /// mistaken for a path inside `./data`.
-fn key_file_inside_data_dir(key_file: &Path, data_dir: &Path) -> bool {
+fn inside(key_file: &Path, data_dir: &Path) -> bool {
     let absolute = |p: &Path| -> PathBuf {
         let joined = if p.is_absolute() {
             p.to_owned()

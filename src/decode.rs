@@ -36,6 +36,15 @@ pub struct Record {
 }
 
 impl Record {
+    /// The value of string field `name`, if it has one.
+    pub fn get<'a>(&'a self, schema: &StreamSchema, name: &str) -> Option<&'a str> {
+        let i = schema.fields.iter().position(|f| f.name == name)?;
+        match &self.values[i] {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The vehicle timestamp, which the schema guarantees is present.
     pub fn timestamp_ms(&self, schema: &StreamSchema) -> i64 {
         match self.values[schema.ts_index] {

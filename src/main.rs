@@ -45,7 +45,38 @@ enum Command {
         statement: String,
     },
     /// Print every stream's fields (type, unit, privacy class, storage) as Markdown.
-    Schema,
+    Schema {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Privacy administration on the vault, while the server is stopped.
+    Admin {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Crypto-shred a vehicle: delete its secrets, so its stored rows can no
+    /// longer be linked to its VIN nor its encrypted fields read.
+    Erase {
+        #[arg(long)]
+        vin: String,
+    },
+    /// Show or set a vehicle's consent and SIM state.
+    Consent {
+        #[arg(long)]
+        vin: String,
+        #[arg(long)]
+        smart_maintenance: Option<bool>,
+        #[arg(long)]
+        product_quality: Option<bool>,
+        #[arg(long)]
+        sim_active: Option<bool>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -116,19 +147,62 @@ fn main() -> anyhow::Result<()> {
             statement,
         } => {
             let config = common.load()?;
+            let registry =
+                fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
             let text = runtime.block_on(async {
-                let ctx = query::session(&config.storage.data_dir).await?;
+                let ctx = query::session_with(&config.storage.data_dir, &registry).await?;
                 let batches = query::run(&ctx, &statement).await?;
                 query::format(&batches, format)
             })?;
             println!("{text}");
             Ok(())
         }
-        Command::Schema => {
-            print!("{}", fleetgate::schema::Registry::load()?.markdown());
+        Command::Schema { common } => {
+            let config = common.load()?;
+            let registry =
+                fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
+            print!("{}", registry.markdown());
             Ok(())
         }
+        Command::Admin { common, action } => admin(&common.load()?, action),
     }
+}
+
+fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
+    use fleetgate::pseudo::KeyRing;
+    use fleetgate::vault::Vault;
+    let keys = KeyRing::load_or_create(&config.storage.key_file)?;
+    let vault = Vault::open(&config.storage.vault_file, &keys)
+        .context("cannot open the vault (is the server running? it holds the vault open)")?;
+    match action {
+        AdminAction::Erase { vin } => {
+            let erased = vault.erase(&vin)?;
+            println!(
+                "{}",
+                if erased {
+                    "erased"
+                } else {
+                    "no secrets held for this vehicle"
+                }
+            );
+        }
+        AdminAction::Consent {
+            vin,
+            smart_maintenance,
+            product_quality,
+            sim_active,
+        } => {
+            let mut consent = vault.consent(&vin)?;
+            consent.smart_maintenance = smart_maintenance.unwrap_or(consent.smart_maintenance);
+            consent.product_quality = product_quality.unwrap_or(consent.product_quality);
+            consent.sim_active = sim_active.unwrap_or(consent.sim_active);
+            if smart_maintenance.is_some() || product_quality.is_some() || sim_active.is_some() {
+                vault.set_consent(&vin, consent)?;
+            }
+            println!("{consent:?}");
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -102,11 +102,70 @@ impl RejectCounters {
     }
 }
 
+/// Why a valid record was not stored: a privacy policy, not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyDrop {
+    /// A gated record without the Smart Maintenance consent.
+    ConsentSmartMaintenance,
+    /// A gated record without the Product Quality consent.
+    ConsentProductQuality,
+    /// The vehicle's SIM is deactivated: collection stops (§1.6, §8.8).
+    SimDeactivated,
+}
+
+impl PolicyDrop {
+    pub const ALL: [PolicyDrop; 3] = [
+        PolicyDrop::ConsentSmartMaintenance,
+        PolicyDrop::ConsentProductQuality,
+        PolicyDrop::SimDeactivated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyDrop::ConsentSmartMaintenance => "no_consent_smart_maintenance",
+            PolicyDrop::ConsentProductQuality => "no_consent_product_quality",
+            PolicyDrop::SimDeactivated => "sim_deactivated",
+        }
+    }
+
+    /// The drop of a gate needing `consent` (one of `vault::Consent::NAMES`).
+    pub fn for_consent(consent: &str) -> Self {
+        match consent {
+            "product_quality" => PolicyDrop::ConsentProductQuality,
+            _ => PolicyDrop::ConsentSmartMaintenance,
+        }
+    }
+}
+
+/// Records dropped by policy, by reason.
+#[derive(Debug, Default)]
+pub struct PolicyCounters([AtomicU64; PolicyDrop::ALL.len()]);
+
+impl PolicyCounters {
+    pub fn add(&self, reason: PolicyDrop, n: u64) {
+        self.0[reason as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn get(&self, reason: PolicyDrop) -> u64 {
+        self.0[reason as usize].load(Relaxed)
+    }
+
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        PolicyDrop::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.get(*r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct StreamCounters {
     /// Records decoded from publishes on this stream, valid or not.
     pub records_received: AtomicU64,
     pub rejected: RejectCounters,
+    /// Valid records not stored because a policy says so; not dead letters.
+    pub dropped_by_policy: PolicyCounters,
     pub table: TableCounters,
 }
 
@@ -143,6 +202,7 @@ pub struct StreamSnapshot {
     pub files: u64,
     pub bytes: u64,
     pub rejected: Vec<(&'static str, u64)>,
+    pub dropped_by_policy: Vec<(&'static str, u64)>,
 }
 
 impl Metrics {
@@ -170,6 +230,7 @@ impl Metrics {
                         files: c.table.files_committed.load(Relaxed),
                         bytes: c.table.bytes_committed.load(Relaxed),
                         rejected: c.rejected.snapshot(),
+                        dropped_by_policy: c.dropped_by_policy.snapshot(),
                     }
                 })
                 .collect(),
@@ -196,6 +257,7 @@ impl Metrics {
                 files = s.files,
                 bytes = s.bytes,
                 rejected = ?s.rejected,
+                dropped_by_policy = ?s.dropped_by_policy,
                 "stream totals"
             );
         }

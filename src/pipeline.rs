@@ -22,9 +22,12 @@ use serde_json::Value as Json;
 use crate::dead_letter::{self, DeadLetter};
 use crate::decode::{self, Decoded, Limits, RejectedBytes};
 use crate::ingest::{Inbound, Route, TOPIC_ROOT};
-use crate::metrics::Metrics;
-use crate::pseudo::{PseudonymCache, Pseudonymiser};
-use crate::schema::{RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform};
+use crate::metrics::{Metrics, PolicyDrop};
+use crate::privacy::{Privacy, PrivacyShared};
+use crate::pseudo::is_vin;
+use crate::schema::{
+    INTERNAL_DOMAIN, RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform,
+};
 use crate::store::{PartitionKey, StoreError, StreamBatcher, Table, TableBatch};
 use crate::wal::{EntryId, ShardWal};
 
@@ -49,7 +52,7 @@ pub struct WorkerContext {
     pub registry: Arc<Registry>,
     pub limits: Limits,
     pub dead_letter_payload_bytes: usize,
-    pub pseudonymiser: Pseudonymiser,
+    pub privacy: Arc<PrivacyShared>,
     pub metrics: Arc<Metrics>,
     /// One sender per stream, in [`Stream::ALL`] order.
     pub stream_writers: Vec<Sender<TableBatch>>,
@@ -76,7 +79,7 @@ struct Worker {
     unsynced_receipts: Vec<ArrayRef>,
     batchers: Vec<StreamBatcher>,
     dead_letters: Vec<DeadLetter>,
-    pseudonyms: PseudonymCache,
+    privacy: Privacy,
     decoded: Decoded,
     /// Records received per stream this round, added to the metrics per round.
     received: [u64; Stream::ALL.len()],
@@ -93,7 +96,7 @@ impl Worker {
                 .map(|&s| StreamBatcher::new(ctx.registry.get(s)))
                 .collect(),
             dead_letters: Vec::new(),
-            pseudonyms: PseudonymCache::new(ctx.pseudonymiser.clone()),
+            privacy: Privacy::new(ctx.privacy.clone()),
             decoded: Decoded::default(),
             received: [0; Stream::ALL.len()],
             ctx,
@@ -109,6 +112,7 @@ impl Worker {
             };
             match queue.recv_timeout(wait) {
                 Ok(first) => {
+                    self.privacy.refresh();
                     self.handle(first);
                     for next in queue.try_iter().take(DRAIN_MAX - 1) {
                         self.handle(next);
@@ -198,6 +202,7 @@ impl Worker {
             payload,
             received_at_ms,
         } = inbound;
+        let epoch = self.privacy.epoch(received_at_ms);
         let (vin, stream) = match route {
             Route::Vehicle { vin, stream } => (vin, stream),
             Route::Rejected {
@@ -210,8 +215,10 @@ impl Worker {
                     None => &self.ctx.metrics.unrouted,
                 };
                 counters.add(rejection.code, 1);
-                let copy = self.pseudonyms.pseudonymiser().redact_vins(&payload);
-                let topic = self.redact_topic(&topic);
+                let (topic, topic_vin) = self.redact_topic(&topic, epoch);
+                let copy = self
+                    .privacy
+                    .redact(&payload, topic_vin.as_deref().map(|v| (v, epoch)));
                 self.dead_letters.push(DeadLetter {
                     received_at_ms,
                     topic,
@@ -238,11 +245,26 @@ impl Worker {
         );
         let decoded = std::mem::take(&mut self.decoded);
         self.received[stream.index()] += (decoded.valid.len() + decoded.rejected.len()) as u64;
-        for record in &decoded.valid {
-            self.batchers[stream.index()].push(record, received_at_ms, &mut self.pseudonyms);
+        if !decoded.valid.is_empty() {
+            let consent = self.privacy.consent(&vin);
+            let dropped = &self.ctx.metrics.stream(stream).dropped_by_policy;
+            for record in &decoded.valid {
+                if !consent.sim_active {
+                    dropped.add(PolicyDrop::SimDeactivated, 1);
+                    continue;
+                }
+                if let Some(gate) = schema.consent_gates.iter().find(|g| {
+                    !consent.get(&g.consent)
+                        && record.get(schema, &g.field) == Some(g.equals.as_str())
+                }) {
+                    dropped.add(PolicyDrop::for_consent(&gate.consent), 1);
+                    continue;
+                }
+                self.batchers[stream.index()].push(record, &vin, received_at_ms, &mut self.privacy);
+            }
         }
         if !decoded.rejected.is_empty() {
-            let vehicle_id = self.pseudonyms.get(crate::pseudo::VIN_LABEL, &vin);
+            let vehicle_id = self.privacy.vehicle_id(INTERNAL_DOMAIN, &vin, epoch);
             let topic = format!("{TOPIC_ROOT}/vin:{vehicle_id}/{stream}");
             for rejected in &decoded.rejected {
                 self.ctx
@@ -252,12 +274,12 @@ impl Worker {
                     .add(rejected.rejection.code, 1);
                 let (copy, size) = match &rejected.bytes {
                     RejectedBytes::Payload => (
-                        self.pseudonyms.pseudonymiser().redact_vins(&payload),
+                        self.privacy.redact(&payload, Some((&vin, epoch))),
                         payload.len(),
                     ),
                     RejectedBytes::Json(json) => {
                         let size = serde_json::to_vec(json).map_or(0, |v| v.len());
-                        (self.redact_record(schema, json), size)
+                        (self.redact_record(schema, json, &vin, epoch), size)
                     }
                 };
                 self.dead_letters.push(DeadLetter {
@@ -320,46 +342,52 @@ impl Worker {
         Ok(())
     }
 
-    /// The topic with its VIN slot pseudonymised, or every VIN-shaped token
-    /// pseudonymised when the topic does not have the vehicle layout.
-    fn redact_topic(&mut self, topic: &str) -> String {
+    /// The topic with its VIN slot replaced by the vehicle's pseudonym when
+    /// it holds a VIN (returned too), by `<not-a-vin>` otherwise; outside the
+    /// vehicle layout, every VIN-shaped token is replaced.
+    fn redact_topic(&mut self, topic: &str, epoch: i32) -> (String, Option<String>) {
         let parts: Vec<&str> = topic.split('/').collect();
         if parts.len() >= 2 && parts[0] == TOPIC_ROOT {
-            let pseudonym = self.pseudonyms.get(crate::pseudo::VIN_LABEL, parts[1]);
-            let slot = format!("vin:{pseudonym}");
+            let (slot, vin) = if is_vin(parts[1]) {
+                let id = self.privacy.vehicle_id(INTERNAL_DOMAIN, parts[1], epoch);
+                (format!("vin:{id}"), Some(parts[1].to_owned()))
+            } else {
+                ("<not-a-vin>".to_owned(), None)
+            };
             let mut out = vec![parts[0], slot.as_str()];
             out.extend(&parts[2..]);
             let joined = out.join("/");
-            return String::from_utf8_lossy(
-                &self
-                    .pseudonyms
-                    .pseudonymiser()
-                    .redact_vins(joined.as_bytes()),
-            )
-            .into_owned();
+            let redacted = self.privacy.redact(joined.as_bytes(), None);
+            return (String::from_utf8_lossy(&redacted).into_owned(), vin);
         }
-        String::from_utf8_lossy(
-            &self
-                .pseudonyms
-                .pseudonymiser()
-                .redact_vins(topic.as_bytes()),
-        )
-        .into_owned()
+        let redacted = self.privacy.redact(topic.as_bytes(), None);
+        (String::from_utf8_lossy(&redacted).into_owned(), None)
     }
 
     /// A rejected record as JSON, keeping only values its schema lets the
-    /// store keep: pseudonymised fields as pseudonyms, dropped and unknown
-    /// fields as `<redacted>`; then any VIN-shaped token anywhere replaced.
-    fn redact_record(&mut self, schema: &StreamSchema, json: &Json) -> Vec<u8> {
+    /// store keep as they are: pseudonymised fields as pseudonyms, every
+    /// other transformed, dropped or unknown field as `<redacted>`; then any
+    /// VIN-shaped token anywhere replaced.
+    fn redact_record(
+        &mut self,
+        schema: &StreamSchema,
+        json: &Json,
+        vin: &str,
+        epoch: i32,
+    ) -> Vec<u8> {
         let redacted = match json {
             Json::Object(map) => Json::Object(
                 map.iter()
                     .map(|(key, value)| {
                         let field = schema.fields.iter().find(|f| &f.name == key);
-                        let kept = match (field.map(|f| f.transform), value) {
-                            (Some(Transform::Keep), _) => value.clone(),
-                            (Some(Transform::Pseudonym), Json::String(raw)) => {
-                                Json::String(self.pseudonyms.get(key, raw))
+                        let kept = match (field, value) {
+                            (Some(f), _) if f.transform == Transform::Keep => value.clone(),
+                            (Some(f), Json::String(raw)) if f.transform == Transform::Pseudonym => {
+                                Json::String(if f.name == crate::schema::VIN_FIELD && raw == vin {
+                                    self.privacy.vehicle_id(f.domain(), vin, epoch)
+                                } else {
+                                    REDACTED.to_owned()
+                                })
                             }
                             _ => Json::String(REDACTED.to_owned()),
                         };
@@ -370,7 +398,7 @@ impl Worker {
             other => other.clone(),
         };
         let bytes = serde_json::to_vec(&redacted).unwrap_or_default();
-        self.pseudonyms.pseudonymiser().redact_vins(&bytes)
+        self.privacy.redact(&bytes, Some((vin, epoch)))
     }
 
     fn cut(&self, mut copy: Vec<u8>) -> Vec<u8> {

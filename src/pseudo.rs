@@ -1,12 +1,18 @@
-//! Keyed pseudonyms: the only form in which a VIN or another direct identifier
-//! reaches disk.
+//! The key ring: one root secret from which every key fleetgate uses is
+//! derived, and the keyed functions built on it.
 //!
-//! A pseudonym is the first 16 bytes of HMAC-SHA256(secret key, label ‖ 0 ‖ value),
-//! hex-encoded. The label (the field name) keeps the pseudonyms of different
-//! fields apart. The 32-byte secret key is created from the OS random source
-//! on first start, written with mode 0600 by write-then-rename, and never
-//! logged. Whoever holds the data but not the key cannot recompute or reverse
-//! a pseudonym. This module must never write a raw identifier anywhere.
+//! The 32-byte root secret is created from the OS random source on first
+//! start, written with mode 0600 by write-then-rename, kept outside the data
+//! directory, and never logged. Keys are derived per purpose as
+//! HMAC-SHA256(root, purpose ‖ 0 ‖ parameters): one per (pseudonym domain,
+//! key epoch), one to index the vault. A derived key reveals nothing about
+//! the root or about any other derived key, so a recipient holding its own
+//! domain's key cannot compute another domain's pseudonyms.
+//!
+//! Pseudonyms themselves are computed from a vehicle's random secret in the
+//! vault (see `vault` and `privacy`), never from the VIN alone: erasing that
+//! secret unlinks the vehicle for good. This module must never write a raw
+//! identifier anywhere.
 
 use std::fs;
 use std::io::Write;
@@ -17,10 +23,9 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const KEY_BYTES: usize = 32;
+/// Bytes of the root secret and of every derived key.
+pub const KEY_BYTES: usize = 32;
 const PSEUDONYM_BYTES: usize = 16;
-/// Label of the VIN, the vehicle's pseudonym.
-pub const VIN_LABEL: &str = "vin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PseudoError {
@@ -37,26 +42,49 @@ pub enum PseudoError {
 
 pub type Result<T, E = PseudoError> = std::result::Result<T, E>;
 
-/// Computes pseudonyms under one secret key. Cheap to clone.
-#[derive(Clone)]
-pub struct Pseudonymiser {
-    mac: HmacSha256,
-}
+/// A 32-byte secret that never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub [u8; KEY_BYTES]);
 
-impl std::fmt::Debug for Pseudonymiser {
+impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pseudonymiser { key: <secret> }")
+        f.write_str("Secret(<hidden>)")
     }
 }
 
-impl Pseudonymiser {
-    pub fn from_key(key: &[u8; KEY_BYTES]) -> Self {
-        // HMAC accepts keys of any length, so this cannot fail for 32 bytes.
-        let mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-        Self { mac }
+impl Secret {
+    /// A fresh secret from the OS random source.
+    pub fn random() -> Result<Self> {
+        let mut key = [0u8; KEY_BYTES];
+        getrandom::fill(&mut key).map_err(PseudoError::Random)?;
+        Ok(Self(key))
     }
 
-    /// Loads the key at `path`, creating it (and its directory) if absent.
+    /// HMAC-SHA256 under this secret of the parts, each followed by a 0 byte.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        // HMAC accepts keys of any length, so this cannot fail for 32 bytes.
+        let mut mac =
+            <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        for part in parts {
+            mac.update(part);
+            mac.update(&[0]);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// The root secret and the keys derived from it.
+#[derive(Debug, Clone)]
+pub struct KeyRing {
+    root: Secret,
+}
+
+impl KeyRing {
+    pub fn from_root(root: Secret) -> Self {
+        Self { root }
+    }
+
+    /// Loads the root secret at `path`, creating it (and its directory) if absent.
     pub fn load_or_create(path: &Path) -> Result<Self> {
         let io = |source| PseudoError::Io {
             path: path.to_owned(),
@@ -72,104 +100,94 @@ impl Pseudonymiser {
                             path: path.to_owned(),
                             len: bytes.len(),
                         })?;
-                Ok(Self::from_key(&key))
+                Ok(Self::from_root(Secret(key)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; KEY_BYTES];
-                getrandom::fill(&mut key).map_err(PseudoError::Random)?;
-                write_secret_file(path, &key).map_err(io)?;
-                tracing::info!(key_file = %path.display(), "created a new pseudonym key");
-                Ok(Self::from_key(&key))
+                let root = Secret::random()?;
+                write_secret_file(path, &root.0).map_err(io)?;
+                tracing::info!(key_file = %path.display(), "created a new root key");
+                Ok(Self::from_root(root))
             }
             Err(e) => Err(io(e)),
         }
     }
 
-    /// The pseudonym of `value` under `label`.
-    pub fn pseudonym(&self, label: &str, value: &str) -> String {
-        let mut mac = self.mac.clone();
-        mac.update(label.as_bytes());
-        mac.update(&[0]);
-        mac.update(value.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        hex::encode(&digest[..PSEUDONYM_BYTES])
+    /// The key of pseudonym domain `domain` in key epoch `epoch`.
+    pub fn domain_key(&self, domain: &str, epoch: i32) -> Secret {
+        Secret(
+            self.root
+                .mac(&[b"pseudonym-domain", domain.as_bytes(), &epoch.to_le_bytes()]),
+        )
     }
 
-    /// The vehicle pseudonym of a VIN.
-    pub fn vehicle(&self, vin: &str) -> String {
-        self.pseudonym(VIN_LABEL, vin)
+    /// The key that turns a VIN into its vault index, so the vault stores no VIN.
+    pub fn vault_index_key(&self) -> Secret {
+        Secret(self.root.mac(&[b"vault-index"]))
     }
 
-    /// Replaces every VIN-shaped token in `bytes` (17 characters of the VIN
-    /// alphabet, ISO 3779: digits and letters but I, O, Q, either case) by
-    /// `vin:<pseudonym>`. For payloads that cannot be parsed, where the field
-    /// holding the VIN cannot be found.
-    pub fn redact_vins(&self, bytes: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            let run = bytes[i..]
-                .iter()
-                .take_while(|b| b.is_ascii_alphanumeric())
-                .count();
-            if run == 0 {
-                out.push(bytes[i]);
-                i += 1;
-                continue;
-            }
-            let token = &bytes[i..i + run];
-            match vin_from_token(token) {
-                Some(vin) => {
-                    out.extend_from_slice(b"vin:");
-                    out.extend_from_slice(self.vehicle(&vin).as_bytes());
-                }
-                None => out.extend_from_slice(token),
-            }
-            i += run;
-        }
-        out
+    /// The key of VIN-shaped tokens in dead-letter copies.
+    pub fn redaction_key(&self) -> Secret {
+        Secret(self.root.mac(&[b"dead-letter-redaction"]))
     }
 }
 
-/// Most cached vehicle pseudonyms per worker before the cache starts afresh.
-const CACHE_LIMIT: usize = 100_000;
-
-/// A per-worker cache of vehicle pseudonyms: vehicles publish often, and
-/// sharding by vehicle keeps each one's entry on a single worker, so no lock
-/// is needed. Other labels are computed every time.
-#[derive(Debug)]
-pub struct PseudonymCache {
-    pseudonymiser: Pseudonymiser,
-    vehicles: std::collections::HashMap<String, String>,
+/// The pseudonym of a vehicle under a domain key: from the vehicle's vault
+/// secret, so it cannot be recomputed from the VIN once the secret is erased.
+pub fn vehicle_pseudonym(domain_key: &Secret, vehicle_secret: &Secret) -> String {
+    hex::encode(&domain_key.mac(&[b"vehicle", &vehicle_secret.0])[..PSEUDONYM_BYTES])
 }
 
-impl PseudonymCache {
-    pub fn new(pseudonymiser: Pseudonymiser) -> Self {
-        Self {
-            pseudonymiser,
-            vehicles: std::collections::HashMap::new(),
-        }
-    }
+/// The pseudonym of another field's value of a vehicle, bound to the same secret.
+pub fn field_pseudonym(
+    domain_key: &Secret,
+    vehicle_secret: &Secret,
+    field: &str,
+    value: &str,
+) -> String {
+    hex::encode(
+        &domain_key.mac(&[
+            b"field",
+            &vehicle_secret.0,
+            field.as_bytes(),
+            value.as_bytes(),
+        ])[..PSEUDONYM_BYTES],
+    )
+}
 
-    pub fn pseudonymiser(&self) -> &Pseudonymiser {
-        &self.pseudonymiser
+/// Replaces every VIN-shaped token in `bytes` (17 characters of the VIN
+/// alphabet, ISO 3779: digits and letters but I, O, Q, either case) by
+/// `vin:` and what `replace` makes of the (upper-cased) VIN. For payloads
+/// that cannot be parsed, where the field holding the VIN cannot be found.
+pub fn redact_vins(bytes: &[u8], replace: &mut dyn FnMut(&str) -> String) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let run = bytes[i..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric())
+            .count();
+        if run == 0 {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let token = &bytes[i..i + run];
+        match vin_from_token(token) {
+            Some(vin) => {
+                out.extend_from_slice(b"vin:");
+                out.extend_from_slice(replace(&vin).as_bytes());
+            }
+            None => out.extend_from_slice(token),
+        }
+        i += run;
     }
+    out
+}
 
-    /// The pseudonym of `value` under `label`.
-    pub fn get(&mut self, label: &str, value: &str) -> String {
-        if label != VIN_LABEL {
-            return self.pseudonymiser.pseudonym(label, value);
-        }
-        if let Some(p) = self.vehicles.get(value) {
-            return p.clone();
-        }
-        if self.vehicles.len() >= CACHE_LIMIT {
-            self.vehicles.clear();
-        }
-        let p = self.pseudonymiser.vehicle(value);
-        self.vehicles.insert(value.to_owned(), p.clone());
-        p
-    }
+/// The dead-letter tag of a VIN fleetgate holds no vehicle secret for: keyed,
+/// so it leads back to no VIN without the root key.
+pub fn vin_tag(redaction_key: &Secret, vin: &str) -> String {
+    hex::encode(&redaction_key.mac(&[vin.as_bytes()])[..PSEUDONYM_BYTES])
 }
 
 /// A VIN as vehicles send it: 17 characters, digits and capital letters but I, O, Q.
@@ -215,31 +233,43 @@ fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn fixed() -> Pseudonymiser {
-        Pseudonymiser::from_key(&[7u8; KEY_BYTES])
+    fn ring() -> KeyRing {
+        KeyRing::from_root(Secret([7u8; KEY_BYTES]))
     }
 
     #[test]
-    fn pseudonym_is_stable_keyed_and_labelled() {
-        let p = fixed();
-        let a = p.vehicle("WMW11DJ04N2T00001");
-        assert_eq!(a, p.vehicle("WMW11DJ04N2T00001"));
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, p.vehicle("WMW21GD07P2S00002"));
-        assert_ne!(a, p.pseudonym("contract_number", "WMW11DJ04N2T00001"));
-        let other_key = Pseudonymiser::from_key(&[8u8; KEY_BYTES]);
-        assert_ne!(a, other_key.vehicle("WMW11DJ04N2T00001"));
+    fn domains_and_epochs_get_unrelated_keys() {
+        let ring = ring();
+        let vehicle = Secret([1u8; KEY_BYTES]);
+        let internal = vehicle_pseudonym(&ring.domain_key("internal", 0), &vehicle);
+        assert_eq!(
+            internal,
+            vehicle_pseudonym(&ring.domain_key("internal", 0), &vehicle)
+        );
+        assert_eq!(internal.len(), 32);
+        assert_ne!(
+            internal,
+            vehicle_pseudonym(&ring.domain_key("repair-shop", 0), &vehicle)
+        );
+        assert_ne!(
+            internal,
+            vehicle_pseudonym(&ring.domain_key("internal", 1), &vehicle)
+        );
+        // One domain's key, used as if it were the other's, does not give the other's pseudonyms.
+        let repair = ring.domain_key("repair-shop", 0);
+        assert_ne!(vehicle_pseudonym(&repair, &vehicle), internal);
+        assert_ne!(ring.domain_key("internal", 0), repair);
     }
 
     #[test]
     fn key_file_is_created_private_and_reloaded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("keys/pseudonym.key");
-        let first = Pseudonymiser::load_or_create(&path).expect("create");
-        let second = Pseudonymiser::load_or_create(&path).expect("reload");
+        let path = dir.path().join("keys/root.key");
+        let first = KeyRing::load_or_create(&path).expect("create");
+        let second = KeyRing::load_or_create(&path).expect("reload");
         assert_eq!(
-            first.vehicle("WMW11DJ04N2T00001"),
-            second.vehicle("WMW11DJ04N2T00001")
+            first.domain_key("internal", 3),
+            second.domain_key("internal", 3)
         );
         #[cfg(unix)]
         {
@@ -255,21 +285,30 @@ mod tests {
         let path = dir.path().join("k");
         fs::write(&path, b"short").expect("write");
         assert!(matches!(
-            Pseudonymiser::load_or_create(&path),
+            KeyRing::load_or_create(&path),
             Err(PseudoError::BadKey { len: 5, .. })
         ));
     }
 
     #[test]
     fn redaction_replaces_vin_shaped_tokens_only() {
-        let p = fixed();
+        let key = ring().redaction_key();
         let input = br#"{"vin": "WMW11DJ04N2T00001", "x": "wmw11dj04n2t00001", "note": "ABCDEFGHIJKLMNOPQ"}"#;
-        let out = String::from_utf8(p.redact_vins(input)).expect("utf8");
-        assert!(!out.contains("WMW11DJ04N2T00001"));
+        let out =
+            String::from_utf8(redact_vins(input, &mut |vin| vin_tag(&key, vin))).expect("utf8");
         assert!(!out.to_ascii_uppercase().contains("WMW11DJ04N2T00001"));
-        assert_eq!(out.matches(&p.vehicle("WMW11DJ04N2T00001")).count(), 2);
+        assert_eq!(out.matches(&vin_tag(&key, "WMW11DJ04N2T00001")).count(), 2);
         // 17 letters containing I, O and Q are not a VIN.
         assert!(out.contains("ABCDEFGHIJKLMNOPQ"));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        assert_eq!(
+            format!("{:?}", Secret([9u8; KEY_BYTES])),
+            "Secret(<hidden>)"
+        );
+        assert!(!format!("{:?}", ring()).contains('7'));
     }
 
     #[test]

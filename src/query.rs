@@ -45,12 +45,17 @@ fn partition_columns() -> Vec<(String, DataType)> {
     ]
 }
 
-/// A DataFusion session with every table of `data_dir` registered.
+/// A DataFusion session with every table of `data_dir` registered, under
+/// the built-in schemas.
 pub async fn session(data_dir: &Path) -> Result<SessionContext> {
+    session_with(data_dir, &*Registry::load()?).await
+}
+
+/// A DataFusion session with every table of `data_dir` registered.
+pub async fn session_with(data_dir: &Path, registry: &Registry) -> Result<SessionContext> {
     if !data_dir.is_dir() {
         return Err(QueryError::NoDataDir(data_dir.to_owned()));
     }
-    let registry = Registry::load()?;
     let config = SessionConfig::new().with_information_schema(true);
     let ctx = SessionContext::new_with_config(config);
     let tables = registry

@@ -146,10 +146,65 @@ impl PrivacyClass {
 #[serde(rename_all = "snake_case")]
 pub enum Transform {
     Keep,
-    /// Replaced by a keyed pseudonym (HMAC-SHA256 under the server's secret key).
-    Pseudonym,
     /// Validated, then never stored.
     Drop,
+    /// A keyed pseudonym in the field's `domain`, from the vehicle's vault
+    /// secret and the record's key epoch.
+    Pseudonym,
+    /// Rounded: floats to `decimals` decimal places, timestamps down to `coarsen_to`.
+    Coarsen,
+    /// Encrypted with the vehicle's data key (ChaCha20-Poly1305), for personal
+    /// data a service needs back; stored as binary nonce ‖ ciphertext.
+    Encrypt,
+    /// Replaces the VIN by a random trip id that changes with every ignition
+    /// cycle (`cycle_field`) and after `storage.max_trip_minutes`.
+    Trip,
+}
+
+impl Transform {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transform::Keep => "keep",
+            Transform::Drop => "drop",
+            Transform::Pseudonym => "pseudonym",
+            Transform::Coarsen => "coarsen",
+            Transform::Encrypt => "encrypt",
+            Transform::Trip => "trip",
+        }
+    }
+}
+
+/// Unit a timestamp is coarsened to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoarseUnit {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl CoarseUnit {
+    pub fn millis(self) -> i64 {
+        match self {
+            CoarseUnit::Second => 1_000,
+            CoarseUnit::Minute => 60_000,
+            CoarseUnit::Hour => 3_600_000,
+        }
+    }
+}
+
+/// Records of a stream that may be stored only with a consent (seed §1 activation column).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentGate {
+    /// The record field that selects the gated records.
+    pub field: String,
+    /// The value of `field` that selects them.
+    pub equals: String,
+    /// The consent they need (see `vault::Consent::NAMES`).
+    pub consent: String,
+    /// Where the seed says so.
+    pub seed: String,
 }
 
 /// One field of a stream, as written in its schema file.
@@ -169,8 +224,19 @@ pub struct FieldSpec {
     pub max: Option<f64>,
     pub max_len: Option<usize>,
     pub allowed: Option<Vec<String>>,
+    /// Pseudonym domain of a `pseudonym` field.
+    pub domain: Option<String>,
+    /// Decimal places a coarsened float keeps.
+    pub decimals: Option<u32>,
+    /// Unit a coarsened timestamp is truncated to.
+    pub coarsen_to: Option<CoarseUnit>,
+    /// Field holding the ignition cycle, for a `trip` field.
+    pub cycle_field: Option<String>,
     pub description: String,
 }
+
+/// The domain of pseudonyms for the manufacturer's own analytics.
+pub const INTERNAL_DOMAIN: &str = "internal";
 
 /// Longest string accepted where a field sets no `max_len`.
 pub const DEFAULT_MAX_LEN: usize = 256;
@@ -190,10 +256,15 @@ impl FieldSpec {
         self.transform != Transform::Drop
     }
 
+    pub fn domain(&self) -> &str {
+        self.domain.as_deref().unwrap_or(INTERNAL_DOMAIN)
+    }
+
     /// Arrow type of the stored column.
     fn stored_type(&self) -> DataType {
         match (self.transform, self.field_type) {
-            (Transform::Pseudonym, _) | (_, FieldType::String) => DataType::Utf8,
+            (Transform::Encrypt, _) => DataType::Binary,
+            (Transform::Pseudonym | Transform::Trip, _) | (_, FieldType::String) => DataType::Utf8,
             (_, FieldType::Int) => DataType::Int64,
             (_, FieldType::Float) => DataType::Float64,
             (_, FieldType::Bool) => DataType::Boolean,
@@ -212,6 +283,8 @@ struct SchemaFile {
     version: u32,
     description: String,
     field: Vec<FieldSpec>,
+    #[serde(default)]
+    consent_gate: Vec<ConsentGate>,
 }
 
 /// The fields every stream must carry, with the type they must have.
@@ -226,6 +299,8 @@ pub const VIN_FIELD: &str = "vin";
 pub const TS_FIELD: &str = "ts";
 /// System column: when fleetgate received the record.
 pub const RECEIVED_AT_COLUMN: &str = "received_at";
+/// System column of tables with pseudonyms: the key epoch they were made in.
+pub const KEY_EPOCH_COLUMN: &str = "key_epoch";
 
 /// Arrow type of every stored timestamp: milliseconds, UTC.
 pub fn timestamp_type() -> DataType {
@@ -243,14 +318,28 @@ pub struct StreamSchema {
     pub vin_index: usize,
     /// Index of the `ts` field in `fields`.
     pub ts_index: usize,
-    /// Stored columns: the kept and pseudonymised fields, then `received_at`.
+    /// Records that need a consent.
+    pub consent_gates: Vec<ConsentGate>,
+    /// Whether rows carry a `key_epoch` column (the stream has pseudonyms).
+    pub has_key_epoch: bool,
+    /// Stored columns: the stored fields, then `key_epoch` (if any), then `received_at`.
     pub arrow: SchemaRef,
 }
 
 impl StreamSchema {
-    fn load(stream: Stream) -> Result<Self> {
-        let (file, text) = stream.source();
-        let parsed: SchemaFile = toml::from_str(text).map_err(|source| SchemaError::Parse {
+    fn load(stream: Stream, dir: Option<&std::path::Path>) -> Result<Self> {
+        let (file, built_in) = stream.source();
+        let text = match dir {
+            Some(dir) => {
+                let path = dir.join(file);
+                std::fs::read_to_string(&path).map_err(|e| SchemaError::Stream {
+                    stream: stream.name().to_owned(),
+                    problem: format!("cannot read {}: {e}", path.display()),
+                })?
+            }
+            None => built_in.to_owned(),
+        };
+        let parsed: SchemaFile = toml::from_str(&text).map_err(|source| SchemaError::Parse {
             file,
             source: Box::new(source),
         })?;
@@ -286,12 +375,46 @@ impl StreamSchema {
         let vin_index = position(VIN_FIELD, FieldType::String)?;
         let ts_index = position(TS_FIELD, FieldType::Timestamp)?;
 
+        for f in file.field.iter().filter(|f| f.transform == Transform::Trip) {
+            let cycle = f.cycle_field.as_deref().unwrap_or_default();
+            if !file
+                .field
+                .iter()
+                .any(|c| c.name == cycle && c.field_type == FieldType::Int)
+            {
+                return Err(stream_err(format!(
+                    "trip field {:?} needs cycle_field naming an int field, not {cycle:?}",
+                    f.name
+                )));
+            }
+        }
+        for gate in &file.consent_gate {
+            if !file.field.iter().any(|f| f.name == gate.field) {
+                return Err(stream_err(format!(
+                    "consent gate on unknown field {:?}",
+                    gate.field
+                )));
+            }
+            if !crate::vault::Consent::NAMES.contains(&gate.consent.as_str()) {
+                return Err(stream_err(format!(
+                    "consent gate needs unknown consent {:?}",
+                    gate.consent
+                )));
+            }
+        }
+        let has_key_epoch = file
+            .field
+            .iter()
+            .any(|f| f.transform == Transform::Pseudonym);
         let mut columns: Vec<Field> = file
             .field
             .iter()
             .filter(|f| f.is_stored())
             .map(|f| Field::new(f.column_name(), f.stored_type(), !f.required))
             .collect();
+        if has_key_epoch {
+            columns.push(Field::new(KEY_EPOCH_COLUMN, DataType::Int32, false));
+        }
         columns.push(Field::new(RECEIVED_AT_COLUMN, timestamp_type(), false));
         Ok(Self {
             stream,
@@ -300,8 +423,29 @@ impl StreamSchema {
             fields: file.field,
             vin_index,
             ts_index,
+            consent_gates: file.consent_gate,
+            has_key_epoch,
             arrow: Arc::new(Schema::new(columns)),
         })
+    }
+}
+
+impl StreamSchema {
+    fn consent_gate_lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .consent_gates
+            .iter()
+            .map(|g| {
+                format!(
+                    "Records with `{} = {}` are stored only with the `{}` consent ({}).\n",
+                    g.field, g.equals, g.consent, g.seed
+                )
+            })
+            .collect();
+        if !lines.is_empty() {
+            lines.insert(0, "\n".to_owned());
+        }
+        lines
     }
 }
 
@@ -314,11 +458,38 @@ fn check_field(stream: Stream, f: &FieldSpec) -> Result<()> {
             problem: problem.to_owned(),
         })
     };
-    if f.privacy == PrivacyClass::DirectIdentifier && f.transform == Transform::Keep {
-        return problem("a direct identifier may not be stored as it arrives (transform = keep)");
+    if f.privacy == PrivacyClass::DirectIdentifier
+        && matches!(f.transform, Transform::Keep | Transform::Coarsen)
+    {
+        return problem(
+            "a direct identifier must be pseudonymised, encrypted, replaced by a trip id or dropped",
+        );
     }
-    if f.transform == Transform::Pseudonym && f.field_type != FieldType::String {
-        return problem("only string fields can be pseudonymised");
+    if matches!(
+        f.transform,
+        Transform::Pseudonym | Transform::Encrypt | Transform::Trip
+    ) && f.field_type != FieldType::String
+    {
+        return problem(
+            "only string fields can be pseudonymised, encrypted or replaced by a trip id",
+        );
+    }
+    if f.transform == Transform::Trip && f.name != VIN_FIELD {
+        return problem("only the vin can be replaced by a trip id");
+    }
+    match (f.transform, f.field_type) {
+        (Transform::Coarsen, FieldType::Float) if f.decimals.is_none() => {
+            return problem("a coarsened float needs decimals");
+        }
+        (Transform::Coarsen, FieldType::Timestamp) if f.coarsen_to.is_none() => {
+            return problem("a coarsened timestamp needs coarsen_to");
+        }
+        (Transform::Coarsen, FieldType::Float | FieldType::Timestamp) => {}
+        (Transform::Coarsen, _) => return problem("only floats and timestamps can be coarsened"),
+        _ => {}
+    }
+    if f.domain.is_some() && f.transform != Transform::Pseudonym {
+        return problem("domain is only for pseudonym fields");
     }
     if f.name == RECEIVED_AT_COLUMN || f.column.as_deref() == Some(RECEIVED_AT_COLUMN) {
         return problem("received_at is a system column");
@@ -346,9 +517,14 @@ pub struct Registry {
 impl Registry {
     /// Loads and checks every schema compiled into the binary.
     pub fn load() -> Result<Arc<Registry>> {
+        Self::load_from(None)
+    }
+
+    /// Loads and checks the schemas in `dir`, or the built-in ones.
+    pub fn load_from(dir: Option<&std::path::Path>) -> Result<Arc<Registry>> {
         let streams = Stream::ALL
             .into_iter()
-            .map(StreamSchema::load)
+            .map(|s| StreamSchema::load(s, dir))
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(Registry { streams }))
     }
@@ -376,7 +552,19 @@ impl Registry {
             for f in &s.fields {
                 let stored = match f.transform {
                     Transform::Keep => format!("`{}`", f.column_name()),
-                    Transform::Pseudonym => format!("`{}` (pseudonym)", f.column_name()),
+                    Transform::Pseudonym => {
+                        format!("`{}` (pseudonym, domain {})", f.column_name(), f.domain())
+                    }
+                    Transform::Coarsen => match (f.decimals, f.coarsen_to) {
+                        (Some(d), _) => format!("`{}` (rounded to {d} decimals)", f.column_name()),
+                        (_, Some(unit)) => {
+                            format!("`{}` (truncated to the {unit:?})", f.column_name())
+                                .to_lowercase()
+                        }
+                        _ => format!("`{}` (coarsened)", f.column_name()),
+                    },
+                    Transform::Encrypt => format!("`{}` (encrypted)", f.column_name()),
+                    Transform::Trip => format!("`{}` (random per trip)", f.column_name()),
                     Transform::Drop => "not stored".to_owned(),
                 };
                 let mut ty = f.field_type.name().to_owned();
@@ -393,6 +581,9 @@ impl Registry {
                     stored,
                     f.description.replace('|', "\\|")
                 ));
+            }
+            for gate in &s.consent_gate_lines() {
+                out.push_str(gate);
             }
             out.push('\n');
         }
@@ -441,11 +632,29 @@ description = "seq"
     fn shipped_schemas_load() {
         let registry = Registry::load().expect("shipped schemas are valid");
         let rtti = registry.get(Stream::Rtti);
-        assert_eq!(rtti.arrow.field(0).name(), "vehicle_id");
-        assert!(rtti.arrow.field_with_name("vin").is_err());
+        assert_eq!(rtti.arrow.field(0).name(), "trip_id");
+        for linkable in [
+            "vin",
+            "vehicle_id",
+            "seq",
+            "ignition_cycle",
+            KEY_EPOCH_COLUMN,
+        ] {
+            assert!(
+                rtti.arrow.field_with_name(linkable).is_err(),
+                "rtti stores {linkable}"
+            );
+        }
         assert!(rtti.arrow.field_with_name(RECEIVED_AT_COLUMN).is_ok());
         let teleservice = registry.get(Stream::Teleservice);
         assert!(teleservice.arrow.field_with_name("contact_phone").is_err());
+        let sealed = teleservice
+            .arrow
+            .field_with_name("contact_phone_encrypted")
+            .expect("encrypted");
+        assert_eq!(sealed.data_type(), &DataType::Binary);
+        assert!(teleservice.arrow.field_with_name(KEY_EPOCH_COLUMN).is_ok());
+        assert_eq!(teleservice.consent_gates.len(), 1);
     }
 
     #[test]

@@ -22,11 +22,13 @@ use crate::config::{Config, ConfigError};
 use crate::decode::Limits;
 use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
-use crate::pseudo::{PseudoError, Pseudonymiser};
+use crate::privacy::{PrivacySettings, PrivacyShared};
+use crate::pseudo::{KeyRing, PseudoError};
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
     StoreError, Table, TableBatch, WriterSettings, committed_wal_entries, spawn_writer, table_dir,
 };
+use crate::vault::{Vault, VaultError};
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 use crate::{broker, dead_letter, ingest};
 
@@ -48,6 +50,8 @@ pub enum ServerError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Wal(#[from] WalError),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -70,13 +74,23 @@ pub struct ServerHandle {
     writers: Vec<JoinHandle<()>>,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
+    privacy: Arc<PrivacyShared>,
 }
 
 /// Starts every stage; returns once the broker accepts connections.
 pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
-    let registry = Registry::load()?;
-    let pseudonymiser = Pseudonymiser::load_or_create(&config.storage.key_file)?;
+    let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
+    let keys = KeyRing::load_or_create(&config.storage.key_file)?;
+    let vault = Vault::open(&config.storage.vault_file, &keys)?;
+    let privacy = PrivacyShared::new(
+        keys,
+        vault,
+        PrivacySettings {
+            key_epoch_days: config.privacy.key_epoch_days,
+            max_trip: Duration::from_secs(u64::from(config.privacy.max_trip_minutes) * 60),
+        },
+    );
     let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.clone(),
@@ -181,7 +195,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
         },
         dead_letter_payload_bytes: config.pipeline.dead_letter_payload_bytes,
-        pseudonymiser,
+        privacy: privacy.clone(),
         metrics: metrics.clone(),
         stream_writers,
         dead_letter_writer,
@@ -230,6 +244,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         writers,
         metrics,
         tracker,
+        privacy,
     })
 }
 
@@ -254,6 +269,11 @@ impl ServerHandle {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Keys, vault and the admin actions on them: erasure, consent.
+    pub fn privacy(&self) -> &Arc<PrivacyShared> {
+        &self.privacy
     }
 
     /// Stores everything acknowledged before this call, then stops every

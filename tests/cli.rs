@@ -33,9 +33,18 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
     publish_all(server.addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
     server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    assert!(
+        log.contains("stream totals"),
+        "the log is the server's: {log}"
+    );
+    for secret in [vin.as_str(), "SE-CHG-00048213"] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
 
-    // Default key file is ./keys, outside the default ./data.
-    assert!(dir.path().join("keys/pseudonym.key").is_file());
+    // Default root key and vault are in ./keys, outside the default ./data.
+    assert!(dir.path().join("keys/root.key").is_file());
+    assert!(dir.path().join("keys/vault.redb").is_file());
     let csv = sql(
         dir.path(),
         "csv",

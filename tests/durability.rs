@@ -22,13 +22,15 @@ const VINS: [&str; 3] = [
     "WMWXP7C05R2U00003",
 ];
 
+/// A diagnostics reading: the stream keeps (vehicle_id, seq), so every
+/// record can be checked (RTTI deliberately stores neither).
 fn probe(vin: &str, seq: u64) -> (String, Vec<u8>) {
     let payload = format!(
-        r#"{{"vin":"{vin}","ts":{},"seq":{seq},"latitude":59.{:05},"longitude":18.0}}"#,
+        r#"{{"vin":"{vin}","ts":{},"seq":{seq},"ecu":"DME","severity":"info","odometer_km":{}}}"#,
         1_795_500_000_000u64 + (seq % 1_000_000) * 10,
         seq % 100_000
     );
-    (format!("vehicles/{vin}/rtti"), payload.into_bytes())
+    (format!("vehicles/{vin}/diagnostics"), payload.into_bytes())
 }
 
 /// Rows of `wal_dir` a reader sees now, without touching the files.
@@ -72,14 +74,14 @@ async fn what_the_wal_holds_survives_sigkill() {
     let messages: Vec<_> = (0..300).map(|seq| probe(VINS[0], seq)).collect();
     publish_all(server.addr, &messages).await;
     wait_for(|| rows_in_wal(&data.join("_wal")) == messages.len());
-    assert_eq!(parquet_files(&data.join("rtti")), 0);
+    assert_eq!(parquet_files(&data.join("diagnostics")), 0);
     server.kill();
 
     let server = ServeProcess::spawn(dir.path(), config);
     server.terminate();
-    assert_eq!(count(&data, "SELECT count(*) FROM rtti").await, 300);
+    assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 300);
     assert_eq!(
-        count(&data, "SELECT count(DISTINCT seq) FROM rtti").await,
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
         300
     );
     assert_eq!(
@@ -102,7 +104,7 @@ async fn replay_skips_what_parquet_already_holds() {
     publish_all(server.addr, &messages).await;
     // Committed to Parquet; the WAL's active segment still holds the same entries.
     let start = Instant::now();
-    while count(&data, "SELECT count(*) FROM rtti").await < 300 {
+    while count(&data, "SELECT count(*) FROM diagnostics").await < 300 {
         assert!(start.elapsed() < DEADLINE, "rows never became visible");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -111,9 +113,9 @@ async fn replay_skips_what_parquet_already_holds() {
 
     let server = ServeProcess::spawn(dir.path(), config);
     server.terminate();
-    assert_eq!(count(&data, "SELECT count(*) FROM rtti").await, 300);
+    assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 300);
     assert_eq!(
-        count(&data, "SELECT count(DISTINCT seq) FROM rtti").await,
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
         300
     );
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
@@ -195,8 +197,9 @@ async fn sigkill_under_load_loses_only_the_newest_acknowledged_records() {
     }
     ServeProcess::spawn(dir.path(), config).terminate();
 
-    let batches = query(&data, "SELECT vehicle_id, seq FROM rtti").await;
-    let key_file = dir.path().join("keys/pseudonym.key");
+    let batches = query(&data, "SELECT vehicle_id, seq FROM diagnostics").await;
+    let key_file = dir.path().join("keys/root.key");
+    let vault_file = dir.path().join("keys/vault.redb");
     let mut stored: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for batch in &batches {
         let ids = batch
@@ -219,9 +222,9 @@ async fn sigkill_under_load_loses_only_the_newest_acknowledged_records() {
     let mut total_acked = 0;
     let mut total_lost = 0;
     for vin in VINS {
-        let rows = stored
-            .remove(&expected_pseudonym(&key_file, "vin", vin))
-            .unwrap_or_default();
+        let id = expected_vehicle_id(&key_file, &vault_file, vin, epoch_of(1_795_500_000_000))
+            .expect("vehicle keys");
+        let rows = stored.remove(&id).unwrap_or_default();
         let unique: BTreeSet<u64> = rows.iter().copied().collect();
         assert_eq!(unique.len(), rows.len(), "{vin}: a record is stored twice");
         for (round, acked) in rounds.iter().enumerate() {
@@ -256,21 +259,24 @@ async fn a_failing_parquet_write_is_reported_and_retried_until_it_succeeds() {
     let data = server.data_dir();
     // A regular file where the partition directory must go: creating the
     // directory fails (ENOTDIR, even for root) until the file is removed.
-    let partition_day = data.join("rtti/date=2026-11-24");
-    std::fs::create_dir_all(data.join("rtti")).expect("table dir");
+    let partition_day = data.join("diagnostics/date=2026-11-24");
+    std::fs::create_dir_all(data.join("diagnostics")).expect("table dir");
     std::fs::write(&partition_day, b"in the way").expect("blocking file");
     let messages: Vec<_> = (0..200).map(|seq| probe(VINS[2], seq)).collect();
     publish_all(server.handle.mqtt_addr(), &messages).await;
 
     let metrics = server.handle.metrics().clone();
-    let rtti = || &metrics.stream(fleetgate::schema::Stream::Rtti).table;
+    let table = || &metrics.stream(fleetgate::schema::Stream::Diagnostics).table;
     let relaxed = std::sync::atomic::Ordering::Relaxed;
-    wait_for(|| rtti().rows_delayed_by_write_errors.load(relaxed) > 0);
-    assert_eq!(rtti().rows_stored.load(relaxed), 0);
+    wait_for(|| table().rows_delayed_by_write_errors.load(relaxed) > 0);
+    assert_eq!(table().rows_stored.load(relaxed), 0);
 
     std::fs::remove_file(&partition_day).expect("the disk comes back");
-    wait_for(|| rtti().rows_stored.load(relaxed) == 200);
+    wait_for(|| table().rows_stored.load(relaxed) == 200);
     server.handle.shutdown().expect("shutdown");
-    assert_eq!(count(&data, "SELECT count(DISTINCT seq) FROM rtti").await, 200);
-    assert_eq!(count(&data, "SELECT count(*) FROM rtti").await, 200);
+    assert_eq!(
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
+        200
+    );
+    assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 200);
 }

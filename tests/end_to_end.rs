@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use chrono::{DateTime, Timelike};
 use common::*;
@@ -30,37 +31,87 @@ fn normalise(field_type: FieldType, value: &Json) -> Json {
 
 type Row = BTreeMap<String, Json>;
 
-/// The stored row a valid example record must become.
-fn expected_row(stream: Stream, record: &Json, key_file: &std::path::Path) -> Row {
+/// Where a published record's secrets are checked after shutdown.
+struct Keys<'a> {
+    key_file: &'a Path,
+    vault_file: &'a Path,
+}
+
+/// The stored row a valid example record must become. Encrypted fields hold
+/// their plaintext here: stored rows are decrypted before comparing. Trip
+/// ids hold "<vin>/<ignition cycle>": stored ones are compared by grouping.
+fn expected_row(stream: Stream, record: &Json, keys: &Keys) -> Row {
     let registry = Registry::load().expect("schemas");
+    let schema = registry.get(stream);
+    let vin = record["vin"].as_str().expect("vin");
+    let ts = normalise(FieldType::Timestamp, &record["ts"])
+        .as_i64()
+        .expect("ts");
+    let epoch = epoch_of(ts);
     let mut row = Row::new();
-    for field in &registry.get(stream).fields {
+    for field in &schema.fields {
         let value = record.get(&field.name).cloned().unwrap_or(Json::Null);
         let stored = match field.transform {
             Transform::Drop => continue,
-            Transform::Pseudonym => match value {
-                Json::String(raw) => json!(expected_pseudonym(key_file, &field.name, &raw)),
-                _ => Json::Null,
-            },
+            _ if value.is_null() => Json::Null,
             Transform::Keep => normalise(field.field_type, &value),
+            Transform::Pseudonym => json!(
+                expected_vehicle_id(keys.key_file, keys.vault_file, vin, epoch)
+                    .expect("vault secret")
+            ),
+            Transform::Encrypt => value,
+            // Labelled by trip_labels(), which needs the records in order.
+            Transform::Trip => Json::Null,
+            Transform::Coarsen => match (field.decimals, normalise(field.field_type, &value)) {
+                (Some(d), Json::Number(n)) => {
+                    let scale = 10f64.powi(d as i32);
+                    json!((n.as_f64().expect("float") * scale).round() / scale)
+                }
+                (None, Json::Number(n)) => {
+                    let unit = field.coarsen_to.expect("unit").millis();
+                    json!(n.as_i64().expect("ms").div_euclid(unit) * unit)
+                }
+                (_, other) => panic!("cannot coarsen {other}"),
+            },
         };
         row.insert(field.column_name().to_owned(), stored);
+    }
+    if schema.has_key_epoch {
+        row.insert("key_epoch".into(), json!(epoch));
     }
     row
 }
 
-/// The rows of a query, normalised by the stream's schema; checks that the
-/// partition columns agree with `ts` and that received_at is set, then drops them.
-fn stored_rows(stream: Stream, batches: &[arrow::array::RecordBatch]) -> Vec<Row> {
+/// The rows of a query, normalised by the stream's schema, with encrypted
+/// values decrypted by their vehicle's data key; checks that the partition
+/// columns agree with `ts` and that received_at is set, then drops them.
+fn stored_rows(
+    stream: Stream,
+    batches: &[arrow::array::RecordBatch],
+    keys: &Keys,
+    vins: &[String],
+) -> Vec<Row> {
     let registry = Registry::load().expect("schemas");
     let schema = registry.get(stream);
+    let data_keys: BTreeMap<String, _> = vins
+        .iter()
+        .filter_map(|vin| {
+            let k = vehicle_keys(keys.key_file, keys.vault_file, vin)?;
+            let id = expected_vehicle_id(
+                keys.key_file,
+                keys.vault_file,
+                vin,
+                epoch_of(1_795_500_000_000),
+            )?;
+            Some((id, k.data_key))
+        })
+        .collect();
     let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
     let refs: Vec<_> = batches.iter().collect();
     writer.write_batches(&refs).expect("json");
     writer.finish().expect("finish");
     let text = String::from_utf8(writer.into_inner()).expect("utf8");
-    let mut rows: Vec<Row> = text
-        .lines()
+    text.lines()
         .map(|line| {
             let object: serde_json::Map<String, Json> = serde_json::from_str(line).expect("row");
             let mut row = Row::new();
@@ -69,14 +120,24 @@ fn stored_rows(stream: Stream, batches: &[arrow::array::RecordBatch]) -> Vec<Row
                     .get(field.column_name())
                     .cloned()
                     .unwrap_or(Json::Null);
-                let field_type = match field.transform {
-                    Transform::Pseudonym => FieldType::String,
-                    _ => field.field_type,
+                let value = match (field.transform, &value) {
+                    (Transform::Encrypt, Json::String(hex_text)) => {
+                        let sealed = hex::decode(hex_text).expect("binary as hex");
+                        let vehicle = object["vehicle_id"].as_str().expect("vehicle_id");
+                        let key = data_keys
+                            .get(vehicle)
+                            .expect("a data key for the row's vehicle");
+                        let plain = fleetgate::privacy::decrypt(key, &field.name, &sealed)
+                            .expect("decrypts");
+                        json!(String::from_utf8(plain).expect("utf8"))
+                    }
+                    (Transform::Pseudonym | Transform::Trip | Transform::Encrypt, _) => value,
+                    _ => normalise(field.field_type, &value),
                 };
-                row.insert(
-                    field.column_name().to_owned(),
-                    normalise(field_type, &value),
-                );
+                row.insert(field.column_name().to_owned(), value);
+            }
+            if schema.has_key_epoch {
+                row.insert("key_epoch".into(), object["key_epoch"].clone());
             }
             let ts = row["ts"].as_i64().expect("ts");
             let t = DateTime::from_timestamp_millis(ts).expect("ts in range");
@@ -89,9 +150,57 @@ fn stored_rows(stream: Stream, batches: &[arrow::array::RecordBatch]) -> Vec<Row
             assert!(object.contains_key("received_at"));
             row
         })
-        .collect();
-    rows.sort_by_key(|r| (r["vehicle_id"].to_string(), r["seq"].as_i64()));
-    rows
+        .collect()
+}
+
+/// The trip each RTTI record belongs to, as the README defines trips: a new
+/// one with every ignition cycle and when the current one reaches
+/// `privacy.max_trip_minutes` (30 by default).
+fn trip_labels(records: &[Json]) -> Vec<String> {
+    const MAX_TRIP_MS: i64 = 30 * 60_000;
+    let mut current: BTreeMap<String, (Json, i64, usize)> = BTreeMap::new();
+    records
+        .iter()
+        .map(|r| {
+            let vin = r["vin"].as_str().expect("vin").to_owned();
+            let ts = normalise(FieldType::Timestamp, &r["ts"])
+                .as_i64()
+                .expect("ts");
+            let cycle = r["ignition_cycle"].clone();
+            let trip = current.entry(vin.clone()).or_insert((cycle.clone(), ts, 0));
+            if trip.0 != cycle || ts - trip.1 >= MAX_TRIP_MS {
+                *trip = (cycle, ts, trip.2 + 1);
+            }
+            format!("{vin}/{}", trip.2)
+        })
+        .collect()
+}
+
+/// Rows compared as a multiset; trip ids compared by the rows they group.
+fn assert_same_rows(stream: Stream, mut got: Vec<Row>, mut want: Vec<Row>) {
+    let groups = |rows: &mut Vec<Row>| -> BTreeSet<Vec<String>> {
+        let mut by_trip: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for row in rows.iter_mut() {
+            if let Some(Json::String(trip)) = row.remove("trip_id") {
+                by_trip
+                    .entry(trip)
+                    .or_default()
+                    .push(json!(row).to_string());
+            }
+        }
+        by_trip
+            .into_values()
+            .map(|mut members| {
+                members.sort();
+                members
+            })
+            .collect()
+    };
+    assert_eq!(groups(&mut got), groups(&mut want), "trips of {stream}");
+    let sort = |rows: &mut Vec<Row>| rows.sort_by_key(|r| json!(r).to_string());
+    sort(&mut got);
+    sort(&mut want);
+    assert_eq!(got, want, "rows of {stream}");
 }
 
 /// (stream, reason_code, record_index) of the dead letters an invalid example must produce.
@@ -116,31 +225,39 @@ const VEHICLE_C: &str = "WMWXP7C05R2U00003";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_is_stored_or_dead_lettered_exactly() {
     let server = TestServer::start_with(|c| c.pipeline.max_payload_bytes = 8192);
-    let key_file = server.key_file();
+    let (key_file, vault_file) = (server.key_file(), server.vault_file());
     let data_dir = server.data_dir();
 
     let mut messages = Vec::new();
-    let mut expected: BTreeMap<Stream, Vec<Row>> = BTreeMap::new();
+    let mut published: BTreeMap<Stream, Vec<Json>> = BTreeMap::new();
     let mut expected_dl = Vec::new();
     let mut secrets = vec![
         INVALID_EXAMPLE_VIN.to_owned(),
         "+46701234567".into(),
         "Anna Svensson".into(),
     ];
+    let mut vins = Vec::new();
+    let mut gated = 0;
     for stream in Stream::ALL {
         for (_, bytes) in examples(stream, "valid") {
             let records = records(&bytes);
             let vin = records[0]["vin"].as_str().expect("vin").to_owned();
             for r in &records {
-                expected
-                    .entry(stream)
-                    .or_default()
-                    .push(expected_row(stream, r, &key_file));
-                if let Some(contract) = r.get("contract_number").and_then(Json::as_str) {
-                    secrets.push(contract.to_owned());
+                // Smart Maintenance is opt-in and no consent is given here:
+                // dropped by policy, counted, neither stored nor dead-lettered.
+                if r.get("trigger") == Some(&json!("smart_maintenance")) {
+                    gated += 1;
+                } else {
+                    published.entry(stream).or_default().push(r.clone());
+                }
+                for personal in ["contract_number", "contact_phone"] {
+                    if let Some(value) = r.get(personal).and_then(Json::as_str) {
+                        secrets.push(value.to_owned());
+                    }
                 }
             }
             secrets.push(vin.clone());
+            vins.push(vin.clone());
             messages.push((format!("vehicles/{vin}/{stream}"), bytes));
         }
         for (name, bytes) in examples(stream, "invalid") {
@@ -157,10 +274,10 @@ async fn every_example_is_stored_or_dead_lettered_exactly() {
         {"vin": VEHICLE_C, "ts": "2026-11-24T09:00:02Z", "seq": 502, "ecu": "DME", "severity": "info"}
     ]);
     for i in [0, 2] {
-        expected
+        published
             .entry(Stream::Diagnostics)
             .or_default()
-            .push(expected_row(Stream::Diagnostics, &mixed[i], &key_file));
+            .push(mixed[i].clone());
     }
     expected_dl.push((Some("diagnostics".into()), "out_of_range".into(), Some(1)));
     messages.push((
@@ -186,10 +303,22 @@ async fn every_example_is_stored_or_dead_lettered_exactly() {
     let totals = server.handle.shutdown().expect("clean shutdown");
 
     // Every valid record, value by value.
-    for (stream, mut rows) in expected {
-        rows.sort_by_key(|r| (r["vehicle_id"].to_string(), r["seq"].as_i64()));
+    let keys = Keys {
+        key_file: &key_file,
+        vault_file: &vault_file,
+    };
+    for (stream, records) in published {
+        let mut want: Vec<Row> = records
+            .iter()
+            .map(|r| expected_row(stream, r, &keys))
+            .collect();
+        if stream == Stream::Rtti {
+            for (row, label) in want.iter_mut().zip(trip_labels(&records)) {
+                row.insert("trip_id".into(), json!(label));
+            }
+        }
         let batches = query(&data_dir, &format!("SELECT * FROM {stream}")).await;
-        assert_eq!(stored_rows(stream, &batches), rows, "rows of {stream}");
+        let got = stored_rows(stream, &batches, &keys, &vins);
         let counted = totals
             .streams
             .iter()
@@ -197,10 +326,22 @@ async fn every_example_is_stored_or_dead_lettered_exactly() {
             .expect("stream");
         assert_eq!(
             counted.stored as usize,
-            rows.len(),
+            want.len(),
             "stored counter of {stream}"
         );
+        assert_same_rows(stream, got, want);
     }
+
+    let teleservice = totals
+        .streams
+        .iter()
+        .find(|s| s.stream == "teleservice")
+        .expect("stream");
+    assert!(gated > 0);
+    assert_eq!(
+        teleservice.dropped_by_policy,
+        vec![("no_consent_smart_maintenance", gated)]
+    );
 
     // Every rejection, with its reason, and nothing else.
     let batches = query(
@@ -242,7 +383,9 @@ async fn every_example_is_stored_or_dead_lettered_exactly() {
     assert_eq!(totals.dead_letters_stored as usize, expected_dl.len());
 
     // Topics carry the pseudonym in the VIN slot; reasons are not empty.
-    let test_vehicle = expected_pseudonym(&key_file, "vin", INVALID_EXAMPLE_VIN);
+    let now_epoch = epoch_of(fleetgate::ingest::now_ms());
+    let test_vehicle = expected_vehicle_id(&key_file, &vault_file, INVALID_EXAMPLE_VIN, now_epoch)
+        .expect("vault secret");
     for d in &dead {
         assert!(!d["reason"].as_str().expect("reason").is_empty());
         let topic = d["topic"].as_str().expect("topic");

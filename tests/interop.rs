@@ -13,8 +13,8 @@ const DUCKDB_SCRIPT: &str = r#"
 import sys, duckdb
 con = duckdb.connect()
 rows = con.execute(
-    "SELECT vehicle_id, seq, epoch_ms(ts), latitude, hazard, CAST(date AS VARCHAR), CAST(hour AS INTEGER) "
-    "FROM read_parquet(? || '/rtti/**/*.parquet', hive_partitioning = true) ORDER BY seq",
+    "SELECT trip_id, epoch_ms(ts), latitude, hazard, CAST(date AS VARCHAR), CAST(hour AS INTEGER) "
+    "FROM read_parquet(? || '/rtti/**/*.parquet', hive_partitioning = true) ORDER BY ts, latitude",
     [sys.argv[1]],
 ).fetchall()
 for r in rows:
@@ -35,8 +35,8 @@ async fn duckdb_reads_the_same_rows() {
 
     let batches = query(
         &data_dir,
-        "SELECT vehicle_id, seq, CAST(ts AS BIGINT), latitude, hazard, CAST(date AS VARCHAR), hour \
-         FROM rtti ORDER BY seq",
+        "SELECT trip_id, CAST(ts AS BIGINT) AS ts_ms, latitude, hazard, CAST(date AS VARCHAR), hour \
+         FROM rtti ORDER BY ts_ms, latitude",
     )
     .await;
     let mut ours = Vec::new();

@@ -1,21 +1,23 @@
 //! Column builders derived from a stream schema: records in, one Arrow
-//! record batch per hour partition out. Pseudonymised fields are replaced
-//! here, so nothing downstream ever holds a raw identifier.
+//! record batch per hour partition out. Every field's transform (pseudonym,
+//! coarsening, encryption, trip id, drop) is applied here, so nothing
+//! downstream ever holds a raw identifier.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, RecordBatch,
-    StringBuilder, TimestampMillisecondBuilder,
+    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder,
+    Int64Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
 };
 
 use super::{PartitionKey, Result};
 use crate::decode::{Record, Value};
-use crate::pseudo::PseudonymCache;
-use crate::schema::{FieldType, StreamSchema, Transform};
+use crate::privacy::Privacy;
+use crate::schema::{FieldSpec, FieldType, StreamSchema, Transform};
 
 enum Column {
+    Binary(BinaryBuilder),
     Utf8(StringBuilder),
     Int64(Int64Builder),
     Float64(Float64Builder),
@@ -27,7 +29,8 @@ enum Column {
 impl Column {
     fn for_field(field_type: FieldType, transform: Transform) -> Self {
         match (transform, field_type) {
-            (Transform::Pseudonym, _) | (_, FieldType::String) => {
+            (Transform::Encrypt, _) => Column::Binary(BinaryBuilder::new()),
+            (Transform::Pseudonym | Transform::Trip, _) | (_, FieldType::String) => {
                 Column::Utf8(StringBuilder::new())
             }
             (_, FieldType::Int) => Column::Int64(Int64Builder::new()),
@@ -57,6 +60,7 @@ impl Column {
 
     fn append_null(&mut self) {
         match self {
+            Column::Binary(b) => b.append_null(),
             Column::Utf8(b) => b.append_null(),
             Column::Int64(b) => b.append_null(),
             Column::Float64(b) => b.append_null(),
@@ -68,6 +72,7 @@ impl Column {
 
     fn finish(&mut self) -> ArrayRef {
         match self {
+            Column::Binary(b) => Arc::new(b.finish()),
             Column::Utf8(b) => Arc::new(b.finish()),
             Column::Int64(b) => Arc::new(b.finish()),
             Column::Float64(b) => Arc::new(b.finish()),
@@ -79,6 +84,7 @@ impl Column {
 
     fn len(&self) -> usize {
         match self {
+            Column::Binary(b) => b.len(),
             Column::Utf8(b) => b.len(),
             Column::Int64(b) => b.len(),
             Column::Float64(b) => b.len(),
@@ -93,10 +99,28 @@ fn timestamp_builder() -> TimestampMillisecondBuilder {
     TimestampMillisecondBuilder::new().with_timezone("UTC")
 }
 
-/// The stored columns of one partition: the schema's stored fields, then received_at.
+/// The stored columns of one partition: the schema's stored fields, then
+/// key_epoch (if the stream has pseudonyms), then received_at.
 struct Columns {
     fields: Vec<Column>,
+    key_epoch: Option<Int32Builder>,
     received_at: TimestampMillisecondBuilder,
+}
+
+/// One stored field and where its value sits in a record.
+struct StoredField {
+    index: usize,
+    spec: FieldSpec,
+    /// Index of the ignition-cycle field, for a trip field.
+    cycle_index: Option<usize>,
+}
+
+/// The parts of a stream schema the batcher needs, resolved once.
+struct StoredLayout {
+    arrow: arrow::datatypes::SchemaRef,
+    stored: Vec<StoredField>,
+    ts_index: usize,
+    has_key_epoch: bool,
 }
 
 /// Accumulates one stream's valid records, grouped by hour partition.
@@ -105,39 +129,38 @@ pub struct StreamBatcher {
     partitions: HashMap<PartitionKey, Columns>,
 }
 
-/// The parts of a stream schema the batcher needs, resolved once.
-struct StoredLayout {
-    arrow: arrow::datatypes::SchemaRef,
-    /// (index into the record's values, transform, field name) of each stored column.
-    stored: Vec<(usize, FieldType, Transform, String)>,
-    ts_index: usize,
-}
-
 impl StreamBatcher {
     pub fn new(schema: &StreamSchema) -> Self {
+        let position = |name: &str| schema.fields.iter().position(|f| f.name == name);
         let stored = schema
             .fields
             .iter()
             .enumerate()
             .filter(|(_, f)| f.is_stored())
-            .map(|(i, f)| (i, f.field_type, f.transform, f.name.clone()))
+            .map(|(index, f)| StoredField {
+                index,
+                spec: f.clone(),
+                cycle_index: f.cycle_field.as_deref().and_then(position),
+            })
             .collect();
         Self {
             layout: Arc::new(StoredLayout {
                 arrow: schema.arrow.clone(),
                 stored,
                 ts_index: schema.ts_index,
+                has_key_epoch: schema.has_key_epoch,
             }),
             partitions: HashMap::new(),
         }
     }
 
-    /// Adds a valid record, pseudonymising the fields whose transform says so.
-    pub fn push(&mut self, record: &Record, received_at_ms: i64, pseudonyms: &mut PseudonymCache) {
+    /// Adds a valid record of vehicle `vin`, applying every field's transform.
+    pub fn push(&mut self, record: &Record, vin: &str, received_at_ms: i64, privacy: &mut Privacy) {
         let ts = match record.values[self.layout.ts_index] {
             Value::Timestamp(ms) => ms,
             _ => received_at_ms,
         };
+        let epoch = privacy.epoch(ts);
         let layout = &self.layout;
         let columns = self
             .partitions
@@ -146,19 +169,50 @@ impl StreamBatcher {
                 fields: layout
                     .stored
                     .iter()
-                    .map(|(_, ty, transform, _)| Column::for_field(*ty, *transform))
+                    .map(|f| Column::for_field(f.spec.field_type, f.spec.transform))
                     .collect(),
+                key_epoch: layout.has_key_epoch.then(Int32Builder::new),
                 received_at: timestamp_builder(),
             });
-        for ((index, _, transform, name), column) in layout.stored.iter().zip(&mut columns.fields) {
-            let value = &record.values[*index];
-            match (transform, value) {
-                (Transform::Pseudonym, Value::Str(raw)) => {
-                    column.append(&Value::Str(pseudonyms.get(name, raw)));
+        for (field, column) in layout.stored.iter().zip(&mut columns.fields) {
+            let value = &record.values[field.index];
+            let spec = &field.spec;
+            match (spec.transform, value) {
+                (_, Value::Null) => column.append_null(),
+                (Transform::Pseudonym, Value::Str(raw))
+                    if spec.name == crate::schema::VIN_FIELD =>
+                {
+                    column.append(&Value::Str(privacy.vehicle_id(spec.domain(), raw, epoch)));
                 }
-                (Transform::Pseudonym, _) => column.append_null(),
+                (Transform::Pseudonym, Value::Str(raw)) => {
+                    let p = privacy.field_pseudonym(spec.domain(), &spec.name, vin, raw, epoch);
+                    column.append(&Value::Str(p));
+                }
+                (Transform::Encrypt, Value::Str(raw)) => {
+                    if let Column::Binary(b) = column {
+                        b.append_value(privacy.encrypt(vin, &spec.name, raw.as_bytes()));
+                    }
+                }
+                (Transform::Trip, _) => {
+                    let cycle = field.cycle_index.and_then(|i| match record.values[i] {
+                        Value::Int(c) => Some(c),
+                        _ => None,
+                    });
+                    column.append(&Value::Str(privacy.trip_id(vin, cycle, ts)));
+                }
+                (Transform::Coarsen, Value::Float(x)) => {
+                    let scale = 10f64.powi(spec.decimals.unwrap_or(0) as i32);
+                    column.append(&Value::Float((x * scale).round() / scale));
+                }
+                (Transform::Coarsen, Value::Timestamp(ms)) => {
+                    let unit = spec.coarsen_to.map_or(1, |u| u.millis());
+                    column.append(&Value::Timestamp(ms.div_euclid(unit) * unit));
+                }
                 _ => column.append(value),
             }
+        }
+        if let Some(b) = &mut columns.key_epoch {
+            b.append_value(epoch);
         }
         columns.received_at.append_value(received_at_ms);
     }
@@ -183,6 +237,9 @@ impl StreamBatcher {
                     .all(|c| c.len() == columns.received_at.len())
             );
             let mut arrays: Vec<ArrayRef> = columns.fields.iter_mut().map(Column::finish).collect();
+            if let Some(b) = &mut columns.key_epoch {
+                arrays.push(Arc::new(b.finish()));
+            }
             arrays.push(Arc::new(columns.received_at.finish()));
             out.push((
                 key,

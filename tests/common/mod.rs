@@ -32,7 +32,8 @@ pub fn test_config(dir: &Path) -> Config {
     config.broker.mqtt_addr = "127.0.0.1:0".parse().expect("addr");
     config.broker.mqtt5_addr = "127.0.0.1:0".parse().expect("addr");
     config.storage.data_dir = dir.join("data");
-    config.storage.key_file = dir.join("keys/pseudonym.key");
+    config.storage.key_file = dir.join("keys/root.key");
+    config.storage.vault_file = dir.join("keys/vault.redb");
     config.storage.roll_age_ms = 200;
     config.pipeline.workers = 2;
     config
@@ -61,6 +62,10 @@ impl TestServer {
 
     pub fn key_file(&self) -> PathBuf {
         self.config.storage.key_file.clone()
+    }
+
+    pub fn vault_file(&self) -> PathBuf {
+        self.config.storage.vault_file.clone()
     }
 }
 
@@ -128,15 +133,52 @@ pub fn records(bytes: &[u8]) -> Vec<serde_json::Value> {
     }
 }
 
-/// HMAC-SHA256(key, label ‖ 0 ‖ value), first 16 bytes, hex: computed here
-/// from the key file, independently of fleetgate's code.
-pub fn expected_pseudonym(key_file: &Path, label: &str, value: &str) -> String {
-    let key = std::fs::read(key_file).expect("key file");
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("hmac key");
-    mac.update(label.as_bytes());
-    mac.update(&[0]);
-    mac.update(value.as_bytes());
-    hex::encode(&mac.finalize().into_bytes()[..16])
+/// Days of a key epoch under the default configuration.
+pub const KEY_EPOCH_DAYS: i64 = 30;
+
+/// The key epoch of a timestamp under the default configuration.
+pub fn epoch_of(ts_ms: i64) -> i32 {
+    ts_ms.div_euclid(KEY_EPOCH_DAYS * 86_400_000) as i32
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("hmac key");
+    for part in parts {
+        mac.update(part);
+        mac.update(&[0]);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// The vehicle's secrets, read from the vault of a stopped server.
+pub fn vehicle_keys(
+    key_file: &Path,
+    vault_file: &Path,
+    vin: &str,
+) -> Option<fleetgate::vault::VehicleKeys> {
+    let ring = fleetgate::pseudo::KeyRing::load_or_create(key_file).expect("key ring");
+    let vault = fleetgate::vault::Vault::open(vault_file, &ring).expect("vault");
+    vault.get(vin).expect("vault read")
+}
+
+/// The internal pseudonym of a vehicle in an epoch, computed here from the
+/// root key and the vehicle's vault secret, independently of fleetgate's code:
+/// HMAC(HMAC(root, "pseudonym-domain", "internal", epoch), "vehicle", secret).
+pub fn expected_vehicle_id(
+    key_file: &Path,
+    vault_file: &Path,
+    vin: &str,
+    epoch: i32,
+) -> Option<String> {
+    let root = std::fs::read(key_file).expect("key file");
+    let secret = vehicle_keys(key_file, vault_file, vin)?.secret;
+    let domain_key = hmac(
+        &root,
+        &[b"pseudonym-domain", b"internal", &epoch.to_le_bytes()],
+    );
+    Some(hex::encode(
+        &hmac(&domain_key, &[b"vehicle", &secret.0])[..16],
+    ))
 }
 
 /// Every file under `dir`, recursively.

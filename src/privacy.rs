@@ -1,0 +1,381 @@
+//! The privacy stage of each worker: turns identifying values into what the
+//! schema's policies allow to be stored, and gates records on consent.
+//!
+//! - **Pseudonyms** are HMAC(domain key of the record's key epoch, the
+//!   vehicle's vault secret): domains cannot be joined, epochs rotate every
+//!   `privacy.key_epoch_days` by the record's own timestamp, and erasing the
+//!   vault secret unlinks the vehicle for good.
+//! - **Encryption** uses the vehicle's data key (ChaCha20-Poly1305, a random
+//!   nonce per value, the field name as associated data).
+//! - **Trip ids** are random; a new one starts with every ignition cycle and
+//!   after `privacy.max_trip_minutes`, so trips of one vehicle share nothing.
+//! - **Consent** comes from the vault and decides whether gated records and,
+//!   after SIM deactivation, any records are stored.
+//!
+//! Each worker caches keys and consent for its own vehicles, so no lock is
+//! taken per record; an admin change bumps a generation counter that makes
+//! every worker drop its caches before its next round.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+
+use crate::pseudo::{self, KeyRing, Secret};
+use crate::schema::INTERNAL_DOMAIN;
+use crate::vault::{Consent, Vault, VaultError, VehicleKeys};
+
+/// Bytes of a ChaCha20-Poly1305 nonce, stored in front of each ciphertext.
+const NONCE_BYTES: usize = 12;
+/// Most vehicles a worker caches before it starts afresh.
+const CACHE_LIMIT: usize = 100_000;
+const MAX_VAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
+const DAY_MS: i64 = 86_400_000;
+
+/// Settings from `[privacy]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PrivacySettings {
+    /// Length of a key epoch in days; 0 never rotates.
+    pub key_epoch_days: u32,
+    pub max_trip: Duration,
+}
+
+/// What workers share with each other and with the admin API.
+pub struct PrivacyShared {
+    pub keys: KeyRing,
+    pub vault: Vault,
+    settings: PrivacySettings,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for PrivacyShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivacyShared")
+            .field("vault", &self.vault)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrivacyShared {
+    pub fn new(keys: KeyRing, vault: Vault, settings: PrivacySettings) -> Arc<Self> {
+        Arc::new(Self {
+            keys,
+            vault,
+            settings,
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Erases a vehicle's secrets (crypto-shredding); true if it had any.
+    pub fn erase(&self, vin: &str) -> Result<bool, VaultError> {
+        let erased = self.vault.erase(vin)?;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(erased)
+    }
+
+    pub fn set_consent(&self, vin: &str, consent: Consent) -> Result<(), VaultError> {
+        self.vault.set_consent(vin, consent)?;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The key epoch of a timestamp.
+    pub fn epoch(&self, ts_ms: i64) -> i32 {
+        match self.settings.key_epoch_days {
+            0 => 0,
+            days => ts_ms.div_euclid(i64::from(days) * DAY_MS) as i32,
+        }
+    }
+
+    /// The pseudonym of a vehicle in a domain and epoch, if it has a secret.
+    pub fn lookup_vehicle_id(
+        &self,
+        domain: &str,
+        vin: &str,
+        epoch: i32,
+    ) -> Result<Option<String>, VaultError> {
+        Ok(self
+            .vault
+            .get(vin)?
+            .map(|k| pseudo::vehicle_pseudonym(&self.keys.domain_key(domain, epoch), &k.secret)))
+    }
+}
+
+struct Trip {
+    id: String,
+    cycle: Option<i64>,
+    started_ms: i64,
+    last_ms: i64,
+}
+
+/// One worker's privacy state.
+pub struct Privacy {
+    shared: Arc<PrivacyShared>,
+    seen_generation: u64,
+    vehicles: HashMap<String, VehicleKeys>,
+    consents: HashMap<String, Consent>,
+    domain_keys: HashMap<(String, i32), Secret>,
+    vehicle_ids: HashMap<(String, i32), String>,
+    trips: HashMap<String, Trip>,
+    redaction_key: Secret,
+}
+
+impl Privacy {
+    pub fn new(shared: Arc<PrivacyShared>) -> Self {
+        Self {
+            redaction_key: shared.keys.redaction_key(),
+            seen_generation: shared.generation.load(Ordering::SeqCst),
+            shared,
+            vehicles: HashMap::new(),
+            consents: HashMap::new(),
+            domain_keys: HashMap::new(),
+            vehicle_ids: HashMap::new(),
+            trips: HashMap::new(),
+        }
+    }
+
+    /// Drops the caches when an admin changed the vault; call once per round.
+    pub fn refresh(&mut self) {
+        let current = self.shared.generation.load(Ordering::SeqCst);
+        if current != self.seen_generation || self.vehicles.len() > CACHE_LIMIT {
+            self.seen_generation = current;
+            self.vehicles.clear();
+            self.consents.clear();
+            self.vehicle_ids.clear();
+            self.trips.clear();
+        }
+    }
+
+    pub fn epoch(&self, ts_ms: i64) -> i32 {
+        self.shared.epoch(ts_ms)
+    }
+
+    /// The vehicle's keys, created in the vault on first use. Retries while
+    /// the vault cannot be written: no row may use a key that is not durable.
+    fn vehicle(&mut self, vin: &str) -> &VehicleKeys {
+        if !self.vehicles.contains_key(vin) {
+            let mut delay = Duration::from_millis(50);
+            let keys = loop {
+                match self.shared.vault.get_or_create(vin) {
+                    Ok(keys) => break keys,
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in = ?delay, "vault unavailable; holding the batch");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(MAX_VAULT_RETRY_DELAY);
+                    }
+                }
+            };
+            self.vehicles.insert(vin.to_owned(), keys);
+        }
+        &self.vehicles[vin]
+    }
+
+    fn domain_key(&mut self, domain: &str, epoch: i32) -> Secret {
+        let keys = &self.shared.keys;
+        self.domain_keys
+            .entry((domain.to_owned(), epoch))
+            .or_insert_with(|| keys.domain_key(domain, epoch))
+            .clone()
+    }
+
+    /// The vehicle's pseudonym in a domain and epoch.
+    pub fn vehicle_id(&mut self, domain: &str, vin: &str, epoch: i32) -> String {
+        let cached = (domain == INTERNAL_DOMAIN)
+            .then(|| self.vehicle_ids.get(&(vin.to_owned(), epoch)))
+            .flatten();
+        if let Some(id) = cached {
+            return id.clone();
+        }
+        let key = self.domain_key(domain, epoch);
+        let id = pseudo::vehicle_pseudonym(&key, &self.vehicle(vin).secret);
+        if domain == INTERNAL_DOMAIN {
+            self.vehicle_ids.insert((vin.to_owned(), epoch), id.clone());
+        }
+        id
+    }
+
+    /// The pseudonym of another field's value, bound to the vehicle's secret.
+    pub fn field_pseudonym(
+        &mut self,
+        domain: &str,
+        field: &str,
+        vin: &str,
+        value: &str,
+        epoch: i32,
+    ) -> String {
+        let key = self.domain_key(domain, epoch);
+        pseudo::field_pseudonym(&key, &self.vehicle(vin).secret, field, value)
+    }
+
+    /// nonce ‖ ciphertext of `plaintext` under the vehicle's data key.
+    pub fn encrypt(&mut self, vin: &str, field: &str, plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        if getrandom::fill(&mut nonce).is_err() {
+            // Never encrypt twice under one nonce: without randomness, store nothing.
+            tracing::error!(
+                field,
+                "no random source for a nonce; the value is not stored"
+            );
+            return Vec::new();
+        }
+        let cipher = ChaCha20Poly1305::new(Key::from_slice(&self.vehicle(vin).data_key.0));
+        let sealed = cipher.encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: field.as_bytes(),
+            },
+        );
+        match sealed {
+            Ok(ciphertext) => [nonce.as_slice(), &ciphertext].concat(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The trip id of a probe: the current one, or a fresh random one when
+    /// the ignition cycle changed, the trip is too long, or time went back.
+    pub fn trip_id(&mut self, vin: &str, cycle: Option<i64>, ts_ms: i64) -> String {
+        let max_ms = self.shared.settings.max_trip.as_millis() as i64;
+        let continues = self.trips.get(vin).is_some_and(|t| {
+            t.cycle == cycle && ts_ms >= t.last_ms && ts_ms - t.started_ms < max_ms
+        });
+        if let Some(trip) = self.trips.get_mut(vin).filter(|_| continues) {
+            trip.last_ms = ts_ms;
+            return trip.id.clone();
+        }
+        let id = Secret::random().map_or_else(|_| String::new(), |s| hex::encode(&s.0[..16]));
+        self.trips.insert(
+            vin.to_owned(),
+            Trip {
+                id: id.clone(),
+                cycle,
+                started_ms: ts_ms,
+                last_ms: ts_ms,
+            },
+        );
+        id
+    }
+
+    /// The vehicle's consent state, from the vault (defaults if unreadable:
+    /// opt-in functions off, which stores less, never more).
+    pub fn consent(&mut self, vin: &str) -> Consent {
+        if let Some(c) = self.consents.get(vin) {
+            return *c;
+        }
+        let consent = self.shared.vault.consent(vin).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read consent; applying the defaults");
+            Consent::default()
+        });
+        self.consents.insert(vin.to_owned(), consent);
+        consent
+    }
+
+    /// A dead-letter copy with VIN-shaped tokens replaced: the topic's VIN by
+    /// the vehicle's pseudonym, any other by a keyed tag.
+    pub fn redact(&mut self, bytes: &[u8], topic_vin: Option<(&str, i32)>) -> Vec<u8> {
+        let tag_key = self.redaction_key.clone();
+        let known = topic_vin
+            .map(|(vin, epoch)| (vin.to_owned(), self.vehicle_id(INTERNAL_DOMAIN, vin, epoch)));
+        pseudo::redact_vins(bytes, &mut |vin| match &known {
+            Some((known_vin, id)) if known_vin == vin => id.clone(),
+            _ => pseudo::vin_tag(&tag_key, vin),
+        })
+    }
+}
+
+/// Decrypts a value written by [`Privacy::encrypt`], for a service with a purpose.
+pub fn decrypt(data_key: &Secret, field: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < NONCE_BYTES {
+        return None;
+    }
+    let (nonce, ciphertext) = sealed.split_at(NONCE_BYTES);
+    ChaCha20Poly1305::new(Key::from_slice(&data_key.0))
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: field.as_bytes(),
+            },
+        )
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn privacy(dir: &std::path::Path, epoch_days: u32) -> Privacy {
+        let keys = KeyRing::load_or_create(&dir.join("root.key")).expect("keys");
+        let vault = Vault::open(&dir.join("vault.redb"), &keys).expect("vault");
+        let settings = PrivacySettings {
+            key_epoch_days: epoch_days,
+            max_trip: Duration::from_secs(1800),
+        };
+        Privacy::new(PrivacyShared::new(keys, vault, settings))
+    }
+
+    const VIN: &str = "WMW11DJ04N2T00001";
+    const T0: i64 = 1_795_500_000_000;
+
+    #[test]
+    fn epochs_rotate_pseudonyms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = privacy(dir.path(), 30);
+        let (e1, e2) = (p.epoch(T0), p.epoch(T0 + 30 * DAY_MS));
+        assert_eq!(e2, e1 + 1);
+        assert_ne!(
+            p.vehicle_id(INTERNAL_DOMAIN, VIN, e1),
+            p.vehicle_id(INTERNAL_DOMAIN, VIN, e2)
+        );
+        assert_eq!(
+            privacy(tempfile::tempdir().expect("t").path(), 0).epoch(T0),
+            0
+        );
+    }
+
+    #[test]
+    fn encryption_round_trips_and_binds_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = privacy(dir.path(), 30);
+        let sealed = p.encrypt(VIN, "contact_phone", b"+46701234567");
+        let again = p.encrypt(VIN, "contact_phone", b"+46701234567");
+        assert_ne!(sealed, again, "a fresh nonce every time");
+        let key = p.vehicle(VIN).data_key.clone();
+        assert_eq!(
+            decrypt(&key, "contact_phone", &sealed).as_deref(),
+            Some(&b"+46701234567"[..])
+        );
+        assert_eq!(decrypt(&key, "contract_number", &sealed), None);
+    }
+
+    #[test]
+    fn trips_change_with_the_ignition_cycle_and_the_maximum_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = privacy(dir.path(), 30);
+        let a = p.trip_id(VIN, Some(1), T0);
+        assert_eq!(p.trip_id(VIN, Some(1), T0 + 5_000), a);
+        let b = p.trip_id(VIN, Some(2), T0 + 10_000);
+        assert_ne!(a, b);
+        assert_ne!(p.trip_id(VIN, Some(2), T0 + 10_000 + 1_800_000), b);
+        assert_ne!(p.trip_id("WMW21GD07P2S00002", Some(2), T0 + 10_000), b);
+    }
+
+    #[test]
+    fn erasure_makes_workers_forget_and_unlinks_new_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = privacy(dir.path(), 30);
+        let before = p.vehicle_id(INTERNAL_DOMAIN, VIN, 0);
+        assert!(p.shared.erase(VIN).expect("erase"));
+        p.refresh();
+        assert_eq!(
+            p.shared
+                .lookup_vehicle_id(INTERNAL_DOMAIN, VIN, 0)
+                .expect("lookup"),
+            None
+        );
+        assert_ne!(p.vehicle_id(INTERNAL_DOMAIN, VIN, 0), before);
+    }
+}

@@ -1,0 +1,234 @@
+//! The privacy model end to end: consent gates and SIM deactivation drop
+//! records by policy (counted, not dead-lettered), pseudonyms rotate with
+//! the key epoch, and erasing a vehicle's vault secrets unlinks its stored
+//! rows from its VIN and makes its encrypted fields unreadable, while other
+//! vehicles are unaffected.
+
+mod common;
+
+use common::*;
+use fleetgate::schema::Stream;
+use fleetgate::vault::Consent;
+
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+/// 2026-11-24T06:00:00Z and one key epoch (30 days) earlier.
+const NOW: i64 = 1_795_500_000_000;
+const EPOCH_EARLIER: i64 = NOW - 30 * 86_400_000;
+
+fn diagnostics(vin: &str, ts: i64, seq: u64) -> (String, Vec<u8>) {
+    let body = format!(r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"ecu":"BMS","severity":"info"}}"#);
+    (format!("vehicles/{vin}/diagnostics"), body.into_bytes())
+}
+
+fn teleservice(vin: &str, seq: u64, trigger: &str) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{NOW},"seq":{seq},"trigger":"{trigger}","contact_phone":"+4670000{seq:04}"}}"#
+    );
+    (format!("vehicles/{vin}/teleservice"), body.into_bytes())
+}
+
+fn strings(batches: &[arrow::array::RecordBatch], column: usize) -> Vec<String> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let a = b.column(column);
+            (0..a.len())
+                .map(|i| arrow::util::display::array_value_to_string(a, i).expect("cell"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_and_sim_state_decide_what_is_stored() {
+    let server = TestServer::start();
+    let privacy = server.handle.privacy().clone();
+    let opted_in = Consent {
+        smart_maintenance: true,
+        ..Consent::default()
+    };
+    privacy.set_consent(A, opted_in).expect("consent");
+    let deactivated = Consent {
+        sim_active: false,
+        ..Consent::default()
+    };
+    privacy.set_consent(B, deactivated).expect("sim off");
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            teleservice(A, 1, "smart_maintenance"),
+            teleservice(A, 2, "monthly"),
+            teleservice(B, 3, "monthly"),
+            diagnostics(B, NOW, 4),
+        ],
+    )
+    .await;
+    let data = server.data_dir();
+    let totals = server.handle.shutdown().expect("shutdown");
+    assert_eq!(count(&data, "SELECT count(*) FROM teleservice").await, 2);
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM teleservice WHERE seq >= 3").await,
+        0
+    );
+    assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 0);
+    assert_eq!(count(&data, "SELECT count(*) FROM dead_letters").await, 0);
+    let dropped = |stream: Stream| {
+        totals
+            .streams
+            .iter()
+            .find(|s| s.stream == stream.name())
+            .expect("stream")
+            .dropped_by_policy
+            .clone()
+    };
+    assert_eq!(dropped(Stream::Teleservice), vec![("sim_deactivated", 1)]);
+    assert_eq!(dropped(Stream::Diagnostics), vec![("sim_deactivated", 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pseudonyms_rotate_with_the_key_epoch() {
+    let server = TestServer::start();
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[diagnostics(A, EPOCH_EARLIER, 1), diagnostics(A, NOW, 2)],
+    )
+    .await;
+    let (data, key_file, vault_file) = (server.data_dir(), server.key_file(), server.vault_file());
+    server.handle.shutdown().expect("shutdown");
+    let batches = query(
+        &data,
+        "SELECT vehicle_id, key_epoch FROM diagnostics ORDER BY seq",
+    )
+    .await;
+    let ids = strings(&batches, 0);
+    let epochs = strings(&batches, 1);
+    assert_ne!(ids[0], ids[1], "one vehicle, two epochs, two pseudonyms");
+    assert_eq!(
+        epochs,
+        vec![
+            epoch_of(EPOCH_EARLIER).to_string(),
+            epoch_of(NOW).to_string()
+        ]
+    );
+    for (id, epoch) in ids.iter().zip([EPOCH_EARLIER, NOW]) {
+        let expected =
+            expected_vehicle_id(&key_file, &vault_file, A, epoch_of(epoch)).expect("keys");
+        assert_eq!(*id, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
+    let server = TestServer::start();
+    let addr = server.handle.mqtt_addr();
+    publish_all(
+        addr,
+        &[teleservice(A, 1, "monthly"), teleservice(B, 2, "monthly")],
+    )
+    .await;
+    let (data, key_file, vault_file) = (server.data_dir(), server.key_file(), server.vault_file());
+    let stored = || {
+        server
+            .handle
+            .metrics()
+            .stream(Stream::Teleservice)
+            .table
+            .rows_stored
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    wait_for(|| stored() == 2);
+    assert!(server.handle.privacy().erase(A).expect("erase"));
+    // A publishes again after erasure: a new identity, unlinkable to the old one.
+    publish_all(addr, &[teleservice(A, 3, "monthly")]).await;
+    server.handle.shutdown().expect("shutdown");
+
+    let batches = query(
+        &data,
+        "SELECT vehicle_id, seq, contact_phone_encrypted FROM teleservice ORDER BY seq",
+    )
+    .await;
+    let ids = strings(&batches, 0);
+    assert_eq!(ids.len(), 3);
+    assert_ne!(
+        ids[0], ids[2],
+        "after erasure A is a new, unrelated vehicle"
+    );
+    // An operator holding every remaining key: the root key and the vault.
+    let epoch = epoch_of(NOW);
+    let new_a = expected_vehicle_id(&key_file, &vault_file, A, epoch).expect("A's new secret");
+    assert_eq!(new_a, ids[2]);
+    assert!(
+        !ids[..2].contains(&new_a),
+        "A's old rows cannot be found by A's VIN"
+    );
+    let b = expected_vehicle_id(&key_file, &vault_file, B, epoch).expect("B untouched");
+    assert_eq!(b, ids[1]);
+    // B's contact data still decrypts; A's old row decrypts with no key left.
+    let sealed = |row: usize| {
+        let text = strings(&batches, 2)[row].clone();
+        hex::decode(text).expect("hex")
+    };
+    let b_key = vehicle_keys(&key_file, &vault_file, B)
+        .expect("B keys")
+        .data_key;
+    let plain =
+        fleetgate::privacy::decrypt(&b_key, "contact_phone", &sealed(1)).expect("B decrypts");
+    assert_eq!(plain, b"+46700000002");
+    let a_key = vehicle_keys(&key_file, &vault_file, A)
+        .expect("A's new keys")
+        .data_key;
+    assert_eq!(
+        fleetgate::privacy::decrypt(&a_key, "contact_phone", &sealed(0)),
+        None
+    );
+    assert_eq!(
+        fleetgate::privacy::decrypt(&b_key, "contact_phone", &sealed(0)),
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtti_trips_share_no_identifier() {
+    let server = TestServer::start();
+    let probe = |vin: &str, cycle: u32, ts: i64, seq: u64| {
+        let body = format!(
+            r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"ignition_cycle":{cycle},"latitude":59.40412,"longitude":17.94457}}"#
+        );
+        (format!("vehicles/{vin}/rtti"), body.into_bytes())
+    };
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            probe(A, 7, NOW, 1),
+            probe(A, 7, NOW + 5_000, 2),
+            probe(A, 8, NOW + 600_000, 3),
+            probe(B, 7, NOW + 1_000, 1),
+        ],
+    )
+    .await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let batches = query(&data, "SELECT trip_id, latitude FROM rtti ORDER BY ts").await;
+    let trips = strings(&batches, 0);
+    assert_eq!(trips[0], trips[2], "one trip keeps its id");
+    assert_ne!(trips[0], trips[3], "a new ignition cycle, a new id");
+    assert_ne!(trips[1], trips[0], "another vehicle, another id");
+    assert_eq!(
+        strings(&batches, 1)[0],
+        "59.404",
+        "position rounded to 3 decimals"
+    );
+    let columns: Vec<String> = batches[0]
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    for linkable in ["vehicle_id", "seq", "ignition_cycle", "key_epoch"] {
+        assert!(
+            !columns.contains(&linkable.to_owned()),
+            "{linkable} stored in rtti"
+        );
+    }
+}
