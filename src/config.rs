@@ -109,6 +109,8 @@ pub struct StorageConfig {
     pub roll_bytes: usize,
     pub roll_age_ms: u64,
     pub max_open_files: usize,
+    /// Bytes of uncommitted rows all table writers together may hold.
+    pub memory_budget_bytes: usize,
     pub zstd_level: i32,
 }
 
@@ -149,6 +151,7 @@ impl Default for StorageConfig {
             roll_bytes: 128 * 1024 * 1024,
             roll_age_ms: 2_000,
             max_open_files: 64,
+            memory_budget_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
         }
     }

@@ -23,6 +23,9 @@ pub struct TableCounters {
     pub bytes_committed: AtomicU64,
     /// Rows whose write failed and was retried after a back-off.
     pub rows_delayed_by_write_errors: AtomicU64,
+    /// Bytes of uncommitted rows the writer holds, and the most it ever held.
+    pub held_bytes: AtomicU64,
+    pub held_bytes_peak: AtomicU64,
 }
 
 /// Counters and latencies of the write-ahead log.
@@ -305,6 +308,12 @@ impl CommitListener for TableListener {
         c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
         c.files_committed.fetch_add(1, Relaxed);
         c.bytes_committed.fetch_add(commit.bytes, Relaxed);
+    }
+
+    fn holding(&self, bytes: usize) {
+        let c = self.counters();
+        c.held_bytes.store(bytes as u64, Relaxed);
+        c.held_bytes_peak.fetch_max(bytes as u64, Relaxed);
     }
 
     fn failed(&self, error: &StoreError, rows_delayed: usize) {

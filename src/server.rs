@@ -107,6 +107,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         roll_bytes: storage.roll_bytes,
         roll_age: Duration::from_millis(storage.roll_age_ms),
         max_open_files: storage.max_open_files,
+        memory_budget_bytes: storage.memory_budget_bytes / Table::COUNT,
         zstd_level: storage.zstd_level,
         run_id: run_id.clone(),
         metadata,

@@ -280,3 +280,40 @@ async fn a_failing_parquet_write_is_reported_and_retried_until_it_succeeds() {
     );
     assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_writer_holds_no_more_than_its_memory_budget() {
+    // 64 KiB per table writer.
+    let share = 64 * 1024;
+    let server = TestServer::start_with(|c| c.storage.memory_budget_bytes = 5 * share);
+    let data = server.data_dir();
+    let blocked = data.join("diagnostics/date=2026-11-24");
+    std::fs::create_dir_all(data.join("diagnostics")).expect("table dir");
+    std::fs::write(&blocked, b"in the way").expect("blocking file");
+    let messages: Vec<_> = (0..10_000).map(|seq| probe(VINS[0], seq)).collect();
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+
+    let metrics = server.handle.metrics().clone();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let table = || &metrics.stream(fleetgate::schema::Stream::Diagnostics).table;
+    wait_for(|| table().rows_delayed_by_write_errors.load(relaxed) > 0);
+    // While the disk refuses, the writer stops taking rows; the rest wait in
+    // the bounded queues, the WAL and the broker.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(table().rows_stored.load(relaxed), 0);
+    std::fs::remove_file(&blocked).expect("the disk comes back");
+    wait_for(|| table().rows_stored.load(relaxed) == 10_000);
+    let peak = table().held_bytes_peak.load(relaxed);
+    println!("writer memory peak {peak} bytes for a budget of {share}");
+    // Over budget by at most the batches taken in one round before the check.
+    assert!(peak <= (share + 512 * 1024) as u64, "peak {peak}");
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
+        10_000
+    );
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM diagnostics").await,
+        10_000
+    );
+}

@@ -47,6 +47,9 @@ pub struct WriterSettings {
     pub roll_bytes: usize,
     pub roll_age: Duration,
     pub max_open_files: usize,
+    /// Most bytes of uncommitted rows this writer holds before it commits
+    /// early or, when writes fail, stops taking batches.
+    pub memory_budget_bytes: usize,
     pub zstd_level: i32,
     /// Distinguishes this server run's file names from earlier runs'.
     pub run_id: String,
@@ -66,6 +69,8 @@ pub trait CommitListener: Send + Sync {
     fn committed(&self, commit: &Commit);
     /// A write failed; `rows_delayed` rows will be written again after a back-off.
     fn failed(&self, error: &StoreError, rows_delayed: usize);
+    /// The bytes of uncommitted rows the writer holds now.
+    fn holding(&self, bytes: usize);
 }
 
 /// First wait before writing failed batches again; doubles up to [`MAX_RETRY_DELAY`].
@@ -162,11 +167,27 @@ impl TableWriter {
         let tick = (self.settings.roll_age / 4)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         loop {
+            self.enforce_budget();
+            self.listener.holding(self.held_bytes());
+            if self.held_bytes() > self.settings.memory_budget_bytes {
+                // Only batches that failed to write are left: take nothing new
+                // until the disk accepts them, so the pipeline behind waits.
+                std::thread::sleep(
+                    self.retry_at
+                        .saturating_duration_since(Instant::now())
+                        .max(tick),
+                );
+                self.retry_due();
+                continue;
+            }
             match rx.recv_timeout(tick) {
                 Ok(first) => {
                     self.append(first);
-                    while let Ok(next) = rx.try_recv() {
-                        self.append(next);
+                    while self.held_bytes() <= self.settings.memory_budget_bytes {
+                        match rx.try_recv() {
+                            Ok(next) => self.append(next),
+                            Err(_) => break,
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -187,6 +208,40 @@ impl TableWriter {
             }
             std::thread::sleep(self.retry_at.saturating_duration_since(Instant::now()));
             self.retry_due();
+        }
+    }
+
+    /// Memory held for rows not yet committed: open files and failed batches.
+    fn held_bytes(&self) -> usize {
+        let batches = |b: &[TableBatch]| {
+            b.iter()
+                .map(|b| b.batch.get_array_memory_size())
+                .sum::<usize>()
+        };
+        self.open
+            .values()
+            .map(|f| batches(&f.batches))
+            .sum::<usize>()
+            + batches(&self.retry)
+    }
+
+    /// Commits the largest open files while the writer holds more than its budget.
+    fn enforce_budget(&mut self) {
+        while self.held_bytes() > self.settings.memory_budget_bytes {
+            let largest = self
+                .open
+                .iter()
+                .max_by_key(|(_, f)| {
+                    f.batches
+                        .iter()
+                        .map(|b| b.batch.get_array_memory_size())
+                        .sum::<usize>()
+                })
+                .map(|(k, _)| *k);
+            match largest {
+                Some(key) => self.commit(key),
+                None => break,
+            }
         }
     }
 
