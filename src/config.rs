@@ -38,6 +38,26 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub wal: WalConfig,
     pub privacy: PrivacyConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin HTTP endpoint (metrics today).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where `GET /metrics` answers; port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// Seconds between throughput summary lines in the log; 0 = none.
+    pub summary_interval_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            summary_interval_secs: 10,
+        }
+    }
 }
 
 /// Key rotation and trip pseudonyms.

@@ -13,7 +13,8 @@
 //! - [`wal`]: the write-ahead log every batch is appended to before it is stored;
 //! - [`store`]: Arrow batches → zstd Parquet files, committed atomically per hour partition;
 //! - [`query`]: SQL over the store through DataFusion;
-//! - [`metrics`]: counters of what was received, stored and rejected;
+//! - [`metrics`]: counters and latency histograms, in the Prometheus text format;
+//! - [`http`]: the admin HTTP endpoint serving `/metrics`;
 //! - [`server`]: wires the stages together and shuts them down in order;
 //! - [`config`]: the configuration file and its defaults.
 
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod config;
 pub mod dead_letter;
 pub mod decode;
+pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;

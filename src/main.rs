@@ -33,6 +33,9 @@ enum Command {
         /// Where MQTT 5 clients connect (port 0 picks a free port).
         #[arg(long)]
         mqtt5_addr: Option<SocketAddr>,
+        /// Where GET /metrics answers (port 0 picks a free port).
+        #[arg(long)]
+        admin_addr: Option<SocketAddr>,
     },
     /// Run one SQL statement over the store and print the result.
     Sql {
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             common,
             mqtt_addr,
             mqtt5_addr,
+            admin_addr,
         } => {
             let mut config = common.load()?;
             if let Some(addr) = mqtt_addr {
@@ -129,11 +133,15 @@ fn main() -> anyhow::Result<()> {
             if let Some(addr) = mqtt5_addr {
                 config.broker.mqtt5_addr = addr;
             }
+            if let Some(addr) = admin_addr {
+                config.admin.http_addr = addr;
+            }
             let server = fleetgate::server::start(&config)?;
             println!(
-                "fleetgate listening on mqtt://{} (MQTT 5: {}), data in {}",
+                "fleetgate listening on mqtt://{} (MQTT 5: {}), metrics on http://{}/metrics, data in {}",
                 server.mqtt_addr(),
                 server.mqtt5_addr(),
+                server.admin_addr(),
                 server.data_dir().display()
             );
             runtime.block_on(shutdown_signal())?;

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::dead_letter::RejectCode;
 use crate::schema::Stream;
-use crate::store::{Commit, CommitListener, StoreError};
+use crate::store::{Commit, CommitListener, StoreError, TableBatch};
 
 /// Counts of one table's committed files.
 #[derive(Debug, Default)]
@@ -39,6 +39,8 @@ pub struct WalCounters {
     pub fsync_micros: Mutex<Histogram<u64>>,
     /// Time of receipt to the fsync that made a row durable, in milliseconds, per row.
     pub receipt_to_durable_ms: Mutex<Histogram<u64>>,
+    /// Time of receipt to the Parquet commit that made a row queryable, in ms, per row.
+    pub receipt_to_queryable_ms: Mutex<Histogram<u64>>,
 }
 
 impl Default for WalCounters {
@@ -52,6 +54,7 @@ impl Default for WalCounters {
             entries_replayed: AtomicU64::default(),
             fsync_micros: histogram(),
             receipt_to_durable_ms: histogram(),
+            receipt_to_queryable_ms: histogram(),
         }
     }
 }
@@ -195,6 +198,16 @@ pub struct MetricsSnapshot {
     pub wal_entries_replayed: u64,
     pub wal_fsync_micros: Quantiles,
     pub receipt_to_durable_ms: Quantiles,
+    pub receipt_to_queryable_ms: Quantiles,
+}
+
+/// Sums over all streams, for rates.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub received: u64,
+    pub stored: u64,
+    pub rejected: u64,
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -246,7 +259,216 @@ impl Metrics {
             wal_entries_replayed: self.wal.entries_replayed.load(Relaxed),
             wal_fsync_micros: Quantiles::of(&self.wal.fsync_micros),
             receipt_to_durable_ms: Quantiles::of(&self.wal.receipt_to_durable_ms),
+            receipt_to_queryable_ms: Quantiles::of(&self.wal.receipt_to_queryable_ms),
         }
+    }
+
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for s in &self.streams {
+            t.received += s.records_received.load(Relaxed);
+            t.stored += s.table.rows_stored.load(Relaxed);
+            t.rejected += RejectCode::ALL
+                .iter()
+                .map(|c| s.rejected.0[c.index()].load(Relaxed))
+                .sum::<u64>();
+            t.dropped += PolicyDrop::ALL
+                .iter()
+                .map(|r| s.dropped_by_policy.get(*r))
+                .sum::<u64>();
+        }
+        t.rejected += RejectCode::ALL
+            .iter()
+            .map(|c| self.unrouted.0[c.index()].load(Relaxed))
+            .sum::<u64>();
+        t
+    }
+
+    /// The counters in the Prometheus text exposition format. Names end in
+    /// their unit; labels are few (stream or table, reason, queue).
+    pub fn prometheus(&self, queues: &[(String, usize)]) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let per_stream = |f: &dyn Fn(&StreamCounters) -> u64| {
+            Stream::ALL
+                .iter()
+                .map(|s| {
+                    (
+                        format!("{{stream=\"{}\"}}", s.name()),
+                        f(self.stream(*s)) as f64,
+                    )
+                })
+                .collect()
+        };
+        family(
+            "fleetgate_records_received_total",
+            "counter",
+            "Records received, valid or not.",
+            per_stream(&|c| c.records_received.load(Relaxed)),
+        );
+        family(
+            "fleetgate_records_stored_total",
+            "counter",
+            "Rows in committed Parquet files.",
+            per_stream(&|c| c.table.rows_stored.load(Relaxed)),
+        );
+        let mut rejected = Vec::new();
+        for s in Stream::ALL {
+            for code in RejectCode::ALL {
+                let n = self.stream(s).rejected.0[code.index()].load(Relaxed);
+                rejected.push((
+                    format!("{{stream=\"{}\",reason=\"{}\"}}", s.name(), code.as_str()),
+                    n as f64,
+                ));
+            }
+        }
+        for code in RejectCode::ALL {
+            let n = self.unrouted.0[code.index()].load(Relaxed);
+            rejected.push((
+                format!("{{stream=\"none\",reason=\"{}\"}}", code.as_str()),
+                n as f64,
+            ));
+        }
+        family(
+            "fleetgate_records_rejected_total",
+            "counter",
+            "Records dead-lettered, by reason.",
+            rejected,
+        );
+        let mut dropped = Vec::new();
+        for s in Stream::ALL {
+            for r in PolicyDrop::ALL {
+                let n = self.stream(s).dropped_by_policy.get(r);
+                dropped.push((
+                    format!("{{stream=\"{}\",reason=\"{}\"}}", s.name(), r.as_str()),
+                    n as f64,
+                ));
+            }
+        }
+        family(
+            "fleetgate_records_dropped_by_policy_total",
+            "counter",
+            "Valid records not stored because a privacy policy says so.",
+            dropped,
+        );
+        let tables: Vec<(&str, &TableCounters)> = Stream::ALL
+            .iter()
+            .map(|s| (s.name(), &self.stream(*s).table))
+            .chain([(crate::dead_letter::TABLE, &self.dead_letters)])
+            .collect();
+        let per_table = |f: &dyn Fn(&TableCounters) -> u64| {
+            tables
+                .iter()
+                .map(|(name, t)| (format!("{{table=\"{name}\"}}"), f(t) as f64))
+                .collect()
+        };
+        family(
+            "fleetgate_parquet_files_total",
+            "counter",
+            "Parquet files committed.",
+            per_table(&|t| t.files_committed.load(Relaxed)),
+        );
+        family(
+            "fleetgate_parquet_bytes_total",
+            "counter",
+            "Bytes of Parquet files committed.",
+            per_table(&|t| t.bytes_committed.load(Relaxed)),
+        );
+        family(
+            "fleetgate_write_errors_rows_total",
+            "counter",
+            "Rows whose write failed and was retried.",
+            per_table(&|t| t.rows_delayed_by_write_errors.load(Relaxed)),
+        );
+        family(
+            "fleetgate_writer_held_bytes",
+            "gauge",
+            "Bytes of uncommitted rows a table writer holds.",
+            per_table(&|t| t.held_bytes.load(Relaxed)),
+        );
+        family(
+            "fleetgate_queue_depth",
+            "gauge",
+            "Items waiting in a pipeline queue.",
+            queues
+                .iter()
+                .map(|(q, n)| (format!("{{queue=\"{q}\"}}"), *n as f64))
+                .collect(),
+        );
+        family(
+            "fleetgate_wal_syncs_total",
+            "counter",
+            "WAL group commits (fsyncs).",
+            vec![(String::new(), self.wal.syncs.load(Relaxed) as f64)],
+        );
+        family(
+            "fleetgate_wal_bytes_total",
+            "counter",
+            "Bytes made durable in the WAL.",
+            vec![(String::new(), self.wal.bytes_synced.load(Relaxed) as f64)],
+        );
+        family(
+            "fleetgate_wal_errors_total",
+            "counter",
+            "Failed WAL appends and fsyncs.",
+            vec![(String::new(), self.wal.errors.load(Relaxed) as f64)],
+        );
+        family(
+            "fleetgate_wal_entries_replayed_total",
+            "counter",
+            "WAL entries written again at start-up.",
+            vec![(
+                String::new(),
+                self.wal.entries_replayed.load(Relaxed) as f64,
+            )],
+        );
+        let quantiles = |h: &Mutex<Histogram<u64>>, scale: f64| -> Vec<(String, f64)> {
+            let Ok(h) = h.lock() else { return Vec::new() };
+            let mut v: Vec<(String, f64)> = [0.5, 0.9, 0.99, 0.999]
+                .iter()
+                .map(|q| {
+                    (
+                        format!("{{quantile=\"{q}\"}}"),
+                        h.value_at_quantile(*q) as f64 * scale,
+                    )
+                })
+                .collect();
+            v.push(("_count".to_owned(), h.len() as f64));
+            v
+        };
+        let summary = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+            let mut text = format!("# HELP {name} {help}\n# TYPE {name} summary\n");
+            for (labels, value) in samples {
+                if labels == "_count" {
+                    text.push_str(&format!("{name}_count {value}\n"));
+                } else {
+                    text.push_str(&format!("{name}{labels} {value}\n"));
+                }
+            }
+            text
+        };
+        out.push_str(&summary(
+            "fleetgate_wal_fsync_seconds",
+            "Duration of WAL fsyncs.",
+            quantiles(&self.wal.fsync_micros, 1e-6),
+        ));
+        out.push_str(&summary(
+            "fleetgate_receipt_to_durable_seconds",
+            "Time from receipt to the WAL fsync holding a row.",
+            quantiles(&self.wal.receipt_to_durable_ms, 1e-3),
+        ));
+        out.push_str(&summary(
+            "fleetgate_receipt_to_queryable_seconds",
+            "Time from receipt to the Parquet commit holding a row.",
+            quantiles(&self.wal.receipt_to_queryable_ms, 1e-3),
+        ));
+        out
     }
 
     /// One info line per stream, fields first.
@@ -277,6 +499,7 @@ impl Metrics {
             replayed = snap.wal_entries_replayed,
             fsync_us = ?snap.wal_fsync_micros,
             receipt_to_durable_ms = ?snap.receipt_to_durable_ms,
+            receipt_to_queryable_ms = ?snap.receipt_to_queryable_ms,
             "write-ahead log totals"
         );
     }
@@ -303,11 +526,30 @@ impl TableListener {
 }
 
 impl CommitListener for TableListener {
-    fn committed(&self, commit: &Commit) {
+    fn committed(&self, commit: &Commit, batches: &[TableBatch]) {
         let c = self.counters();
         c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
         c.files_committed.fetch_add(1, Relaxed);
         c.bytes_committed.fetch_add(commit.bytes, Relaxed);
+        let now = crate::ingest::now_ms();
+        if let Ok(mut h) = self.metrics.wal.receipt_to_queryable_ms.lock() {
+            for b in batches {
+                let times = b
+                    .batch
+                    .column_by_name(crate::schema::RECEIVED_AT_COLUMN)
+                    .and_then(|c| {
+                        c.as_any()
+                            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                            .cloned()
+                    });
+                for t in times
+                    .iter()
+                    .flat_map(|a| a.values().iter().copied().collect::<Vec<_>>())
+                {
+                    h.saturating_record((now - t).max(0) as u64);
+                }
+            }
+        }
     }
 
     fn holding(&self, bytes: usize) {

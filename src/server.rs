@@ -20,6 +20,7 @@ use crossbeam::channel::bounded;
 
 use crate::config::{Config, ConfigError};
 use crate::decode::Limits;
+use crate::http::{self, AdminHttp, AdminState, HttpError, Queue};
 use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::{PrivacySettings, PrivacyShared};
@@ -52,6 +53,8 @@ pub enum ServerError {
     Wal(#[from] WalError),
     #[error(transparent)]
     Vault(#[from] VaultError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -75,6 +78,7 @@ pub struct ServerHandle {
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
     privacy: Arc<PrivacyShared>,
+    admin: AdminHttp,
 }
 
 /// Starts every stage; returns once the broker accepts connections.
@@ -122,11 +126,13 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     let recovered = wal::recover(&wal_settings.dir, config.wal.skip_corrupt)?;
     let tracker = Arc::new(Tracker::default());
 
+    let mut queues = Vec::new();
     let mut writers = Vec::new();
     let mut stream_writers = Vec::new();
     for stream in Stream::ALL {
         let schema = registry.get(stream);
         let (tx, rx) = bounded(queue);
+        queues.push(depth(format!("writer-{stream}"), &rx));
         let metadata = vec![
             ("fleetgate.table".to_owned(), stream.name().to_owned()),
             (
@@ -143,6 +149,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         stream_writers.push(tx);
     }
     let (dead_letter_writer, rx) = bounded(queue);
+    queues.push(depth(format!("writer-{}", dead_letter::TABLE), &rx));
     writers.push(spawn_writer(
         writer_settings(
             dead_letter::TABLE,
@@ -219,18 +226,28 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             tracker.clone(),
         )?;
         let (tx, rx) = bounded(queue);
+        queues.push(depth(format!("worker-{index}"), &rx));
         workers.push(spawn_worker(index, context.clone(), rx, log)?);
         shards.push(tx);
     }
     // The workers now hold the only writer senders, so the writers stop when they do.
     drop(context);
 
+    let admin = http::spawn(
+        config.admin.http_addr,
+        AdminState {
+            metrics: metrics.clone(),
+            queues,
+        },
+        Duration::from_secs(config.admin.summary_interval_secs),
+    )?;
     let embedded = broker::start(&config.broker, "fleetgate-ingest")?;
     let stop = Arc::new(AtomicBool::new(false));
     let ingest = ingest::spawn(embedded.link_tx, embedded.link_rx, shards, stop.clone())?;
     tracing::info!(
         mqtt = %embedded.mqtt_addr,
         mqtt5 = %embedded.mqtt5_addr,
+        admin = %admin.addr,
         data_dir = %data_dir.display(),
         workers = workers.len(),
         "fleetgate is running"
@@ -246,7 +263,17 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         metrics,
         tracker,
         privacy,
+        admin,
     })
+}
+
+/// A queue-depth gauge reading a clone of the queue's receiving end.
+fn depth<T: Send + 'static>(name: String, rx: &crossbeam::channel::Receiver<T>) -> Queue {
+    let rx = rx.clone();
+    Queue {
+        name,
+        depth: Box::new(move || rx.len()),
+    }
 }
 
 /// Parquet files modified this long before the oldest WAL segment was
@@ -272,6 +299,11 @@ impl ServerHandle {
         &self.metrics
     }
 
+    /// Where `GET /metrics` answers.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr
+    }
+
     /// Keys, vault and the admin actions on them: erasure, consent.
     pub fn privacy(&self) -> &Arc<PrivacyShared> {
         &self.privacy
@@ -294,6 +326,7 @@ impl ServerHandle {
         for log in logs {
             log.close()?;
         }
+        self.admin.stop();
         let pending = self.tracker.pending_count();
         if pending > 0 {
             tracing::error!(

@@ -66,7 +66,7 @@ pub struct Commit {
 
 /// Called after every commit, and after every failed write with its error.
 pub trait CommitListener: Send + Sync {
-    fn committed(&self, commit: &Commit);
+    fn committed(&self, commit: &Commit, batches: &[TableBatch]);
     /// A write failed; `rows_delayed` rows will be written again after a back-off.
     fn failed(&self, error: &StoreError, rows_delayed: usize);
     /// The bytes of uncommitted rows the writer holds now.
@@ -375,7 +375,7 @@ impl TableWriter {
             Ok((commit, batches)) => {
                 let entries: Vec<EntryId> = batches.iter().map(|b| b.wal).collect();
                 self.tracker.covered(&entries);
-                self.listener.committed(&commit);
+                self.listener.committed(&commit, &batches);
             }
             Err((e, batches)) => {
                 let _ = fs::remove_file(&in_progress);

@@ -31,6 +31,7 @@ pub fn test_config(dir: &Path) -> Config {
     let mut config = Config::default();
     config.broker.mqtt_addr = "127.0.0.1:0".parse().expect("addr");
     config.broker.mqtt5_addr = "127.0.0.1:0".parse().expect("addr");
+    config.admin.http_addr = "127.0.0.1:0".parse().expect("addr");
     config.storage.data_dir = dir.join("data");
     config.storage.key_file = dir.join("keys/root.key");
     config.storage.vault_file = dir.join("keys/vault.redb");
@@ -261,6 +262,8 @@ impl ServeProcess {
                 "--mqtt-addr",
                 "127.0.0.1:0",
                 "--mqtt5-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
                 "127.0.0.1:0",
                 "--config",
             ])

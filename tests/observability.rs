@@ -1,0 +1,82 @@
+//! `GET /metrics` on the admin port serves the counters in the Prometheus
+//! text format, with the values the pipeline reached.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::*;
+use fleetgate::schema::Stream;
+
+fn get_metrics(addr: std::net::SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+fn sample(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {line_start} in\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_reports_the_pipeline() {
+    let server = TestServer::start();
+    let mut messages = Vec::new();
+    for (_, bytes) in examples(Stream::Diagnostics, "valid") {
+        let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
+        messages.push((format!("vehicles/{vin}/diagnostics"), bytes));
+    }
+    messages.push((
+        "vehicles/WMW11DJ04N2T00001/diagnostics".into(),
+        b"not json".to_vec(),
+    ));
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    let metrics = server.handle.metrics().clone();
+    wait_for(|| {
+        metrics
+            .stream(Stream::Diagnostics)
+            .table
+            .rows_stored
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 4
+    });
+
+    let text = get_metrics(server.handle.admin_addr());
+    assert_eq!(
+        sample(
+            &text,
+            r#"fleetgate_records_stored_total{stream="diagnostics"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"fleetgate_records_received_total{stream="diagnostics"}"#
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"fleetgate_records_rejected_total{stream="diagnostics",reason="not_json"}"#
+        ),
+        1.0
+    );
+    assert!(sample(&text, "fleetgate_wal_syncs_total") >= 1.0);
+    assert!(sample(&text, "fleetgate_receipt_to_durable_seconds_count") >= 4.0);
+    assert!(sample(&text, "fleetgate_receipt_to_queryable_seconds_count") >= 4.0);
+    assert!(text.contains(r#"fleetgate_queue_depth{queue="worker-0"}"#));
+    assert!(text.contains("# TYPE fleetgate_records_stored_total counter"));
+    server.handle.shutdown().expect("shutdown");
+}
