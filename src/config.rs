@@ -138,6 +138,7 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
+    pub sink: SinkKind,
     pub workers: usize,
     pub queue_capacity: usize,
     pub max_payload_bytes: usize,
@@ -177,9 +178,21 @@ impl Default for StorageConfig {
     }
 }
 
+/// What happens to the publishes the broker delivers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// Decode, validate, pseudonymise, log and store them.
+    #[default]
+    Store,
+    /// Count and drop them unread: the broker's ceiling, for benchmarks.
+    Discard,
+}
+
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
+            sink: SinkKind::Store,
             workers: 0,
             queue_capacity: 1024,
             max_payload_bytes: 256 * 1024,
@@ -260,6 +273,21 @@ impl Config {
             return invalid("privacy.max_trip_minutes must be > 0".into());
         }
         Ok(())
+    }
+
+    /// The defaults, made to run beside any other instance: every listener
+    /// on a port the OS picks (port 0, loopback), data, key file and vault
+    /// under `dir`. Tests, benchmarks and embedders start from this.
+    pub fn isolated(dir: &Path) -> Self {
+        let mut config = Config::default();
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.broker.mqtt_addr = any_port;
+        config.broker.mqtt5_addr = any_port;
+        config.admin.http_addr = any_port;
+        config.storage.data_dir = dir.join("data");
+        config.storage.key_file = dir.join("keys/root.key");
+        config.storage.vault_file = dir.join("keys/vault.redb");
+        config
     }
 
     /// Directory of the write-ahead log.

@@ -153,6 +153,7 @@ async fn summaries(metrics: Arc<Metrics>, every: Duration) {
             stored_per_s = ((now.stored - last.stored) as f64 / secs).round(),
             rejected = now.rejected - last.rejected,
             dropped_by_policy = now.dropped - last.dropped,
+            discarded_per_s = ((now.discarded - last.discarded) as f64 / secs).round(),
             durable_p99_ms = snap.receipt_to_durable_ms.p99,
             queryable_p99_ms = snap.receipt_to_queryable_ms.p99,
             "throughput"

@@ -24,6 +24,7 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 
 use crate::dead_letter::{RejectCode, Rejection};
+use crate::metrics::Metrics;
 use crate::pseudo::is_vin;
 use crate::schema::Stream;
 
@@ -116,6 +117,15 @@ pub fn route(topic: &str) -> Route {
     }
 }
 
+/// Where ingest hands each publish.
+pub enum Sink {
+    /// To the worker shards, which decode and store it.
+    Shards(Vec<Sender<Inbound>>),
+    /// Nowhere: it is counted and dropped unread. Measures the embedded
+    /// broker's ceiling in benchmarks; never a production setting.
+    Discard(Arc<Metrics>),
+}
+
 /// Milliseconds since the Unix epoch now.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -129,26 +139,21 @@ pub fn now_ms() -> i64 {
 pub fn spawn(
     mut link_tx: LinkTx,
     mut link_rx: LinkRx,
-    shards: Vec<Sender<Inbound>>,
+    sink: Sink,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>> {
     link_tx.subscribe(SUBSCRIPTION)?;
     std::thread::Builder::new()
         .name("ingest".into())
         .spawn(move || {
-            if let Err(e) = run(&mut link_tx, &mut link_rx, &shards, &stop) {
+            if let Err(e) = run(&mut link_tx, &mut link_rx, &sink, &stop) {
                 tracing::error!(error = %e, "ingest stopped on a link error");
             }
         })
         .map_err(IngestError::Thread)
 }
 
-fn run(
-    link_tx: &mut LinkTx,
-    link_rx: &mut LinkRx,
-    shards: &[Sender<Inbound>],
-    stop: &AtomicBool,
-) -> Result<()> {
+fn run(link_tx: &mut LinkTx, link_rx: &mut LinkRx, sink: &Sink, stop: &AtomicBool) -> Result<()> {
     let mut drain: Option<(String, Instant)> = None;
     loop {
         if drain.is_none() && stop.load(Ordering::Relaxed) {
@@ -162,6 +167,13 @@ fn run(
                 if drain.as_ref().is_some_and(|(marker, _)| *marker == topic) {
                     return Ok(());
                 }
+                let shards = match sink {
+                    Sink::Shards(shards) => shards,
+                    Sink::Discard(metrics) => {
+                        metrics.publishes_discarded.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
                 let inbound = Inbound {
                     route: route(&topic),
                     payload: forward.publish.payload,

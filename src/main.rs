@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetgate::config::Config;
+use fleetgate::config::{Config, SinkKind};
 use fleetgate::query::{self, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -36,6 +36,10 @@ enum Command {
         /// Where GET /metrics answers (port 0 picks a free port).
         #[arg(long)]
         admin_addr: Option<SocketAddr>,
+        /// What to do with publishes; `discard` measures the broker's ceiling
+        /// and stores nothing (overrides pipeline.sink).
+        #[arg(long, value_enum)]
+        sink: Option<SinkKind>,
     },
     /// Run one SQL statement over the store and print the result.
     Sql {
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             mqtt_addr,
             mqtt5_addr,
             admin_addr,
+            sink,
         } => {
             let mut config = common.load()?;
             if let Some(addr) = mqtt_addr {
@@ -135,6 +140,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(addr) = admin_addr {
                 config.admin.http_addr = addr;
+            }
+            if let Some(sink) = sink {
+                config.pipeline.sink = sink;
             }
             let server = fleetgate::server::start(&config)?;
             println!(

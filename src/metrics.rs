@@ -169,6 +169,8 @@ impl PolicyCounters {
 pub struct StreamCounters {
     /// Records decoded from publishes on this stream, valid or not.
     pub records_received: AtomicU64,
+    /// Payload bytes of the publishes those records came in.
+    pub bytes_received: AtomicU64,
     pub rejected: RejectCounters,
     /// Valid records not stored because a policy says so; not dead letters.
     pub dropped_by_policy: PolicyCounters,
@@ -183,6 +185,8 @@ pub struct Metrics {
     pub unrouted: RejectCounters,
     pub dead_letters: TableCounters,
     pub wal: WalCounters,
+    /// Publishes thrown away unread by the discard sink (benchmarks only).
+    pub publishes_discarded: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -208,12 +212,14 @@ pub struct Totals {
     pub stored: u64,
     pub rejected: u64,
     pub dropped: u64,
+    pub discarded: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StreamSnapshot {
     pub stream: &'static str,
     pub received: u64,
+    pub bytes_received: u64,
     pub stored: u64,
     pub files: u64,
     pub bytes: u64,
@@ -242,6 +248,7 @@ impl Metrics {
                     StreamSnapshot {
                         stream: s.name(),
                         received: c.records_received.load(Relaxed),
+                        bytes_received: c.bytes_received.load(Relaxed),
                         stored: c.table.rows_stored.load(Relaxed),
                         files: c.table.files_committed.load(Relaxed),
                         bytes: c.table.bytes_committed.load(Relaxed),
@@ -264,7 +271,10 @@ impl Metrics {
     }
 
     pub fn totals(&self) -> Totals {
-        let mut t = Totals::default();
+        let mut t = Totals {
+            discarded: self.publishes_discarded.load(Relaxed),
+            ..Totals::default()
+        };
         for s in &self.streams {
             t.received += s.records_received.load(Relaxed);
             t.stored += s.table.rows_stored.load(Relaxed);
@@ -311,6 +321,18 @@ impl Metrics {
             "counter",
             "Records received, valid or not.",
             per_stream(&|c| c.records_received.load(Relaxed)),
+        );
+        family(
+            "fleetgate_payload_bytes_received_total",
+            "counter",
+            "Payload bytes of the publishes received, valid or not.",
+            per_stream(&|c| c.bytes_received.load(Relaxed)),
+        );
+        family(
+            "fleetgate_publishes_discarded_total",
+            "counter",
+            "Publishes discarded unread by the benchmark sink (pipeline.sink = \"discard\").",
+            vec![(String::new(), self.publishes_discarded.load(Relaxed) as f64)],
         );
         family(
             "fleetgate_records_stored_total",
@@ -478,6 +500,7 @@ impl Metrics {
             tracing::info!(
                 stream = s.stream,
                 received = s.received,
+                bytes_received = s.bytes_received,
                 stored = s.stored,
                 files = s.files,
                 bytes = s.bytes,
@@ -489,6 +512,7 @@ impl Metrics {
         tracing::info!(
             unrouted_rejected = ?snap.unrouted_rejected,
             dead_letters_stored = snap.dead_letters_stored,
+            publishes_discarded = self.publishes_discarded.load(Relaxed),
             rows_delayed_by_write_errors = snap.rows_delayed_by_write_errors,
             "pipeline totals"
         );

@@ -83,6 +83,7 @@ struct Worker {
     decoded: Decoded,
     /// Records received per stream this round, added to the metrics per round.
     received: [u64; Stream::ALL.len()],
+    received_bytes: [u64; Stream::ALL.len()],
     ctx: WorkerContext,
 }
 
@@ -99,6 +100,7 @@ impl Worker {
             privacy: Privacy::new(ctx.privacy.clone()),
             decoded: Decoded::default(),
             received: [0; Stream::ALL.len()],
+            received_bytes: [0; Stream::ALL.len()],
             ctx,
         }
     }
@@ -245,6 +247,7 @@ impl Worker {
         );
         let decoded = std::mem::take(&mut self.decoded);
         self.received[stream.index()] += (decoded.valid.len() + decoded.rejected.len()) as u64;
+        self.received_bytes[stream.index()] += payload.len() as u64;
         if !decoded.valid.is_empty() {
             let consent = self.privacy.consent(&vin);
             let dropped = &self.ctx.metrics.stream(stream).dropped_by_policy;
@@ -301,12 +304,15 @@ impl Worker {
     fn flush(&mut self) -> Result<(), StoreError> {
         for (i, stream) in Stream::ALL.iter().enumerate() {
             if self.received[i] > 0 {
-                self.ctx
-                    .metrics
-                    .stream(*stream)
+                let counters = self.ctx.metrics.stream(*stream);
+                counters
                     .records_received
                     .fetch_add(self.received[i], Relaxed);
+                counters
+                    .bytes_received
+                    .fetch_add(self.received_bytes[i], Relaxed);
                 self.received[i] = 0;
+                self.received_bytes[i] = 0;
             }
             if self.batchers[i].is_empty() {
                 continue;

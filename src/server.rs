@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crossbeam::channel::bounded;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, SinkKind};
 use crate::decode::Limits;
 use crate::http::{self, AdminHttp, AdminState, HttpError, Queue};
 use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
@@ -243,7 +243,16 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     )?;
     let embedded = broker::start(&config.broker, "fleetgate-ingest")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let ingest = ingest::spawn(embedded.link_tx, embedded.link_rx, shards, stop.clone())?;
+    let sink = match config.pipeline.sink {
+        SinkKind::Store => ingest::Sink::Shards(shards),
+        SinkKind::Discard => {
+            tracing::warn!(
+                "pipeline.sink = \"discard\": publishes are counted and dropped, nothing is stored"
+            );
+            ingest::Sink::Discard(metrics.clone())
+        }
+    };
+    let ingest = ingest::spawn(embedded.link_tx, embedded.link_rx, sink, stop.clone())?;
     tracing::info!(
         mqtt = %embedded.mqtt_addr,
         mqtt5 = %embedded.mqtt5_addr,

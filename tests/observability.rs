@@ -73,10 +73,49 @@ async fn metrics_endpoint_reports_the_pipeline() {
         ),
         1.0
     );
+    let payload_bytes: usize = messages.iter().map(|(_, p)| p.len()).sum();
+    assert_eq!(
+        sample(
+            &text,
+            r#"fleetgate_payload_bytes_received_total{stream="diagnostics"}"#
+        ),
+        payload_bytes as f64
+    );
     assert!(sample(&text, "fleetgate_wal_syncs_total") >= 1.0);
     assert!(sample(&text, "fleetgate_receipt_to_durable_seconds_count") >= 4.0);
     assert!(sample(&text, "fleetgate_receipt_to_queryable_seconds_count") >= 4.0);
     assert!(text.contains(r#"fleetgate_queue_depth{queue="worker-0"}"#));
     assert!(text.contains("# TYPE fleetgate_records_stored_total counter"));
     server.handle.shutdown().expect("shutdown");
+}
+
+/// The benchmark sink counts what the broker delivers and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_sink_counts_publishes_and_stores_nothing() {
+    let server = TestServer::start_with(|c| c.pipeline.sink = fleetgate::config::SinkKind::Discard);
+    let messages: Vec<(String, Vec<u8>)> = examples(Stream::Rtti, "valid")
+        .into_iter()
+        .map(|(_, bytes)| ("vehicles/WMW11DJ04N2T00001/rtti".to_owned(), bytes))
+        .collect();
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    let metrics = server.handle.metrics().clone();
+    wait_for(|| {
+        metrics
+            .publishes_discarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == messages.len() as u64
+    });
+    let text = get_metrics(server.handle.admin_addr());
+    assert_eq!(
+        sample(&text, "fleetgate_publishes_discarded_total"),
+        messages.len() as f64
+    );
+    let data_dir = server.data_dir();
+    let snapshot = server.handle.shutdown().expect("shutdown");
+    assert_eq!(snapshot.streams.iter().map(|s| s.received).sum::<u64>(), 0);
+    let parquet = files_under(&data_dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .count();
+    assert_eq!(parquet, 0);
 }

@@ -19,7 +19,9 @@ use crate::schema::Stream;
 use crate::wal::{self, EntryId};
 
 pub use batch::StreamBatcher;
-pub use writer::{Commit, CommitListener, TableBatch, WriterSettings, spawn_writer};
+pub use writer::{
+    Commit, CommitListener, TableBatch, WriterSettings, spawn_writer, writer_properties,
+};
 
 /// Errors of building batches and writing files.
 #[derive(Debug, thiserror::Error)]

@@ -28,13 +28,7 @@ pub struct TestServer {
 
 /// The configuration of a test server: port 0, everything under `dir`.
 pub fn test_config(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.broker.mqtt_addr = "127.0.0.1:0".parse().expect("addr");
-    config.broker.mqtt5_addr = "127.0.0.1:0".parse().expect("addr");
-    config.admin.http_addr = "127.0.0.1:0".parse().expect("addr");
-    config.storage.data_dir = dir.join("data");
-    config.storage.key_file = dir.join("keys/root.key");
-    config.storage.vault_file = dir.join("keys/vault.redb");
+    let mut config = Config::isolated(dir);
     config.storage.roll_age_ms = 200;
     config.pipeline.workers = 2;
     config
