@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# One machine, one run: the numbers of the README's "Benchmarks" section.
+#
+#   scripts/bench.sh [PUBLISHES]        (default 2000000; 300-byte-class JSON records, QoS 1)
+#
+# 1. ceiling:   fleetgate's embedded broker with the discard sink, loadgen flat out;
+# 2. e2e:       fleetgate end to end (WAL, pseudonymised, Parquet), loadgen flat out;
+#               its rate is acknowledged records over the time until all are stored;
+#               then stopped cleanly and verified record by record;
+# 3. half rate: fleetgate at half of e2e's rate, open loop, for latency;
+# 4. mosquitto: the same loadgen against Mosquitto (Debian package) with a plain
+#               QoS 1 subscriber;
+# 5. queries:   scripts/queries.sql over e2e's store, fleetgate vs DuckDB, cold and hot.
+# Results land in $BENCH_OUT (default target/bench/<timestamp>): every loadgen
+# report, /metrics scrapes, server logs, and results.md, which is also printed.
+# Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PUBLISHES=${1:-2000000}
+VEHICLES=${VEHICLES:-10000}
+CONNECTIONS=${CONNECTIONS:-8}
+HALF_RATE_SECS=${HALF_RATE_SECS:-30}
+TARGET=${CARGO_TARGET_DIR:-target}
+OUT=${BENCH_OUT:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cargo build --release --locked -p fleetgate -p loadgen
+FLEETGATE=$TARGET/release/fleetgate
+LOADGEN=$TARGET/release/loadgen
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 200); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; return 1
+}
+peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
+
+# start_fleetgate NAME SINK: sets FG_PID, FG_PORT, FG_ADMIN, FG_DIR
+start_fleetgate() {
+  FG_DIR=$WORK/$1
+  mkdir -p "$FG_DIR"
+  FG_PORT=$(free_port)
+  FG_ADMIN=$(free_port)
+  cat > "$FG_DIR/fleetgate.toml" <<TOML
+[storage]
+data_dir = "$FG_DIR/data"
+key_file = "$FG_DIR/keys/root.key"
+vault_file = "$FG_DIR/keys/vault.redb"
+TOML
+  RUST_LOG=info "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \
+    --mqtt-addr "127.0.0.1:$FG_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FG_ADMIN" \
+    > "$OUT/$1.serve.log" 2>&1 &
+  FG_PID=$!
+  PIDS+=("$FG_PID")
+  wait_port "$FG_PORT"
+}
+stop_fleetgate() {
+  scrape "$FG_ADMIN" > "$OUT/$1.metrics.txt"
+  peak_rss_mib "$FG_PID" > "$OUT/$1.rss_mib"
+  kill -TERM "$FG_PID"
+  wait "$FG_PID"
+}
+loadgen() { "$LOADGEN" run --vehicles "$VEHICLES" --connections "$CONNECTIONS" --qos 1 "$@"; }
+# rumqttd acknowledges before fleetgate has stored anything, so the end-to-end
+# rate is the rate at which rows became durable and queryable, not the ack
+# rate: wait_stored RUN STARTED_AT polls /metrics until every acknowledged
+# record is stored (or counted as dropped or rejected) and writes RUN.stored.json.
+wait_stored() {
+  python3 - "$OUT/$1/report.json" "$FG_ADMIN" "$2" > "$OUT/$1.stored.json" <<'PY'
+import json, re, sys, time, urllib.request
+report, admin, started = json.load(open(sys.argv[1])), sys.argv[2], float(sys.argv[3])
+def done():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+    total = lambda name: sum(float(v) for v in re.findall(r"^" + name + r"\{[^}]*\} (\S+)$", text, re.M))
+    return total("fleetgate_records_stored_total") + total("fleetgate_records_dropped_by_policy_total") \
+        + total("fleetgate_records_rejected_total")
+deadline = time.time() + 600
+while done() < report["records_acked"] and time.time() < deadline:
+    time.sleep(0.05)
+seconds = time.time() - started
+print(json.dumps({"records": report["records_acked"], "stored": done(), "seconds": seconds,
+                  "records_per_s": report["records_acked"] / seconds}))
+PY
+}
+
+echo "== 1. ceiling: embedded broker, discard sink"
+start_fleetgate ceiling discard
+loadgen --port "$FG_PORT" --count "$PUBLISHES" --out "$OUT/ceiling"
+stop_fleetgate ceiling
+
+echo "== 2. end to end: WAL, pseudonymised, Parquet"
+start_fleetgate e2e store
+STARTED=$(date +%s.%N)
+loadgen --port "$FG_PORT" --count "$PUBLISHES" --out "$OUT/e2e"
+wait_stored e2e "$STARTED"
+stop_fleetgate e2e
+"$LOADGEN" verify "$OUT/e2e/acked.json" --data-dir "$FG_DIR/data" \
+  --key-file "$FG_DIR/keys/root.key" --vault-file "$FG_DIR/keys/vault.redb" > "$OUT/e2e/verify.json"
+du -sb "$FG_DIR"/data/{rtti,diagnostics,charging,teleservice} > "$OUT/e2e.disk.txt"
+E2E_DATA=$FG_DIR/data
+
+echo "== 3. half of the end-to-end (stored) rate, open loop"
+HALF=$(python3 -c "import json; print(int(json.load(open('$OUT/e2e.stored.json'))['records_per_s'] / 2))")
+start_fleetgate half store
+STARTED=$(date +%s.%N)
+loadgen --port "$FG_PORT" --rate "$HALF" --duration "$HALF_RATE_SECS" --out "$OUT/half"
+wait_stored half "$STARTED"
+stop_fleetgate half
+
+echo "== 4. Mosquitto with a plain QoS 1 subscriber"
+MQ_PORT=$(free_port)
+cat > "$WORK/mosquitto.conf" <<CONF
+listener $MQ_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 100000
+CONF
+mosquitto -c "$WORK/mosquitto.conf" > "$OUT/mosquitto.log" 2>&1 &
+MQ_PID=$!
+PIDS+=("$MQ_PID")
+wait_port "$MQ_PORT"
+mosquitto_sub -p "$MQ_PORT" -q 1 -t 'vehicles/#' > /dev/null &
+PIDS+=("$!")
+sleep 0.5
+loadgen --port "$MQ_PORT" --count "$PUBLISHES" --out "$OUT/mosquitto"
+peak_rss_mib "$MQ_PID" > "$OUT/mosquitto.rss_mib"
+kill "$MQ_PID"
+
+echo "== 5. query suite: fleetgate (DataFusion) vs DuckDB"
+"$LOADGEN" queries --suite scripts/queries.sql --data-dir "$E2E_DATA" > "$OUT/queries.fleetgate.json"
+python3 scripts/duckdb_suite.py "$E2E_DATA" scripts/queries.sql > "$OUT/queries.duckdb.json"
+
+python3 scripts/bench_report.py "$OUT" "scripts/bench.sh $PUBLISHES" | tee "$OUT/results.md"

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Turns the files scripts/bench.sh wrote into one Markdown results table.
+
+usage: bench_report.py OUT_DIR COMMAND
+"""
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+
+out, command = sys.argv[1], sys.argv[2]
+
+
+def load(name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def read(name):
+    with open(os.path.join(out, name)) as f:
+        return f.read()
+
+
+def metric(text, name, labels=""):
+    m = re.search(r"^" + re.escape(name + labels) + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+def cpu():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def mem_gib():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal"):
+            return int(line.split()[1]) / 1024 / 1024
+    return float("nan")
+
+
+runs = {name: load(f"{name}/report.json") for name in ["ceiling", "e2e", "half", "mosquitto"]}
+rss = {name: read(f"{name}.rss_mib").strip() for name in ["ceiling", "e2e", "half", "mosquitto"]}
+e2e_metrics = read("e2e.metrics.txt")
+half_metrics = read("half.metrics.txt")
+verify = load("e2e/verify.json")
+stored = {name: load(f"{name}.stored.json") for name in ["e2e", "half"]}
+
+lines = []
+p = lines.append
+p(f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with `{command}` on "
+  f"{os.cpu_count()} cores ({cpu()}), {mem_gib():.0f} GiB RAM; loadgen ran on the same machine.")
+e = runs["e2e"]
+p(f"Load: {e['vehicles']} vehicles over {e['connections']} MQTT connections, QoS {e['qos']}, "
+  f"{e['records_per_publish']} record per publish, mean payload {e['mean_payload_bytes']:.0f} bytes.")
+p("")
+p("| run | records/s acknowledged | records/s stored (durable, queryable) | publish→PUBACK p50 / p99 / p99.9 (ms) | peak RSS (MiB) |")
+p("|---|---:|---:|---|---:|")
+titles = {
+    "ceiling": "fleetgate broker, discard sink (ceiling)",
+    "e2e": "fleetgate end to end (WAL + pseudonymise + Parquet)",
+    "mosquitto": "Mosquitto, plain QoS 1 subscriber",
+    "half": "fleetgate at half the e2e rate (open loop)",
+}
+for name in ["ceiling", "e2e", "mosquitto", "half"]:
+    r = runs[name]
+    l = r["latency"]
+    durable = f"{stored[name]['records_per_s']:,.0f}" if name in stored else "n/a"
+    p(f"| {titles[name]} | {r['records_per_s']:,.0f} | {durable} | "
+      f"{l['p50_us'] / 1e3:.2f} / {l['p99_us'] / 1e3:.2f} / {l['p999_us'] / 1e3:.2f} | {rss[name]} |")
+p("")
+durable = stored["e2e"]["records_per_s"]
+ratio_mq = durable / runs["mosquitto"]["records_per_s"]
+ratio_ceiling = durable / runs["ceiling"]["records_per_s"]
+p(f"End to end (stored rate) vs Mosquitto's QoS 1 pass-through: **{ratio_mq:.2f}×**; vs fleetgate's own "
+  f"discard-sink ceiling: **{ratio_ceiling:.0%}**. The e2e run's acknowledgements outran storage: "
+  f"{e['records_acked']:,} records acked in {e['elapsed_s']:.1f} s, all stored after {stored['e2e']['seconds']:.1f} s.")
+q = lambda text, name, quant: metric(text, name, f'{{quantile="{quant}"}}') * 1e3
+p(f"At half rate ({runs['half']['records_per_s']:,.0f} records/s offered): receipt→durable (WAL fsync) "
+  f"p50 {q(half_metrics, 'fleetgate_receipt_to_durable_seconds', '0.5'):.0f} ms, "
+  f"p99 {q(half_metrics, 'fleetgate_receipt_to_durable_seconds', '0.99'):.0f} ms; receipt→queryable "
+  f"p50 {q(half_metrics, 'fleetgate_receipt_to_queryable_seconds', '0.5'):.0f} ms, "
+  f"p99 {q(half_metrics, 'fleetgate_receipt_to_queryable_seconds', '0.99'):.0f} ms "
+  f"(histograms have 1 ms resolution).")
+syncs = metric(e2e_metrics, "fleetgate_wal_syncs_total")
+synced = metric(e2e_metrics, "fleetgate_wal_bytes_total")
+fsync_p50 = q(e2e_metrics, "fleetgate_wal_fsync_seconds", "0.5")
+fsync_p99 = q(e2e_metrics, "fleetgate_wal_fsync_seconds", "0.99")
+p(f"WAL in the e2e run: {syncs:,.0f} fsyncs, {synced / max(syncs, 1) / 1024:.0f} KiB per group commit, "
+  f"fsync p50 {fsync_p50:.2f} ms, p99 {fsync_p99:.2f} ms.")
+bad = [s for s in verify["streams"] if not s["ok"]]
+p(f"Verification of the e2e run after a clean stop: **{'OK' if verify['ok'] else 'FAILED'}** — "
+  + ", ".join(f"{s['stream']} {s['acked']:,} acked / {s['stored']:,} stored ({s['method']})" for s in verify["streams"])
+  + ("" if not bad else f"; failures: {bad}") + ".")
+p("")
+p("| stream | JSON bytes received | Parquet bytes | on disk / JSON |")
+p("|---|---:|---:|---:|")
+disk = {}
+for line in read("e2e.disk.txt").splitlines():
+    size, path = line.split()
+    disk[os.path.basename(path)] = int(size)
+for s in ["rtti", "diagnostics", "charging", "teleservice"]:
+    received = metric(e2e_metrics, "fleetgate_payload_bytes_received_total", f'{{stream="{s}"}}')
+    p(f"| {s} | {received:,.0f} | {disk.get(s, 0):,} | {disk.get(s, 0) / max(received, 1):.1%} |")
+p("")
+fg = {r["name"]: r for r in load("queries.fleetgate.json")}
+dd = {r["name"]: r for r in load("queries.duckdb.json")}
+p("| query | rows | fleetgate cold / hot (ms) | DuckDB cold / hot (ms) | ratio cold | ratio hot |")
+p("|---|---:|---|---|---:|---:|")
+cold, hot = [], []
+for name, f in fg.items():
+    d = dd[name]
+    rc, rh = f["cold_ms"] / d["cold_ms"], f["hot_ms"] / d["hot_ms"]
+    cold.append(rc)
+    hot.append(rh)
+    rows = f["rows"] if f["rows"] == d["rows"] else f"{f['rows']} (DuckDB {d['rows']})"
+    p(f"| {name} | {rows} | {f['cold_ms']:.1f} / {f['hot_ms']:.1f} | {d['cold_ms']:.1f} / {d['hot_ms']:.1f} | "
+      f"{rc:.2f}× | {rh:.2f}× |")
+geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))
+p(f"| **geomean** | | | | **{geo(cold):.2f}×** | **{geo(hot):.2f}×** |")
+p("")
+p("Ratios are fleetgate's time over DuckDB's: below 1 means fleetgate is faster.")
+print("\n".join(lines))
