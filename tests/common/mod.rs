@@ -67,7 +67,8 @@ impl TestServer {
 /// Publishes every (topic, payload) at QoS 1 over one MQTT 3.1.1 connection
 /// and returns once every PUBACK has arrived.
 pub async fn publish_all(addr: std::net::SocketAddr, messages: &[(String, Vec<u8>)]) {
-    let mut options = MqttOptions::new("test-publisher", addr.ip().to_string(), addr.port());
+    let client_id = format!("test-publisher-{:016x}", fleetgate::ingest::random_nonce());
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(options, messages.len() + 10);
