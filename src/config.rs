@@ -39,6 +39,29 @@ pub struct Config {
     pub wal: WalConfig,
     pub privacy: PrivacyConfig,
     pub admin: AdminConfig,
+    pub retention: RetentionConfig,
+}
+
+/// Retention rules and the background sweep.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// A rules file replacing the built-in `schemas/retention.toml`.
+    pub rules_file: Option<PathBuf>,
+    /// Seconds between sweeps that delete expired partitions; 0 = no sweep.
+    pub sweep_interval_secs: u64,
+    /// Where every deletion is recorded (JSON lines, never the data itself).
+    pub audit_file: PathBuf,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            rules_file: None,
+            sweep_interval_secs: 300,
+            audit_file: PathBuf::from("./audit/deletions.jsonl"),
+        }
+    }
 }
 
 /// The admin HTTP endpoint (metrics today).
@@ -287,6 +310,7 @@ impl Config {
         config.storage.data_dir = dir.join("data");
         config.storage.key_file = dir.join("keys/root.key");
         config.storage.vault_file = dir.join("keys/vault.redb");
+        config.retention.audit_file = dir.join("audit/deletions.jsonl");
         config
     }
 

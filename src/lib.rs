@@ -12,7 +12,8 @@
 //! - [`dead_letter`]: rejected records, their reasons and redacted copies;
 //! - [`wal`]: the write-ahead log every batch is appended to before it is stored;
 //! - [`store`]: Arrow batches → zstd Parquet files, committed atomically per hour partition;
-//! - [`query`]: SQL over the store through DataFusion;
+//! - [`query`]: SQL over the store through DataFusion, through retention views;
+//! - [`retention`]: retention rules, the query-time filter, the expiry sweep;
 //! - [`metrics`]: counters and latency histograms, in the Prometheus text format;
 //! - [`http`]: the admin HTTP endpoint serving `/metrics`;
 //! - [`server`]: wires the stages together and shuts them down in order;
@@ -29,6 +30,7 @@ pub mod pipeline;
 pub mod privacy;
 pub mod pseudo;
 pub mod query;
+pub mod retention;
 pub mod schema;
 pub mod server;
 pub mod store;

@@ -84,6 +84,13 @@ enum AdminAction {
         #[arg(long)]
         sim_active: Option<bool>,
     },
+    /// Delete every hour partition whose rows have all expired under the
+    /// retention rules, and record each deletion in the audit file.
+    Retention {
+        /// Only list what would be deleted and why; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -165,8 +172,18 @@ fn main() -> anyhow::Result<()> {
             let config = common.load()?;
             let registry =
                 fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
+            let retention = fleetgate::retention::Retention::load(
+                config.retention.rules_file.as_deref(),
+                &registry,
+            )?;
             let text = runtime.block_on(async {
-                let ctx = query::session_with(&config.storage.data_dir, &registry).await?;
+                let ctx = query::session_at(
+                    &config.storage.data_dir,
+                    &registry,
+                    &retention,
+                    fleetgate::ingest::now_ms(),
+                )
+                .await?;
                 let batches = query::run(&ctx, &statement).await?;
                 query::format(&batches, format)
             })?;
@@ -187,6 +204,9 @@ fn main() -> anyhow::Result<()> {
 fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
     use fleetgate::pseudo::KeyRing;
     use fleetgate::vault::Vault;
+    if let AdminAction::Retention { dry_run } = action {
+        return retention(config, dry_run);
+    }
     let keys = KeyRing::load_or_create(&config.storage.key_file)?;
     let vault = Vault::open(&config.storage.vault_file, &keys)
         .context("cannot open the vault (is the server running? it holds the vault open)")?;
@@ -202,6 +222,8 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
                 }
             );
         }
+        // Handled above: retention needs no vault.
+        AdminAction::Retention { .. } => {}
         AdminAction::Consent {
             vin,
             smart_maintenance,
@@ -218,6 +240,36 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
             println!("{consent:?}");
         }
     }
+    Ok(())
+}
+
+/// `admin retention`: one sweep now, printed; with `dry_run`, nothing deleted or audited.
+fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
+    use fleetgate::retention::{self, Retention};
+    let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
+    let rules = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
+    let now = fleetgate::ingest::now_ms();
+    let deletions = retention::sweep(&config.storage.data_dir, &rules, now, dry_run)?;
+    if !dry_run {
+        retention::audit(&config.retention.audit_file, now, &deletions)?;
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    for d in &deletions {
+        println!(
+            "{verb} {}/{}: {} rows in {} files, expired under {}",
+            d.table,
+            d.partition,
+            d.rows,
+            d.files,
+            d.rules.join(", ")
+        );
+    }
+    let outcome = if dry_run {
+        "would be deleted"
+    } else {
+        "deleted"
+    };
+    println!("{} partitions {outcome}", deletions.len());
     Ok(())
 }
 

@@ -26,6 +26,8 @@ pub struct TableCounters {
     /// Bytes of uncommitted rows the writer holds, and the most it ever held.
     pub held_bytes: AtomicU64,
     pub held_bytes_peak: AtomicU64,
+    /// Rows deleted from disk by the retention sweep.
+    pub rows_expired: AtomicU64,
 }
 
 /// Counters and latencies of the write-ahead log.
@@ -228,6 +230,14 @@ pub struct StreamSnapshot {
 }
 
 impl Metrics {
+    /// The counters of a table by name: a stream's or the dead letters'.
+    pub fn table(&self, name: &str) -> Option<&TableCounters> {
+        if name == crate::dead_letter::TABLE {
+            return Some(&self.dead_letters);
+        }
+        Stream::from_name(name).map(|s| &self.stream(s).table)
+    }
+
     pub fn stream(&self, stream: Stream) -> &StreamCounters {
         &self.streams[stream.index()]
     }
@@ -401,6 +411,12 @@ impl Metrics {
             "counter",
             "Bytes of Parquet files committed.",
             per_table(&|t| t.bytes_committed.load(Relaxed)),
+        );
+        family(
+            "fleetgate_rows_expired_total",
+            "counter",
+            "Rows deleted from disk by the retention sweep.",
+            per_table(&|t| t.rows_expired.load(Relaxed)),
         );
         family(
             "fleetgate_write_errors_rows_total",

@@ -4,13 +4,15 @@
 //! listing table over `<data_dir>/<table>/` with the hour partitions exposed
 //! as columns `date` (DATE) and `hour` (INT), so filters on them prune files
 //! before any is opened. The file schema comes from `schemas/`, never from
-//! guessing at files. Only committed `*.parquet` files are read.
+//! guessing at files. Only committed `*.parquet` files are read, and only
+//! through views that hide every row past its retention rule.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::view::ViewTable;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -20,6 +22,7 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::dead_letter;
+use crate::retention::{Retention, RetentionError};
 use crate::schema::{Registry, SchemaError};
 use crate::store::{PARQUET_EXTENSION, table_dir};
 
@@ -29,6 +32,8 @@ pub enum QueryError {
     NoDataDir(PathBuf),
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
     #[error(transparent)]
     DataFusion(#[from] DataFusionError),
     #[error("formatting the result: {0}")]
@@ -46,47 +51,71 @@ fn partition_columns() -> Vec<(String, DataType)> {
 }
 
 /// A DataFusion session with every table of `data_dir` registered, under
-/// the built-in schemas.
+/// the built-in schemas and retention rules, as of now.
 pub async fn session(data_dir: &Path) -> Result<SessionContext> {
-    session_with(data_dir, &*Registry::load()?).await
+    let registry = Registry::load()?;
+    let retention = Retention::load(None, &registry)?;
+    session_at(data_dir, &registry, &retention, crate::ingest::now_ms()).await
 }
 
-/// A DataFusion session with every table of `data_dir` registered.
-pub async fn session_with(data_dir: &Path, registry: &Registry) -> Result<SessionContext> {
+/// A DataFusion session with every table of `data_dir` registered as it is
+/// visible at `now_ms`: each table is a view over its Parquet files that
+/// leaves out every row past its retention rule. The files themselves are
+/// never registered, so no statement can reach around the view.
+pub async fn session_at(
+    data_dir: &Path,
+    registry: &Registry,
+    retention: &Retention,
+    now_ms: i64,
+) -> Result<SessionContext> {
     if !data_dir.is_dir() {
         return Err(QueryError::NoDataDir(data_dir.to_owned()));
     }
     let config = SessionConfig::new().with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = SessionContext::new_with_config(config.clone());
+    // The files are registered here only, to plan the views.
+    let files = SessionContext::new_with_config(config);
     let tables = registry
         .iter()
         .map(|s| (s.stream.name(), s.arrow.clone()))
         .chain([(dead_letter::TABLE, dead_letter::arrow_schema())]);
     for (name, schema) in tables {
-        register(&ctx, data_dir, name, schema).await?;
+        let Some(listing) = listing_table(data_dir, name, schema.clone())? else {
+            ctx.register_table(name, empty_table(&schema)?)?;
+            continue;
+        };
+        files.register_table(name, listing)?;
+        let definition = format!(
+            "SELECT * FROM {name} WHERE {}",
+            retention.visible_sql(name, now_ms)
+        );
+        let plan = files.sql(&definition).await?.into_unoptimized_plan();
+        ctx.register_table(name, Arc::new(ViewTable::new(plan, Some(definition))))?;
     }
     Ok(ctx)
 }
 
-async fn register(
-    ctx: &SessionContext,
+/// An empty table with a stored table's columns, for a table with no files yet.
+fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
+    let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+    for (col, ty) in partition_columns() {
+        fields.push(Arc::new(arrow::datatypes::Field::new(col, ty, true)));
+    }
+    Ok(Arc::new(MemTable::try_new(
+        Arc::new(arrow::datatypes::Schema::new(fields)),
+        vec![vec![]],
+    )?))
+}
+
+/// The listing table over `<data_dir>/<name>/`, if it exists.
+fn listing_table(
     data_dir: &Path,
     name: &str,
     schema: SchemaRef,
-) -> Result<()> {
+) -> Result<Option<Arc<ListingTable>>> {
     let dir = table_dir(data_dir, name);
     if !dir.is_dir() {
-        // Nothing stored yet: an empty table with the same columns.
-        let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
-        for (col, ty) in partition_columns() {
-            fields.push(Arc::new(arrow::datatypes::Field::new(col, ty, true)));
-        }
-        let empty = MemTable::try_new(
-            Arc::new(arrow::datatypes::Schema::new(fields)),
-            vec![vec![]],
-        )?;
-        ctx.register_table(name, Arc::new(empty))?;
-        return Ok(());
+        return Ok(None);
     }
     let absolute = std::path::absolute(&dir).map_err(|e| DataFusionError::External(Box::new(e)))?;
     let url = ListingTableUrl::parse(format!("{}/", absolute.display()))?;
@@ -96,8 +125,7 @@ async fn register(
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(schema);
-    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
-    Ok(())
+    Ok(Some(Arc::new(ListingTable::try_new(config)?)))
 }
 
 /// Runs one SQL statement and collects its result.

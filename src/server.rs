@@ -25,6 +25,7 @@ use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::{PrivacySettings, PrivacyShared};
 use crate::pseudo::{KeyRing, PseudoError};
+use crate::retention::{self, Retention, RetentionError};
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
     StoreError, Table, TableBatch, WriterSettings, committed_wal_entries, spawn_writer, table_dir,
@@ -55,11 +56,15 @@ pub enum ServerError {
     Vault(#[from] VaultError),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the retention thread: {0}")]
+    RetentionThread(std::io::Error),
     #[error("thread {0} panicked")]
     Panicked(String),
 }
@@ -79,12 +84,20 @@ pub struct ServerHandle {
     tracker: Arc<Tracker>,
     privacy: Arc<PrivacyShared>,
     admin: AdminHttp,
+    retention: Option<Sweeper>,
+}
+
+/// The background retention sweep; dropping `stop` ends it.
+struct Sweeper {
+    stop: crossbeam::channel::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 /// Starts every stage; returns once the broker accepts connections.
 pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
     let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
+    let retention = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
     let keys = KeyRing::load_or_create(&config.storage.key_file)?;
     let vault = Vault::open(&config.storage.vault_file, &keys)?;
     let privacy = PrivacyShared::new(
@@ -241,6 +254,16 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         },
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;
+    let retention = match config.retention.sweep_interval_secs {
+        0 => None,
+        secs => Some(spawn_sweeper(
+            retention,
+            data_dir.clone(),
+            config.retention.audit_file.clone(),
+            Duration::from_secs(secs),
+            metrics.clone(),
+        )?),
+    };
     let embedded = broker::start(&config.broker, "fleetgate-ingest")?;
     let stop = Arc::new(AtomicBool::new(false));
     let sink = match config.pipeline.sink {
@@ -273,7 +296,42 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         tracker,
         privacy,
         admin,
+        retention,
     })
+}
+
+/// Sweeps expired partitions every `every`, with the real clock, auditing
+/// each deletion and counting its rows.
+fn spawn_sweeper(
+    retention: Retention,
+    data_dir: PathBuf,
+    audit_file: PathBuf,
+    every: Duration,
+    metrics: Arc<Metrics>,
+) -> Result<Sweeper> {
+    let (stop, stopped) = bounded::<()>(0);
+    let thread = std::thread::Builder::new()
+        .name("retention".into())
+        .spawn(move || {
+            while let Err(crossbeam::channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                let now = ingest::now_ms();
+                let swept = retention::sweep(&data_dir, &retention, now, false)
+                    .and_then(|deletions| retention::audit(&audit_file, now, &deletions).map(|()| deletions));
+                match swept {
+                    Ok(deletions) => {
+                        for d in &deletions {
+                            if let Some(counters) = metrics.table(&d.table) {
+                                counters.rows_expired.fetch_add(d.rows, Ordering::Relaxed);
+                            }
+                            tracing::info!(table = %d.table, partition = %d.partition, rows = d.rows, "expired partition deleted");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
+                }
+            }
+        })
+        .map_err(ServerError::RetentionThread)?;
+    Ok(Sweeper { stop, thread })
 }
 
 /// A queue-depth gauge reading a clone of the queue's receiving end.
@@ -336,6 +394,10 @@ impl ServerHandle {
             log.close()?;
         }
         self.admin.stop();
+        if let Some(sweeper) = self.retention {
+            drop(sweeper.stop);
+            join("retention", sweeper.thread)?;
+        }
         let pending = self.tracker.pending_count();
         if pending > 0 {
             tracing::error!(

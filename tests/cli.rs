@@ -1,7 +1,8 @@
 //! The `fleetgate` binary as a user runs it: `serve` on port 0 prints where it
 //! listens, SIGTERM stores everything received and exits 0, and `sql` prints
 //! the rows in each output format. Also: a config file with an unknown key
-//! is refused with the key named.
+//! is refused with the key named, and `admin retention` lists (dry run) and
+//! deletes expired partitions.
 
 mod common;
 
@@ -10,19 +11,30 @@ use std::process::Command;
 use common::*;
 use fleetgate::schema::Stream;
 
-fn sql(dir: &std::path::Path, format: &str, statement: &str) -> String {
+/// Runs the binary, which must succeed, and returns what it printed.
+fn fleetgate(args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(BIN)
-        .args(["sql", "--data-dir"])
-        .arg(dir.join("data"))
-        .args(["--format", format, statement])
+        .args(args)
         .output()
-        .expect("run fleetgate sql");
+        .expect("run fleetgate");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf8")
+}
+
+fn sql(dir: &std::path::Path, format: &str, statement: &str) -> String {
+    let data = dir.join("data");
+    fleetgate(&[
+        "sql".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--format".as_ref(),
+        format.as_ref(),
+        statement.as_ref(),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,4 +98,59 @@ fn unknown_config_key_is_refused_by_name() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("rol_rows"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_retention_lists_then_deletes_expired_partitions() {
+    let server = TestServer::start();
+    let vin = "WMW11DJ04N2T00001";
+    let three_days_ago = fleetgate::ingest::now_ms() - 3 * 86_400_000;
+    let probe = rtti_probe(vin, three_days_ago);
+    publish_all(server.handle.mqtt_addr(), &[probe]).await;
+    let data = server.data_dir();
+    let audit = server.config.retention.audit_file.clone();
+    server.handle.shutdown().expect("shutdown");
+    let config = server.dir.path().join("fleetgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[retention]\naudit_file = {:?}\n",
+            audit.display().to_string()
+        ),
+    )
+    .expect("config");
+    let admin = |extra: &[&str]| {
+        let mut args = vec![
+            "admin".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "retention".as_ref(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        fleetgate(&args)
+    };
+    let parquet = || {
+        files_under(&data.join("rtti"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .count()
+    };
+    let planned = admin(&["--dry-run"]);
+    assert!(planned.contains("would delete rtti/date="), "{planned}");
+    assert!(
+        planned.contains("expired under rtti_probe_data"),
+        "{planned}"
+    );
+    assert_eq!(parquet(), 1, "a dry run deletes nothing");
+    assert!(!audit.exists(), "a dry run audits nothing");
+    let done = admin(&[]);
+    assert!(done.contains("1 partitions deleted"), "{done}");
+    assert_eq!(parquet(), 0);
+    assert!(
+        std::fs::read_to_string(&audit)
+            .expect("audit")
+            .contains("rtti_probe_data")
+    );
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use fleetgate::query::{self, QueryError};
+use fleetgate::retention::Retention;
 use fleetgate::schema::Registry;
 use serde::Serialize;
 
@@ -60,9 +61,11 @@ pub async fn time_suite(
     hot_runs: usize,
 ) -> Result<Vec<Timing>, QueryError> {
     let registry = Registry::load()?;
+    let retention = Retention::load(None, &registry)?;
     let mut out = Vec::new();
     for q in suite {
-        let ctx = query::session_with(data_dir, &registry).await?;
+        let ctx =
+            query::session_at(data_dir, &registry, &retention, fleetgate::ingest::now_ms()).await?;
         let started = Instant::now();
         let rows: usize = query::run(&ctx, &q.sql)
             .await?

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int32Type, Int64Type};
 use fleetgate::pseudo::{self, KeyRing};
+use fleetgate::retention::Retention;
 use fleetgate::schema::{INTERNAL_DOMAIN, Registry, Stream, StreamSchema, Transform};
 use fleetgate::vault::Vault;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,8 @@ pub enum VerifyError {
     Schema(#[from] fleetgate::schema::SchemaError),
     #[error(transparent)]
     Query(#[from] fleetgate::query::QueryError),
+    #[error(transparent)]
+    Retention(#[from] fleetgate::retention::RetentionError),
     #[error("unexpected column type in {stream}.{column}")]
     Column {
         stream: &'static str,
@@ -102,7 +105,13 @@ pub async fn verify(manifest: &Manifest, store: &StoreLocation) -> Result<Verdic
     let keys = KeyRing::load_or_create(&store.key_file)?;
     let vault = Vault::open(&store.vault_file, &keys)?;
     let registry = Registry::load()?;
-    let ctx = fleetgate::query::session_with(&store.data_dir, &registry).await?;
+    let ctx = fleetgate::query::session_at(
+        &store.data_dir,
+        &registry,
+        &Retention::load(None, &registry)?,
+        fleetgate::ingest::now_ms(),
+    )
+    .await?;
     let mut streams = Vec::new();
     for stream in Stream::ALL {
         let schema = registry.get(stream);

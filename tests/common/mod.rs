@@ -96,9 +96,32 @@ pub async fn publish_all(addr: std::net::SocketAddr, messages: &[(String, Vec<u8
     client.disconnect().await.ok();
 }
 
-/// Runs SQL through fleetgate's query entry point.
+/// The clock the tests query at: 2026-11-24T12:00:00Z, hours after the
+/// newest example record, so that every retention rule still keeps them
+/// whatever today's date is. `tests/retention.rs` moves it on purpose.
+pub const TEST_NOW_MS: i64 = 1_795_521_600_000;
+
+/// An RTTI probe of `vin` at `ts_ms`, as its topic and payload.
+pub fn rtti_probe(vin: &str, ts_ms: i64) -> (String, Vec<u8>) {
+    (
+        format!("vehicles/{vin}/rtti"),
+        format!(r#"{{"vin":"{vin}","ts":{ts_ms},"seq":1,"latitude":59.3,"longitude":18.0}}"#)
+            .into_bytes(),
+    )
+}
+
+/// Runs SQL through fleetgate's query entry point, as seen at [`TEST_NOW_MS`].
 pub async fn query(data_dir: &Path, sql: &str) -> Vec<RecordBatch> {
-    let ctx = fleetgate::query::session(data_dir).await.expect("session");
+    query_at(data_dir, sql, TEST_NOW_MS).await
+}
+
+/// Runs SQL as seen at `now_ms`, under the built-in retention rules.
+pub async fn query_at(data_dir: &Path, sql: &str, now_ms: i64) -> Vec<RecordBatch> {
+    let registry = fleetgate::schema::Registry::load().expect("schemas");
+    let retention = fleetgate::retention::Retention::load(None, &registry).expect("rules");
+    let ctx = fleetgate::query::session_at(data_dir, &registry, &retention, now_ms)
+        .await
+        .expect("session");
     fleetgate::query::run(&ctx, sql).await.expect("query runs")
 }
 
@@ -304,9 +327,14 @@ impl ServeProcess {
     }
 }
 
-/// A single-number query result.
+/// A single-number query result, as seen at [`TEST_NOW_MS`].
 pub async fn count(data_dir: &Path, sql: &str) -> i64 {
-    let batches = query(data_dir, sql).await;
+    count_at(data_dir, sql, TEST_NOW_MS).await
+}
+
+/// A single-number query result, as seen at `now_ms`.
+pub async fn count_at(data_dir: &Path, sql: &str, now_ms: i64) -> i64 {
+    let batches = query_at(data_dir, sql, now_ms).await;
     batches[0]
         .column(0)
         .as_any()

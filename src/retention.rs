@@ -1,0 +1,492 @@
+//! Retention: the rules of `schemas/retention.toml`, the query-time filter
+//! that hides every row past its rule, and the sweep that deletes hour
+//! partitions once every row in them has expired, with an audit line per
+//! deletion.
+//!
+//! Time is always passed in (`now_ms`), never read here, so tests move the
+//! clock instead of sleeping. A rule applies to the rows of one table that
+//! match its `when` (the first matching rule wins; each table ends with a
+//! rule without `when`), counting from the row's time column.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::{DataType, SchemaRef};
+use chrono::{DateTime, NaiveDate};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use serde::{Deserialize, Serialize};
+
+use crate::dead_letter;
+use crate::schema::Registry;
+use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir};
+
+/// The built-in rules.
+const BUILT_IN: &str = include_str!("../schemas/retention.toml");
+const HOUR_MS: i64 = 3_600_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    #[error("retention rules {origin}: {message}")]
+    Rules { origin: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading the footer of {path}: {source}")]
+    Footer {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+}
+
+pub type Result<T, E = RetentionError> = std::result::Result<T, E>;
+
+/// One retention rule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub table: String,
+    /// Which rows of the table it covers; none: every row no earlier rule covers.
+    pub when: Option<When>,
+    pub keep_days: Option<u32>,
+    pub keep_hours: Option<u32>,
+    /// The seed lines it comes from.
+    pub seed: String,
+    /// What was decided where the seed is silent or names an event.
+    pub choice: Option<String>,
+}
+
+/// A row matches when `field` equals `equals`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    pub field: String,
+    pub equals: WhenValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum WhenValue {
+    Bool(bool),
+    Text(String),
+}
+
+impl Rule {
+    /// How long a row under this rule is kept, in milliseconds.
+    pub fn keep_ms(&self) -> i64 {
+        i64::from(self.keep_days.unwrap_or(0)) * 24 * HOUR_MS
+            + i64::from(self.keep_hours.unwrap_or(0)) * HOUR_MS
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    rule: Vec<Rule>,
+}
+
+/// The rules of every table, checked against the tables' columns.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    tables: BTreeMap<String, Vec<Rule>>,
+}
+
+/// The column a table's rules count from.
+pub fn time_column(table: &str) -> &'static str {
+    if table == dead_letter::TABLE {
+        crate::schema::RECEIVED_AT_COLUMN
+    } else {
+        "ts"
+    }
+}
+
+impl Retention {
+    /// Loads `file`, or the built-in rules, and checks them against the
+    /// stream schemas and the dead-letter table.
+    pub fn load(file: Option<&Path>, registry: &Registry) -> Result<Self> {
+        let (origin, text) = match file {
+            Some(path) => (
+                path.display().to_string(),
+                fs::read_to_string(path).map_err(|source| RetentionError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            ),
+            None => ("schemas/retention.toml".to_owned(), BUILT_IN.to_owned()),
+        };
+        let error = |message: String| RetentionError::Rules {
+            origin: origin.clone(),
+            message,
+        };
+        let parsed: RulesFile = toml::from_str(&text).map_err(|e| error(e.to_string()))?;
+        let schemas: BTreeMap<String, SchemaRef> = registry
+            .iter()
+            .map(|s| (s.stream.name().to_owned(), s.arrow.clone()))
+            .chain([(dead_letter::TABLE.to_owned(), dead_letter::arrow_schema())])
+            .collect();
+        let mut tables: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
+        for rule in parsed.rule {
+            let Some(schema) = schemas.get(&rule.table) else {
+                return Err(error(format!(
+                    "rule {:?} names no table {:?}",
+                    rule.name, rule.table
+                )));
+            };
+            if rule.keep_ms() <= 0 || (rule.keep_days.is_some() && rule.keep_hours.is_some()) {
+                return Err(error(format!(
+                    "rule {:?} needs exactly one of keep_days and keep_hours, above zero",
+                    rule.name
+                )));
+            }
+            if let Some(when) = &rule.when {
+                let expected = match when.equals {
+                    WhenValue::Bool(_) => DataType::Boolean,
+                    WhenValue::Text(_) => DataType::Utf8,
+                };
+                match schema.field_with_name(&when.field) {
+                    Ok(f) if *f.data_type() == expected => {}
+                    _ => {
+                        return Err(error(format!(
+                            "rule {:?}: {} has no {expected} column {:?}",
+                            rule.name, rule.table, when.field
+                        )));
+                    }
+                }
+            }
+            let rules = tables.entry(rule.table.clone()).or_default();
+            if rules.last().is_some_and(|r| r.when.is_none()) {
+                return Err(error(format!(
+                    "rule {:?} follows {}'s catch-all rule and would never apply",
+                    rule.name, rule.table
+                )));
+            }
+            rules.push(rule);
+        }
+        for table in schemas.keys() {
+            match tables.get(table).and_then(|r| r.last()) {
+                Some(last) if last.when.is_none() => {}
+                _ => {
+                    return Err(error(format!(
+                        "table {table} needs a last rule without `when`, so that no row is kept forever"
+                    )));
+                }
+            }
+        }
+        Ok(Self { tables })
+    }
+
+    /// Every rule, table by table.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.tables.values().flatten()
+    }
+
+    fn table(&self, table: &str) -> &[Rule] {
+        self.tables.get(table).map_or(&[], Vec::as_slice)
+    }
+
+    /// Rows of `table` older than this are expired under every rule.
+    pub fn oldest_kept_ms(&self, table: &str, now_ms: i64) -> i64 {
+        let longest = self
+            .table(table)
+            .iter()
+            .map(Rule::keep_ms)
+            .max()
+            .unwrap_or(0);
+        now_ms - longest
+    }
+
+    /// The SQL condition of the rows of `table` still visible at `now_ms`:
+    /// each row against its own rule's cutoff, plus the hour partitions that
+    /// can still hold such rows, so that expired partitions are never opened.
+    pub fn visible_sql(&self, table: &str, now_ms: i64) -> String {
+        let time = time_column(table);
+        let kept_since =
+            |rule: &Rule| format!("{time} >= to_timestamp_millis({})", now_ms - rule.keep_ms());
+        let mut case = String::from("CASE");
+        let mut otherwise = "false".to_owned();
+        for rule in self.table(table) {
+            match &rule.when {
+                Some(when) => {
+                    let value = match &when.equals {
+                        WhenValue::Bool(b) => b.to_string(),
+                        WhenValue::Text(t) => format!("'{}'", t.replace('\'', "''")),
+                    };
+                    case.push_str(&format!(
+                        " WHEN \"{}\" = {value} THEN {}",
+                        when.field.replace('"', "\"\""),
+                        kept_since(rule)
+                    ));
+                }
+                None => otherwise = kept_since(rule),
+            }
+        }
+        let date = DateTime::from_timestamp_millis(self.oldest_kept_ms(table, now_ms))
+            .unwrap_or_default()
+            .date_naive();
+        let per_row = if case == "CASE" {
+            otherwise
+        } else {
+            format!("{case} ELSE {otherwise} END")
+        };
+        format!("date >= DATE '{date}' AND ({per_row})")
+    }
+}
+
+/// One partition the sweep deleted, or would delete.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Deletion {
+    pub table: String,
+    /// `date=YYYY-MM-DD/hour=HH`.
+    pub partition: String,
+    pub files: usize,
+    pub rows: u64,
+    /// The rules its rows fell under: every rule of the table has expired it.
+    pub rules: Vec<String>,
+}
+
+/// Deletes every hour partition whose rows have all expired at `now_ms`
+/// (or, with `dry_run`, only lists them). Partitions still holding rows
+/// some rule keeps are not opened; rows of theirs that expired are hidden
+/// from queries until the whole partition expires.
+pub fn sweep(
+    data_dir: &Path,
+    retention: &Retention,
+    now_ms: i64,
+    dry_run: bool,
+) -> Result<Vec<Deletion>> {
+    let mut out = Vec::new();
+    for (table, rules) in &retention.tables {
+        let dir = table_dir(data_dir, table);
+        let oldest_kept = retention.oldest_kept_ms(table, now_ms);
+        for (key, partition_dir) in partitions(&dir)? {
+            let (days, hour) = key.to_parts();
+            let hour_end = (i64::from(days) * 24 + i64::from(hour) + 1) * HOUR_MS;
+            if hour_end > oldest_kept {
+                continue;
+            }
+            let files = parquet_files(&partition_dir)?;
+            let mut rows = 0u64;
+            for file in &files {
+                rows += footer_rows(file)?;
+            }
+            if !dry_run {
+                delete_partition(&partition_dir, &files)?;
+            }
+            out.push(Deletion {
+                table: table.clone(),
+                partition: key.relative_dir().display().to_string(),
+                files: files.len(),
+                rows,
+                rules: rules.iter().map(|r| r.name.clone()).collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Appends one JSON line per deletion to the audit log (fsync'd): what was
+/// deleted, when and under which rules; never the data itself.
+pub fn audit(audit_file: &Path, now_ms: i64, deletions: &[Deletion]) -> Result<()> {
+    if deletions.is_empty() {
+        return Ok(());
+    }
+    let io = |source| RetentionError::Io {
+        path: audit_file.to_owned(),
+        source,
+    };
+    if let Some(dir) = audit_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io)?;
+    }
+    let at = DateTime::from_timestamp_millis(now_ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
+    let mut text = String::new();
+    for d in deletions {
+        let line = serde_json::json!({
+            "at": at,
+            "action": "delete_partition",
+            "table": d.table,
+            "partition": d.partition,
+            "files": d.files,
+            "rows": d.rows,
+            "rules": d.rules,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(audit_file)
+        .map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_data().map_err(io)
+}
+
+/// The hour partitions under a table directory.
+fn partitions(table_dir: &Path) -> Result<Vec<(PartitionKey, PathBuf)>> {
+    let mut out = Vec::new();
+    for date_dir in subdirs(table_dir)? {
+        let Some(date) = dir_value(&date_dir, "date=")
+            .and_then(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").ok())
+        else {
+            continue;
+        };
+        for hour_dir in subdirs(&date_dir)? {
+            let Some(hour) = dir_value(&hour_dir, "hour=").and_then(|h| h.parse::<u8>().ok())
+            else {
+                continue;
+            };
+            let days = (date - NaiveDate::default()).num_days() as i32;
+            if let Some(key) = PartitionKey::from_parts(days, hour) {
+                out.push((key, hour_dir));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(RetentionError::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    Ok(entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect())
+}
+
+fn dir_value(dir: &Path, prefix: &str) -> Option<String> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix(prefix)
+        .map(str::to_owned)
+}
+
+fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(dir).map_err(|source| RetentionError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok(entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == PARQUET_EXTENSION))
+        .collect())
+}
+
+fn footer_rows(file: &Path) -> Result<u64> {
+    let footer = |source| RetentionError::Footer {
+        path: file.to_owned(),
+        source,
+    };
+    let handle = fs::File::open(file).map_err(|source| RetentionError::Io {
+        path: file.to_owned(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(handle).map_err(footer)?;
+    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
+/// Removes a partition's committed files, then whatever else is left in
+/// it (an uncommitted file of a writer that raced the sweep stays and keeps
+/// the directory), then the date directory if it is empty. A crash midway
+/// leaves fewer expired files, which stay hidden and go at the next sweep.
+fn delete_partition(dir: &Path, files: &[PathBuf]) -> Result<()> {
+    for file in files {
+        fs::remove_file(file).map_err(|source| RetentionError::Io {
+            path: file.clone(),
+            source,
+        })?;
+    }
+    // Not empty (a late file arrived): keep the directory; the next sweep takes it.
+    if fs::remove_dir(dir).is_ok()
+        && let Some(date_dir) = dir.parent()
+    {
+        let _ = fs::remove_dir(date_dir);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Retention> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rules.toml");
+        fs::write(&path, text).expect("write");
+        Retention::load(Some(&path), &Registry::load().expect("schemas"))
+    }
+
+    fn message(result: Result<Retention>) -> String {
+        result.expect_err("rejected").to_string()
+    }
+
+    #[test]
+    fn built_in_rules_cover_every_table() {
+        let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+        assert!(rules.rules().count() >= 6);
+        assert!(rules.rules().all(|r| !r.seed.is_empty()));
+    }
+
+    #[test]
+    fn a_table_without_a_catch_all_rule_is_refused_by_name() {
+        let without_dead_letters: String = BUILT_IN
+            .split("[[rule]]")
+            .filter(|r| !r.contains("table = \"dead_letters\""))
+            .collect::<Vec<_>>()
+            .join("[[rule]]");
+        assert!(
+            message(load(&without_dead_letters)).contains("table dead_letters needs a last rule")
+        );
+    }
+
+    #[test]
+    fn rules_naming_unknown_columns_or_keeping_nothing_are_refused() {
+        let rule = |extra: &str| {
+            format!("{BUILT_IN}\n[[rule]]\nname = \"x\"\ntable = \"rtti\"\nseed = \"s\"\n{extra}\n")
+        };
+        assert!(message(load(&rule("keep_days = 0"))).contains("exactly one of keep_days"));
+        assert!(
+            message(load(&rule("keep_days = 1\nkeep_hours = 1")))
+                .contains("exactly one of keep_days")
+        );
+        assert!(message(load(&rule("keep_days = 1"))).contains("would never apply"));
+        let unknown = BUILT_IN.replace("field = \"remote_managed\"", "field = \"no_such_column\"");
+        assert!(message(load(&unknown)).contains("no_such_column"));
+        let wrong_type = BUILT_IN.replace("equals = true", "equals = \"yes\"");
+        assert!(message(load(&wrong_type)).contains("remote_managed"));
+    }
+
+    #[test]
+    fn visibility_is_one_condition_per_rule_and_a_partition_bound() {
+        let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+        let now = 1_795_521_600_000; // 2026-11-24T12:00:00Z
+        let sql = rules.visible_sql("charging", now);
+        assert!(sql.starts_with("date >= DATE '2025-11-24'"), "{sql}");
+        assert!(
+            sql.contains(
+                "WHEN \"remote_managed\" = true THEN ts >= to_timestamp_millis(1795435200000)"
+            ),
+            "{sql}"
+        );
+        let rtti = rules.visible_sql("rtti", now);
+        assert_eq!(
+            rtti,
+            "date >= DATE '2026-11-23' AND (ts >= to_timestamp_millis(1795435200000))"
+        );
+    }
+}

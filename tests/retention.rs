@@ -1,0 +1,263 @@
+//! Retention, with the clock moved instead of waited for: for every rule
+//! of `schemas/retention.toml`, a row is visible through SQL just before
+//! its deadline and gone just after, while rows under longer rules stay;
+//! the sweep deletes an hour partition exactly once every row in it has
+//! expired, records the deletion in the audit log, and a dry run deletes
+//! nothing.
+
+mod common;
+
+use common::*;
+use fleetgate::retention::{self, Retention};
+use fleetgate::schema::{Registry, Stream};
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// Every record's vehicle timestamp: 2026-11-24T12:00:00Z, the start of an hour.
+const T: i64 = TEST_NOW_MS;
+const VIN: &str = "WMW11DJ04N2T00001";
+
+fn publish(stream: Stream, body: &str) -> (String, Vec<u8>) {
+    (
+        format!("vehicles/{VIN}/{}", stream.name()),
+        format!(r#"{{"vin":"{VIN}","ts":{T},{body}}}"#).into_bytes(),
+    )
+}
+
+/// One record per rule, all at `T`, stored and committed.
+async fn store_one_row_per_rule() -> TestServer {
+    let server = TestServer::start();
+    let messages = vec![
+        publish(
+            Stream::Teleservice,
+            r#""seq":1,"trigger":"hv_warn","hv_incident_id":"HV-1""#,
+        ),
+        publish(
+            Stream::Teleservice,
+            r#""seq":2,"trigger":"monthly","mileage_km":100"#,
+        ),
+        publish(Stream::Rtti, r#""seq":1,"latitude":59.3,"longitude":18.0"#),
+        publish(
+            Stream::Diagnostics,
+            r#""seq":1,"ecu":"DME","severity":"info""#,
+        ),
+        publish(
+            Stream::Charging,
+            &format!(
+                r#""seq":1,"session_id":"S1","event":"start","started_at":{T},"remote_managed":true"#
+            ),
+        ),
+        publish(
+            Stream::Charging,
+            &format!(
+                r#""seq":2,"session_id":"S2","event":"start","started_at":{T},"remote_managed":false"#
+            ),
+        ),
+        // Not JSON: a dead letter, timed by its receipt.
+        (format!("vehicles/{VIN}/diagnostics"), b"not json".to_vec()),
+    ];
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    server
+}
+
+async fn visible(data: &std::path::Path, table: &str, now_ms: i64) -> i64 {
+    count_at(data, &format!("SELECT count(*) FROM {table}"), now_ms).await
+}
+
+async fn visible_where(data: &std::path::Path, table: &str, filter: &str, now_ms: i64) -> i64 {
+    count_at(
+        data,
+        &format!("SELECT count(*) FROM {table} WHERE {filter}"),
+        now_ms,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_hides_its_rows_at_its_deadline_and_not_before() {
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let received_at = {
+        let batches = query(
+            &data,
+            "SELECT CAST(max(received_at) AS BIGINT) FROM dead_letters",
+        )
+        .await;
+        batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .expect("received_at")
+            .value(0)
+    };
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let keep = |name: &str| {
+        rules
+            .rules()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("rule {name}"))
+            .keep_ms()
+    };
+    // (rule, table, filter selecting its row, time the row counts from)
+    let cases = [
+        ("hv_warn_call", "teleservice", "\"trigger\" = 'hv_warn'", T),
+        (
+            "teleservice_case_data",
+            "teleservice",
+            "\"trigger\" = 'monthly'",
+            T,
+        ),
+        ("rtti_probe_data", "rtti", "true", T),
+        ("diagnostic_evaluation", "diagnostics", "true", T),
+        ("remote_charge_management", "charging", "remote_managed", T),
+        ("charge_history", "charging", "NOT remote_managed", T),
+        ("dead_letters", "dead_letters", "true", received_at),
+    ];
+    assert_eq!(cases.len(), rules.rules().count(), "a case for every rule");
+    for (rule, table, filter, from) in cases {
+        let deadline = from + keep(rule);
+        assert_eq!(
+            visible_where(&data, table, filter, deadline - 1).await,
+            1,
+            "{rule}: visible just before its deadline"
+        );
+        assert_eq!(
+            visible_where(&data, table, filter, deadline + 1).await,
+            0,
+            "{rule}: hidden just after its deadline"
+        );
+    }
+    // A shorter rule hides only its own rows: the monthly call outlives the HV warn call.
+    assert_eq!(
+        visible(&data, "teleservice", T + keep("hv_warn_call") + 1).await,
+        1
+    );
+    assert_eq!(
+        visible(&data, "charging", T + keep("remote_charge_management") + 1).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it() {
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    let audit_file = server.config.retention.audit_file.clone();
+    server.handle.shutdown().expect("shutdown");
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let partition = data.join("rtti/date=2026-11-24/hour=12");
+    assert!(!parquet_in(&partition).is_empty());
+    // The partition holds 12:00-13:00; RTTI is kept 24 hours.
+    let all_expired = T + HOUR_MS + DAY_MS;
+
+    let none = retention::sweep(&data, &rules, all_expired - 1, false).expect("sweep");
+    assert!(none.iter().all(|d| d.table != "rtti"), "{none:?}");
+    assert!(!parquet_in(&partition).is_empty());
+
+    let planned = retention::sweep(&data, &rules, all_expired, true).expect("dry run");
+    let rtti: Vec<_> = planned.iter().filter(|d| d.table == "rtti").collect();
+    assert_eq!(rtti.len(), 1);
+    assert_eq!(
+        (rtti[0].rows, rtti[0].partition.as_str()),
+        (1, "date=2026-11-24/hour=12")
+    );
+    assert!(
+        !parquet_in(&partition).is_empty(),
+        "a dry run deletes nothing"
+    );
+
+    let deleted = retention::sweep(&data, &rules, all_expired, false).expect("sweep");
+    retention::audit(&audit_file, all_expired, &deleted).expect("audit");
+    assert_eq!(deleted, planned);
+    assert!(!partition.exists(), "the expired partition is gone");
+    // Every other table keeps its rows for longer.
+    for table in ["teleservice", "diagnostics", "charging"] {
+        assert!(
+            files_under(&data.join(table))
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+        );
+    }
+    let audit = std::fs::read_to_string(&audit_file).expect("audit log");
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["table"], "rtti");
+    assert_eq!(lines[0]["rows"], 1);
+    assert_eq!(lines[0]["rules"], serde_json::json!(["rtti_probe_data"]));
+    assert!(
+        !audit.contains(VIN) && !audit.contains("59.3"),
+        "no data in the audit: {audit}"
+    );
+
+    // Charging: the partition goes only when its longest rule (charge history) has expired it.
+    let charging = data.join("charging/date=2026-11-24/hour=12");
+    let keep_history = rules
+        .rules()
+        .find(|r| r.name == "charge_history")
+        .expect("rule")
+        .keep_ms();
+    retention::sweep(&data, &rules, T + HOUR_MS + keep_history - 1, false).expect("sweep");
+    assert!(!parquet_in(&charging).is_empty());
+    retention::sweep(&data, &rules, T + HOUR_MS + keep_history, false).expect("sweep");
+    assert!(!charging.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_cannot_be_reached_by_any_statement() {
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let later = T + 2 * DAY_MS;
+    assert_eq!(visible(&data, "rtti", later).await, 0);
+    // The Parquet files behind the views are not tables of the session.
+    let base_tables = count_at(
+        &data,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_type <> 'VIEW'",
+        later,
+    )
+    .await;
+    // Only tables with no files yet are plain (empty) tables; every stored one is a view.
+    assert_eq!(base_tables, 0);
+    for sql in [
+        "SELECT count(*) FROM (SELECT * FROM rtti UNION ALL SELECT * FROM rtti) AS t",
+        "WITH r AS (SELECT * FROM rtti) SELECT count(*) FROM r",
+        "SELECT count(*) FROM rtti WHERE ts < now()",
+    ] {
+        assert_eq!(count_at(&data, sql, later).await, 0, "{sql}");
+    }
+}
+
+fn parquet_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect()
+}
+
+/// The server's own sweep, on the real clock: a probe from three days ago
+/// is stored, then deleted by the background sweep, counted and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sweeps_expired_partitions_in_the_background() {
+    let server = TestServer::start_with(|c| c.retention.sweep_interval_secs = 1);
+    let three_days_ago = fleetgate::ingest::now_ms() - 3 * DAY_MS;
+    let probe = rtti_probe(VIN, three_days_ago);
+    publish_all(server.handle.mqtt_addr(), &[probe]).await;
+    let metrics = server.handle.metrics().clone();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let rtti = || &metrics.stream(Stream::Rtti).table;
+    wait_for(|| rtti().rows_stored.load(relaxed) == 1);
+    wait_for(|| rtti().rows_expired.load(relaxed) == 1);
+    let data = server.data_dir();
+    let audit_file = server.config.retention.audit_file.clone();
+    server.handle.shutdown().expect("shutdown");
+    assert!(parquet_in(&data.join("rtti")).is_empty());
+    let audit = std::fs::read_to_string(audit_file).expect("audit log");
+    assert!(audit.contains(r#""table":"rtti""#), "{audit}");
+}
