@@ -249,16 +249,23 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
     let rules = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
     let now = fleetgate::ingest::now_ms();
-    let deletions = retention::sweep(&config.storage.data_dir, &rules, now, dry_run)?;
+    let run = retention::SweepRun {
+        now_ms: now,
+        since_ms: None,
+        zstd_level: config.storage.zstd_level,
+        dry_run,
+    };
+    let deletions = retention::sweep(&config.storage.data_dir, &rules, run)?;
     if !dry_run {
         retention::audit(&config.retention.audit_file, now, &deletions)?;
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {
         println!(
-            "{verb} {}/{}: {} rows in {} files, expired under {}",
+            "{verb} {}/{} ({}): {} rows in {} files, expired under {}",
             d.table,
             d.partition,
+            d.action,
             d.rows,
             d.files,
             d.rules.join(", ")
@@ -269,7 +276,8 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     } else {
         "deleted"
     };
-    println!("{} partitions {outcome}", deletions.len());
+    let rows: u64 = deletions.iter().map(|d| d.rows).sum();
+    println!("{outcome}: {rows} rows ({} deletions)", deletions.len());
     Ok(())
 }
 

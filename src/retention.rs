@@ -1,7 +1,7 @@
 //! Retention: the rules of `schemas/retention.toml`, the query-time filter
-//! that hides every row past its rule, and the sweep that deletes hour
-//! partitions once every row in them has expired, with an audit line per
-//! deletion.
+//! that hides every row past its rule, and the sweep that deletes expired
+//! rows from disk (whole hour partitions, or files rewritten without them),
+//! with an audit line per deletion.
 //!
 //! Time is always passed in (`now_ms`), never read here, so tests move the
 //! clock instead of sleeping. A rule applies to the rows of one table that
@@ -13,14 +13,18 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, SchemaRef, TimestampMillisecondType};
 use chrono::{DateTime, NaiveDate};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::dead_letter;
 use crate::schema::Registry;
-use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir};
+use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir, writer_properties};
 
 /// The built-in rules.
 const BUILT_IN: &str = include_str!("../schemas/retention.toml");
@@ -35,11 +39,15 @@ pub enum RetentionError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("reading the footer of {path}: {source}")]
-    Footer {
+    #[error("{path}: {source}")]
+    Parquet {
         path: PathBuf,
         source: parquet::errors::ParquetError,
     },
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 pub type Result<T, E = RetentionError> = std::result::Result<T, E>;
@@ -236,56 +244,230 @@ impl Retention {
     }
 }
 
-/// One partition the sweep deleted, or would delete.
+/// One deletion the sweep made, or would make.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Deletion {
+    /// `delete_partition`: every row of the partition had expired;
+    /// `rewrite_file`: the file was rewritten without its expired rows;
+    /// `delete_file`: every row of the file had expired.
+    pub action: &'static str,
     pub table: String,
     /// `date=YYYY-MM-DD/hour=HH`.
     pub partition: String,
     pub files: usize,
     pub rows: u64,
-    /// The rules its rows fell under: every rule of the table has expired it.
+    /// The rules the deleted rows fell under.
     pub rules: Vec<String>,
 }
 
-/// Deletes every hour partition whose rows have all expired at `now_ms`
-/// (or, with `dry_run`, only lists them). Partitions still holding rows
-/// some rule keeps are not opened; rows of theirs that expired are hidden
-/// from queries until the whole partition expires.
-pub fn sweep(
-    data_dir: &Path,
-    retention: &Retention,
-    now_ms: i64,
-    dry_run: bool,
-) -> Result<Vec<Deletion>> {
+/// One run of the sweep.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepRun {
+    pub now_ms: i64,
+    /// When this process swept last: rows that expired before then are gone
+    /// already, so only files that can hold rows expired since are read.
+    /// `None` reads every file that can hold expired rows.
+    pub since_ms: Option<i64>,
+    /// zstd level of rewritten files.
+    pub zstd_level: i32,
+    /// List what would be deleted; delete nothing.
+    pub dry_run: bool,
+}
+
+/// Deletes what has expired at `run.now_ms`: every hour partition whose rows
+/// have all expired under the table's rules, without opening its files; and,
+/// where a table has shorter rules for some rows (HV warn calls, remote
+/// charge management), those rows, by rewriting each file that holds them
+/// (write a new file, fsync, rename over the old one, fsync the directory:
+/// a crash leaves the old file or the new one, never both, never neither).
+/// Only partitions where rows can have expired since the last sweep are
+/// opened, so the cost grows with what is deleted, not with the store.
+pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Vec<Deletion>> {
     let mut out = Vec::new();
     for (table, rules) in &retention.tables {
         let dir = table_dir(data_dir, table);
-        let oldest_kept = retention.oldest_kept_ms(table, now_ms);
+        let oldest_kept = retention.oldest_kept_ms(table, run.now_ms);
+        let longest = rules.iter().map(Rule::keep_ms).max().unwrap_or(0);
+        let shorter: Vec<&Rule> = rules
+            .iter()
+            .filter(|r| r.when.is_some() && r.keep_ms() < longest)
+            .collect();
         for (key, partition_dir) in partitions(&dir)? {
             let (days, hour) = key.to_parts();
-            let hour_end = (i64::from(days) * 24 + i64::from(hour) + 1) * HOUR_MS;
-            if hour_end > oldest_kept {
+            let hour_start = (i64::from(days) * 24 + i64::from(hour)) * HOUR_MS;
+            let hour_end = hour_start + HOUR_MS;
+            let partition = key.relative_dir().display().to_string();
+            if hour_end <= oldest_kept {
+                let files = parquet_files(&partition_dir)?;
+                let mut rows = 0u64;
+                for file in &files {
+                    rows += footer_rows(file)?;
+                }
+                if !run.dry_run {
+                    delete_partition(&partition_dir, &files)?;
+                }
+                out.push(Deletion {
+                    action: "delete_partition",
+                    table: table.clone(),
+                    partition,
+                    files: files.len(),
+                    rows,
+                    rules: rules.iter().map(|r| r.name.clone()).collect(),
+                });
                 continue;
             }
-            let files = parquet_files(&partition_dir)?;
-            let mut rows = 0u64;
-            for file in &files {
-                rows += footer_rows(file)?;
-            }
-            if !dry_run {
-                delete_partition(&partition_dir, &files)?;
-            }
-            out.push(Deletion {
-                table: table.clone(),
-                partition: key.relative_dir().display().to_string(),
-                files: files.len(),
-                rows,
-                rules: rules.iter().map(|r| r.name.clone()).collect(),
+            let expiring_here = shorter.iter().any(|r| {
+                let cutoff = run.now_ms - r.keep_ms();
+                let swept_up_to = run.since_ms.map(|s| s - r.keep_ms());
+                hour_start < cutoff && swept_up_to.is_none_or(|p| hour_end > p)
             });
+            if !expiring_here {
+                continue;
+            }
+            remove_stale_rewrites(&partition_dir)?;
+            for file in parquet_files(&partition_dir)? {
+                if let Some(deletion) = rewrite(&file, table, rules, &partition, run)? {
+                    out.push(deletion);
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// Suffix of a file being rewritten; never read by queries.
+const REWRITE_SUFFIX: &str = "rewrite";
+
+/// Rewrites `file` without the rows expired at `run.now_ms`, keeping its
+/// footer metadata (table, schema version, the WAL entries it covers).
+fn rewrite(
+    file: &Path,
+    table: &str,
+    rules: &[Rule],
+    partition: &str,
+    run: SweepRun,
+) -> Result<Option<Deletion>> {
+    let io = |source| RetentionError::Io {
+        path: file.to_owned(),
+        source,
+    };
+    let parquet = |source| RetentionError::Parquet {
+        path: file.to_owned(),
+        source,
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(fs::File::open(file).map_err(io)?)
+        .map_err(parquet)?;
+    let metadata: Vec<(String, String)> = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| {
+            kv.iter()
+                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let schema = builder.schema().clone();
+    let mut kept = Vec::new();
+    let mut removed = 0u64;
+    let mut removed_by = std::collections::BTreeSet::new();
+    for batch in builder.build().map_err(parquet)? {
+        let batch = batch?;
+        let expired_under = expired_rules(&batch, table, rules, run.now_ms);
+        let keep: BooleanArray = expired_under.iter().map(|r| Some(r.is_none())).collect();
+        for rule in expired_under.iter().flatten() {
+            removed += 1;
+            removed_by.insert(rules[*rule].name.clone());
+        }
+        kept.push(filter_record_batch(&batch, &keep)?);
+    }
+    if removed == 0 {
+        return Ok(None);
+    }
+    let rows_left: usize = kept.iter().map(RecordBatch::num_rows).sum();
+    if !run.dry_run {
+        if rows_left == 0 {
+            fs::remove_file(file).map_err(io)?;
+        } else {
+            let temporary = file.with_extension(format!("{PARQUET_EXTENSION}.{REWRITE_SUFFIX}"));
+            let properties = writer_properties(run.zstd_level, 1 << 20, &metadata)?;
+            let output = fs::File::create(&temporary).map_err(io)?;
+            let mut writer =
+                ArrowWriter::try_new(output, schema, Some(properties)).map_err(parquet)?;
+            for batch in &kept {
+                writer.write(batch).map_err(parquet)?;
+            }
+            writer
+                .into_inner()
+                .map_err(parquet)?
+                .sync_all()
+                .map_err(io)?;
+            fs::rename(&temporary, file).map_err(io)?;
+        }
+        if let Some(dir) = file.parent() {
+            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+    }
+    Ok(Some(Deletion {
+        action: if rows_left == 0 {
+            "delete_file"
+        } else {
+            "rewrite_file"
+        },
+        table: table.to_owned(),
+        partition: partition.to_owned(),
+        files: 1,
+        rows: removed,
+        rules: removed_by.into_iter().collect(),
+    }))
+}
+
+/// Per row: the index of the rule it expired under at `now_ms`, if it has.
+fn expired_rules(
+    batch: &RecordBatch,
+    table: &str,
+    rules: &[Rule],
+    now_ms: i64,
+) -> Vec<Option<usize>> {
+    let time = batch
+        .column_by_name(time_column(table))
+        .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>());
+    let matches = |rule: &Rule, row: usize| -> bool {
+        let Some(when) = &rule.when else { return true };
+        let Some(column) = batch.column_by_name(&when.field) else {
+            return false;
+        };
+        if column.is_null(row) {
+            return false;
+        }
+        match &when.equals {
+            WhenValue::Bool(b) => column.as_boolean_opt().is_some_and(|c| c.value(row) == *b),
+            WhenValue::Text(t) => column
+                .as_string_opt::<i32>()
+                .is_some_and(|c| c.value(row) == t),
+        }
+    };
+    (0..batch.num_rows())
+        .map(|row| {
+            let time = time.filter(|t| t.is_valid(row))?.value(row);
+            let rule = rules.iter().position(|r| matches(r, row))?;
+            (time < now_ms - rules[rule].keep_ms()).then_some(rule)
+        })
+        .collect()
+}
+
+/// Removes what a crash left of an unfinished rewrite.
+fn remove_stale_rewrites(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|source| RetentionError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_some_and(|e| e == REWRITE_SUFFIX) {
+            fs::remove_file(&path).map_err(|source| RetentionError::Io { path, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// Appends one JSON line per deletion to the audit log (fsync'd): what was
@@ -308,7 +490,7 @@ pub fn audit(audit_file: &Path, now_ms: i64, deletions: &[Deletion]) -> Result<(
     for d in deletions {
         let line = serde_json::json!({
             "at": at,
-            "action": "delete_partition",
+            "action": d.action,
             "table": d.table,
             "partition": d.partition,
             "files": d.files,
@@ -388,7 +570,7 @@ fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn footer_rows(file: &Path) -> Result<u64> {
-    let footer = |source| RetentionError::Footer {
+    let footer = |source| RetentionError::Parquet {
         path: file.to_owned(),
         source,
     };

@@ -260,6 +260,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             retention,
             data_dir.clone(),
             config.retention.audit_file.clone(),
+            config.storage.zstd_level,
             Duration::from_secs(secs),
             metrics.clone(),
         )?),
@@ -306,6 +307,7 @@ fn spawn_sweeper(
     retention: Retention,
     data_dir: PathBuf,
     audit_file: PathBuf,
+    zstd_level: i32,
     every: Duration,
     metrics: Arc<Metrics>,
 ) -> Result<Sweeper> {
@@ -313,17 +315,24 @@ fn spawn_sweeper(
     let thread = std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || {
+            let mut since_ms = None;
             while let Err(crossbeam::channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                let now = ingest::now_ms();
-                let swept = retention::sweep(&data_dir, &retention, now, false)
-                    .and_then(|deletions| retention::audit(&audit_file, now, &deletions).map(|()| deletions));
+                let run = retention::SweepRun {
+                    now_ms: ingest::now_ms(),
+                    since_ms,
+                    zstd_level,
+                    dry_run: false,
+                };
+                let swept = retention::sweep(&data_dir, &retention, run)
+                    .and_then(|deletions| retention::audit(&audit_file, run.now_ms, &deletions).map(|()| deletions));
                 match swept {
                     Ok(deletions) => {
+                        since_ms = Some(run.now_ms);
                         for d in &deletions {
                             if let Some(counters) = metrics.table(&d.table) {
                                 counters.rows_expired.fetch_add(d.rows, Ordering::Relaxed);
                             }
-                            tracing::info!(table = %d.table, partition = %d.partition, rows = d.rows, "expired partition deleted");
+                            tracing::info!(table = %d.table, partition = %d.partition, action = d.action, rows = d.rows, "expired rows deleted");
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),

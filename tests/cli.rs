@@ -146,7 +146,7 @@ async fn admin_retention_lists_then_deletes_expired_partitions() {
     assert_eq!(parquet(), 1, "a dry run deletes nothing");
     assert!(!audit.exists(), "a dry run audits nothing");
     let done = admin(&[]);
-    assert!(done.contains("1 partitions deleted"), "{done}");
+    assert!(done.contains("deleted: 1 rows"), "{done}");
     assert_eq!(parquet(), 0);
     assert!(
         std::fs::read_to_string(&audit)

@@ -151,11 +151,11 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
     // The partition holds 12:00-13:00; RTTI is kept 24 hours.
     let all_expired = T + HOUR_MS + DAY_MS;
 
-    let none = retention::sweep(&data, &rules, all_expired - 1, false).expect("sweep");
+    let none = retention::sweep(&data, &rules, run(all_expired - 1, false)).expect("sweep");
     assert!(none.iter().all(|d| d.table != "rtti"), "{none:?}");
     assert!(!parquet_in(&partition).is_empty());
 
-    let planned = retention::sweep(&data, &rules, all_expired, true).expect("dry run");
+    let planned = retention::sweep(&data, &rules, run(all_expired, true)).expect("dry run");
     let rtti: Vec<_> = planned.iter().filter(|d| d.table == "rtti").collect();
     assert_eq!(rtti.len(), 1);
     assert_eq!(
@@ -167,7 +167,7 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
         "a dry run deletes nothing"
     );
 
-    let deleted = retention::sweep(&data, &rules, all_expired, false).expect("sweep");
+    let deleted = retention::sweep(&data, &rules, run(all_expired, false)).expect("sweep");
     retention::audit(&audit_file, all_expired, &deleted).expect("audit");
     assert_eq!(deleted, planned);
     assert!(!partition.exists(), "the expired partition is gone");
@@ -193,16 +193,18 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
         "no data in the audit: {audit}"
     );
 
-    // Charging: the partition goes only when its longest rule (charge history) has expired it.
+    // Charging: the charge-history row outlives the remote-managed one, and
+    // the partition goes once it has expired too.
     let charging = data.join("charging/date=2026-11-24/hour=12");
     let keep_history = rules
         .rules()
         .find(|r| r.name == "charge_history")
         .expect("rule")
         .keep_ms();
-    retention::sweep(&data, &rules, T + HOUR_MS + keep_history - 1, false).expect("sweep");
+    retention::sweep(&data, &rules, run(T + keep_history - 1, false)).expect("sweep");
     assert!(!parquet_in(&charging).is_empty());
-    retention::sweep(&data, &rules, T + HOUR_MS + keep_history, false).expect("sweep");
+    assert_eq!(count_at(&data, "SELECT count(*) FROM charging", T).await, 1);
+    retention::sweep(&data, &rules, run(T + HOUR_MS + keep_history, false)).expect("sweep");
     assert!(!charging.exists());
 }
 
@@ -228,6 +230,15 @@ async fn expired_rows_cannot_be_reached_by_any_statement() {
         "SELECT count(*) FROM rtti WHERE ts < now()",
     ] {
         assert_eq!(count_at(&data, sql, later).await, 0, "{sql}");
+    }
+}
+
+fn run(now_ms: i64, dry_run: bool) -> retention::SweepRun {
+    retention::SweepRun {
+        now_ms,
+        since_ms: None,
+        zstd_level: 3,
+        dry_run,
     }
 }
 
@@ -260,4 +271,86 @@ async fn the_server_sweeps_expired_partitions_in_the_background() {
     assert!(parquet_in(&data.join("rtti")).is_empty());
     let audit = std::fs::read_to_string(audit_file).expect("audit log");
     assert!(audit.contains(r#""table":"rtti""#), "{audit}");
+}
+
+/// Rows under a shorter rule than their table's longest are deleted from
+/// disk soon after their deadline by rewriting their file, which keeps its
+/// other rows and its footer (the WAL entries it covers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let keep_hv = rules
+        .rules()
+        .find(|r| r.name == "hv_warn_call")
+        .expect("rule")
+        .keep_ms();
+    let partition = data.join("teleservice/date=2026-11-24/hour=12");
+    let footer = |file: &std::path::Path| {
+        let reader = parquet::file::reader::SerializedFileReader::new(
+            std::fs::File::open(file).expect("open"),
+        )
+        .expect("parquet");
+        let meta = parquet::file::reader::FileReader::metadata(&reader)
+            .file_metadata()
+            .clone();
+        let wal = meta.key_value_metadata().and_then(|kv| {
+            kv.iter()
+                .find(|k| k.key == "fleetgate.wal")
+                .and_then(|k| k.value.clone())
+        });
+        (meta.num_rows(), wal)
+    };
+    let before: Vec<_> = parquet_in(&partition).iter().map(|f| footer(f)).collect();
+    assert_eq!(before.iter().map(|(rows, _)| rows).sum::<i64>(), 2);
+
+    let untouched = retention::sweep(&data, &rules, run(T + keep_hv - 1, false)).expect("sweep");
+    assert!(
+        untouched.iter().all(|d| d.table != "teleservice"),
+        "{untouched:?}"
+    );
+
+    let now = T + keep_hv + 1;
+    let deleted = retention::sweep(&data, &rules, run(now, false)).expect("sweep");
+    let teleservice: Vec<_> = deleted
+        .iter()
+        .filter(|d| d.table == "teleservice")
+        .collect();
+    assert_eq!(teleservice.len(), 1, "{deleted:?}");
+    assert_eq!(teleservice[0].action, "rewrite_file");
+    assert_eq!(
+        (teleservice[0].rows, teleservice[0].rules.clone()),
+        (1, vec!["hv_warn_call".to_owned()])
+    );
+    let after: Vec<_> = parquet_in(&partition).iter().map(|f| footer(f)).collect();
+    assert_eq!(
+        after.iter().map(|(rows, _)| rows).sum::<i64>(),
+        1,
+        "only the monthly call is left"
+    );
+    assert_eq!(
+        after.iter().map(|(_, wal)| wal.clone()).collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|(_, wal)| wal.clone())
+            .collect::<Vec<_>>(),
+        "the footer still names the WAL entries, so recovery never replays them"
+    );
+    assert!(
+        files_under(&partition)
+            .iter()
+            .all(|p| p.extension().is_some_and(|e| e == "parquet"))
+    );
+    assert_eq!(
+        count_at(&data, "SELECT count(*) FROM teleservice", T).await,
+        1
+    );
+
+    // The next sweep reads only what can have expired since: nothing here.
+    let mut next = run(now + 60_000, false);
+    next.since_ms = Some(now);
+    let again = retention::sweep(&data, &rules, next).expect("sweep");
+    assert!(again.iter().all(|d| d.table != "teleservice"), "{again:?}");
 }
