@@ -144,7 +144,8 @@ fn wait_until_listening(addr: SocketAddr, level: u8, broker_thread: &JoinHandle<
     Err(BrokerError::NotListening { addr })
 }
 
-/// One CONNECT / CONNACK / DISCONNECT exchange. Every probe uses a fresh
+/// One CONNECT / CONNACK / DISCONNECT exchange, waiting for the broker to
+/// close the connection. Every probe uses a fresh
 /// client id: rumqttd 0.20 panics, and poisons its listener for good, when a
 /// client id whose previous connection failed during set-up connects again
 /// (`will_handlers` in its server/broker.rs).
@@ -170,5 +171,16 @@ fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
     if connack[0] != 0x20 {
         return Err(std::io::Error::other("not a CONNACK"));
     }
-    stream.write_all(b"\xe0\x00")
+    stream.write_all(b"\xe0\x00")?;
+    // Wait until rumqttd closes the connection. On a DISCONNECT it tells its
+    // router twice that the connection is gone, and the router reuses the
+    // connection's id meanwhile: a client that connected between the two
+    // would be disconnected by the second (seen as "connection closed
+    // abruptly" in tests). rumqttd closes the socket only after sending both.
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => Ok(()),
+        Err(e) => Err(e),
+    }
 }

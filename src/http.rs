@@ -1,22 +1,27 @@
 //! The admin HTTP endpoint: `GET /metrics` in the Prometheus text format,
-//! plus a periodic one-line throughput summary in the log.
+//! `POST /admin/events` for vehicle events (see [`crate::events`]), plus a
+//! periodic one-line throughput summary in the log.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
-//! never competes with the pipeline's threads, and it only reads counters.
+//! never competes with the pipeline's threads. It has no authentication:
+//! keep it on loopback or behind your own access control.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use tokio::sync::oneshot;
 
+use crate::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
+use crate::privacy::PrivacyShared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -39,6 +44,10 @@ pub struct Queue {
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub queues: Vec<Queue>,
+    /// The vault vehicle events change.
+    pub privacy: Arc<PrivacyShared>,
+    /// Where vehicle events are audited.
+    pub audit_file: PathBuf,
 }
 
 /// The running endpoint; dropping it without `stop` leaves it running.
@@ -114,6 +123,7 @@ async fn serve(
     }
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/admin/events", post(vehicle_event))
         .with_state(state);
     let shutdown = async {
         let _ = stopped.await;
@@ -136,6 +146,37 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.prometheus(&queues),
     )
+}
+
+/// Applies one vehicle event; 400 for a bad request, 501 for an event
+/// fleetgate cannot act on yet, 500 if the vault or audit log fails.
+async fn vehicle_event(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<EventRequest>,
+) -> impl IntoResponse {
+    let outcome = events::apply(
+        &state.privacy,
+        &state.audit_file,
+        &request,
+        crate::ingest::now_ms(),
+    );
+    match outcome {
+        Ok(effect) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "event": request.event.name(), "effect": effect })),
+        ),
+        Err(e) => {
+            let status = match e {
+                EventError::InvalidVin | EventError::ConsentMissing(_) => StatusCode::BAD_REQUEST,
+                EventError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+                EventError::Vault(_) | EventError::Audit { .. } => {
+                    tracing::error!(error = %e, event = request.event.name(), "vehicle event failed");
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            };
+            (status, Json(serde_json::json!({ "error": e.to_string() })))
+        }
+    }
 }
 
 /// One info line per interval: rates since the previous line.

@@ -15,7 +15,8 @@
 //! - [`query`]: SQL over the store through DataFusion, through retention views;
 //! - [`retention`]: retention rules, the query-time filter, the expiry sweep;
 //! - [`metrics`]: counters and latency histograms, in the Prometheus text format;
-//! - [`http`]: the admin HTTP endpoint serving `/metrics`;
+//! - [`http`]: the admin HTTP endpoint: `/metrics` and vehicle events;
+//! - [`events`]: vehicle events (sale, account deletion, SIM, consent), audited;
 //! - [`server`]: wires the stages together and shuts them down in order;
 //! - [`config`]: the configuration file and its defaults.
 
@@ -23,6 +24,7 @@ pub mod broker;
 pub mod config;
 pub mod dead_letter;
 pub mod decode;
+pub mod events;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

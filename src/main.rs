@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetgate::config::{Config, SinkKind};
+use fleetgate::events::{self, ConsentKind, EventRequest, VehicleEvent};
 use fleetgate::query::{self, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -67,22 +68,22 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminAction {
-    /// Crypto-shred a vehicle: delete its secrets, so its stored rows can no
-    /// longer be linked to its VIN nor its encrypted fields read.
-    Erase {
+    /// Apply a vehicle event (sale, account deletion, erasure request, SIM,
+    /// consent) to the vault and audit it, as `POST /admin/events` does on a
+    /// running server.
+    Event {
         #[arg(long)]
         vin: String,
+        #[arg(long, value_enum)]
+        event: VehicleEvent,
+        /// The consent a consent_given or consent_withdrawn event changes.
+        #[arg(long, value_enum)]
+        consent: Option<ConsentKind>,
     },
-    /// Show or set a vehicle's consent and SIM state.
+    /// Show a vehicle's consent and SIM state.
     Consent {
         #[arg(long)]
         vin: String,
-        #[arg(long)]
-        smart_maintenance: Option<bool>,
-        #[arg(long)]
-        product_quality: Option<bool>,
-        #[arg(long)]
-        sim_active: Option<bool>,
     },
     /// Delete every hour partition whose rows have all expired under the
     /// retention rules, and record each deletion in the audit file.
@@ -151,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(sink) = sink {
                 config.pipeline.sink = sink;
             }
+            let signals = ShutdownSignals::listen(&runtime)?;
             let server = fleetgate::server::start(&config)?;
             println!(
                 "fleetgate listening on mqtt://{} (MQTT 5: {}), metrics on http://{}/metrics, data in {}",
@@ -159,7 +161,7 @@ fn main() -> anyhow::Result<()> {
                 server.admin_addr(),
                 server.data_dir().display()
             );
-            runtime.block_on(shutdown_signal())?;
+            runtime.block_on(signals.recv());
             tracing::info!("shutting down: storing everything received");
             server.shutdown()?;
             Ok(())
@@ -202,43 +204,50 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
+    use fleetgate::privacy::{PrivacySettings, PrivacyShared};
     use fleetgate::pseudo::KeyRing;
     use fleetgate::vault::Vault;
-    if let AdminAction::Retention { dry_run } = action {
-        return retention(config, dry_run);
-    }
-    let keys = KeyRing::load_or_create(&config.storage.key_file)?;
-    let vault = Vault::open(&config.storage.vault_file, &keys)
-        .context("cannot open the vault (is the server running? it holds the vault open)")?;
-    match action {
-        AdminAction::Erase { vin } => {
-            let erased = vault.erase(&vin)?;
-            println!(
-                "{}",
-                if erased {
-                    "erased"
-                } else {
-                    "no secrets held for this vehicle"
-                }
-            );
-        }
-        // Handled above: retention needs no vault.
-        AdminAction::Retention { .. } => {}
-        AdminAction::Consent {
+    let (vin, event) = match action {
+        AdminAction::Retention { dry_run } => return retention(config, dry_run),
+        AdminAction::Consent { vin } => (vin, None),
+        AdminAction::Event {
             vin,
-            smart_maintenance,
-            product_quality,
-            sim_active,
-        } => {
-            let mut consent = vault.consent(&vin)?;
-            consent.smart_maintenance = smart_maintenance.unwrap_or(consent.smart_maintenance);
-            consent.product_quality = product_quality.unwrap_or(consent.product_quality);
-            consent.sim_active = sim_active.unwrap_or(consent.sim_active);
-            if smart_maintenance.is_some() || product_quality.is_some() || sim_active.is_some() {
-                vault.set_consent(&vin, consent)?;
-            }
-            println!("{consent:?}");
+            event,
+            consent,
+        } => (
+            vin.clone(),
+            Some(EventRequest {
+                event,
+                vin,
+                consent,
+            }),
+        ),
+    };
+    let keys = KeyRing::load_or_create(&config.storage.key_file)?;
+    let vault = Vault::open(&config.storage.vault_file, &keys).context(
+        "cannot open the vault (is the server running? it holds the vault open; use POST /admin/events)",
+    )?;
+    let privacy = PrivacyShared::new(
+        keys,
+        vault,
+        PrivacySettings {
+            key_epoch_days: config.privacy.key_epoch_days,
+            max_trip: std::time::Duration::from_secs(
+                u64::from(config.privacy.max_trip_minutes) * 60,
+            ),
+        },
+    );
+    match event {
+        Some(request) => {
+            let effect = events::apply(
+                &privacy,
+                &config.retention.audit_file,
+                &request,
+                fleetgate::ingest::now_ms(),
+            )?;
+            println!("{}: {effect}", request.event.name());
         }
+        None => println!("{:?}", privacy.vault.consent(&vin)?),
     }
     Ok(())
 }
@@ -281,12 +290,28 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, listened for from the moment this returns: before
+/// the server announces itself, so a signal right after the announcement
+/// still gets a clean shutdown instead of the default kill.
+struct ShutdownSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn listen(runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _context = runtime.enter();
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
     }
-    Ok(())
+
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

@@ -473,40 +473,48 @@ fn remove_stale_rewrites(dir: &Path) -> Result<()> {
 /// Appends one JSON line per deletion to the audit log (fsync'd): what was
 /// deleted, when and under which rules; never the data itself.
 pub fn audit(audit_file: &Path, now_ms: i64, deletions: &[Deletion]) -> Result<()> {
-    if deletions.is_empty() {
-        return Ok(());
-    }
-    let io = |source| RetentionError::Io {
-        path: audit_file.to_owned(),
-        source,
-    };
-    if let Some(dir) = audit_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io)?;
-    }
     let at = DateTime::from_timestamp_millis(now_ms)
         .map(|t| t.to_rfc3339())
         .unwrap_or_default();
+    let lines: Vec<serde_json::Value> = deletions
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "at": at,
+                "action": d.action,
+                "table": d.table,
+                "partition": d.partition,
+                "files": d.files,
+                "rows": d.rows,
+                "rules": d.rules,
+            })
+        })
+        .collect();
+    append_audit(audit_file, &lines).map_err(|source| RetentionError::Io {
+        path: audit_file.to_owned(),
+        source,
+    })
+}
+
+/// Appends JSON lines to the audit log and fsyncs it; creates it first.
+pub fn append_audit(audit_file: &Path, lines: &[serde_json::Value]) -> std::io::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    if let Some(dir) = audit_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
     let mut text = String::new();
-    for d in deletions {
-        let line = serde_json::json!({
-            "at": at,
-            "action": d.action,
-            "table": d.table,
-            "partition": d.partition,
-            "files": d.files,
-            "rows": d.rows,
-            "rules": d.rules,
-        });
+    for line in lines {
         text.push_str(&line.to_string());
         text.push('\n');
     }
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(audit_file)
-        .map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)?;
-    file.sync_data().map_err(io)
+        .open(audit_file)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_data()
 }
 
 /// The hour partitions under a table directory.

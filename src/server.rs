@@ -251,6 +251,8 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         AdminState {
             metrics: metrics.clone(),
             queues,
+            privacy: privacy.clone(),
+            audit_file: config.retention.audit_file.clone(),
         },
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;

@@ -154,3 +154,46 @@ async fn admin_retention_lists_then_deletes_expired_partitions() {
             .contains("rtti_probe_data")
     );
 }
+
+#[test]
+fn admin_events_change_the_vault_offline_and_are_audited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("fleetgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndata_dir = {:?}\nkey_file = {:?}\nvault_file = {:?}\n[retention]\naudit_file = {:?}\n",
+            dir.path().join("data").display().to_string(),
+            dir.path().join("keys/root.key").display().to_string(),
+            dir.path().join("keys/vault.redb").display().to_string(),
+            dir.path().join("audit.jsonl").display().to_string(),
+        ),
+    )
+    .expect("config");
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin".as_ref(), "--config".as_ref(), config.as_os_str()];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        fleetgate(&all)
+    };
+    let vin = "WMW11DJ04N2T00001";
+    let out = admin(&["event", "--vin", vin, "--event", "sim-deactivated"]);
+    assert!(out.contains("sim_active=false"), "{out}");
+    let out = admin(&[
+        "event",
+        "--vin",
+        vin,
+        "--event",
+        "consent-given",
+        "--consent",
+        "smart-maintenance",
+    ]);
+    assert!(out.contains("smart_maintenance=true"), "{out}");
+    let shown = admin(&["consent", "--vin", vin]);
+    assert!(
+        shown.contains("smart_maintenance: true") && shown.contains("sim_active: false"),
+        "{shown}"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
+    assert_eq!(audit.lines().count(), 2);
+    assert!(!audit.contains(vin));
+}

@@ -16,17 +16,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
-/// The tests of this file run one at a time. Run concurrently, an
-/// in-process server's publisher now and then saw its connection "closed by
-/// peer abruptly" before any ack while another test spawned and SIGKILLed a
-/// child server (about 1 run in 10 of this file; never alone, never in the
-/// 15 runs made with debug logging on). The cause is not found yet; see the
-/// README's "Tests" section.
-async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    SERIAL.lock().await
-}
-
 const VINS: [&str; 3] = [
     "WMW11DJ04N2T00001",
     "WMW21GD07P2S00002",
@@ -77,7 +66,6 @@ fn parquet_files(dir: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_wal_holds_survives_sigkill() {
-    let _one_at_a_time = one_at_a_time().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     // Files are never committed while the server runs: only the WAL holds the data.
@@ -108,7 +96,6 @@ async fn what_the_wal_holds_survives_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_skips_what_parquet_already_holds() {
-    let _one_at_a_time = one_at_a_time().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let config = "[storage]\nroll_age_ms = 50\n";
@@ -187,7 +174,6 @@ async fn publish_until_killed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_only_the_newest_acknowledged_records() {
-    let _one_at_a_time = one_at_a_time().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let config = "[storage]\nroll_age_ms = 100\n";
@@ -269,7 +255,6 @@ async fn sigkill_under_load_loses_only_the_newest_acknowledged_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_parquet_write_is_reported_and_retried_until_it_succeeds() {
-    let _one_at_a_time = one_at_a_time().await;
     let server = TestServer::start();
     let data = server.data_dir();
     // A regular file where the partition directory must go: creating the
@@ -298,7 +283,6 @@ async fn a_failing_parquet_write_is_reported_and_retried_until_it_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_writer_holds_no_more_than_its_memory_budget() {
-    let _one_at_a_time = one_at_a_time().await;
     // 64 KiB per table writer.
     let share = 64 * 1024;
     let server = TestServer::start_with(|c| c.storage.memory_budget_bytes = 5 * share);

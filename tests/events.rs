@@ -1,0 +1,178 @@
+//! Vehicle events through the admin HTTP API: consent and SIM changes take
+//! effect on the next record, a sale crypto-shreds the vehicle, every event
+//! is idempotent, survives a restart and is audited without the VIN, and
+//! bad or unsupported events are refused with their reason.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering::Relaxed;
+
+use common::*;
+use fleetgate::metrics::PolicyDrop;
+use fleetgate::schema::Stream;
+
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+
+/// POSTs JSON and returns the status code and body.
+fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+fn event(addr: std::net::SocketAddr, body: &str) -> (u16, String) {
+    post(addr, "/admin/events", body)
+}
+
+/// Applies an event that must succeed; returns the answer.
+fn accepted(addr: std::net::SocketAddr, body: &str) -> String {
+    let (status, answer) = event(addr, body);
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+fn smart_maintenance_call(vin: &str, seq: u64) -> (String, Vec<u8>) {
+    (
+        format!("vehicles/{vin}/teleservice"),
+        format!(
+            r#"{{"vin":"{vin}","ts":{TEST_NOW_MS},"seq":{seq},"trigger":"smart_maintenance"}}"#
+        )
+        .into_bytes(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_change_collection_erase_vehicles_and_are_audited() {
+    let server = TestServer::start();
+    let admin = server.handle.admin_addr();
+    let mqtt = server.handle.mqtt_addr();
+    let metrics = server.handle.metrics().clone();
+    let teleservice = || metrics.stream(Stream::Teleservice);
+
+    // Without consent a Smart Maintenance call is dropped by policy.
+    publish_all(mqtt, &[smart_maintenance_call(A, 1)]).await;
+    wait_for(|| {
+        teleservice()
+            .dropped_by_policy
+            .get(PolicyDrop::ConsentSmartMaintenance)
+            == 1
+    });
+
+    let given =
+        r#"{"event":"consent_given","vin":"WMW11DJ04N2T00001","consent":"smart_maintenance"}"#;
+    let (status, body) = event(admin, given);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("smart_maintenance=true"), "{body}");
+    assert_eq!(event(admin, given).0, 200, "idempotent");
+    publish_all(mqtt, &[smart_maintenance_call(A, 2)]).await;
+    wait_for(|| teleservice().table.rows_stored.load(Relaxed) == 1);
+
+    // SIM off: collection stops; on again: it resumes.
+    accepted(
+        admin,
+        r#"{"event":"sim_deactivated","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    publish_all(mqtt, &[smart_maintenance_call(A, 3)]).await;
+    wait_for(|| {
+        teleservice()
+            .dropped_by_policy
+            .get(PolicyDrop::SimDeactivated)
+            == 1
+    });
+    accepted(
+        admin,
+        r#"{"event":"sim_activated","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    publish_all(mqtt, &[smart_maintenance_call(A, 4)]).await;
+    wait_for(|| teleservice().table.rows_stored.load(Relaxed) == 2);
+
+    // A sale crypto-shreds the vehicle; a second one finds nothing left.
+    let sold = r#"{"event":"vehicle_sold","vin":"WMW11DJ04N2T00001"}"#;
+    let (status, body) = event(admin, sold);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("secrets erased"), "{body}");
+    let (status, body) = event(admin, sold);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("nothing to erase"), "{body}");
+    assert!(
+        server
+            .handle
+            .privacy()
+            .vault
+            .get(A)
+            .expect("vault")
+            .is_none()
+    );
+
+    // Refusals, each with its reason.
+    let (status, body) = event(admin, r#"{"event":"vehicle_sold","vin":"NOT-A-VIN"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a VIN"), "{body}");
+    let (status, body) = event(
+        admin,
+        r#"{"event":"consent_given","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("needs `consent`"), "{body}");
+    let (status, body) = event(
+        admin,
+        r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    assert_eq!(status, 501, "{body}");
+    assert!(body.contains("not supported yet"), "{body}");
+    assert_ne!(
+        event(admin, r#"{"event":"teleported","vin":"WMW11DJ04N2T00001"}"#).0,
+        200
+    );
+
+    // B's consent outlives a restart.
+    let given_b =
+        r#"{"event":"consent_given","vin":"WMW21GD07P2S00002","consent":"product_quality"}"#;
+    assert_eq!(event(admin, given_b).0, 200);
+    let config = server.config.clone();
+    server.handle.shutdown().expect("shutdown");
+    let restarted = fleetgate::server::start(&config).expect("restart");
+    let consent = restarted.privacy().vault.consent(B).expect("consent");
+    assert!(consent.product_quality && consent.sim_active);
+    restarted.shutdown().expect("shutdown");
+
+    // The audit log: one line per applied event, in order, without a VIN.
+    let audit = std::fs::read_to_string(&config.retention.audit_file).expect("audit log");
+    let events: Vec<String> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .map(|v| v["event"].as_str().expect("event").to_owned())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "consent_given",
+            "consent_given",
+            "sim_deactivated",
+            "sim_activated",
+            "vehicle_sold",
+            "vehicle_sold",
+            "consent_given"
+        ]
+    );
+    assert!(!audit.contains(A) && !audit.contains(B), "{audit}");
+}
