@@ -52,6 +52,8 @@ pub struct RetentionConfig {
     pub sweep_interval_secs: u64,
     /// Where every deletion is recorded (JSON lines, never the data itself).
     pub audit_file: PathBuf,
+    /// Pending deletion requests from events (case closed, session ended).
+    pub requests_file: PathBuf,
 }
 
 impl Default for RetentionConfig {
@@ -60,6 +62,7 @@ impl Default for RetentionConfig {
             rules_file: None,
             sweep_interval_secs: 300,
             audit_file: PathBuf::from("./audit/deletions.jsonl"),
+            requests_file: PathBuf::from("./audit/deletion-requests.json"),
         }
     }
 }
@@ -311,6 +314,7 @@ impl Config {
         config.storage.key_file = dir.join("keys/root.key");
         config.storage.vault_file = dir.join("keys/vault.redb");
         config.retention.audit_file = dir.join("audit/deletions.jsonl");
+        config.retention.requests_file = dir.join("audit/deletion-requests.json");
         config
     }
 

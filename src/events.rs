@@ -5,16 +5,19 @@
 //! restart), is idempotent (applying it twice leaves the same state), and
 //! is appended to the audit log with the VIN's keyed tag, never the VIN.
 //!
-//! Events the seed names but fleetgate cannot act on yet (charge history
-//! switched off, case closed, charging session ended) are refused as
-//! unsupported, not silently accepted.
-
-use std::path::Path;
+//! A case closed, a remote-managed charging session ended or an analysis
+//! completed records a deletion request for the rows they name (see
+//! [`crate::requests`]): hidden at once, deleted from disk by the next
+//! retention sweep. Charge history switched off needs deletion by vehicle
+//! across key epochs, which is not built: it is refused as unsupported, not
+//! silently accepted.
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::RetentionConfig;
 use crate::privacy::PrivacyShared;
 use crate::pseudo::{is_vin, vin_tag};
+use crate::requests::{self, DeletionRequest, MatchValue};
 use crate::vault::{Consent, VaultError};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,10 +26,14 @@ pub enum EventError {
     InvalidVin,
     #[error("event {0} needs `consent`: one of smart_maintenance, product_quality")]
     ConsentMissing(&'static str),
+    #[error("event {0} needs `id`: the case, session or analysis it names")]
+    IdMissing(&'static str),
     #[error(
-        "event {0} is not supported yet: it needs row-level deletion by vehicle, case or session; until then the retention caps apply"
+        "event {0} is not supported yet: it needs deletion by vehicle across key epochs; until then the charge_history retention cap applies"
     )]
     Unsupported(&'static str),
+    #[error(transparent)]
+    Request(#[from] crate::requests::RequestError),
     #[error(transparent)]
     Vault(#[from] VaultError),
     #[error("audit log {path}: {source}")]
@@ -61,6 +68,8 @@ pub enum VehicleEvent {
     CaseClosed,
     /// A remote-managed charging session ended (L1085-1087).
     ChargingSessionEnded,
+    /// A diagnostic analysis completed (L2753-2755).
+    AnalysisCompleted,
 }
 
 impl VehicleEvent {
@@ -76,6 +85,7 @@ impl VehicleEvent {
             VehicleEvent::ChargeHistoryOff => "charge_history_off",
             VehicleEvent::CaseClosed => "case_closed",
             VehicleEvent::ChargingSessionEnded => "charging_session_ended",
+            VehicleEvent::AnalysisCompleted => "analysis_completed",
         }
     }
 }
@@ -95,15 +105,18 @@ pub struct EventRequest {
     pub event: VehicleEvent,
     pub vin: String,
     pub consent: Option<ConsentKind>,
+    /// The case, charging session or analysis a closing event names.
+    pub id: Option<String>,
 }
 
 /// Applies `request`, audits it, and says what it changed.
 pub fn apply(
     privacy: &PrivacyShared,
-    audit_file: &Path,
+    files: &RetentionConfig,
     request: &EventRequest,
     now_ms: i64,
 ) -> Result<String> {
+    let audit_file = files.audit_file.as_path();
     if !is_vin(&request.vin) {
         return Err(EventError::InvalidVin);
     }
@@ -143,11 +156,42 @@ pub fn apply(
                 ConsentKind::ProductQuality => c.product_quality = on,
             })?
         }
-        VehicleEvent::ChargeHistoryOff
-        | VehicleEvent::CaseClosed
-        | VehicleEvent::ChargingSessionEnded => {
-            return Err(EventError::Unsupported(event.name()));
+        VehicleEvent::CaseClosed
+        | VehicleEvent::ChargingSessionEnded
+        | VehicleEvent::AnalysisCompleted => {
+            let id = request
+                .id
+                .clone()
+                .ok_or(EventError::IdMissing(event.name()))?;
+            let (table, mut matches) = match event {
+                VehicleEvent::CaseClosed => {
+                    ("teleservice", vec![("case_id", MatchValue::Text(id))])
+                }
+                VehicleEvent::ChargingSessionEnded => {
+                    ("charging", vec![("session_id", MatchValue::Text(id))])
+                }
+                _ => ("diagnostics", vec![("analysis_id", MatchValue::Text(id))]),
+            };
+            if event == VehicleEvent::ChargingSessionEnded {
+                // Only remote charge management data ends with the session;
+                // the charge history has its own rule (L1082-1087).
+                matches.push(("remote_managed", MatchValue::Bool(true)));
+            }
+            requests::add(
+                &files.requests_file,
+                DeletionRequest {
+                    table: table.to_owned(),
+                    matches: matches
+                        .into_iter()
+                        .map(|(column, value)| (column.to_owned(), value))
+                        .collect(),
+                    event: event.name().to_owned(),
+                    requested_ms: now_ms,
+                },
+            )?;
+            format!("{table} rows hidden now, deleted from disk by the next retention sweep")
         }
+        VehicleEvent::ChargeHistoryOff => return Err(EventError::Unsupported(event.name())),
     };
     let line = serde_json::json!({
         "at": chrono::DateTime::from_timestamp_millis(now_ms).map(|t| t.to_rfc3339()),
@@ -155,6 +199,7 @@ pub fn apply(
         "event": event.name(),
         "vehicle": vin_tag(&privacy.keys.redaction_key(), vin),
         "consent": request.consent,
+        "id": request.id,
         "effect": effect,
     });
     crate::retention::append_audit(audit_file, &[line]).map_err(|e| EventError::Audit {

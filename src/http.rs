@@ -7,7 +7,6 @@
 //! keep it on loopback or behind your own access control.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::oneshot;
 
+use crate::config::RetentionConfig;
 use crate::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
 use crate::privacy::PrivacyShared;
@@ -46,8 +46,8 @@ pub struct AdminState {
     pub queues: Vec<Queue>,
     /// The vault vehicle events change.
     pub privacy: Arc<PrivacyShared>,
-    /// Where vehicle events are audited.
-    pub audit_file: PathBuf,
+    /// Where vehicle events are audited and deletion requests kept.
+    pub retention: RetentionConfig,
 }
 
 /// The running endpoint; dropping it without `stop` leaves it running.
@@ -156,7 +156,7 @@ async fn vehicle_event(
 ) -> impl IntoResponse {
     let outcome = events::apply(
         &state.privacy,
-        &state.audit_file,
+        &state.retention,
         &request,
         crate::ingest::now_ms(),
     );
@@ -167,9 +167,11 @@ async fn vehicle_event(
         ),
         Err(e) => {
             let status = match e {
-                EventError::InvalidVin | EventError::ConsentMissing(_) => StatusCode::BAD_REQUEST,
+                EventError::InvalidVin
+                | EventError::ConsentMissing(_)
+                | EventError::IdMissing(_) => StatusCode::BAD_REQUEST,
                 EventError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-                EventError::Vault(_) | EventError::Audit { .. } => {
+                EventError::Vault(_) | EventError::Audit { .. } | EventError::Request(_) => {
                     tracing::error!(error = %e, event = request.event.name(), "vehicle event failed");
                     StatusCode::INTERNAL_SERVER_ERROR
                 }

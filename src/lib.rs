@@ -14,6 +14,7 @@
 //! - [`store`]: Arrow batches → zstd Parquet files, committed atomically per hour partition;
 //! - [`query`]: SQL over the store through DataFusion, through retention views;
 //! - [`retention`]: retention rules, the query-time filter, the expiry sweep;
+//! - [`requests`]: deletion requests from events (case closed, session ended);
 //! - [`metrics`]: counters and latency histograms, in the Prometheus text format;
 //! - [`http`]: the admin HTTP endpoint: `/metrics` and vehicle events;
 //! - [`events`]: vehicle events (sale, account deletion, SIM, consent), audited;
@@ -32,6 +33,7 @@ pub mod pipeline;
 pub mod privacy;
 pub mod pseudo;
 pub mod query;
+pub mod requests;
 pub mod retention;
 pub mod schema;
 pub mod server;

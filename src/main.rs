@@ -79,6 +79,9 @@ enum AdminAction {
         /// The consent a consent_given or consent_withdrawn event changes.
         #[arg(long, value_enum)]
         consent: Option<ConsentKind>,
+        /// The case, charging session or analysis a closing event names.
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Show a vehicle's consent and SIM state.
     Consent {
@@ -177,7 +180,8 @@ fn main() -> anyhow::Result<()> {
             let retention = fleetgate::retention::Retention::load(
                 config.retention.rules_file.as_deref(),
                 &registry,
-            )?;
+            )?
+            .with_requests(fleetgate::requests::load(&config.retention.requests_file)?);
             let text = runtime.block_on(async {
                 let ctx = query::session_at(
                     &config.storage.data_dir,
@@ -214,12 +218,14 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
             vin,
             event,
             consent,
+            id,
         } => (
             vin.clone(),
             Some(EventRequest {
                 event,
                 vin,
                 consent,
+                id,
             }),
         ),
     };
@@ -241,7 +247,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
         Some(request) => {
             let effect = events::apply(
                 &privacy,
-                &config.retention.audit_file,
+                &config.retention,
                 &request,
                 fleetgate::ingest::now_ms(),
             )?;
@@ -256,7 +262,8 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
 fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     use fleetgate::retention::{self, Retention};
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
-    let rules = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
+    let rules = Retention::load(config.retention.rules_file.as_deref(), &registry)?
+        .with_requests(fleetgate::requests::load(&config.retention.requests_file)?);
     let now = fleetgate::ingest::now_ms();
     let run = retention::SweepRun {
         now_ms: now,
@@ -267,6 +274,7 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let deletions = retention::sweep(&config.storage.data_dir, &rules, run)?;
     if !dry_run {
         retention::audit(&config.retention.audit_file, now, &deletions)?;
+        fleetgate::requests::retire(&config.retention.requests_file, rules.requests())?;
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {

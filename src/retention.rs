@@ -23,6 +23,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::dead_letter;
+use crate::requests::DeletionRequest;
 use crate::schema::Registry;
 use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir, writer_properties};
 
@@ -101,6 +102,8 @@ struct RulesFile {
 #[derive(Debug, Clone)]
 pub struct Retention {
     tables: BTreeMap<String, Vec<Rule>>,
+    /// Rows that must go because of an event (see [`crate::requests`]).
+    requests: Vec<DeletionRequest>,
 }
 
 /// The column a table's rules count from.
@@ -184,7 +187,25 @@ impl Retention {
                 }
             }
         }
-        Ok(Self { tables })
+        Ok(Self {
+            tables,
+            requests: Vec::new(),
+        })
+    }
+
+    /// The same rules, also deleting the rows of `requests`.
+    pub fn with_requests(mut self, requests: Vec<DeletionRequest>) -> Self {
+        self.requests = requests;
+        self
+    }
+
+    /// The deletion requests these rules also apply.
+    pub fn requests(&self) -> &[DeletionRequest] {
+        &self.requests
+    }
+
+    fn requests_of<'a>(&'a self, table: &'a str) -> impl Iterator<Item = &'a DeletionRequest> {
+        self.requests.iter().filter(move |r| r.table == table)
     }
 
     /// Every rule, table by table.
@@ -240,7 +261,11 @@ impl Retention {
         } else {
             format!("{case} ELSE {otherwise} END")
         };
-        format!("date >= DATE '{date}' AND ({per_row})")
+        let requested: String = self
+            .requests_of(table)
+            .map(|r| format!(" AND NOT {}", r.sql()))
+            .collect();
+        format!("date >= DATE '{date}' AND ({per_row}){requested}")
     }
 }
 
@@ -321,12 +346,12 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
                 let swept_up_to = run.since_ms.map(|s| s - r.keep_ms());
                 hour_start < cutoff && swept_up_to.is_none_or(|p| hour_end > p)
             });
-            if !expiring_here {
+            if !expiring_here && retention.requests_of(table).next().is_none() {
                 continue;
             }
             remove_stale_rewrites(&partition_dir)?;
             for file in parquet_files(&partition_dir)? {
-                if let Some(deletion) = rewrite(&file, table, rules, &partition, run)? {
+                if let Some(deletion) = rewrite(&file, table, retention, &partition, run)? {
                     out.push(deletion);
                 }
             }
@@ -343,7 +368,7 @@ const REWRITE_SUFFIX: &str = "rewrite";
 fn rewrite(
     file: &Path,
     table: &str,
-    rules: &[Rule],
+    retention: &Retention,
     partition: &str,
     run: SweepRun,
 ) -> Result<Option<Deletion>> {
@@ -373,11 +398,11 @@ fn rewrite(
     let mut removed_by = std::collections::BTreeSet::new();
     for batch in builder.build().map_err(parquet)? {
         let batch = batch?;
-        let expired_under = expired_rules(&batch, table, rules, run.now_ms);
-        let keep: BooleanArray = expired_under.iter().map(|r| Some(r.is_none())).collect();
-        for rule in expired_under.iter().flatten() {
+        let reasons = deletion_reasons(&batch, table, retention, run.now_ms);
+        let keep: BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
+        for reason in reasons.into_iter().flatten() {
             removed += 1;
-            removed_by.insert(rules[*rule].name.clone());
+            removed_by.insert(reason);
         }
         kept.push(filter_record_batch(&batch, &keep)?);
     }
@@ -420,6 +445,29 @@ fn rewrite(
         rows: removed,
         rules: removed_by.into_iter().collect(),
     }))
+}
+
+/// Per row: why it goes, if it does: the event of a deletion request that
+/// matches it, or the rule it expired under at `now_ms`.
+fn deletion_reasons(
+    batch: &RecordBatch,
+    table: &str,
+    retention: &Retention,
+    now_ms: i64,
+) -> Vec<Option<String>> {
+    let rules = retention.table(table);
+    let mut reasons: Vec<Option<String>> = expired_rules(batch, table, rules, now_ms)
+        .into_iter()
+        .map(|rule| rule.map(|r| rules[r].name.clone()))
+        .collect();
+    for request in retention.requests_of(table) {
+        for (reason, hit) in reasons.iter_mut().zip(request.matching_rows(batch)) {
+            if hit {
+                *reason = Some(request.event.clone());
+            }
+        }
+    }
+    reasons
 }
 
 /// Per row: the index of the rule it expired under at `now_ms`, if it has.

@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use crossbeam::channel::bounded;
 
-use crate::config::{Config, ConfigError, SinkKind};
+use crate::config::{Config, ConfigError, RetentionConfig, SinkKind};
 use crate::decode::Limits;
 use crate::http::{self, AdminHttp, AdminState, HttpError, Queue};
 use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::{PrivacySettings, PrivacyShared};
 use crate::pseudo::{KeyRing, PseudoError};
+use crate::requests;
 use crate::retention::{self, Retention, RetentionError};
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
@@ -58,6 +59,8 @@ pub enum ServerError {
     Http(#[from] HttpError),
     #[error(transparent)]
     Retention(#[from] RetentionError),
+    #[error(transparent)]
+    Requests(#[from] requests::RequestError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -252,7 +255,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             metrics: metrics.clone(),
             queues,
             privacy: privacy.clone(),
-            audit_file: config.retention.audit_file.clone(),
+            retention: config.retention.clone(),
         },
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;
@@ -261,7 +264,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         secs => Some(spawn_sweeper(
             retention,
             data_dir.clone(),
-            config.retention.audit_file.clone(),
+            config.retention.clone(),
             config.storage.zstd_level,
             Duration::from_secs(secs),
             metrics.clone(),
@@ -308,7 +311,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
 fn spawn_sweeper(
     retention: Retention,
     data_dir: PathBuf,
-    audit_file: PathBuf,
+    files: RetentionConfig,
     zstd_level: i32,
     every: Duration,
     metrics: Arc<Metrics>,
@@ -325,8 +328,7 @@ fn spawn_sweeper(
                     zstd_level,
                     dry_run: false,
                 };
-                let swept = retention::sweep(&data_dir, &retention, run)
-                    .and_then(|deletions| retention::audit(&audit_file, run.now_ms, &deletions).map(|()| deletions));
+                let swept = sweep_once(&retention, &data_dir, &files, run);
                 match swept {
                     Ok(deletions) => {
                         since_ms = Some(run.now_ms);
@@ -343,6 +345,23 @@ fn spawn_sweeper(
         })
         .map_err(ServerError::RetentionThread)?;
     Ok(Sweeper { stop, thread })
+}
+
+/// One sweep: the rules plus the pending deletion requests; audits what it
+/// deleted, then retires the requests it carried out.
+fn sweep_once(
+    rules: &Retention,
+    data_dir: &std::path::Path,
+    files: &RetentionConfig,
+    run: retention::SweepRun,
+) -> Result<Vec<retention::Deletion>> {
+    let rules = rules
+        .clone()
+        .with_requests(requests::load(&files.requests_file)?);
+    let deletions = retention::sweep(data_dir, &rules, run)?;
+    retention::audit(&files.audit_file, run.now_ms, &deletions)?;
+    requests::retire(&files.requests_file, rules.requests())?;
+    Ok(deletions)
 }
 
 /// A queue-depth gauge reading a clone of the queue's receiving end.

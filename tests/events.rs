@@ -1,7 +1,9 @@
 //! Vehicle events through the admin HTTP API: consent and SIM changes take
-//! effect on the next record, a sale crypto-shreds the vehicle, every event
-//! is idempotent, survives a restart and is audited without the VIN, and
-//! bad or unsupported events are refused with their reason.
+//! effect on the next record, a sale crypto-shreds the vehicle, a closed
+//! case, an ended session and a completed analysis hide their rows at once
+//! and the sweep deletes them from disk; every event is idempotent,
+//! survives a restart and is audited without the VIN, and bad or
+//! unsupported events are refused with their reason.
 
 mod common;
 
@@ -137,6 +139,12 @@ async fn events_change_collection_erase_vehicles_and_are_audited() {
         admin,
         r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001"}"#,
     );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("needs `id`"), "{body}");
+    let (status, body) = event(
+        admin,
+        r#"{"event":"charge_history_off","vin":"WMW11DJ04N2T00001"}"#,
+    );
     assert_eq!(status, 501, "{body}");
     assert!(body.contains("not supported yet"), "{body}");
     assert_ne!(
@@ -175,4 +183,144 @@ async fn events_change_collection_erase_vehicles_and_are_audited() {
         ]
     );
     assert!(!audit.contains(A) && !audit.contains(B), "{audit}");
+}
+
+fn record(stream: Stream, seq: u64, body: &str) -> (String, Vec<u8>) {
+    (
+        format!("vehicles/{A}/{}", stream.name()),
+        format!(r#"{{"vin":"{A}","ts":{TEST_NOW_MS},"seq":{seq},{body}}}"#).into_bytes(),
+    )
+}
+
+/// The `seq` column of `table` as a session with `rules` sees it.
+async fn seqs(
+    data: &std::path::Path,
+    table: &str,
+    rules: &fleetgate::retention::Retention,
+) -> Vec<i64> {
+    let registry = fleetgate::schema::Registry::load().expect("schemas");
+    let ctx = fleetgate::query::session_at(data, &registry, rules, TEST_NOW_MS)
+        .await
+        .expect("session");
+    let sql = format!("SELECT seq FROM {table} ORDER BY seq");
+    let batches = fleetgate::query::run(&ctx, &sql).await.expect("query");
+    batches
+        .iter()
+        .flat_map(|b| {
+            let seq = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("seq");
+            seq.values().to_vec()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
+    use fleetgate::retention::{self, Retention};
+    let server = TestServer::start();
+    let start = format!(r#""event":"start","started_at":{TEST_NOW_MS}"#);
+    let messages = vec![
+        record(
+            Stream::Teleservice,
+            1,
+            r#""trigger":"event","case_id":"CASE-1""#,
+        ),
+        record(
+            Stream::Teleservice,
+            2,
+            r#""trigger":"roadside","case_id":"CASE-1""#,
+        ),
+        record(
+            Stream::Teleservice,
+            3,
+            r#""trigger":"event","case_id":"CASE-2""#,
+        ),
+        record(Stream::Teleservice, 4, r#""trigger":"monthly""#),
+        record(
+            Stream::Charging,
+            1,
+            &format!(r#""session_id":"S1",{start},"remote_managed":true"#),
+        ),
+        record(
+            Stream::Charging,
+            2,
+            &format!(r#""session_id":"S1",{start},"remote_managed":false"#),
+        ),
+        record(
+            Stream::Charging,
+            3,
+            &format!(r#""session_id":"S2",{start},"remote_managed":true"#),
+        ),
+        record(
+            Stream::Diagnostics,
+            1,
+            r#""ecu":"BMS","severity":"warning","analysis_id":"AN-1""#,
+        ),
+        record(Stream::Diagnostics, 2, r#""ecu":"DME","severity":"info""#),
+    ];
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    let admin = server.handle.admin_addr();
+    for body in [
+        r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001","id":"CASE-1"}"#,
+        r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001","id":"CASE-1"}"#,
+        r#"{"event":"charging_session_ended","vin":"WMW11DJ04N2T00001","id":"S1"}"#,
+        r#"{"event":"analysis_completed","vin":"WMW11DJ04N2T00001","id":"AN-1"}"#,
+    ] {
+        let answer = accepted(admin, body);
+        assert!(answer.contains("hidden now"), "{answer}");
+    }
+    let files = server.config.retention.clone();
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+
+    let registry = fleetgate::schema::Registry::load().expect("schemas");
+    let rules = Retention::load(None, &registry).expect("rules");
+    let pending = fleetgate::requests::load(&files.requests_file).expect("requests");
+    assert_eq!(pending.len(), 3, "a request recorded twice is kept once");
+    let with_requests = rules.clone().with_requests(pending);
+    // Hidden from the moment the event was recorded; rows with no case,
+    // other sessions and the session's charge history stay.
+    assert_eq!(seqs(&data, "teleservice", &with_requests).await, vec![3, 4]);
+    assert_eq!(seqs(&data, "charging", &with_requests).await, vec![2, 3]);
+    assert_eq!(seqs(&data, "diagnostics", &with_requests).await, vec![2]);
+    // Still on disk until the sweep.
+    assert_eq!(seqs(&data, "teleservice", &rules).await, vec![1, 2, 3, 4]);
+
+    let run = retention::SweepRun {
+        now_ms: TEST_NOW_MS,
+        since_ms: Some(TEST_NOW_MS),
+        zstd_level: 3,
+        dry_run: false,
+    };
+    let deleted = retention::sweep(&data, &with_requests, run).expect("sweep");
+    retention::audit(&files.audit_file, TEST_NOW_MS, &deleted).expect("audit");
+    fleetgate::requests::retire(&files.requests_file, with_requests.requests()).expect("retire");
+    let reasons: Vec<(String, u64)> = deleted
+        .iter()
+        .map(|d| (d.rules.join(","), d.rows))
+        .collect();
+    assert!(
+        reasons.contains(&("case_closed".to_owned(), 2)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("charging_session_ended".to_owned(), 1)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("analysis_completed".to_owned(), 1)),
+        "{reasons:?}"
+    );
+    // Gone from disk: the files no longer hold them, whatever the view.
+    assert_eq!(seqs(&data, "teleservice", &rules).await, vec![3, 4]);
+    assert_eq!(seqs(&data, "charging", &rules).await, vec![2, 3]);
+    assert_eq!(seqs(&data, "diagnostics", &rules).await, vec![2]);
+    assert!(
+        fleetgate::requests::load(&files.requests_file)
+            .expect("requests")
+            .is_empty()
+    );
 }
