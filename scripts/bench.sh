@@ -75,23 +75,39 @@ stop_fleetgate() {
 loadgen() { "$LOADGEN" run --vehicles "$VEHICLES" --connections "$CONNECTIONS" --qos 1 "$@"; }
 # rumqttd acknowledges before fleetgate has stored anything, so the end-to-end
 # rate is the rate at which rows became durable and queryable, not the ack
-# rate: wait_stored RUN STARTED_AT polls /metrics until every acknowledged
-# record is stored (or counted as dropped or rejected) and writes RUN.stored.json.
+# rate: wait_stored RUN STARTED_AT polls /metrics until every record fleetgate
+# received is stored (or counted as dropped or rejected) and no more arrive,
+# and writes RUN.stored.json, including how many acknowledged records never
+# reached fleetgate (rumqttd drops the oldest unread messages once its
+# in-memory log is full).
 wait_stored() {
   python3 - "$OUT/$1/report.json" "$FG_ADMIN" "$2" > "$OUT/$1.stored.json" <<'PY'
 import json, re, sys, time, urllib.request
 report, admin, started = json.load(open(sys.argv[1])), sys.argv[2], float(sys.argv[3])
-def done():
+def totals():
     text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
     total = lambda name: sum(float(v) for v in re.findall(r"^" + name + r"\{[^}]*\} (\S+)$", text, re.M))
-    return total("fleetgate_records_stored_total") + total("fleetgate_records_dropped_by_policy_total") \
+    done = total("fleetgate_records_stored_total") + total("fleetgate_records_dropped_by_policy_total") \
         + total("fleetgate_records_rejected_total")
-deadline = time.time() + 600
-while done() < report["records_acked"] and time.time() < deadline:
+    return total("fleetgate_records_received_total"), done
+deadline, last, quiet_since, finished = time.time() + 600, None, time.time(), None
+while time.time() < deadline:
+    received, done = totals()
+    if done >= report["records_acked"]:
+        finished = time.time()
+        break
+    if (received, done) != last:
+        last, quiet_since = (received, done), time.time()
+        if done >= received:
+            finished = time.time()
+    elif time.time() - quiet_since > 5:
+        break
     time.sleep(0.05)
-seconds = time.time() - started
-print(json.dumps({"records": report["records_acked"], "stored": done(), "seconds": seconds,
-                  "records_per_s": report["records_acked"] / seconds}))
+received, done = totals()
+seconds = (finished or time.time()) - started
+print(json.dumps({"records": report["records_acked"], "received": received, "stored": done,
+                  "lost_in_broker": report["records_acked"] - received, "seconds": seconds,
+                  "records_per_s": done / seconds}))
 PY
 }
 
@@ -107,7 +123,8 @@ loadgen --port "$FG_PORT" --count "$PUBLISHES" --out "$OUT/e2e"
 wait_stored e2e "$STARTED"
 stop_fleetgate e2e
 "$LOADGEN" verify "$OUT/e2e/acked.json" --data-dir "$FG_DIR/data" \
-  --key-file "$FG_DIR/keys/root.key" --vault-file "$FG_DIR/keys/vault.redb" > "$OUT/e2e/verify.json"
+  --key-file "$FG_DIR/keys/root.key" --vault-file "$FG_DIR/keys/vault.redb" > "$OUT/e2e/verify.json" \
+  || echo "verification found missing or duplicated records (see $OUT/e2e/verify.json)" >&2
 du -sb "$FG_DIR"/data/{rtti,diagnostics,charging,teleservice} > "$OUT/e2e.disk.txt"
 E2E_DATA=$FG_DIR/data
 

@@ -79,9 +79,13 @@ p("")
 durable = stored["e2e"]["records_per_s"]
 ratio_mq = durable / runs["mosquitto"]["records_per_s"]
 ratio_ceiling = durable / runs["ceiling"]["records_per_s"]
+lost = stored["e2e"]["lost_in_broker"]
 p(f"End to end (stored rate) vs Mosquitto's QoS 1 pass-through: **{ratio_mq:.2f}×**; vs fleetgate's own "
   f"discard-sink ceiling: **{ratio_ceiling:.0%}**. The e2e run's acknowledgements outran storage: "
-  f"{e['records_acked']:,} records acked in {e['elapsed_s']:.1f} s, all stored after {stored['e2e']['seconds']:.1f} s.")
+  f"{e['records_acked']:,} records acked in {e['elapsed_s']:.1f} s, {stored['e2e']['stored']:,.0f} stored after "
+  f"{stored['e2e']['seconds']:.1f} s"
+  + (f"; **{lost:,.0f} acknowledged records never reached fleetgate**: rumqttd dropped the oldest unread "
+     f"messages when its in-memory log (broker.segment_bytes × segment_count) overflowed." if lost > 0 else "."))
 q = lambda text, name, quant: metric(text, name, f'{{quantile="{quant}"}}') * 1e3
 p(f"At half rate ({runs['half']['records_per_s']:,.0f} records/s offered): receipt→durable (WAL fsync) "
   f"p50 {q(half_metrics, 'fleetgate_receipt_to_durable_seconds', '0.5'):.0f} ms, "

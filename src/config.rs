@@ -54,6 +54,8 @@ pub struct RetentionConfig {
     pub audit_file: PathBuf,
     /// Pending deletion requests from events (case closed, session ended).
     pub requests_file: PathBuf,
+    /// Legal holds in force.
+    pub holds_file: PathBuf,
 }
 
 impl Default for RetentionConfig {
@@ -63,6 +65,7 @@ impl Default for RetentionConfig {
             sweep_interval_secs: 300,
             audit_file: PathBuf::from("./audit/deletions.jsonl"),
             requests_file: PathBuf::from("./audit/deletion-requests.json"),
+            holds_file: PathBuf::from("./audit/legal-holds.json"),
         }
     }
 }
@@ -315,6 +318,7 @@ impl Config {
         config.storage.vault_file = dir.join("keys/vault.redb");
         config.retention.audit_file = dir.join("audit/deletions.jsonl");
         config.retention.requests_file = dir.join("audit/deletion-requests.json");
+        config.retention.holds_file = dir.join("audit/legal-holds.json");
         config
     }
 

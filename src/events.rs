@@ -5,19 +5,24 @@
 //! restart), is idempotent (applying it twice leaves the same state), and
 //! is appended to the audit log with the VIN's keyed tag, never the VIN.
 //!
-//! A case closed, a remote-managed charging session ended or an analysis
-//! completed records a deletion request for the rows they name (see
-//! [`crate::requests`]): hidden at once, deleted from disk by the next
-//! retention sweep. Charge history switched off needs deletion by vehicle
-//! across key epochs, which is not built: it is refused as unsupported, not
-//! silently accepted.
+//! A case closed, a remote-managed charging session ended, an analysis
+//! completed or charge history switched off records a deletion request for
+//! the rows they name (see [`crate::requests`]): hidden at once, deleted
+//! from disk by the next retention sweep. A legal hold on a vehicle or a
+//! case keeps its rows whatever retention or a request says, and refuses
+//! the vehicle's erasure, until it is released.
+//!
+//! Rows name a vehicle only by its pseudonym, which changes with the key
+//! epoch; events about a vehicle's rows select the pseudonyms of every
+//! epoch from 400 days before the event to 60 days after it.
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::RetentionConfig;
 use crate::privacy::PrivacyShared;
 use crate::pseudo::{is_vin, vin_tag};
-use crate::requests::{self, DeletionRequest, MatchValue};
+use crate::requests::{self, DeletionRequest, LegalHold, MatchValue, Selection};
+use crate::schema::INTERNAL_DOMAIN;
 use crate::vault::{Consent, VaultError};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +31,10 @@ pub enum EventError {
     InvalidVin,
     #[error("event {0} needs `consent`: one of smart_maintenance, product_quality")]
     ConsentMissing(&'static str),
-    #[error("event {0} needs `id`: the case, session or analysis it names")]
+    #[error("event {0} needs `id`: the case, session, analysis or legal hold it names")]
     IdMissing(&'static str),
-    #[error(
-        "event {0} is not supported yet: it needs deletion by vehicle across key epochs; until then the charge_history retention cap applies"
-    )]
-    Unsupported(&'static str),
+    #[error("the vehicle is under legal hold {0}: its erasure waits for the hold's release")]
+    LegalHold(String),
     #[error(transparent)]
     Request(#[from] crate::requests::RequestError),
     #[error(transparent)]
@@ -70,6 +73,11 @@ pub enum VehicleEvent {
     ChargingSessionEnded,
     /// A diagnostic analysis completed (L2753-2755).
     AnalysisCompleted,
+    /// A legal hold placed on the vehicle, or on one of its cases
+    /// (`case_id`), under the name `id`.
+    LegalHoldPlaced,
+    /// The legal hold named `id` released.
+    LegalHoldReleased,
 }
 
 impl VehicleEvent {
@@ -86,6 +94,8 @@ impl VehicleEvent {
             VehicleEvent::CaseClosed => "case_closed",
             VehicleEvent::ChargingSessionEnded => "charging_session_ended",
             VehicleEvent::AnalysisCompleted => "analysis_completed",
+            VehicleEvent::LegalHoldPlaced => "legal_hold_placed",
+            VehicleEvent::LegalHoldReleased => "legal_hold_released",
         }
     }
 }
@@ -105,8 +115,39 @@ pub struct EventRequest {
     pub event: VehicleEvent,
     pub vin: String,
     pub consent: Option<ConsentKind>,
-    /// The case, charging session or analysis a closing event names.
+    /// The case, charging session, analysis or legal hold the event names.
     pub id: Option<String>,
+    /// The case a legal hold is limited to; without it the hold covers the vehicle.
+    pub case_id: Option<String>,
+}
+
+/// Tables whose rows carry the vehicle's pseudonym in `vehicle_id`; RTTI
+/// rows carry no vehicle identifier at all, by design.
+const VEHICLE_TABLES: [&str; 4] = ["teleservice", "diagnostics", "charging", "dead_letters"];
+const DAY_MS: i64 = 86_400_000;
+
+/// The vehicle's pseudonyms for every key epoch from 400 days before `now`
+/// to 60 days after: those its stored rows and its coming rows carry.
+fn vehicle_ids(privacy: &PrivacyShared, vin: &str, now_ms: i64) -> Result<Vec<String>> {
+    let first = privacy.epoch(now_ms - 400 * DAY_MS);
+    let last = privacy.epoch(now_ms + 60 * DAY_MS);
+    let mut ids = Vec::new();
+    for epoch in first..=last {
+        if let Some(id) = privacy.lookup_vehicle_id(INTERNAL_DOMAIN, vin, epoch)? {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+fn selection(table: &str, matches: Vec<(&str, MatchValue)>) -> Selection {
+    Selection {
+        table: table.to_owned(),
+        matches: matches
+            .into_iter()
+            .map(|(column, value)| (column.to_owned(), value))
+            .collect(),
+    }
 }
 
 /// Applies `request`, audits it, and says what it changed.
@@ -136,10 +177,23 @@ pub fn apply(
             .consent
             .ok_or(EventError::ConsentMissing(event.name()))
     };
+    let id = || {
+        request
+            .id
+            .clone()
+            .ok_or(EventError::IdMissing(event.name()))
+    };
+    let tag = vin_tag(&privacy.keys.redaction_key(), vin);
     let effect = match event {
         VehicleEvent::VehicleSold
         | VehicleEvent::AccountDeleted
         | VehicleEvent::ErasureRequested => {
+            if let Some(hold) = requests::load_holds(&files.holds_file)?
+                .into_iter()
+                .find(|h| h.vehicle_tag == tag)
+            {
+                return Err(EventError::LegalHold(hold.name));
+            }
             if privacy.erase(vin)? {
                 "secrets erased: past rows unlinkable, encrypted fields unreadable".to_owned()
             } else {
@@ -158,48 +212,91 @@ pub fn apply(
         }
         VehicleEvent::CaseClosed
         | VehicleEvent::ChargingSessionEnded
-        | VehicleEvent::AnalysisCompleted => {
-            let id = request
-                .id
-                .clone()
-                .ok_or(EventError::IdMissing(event.name()))?;
-            let (table, mut matches) = match event {
+        | VehicleEvent::AnalysisCompleted
+        | VehicleEvent::ChargeHistoryOff => {
+            let rows = match event {
                 VehicleEvent::CaseClosed => {
-                    ("teleservice", vec![("case_id", MatchValue::Text(id))])
+                    selection("teleservice", vec![("case_id", MatchValue::Text(id()?))])
                 }
-                VehicleEvent::ChargingSessionEnded => {
-                    ("charging", vec![("session_id", MatchValue::Text(id))])
-                }
-                _ => ("diagnostics", vec![("analysis_id", MatchValue::Text(id))]),
-            };
-            if event == VehicleEvent::ChargingSessionEnded {
                 // Only remote charge management data ends with the session;
                 // the charge history has its own rule (L1082-1087).
-                matches.push(("remote_managed", MatchValue::Bool(true)));
-            }
+                VehicleEvent::ChargingSessionEnded => selection(
+                    "charging",
+                    vec![
+                        ("session_id", MatchValue::Text(id()?)),
+                        ("remote_managed", MatchValue::Bool(true)),
+                    ],
+                ),
+                VehicleEvent::AnalysisCompleted => selection(
+                    "diagnostics",
+                    vec![("analysis_id", MatchValue::Text(id()?))],
+                ),
+                _ => selection(
+                    "charging",
+                    vec![(
+                        "vehicle_id",
+                        MatchValue::AnyOf(vehicle_ids(privacy, vin, now_ms)?),
+                    )],
+                ),
+            };
+            let table = rows.table.clone();
             requests::add(
                 &files.requests_file,
                 DeletionRequest {
-                    table: table.to_owned(),
-                    matches: matches
-                        .into_iter()
-                        .map(|(column, value)| (column.to_owned(), value))
-                        .collect(),
+                    rows,
                     event: event.name().to_owned(),
                     requested_ms: now_ms,
                 },
             )?;
             format!("{table} rows hidden now, deleted from disk by the next retention sweep")
         }
-        VehicleEvent::ChargeHistoryOff => return Err(EventError::Unsupported(event.name())),
+        VehicleEvent::LegalHoldPlaced => {
+            let covers = match &request.case_id {
+                Some(case) => vec![selection(
+                    "teleservice",
+                    vec![("case_id", MatchValue::Text(case.clone()))],
+                )],
+                None => {
+                    // A vehicle fleetgate has not seen yet gets its secret
+                    // now, so that the rows it sends later are covered too.
+                    privacy.vault.get_or_create(vin)?;
+                    let ids = vehicle_ids(privacy, vin, now_ms)?;
+                    VEHICLE_TABLES
+                        .iter()
+                        .map(|table| {
+                            selection(table, vec![("vehicle_id", MatchValue::AnyOf(ids.clone()))])
+                        })
+                        .collect()
+                }
+            };
+            let hold = LegalHold {
+                name: id()?,
+                vehicle_tag: tag.clone(),
+                covers,
+                placed_ms: now_ms,
+            };
+            if requests::place_hold(&files.holds_file, hold)? {
+                "legal hold placed".to_owned()
+            } else {
+                "legal hold replaced".to_owned()
+            }
+        }
+        VehicleEvent::LegalHoldReleased => {
+            if requests::release_hold(&files.holds_file, &id()?)? {
+                "legal hold released".to_owned()
+            } else {
+                "no legal hold of that name".to_owned()
+            }
+        }
     };
     let line = serde_json::json!({
         "at": chrono::DateTime::from_timestamp_millis(now_ms).map(|t| t.to_rfc3339()),
         "action": "vehicle_event",
         "event": event.name(),
-        "vehicle": vin_tag(&privacy.keys.redaction_key(), vin),
+        "vehicle": tag,
         "consent": request.consent,
         "id": request.id,
+        "case_id": request.case_id,
         "effect": effect,
     });
     crate::retention::append_audit(audit_file, &[line]).map_err(|e| EventError::Audit {

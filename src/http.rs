@@ -170,7 +170,7 @@ async fn vehicle_event(
                 EventError::InvalidVin
                 | EventError::ConsentMissing(_)
                 | EventError::IdMissing(_) => StatusCode::BAD_REQUEST,
-                EventError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+                EventError::LegalHold(_) => StatusCode::CONFLICT,
                 EventError::Vault(_) | EventError::Audit { .. } | EventError::Request(_) => {
                     tracing::error!(error = %e, event = request.event.name(), "vehicle event failed");
                     StatusCode::INTERNAL_SERVER_ERROR

@@ -79,9 +79,12 @@ enum AdminAction {
         /// The consent a consent_given or consent_withdrawn event changes.
         #[arg(long, value_enum)]
         consent: Option<ConsentKind>,
-        /// The case, charging session or analysis a closing event names.
+        /// The case, charging session, analysis or legal hold the event names.
         #[arg(long)]
         id: Option<String>,
+        /// The case a legal hold is limited to.
+        #[arg(long)]
+        case_id: Option<String>,
     },
     /// Show a vehicle's consent and SIM state.
     Consent {
@@ -181,7 +184,10 @@ fn main() -> anyhow::Result<()> {
                 config.retention.rules_file.as_deref(),
                 &registry,
             )?
-            .with_requests(fleetgate::requests::load(&config.retention.requests_file)?);
+            .with_requests(fleetgate::requests::load(&config.retention.requests_file)?)
+            .with_holds(&fleetgate::requests::load_holds(
+                &config.retention.holds_file,
+            )?);
             let text = runtime.block_on(async {
                 let ctx = query::session_at(
                     &config.storage.data_dir,
@@ -219,6 +225,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
             event,
             consent,
             id,
+            case_id,
         } => (
             vin.clone(),
             Some(EventRequest {
@@ -226,6 +233,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
                 vin,
                 consent,
                 id,
+                case_id,
             }),
         ),
     };
@@ -263,7 +271,10 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     use fleetgate::retention::{self, Retention};
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
     let rules = Retention::load(config.retention.rules_file.as_deref(), &registry)?
-        .with_requests(fleetgate::requests::load(&config.retention.requests_file)?);
+        .with_requests(fleetgate::requests::load(&config.retention.requests_file)?)
+        .with_holds(&fleetgate::requests::load_holds(
+            &config.retention.holds_file,
+        )?);
     let now = fleetgate::ingest::now_ms();
     let run = retention::SweepRun {
         now_ms: now,
@@ -274,7 +285,7 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let deletions = retention::sweep(&config.storage.data_dir, &rules, run)?;
     if !dry_run {
         retention::audit(&config.retention.audit_file, now, &deletions)?;
-        fleetgate::requests::retire(&config.retention.requests_file, rules.requests())?;
+        fleetgate::requests::retire(&config.retention.requests_file, &rules.completed_by_sweep())?;
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {

@@ -1,14 +1,20 @@
-//! Deletion requests: rows that must go because of an event, not a period
-//! (a teleservice case closed, a remote-managed charging session ended, a
-//! diagnostic analysis completed). A request names a table and the column
-//! values its rows match. From the moment it is recorded, every query
-//! leaves those rows out; the next retention sweep rewrites the files that
-//! hold them and then retires the request.
+//! Deletion requests and legal holds: rows selected by an event rather
+//! than by a period.
 //!
-//! Requests live in one small JSON file (`[retention] requests_file`),
-//! replaced atomically (write, fsync, rename, fsync the directory) under an
-//! exclusive file lock, so the server's admin API, its sweep and the CLI
-//! can all change it without losing a request.
+//! A deletion request (a teleservice case closed, a remote-managed charging
+//! session ended, an analysis completed, charge history switched off) names
+//! a table and the column values its rows match. From the moment it is
+//! recorded, every query leaves those rows out; the next retention sweep
+//! rewrites the files that hold them and then retires the request.
+//!
+//! A legal hold keeps the rows it covers (a vehicle's, or a case's) whatever
+//! retention or a deletion request says, and blocks the vehicle's erasure,
+//! until it is released.
+//!
+//! Each lives in one small JSON file (`[retention] requests_file`,
+//! `holds_file`), replaced atomically (write, fsync, rename, fsync the
+//! directory) under an exclusive file lock, so the server's admin API, its
+//! sweep and the CLI can all change it without losing an entry.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -26,28 +32,47 @@ pub struct RequestError {
 
 pub type Result<T, E = RequestError> = std::result::Result<T, E>;
 
-/// A value a request matches.
+/// A value a selection matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MatchValue {
     Bool(bool),
     Text(String),
+    /// Any of these texts (a vehicle's pseudonyms over its key epochs).
+    AnyOf(Vec<String>),
 }
 
-/// Rows of `table` whose every `(column, value)` pair is equal go.
+/// The rows of `table` whose every `(column, value)` pair matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeletionRequest {
+pub struct Selection {
     pub table: String,
     pub matches: Vec<(String, MatchValue)>,
+}
+
+/// Rows that must go because of an event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeletionRequest {
+    #[serde(flatten)]
+    pub rows: Selection,
     /// The event that asked for it, e.g. `case_closed`.
     pub event: String,
     pub requested_ms: i64,
 }
 
-impl DeletionRequest {
-    /// Whether `other` asks for the same rows.
-    fn same_rows(&self, other: &DeletionRequest) -> bool {
-        self.table == other.table && self.matches == other.matches
+/// Rows kept whatever retention or a deletion request says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegalHold {
+    /// The name the hold was placed under; releasing uses it.
+    pub name: String,
+    /// The keyed tag of the vehicle's VIN (never the VIN): its erasure is refused.
+    pub vehicle_tag: String,
+    pub covers: Vec<Selection>,
+    pub placed_ms: i64,
+}
+
+impl Selection {
+    fn quote(text: &str) -> String {
+        format!("'{}'", text.replace('\'', "''"))
     }
 
     /// The SQL condition true for the rows this request deletes (never NULL).
@@ -56,14 +81,18 @@ impl DeletionRequest {
             .matches
             .iter()
             .map(|(column, value)| {
-                let value = match value {
-                    MatchValue::Bool(b) => b.to_string(),
-                    MatchValue::Text(t) => format!("'{}'", t.replace('\'', "''")),
-                };
-                format!(
-                    "coalesce(\"{}\" = {value}, false)",
-                    column.replace('"', "\"\"")
-                )
+                let column = format!("\"{}\"", column.replace('"', "\"\""));
+                match value {
+                    MatchValue::Bool(b) => format!("coalesce({column} = {b}, false)"),
+                    MatchValue::Text(t) => {
+                        format!("coalesce({column} = {}, false)", Self::quote(t))
+                    }
+                    MatchValue::AnyOf(list) if list.is_empty() => "false".to_owned(),
+                    MatchValue::AnyOf(list) => {
+                        let list: Vec<String> = list.iter().map(|t| Self::quote(t)).collect();
+                        format!("coalesce({column} IN ({}), false)", list.join(", "))
+                    }
+                }
             })
             .collect();
         format!("({})", parts.join(" AND "))
@@ -86,6 +115,9 @@ impl DeletionRequest {
                         MatchValue::Text(t) => array
                             .as_string_opt::<i32>()
                             .is_some_and(|a| a.value(row) == t),
+                        MatchValue::AnyOf(list) => array
+                            .as_string_opt::<i32>()
+                            .is_some_and(|a| list.iter().any(|t| a.value(row) == t)),
                     };
             }
         }
@@ -95,6 +127,15 @@ impl DeletionRequest {
 
 /// The pending requests; none when the file does not exist yet.
 pub fn load(path: &Path) -> Result<Vec<DeletionRequest>> {
+    load_list(path)
+}
+
+/// The legal holds in force; none when the file does not exist yet.
+pub fn load_holds(path: &Path) -> Result<Vec<LegalHold>> {
+    load_list(path)
+}
+
+fn load_list<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     match fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| error(path, e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
@@ -104,11 +145,32 @@ pub fn load(path: &Path) -> Result<Vec<DeletionRequest>> {
 
 /// Records `request` durably; recording the same rows twice keeps one.
 pub fn add(path: &Path, request: DeletionRequest) -> Result<()> {
-    update(path, |requests| {
-        if !requests.iter().any(|r| r.same_rows(&request)) {
+    update(path, |requests: &mut Vec<DeletionRequest>| {
+        if !requests.iter().any(|r| r.rows == request.rows) {
             requests.push(request);
         }
     })
+}
+
+/// Places `hold`, replacing one of the same name; returns whether it is new.
+pub fn place_hold(path: &Path, hold: LegalHold) -> Result<bool> {
+    let mut new = true;
+    update(path, |holds: &mut Vec<LegalHold>| {
+        new = !holds.iter().any(|h| h.name == hold.name);
+        holds.retain(|h| h.name != hold.name);
+        holds.push(hold);
+    })?;
+    Ok(new)
+}
+
+/// Releases the hold named `name`; returns whether there was one.
+pub fn release_hold(path: &Path, name: &str) -> Result<bool> {
+    let mut found = false;
+    update(path, |holds: &mut Vec<LegalHold>| {
+        found = holds.iter().any(|h| h.name == name);
+        holds.retain(|h| h.name != name);
+    })?;
+    Ok(found)
 }
 
 /// Retires requests whose rows are gone from disk.
@@ -116,11 +178,16 @@ pub fn retire(path: &Path, done: &[DeletionRequest]) -> Result<()> {
     if done.is_empty() {
         return Ok(());
     }
-    update(path, |requests| requests.retain(|r| !done.contains(r)))
+    update(path, |requests: &mut Vec<DeletionRequest>| {
+        requests.retain(|r| !done.contains(r))
+    })
 }
 
 /// Read, change, write-then-rename, under an exclusive lock on a side file.
-fn update(path: &Path, change: impl FnOnce(&mut Vec<DeletionRequest>)) -> Result<()> {
+fn update<T: Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    change: impl FnOnce(&mut Vec<T>),
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -128,9 +195,9 @@ fn update(path: &Path, change: impl FnOnce(&mut Vec<DeletionRequest>)) -> Result
     fs::create_dir_all(dir).map_err(|e| error(path, e))?;
     let lock = File::create(path.with_extension("lock")).map_err(|e| error(path, e))?;
     lock.lock().map_err(|e| error(path, e))?;
-    let mut requests = load(path)?;
-    change(&mut requests);
-    let text = serde_json::to_vec_pretty(&requests).map_err(|e| error(path, e))?;
+    let mut list = load_list(path)?;
+    change(&mut list);
+    let text = serde_json::to_vec_pretty(&list).map_err(|e| error(path, e))?;
     let temporary = path.with_extension("tmp");
     let mut file = File::create(&temporary).map_err(|e| error(path, e))?;
     file.write_all(&text)
@@ -153,8 +220,10 @@ mod tests {
 
     fn case(id: &str) -> DeletionRequest {
         DeletionRequest {
-            table: "teleservice".into(),
-            matches: vec![("case_id".into(), MatchValue::Text(id.into()))],
+            rows: Selection {
+                table: "teleservice".into(),
+                matches: vec![("case_id".into(), MatchValue::Text(id.into()))],
+            },
             event: "case_closed".into(),
             requested_ms: 1,
         }
@@ -176,8 +245,37 @@ mod tests {
     #[test]
     fn sql_never_matches_nulls_and_quotes_values() {
         assert_eq!(
-            case("it's").sql(),
+            case("it's").rows.sql(),
             "(coalesce(\"case_id\" = 'it''s', false))"
         );
+        let vehicle = Selection {
+            table: "charging".into(),
+            matches: vec![(
+                "vehicle_id".into(),
+                MatchValue::AnyOf(vec!["a".into(), "b".into()]),
+            )],
+        };
+        assert_eq!(
+            vehicle.sql(),
+            "(coalesce(\"vehicle_id\" IN ('a', 'b'), false))"
+        );
+    }
+
+    #[test]
+    fn holds_are_placed_by_name_and_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("holds.json");
+        let hold = LegalHold {
+            name: "LH-1".into(),
+            vehicle_tag: "tag".into(),
+            covers: vec![case("A").rows],
+            placed_ms: 1,
+        };
+        assert!(place_hold(&path, hold.clone()).expect("place"));
+        assert!(!place_hold(&path, hold.clone()).expect("place again"));
+        assert_eq!(load_holds(&path).expect("load"), vec![hold]);
+        assert!(release_hold(&path, "LH-1").expect("release"));
+        assert!(!release_hold(&path, "LH-1").expect("release again"));
+        assert!(load_holds(&path).expect("load").is_empty());
     }
 }

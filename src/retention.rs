@@ -23,7 +23,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::dead_letter;
-use crate::requests::DeletionRequest;
+use crate::requests::{DeletionRequest, LegalHold, Selection};
 use crate::schema::Registry;
 use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir, writer_properties};
 
@@ -104,6 +104,8 @@ pub struct Retention {
     tables: BTreeMap<String, Vec<Rule>>,
     /// Rows that must go because of an event (see [`crate::requests`]).
     requests: Vec<DeletionRequest>,
+    /// Rows legal holds keep, whatever the rules and requests say.
+    held: Vec<Selection>,
 }
 
 /// The column a table's rules count from.
@@ -190,6 +192,7 @@ impl Retention {
         Ok(Self {
             tables,
             requests: Vec::new(),
+            held: Vec::new(),
         })
     }
 
@@ -205,7 +208,30 @@ impl Retention {
     }
 
     fn requests_of<'a>(&'a self, table: &'a str) -> impl Iterator<Item = &'a DeletionRequest> {
-        self.requests.iter().filter(move |r| r.table == table)
+        self.requests.iter().filter(move |r| r.rows.table == table)
+    }
+
+    /// The same rules, keeping whatever `holds` cover.
+    pub fn with_holds(mut self, holds: &[LegalHold]) -> Self {
+        self.held = holds
+            .iter()
+            .flat_map(|h| h.covers.iter().cloned())
+            .collect();
+        self
+    }
+
+    fn held_of<'a>(&'a self, table: &'a str) -> impl Iterator<Item = &'a Selection> {
+        self.held.iter().filter(move |h| h.table == table)
+    }
+
+    /// The requests a sweep carries out in full: those of tables without a
+    /// legal hold (a held table's request waits for the hold's release).
+    pub fn completed_by_sweep(&self) -> Vec<DeletionRequest> {
+        self.requests
+            .iter()
+            .filter(|r| self.held_of(&r.rows.table).next().is_none())
+            .cloned()
+            .collect()
     }
 
     /// Every rule, table by table.
@@ -263,9 +289,15 @@ impl Retention {
         };
         let requested: String = self
             .requests_of(table)
-            .map(|r| format!(" AND NOT {}", r.sql()))
+            .map(|r| format!(" AND NOT {}", r.rows.sql()))
             .collect();
-        format!("date >= DATE '{date}' AND ({per_row}){requested}")
+        let visible = format!("date >= DATE '{date}' AND ({per_row}){requested}");
+        let held: Vec<String> = self.held_of(table).map(Selection::sql).collect();
+        if held.is_empty() {
+            visible
+        } else {
+            format!("({visible}) OR {}", held.join(" OR "))
+        }
     }
 }
 
@@ -307,6 +339,10 @@ pub struct SweepRun {
 /// a crash leaves the old file or the new one, never both, never neither).
 /// Only partitions where rows can have expired since the last sweep are
 /// opened, so the cost grows with what is deleted, not with the store.
+/// Deletion requests are carried out the same way, and rows a legal hold
+/// covers are kept: while a table has a hold, its expired partitions are
+/// rewritten around the held rows instead of dropped (and re-read by every
+/// sweep until the hold is released).
 pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Vec<Deletion>> {
     let mut out = Vec::new();
     for (table, rules) in &retention.tables {
@@ -322,7 +358,8 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
             let hour_start = (i64::from(days) * 24 + i64::from(hour)) * HOUR_MS;
             let hour_end = hour_start + HOUR_MS;
             let partition = key.relative_dir().display().to_string();
-            if hour_end <= oldest_kept {
+            let held_here = retention.held_of(table).next().is_some();
+            if hour_end <= oldest_kept && !held_here {
                 let files = parquet_files(&partition_dir)?;
                 let mut rows = 0u64;
                 for file in &files {
@@ -346,7 +383,10 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
                 let swept_up_to = run.since_ms.map(|s| s - r.keep_ms());
                 hour_start < cutoff && swept_up_to.is_none_or(|p| hour_end > p)
             });
-            if !expiring_here && retention.requests_of(table).next().is_none() {
+            let shortest = rules.iter().map(Rule::keep_ms).min().unwrap_or(0);
+            let held_and_expiring = held_here && hour_start < run.now_ms - shortest;
+            if !expiring_here && !held_and_expiring && retention.requests_of(table).next().is_none()
+            {
                 continue;
             }
             remove_stale_rewrites(&partition_dir)?;
@@ -461,9 +501,16 @@ fn deletion_reasons(
         .map(|rule| rule.map(|r| rules[r].name.clone()))
         .collect();
     for request in retention.requests_of(table) {
-        for (reason, hit) in reasons.iter_mut().zip(request.matching_rows(batch)) {
+        for (reason, hit) in reasons.iter_mut().zip(request.rows.matching_rows(batch)) {
             if hit {
                 *reason = Some(request.event.clone());
+            }
+        }
+    }
+    for held in retention.held_of(table) {
+        for (reason, hit) in reasons.iter_mut().zip(held.matching_rows(batch)) {
+            if hit {
+                *reason = None;
             }
         }
     }

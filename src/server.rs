@@ -347,8 +347,8 @@ fn spawn_sweeper(
     Ok(Sweeper { stop, thread })
 }
 
-/// One sweep: the rules plus the pending deletion requests; audits what it
-/// deleted, then retires the requests it carried out.
+/// One sweep: the rules plus the pending deletion requests, around the legal
+/// holds; audits what it deleted, then retires the requests it carried out.
 fn sweep_once(
     rules: &Retention,
     data_dir: &std::path::Path,
@@ -357,10 +357,11 @@ fn sweep_once(
 ) -> Result<Vec<retention::Deletion>> {
     let rules = rules
         .clone()
-        .with_requests(requests::load(&files.requests_file)?);
+        .with_requests(requests::load(&files.requests_file)?)
+        .with_holds(&requests::load_holds(&files.holds_file)?);
     let deletions = retention::sweep(data_dir, &rules, run)?;
     retention::audit(&files.audit_file, run.now_ms, &deletions)?;
-    requests::retire(&files.requests_file, rules.requests())?;
+    requests::retire(&files.requests_file, &rules.completed_by_sweep())?;
     Ok(deletions)
 }
 

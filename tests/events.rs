@@ -2,8 +2,9 @@
 //! effect on the next record, a sale crypto-shreds the vehicle, a closed
 //! case, an ended session and a completed analysis hide their rows at once
 //! and the sweep deletes them from disk; every event is idempotent,
-//! survives a restart and is audited without the VIN, and bad or
-//! unsupported events are refused with their reason.
+//! survives a restart and is audited without the VIN, bad events are
+//! refused with their reason, and a legal hold keeps rows and blocks
+//! erasure until it is released.
 
 mod common;
 
@@ -43,6 +44,13 @@ fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
 
 fn event(addr: std::net::SocketAddr, body: &str) -> (u16, String) {
     post(addr, "/admin/events", body)
+}
+
+/// Sends an event that must be refused with `status`, saying `reason`.
+fn refused(addr: std::net::SocketAddr, body: &str, status: u16, reason: &str) {
+    let (got, answer) = event(addr, body);
+    assert_eq!(got, status, "{answer}");
+    assert!(answer.contains(reason), "{answer}");
 }
 
 /// Applies an event that must succeed; returns the answer.
@@ -126,27 +134,24 @@ async fn events_change_collection_erase_vehicles_and_are_audited() {
     );
 
     // Refusals, each with its reason.
-    let (status, body) = event(admin, r#"{"event":"vehicle_sold","vin":"NOT-A-VIN"}"#);
-    assert_eq!(status, 400, "{body}");
-    assert!(body.contains("not a VIN"), "{body}");
-    let (status, body) = event(
+    refused(
+        admin,
+        r#"{"event":"vehicle_sold","vin":"NOT-A-VIN"}"#,
+        400,
+        "not a VIN",
+    );
+    refused(
         admin,
         r#"{"event":"consent_given","vin":"WMW11DJ04N2T00001"}"#,
+        400,
+        "needs `consent`",
     );
-    assert_eq!(status, 400, "{body}");
-    assert!(body.contains("needs `consent`"), "{body}");
-    let (status, body) = event(
+    refused(
         admin,
         r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001"}"#,
+        400,
+        "needs `id`",
     );
-    assert_eq!(status, 400, "{body}");
-    assert!(body.contains("needs `id`"), "{body}");
-    let (status, body) = event(
-        admin,
-        r#"{"event":"charge_history_off","vin":"WMW11DJ04N2T00001"}"#,
-    );
-    assert_eq!(status, 501, "{body}");
-    assert!(body.contains("not supported yet"), "{body}");
     assert_ne!(
         event(admin, r#"{"event":"teleported","vin":"WMW11DJ04N2T00001"}"#).0,
         200
@@ -323,4 +328,131 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
             .expect("requests")
             .is_empty()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
+    use fleetgate::retention::{self, Retention};
+    let server = TestServer::start();
+    let messages = vec![
+        record(
+            Stream::Teleservice,
+            1,
+            r#""trigger":"event","case_id":"CASE-9""#,
+        ),
+        record(Stream::Teleservice, 2, r#""trigger":"monthly""#),
+        record(Stream::Diagnostics, 1, r#""ecu":"DME","severity":"info""#),
+        record(
+            Stream::Charging,
+            1,
+            &format!(r#""session_id":"S9","event":"start","started_at":{TEST_NOW_MS}"#),
+        ),
+    ];
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    let admin = server.handle.admin_addr();
+    let placed = accepted(
+        admin,
+        r#"{"event":"legal_hold_placed","vin":"WMW11DJ04N2T00001","id":"LH-1"}"#,
+    );
+    assert!(placed.contains("legal hold placed"), "{placed}");
+    refused(
+        admin,
+        r#"{"event":"erasure_requested","vin":"WMW11DJ04N2T00001"}"#,
+        409,
+        "LH-1",
+    );
+    accepted(
+        admin,
+        r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001","id":"CASE-9"}"#,
+    );
+    accepted(
+        admin,
+        r#"{"event":"charge_history_off","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    let config = server.config.clone();
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+
+    let files = &config.retention;
+    let rules = || {
+        let registry = fleetgate::schema::Registry::load().expect("schemas");
+        Retention::load(None, &registry)
+            .expect("rules")
+            .with_requests(fleetgate::requests::load(&files.requests_file).expect("requests"))
+            .with_holds(&fleetgate::requests::load_holds(&files.holds_file).expect("holds"))
+    };
+    let sweep = |rules: &Retention, now_ms: i64| {
+        let run = retention::SweepRun {
+            now_ms,
+            since_ms: None,
+            zstd_level: 3,
+            dry_run: false,
+        };
+        let deleted = retention::sweep(&data, rules, run).expect("sweep");
+        fleetgate::requests::retire(&files.requests_file, &rules.completed_by_sweep())
+            .expect("retire");
+        deleted
+    };
+    // Two years on, past every rule and past the requests: the hold keeps everything.
+    let later = TEST_NOW_MS + 730 * 86_400_000;
+    let held = rules();
+    let seqs_at = |table: &'static str, rules: Retention| {
+        let data = data.clone();
+        async move {
+            let registry = fleetgate::schema::Registry::load().expect("schemas");
+            let ctx = fleetgate::query::session_at(&data, &registry, &rules, later)
+                .await
+                .expect("session");
+            let sql = format!("SELECT count(*) FROM {table}");
+            let batches = fleetgate::query::run(&ctx, &sql).await.expect("query");
+            batches[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("count")
+                .value(0)
+        }
+    };
+    assert_eq!(seqs_at("teleservice", held.clone()).await, 2);
+    assert_eq!(seqs_at("diagnostics", held.clone()).await, 1);
+    assert_eq!(seqs_at("charging", held.clone()).await, 1);
+    let deleted = sweep(&held, later);
+    assert!(deleted.is_empty(), "nothing held is deleted: {deleted:?}");
+    assert_eq!(
+        fleetgate::requests::load(&files.requests_file)
+            .expect("requests")
+            .len(),
+        2,
+        "requests wait"
+    );
+
+    // Released (on a restarted server): erasure goes through, and the sweep deletes.
+    let restarted = fleetgate::server::start(&config).expect("restart");
+    let released = accepted(
+        restarted.admin_addr(),
+        r#"{"event":"legal_hold_released","vin":"WMW11DJ04N2T00001","id":"LH-1"}"#,
+    );
+    assert!(released.contains("legal hold released"), "{released}");
+    accepted(
+        restarted.admin_addr(),
+        r#"{"event":"erasure_requested","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    restarted.shutdown().expect("shutdown");
+    let free = rules();
+    assert_eq!(seqs_at("teleservice", free.clone()).await, 0);
+    let deleted = sweep(&free, later);
+    assert!(!deleted.is_empty());
+    assert!(
+        fleetgate::requests::load(&files.requests_file)
+            .expect("requests")
+            .is_empty()
+    );
+    for table in ["teleservice", "diagnostics", "charging"] {
+        assert!(
+            !files_under(&data.join(table))
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "parquet")),
+            "{table} rows are gone from disk"
+        );
+    }
 }

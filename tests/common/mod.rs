@@ -327,6 +327,16 @@ impl ServeProcess {
     }
 }
 
+/// A test that fails midway leaves no server running behind it.
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A single-number query result, as seen at [`TEST_NOW_MS`].
 pub async fn count(data_dir: &Path, sql: &str) -> i64 {
     count_at(data_dir, sql, TEST_NOW_MS).await
