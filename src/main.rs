@@ -180,14 +180,7 @@ fn main() -> anyhow::Result<()> {
             let config = common.load()?;
             let registry =
                 fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
-            let retention = fleetgate::retention::Retention::load(
-                config.retention.rules_file.as_deref(),
-                &registry,
-            )?
-            .with_requests(fleetgate::requests::load(&config.retention.requests_file)?)
-            .with_holds(&fleetgate::requests::load_holds(
-                &config.retention.holds_file,
-            )?);
+            let retention = fleetgate::retention::Retention::current(&config.retention, &registry)?;
             let text = runtime.block_on(async {
                 let ctx = query::session_at(
                     &config.storage.data_dir,
@@ -270,23 +263,15 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
 fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     use fleetgate::retention::{self, Retention};
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
-    let rules = Retention::load(config.retention.rules_file.as_deref(), &registry)?
-        .with_requests(fleetgate::requests::load(&config.retention.requests_file)?)
-        .with_holds(&fleetgate::requests::load_holds(
-            &config.retention.holds_file,
-        )?);
-    let now = fleetgate::ingest::now_ms();
+    let rules = Retention::current(&config.retention, &registry)?;
     let run = retention::SweepRun {
-        now_ms: now,
+        now_ms: fleetgate::ingest::now_ms(),
         since_ms: None,
         zstd_level: config.storage.zstd_level,
         dry_run,
     };
-    let deletions = retention::sweep(&config.storage.data_dir, &rules, run)?;
-    if !dry_run {
-        retention::audit(&config.retention.audit_file, now, &deletions)?;
-        fleetgate::requests::retire(&config.retention.requests_file, &rules.completed_by_sweep())?;
-    }
+    let deletions =
+        retention::sweep_and_record(&config.storage.data_dir, &rules, &config.retention, run)?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {
         println!(

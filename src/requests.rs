@@ -71,57 +71,80 @@ pub struct LegalHold {
 }
 
 impl Selection {
-    fn quote(text: &str) -> String {
-        format!("'{}'", text.replace('\'', "''"))
-    }
-
     /// The SQL condition true for the rows this request deletes (never NULL).
     pub fn sql(&self) -> String {
         let parts: Vec<String> = self
             .matches
             .iter()
             .map(|(column, value)| {
-                let column = format!("\"{}\"", column.replace('"', "\"\""));
+                let column = sql_identifier(column);
                 match value {
-                    MatchValue::Bool(b) => format!("coalesce({column} = {b}, false)"),
-                    MatchValue::Text(t) => {
-                        format!("coalesce({column} = {}, false)", Self::quote(t))
-                    }
                     MatchValue::AnyOf(list) if list.is_empty() => "false".to_owned(),
                     MatchValue::AnyOf(list) => {
-                        let list: Vec<String> = list.iter().map(|t| Self::quote(t)).collect();
+                        let list: Vec<String> = list.iter().map(|t| sql_text(t)).collect();
                         format!("coalesce({column} IN ({}), false)", list.join(", "))
                     }
+                    single => format!("coalesce({column} = {}, false)", sql_literal(single)),
                 }
             })
             .collect();
         format!("({})", parts.join(" AND "))
     }
 
-    /// Per row of `batch`: whether this request deletes it.
+    /// Per row of `batch`: whether it is selected.
     pub fn matching_rows(&self, batch: &RecordBatch) -> Vec<bool> {
         let mut out = vec![true; batch.num_rows()];
         for (column, value) in &self.matches {
-            let Some(array) = batch.column_by_name(column) else {
-                return vec![false; batch.num_rows()];
-            };
-            for (row, keep) in out.iter_mut().enumerate() {
-                *keep = *keep
-                    && array.is_valid(row)
-                    && match value {
-                        MatchValue::Bool(b) => {
-                            array.as_boolean_opt().is_some_and(|a| a.value(row) == *b)
-                        }
-                        MatchValue::Text(t) => array
-                            .as_string_opt::<i32>()
-                            .is_some_and(|a| a.value(row) == t),
-                        MatchValue::AnyOf(list) => array
-                            .as_string_opt::<i32>()
-                            .is_some_and(|a| list.iter().any(|t| a.value(row) == t)),
-                    };
+            for (selected, hit) in out.iter_mut().zip(column_matches(batch, column, value)) {
+                *selected &= hit;
             }
         }
         out
+    }
+}
+
+/// Per row of `batch`: whether `column` holds `value` (never for a null or
+/// a missing column).
+pub fn column_matches(batch: &RecordBatch, column: &str, value: &MatchValue) -> Vec<bool> {
+    let Some(array) = batch.column_by_name(column) else {
+        return vec![false; batch.num_rows()];
+    };
+    (0..batch.num_rows())
+        .map(|row| {
+            array.is_valid(row)
+                && match value {
+                    MatchValue::Bool(b) => {
+                        array.as_boolean_opt().is_some_and(|a| a.value(row) == *b)
+                    }
+                    MatchValue::Text(t) => array
+                        .as_string_opt::<i32>()
+                        .is_some_and(|a| a.value(row) == t),
+                    MatchValue::AnyOf(list) => array
+                        .as_string_opt::<i32>()
+                        .is_some_and(|a| list.iter().any(|t| a.value(row) == t)),
+                }
+        })
+        .collect()
+}
+
+/// A column name as a quoted SQL identifier.
+pub fn sql_identifier(column: &str) -> String {
+    format!("\"{}\"", column.replace('"', "\"\""))
+}
+
+fn sql_text(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A single value as a SQL literal; a list as a parenthesised list.
+pub fn sql_literal(value: &MatchValue) -> String {
+    match value {
+        MatchValue::Bool(b) => b.to_string(),
+        MatchValue::Text(t) => sql_text(t),
+        MatchValue::AnyOf(list) => {
+            let list: Vec<String> = list.iter().map(|t| sql_text(t)).collect();
+            format!("({})", list.join(", "))
+        }
     }
 }
 

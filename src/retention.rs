@@ -22,8 +22,12 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
+use crate::config::RetentionConfig;
 use crate::dead_letter;
-use crate::requests::{DeletionRequest, LegalHold, Selection};
+use crate::requests::{
+    self, DeletionRequest, LegalHold, MatchValue, RequestError, Selection, column_matches,
+    sql_identifier, sql_literal,
+};
 use crate::schema::Registry;
 use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir, writer_properties};
 
@@ -48,6 +52,8 @@ pub enum RetentionError {
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]
+    Requests(#[from] RequestError),
+    #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
 
@@ -69,19 +75,12 @@ pub struct Rule {
     pub choice: Option<String>,
 }
 
-/// A row matches when `field` equals `equals`.
+/// A row matches when `field` equals `equals` (a string or a boolean).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct When {
     pub field: String,
-    pub equals: WhenValue,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum WhenValue {
-    Bool(bool),
-    Text(String),
+    pub equals: MatchValue,
 }
 
 impl Rule {
@@ -157,8 +156,14 @@ impl Retention {
             }
             if let Some(when) = &rule.when {
                 let expected = match when.equals {
-                    WhenValue::Bool(_) => DataType::Boolean,
-                    WhenValue::Text(_) => DataType::Utf8,
+                    MatchValue::Bool(_) => DataType::Boolean,
+                    MatchValue::Text(_) => DataType::Utf8,
+                    MatchValue::AnyOf(_) => {
+                        return Err(error(format!(
+                            "rule {:?}: `equals` is one string or boolean, not a list",
+                            rule.name
+                        )));
+                    }
                 };
                 match schema.field_with_name(&when.field) {
                     Ok(f) if *f.data_type() == expected => {}
@@ -194,6 +199,19 @@ impl Retention {
             requests: Vec::new(),
             held: Vec::new(),
         })
+    }
+
+    /// The rules as configured, with the deletion requests and legal holds
+    /// in force now: what a query or a sweep must apply.
+    pub fn current(config: &RetentionConfig, registry: &Registry) -> Result<Self> {
+        Self::load(config.rules_file.as_deref(), registry)?.with_state(config)
+    }
+
+    /// The same rules, with the deletion requests and legal holds in force now.
+    pub fn with_state(self, config: &RetentionConfig) -> Result<Self> {
+        Ok(self
+            .with_requests(requests::load(&config.requests_file)?)
+            .with_holds(&requests::load_holds(&config.holds_file)?))
     }
 
     /// The same rules, also deleting the rows of `requests`.
@@ -265,17 +283,12 @@ impl Retention {
         let mut otherwise = "false".to_owned();
         for rule in self.table(table) {
             match &rule.when {
-                Some(when) => {
-                    let value = match &when.equals {
-                        WhenValue::Bool(b) => b.to_string(),
-                        WhenValue::Text(t) => format!("'{}'", t.replace('\'', "''")),
-                    };
-                    case.push_str(&format!(
-                        " WHEN \"{}\" = {value} THEN {}",
-                        when.field.replace('"', "\"\""),
-                        kept_since(rule)
-                    ));
-                }
+                Some(when) => case.push_str(&format!(
+                    " WHEN {} = {} THEN {}",
+                    sql_identifier(&when.field),
+                    sql_literal(&when.equals),
+                    kept_since(rule)
+                )),
                 None => otherwise = kept_since(rule),
             }
         }
@@ -349,16 +362,18 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
         let dir = table_dir(data_dir, table);
         let oldest_kept = retention.oldest_kept_ms(table, run.now_ms);
         let longest = rules.iter().map(Rule::keep_ms).max().unwrap_or(0);
+        let shortest = rules.iter().map(Rule::keep_ms).min().unwrap_or(0);
         let shorter: Vec<&Rule> = rules
             .iter()
             .filter(|r| r.when.is_some() && r.keep_ms() < longest)
             .collect();
+        let held_here = retention.held_of(table).next().is_some();
+        let requested_here = retention.requests_of(table).next().is_some();
         for (key, partition_dir) in partitions(&dir)? {
             let (days, hour) = key.to_parts();
             let hour_start = (i64::from(days) * 24 + i64::from(hour)) * HOUR_MS;
             let hour_end = hour_start + HOUR_MS;
             let partition = key.relative_dir().display().to_string();
-            let held_here = retention.held_of(table).next().is_some();
             if hour_end <= oldest_kept && !held_here {
                 let files = parquet_files(&partition_dir)?;
                 let mut rows = 0u64;
@@ -383,10 +398,8 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
                 let swept_up_to = run.since_ms.map(|s| s - r.keep_ms());
                 hour_start < cutoff && swept_up_to.is_none_or(|p| hour_end > p)
             });
-            let shortest = rules.iter().map(Rule::keep_ms).min().unwrap_or(0);
             let held_and_expiring = held_here && hour_start < run.now_ms - shortest;
-            if !expiring_here && !held_and_expiring && retention.requests_of(table).next().is_none()
-            {
+            if !expiring_here && !held_and_expiring && !requested_here {
                 continue;
             }
             remove_stale_rewrites(&partition_dir)?;
@@ -527,25 +540,21 @@ fn expired_rules(
     let time = batch
         .column_by_name(time_column(table))
         .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>());
-    let matches = |rule: &Rule, row: usize| -> bool {
-        let Some(when) = &rule.when else { return true };
-        let Some(column) = batch.column_by_name(&when.field) else {
-            return false;
-        };
-        if column.is_null(row) {
-            return false;
-        }
-        match &when.equals {
-            WhenValue::Bool(b) => column.as_boolean_opt().is_some_and(|c| c.value(row) == *b),
-            WhenValue::Text(t) => column
-                .as_string_opt::<i32>()
-                .is_some_and(|c| c.value(row) == t),
-        }
-    };
+    // Per rule, which rows it covers; a rule without `when` covers all.
+    let covered: Vec<Option<Vec<bool>>> = rules
+        .iter()
+        .map(|r| {
+            r.when
+                .as_ref()
+                .map(|w| column_matches(batch, &w.field, &w.equals))
+        })
+        .collect();
     (0..batch.num_rows())
         .map(|row| {
             let time = time.filter(|t| t.is_valid(row))?.value(row);
-            let rule = rules.iter().position(|r| matches(r, row))?;
+            let rule = covered
+                .iter()
+                .position(|c| c.as_ref().is_none_or(|rows| rows[row]))?;
             (time < now_ms - rules[rule].keep_ms()).then_some(rule)
         })
         .collect()
@@ -563,6 +572,22 @@ fn remove_stale_rewrites(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One sweep as the server and `admin retention` run it: deletes, then (unless
+/// a dry run) audits each deletion and retires the requests carried out.
+pub fn sweep_and_record(
+    data_dir: &Path,
+    retention: &Retention,
+    config: &RetentionConfig,
+    run: SweepRun,
+) -> Result<Vec<Deletion>> {
+    let deletions = sweep(data_dir, retention, run)?;
+    if !run.dry_run {
+        audit(&config.audit_file, run.now_ms, &deletions)?;
+        requests::retire(&config.requests_file, &retention.completed_by_sweep())?;
+    }
+    Ok(deletions)
 }
 
 /// Appends one JSON line per deletion to the audit log (fsync'd): what was

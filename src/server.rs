@@ -25,7 +25,6 @@ use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::{PrivacySettings, PrivacyShared};
 use crate::pseudo::{KeyRing, PseudoError};
-use crate::requests;
 use crate::retention::{self, Retention, RetentionError};
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
@@ -59,8 +58,6 @@ pub enum ServerError {
     Http(#[from] HttpError),
     #[error(transparent)]
     Retention(#[from] RetentionError),
-    #[error(transparent)]
-    Requests(#[from] requests::RequestError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -328,7 +325,9 @@ fn spawn_sweeper(
                     zstd_level,
                     dry_run: false,
                 };
-                let swept = sweep_once(&retention, &data_dir, &files, run);
+                let swept = retention.clone().with_state(&files).and_then(|rules| {
+                    retention::sweep_and_record(&data_dir, &rules, &files, run)
+                });
                 match swept {
                     Ok(deletions) => {
                         since_ms = Some(run.now_ms);
@@ -345,24 +344,6 @@ fn spawn_sweeper(
         })
         .map_err(ServerError::RetentionThread)?;
     Ok(Sweeper { stop, thread })
-}
-
-/// One sweep: the rules plus the pending deletion requests, around the legal
-/// holds; audits what it deleted, then retires the requests it carried out.
-fn sweep_once(
-    rules: &Retention,
-    data_dir: &std::path::Path,
-    files: &RetentionConfig,
-    run: retention::SweepRun,
-) -> Result<Vec<retention::Deletion>> {
-    let rules = rules
-        .clone()
-        .with_requests(requests::load(&files.requests_file)?)
-        .with_holds(&requests::load_holds(&files.holds_file)?);
-    let deletions = retention::sweep(data_dir, &rules, run)?;
-    retention::audit(&files.audit_file, run.now_ms, &deletions)?;
-    requests::retire(&files.requests_file, &rules.completed_by_sweep())?;
-    Ok(deletions)
 }
 
 /// A queue-depth gauge reading a clone of the queue's receiving end.
