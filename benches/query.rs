@@ -8,33 +8,7 @@
 
 mod common;
 
-use std::fs::File;
-
 use criterion::{Criterion, criterion_group, criterion_main};
-use fleetgate::schema::{Registry, Stream};
-use fleetgate::store::{StreamBatcher, table_dir, writer_properties};
-use parquet::arrow::ArrowWriter;
-
-fn write_store(data_dir: &std::path::Path) {
-    let registry = Registry::load().expect("schemas");
-    let mut fixture = common::privacy();
-    for (stream, per_vehicle) in [(Stream::Rtti, 200), (Stream::Diagnostics, 50)] {
-        let mut batcher = StreamBatcher::new(registry.get(stream));
-        for (vin, record) in common::decoded(stream, 1_000, per_vehicle) {
-            batcher.push(&record, &vin, common::T0_MS, &mut fixture.privacy);
-        }
-        for (partition, batch) in batcher.drain().expect("drain") {
-            let dir = table_dir(data_dir, stream.name()).join(partition.relative_dir());
-            std::fs::create_dir_all(&dir).expect("partition dir");
-            let file = File::create(dir.join("part-0.parquet")).expect("file");
-            let properties = writer_properties(3, 1_000_000, &[]).expect("properties");
-            let mut writer =
-                ArrowWriter::try_new(file, batch.schema(), Some(properties)).expect("writer");
-            writer.write(&batch).expect("write");
-            writer.close().expect("close");
-        }
-    }
-}
 
 const QUERIES: [(&str, &str); 4] = [
     (
@@ -58,7 +32,7 @@ const QUERIES: [(&str, &str); 4] = [
 
 fn query(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    write_store(dir.path());
+    common::write_store(dir.path(), &mut common::privacy());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()

@@ -40,6 +40,7 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     pub admin: AdminConfig,
     pub retention: RetentionConfig,
+    pub access: AccessConfig,
 }
 
 /// Retention rules and the background sweep.
@@ -66,6 +67,31 @@ impl Default for RetentionConfig {
             audit_file: PathBuf::from("./audit/deletions.jsonl"),
             requests_file: PathBuf::from("./audit/deletion-requests.json"),
             holds_file: PathBuf::from("./audit/legal-holds.json"),
+        }
+    }
+}
+
+/// The Data Act query layer: principals, grants, the query audit log.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Principals, tenures and grants (JSON, changed atomically).
+    pub registry_file: PathBuf,
+    /// The query audit log: one JSON-lines file per UTC day.
+    pub audit_dir: PathBuf,
+    /// Days a query audit file is kept.
+    pub audit_retention_days: u32,
+    /// Smallest number of distinct vehicles in a licensee's result group (k).
+    pub min_group_vehicles: u32,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            registry_file: PathBuf::from("./access/registry.json"),
+            audit_dir: PathBuf::from("./audit/queries"),
+            audit_retention_days: 365,
+            min_group_vehicles: 5,
         }
     }
 }
@@ -262,6 +288,9 @@ impl Config {
         if s.max_open_files == 0 {
             return invalid("storage.max_open_files must be > 0".into());
         }
+        if self.access.min_group_vehicles < 2 {
+            return invalid("access.min_group_vehicles must be at least 2".into());
+        }
         if !(1..=22).contains(&s.zstd_level) {
             return invalid(format!(
                 "storage.zstd_level {} is not in 1..=22",
@@ -319,6 +348,8 @@ impl Config {
         config.retention.audit_file = dir.join("audit/deletions.jsonl");
         config.retention.requests_file = dir.join("audit/deletion-requests.json");
         config.retention.holds_file = dir.join("audit/legal-holds.json");
+        config.access.registry_file = dir.join("access/registry.json");
+        config.access.audit_dir = dir.join("audit/queries");
         config
     }
 

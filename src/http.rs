@@ -1,23 +1,29 @@
-//! The admin HTTP endpoint: `GET /metrics` in the Prometheus text format,
-//! `POST /admin/events` for vehicle events (see [`crate::events`]), plus a
-//! periodic one-line throughput summary in the log.
+//! The HTTP endpoint: `GET /metrics` in the Prometheus text format,
+//! `POST /admin/events` for vehicle events (see [`crate::events`]),
+//! `/admin/principals`, `/admin/transfers` and `/admin/grants` for the
+//! access registry, a periodic one-line throughput summary in the log, and
+//! for principals (bearer token): `POST /sql` and `GET /export` through
+//! the Data Act policy (see [`crate::access`]).
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
-//! never competes with the pipeline's threads. It has no authentication:
-//! keep it on loopback or behind your own access control.
+//! never competes with the pipeline's threads. The `/admin` routes and
+//! `/metrics` have no authentication: keep the port on loopback or behind
+//! your own access control.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::oneshot;
 
+use crate::access::registry::{GrantRequest, PrincipalKind, Role, new_principal};
+use crate::access::{AccessEnv, AccessError};
 use crate::config::RetentionConfig;
 use crate::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
@@ -48,6 +54,8 @@ pub struct AdminState {
     pub privacy: Arc<PrivacyShared>,
     /// Where vehicle events are audited and deletion requests kept.
     pub retention: RetentionConfig,
+    /// Principals, grants and the policy `/sql` and `/export` run under.
+    pub access: Arc<AccessEnv>,
 }
 
 /// The running endpoint; dropping it without `stop` leaves it running.
@@ -124,6 +132,12 @@ async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/admin/events", post(vehicle_event))
+        .route("/admin/principals", post(add_principal))
+        .route("/admin/transfers", post(transfer))
+        .route("/admin/grants", post(grant))
+        .route("/admin/grants/{id}", delete(revoke))
+        .route("/sql", post(sql))
+        .route("/export", get(export))
         .with_state(state);
     let shutdown = async {
         let _ = stopped.await;
@@ -178,6 +192,230 @@ async fn vehicle_event(
             };
             (status, Json(serde_json::json!({ "error": e.to_string() })))
         }
+    }
+}
+
+/// An access error as an HTTP answer: 401 unknown principal, 403 refused
+/// (the body names the rule), 400 bad request or SQL, 500 otherwise.
+fn access_error(e: &AccessError) -> Response {
+    let status = match e {
+        AccessError::UnknownPrincipal => StatusCode::UNAUTHORIZED,
+        AccessError::Refused(_) => StatusCode::FORBIDDEN,
+        AccessError::Invalid(_) | AccessError::DataFusion(_) => StatusCode::BAD_REQUEST,
+        _ => {
+            tracing::error!(error = %e, "access request failed");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    (status, Json(serde_json::json!({ "error": e.to_string() }))).into_response()
+}
+
+/// The principal of the request's `Authorization: Bearer` token.
+fn bearer(
+    state: &AdminState,
+    headers: &HeaderMap,
+) -> Result<crate::access::registry::Principal, AccessError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(AccessError::UnknownPrincipal)?;
+    state.access.authenticate(token.trim())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    sql: String,
+    purpose: String,
+    #[serde(default)]
+    format: ResultFormat,
+}
+
+/// How `POST /sql` answers.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ResultFormat {
+    #[default]
+    Json,
+    Csv,
+    /// Arrow IPC stream.
+    Arrow,
+}
+
+/// Runs one statement as the bearer's principal for the named purpose.
+async fn sql(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Json(request): Json<SqlRequest>,
+) -> Response {
+    let principal = match bearer(&state, &headers) {
+        Ok(p) => p,
+        Err(e) => return access_error(&e),
+    };
+    let answer = match state
+        .access
+        .query(
+            &principal,
+            &request.purpose,
+            &request.sql,
+            crate::ingest::now_ms(),
+        )
+        .await
+    {
+        Ok(answer) => answer,
+        Err(e) => return access_error(&e),
+    };
+    let body = match request.format {
+        ResultFormat::Json => {
+            crate::query::format(&answer.batches, crate::query::OutputFormat::Json)
+                .map(|text| ("application/json", text.into_bytes()))
+        }
+        ResultFormat::Csv => crate::query::format(&answer.batches, crate::query::OutputFormat::Csv)
+            .map(|text| ("text/csv", text.into_bytes())),
+        ResultFormat::Arrow => {
+            arrow_ipc(&answer.batches).map(|bytes| ("application/vnd.apache.arrow.stream", bytes))
+        }
+    };
+    match body {
+        Ok((content_type, bytes)) => (
+            [
+                (header::CONTENT_TYPE, content_type.to_owned()),
+                (
+                    header::HeaderName::from_static("x-request-id"),
+                    answer.request_id,
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => access_error(&AccessError::Query(e)),
+    }
+}
+
+fn arrow_ipc(batches: &[arrow::array::RecordBatch]) -> Result<Vec<u8>, crate::query::QueryError> {
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    Ok(writer.into_inner()?)
+}
+
+/// The bearer's Art. 4 export as one JSON document.
+async fn export(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    let exported = match bearer(&state, &headers) {
+        Ok(user) => state.access.export(&user, crate::ingest::now_ms()).await,
+        Err(e) => Err(e),
+    };
+    match exported.and_then(|e| e.to_json()) {
+        Ok(document) => Json(document).into_response(),
+        Err(e) => access_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalRequest {
+    id: String,
+    kind: PrincipalKind,
+    role: Option<Role>,
+    #[serde(default)]
+    eea: bool,
+    #[serde(default)]
+    gatekeeper: bool,
+}
+
+/// Adds a principal; the answer holds its bearer token, shown only once.
+async fn add_principal(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<PrincipalRequest>,
+) -> Response {
+    let now = crate::ingest::now_ms();
+    let added = new_principal(
+        &request.id,
+        request.kind,
+        request.role,
+        request.eea,
+        request.gatekeeper,
+        now,
+    )
+    .and_then(|(principal, token)| {
+        let what = format!(
+            "principal {} added ({})",
+            principal.id,
+            principal.kind.name()
+        );
+        state
+            .access
+            .change(&what, None, now, |r| r.add_principal(principal))?;
+        Ok(token)
+    });
+    match added {
+        Ok(token) => Json(serde_json::json!({ "id": request.id, "token": token })).into_response(),
+        Err(e) => access_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    user: String,
+    vin: String,
+    /// When the user starts holding the vehicle; default now.
+    at_ms: Option<i64>,
+}
+
+/// The user holds the vehicle from `at_ms`; the previous holder's tenure ends.
+async fn transfer(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<TransferRequest>,
+) -> Response {
+    let now = crate::ingest::now_ms();
+    let at = request.at_ms.unwrap_or(now);
+    let what = format!("vehicle transferred to {}", request.user);
+    match state.access.change(&what, Some(&request.vin), now, |r| {
+        r.transfer(&request.user, &request.vin, at)
+    }) {
+        Ok(()) => Json(serde_json::json!({ "user": request.user, "from_ms": at })).into_response(),
+        Err(e) => access_error(&e),
+    }
+}
+
+/// Records a user's grant to a third party.
+async fn grant(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<GrantRequest>,
+) -> Response {
+    let now = crate::ingest::now_ms();
+    let what = format!("grant to {} for {}", request.recipient, request.purpose);
+    let vin = request.vin.clone();
+    let purposes = &state.access.purposes;
+    match state.access.change(&what, Some(&vin), now, |r| {
+        r.grant(
+            request,
+            |p| purposes.check(p, PrincipalKind::ThirdParty).map(|_| ()),
+            now,
+        )
+    }) {
+        Ok(id) => Json(serde_json::json!({ "grant": id })).into_response(),
+        Err(e) => access_error(&e),
+    }
+}
+
+/// Revokes a grant; it stops at the recipient's next query.
+async fn revoke(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+    let now = crate::ingest::now_ms();
+    match state
+        .access
+        .change(&format!("{id} revoked"), None, now, |r| r.revoke(&id, now))
+    {
+        Ok(revoked) => Json(serde_json::json!({ "grant": id, "revoked": revoked })).into_response(),
+        Err(e) => access_error(&e),
     }
 }
 

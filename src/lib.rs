@@ -13,6 +13,7 @@
 //! - [`wal`]: the write-ahead log every batch is appended to before it is stored;
 //! - [`store`]: Arrow batches → zstd Parquet files, committed atomically per hour partition;
 //! - [`query`]: SQL over the store through DataFusion, through retention views;
+//! - [`access`]: the Data Act query layer: principals, purposes, grants, policy views, audit, export;
 //! - [`retention`]: retention rules, the query-time filter, the expiry sweep;
 //! - [`requests`]: deletion requests from events (case closed, session ended);
 //! - [`metrics`]: counters and latency histograms, in the Prometheus text format;
@@ -21,6 +22,7 @@
 //! - [`server`]: wires the stages together and shuts them down in order;
 //! - [`config`]: the configuration file and its defaults.
 
+pub mod access;
 pub mod broker;
 pub mod config;
 pub mod dead_letter;

@@ -3,11 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fleetgate::access::AccessEnv;
+use fleetgate::access::export::ExportFormat;
+use fleetgate::access::registry::{self, PrincipalKind, Role};
 use fleetgate::config::{Config, SinkKind};
 use fleetgate::events::{self, ConsentKind, EventRequest, VehicleEvent};
+use fleetgate::privacy::PrivacyShared;
 use fleetgate::query::{self, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -42,15 +47,43 @@ enum Command {
         #[arg(long, value_enum)]
         sink: Option<SinkKind>,
     },
-    /// Run one SQL statement over the store and print the result.
+    /// Run one SQL statement over the store as a principal, for a purpose,
+    /// under the Data Act policy, and print the result.
     Sql {
         #[command(flatten)]
         common: CommonArgs,
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
+        /// The principal the query runs as (see `fleetgate access`).
+        #[arg(long = "as", default_value = registry::OPERATOR)]
+        principal: String,
+        /// The purpose of the query (schemas/purposes.toml).
+        #[arg(long, default_value = "operations")]
+        purpose: String,
         /// The SQL statement, e.g. "SELECT count(*) FROM rtti".
         statement: String,
+    },
+    /// Write all of a user's data (Data Act Art. 4) with a metadata file.
+    Export {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The user (principal id).
+        #[arg(long)]
+        user: String,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "parquet")]
+        format: ExportFormat,
+    },
+    /// Principals, vehicle transfers and grants, while the server is
+    /// stopped (on a running server: the /admin HTTP routes).
+    Access {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        action: AccessAction,
     },
     /// Print every stream's fields (type, unit, privacy class, storage) as Markdown.
     Schema {
@@ -98,6 +131,69 @@ enum AdminAction {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AccessAction {
+    /// Add a principal and print its bearer token (shown only once).
+    Principal {
+        id: String,
+        #[arg(long, value_enum)]
+        kind: PrincipalKind,
+        /// Third parties: what they do, which bounds what they can be granted.
+        #[arg(long, value_enum)]
+        role: Option<Role>,
+        /// Third parties: established in the EEA.
+        #[arg(long)]
+        eea: bool,
+        /// Third parties: a gatekeeper (Art. 5(3)), which can receive no grant.
+        #[arg(long)]
+        gatekeeper: bool,
+    },
+    /// A user holds a vehicle from `--at` (default now); its previous
+    /// holder's tenure ends then.
+    Transfer {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        vin: String,
+        /// RFC 3339 time or milliseconds since the epoch.
+        #[arg(long, value_parser = parse_time)]
+        at: Option<i64>,
+    },
+    /// A user grants a third party streams of one vehicle for one purpose.
+    Grant {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        vin: String,
+        /// Comma-separated streams, e.g. teleservice,diagnostics.
+        #[arg(long, value_delimiter = ',')]
+        streams: Vec<String>,
+        #[arg(long)]
+        purpose: String,
+        /// Start of the granted period (default now).
+        #[arg(long, value_parser = parse_time)]
+        from: Option<i64>,
+        /// End of the granted period (default open).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+    },
+    /// Revoke a grant: it stops at the recipient's next query.
+    Revoke { grant: String },
+    /// Print the registry (token hashes left out).
+    List,
+}
+
+/// RFC 3339 or integer milliseconds since the epoch.
+fn parse_time(text: &str) -> Result<i64, String> {
+    text.parse::<i64>().or_else(|_| {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| format!("{text:?}: neither milliseconds nor RFC 3339 ({e})"))
+    })
 }
 
 #[derive(clap::Args)]
@@ -175,26 +271,53 @@ fn main() -> anyhow::Result<()> {
         Command::Sql {
             common,
             format,
+            principal,
+            purpose,
             statement,
         } => {
             let config = common.load()?;
-            let registry =
-                fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
-            let retention = fleetgate::retention::Retention::current(&config.retention, &registry)?;
+            let env = AccessEnv::new(&config, None)?;
+            let as_principal = env.principal(&principal)?;
+            let needs_vault = as_principal.kind != PrincipalKind::Operator
+                || env
+                    .purposes
+                    .check(&purpose, as_principal.kind)
+                    .is_ok_and(|p| !p.reveals.is_empty());
+            let env = if needs_vault {
+                AccessEnv::new(&config, Some(open_privacy(&config)?))?
+            } else {
+                env
+            };
             let text = runtime.block_on(async {
-                let ctx = query::session_at(
-                    &config.storage.data_dir,
-                    &registry,
-                    &retention,
-                    fleetgate::ingest::now_ms(),
-                )
-                .await?;
-                let batches = query::run(&ctx, &statement).await?;
-                query::format(&batches, format)
+                let answer = env
+                    .query(
+                        &as_principal,
+                        &purpose,
+                        &statement,
+                        fleetgate::ingest::now_ms(),
+                    )
+                    .await?;
+                anyhow::Ok(query::format(&answer.batches, format)?)
             })?;
             println!("{text}");
             Ok(())
         }
+        Command::Export {
+            common,
+            user,
+            out,
+            format,
+        } => {
+            let config = common.load()?;
+            let env = AccessEnv::new(&config, Some(open_privacy(&config)?))?;
+            let user = env.principal(&user)?;
+            let export = runtime.block_on(env.export(&user, fleetgate::ingest::now_ms()))?;
+            for path in export.write_dir(&out, format)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        Command::Access { common, action } => access(&common.load()?, action),
         Command::Schema { common } => {
             let config = common.load()?;
             let registry =
@@ -206,10 +329,95 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The vault and keys, which only one process may hold open.
+fn open_privacy(config: &Config) -> anyhow::Result<Arc<PrivacyShared>> {
+    PrivacyShared::open(config).context(
+        "cannot open the vault (is the server running? it holds the vault open; use its HTTP routes)",
+    )
+}
+
+fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
+    let now = fleetgate::ingest::now_ms();
+    if let AccessAction::List = action {
+        let mut registry = AccessEnv::new(config, None)?.registry()?;
+        for p in &mut registry.principals {
+            p.token_sha256.clear();
+        }
+        println!("{}", serde_json::to_string_pretty(&registry)?);
+        return Ok(());
+    }
+    let env = AccessEnv::new(config, Some(open_privacy(config)?))?;
+    match action {
+        AccessAction::List => {}
+        AccessAction::Principal {
+            id,
+            kind,
+            role,
+            eea,
+            gatekeeper,
+        } => {
+            let (principal, token) =
+                registry::new_principal(&id, kind, role, eea, gatekeeper, now)?;
+            let what = format!("principal {id} added ({})", kind.name());
+            env.change(&what, None, now, |r| r.add_principal(principal))?;
+            println!("{token}");
+        }
+        AccessAction::Transfer { user, vin, at } => {
+            let at = at.unwrap_or(now);
+            env.change(
+                &format!("vehicle transferred to {user}"),
+                Some(&vin),
+                now,
+                |r| r.transfer(&user, &vin, at),
+            )?;
+            println!("{user} holds the vehicle from {at}");
+        }
+        AccessAction::Grant {
+            user,
+            to,
+            vin,
+            streams,
+            purpose,
+            from,
+            until,
+        } => {
+            let what = format!("grant to {to} for {purpose}");
+            let request = registry::GrantRequest {
+                user,
+                recipient: to,
+                vin: vin.clone(),
+                streams,
+                purpose,
+                from_ms: from,
+                until_ms: until,
+            };
+            let id = env.change(&what, Some(&vin), now, |r| {
+                r.grant(
+                    request,
+                    |p| env.purposes.check(p, PrincipalKind::ThirdParty).map(|_| ()),
+                    now,
+                )
+            })?;
+            println!("{id}");
+        }
+        AccessAction::Revoke { grant } => {
+            let revoked = env.change(&format!("{grant} revoked"), None, now, |r| {
+                r.revoke(&grant, now)
+            })?;
+            println!(
+                "{grant}: {}",
+                if revoked {
+                    "revoked"
+                } else {
+                    "already revoked"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
-    use fleetgate::privacy::{PrivacySettings, PrivacyShared};
-    use fleetgate::pseudo::KeyRing;
-    use fleetgate::vault::Vault;
     let (vin, event) = match action {
         AdminAction::Retention { dry_run } => return retention(config, dry_run),
         AdminAction::Consent { vin } => (vin, None),
@@ -230,20 +438,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
             }),
         ),
     };
-    let keys = KeyRing::load_or_create(&config.storage.key_file)?;
-    let vault = Vault::open(&config.storage.vault_file, &keys).context(
-        "cannot open the vault (is the server running? it holds the vault open; use POST /admin/events)",
-    )?;
-    let privacy = PrivacyShared::new(
-        keys,
-        vault,
-        PrivacySettings {
-            key_epoch_days: config.privacy.key_epoch_days,
-            max_trip: std::time::Duration::from_secs(
-                u64::from(config.privacy.max_trip_minutes) * 60,
-            ),
-        },
-    );
+    let privacy = open_privacy(config)?;
     match event {
         Some(request) => {
             let effect = events::apply(

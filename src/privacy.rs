@@ -69,6 +69,21 @@ impl PrivacyShared {
         })
     }
 
+    /// Opens the key ring and the vault the configuration names (creating
+    /// them on first use). Only one process at a time can hold the vault.
+    pub fn open(config: &crate::config::Config) -> Result<Arc<Self>, VaultError> {
+        let keys = KeyRing::load_or_create(&config.storage.key_file)?;
+        let vault = Vault::open(&config.storage.vault_file, &keys)?;
+        Ok(Self::new(
+            keys,
+            vault,
+            PrivacySettings {
+                key_epoch_days: config.privacy.key_epoch_days,
+                max_trip: Duration::from_secs(u64::from(config.privacy.max_trip_minutes) * 60),
+            },
+        ))
+    }
+
     /// Erases a vehicle's secrets (crypto-shredding); true if it had any.
     pub fn erase(&self, vin: &str) -> Result<bool, VaultError> {
         let erased = self.vault.erase(vin)?;

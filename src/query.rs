@@ -96,7 +96,7 @@ pub async fn session_at(
 }
 
 /// An empty table with a stored table's columns, for a table with no files yet.
-fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
+pub(crate) fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
     let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
     for (col, ty) in partition_columns() {
         fields.push(Arc::new(arrow::datatypes::Field::new(col, ty, true)));
@@ -108,7 +108,7 @@ fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
 }
 
 /// The listing table over `<data_dir>/<name>/`, if it exists.
-fn listing_table(
+pub(crate) fn listing_table(
     data_dir: &Path,
     name: &str,
     schema: SchemaRef,

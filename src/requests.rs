@@ -24,7 +24,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
-#[error("deletion requests {path}: {message}")]
+#[error("{path}: {message}")]
 pub struct RequestError {
     pub path: PathBuf,
     pub message: String,
@@ -150,18 +150,19 @@ pub fn sql_literal(value: &MatchValue) -> String {
 
 /// The pending requests; none when the file does not exist yet.
 pub fn load(path: &Path) -> Result<Vec<DeletionRequest>> {
-    load_list(path)
+    load_json(path)
 }
 
 /// The legal holds in force; none when the file does not exist yet.
 pub fn load_holds(path: &Path) -> Result<Vec<LegalHold>> {
-    load_list(path)
+    load_json(path)
 }
 
-fn load_list<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+/// The JSON document at `path`; its default when the file does not exist yet.
+pub(crate) fn load_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T> {
     match fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| error(path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(error(path, e)),
     }
 }
@@ -206,11 +207,13 @@ pub fn retire(path: &Path, done: &[DeletionRequest]) -> Result<()> {
     })
 }
 
-/// Read, change, write-then-rename, under an exclusive lock on a side file.
-fn update<T: Serialize + serde::de::DeserializeOwned>(
+/// Read, change, write-then-rename, under an exclusive lock on a side file:
+/// the one way every small state file (requests, holds, the access
+/// registry) is changed. Returns what `change` returns.
+pub(crate) fn update<T: Serialize + serde::de::DeserializeOwned + Default, R>(
     path: &Path,
-    change: impl FnOnce(&mut Vec<T>),
-) -> Result<()> {
+    change: impl FnOnce(&mut T) -> R,
+) -> Result<R> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -218,16 +221,17 @@ fn update<T: Serialize + serde::de::DeserializeOwned>(
     fs::create_dir_all(dir).map_err(|e| error(path, e))?;
     let lock = File::create(path.with_extension("lock")).map_err(|e| error(path, e))?;
     lock.lock().map_err(|e| error(path, e))?;
-    let mut list = load_list(path)?;
-    change(&mut list);
-    let text = serde_json::to_vec_pretty(&list).map_err(|e| error(path, e))?;
+    let mut document = load_json(path)?;
+    let outcome = change(&mut document);
+    let text = serde_json::to_vec_pretty(&document).map_err(|e| error(path, e))?;
     let temporary = path.with_extension("tmp");
     let mut file = File::create(&temporary).map_err(|e| error(path, e))?;
     file.write_all(&text)
         .and_then(|()| file.sync_all())
         .and_then(|()| fs::rename(&temporary, path))
         .and_then(|()| File::open(dir)?.sync_all())
-        .map_err(|e| error(path, e))
+        .map_err(|e| error(path, e))?;
+    Ok(outcome)
 }
 
 fn error(path: &Path, e: impl std::fmt::Display) -> RequestError {

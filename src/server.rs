@@ -18,19 +18,19 @@ use std::time::Duration;
 
 use crossbeam::channel::bounded;
 
+use crate::access::{AccessEnv, AccessError};
 use crate::config::{Config, ConfigError, RetentionConfig, SinkKind};
 use crate::decode::Limits;
 use crate::http::{self, AdminHttp, AdminState, HttpError, Queue};
 use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
 use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
-use crate::privacy::{PrivacySettings, PrivacyShared};
-use crate::pseudo::{KeyRing, PseudoError};
+use crate::privacy::PrivacyShared;
 use crate::retention::{self, Retention, RetentionError};
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
     StoreError, Table, TableBatch, WriterSettings, committed_wal_entries, spawn_writer, table_dir,
 };
-use crate::vault::{Vault, VaultError};
+use crate::vault::VaultError;
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 use crate::{broker, dead_letter, ingest};
 
@@ -40,8 +40,6 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error(transparent)]
-    Pseudo(#[from] PseudoError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -58,6 +56,8 @@ pub enum ServerError {
     Http(#[from] HttpError),
     #[error(transparent)]
     Retention(#[from] RetentionError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -98,16 +98,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
     let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
     let retention = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
-    let keys = KeyRing::load_or_create(&config.storage.key_file)?;
-    let vault = Vault::open(&config.storage.vault_file, &keys)?;
-    let privacy = PrivacyShared::new(
-        keys,
-        vault,
-        PrivacySettings {
-            key_epoch_days: config.privacy.key_epoch_days,
-            max_trip: Duration::from_secs(u64::from(config.privacy.max_trip_minutes) * 60),
-        },
-    );
+    let privacy = PrivacyShared::open(config)?;
     let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.clone(),
@@ -246,6 +237,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     // The workers now hold the only writer senders, so the writers stop when they do.
     drop(context);
 
+    let access = Arc::new(AccessEnv::new(config, Some(privacy.clone()))?);
     let admin = http::spawn(
         config.admin.http_addr,
         AdminState {
@@ -253,6 +245,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             queues,
             privacy: privacy.clone(),
             retention: config.retention.clone(),
+            access: access.clone(),
         },
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;
@@ -260,6 +253,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         0 => None,
         secs => Some(spawn_sweeper(
             retention,
+            access,
             data_dir.clone(),
             config.retention.clone(),
             config.storage.zstd_level,
@@ -304,9 +298,10 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
 }
 
 /// Sweeps expired partitions every `every`, with the real clock, auditing
-/// each deletion and counting its rows.
+/// each deletion and counting its rows; expires query audit files too.
 fn spawn_sweeper(
     retention: Retention,
+    access: Arc<AccessEnv>,
     data_dir: PathBuf,
     files: RetentionConfig,
     zstd_level: i32,
@@ -339,6 +334,13 @@ fn spawn_sweeper(
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
+                }
+                match access.expire_audit(run.now_ms) {
+                    Ok(files) if !files.is_empty() => {
+                        tracing::info!(files = files.len(), "expired query audit files deleted");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "query audit expiry failed; will try again"),
                 }
             }
         })

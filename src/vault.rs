@@ -167,6 +167,19 @@ impl Vault {
         value.map(|v| self.decode(v.value())).transpose()
     }
 
+    /// Every vehicle's keys: for a service purpose that reads the encrypted
+    /// fields of rows that name their vehicle only by pseudonym.
+    pub fn all_keys(&self) -> Result<Vec<VehicleKeys>> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
+        let mut keys = Vec::new();
+        for entry in table.iter().map_err(|e| self.db_err(e))? {
+            let (_, value) = entry.map_err(|e| self.db_err(e))?;
+            keys.push(self.decode(value.value())?);
+        }
+        Ok(keys)
+    }
+
     /// The vehicle's keys, created (and durably committed) on first use.
     pub fn get_or_create(&self, vin: &str) -> Result<VehicleKeys> {
         if let Some(keys) = self.get(vin)? {

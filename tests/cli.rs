@@ -1,8 +1,9 @@
 //! The `fleetgate` binary as a user runs it: `serve` on port 0 prints where it
 //! listens, SIGTERM stores everything received and exits 0, and `sql` prints
 //! the rows in each output format. Also: a config file with an unknown key
-//! is refused with the key named, and `admin retention` lists (dry run) and
-//! deletes expired partitions.
+//! is refused with the key named, `admin retention` lists (dry run) and
+//! deletes expired partitions, and `access`, `sql --as` and `export` give a
+//! user their own data.
 
 mod common;
 
@@ -11,9 +12,10 @@ use std::process::Command;
 use common::*;
 use fleetgate::schema::Stream;
 
-/// Runs the binary, which must succeed, and returns what it printed.
-fn fleetgate(args: &[&std::ffi::OsStr]) -> String {
+/// Runs the binary in `cwd`, which must succeed, and returns what it printed.
+fn fleetgate(cwd: &std::path::Path, args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(BIN)
+        .current_dir(cwd)
         .args(args)
         .output()
         .expect("run fleetgate");
@@ -27,14 +29,17 @@ fn fleetgate(args: &[&std::ffi::OsStr]) -> String {
 
 fn sql(dir: &std::path::Path, format: &str, statement: &str) -> String {
     let data = dir.join("data");
-    fleetgate(&[
-        "sql".as_ref(),
-        "--data-dir".as_ref(),
-        data.as_os_str(),
-        "--format".as_ref(),
-        format.as_ref(),
-        statement.as_ref(),
-    ])
+    fleetgate(
+        dir,
+        &[
+            "sql".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--format".as_ref(),
+            format.as_ref(),
+            statement.as_ref(),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +134,7 @@ async fn admin_retention_lists_then_deletes_expired_partitions() {
             "retention".as_ref(),
         ];
         args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
-        fleetgate(&args)
+        fleetgate(server.dir.path(), &args)
     };
     let parquet = || {
         files_under(&data.join("rtti"))
@@ -173,7 +178,7 @@ fn admin_events_change_the_vault_offline_and_are_audited() {
     let admin = |args: &[&str]| {
         let mut all = vec!["admin".as_ref(), "--config".as_ref(), config.as_os_str()];
         all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
-        fleetgate(&all)
+        fleetgate(dir.path(), &all)
     };
     let vin = "WMW11DJ04N2T00001";
     let out = admin(&["event", "--vin", vin, "--event", "sim-deactivated"]);
@@ -196,4 +201,88 @@ fn admin_events_change_the_vault_offline_and_are_audited() {
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
     assert_eq!(audit.lines().count(), 2);
     assert!(!audit.contains(vin));
+}
+
+/// A user registered, given a vehicle and querying and exporting it, all
+/// from the command line in the server's directory (its defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_sql_as_a_user_and_export() {
+    let server = TestServer::start();
+    let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
+    let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[(format!("vehicles/{vin}/charging"), bytes)],
+    )
+    .await;
+    server.handle.shutdown().expect("shutdown");
+    let dir = server.dir.path();
+    let run = |args: &[&str]| {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        fleetgate(dir, &args)
+    };
+    let token = run(&["access", "principal", "alice", "--kind", "user"]);
+    assert!(token.starts_with("fg_"), "{token}");
+    run(&[
+        "access",
+        "transfer",
+        "--user",
+        "alice",
+        "--vin",
+        &vin,
+        "--at",
+        "2026-11-01T00:00:00Z",
+    ]);
+    let csv = run(&[
+        "sql",
+        "--as",
+        "alice",
+        "--purpose",
+        "own_data_access",
+        "--format",
+        "csv",
+        "SELECT vin, seq, contract_number FROM charging ORDER BY seq",
+    ]);
+    assert_eq!(
+        csv,
+        format!(
+            "vin,seq,contract_number\n{vin},880,SE-CHG-00048213\n{vin},881,SE-CHG-00048213\n{vin},882,SE-CHG-00048213\n\n"
+        )
+    );
+    let refused = Command::new(BIN)
+        .current_dir(dir)
+        .args([
+            "sql",
+            "--as",
+            "alice",
+            "--purpose",
+            "own_data_access",
+            "SELECT * FROM rtti",
+        ])
+        .output()
+        .expect("run");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refused") && stderr.contains("L2005"),
+        "{stderr}"
+    );
+    let written = run(&[
+        "export", "--user", "alice", "--out", "export", "--format", "json",
+    ]);
+    assert!(
+        written.contains("charging.json") && written.contains("metadata.json"),
+        "{written}"
+    );
+    let rows: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("export/charging.json")).expect("charging.json"),
+    )
+    .expect("json");
+    assert_eq!(rows.as_array().map(Vec::len), Some(3));
+    assert_eq!(rows[0]["vin"], vin.as_str());
+    let listed = run(&["access", "list"]);
+    assert!(
+        listed.contains("\"alice\"") && !listed.contains(token.trim()),
+        "{listed}"
+    );
 }

@@ -121,6 +121,7 @@ pub(crate) fn limits() -> Limits {
 /// A worker's privacy stage over a throwaway key ring and vault.
 pub(crate) struct PrivacyFixture {
     pub(crate) privacy: Privacy,
+    pub(crate) shared: Arc<PrivacyShared>,
     _dir: tempfile::TempDir,
 }
 
@@ -137,7 +138,8 @@ pub(crate) fn privacy() -> PrivacyFixture {
         },
     );
     PrivacyFixture {
-        privacy: Privacy::new(shared),
+        privacy: Privacy::new(shared.clone()),
+        shared,
         _dir: dir,
     }
 }
@@ -164,4 +166,29 @@ pub(crate) fn decoded(stream: Stream, vehicles: u32, per_vehicle: usize) -> Vec<
         out.extend(decoded.valid.drain(..).map(|r| (vin.clone(), r)));
     }
     out
+}
+
+/// A data directory as the pipeline writes it: 200,000 RTTI rows (1,000
+/// vehicles, 200 probes each) and 50,000 diagnostics rows, in hour
+/// partitions, pseudonymised under `fixture`.
+pub(crate) fn write_store(data_dir: &std::path::Path, fixture: &mut PrivacyFixture) {
+    use fleetgate::store::{StreamBatcher, table_dir, writer_properties};
+    let registry = Registry::load().expect("schemas");
+    for (stream, per_vehicle) in [(Stream::Rtti, 200), (Stream::Diagnostics, 50)] {
+        let mut batcher = StreamBatcher::new(registry.get(stream));
+        for (vin, record) in decoded(stream, 1_000, per_vehicle) {
+            batcher.push(&record, &vin, T0_MS, &mut fixture.privacy);
+        }
+        for (partition, batch) in batcher.drain().expect("drain") {
+            let dir = table_dir(data_dir, stream.name()).join(partition.relative_dir());
+            std::fs::create_dir_all(&dir).expect("partition dir");
+            let file = std::fs::File::create(dir.join("part-0.parquet")).expect("file");
+            let properties = writer_properties(3, 1_000_000, &[]).expect("properties");
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(properties))
+                    .expect("writer");
+            writer.write(&batch).expect("write");
+            writer.close().expect("close");
+        }
+    }
 }

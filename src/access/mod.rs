@@ -1,0 +1,315 @@
+//! The Data Act query layer: who may query what, for which purpose,
+//! enforced in the plan.
+//!
+//! A query names its principal (a bearer token over HTTP, `--as` on the
+//! CLI) and its purpose. The purpose is checked against
+//! `schemas/purposes.toml` ([`purpose`]); the principal gets a session whose
+//! tables are views written for it ([`policy`]): filtered to its vehicles,
+//! tenure and grants, masked, re-pseudonymised or aggregated; statements
+//! that write, define or set anything are refused, and so is EXPLAIN for
+//! everyone but the operator. Principals, tenures and grants live in the
+//! access registry ([`registry`]); every query and export, answered or
+//! refused, is written to the query audit log ([`audit`]) before its answer
+//! leaves. [`export`] gives a user all of their vehicles' data (Art. 4).
+
+pub mod audit;
+pub mod export;
+pub mod policy;
+pub mod purpose;
+pub mod registry;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use datafusion::common::config::Dialect;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::DataFrame;
+
+use crate::config::{AccessConfig, Config, RetentionConfig};
+use crate::privacy::PrivacyShared;
+use crate::retention::{Retention, RetentionError};
+use crate::schema::{Registry, SchemaError};
+use policy::{PolicyInputs, PolicySession};
+use purpose::Purposes;
+use registry::{AccessRegistry, Principal, PrincipalKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The policy refuses: the message names the rule.
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no principal with that token or id")]
+    UnknownPrincipal,
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error(
+        "this principal's views need the vault, which the running server holds open: use POST /sql"
+    )]
+    VaultNeeded,
+    #[error("query audit log {0}")]
+    Audit(String),
+    #[error(transparent)]
+    Registry(#[from] crate::requests::RequestError),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
+    #[error(transparent)]
+    Query(#[from] crate::query::QueryError),
+    #[error(transparent)]
+    DataFusion(#[from] DataFusionError),
+    #[error("writing the export: {0}")]
+    Export(String),
+}
+
+pub type Result<T, E = AccessError> = std::result::Result<T, E>;
+
+/// Everything a query or an access change needs.
+pub struct AccessEnv {
+    pub data_dir: PathBuf,
+    pub schemas: Arc<Registry>,
+    pub retention: RetentionConfig,
+    pub settings: AccessConfig,
+    pub purposes: Purposes,
+    /// The vault and keys: users' and third parties' views need them.
+    pub privacy: Option<Arc<PrivacyShared>>,
+}
+
+/// A query's answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub request_id: String,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl AccessEnv {
+    pub fn new(config: &Config, privacy: Option<Arc<PrivacyShared>>) -> Result<Self> {
+        Ok(Self {
+            data_dir: config.storage.data_dir.clone(),
+            schemas: Registry::load_from(config.storage.schema_dir.as_deref())?,
+            retention: config.retention.clone(),
+            settings: config.access.clone(),
+            purposes: Purposes::built_in()?,
+            privacy,
+        })
+    }
+
+    pub fn registry(&self) -> Result<AccessRegistry> {
+        Ok(crate::requests::load_json(&self.settings.registry_file)?)
+    }
+
+    /// Applies `change` to the registry durably and audits it (with the
+    /// VIN's keyed tag when `vin` is given, never the VIN).
+    pub fn change<R>(
+        &self,
+        what: &str,
+        vin: Option<&str>,
+        now_ms: i64,
+        change: impl FnOnce(&mut AccessRegistry) -> Result<R>,
+    ) -> Result<R> {
+        let outcome = crate::requests::update(&self.settings.registry_file, change)??;
+        let tag = match (vin, &self.privacy) {
+            (Some(vin), Some(privacy)) => {
+                Some(crate::pseudo::vin_tag(&privacy.keys.redaction_key(), vin))
+            }
+            _ => None,
+        };
+        let line = serde_json::json!({
+            "at": rfc3339(now_ms),
+            "action": "access_change",
+            "change": what,
+            "vehicle": tag,
+        });
+        crate::retention::append_audit(&self.retention.audit_file, &[line]).map_err(|e| {
+            AccessError::Audit(format!("{}: {e}", self.retention.audit_file.display()))
+        })?;
+        Ok(outcome)
+    }
+
+    /// The principal named `id` (the CLI's `--as`).
+    pub fn principal(&self, id: &str) -> Result<Principal> {
+        self.registry()?
+            .principal(id)
+            .ok_or(AccessError::UnknownPrincipal)
+    }
+
+    /// The principal holding `token` (HTTP bearer authentication).
+    pub fn authenticate(&self, token: &str) -> Result<Principal> {
+        self.registry()?
+            .by_token(token)
+            .cloned()
+            .ok_or(AccessError::UnknownPrincipal)
+    }
+
+    async fn session(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        now_ms: i64,
+    ) -> Result<PolicySession> {
+        let purpose = self.purposes.check(purpose, principal.kind)?;
+        let registry = self.registry()?;
+        let retention = Retention::current(&self.retention, &self.schemas)?;
+        let inputs = PolicyInputs {
+            data_dir: &self.data_dir,
+            schemas: &self.schemas,
+            retention: &retention,
+            access: &registry,
+            privacy: self.privacy.as_deref(),
+            audit_dir: &self.settings.audit_dir,
+            audit_keep_ms: i64::from(self.settings.audit_retention_days) * DAY_MS,
+            min_group: self.settings.min_group_vehicles,
+            now_ms,
+        };
+        policy::session(&inputs, principal, purpose).await
+    }
+
+    /// Runs `sql` as `principal` for `purpose`, audited.
+    pub async fn query(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        now_ms: i64,
+    ) -> Result<Answer> {
+        let request_id = request_id();
+        let mut tables = Vec::new();
+        let outcome = self.run(principal, purpose, sql, now_ms, &mut tables).await;
+        let (decision, rows) = match &outcome {
+            Ok((batches, decision)) => (
+                decision.clone(),
+                Some(batches.iter().map(|b| b.num_rows() as u64).sum()),
+            ),
+            Err(_) => (String::new(), None),
+        };
+        self.audit(
+            &request_id,
+            principal,
+            purpose,
+            "query",
+            &tables,
+            outcome.as_ref().map(|_| decision),
+            rows,
+            now_ms,
+        )?;
+        outcome.map(|(batches, _)| Answer {
+            request_id,
+            batches,
+        })
+    }
+
+    async fn run(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        now_ms: i64,
+        tables: &mut Vec<String>,
+    ) -> Result<(Vec<RecordBatch>, String)> {
+        let session = self.session(principal, purpose, now_ms).await?;
+        let state = session.ctx.state();
+        let statement = state.sql_to_statement(sql, &Dialect::Generic)?;
+        let mut treatments = Vec::new();
+        for reference in state.resolve_table_references(&statement)? {
+            if reference.schema().is_some_and(|s| s != "public") {
+                continue;
+            }
+            let name = reference.table().to_owned();
+            if let Some(reason) = session.hidden.get(&name) {
+                tables.push(name.clone());
+                return Err(AccessError::Refused(format!("table {name}: {reason}")));
+            }
+            if let Some(treatment) = session.treatments.get(&name) {
+                treatments.push(format!("{name}:{}", treatment.name()));
+            }
+            tables.push(name);
+        }
+        let plan = state.statement_to_plan(statement).await?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| AccessError::Refused(format!("access is read-only: {e}")))?;
+        if principal.kind != PrincipalKind::Operator
+            && matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_))
+        {
+            return Err(AccessError::Refused(
+                "EXPLAIN is open to the operator only: a plan shows the policy's filters".into(),
+            ));
+        }
+        let batches = DataFrame::new(state, plan).collect().await?;
+        treatments.sort();
+        treatments.dedup();
+        Ok((batches, treatments.join(",")))
+    }
+
+    /// Writes one audit line; an audit that cannot be written fails the request.
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &self,
+        request_id: &str,
+        principal: &Principal,
+        purpose: &str,
+        action: &str,
+        tables: &[String],
+        decision: Result<String, &AccessError>,
+        rows: Option<u64>,
+        now_ms: i64,
+    ) -> Result<()> {
+        let (decision, reason) = match decision {
+            Ok(decision) => (decision, None),
+            Err(AccessError::Refused(reason)) => ("refuse".to_owned(), Some(reason.clone())),
+            // Engine errors can quote values; the audit keeps only their kind.
+            Err(AccessError::DataFusion(_)) => ("error".to_owned(), Some("SQL error".to_owned())),
+            Err(other) => ("error".to_owned(), Some(other.to_string())),
+        };
+        let record = audit::AuditRecord {
+            at: rfc3339(now_ms).unwrap_or_default(),
+            request_id: request_id.to_owned(),
+            principal: principal.id.clone(),
+            principal_kind: principal.kind.name().to_owned(),
+            purpose: purpose.to_owned(),
+            action: action.to_owned(),
+            tables: tables.join(","),
+            decision,
+            reason,
+            rows,
+        };
+        audit::append(&self.settings.audit_dir, now_ms, &record)
+    }
+
+    /// Deletes query audit files past their retention.
+    pub fn expire_audit(&self, now_ms: i64) -> Result<Vec<PathBuf>> {
+        audit::expire(
+            &self.settings.audit_dir,
+            now_ms,
+            i64::from(self.settings.audit_retention_days) * DAY_MS,
+        )
+    }
+
+    pub fn audit_dir(&self) -> &Path {
+        &self.settings.audit_dir
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+fn rfc3339(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339())
+}
+
+fn request_id() -> String {
+    let mut bytes = [0u8; 8];
+    // An id only has to be unique in practice; the clock stands in if the
+    // OS random source fails.
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = crate::ingest::now_ms().to_le_bytes();
+    }
+    hex::encode(bytes)
+}

@@ -1,0 +1,666 @@
+//! The policy as a plan rewrite: for one principal and purpose, a
+//! DataFusion session whose every table is a view written for them. The
+//! Parquet files are registered only in a second, private session that
+//! plans those views; the principal's session holds the views and nothing
+//! else: no file, no listing table, no function that decrypts. Whatever SQL
+//! the principal writes (joins, subqueries, CTEs, UNION, information_schema)
+//! can only ever reach rows and columns its views expose.
+//!
+//! | principal   | stream tables                                                     | dead_letters, query_audit |
+//! |-------------|-------------------------------------------------------------------|---------------------------|
+//! | operator    | all rows, internal pseudonyms; encrypted fields NULL unless the purpose reveals them | all rows |
+//! | user        | own vehicles, own tenure only; VIN and encrypted fields readable; no RTTI | hidden |
+//! | third party | granted vehicles, streams, period and purpose only; pseudonyms of the recipient's domain; encrypted fields NULL; role limits (below) | hidden |
+//! | licensee    | aggregates per hour and category, groups of at least k vehicles; no row, no identifier | hidden |
+//!
+//! Role limits: a service partner sees maintenance needs only; a remote
+//! charge management provider sees remote-managed sessions only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, AsArray, StringBuilder};
+use arrow::datatypes::{DataType, Int32Type};
+use datafusion::catalog::view::ViewTable;
+use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::purpose::Purpose;
+use super::registry::{AccessRegistry, Principal, PrincipalKind, Role};
+use super::{AccessError, Result, audit};
+use crate::dead_letter;
+use crate::privacy::{PrivacyShared, decrypt};
+use crate::pseudo::{KeyRing, Secret, vehicle_pseudonym};
+use crate::query::{empty_table, listing_table};
+use crate::requests::{sql_identifier, sql_literal};
+use crate::retention::Retention;
+use crate::schema::{
+    FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
+    Transform,
+};
+use crate::vault::VehicleKeys;
+
+/// What a principal's view does to a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Treatment {
+    /// Every row and column as stored (pseudonymised).
+    Allow,
+    /// Every row; some columns masked.
+    Mask,
+    /// Only some rows (and maybe some columns masked or re-pseudonymised).
+    Filter,
+    /// Only aggregates over groups of at least k vehicles.
+    Aggregate,
+}
+
+impl Treatment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Treatment::Allow => "allow",
+            Treatment::Mask => "mask",
+            Treatment::Filter => "filter",
+            Treatment::Aggregate => "aggregate",
+        }
+    }
+}
+
+/// The teleservice columns a service partner sees: maintenance needs (L2286-2287).
+const SERVICE_PARTNER_COLUMNS: [&str; 7] = [
+    "vehicle_id",
+    "ts",
+    "trigger",
+    "case_id",
+    "mileage_km",
+    "service_needs",
+    "check_control_messages",
+];
+
+/// What the policy needs to know.
+pub struct PolicyInputs<'a> {
+    pub data_dir: &'a Path,
+    pub schemas: &'a Registry,
+    pub retention: &'a Retention,
+    pub access: &'a AccessRegistry,
+    /// The vault and keys; needed for every principal but the operator
+    /// without a revealing purpose.
+    pub privacy: Option<&'a PrivacyShared>,
+    /// Query audit files, for the operator's `query_audit` table.
+    pub audit_dir: &'a Path,
+    pub audit_keep_ms: i64,
+    /// Smallest number of distinct vehicles in a licensee's result group.
+    pub min_group: u32,
+    pub now_ms: i64,
+}
+
+/// A principal's session: the views it may query, and why the others are hidden.
+pub struct PolicySession {
+    pub ctx: SessionContext,
+    pub treatments: BTreeMap<String, Treatment>,
+    pub hidden: BTreeMap<String, String>,
+}
+
+/// One table's view for the principal: the SELECT over the table's
+/// retention-filtered rows, or why it is hidden.
+enum View {
+    Select {
+        columns: Vec<String>,
+        filter: Option<String>,
+        group_by: Vec<String>,
+        having: Option<String>,
+        treatment: Treatment,
+    },
+    Hidden(String),
+}
+
+fn hidden(reason: impl Into<String>) -> View {
+    View::Hidden(reason.into())
+}
+
+/// The session `principal` gets for `purpose`.
+pub async fn session(
+    inputs: &PolicyInputs<'_>,
+    principal: &Principal,
+    purpose: &Purpose,
+) -> Result<PolicySession> {
+    if !inputs.data_dir.is_dir() {
+        return Err(AccessError::Query(crate::query::QueryError::NoDataDir(
+            inputs.data_dir.to_owned(),
+        )));
+    }
+    let config = SessionConfig::new().with_information_schema(true);
+    let ctx = SessionContext::new_with_config(config.clone());
+    let files = SessionContext::new_with_config(SessionConfig::new());
+    let planner = ViewPlanner::new(inputs, principal, purpose)?;
+    let mut treatments = BTreeMap::new();
+    let mut hidden_tables = BTreeMap::new();
+    let stream_tables = inputs
+        .schemas
+        .iter()
+        .map(|s| (s.stream.name(), s.arrow.clone(), Some(s)));
+    let tables = stream_tables.chain([(dead_letter::TABLE, dead_letter::arrow_schema(), None)]);
+    for (name, arrow_schema, stream) in tables {
+        let view = match stream {
+            Some(stream) => planner.stream_view(stream, &files)?,
+            None => planner.operator_only(),
+        };
+        let View::Select {
+            columns,
+            filter,
+            group_by,
+            having,
+            treatment,
+        } = view
+        else {
+            if let View::Hidden(reason) = view {
+                hidden_tables.insert(name.to_owned(), reason);
+            }
+            continue;
+        };
+        match listing_table(inputs.data_dir, name, arrow_schema.clone())? {
+            Some(listing) => files.register_table(name, listing)?,
+            None => files.register_table(name, empty_table(&arrow_schema)?)?,
+        };
+        let mut sql = format!(
+            "SELECT {} FROM {name} WHERE ({})",
+            columns.join(", "),
+            inputs.retention.visible_sql(name, inputs.now_ms)
+        );
+        if let Some(filter) = filter {
+            sql.push_str(&format!(" AND ({filter})"));
+        }
+        if !group_by.is_empty() {
+            sql.push_str(&format!(" GROUP BY {}", group_by.join(", ")));
+        }
+        if let Some(having) = having {
+            sql.push_str(&format!(" HAVING {having}"));
+        }
+        let plan = files.sql(&sql).await?.into_unoptimized_plan();
+        // No definition text: information_schema must not show the
+        // pseudonyms and periods a view filters on.
+        ctx.register_table(name, Arc::new(ViewTable::new(plan, None)))?;
+        treatments.insert(name.to_owned(), treatment);
+    }
+    match planner.operator_only() {
+        View::Hidden(reason) => {
+            hidden_tables.insert(audit::TABLE.to_owned(), reason);
+        }
+        View::Select { .. } => {
+            let since = inputs.now_ms - inputs.audit_keep_ms;
+            files.register_table(audit::TABLE, audit::table(inputs.audit_dir, since)?)?;
+            let sql = format!(
+                "SELECT * FROM {} WHERE at >= to_timestamp_millis({since})",
+                audit::TABLE
+            );
+            let plan = files.sql(&sql).await?.into_unoptimized_plan();
+            ctx.register_table(audit::TABLE, Arc::new(ViewTable::new(plan, None)))?;
+            treatments.insert(audit::TABLE.to_owned(), Treatment::Allow);
+        }
+    }
+    Ok(PolicySession {
+        ctx,
+        treatments,
+        hidden: hidden_tables,
+    })
+}
+
+/// Writes each table's view for one principal and purpose.
+struct ViewPlanner<'a> {
+    inputs: &'a PolicyInputs<'a>,
+    principal: &'a Principal,
+    purpose: &'a Purpose,
+    /// Users: their vehicles' VINs and keys, and the periods they held them.
+    held: Vec<HeldVehicle>,
+}
+
+/// A vehicle a user held (or a grant covers) over some periods.
+struct HeldVehicle {
+    vin: String,
+    keys: Option<VehicleKeys>,
+    periods: Vec<(i64, Option<i64>)>,
+}
+
+impl<'a> ViewPlanner<'a> {
+    fn new(
+        inputs: &'a PolicyInputs<'a>,
+        principal: &'a Principal,
+        purpose: &'a Purpose,
+    ) -> Result<Self> {
+        let mut held = Vec::new();
+        if principal.kind == PrincipalKind::User {
+            let privacy = inputs.privacy.ok_or(AccessError::VaultNeeded)?;
+            let mut vins: Vec<&str> = inputs
+                .access
+                .tenures_of(&principal.id)
+                .map(|t| t.vin.as_str())
+                .collect();
+            vins.sort_unstable();
+            vins.dedup();
+            for vin in vins {
+                held.push(HeldVehicle {
+                    vin: vin.to_owned(),
+                    keys: privacy.vault.get(vin)?,
+                    periods: inputs
+                        .access
+                        .held_periods(&principal.id, vin, i64::MIN, None),
+                });
+            }
+        }
+        Ok(Self {
+            inputs,
+            principal,
+            purpose,
+            held,
+        })
+    }
+
+    fn operator_only(&self) -> View {
+        if self.principal.kind == PrincipalKind::Operator {
+            View::Select {
+                columns: vec!["*".to_owned()],
+                filter: None,
+                group_by: Vec::new(),
+                having: None,
+                treatment: Treatment::Allow,
+            }
+        } else {
+            hidden("open to the operator only")
+        }
+    }
+
+    fn stream_view(&self, stream: &StreamSchema, files: &SessionContext) -> Result<View> {
+        match self.principal.kind {
+            PrincipalKind::Operator => self.operator_view(stream, files),
+            PrincipalKind::User => self.user_view(stream, files),
+            PrincipalKind::ThirdParty => self.third_party_view(stream),
+            PrincipalKind::Licensee => Ok(self.licensee_view(stream)),
+        }
+    }
+
+    fn operator_view(&self, stream: &StreamSchema, files: &SessionContext) -> Result<View> {
+        let mut masked = false;
+        let mut columns = Vec::new();
+        for field in stream.fields.iter().filter(|f| f.is_stored()) {
+            if field.transform == Transform::Encrypt {
+                if self.purpose.reveals.contains(&field.name) {
+                    let privacy = self.inputs.privacy.ok_or(AccessError::VaultNeeded)?;
+                    let keys = DataKeys::new(privacy, privacy.vault.all_keys()?);
+                    columns.push(reveal(files, field, keys));
+                } else {
+                    masked = true;
+                    columns.push(masked_column(field));
+                }
+            } else {
+                columns.push(sql_identifier(field.column_name()));
+            }
+        }
+        columns.extend(system_columns(stream, true));
+        Ok(View::Select {
+            columns,
+            filter: None,
+            group_by: Vec::new(),
+            having: None,
+            treatment: if masked {
+                Treatment::Mask
+            } else {
+                Treatment::Allow
+            },
+        })
+    }
+
+    fn user_view(&self, stream: &StreamSchema, files: &SessionContext) -> Result<View> {
+        if !has_vehicle_id(stream) {
+            return Ok(hidden(
+                "RTTI rows carry no vehicle identifier (L2005): they cannot be attributed to a user",
+            ));
+        }
+        let privacy = self.inputs.privacy.ok_or(AccessError::VaultNeeded)?;
+        let mut vin_of = String::from("CASE");
+        let mut clauses = Vec::new();
+        for vehicle in &self.held {
+            let Some(keys) = &vehicle.keys else { continue };
+            let ids: Vec<String> = self
+                .epochs(&vehicle.periods, privacy)
+                .map(|e| internal_id(privacy, keys, e))
+                .collect();
+            let ids = in_list(&ids);
+            vin_of.push_str(&format!(
+                " WHEN vehicle_id IN {ids} THEN {}",
+                sql_text(&vehicle.vin)
+            ));
+            for period in &vehicle.periods {
+                clauses.push(format!("(vehicle_id IN {ids} AND {})", ts_within(*period)));
+            }
+        }
+        let keys = DataKeys::new(
+            privacy,
+            self.held.iter().filter_map(|v| v.keys.clone()).collect(),
+        );
+        let mut columns = Vec::new();
+        for field in stream.fields.iter().filter(|f| f.is_stored()) {
+            columns.push(match field.transform {
+                Transform::Pseudonym if field.column_name() == "vehicle_id" => {
+                    format!("{} AS vin", end_case(&vin_of))
+                }
+                Transform::Encrypt => reveal(files, field, keys.clone()),
+                _ => sql_identifier(field.column_name()),
+            });
+        }
+        columns.extend(system_columns(stream, false));
+        Ok(View::Select {
+            columns,
+            filter: Some(or_all(clauses)),
+            group_by: Vec::new(),
+            having: None,
+            treatment: Treatment::Filter,
+        })
+    }
+
+    fn third_party_view(&self, stream: &StreamSchema) -> Result<View> {
+        let table = stream.stream.name();
+        let role = self.principal.role.unwrap_or(Role::Other);
+        if !role.streams().contains(&stream.stream) {
+            return Ok(hidden(format!(
+                "a {role:?} recipient is never granted {table}"
+            )));
+        }
+        let privacy = self.inputs.privacy.ok_or(AccessError::VaultNeeded)?;
+        let domain = format!("recipient:{}", self.principal.id);
+        let mut rename = String::from("CASE vehicle_id");
+        let mut clauses = Vec::new();
+        let grants = self
+            .inputs
+            .access
+            .grants_for(self.principal, self.inputs.now_ms)
+            .filter(|g| g.purpose == self.purpose.name && g.streams.iter().any(|s| s == table));
+        for grant in grants {
+            let until = match (grant.until_ms, grant.revoked_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let periods =
+                self.inputs
+                    .access
+                    .held_periods(&grant.user, &grant.vin, grant.from_ms, until);
+            let Some(keys) = privacy.vault.get(&grant.vin)? else {
+                continue;
+            };
+            let mut ids = Vec::new();
+            for epoch in self.epochs(&periods, privacy) {
+                let internal = internal_id(privacy, &keys, epoch);
+                let theirs =
+                    vehicle_pseudonym(&privacy.keys.domain_key(&domain, epoch), &keys.secret);
+                rename.push_str(&format!(
+                    " WHEN {} THEN {}",
+                    sql_text(&internal),
+                    sql_text(&theirs)
+                ));
+                ids.push(internal);
+            }
+            let ids = in_list(&ids);
+            for period in periods {
+                clauses.push(format!("(vehicle_id IN {ids} AND {})", ts_within(period)));
+            }
+        }
+        if clauses.is_empty() {
+            return Ok(hidden(format!(
+                "no grant in force gives {} {table} for purpose {}",
+                self.principal.id, self.purpose.name
+            )));
+        }
+        let mut filter = or_all(clauses);
+        if role == Role::RemoteChargeManagement {
+            filter = format!("({filter}) AND coalesce(remote_managed, false)");
+        }
+        let mut columns = Vec::new();
+        for field in stream.fields.iter().filter(|f| f.is_stored()) {
+            let column = field.column_name();
+            if role == Role::ServicePartner && !SERVICE_PARTNER_COLUMNS.contains(&column) {
+                continue;
+            }
+            columns.push(match field.transform {
+                Transform::Pseudonym if column == "vehicle_id" => {
+                    format!("{} AS vehicle_id", end_case(&rename))
+                }
+                Transform::Encrypt => masked_column(field),
+                _ => sql_identifier(column),
+            });
+        }
+        columns.extend(system_columns(stream, false));
+        Ok(View::Select {
+            columns,
+            filter: Some(filter),
+            group_by: Vec::new(),
+            having: None,
+            treatment: Treatment::Filter,
+        })
+    }
+
+    /// Aggregates only: per hour partition and category, the number of
+    /// records and distinct vehicles (trips for RTTI, which has no vehicle
+    /// identifier) and the mean of each technical measure; positions only
+    /// as 0.1° cells; groups under k vehicles are left out.
+    fn licensee_view(&self, stream: &StreamSchema) -> View {
+        let unit = if has_vehicle_id(stream) {
+            ("vehicle_id", "vehicles")
+        } else {
+            ("trip_id", "trips")
+        };
+        let mut keys = vec!["date".to_owned(), "hour".to_owned()];
+        let mut columns = keys.clone();
+        let mut measures = vec![
+            "count(*) AS records".to_owned(),
+            format!("count(DISTINCT {}) AS {}", unit.0, unit.1),
+        ];
+        for field in stream.fields.iter().filter(|f| f.is_stored()) {
+            let column = sql_identifier(field.column_name());
+            match (field.privacy, field.field_type) {
+                (PrivacyClass::Technical, FieldType::String) if field.allowed.is_some() => {
+                    keys.push(column.clone());
+                    columns.push(column);
+                }
+                (PrivacyClass::Technical, FieldType::Bool) => {
+                    keys.push(column.clone());
+                    columns.push(column);
+                }
+                (PrivacyClass::Technical, FieldType::Int | FieldType::Float)
+                    if field.name != "seq" =>
+                {
+                    measures.push(format!(
+                        "avg({column}) AS {}",
+                        sql_identifier(&format!("{}_avg", field.column_name()))
+                    ));
+                }
+                (PrivacyClass::QuasiIdentifier, FieldType::Float)
+                    if field.unit.as_deref() == Some("degree") =>
+                {
+                    let cell = format!("round({column}, 1)");
+                    columns.push(format!(
+                        "{cell} AS {}",
+                        sql_identifier(&format!("{}_cell", field.column_name()))
+                    ));
+                    keys.push(cell);
+                }
+                _ => {}
+            }
+        }
+        columns.extend(measures);
+        View::Select {
+            columns,
+            filter: None,
+            group_by: keys,
+            having: Some(format!(
+                "count(DISTINCT {}) >= {}",
+                unit.0, self.inputs.min_group
+            )),
+            treatment: Treatment::Aggregate,
+        }
+    }
+
+    /// Key epochs of rows written within `periods` (to now at the latest).
+    fn epochs(
+        &self,
+        periods: &[(i64, Option<i64>)],
+        privacy: &PrivacyShared,
+    ) -> impl Iterator<Item = i32> + use<> {
+        let now = self.inputs.now_ms;
+        let mut epochs: Vec<i32> = periods
+            .iter()
+            .flat_map(|(from, until)| {
+                let last = until.unwrap_or(now).min(now);
+                privacy.epoch((*from).max(0))..=privacy.epoch(last)
+            })
+            .collect();
+        epochs.sort_unstable();
+        epochs.dedup();
+        epochs.into_iter()
+    }
+}
+
+fn has_vehicle_id(stream: &StreamSchema) -> bool {
+    stream
+        .fields
+        .iter()
+        .any(|f| f.transform == Transform::Pseudonym && f.column_name() == "vehicle_id")
+}
+
+fn internal_id(privacy: &PrivacyShared, keys: &VehicleKeys, epoch: i32) -> String {
+    vehicle_pseudonym(
+        &privacy.keys.domain_key(INTERNAL_DOMAIN, epoch),
+        &keys.secret,
+    )
+}
+
+/// The system columns a principal sees: `key_epoch` for the operator only,
+/// then `received_at` and the partition columns.
+fn system_columns(stream: &StreamSchema, with_epoch: bool) -> Vec<String> {
+    let mut columns = Vec::new();
+    if with_epoch && stream.has_key_epoch {
+        columns.push(KEY_EPOCH_COLUMN.to_owned());
+    }
+    columns.extend(["received_at", "date", "hour"].map(str::to_owned));
+    columns
+}
+
+/// An encrypted field as a NULL text column under its field name.
+fn masked_column(field: &FieldSpec) -> String {
+    format!("CAST(NULL AS VARCHAR) AS {}", sql_identifier(&field.name))
+}
+
+fn sql_text(text: &str) -> String {
+    sql_literal(&crate::requests::MatchValue::Text(text.to_owned()))
+}
+
+fn in_list(ids: &[String]) -> String {
+    if ids.is_empty() {
+        // Matches nothing; keeps the SQL valid.
+        "(NULL)".to_owned()
+    } else {
+        sql_literal(&crate::requests::MatchValue::AnyOf(ids.to_vec()))
+    }
+}
+
+fn ts_within((from, until): (i64, Option<i64>)) -> String {
+    let mut sql = format!("ts >= to_timestamp_millis({from})");
+    if let Some(until) = until {
+        sql.push_str(&format!(" AND ts < to_timestamp_millis({until})"));
+    }
+    sql
+}
+
+/// Closes a `CASE … WHEN …` expression; one without a branch is NULL.
+fn end_case(case: &str) -> String {
+    if case.contains(" WHEN ") {
+        format!("{case} END")
+    } else {
+        "CAST(NULL AS VARCHAR)".to_owned()
+    }
+}
+
+fn or_all(clauses: Vec<String>) -> String {
+    if clauses.is_empty() {
+        "false".to_owned()
+    } else {
+        clauses.join(" OR ")
+    }
+}
+
+/// The data keys of some vehicles, found by a row's pseudonym and key epoch.
+#[derive(Clone)]
+struct DataKeys {
+    shared: Arc<DataKeysInner>,
+}
+
+struct DataKeysInner {
+    keys: KeyRing,
+    vehicles: Vec<VehicleKeys>,
+    by_epoch: Mutex<HashMap<i32, Arc<HashMap<String, Secret>>>>,
+}
+
+impl DataKeys {
+    fn new(privacy: &PrivacyShared, vehicles: Vec<VehicleKeys>) -> Self {
+        Self {
+            shared: Arc::new(DataKeysInner {
+                keys: privacy.keys.clone(),
+                vehicles,
+                by_epoch: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The pseudonym → data key map of one epoch, computed on first use.
+    fn of_epoch(&self, epoch: i32) -> Arc<HashMap<String, Secret>> {
+        let inner = &self.shared;
+        let mut cache = inner.by_epoch.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(epoch)
+            .or_insert_with(|| {
+                let domain = inner.keys.domain_key(INTERNAL_DOMAIN, epoch);
+                Arc::new(
+                    inner
+                        .vehicles
+                        .iter()
+                        .map(|v| (vehicle_pseudonym(&domain, &v.secret), v.data_key.clone()))
+                        .collect(),
+                )
+            })
+            .clone()
+    }
+}
+
+/// `field` decrypted, through a function registered only in the private
+/// session that plans the views: the principal cannot call it.
+fn reveal(files: &SessionContext, field: &FieldSpec, keys: DataKeys) -> String {
+    let name = format!("fleetgate_reveal_{}", field.name);
+    let field_name = field.name.clone();
+    let udf = create_udf(
+        &name,
+        vec![DataType::Utf8, DataType::Int32, DataType::Binary],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let (ids, epochs, sealed) = (
+                arrays[0].as_string::<i32>(),
+                arrays[1].as_primitive::<Int32Type>(),
+                arrays[2].as_binary::<i32>(),
+            );
+            let mut out = StringBuilder::with_capacity(ids.len(), ids.len() * 16);
+            for row in 0..ids.len() {
+                let clear = (!ids.is_null(row) && !epochs.is_null(row) && !sealed.is_null(row))
+                    .then(|| keys.of_epoch(epochs.value(row)))
+                    .and_then(|map| map.get(ids.value(row)).cloned())
+                    .and_then(|key| decrypt(&key, &field_name, sealed.value(row)))
+                    .and_then(|bytes| String::from_utf8(bytes).ok());
+                out.append_option(clear);
+            }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        }),
+    );
+    files.register_udf(udf);
+    format!(
+        "{name}(vehicle_id, {KEY_EPOCH_COLUMN}, {}) AS {}",
+        sql_identifier(field.column_name()),
+        sql_identifier(&field.name)
+    )
+}

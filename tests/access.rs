@@ -1,0 +1,927 @@
+//! The Data Act query layer on real data: principal × table × purpose →
+//! allow, filter, mask, aggregate or refuse, with exact result tables;
+//! bypass attempts through every SQL form; tenure across a sale;
+//! revocation and gatekeeper refusal; k-suppression of small groups; the
+//! query audit log; the user export; and the same over HTTP.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use arrow::array::RecordBatch;
+use arrow::util::display::array_value_to_string;
+use common::*;
+use fleetgate::access::AccessEnv;
+use fleetgate::access::export::ExportFormat;
+use fleetgate::access::registry::{GrantRequest, PrincipalKind, Role, new_principal};
+use fleetgate::config::Config;
+use fleetgate::privacy::PrivacyShared;
+
+const NOW: i64 = TEST_NOW_MS;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+/// Alice sells vehicle A to Bob at this time.
+const SALE: i64 = NOW - 2 * DAY;
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+
+fn charging(vin: &str, seq: u32, ts: i64, remote: bool, contract: &str) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"soc_pct":40.0,"charging_mode":"ac","remote_managed":{remote},"latitude":59.31,"longitude":18.02,"contract_number":"{contract}"}}"#
+    );
+    (format!("vehicles/{vin}/charging"), body.into_bytes())
+}
+
+fn teleservice(vin: &str, seq: u32, ts: i64, trigger: &str, phone: &str) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"trigger":"{trigger}","mileage_km":{seq}000,"service_needs":["oil"],"latitude":59.4,"longitude":17.9,"contact_phone":"{phone}"}}"#
+    );
+    (format!("vehicles/{vin}/teleservice"), body.into_bytes())
+}
+
+fn diagnostics(vin: &str, seq: u32, ts: i64) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"ecu":"BMS","severity":"warning","fault_codes":["P0A7F"],"battery_voltage_v":398.0}}"#
+    );
+    (format!("vehicles/{vin}/diagnostics"), body.into_bytes())
+}
+
+/// A fleet of probe vehicles: `n` of them in one 0.1° cell.
+fn probes(first: u32, n: u32, lat: f64, lon: f64) -> Vec<(String, Vec<u8>)> {
+    (first..first + n)
+        .map(|i| {
+            let vin = format!("WMW11DJ04N2T{i:05}");
+            let body = format!(
+                r#"{{"vin":"{vin}","ts":{},"seq":1,"latitude":{lat},"longitude":{lon},"speed_kmh":50.0}}"#,
+                NOW - 2 * HOUR
+            );
+            (format!("vehicles/{vin}/rtti"), body.into_bytes())
+        })
+        .collect()
+}
+
+fn fleet_records() -> Vec<(String, Vec<u8>)> {
+    let mut records = vec![
+        charging(A, 1, NOW - 5 * DAY, false, "SE-A-1"),
+        charging(A, 2, NOW - 6 * HOUR, true, "SE-A-2"),
+        charging(A, 3, NOW - 5 * HOUR, false, "SE-A-3"),
+        charging(B, 1, NOW - 3 * DAY, false, "SE-B-1"),
+        teleservice(A, 10, NOW - 4 * DAY, "monthly", "+46700000010"),
+        teleservice(A, 11, NOW - DAY, "hv_warn", "+46700000011"),
+        teleservice(B, 5, NOW - 2 * DAY, "monthly", "+46700000005"),
+        diagnostics(A, 20, NOW - 3 * DAY),
+        diagnostics(B, 21, NOW - 3 * DAY),
+    ];
+    records.extend(probes(100, 6, 59.3, 18.0));
+    records.extend(probes(200, 2, 57.7, 11.9));
+    records
+}
+
+/// A stopped server's data, its vault opened, and principals, tenures and
+/// grants in place.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    config: Config,
+    env: AccessEnv,
+}
+
+fn principal(
+    env: &AccessEnv,
+    id: &str,
+    kind: PrincipalKind,
+    role: Option<Role>,
+    eea: bool,
+) -> String {
+    let (p, token) = new_principal(id, kind, role, eea, false, NOW).expect("principal");
+    env.change("test principal", None, NOW, |r| r.add_principal(p))
+        .expect("add principal");
+    token
+}
+
+fn grant(
+    env: &AccessEnv,
+    user: &str,
+    to: &str,
+    vin: &str,
+    streams: &[&str],
+    purpose: &str,
+) -> Result<String, String> {
+    let request = GrantRequest {
+        user: user.into(),
+        recipient: to.into(),
+        vin: vin.into(),
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        purpose: purpose.into(),
+        from_ms: Some(NOW - 30 * DAY),
+        until_ms: None,
+    };
+    env.change("test grant", Some(vin), NOW, |r| {
+        r.grant(
+            request,
+            |p| env.purposes.check(p, PrincipalKind::ThirdParty).map(|_| ()),
+            NOW,
+        )
+    })
+    .map_err(|e| e.to_string())
+}
+
+async fn fixture() -> Fixture {
+    let server = TestServer::start();
+    let records = fleet_records();
+    publish_all(server.handle.mqtt_addr(), &records).await;
+    let stored = || server.handle.metrics().totals().stored;
+    wait_for(|| stored() == records.len() as u64);
+    let TestServer {
+        handle,
+        config,
+        dir,
+    } = server;
+    handle.shutdown().expect("shutdown");
+    let privacy = PrivacyShared::open(&config).expect("vault");
+    let env = AccessEnv::new(&config, Some(privacy)).expect("access env");
+    for user in ["alice", "bob", "carol"] {
+        principal(&env, user, PrincipalKind::User, None, false);
+    }
+    principal(
+        &env,
+        "repair",
+        PrincipalKind::ThirdParty,
+        Some(Role::IndependentRepair),
+        true,
+    );
+    principal(
+        &env,
+        "partner",
+        PrincipalKind::ThirdParty,
+        Some(Role::ServicePartner),
+        false,
+    );
+    principal(
+        &env,
+        "rcm",
+        PrincipalKind::ThirdParty,
+        Some(Role::RemoteChargeManagement),
+        false,
+    );
+    principal(&env, "lic", PrincipalKind::Licensee, None, false);
+    let transfer = |user: &str, vin: &str, at: i64| {
+        env.change("test transfer", Some(vin), NOW, |r| {
+            r.transfer(user, vin, at)
+        })
+        .expect("transfer");
+    };
+    transfer("alice", A, NOW - 30 * DAY);
+    transfer("carol", B, NOW - 30 * DAY);
+    transfer("bob", A, SALE);
+    grant(
+        &env,
+        "alice",
+        "repair",
+        A,
+        &["teleservice", "diagnostics"],
+        "repair_and_maintenance",
+    )
+    .expect("repair grant");
+    grant(
+        &env,
+        "carol",
+        "partner",
+        B,
+        &["teleservice"],
+        "repair_and_maintenance",
+    )
+    .expect("partner grant");
+    grant(
+        &env,
+        "bob",
+        "rcm",
+        A,
+        &["charging"],
+        "remote_charge_management",
+    )
+    .expect("rcm grant");
+    Fixture {
+        _dir: dir,
+        config,
+        env,
+    }
+}
+
+/// Every cell as text ("" for NULL), row by row.
+fn cells(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for batch in batches {
+        for row in 0..batch.num_rows() {
+            rows.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| array_value_to_string(c, row).expect("cell"))
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+impl Fixture {
+    async fn ask(&self, who: &str, purpose: &str, sql: &str) -> Result<Vec<Vec<String>>, String> {
+        let principal = self.env.principal(who).map_err(|e| e.to_string())?;
+        self.env
+            .query(&principal, purpose, sql, NOW)
+            .await
+            .map(|a| cells(&a.batches))
+            .map_err(|e| e.to_string())
+    }
+
+    async fn rows(&self, who: &str, purpose: &str, sql: &str) -> Vec<Vec<String>> {
+        match self.ask(who, purpose, sql).await {
+            Ok(rows) => rows,
+            Err(e) => panic!("{who}/{purpose}: {sql}: {e}"),
+        }
+    }
+
+    /// Asserts a refusal naming `rule`.
+    async fn refused(&self, who: &str, purpose: &str, sql: &str, rule: &str) {
+        match self.ask(who, purpose, sql).await {
+            Err(e) => assert!(
+                e.starts_with("refused") && e.contains(rule),
+                "{who}/{purpose}: {sql}: expected a refusal naming {rule:?}, got {e}"
+            ),
+            Ok(rows) => panic!("{who}/{purpose}: {sql}: answered {rows:?}, expected a refusal"),
+        }
+    }
+
+    /// Asserts the statement is not answered at all (refused or an error).
+    async fn unanswered(&self, who: &str, purpose: &str, sql: &str) {
+        if let Ok(rows) = self.ask(who, purpose, sql).await {
+            panic!("{who}/{purpose}: {sql}: answered {rows:?}");
+        }
+    }
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_matrix_holds_on_real_data() {
+    let f = fixture().await;
+    let op = "operator";
+    let ops = "operations";
+
+    // Operator: every row, pseudonymised; encrypted fields NULL (mask)...
+    assert_eq!(
+        f.rows(
+            op,
+            ops,
+            "SELECT seq, contract_number FROM charging ORDER BY ts"
+        )
+        .await,
+        vec![
+            row(&["1", ""]),
+            row(&["1", ""]),
+            row(&["2", ""]),
+            row(&["3", ""])
+        ]
+    );
+    f.unanswered(op, ops, "SELECT contract_number_encrypted FROM charging")
+        .await;
+    // ... readable only for the service purpose that needs them.
+    assert_eq!(
+        f.rows(
+            op,
+            "charge_history",
+            "SELECT seq, contract_number FROM charging ORDER BY ts"
+        )
+        .await,
+        vec![
+            row(&["1", "SE-A-1"]),
+            row(&["1", "SE-B-1"]),
+            row(&["2", "SE-A-2"]),
+            row(&["3", "SE-A-3"])
+        ]
+    );
+    assert_eq!(
+        f.rows(
+            op,
+            "hv_warn_call",
+            "SELECT seq, contact_phone FROM teleservice ORDER BY seq"
+        )
+        .await,
+        vec![
+            row(&["5", "+46700000005"]),
+            row(&["10", "+46700000010"]),
+            row(&["11", "+46700000011"])
+        ]
+    );
+    assert_eq!(
+        f.rows(
+            op,
+            "hv_warn_call",
+            "SELECT count(contract_number) FROM charging"
+        )
+        .await,
+        vec![row(&["0"])],
+        "a purpose reveals only its own fields"
+    );
+    f.refused(op, "economic_situation", "SELECT 1", "§9.3")
+        .await;
+    f.refused(op, "profiling", "SELECT 1", "Art. 6(2)(b)").await;
+    f.refused(op, "marketing", "SELECT 1", "unknown").await;
+    f.refused(op, "own_data_access", "SELECT 1", "not open to a operator")
+        .await;
+
+    // Users: their own vehicles, their own tenure, readable.
+    let own = "own_data_access";
+    let charges = "SELECT vin, seq, contract_number FROM charging ORDER BY ts";
+    assert_eq!(
+        f.rows("alice", own, charges).await,
+        vec![row(&[A, "1", "SE-A-1"])]
+    );
+    assert_eq!(
+        f.rows("bob", own, charges).await,
+        vec![row(&[A, "2", "SE-A-2"]), row(&[A, "3", "SE-A-3"])]
+    );
+    assert_eq!(
+        f.rows("carol", own, charges).await,
+        vec![row(&[B, "1", "SE-B-1"])]
+    );
+    let calls = "SELECT vin, seq, contact_phone FROM teleservice ORDER BY ts";
+    assert_eq!(
+        f.rows("alice", own, calls).await,
+        vec![row(&[A, "10", "+46700000010"])]
+    );
+    assert_eq!(
+        f.rows("bob", own, calls).await,
+        vec![row(&[A, "11", "+46700000011"])]
+    );
+    f.refused(
+        "alice",
+        own,
+        "SELECT count(*) FROM rtti",
+        "no vehicle identifier",
+    )
+    .await;
+    f.refused(
+        "alice",
+        own,
+        "SELECT count(*) FROM dead_letters",
+        "operator only",
+    )
+    .await;
+    f.refused(
+        "alice",
+        own,
+        "SELECT count(*) FROM query_audit",
+        "operator only",
+    )
+    .await;
+    f.refused("alice", "operations", "SELECT 1", "not open to a user")
+        .await;
+
+    // Independent repair provider: alice's grant, alice's tenure only,
+    // pseudonyms of its own domain, no contact data, no charging.
+    let repair = "repair_and_maintenance";
+    let seen = f
+        .rows(
+            "repair",
+            repair,
+            "SELECT vehicle_id, seq, contact_phone FROM teleservice ORDER BY ts",
+        )
+        .await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0][1..], row(&["10", ""])[..]);
+    let internal = f
+        .rows(op, ops, "SELECT DISTINCT vehicle_id FROM teleservice")
+        .await;
+    assert!(
+        !internal.iter().any(|r| r[0] == seen[0][0]),
+        "the recipient's pseudonym differs from the internal one"
+    );
+    assert_eq!(
+        f.rows("repair", repair, "SELECT seq FROM diagnostics")
+            .await,
+        vec![row(&["20"])]
+    );
+    f.refused(
+        "repair",
+        repair,
+        "SELECT * FROM charging",
+        "never granted charging",
+    )
+    .await;
+    f.refused(
+        "repair",
+        "product_improvement",
+        "SELECT 1",
+        "not open to a third_party",
+    )
+    .await;
+    f.refused(
+        "repair",
+        "remote_charge_management",
+        "SELECT * FROM teleservice",
+        "no grant in force",
+    )
+    .await;
+
+    // Service partner: maintenance needs of carol's vehicle, nothing else.
+    let columns = f
+        .rows(
+            "partner",
+            repair,
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'teleservice' ORDER BY ordinal_position",
+        )
+        .await;
+    let columns: Vec<&str> = columns.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        columns,
+        [
+            "vehicle_id",
+            "ts",
+            "trigger",
+            "case_id",
+            "mileage_km",
+            "service_needs",
+            "check_control_messages",
+            "received_at",
+            "date",
+            "hour"
+        ]
+    );
+    assert_eq!(
+        f.rows(
+            "partner",
+            repair,
+            "SELECT trigger, mileage_km FROM teleservice"
+        )
+        .await,
+        vec![row(&["monthly", "5000"])]
+    );
+
+    // Remote charge management: bob's vehicle, remote-managed sessions only.
+    assert_eq!(
+        f.rows(
+            "rcm",
+            "remote_charge_management",
+            "SELECT seq, remote_managed FROM charging"
+        )
+        .await,
+        vec![row(&["2", "true"])]
+    );
+
+    // Licensee: aggregates only, groups of at least k = 5 vehicles.
+    assert_eq!(
+        f.rows(
+            "lic",
+            "traffic_information",
+            "SELECT latitude_cell, longitude_cell, trips, records FROM rtti ORDER BY trips"
+        )
+        .await,
+        vec![row(&["59.3", "18.0", "6", "6"])],
+        "the 2-vehicle cell is suppressed"
+    );
+    assert_eq!(
+        f.rows(
+            "lic",
+            "product_improvement",
+            "SELECT count(*) FROM charging"
+        )
+        .await,
+        vec![row(&["0"])],
+        "two vehicles charging make no group of five"
+    );
+    f.unanswered(
+        "lic",
+        "product_improvement",
+        "SELECT vehicle_id FROM charging",
+    )
+    .await;
+    f.unanswered("lic", "product_improvement", "SELECT latitude FROM rtti")
+        .await;
+    f.refused(
+        "lic",
+        "product_improvement",
+        "SELECT * FROM dead_letters",
+        "operator only",
+    )
+    .await;
+    f.refused(
+        "lic",
+        "own_data_access",
+        "SELECT 1",
+        "not open to a licensee",
+    )
+    .await;
+    f.refused("lic", "assets", "SELECT 1", "§9.3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sql_form_reaches_around_the_views() {
+    let f = fixture().await;
+    let own = "own_data_access";
+    let data = f.config.storage.data_dir.display().to_string();
+    for (sql, expected) in [
+        ("SELECT count(*) FROM charging", "1"),
+        (
+            "SELECT count(*) FROM (SELECT * FROM charging UNION ALL SELECT * FROM charging)",
+            "2",
+        ),
+        (
+            "WITH c AS (SELECT * FROM charging) SELECT count(*) FROM c",
+            "1",
+        ),
+        (
+            "SELECT count(*) FROM charging WHERE seq IN (SELECT seq FROM charging)",
+            "1",
+        ),
+        (
+            "SELECT count(*) FROM charging c JOIN teleservice t ON c.vin = t.vin",
+            "1",
+        ),
+        ("SELECT count(*) FROM datafusion.public.charging", "1"),
+        (
+            "SELECT count(*) FROM information_schema.views WHERE definition IS NOT NULL",
+            "0",
+        ),
+    ] {
+        assert_eq!(
+            f.rows("alice", own, sql).await,
+            vec![row(&[expected])],
+            "{sql}"
+        );
+    }
+    let tables: BTreeSet<String> = f
+        .rows(
+            "alice",
+            own,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .await
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(
+        tables,
+        ["charging", "diagnostics", "teleservice"]
+            .map(String::from)
+            .into()
+    );
+    for who in ["alice", "repair", "lic", "operator"] {
+        let purpose = match who {
+            "alice" => own,
+            "repair" => "repair_and_maintenance",
+            "lic" => "product_improvement",
+            _ => "operations",
+        };
+        for sql in [
+            format!("COPY (SELECT * FROM teleservice) TO '{data}/copy.csv'"),
+            format!("CREATE EXTERNAL TABLE raw STORED AS PARQUET LOCATION '{data}/charging/'"),
+            "CREATE VIEW mine AS SELECT * FROM teleservice".to_owned(),
+            "INSERT INTO teleservice SELECT * FROM teleservice".to_owned(),
+            "SET datafusion.execution.batch_size = 1".to_owned(),
+        ] {
+            f.refused(who, purpose, &sql, "read-only").await;
+        }
+        // Files by path and the private decrypting function do not exist here.
+        f.unanswered(who, purpose, &format!("SELECT * FROM '{data}/charging/'"))
+            .await;
+        f.unanswered(
+            who,
+            purpose,
+            "SELECT fleetgate_reveal_contract_number(vehicle_id, key_epoch, contract_number) FROM charging",
+        )
+        .await;
+    }
+    assert!(!std::path::Path::new(&format!("{data}/copy.csv")).exists());
+    f.refused(
+        "alice",
+        own,
+        "EXPLAIN SELECT * FROM charging",
+        "operator only",
+    )
+    .await;
+    f.refused(
+        "repair",
+        "repair_and_maintenance",
+        "EXPLAIN ANALYZE SELECT * FROM teleservice",
+        "operator only",
+    )
+    .await;
+    f.refused(
+        "alice",
+        own,
+        "SELECT count(*) FROM datafusion.public.rtti",
+        "no vehicle identifier",
+    )
+    .await;
+    assert!(
+        !f.rows("operator", "operations", "EXPLAIN SELECT * FROM charging")
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_gatekeepers_audit_and_export() {
+    let f = fixture().await;
+    let repair = "repair_and_maintenance";
+    let (gate, _) =
+        new_principal("gate", PrincipalKind::ThirdParty, None, true, true, NOW).expect("gate");
+    f.env
+        .change("test", None, NOW, |r| r.add_principal(gate))
+        .expect("add gatekeeper");
+    let refusal =
+        grant(&f.env, "alice", "gate", A, &["teleservice"], repair).expect_err("gatekeeper");
+    assert!(refusal.contains("Art. 5(3)"), "{refusal}");
+    let (far, _) = new_principal(
+        "far",
+        PrincipalKind::ThirdParty,
+        Some(Role::IndependentRepair),
+        false,
+        false,
+        NOW,
+    )
+    .expect("far");
+    f.env
+        .change("test", None, NOW, |r| r.add_principal(far))
+        .expect("add");
+    let refusal = grant(&f.env, "alice", "far", A, &["teleservice"], repair).expect_err("not EEA");
+    assert!(refusal.contains("EEA"), "{refusal}");
+    let refusal =
+        grant(&f.env, "carol", "repair", A, &["teleservice"], repair).expect_err("not hers");
+    assert!(refusal.contains("does not hold"), "{refusal}");
+    let refusal =
+        grant(&f.env, "alice", "repair", A, &["teleservice"], "profiling").expect_err("purpose");
+    assert!(refusal.contains("Art. 6(2)(b)"), "{refusal}");
+
+    principal(&f.env, "dave", PrincipalKind::User, None, false);
+    assert_eq!(
+        f.rows(
+            "dave",
+            "own_data_access",
+            "SELECT count(*), count(vin) FROM charging"
+        )
+        .await,
+        vec![row(&["0", "0"])],
+        "a user holding no vehicle sees nothing"
+    );
+    // A grant that starts in the future gives nothing yet.
+    let future = GrantRequest {
+        user: "bob".into(),
+        recipient: "repair".into(),
+        vin: A.into(),
+        streams: vec!["diagnostics".into()],
+        purpose: repair.into(),
+        from_ms: Some(NOW + DAY),
+        until_ms: None,
+    };
+    f.env
+        .change("test", Some(A), NOW, |r| r.grant(future, |_| Ok(()), NOW))
+        .expect("future grant");
+    assert_eq!(
+        f.rows("repair", repair, "SELECT seq FROM diagnostics")
+            .await,
+        vec![row(&["20"])],
+        "alice's grant still shows her row; bob's future grant adds none"
+    );
+    assert_eq!(
+        f.rows("repair", repair, "SELECT seq FROM teleservice")
+            .await
+            .len(),
+        1
+    );
+    f.env
+        .change("test", None, NOW, |r| r.revoke("grant-1", NOW))
+        .expect("revoke");
+    f.refused(
+        "repair",
+        repair,
+        "SELECT seq FROM teleservice",
+        "no grant in force",
+    )
+    .await;
+
+    // Every query above is in the audit log, answered or refused, with no VIN.
+    let audit = f
+        .rows(
+            "operator",
+            "operations",
+            "SELECT principal, decision, rows FROM query_audit WHERE principal = 'repair' AND tables = 'teleservice' ORDER BY decision DESC",
+        )
+        .await;
+    assert_eq!(
+        audit,
+        vec![
+            row(&["repair", "teleservice:filter", "1"]),
+            row(&["repair", "refuse", ""])
+        ]
+    );
+    let audit_dir = &f.config.access.audit_dir;
+    let mut text = String::new();
+    for entry in std::fs::read_dir(audit_dir).expect("audit dir") {
+        text.push_str(&std::fs::read_to_string(entry.expect("entry").path()).expect("read"));
+    }
+    text.push_str(&std::fs::read_to_string(&f.config.retention.audit_file).expect("audit"));
+    for secret in [A, B, "SE-A-1", "+46700000010"] {
+        assert!(!text.contains(secret), "{secret} in the audit log");
+    }
+
+    // Alice's export: her rows only, readable, with metadata.
+    let alice = f.env.principal("alice").expect("alice");
+    let export = f.env.export(&alice, NOW).await.expect("export");
+    let rows = |table: &str| {
+        export
+            .tables
+            .iter()
+            .find(|t| t.name == table)
+            .map(|t| cells(&t.batches).len())
+    };
+    assert_eq!(
+        (
+            rows("charging"),
+            rows("teleservice"),
+            rows("diagnostics"),
+            rows("rtti")
+        ),
+        (Some(1), Some(1), Some(1), None)
+    );
+    assert_eq!(export.metadata["vehicles"][0]["vin"], A);
+    assert_eq!(export.metadata["tables"]["charging"]["schema_version"], 2);
+    let fields = export.metadata["tables"]["charging"]["fields"]
+        .as_array()
+        .expect("fields");
+    let energy = fields
+        .iter()
+        .find(|f| f["column"] == "soc_pct")
+        .expect("soc_pct described");
+    assert_eq!(energy["unit"], "%");
+    let out = tempfile::tempdir().expect("out");
+    let files = export
+        .write_dir(out.path(), ExportFormat::Parquet)
+        .expect("write");
+    assert_eq!(files.len(), 4);
+    let parquet = std::fs::File::open(out.path().join("charging.parquet")).expect("parquet");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(parquet)
+        .expect("reader")
+        .build()
+        .expect("build");
+    let back: Vec<RecordBatch> = reader.map(|b| b.expect("batch")).collect();
+    assert_eq!(cells(&back).len(), 1);
+    let bob = f.env.principal("bob").expect("bob");
+    assert!(f.env.export(&bob, NOW).await.is_ok());
+    let op = f.env.principal("operator").expect("operator");
+    assert!(
+        f.env.export(&op, NOW).await.is_err(),
+        "an export is a user's"
+    );
+    let json = f
+        .env
+        .export(&alice, NOW)
+        .await
+        .expect("export")
+        .to_json()
+        .expect("json");
+    assert_eq!(json["tables"]["charging"][0]["contract_number"], "SE-A-1");
+}
+
+/// `POST /sql` and `GET /export` on a running server, with bearer tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_and_export_over_http() {
+    let server = TestServer::start();
+    let now = fleetgate::ingest::now_ms();
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            charging(A, 1, now - HOUR, false, "SE-A-1"),
+            charging(B, 1, now - HOUR, false, "SE-B-1"),
+        ],
+    )
+    .await;
+    wait_for(|| server.handle.metrics().totals().stored == 2);
+    let addr = server.handle.admin_addr();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/admin/principals",
+        None,
+        r#"{"id":"alice","kind":"user"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let token = token["token"].as_str().expect("token").to_owned();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/admin/transfers",
+        None,
+        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
+    );
+    assert_eq!(status, 200, "{body}");
+    let sql = r#"{"sql":"SELECT vin, contract_number FROM charging","purpose":"own_data_access"}"#;
+    let (status, body) = http(addr, "POST", "/sql", Some(&token), sql);
+    assert_eq!(status, 200, "{body}");
+    let rows: serde_json::Value = serde_json::from_str(&body).expect("rows");
+    assert_eq!(
+        rows,
+        serde_json::json!([{ "vin": A, "contract_number": "SE-A-1" }])
+    );
+    let csv = r#"{"sql":"SELECT vin FROM charging","purpose":"own_data_access","format":"csv"}"#;
+    let (status, body) = http(addr, "POST", "/sql", Some(&token), csv);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, format!("vin\n{A}\n").as_str())
+    );
+    let ipc = r#"{"sql":"SELECT vin FROM charging","purpose":"own_data_access","format":"arrow"}"#;
+    let (status, body) = http_bytes(addr, "POST", "/sql", Some(&token), ipc);
+    assert_eq!(status, 200);
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
+        .expect("arrow stream");
+    let batches: Vec<RecordBatch> = reader.map(|b| b.expect("batch")).collect();
+    assert_eq!(cells(&batches), vec![row(&[A])]);
+    let (status, _) = http(addr, "POST", "/sql", None, sql);
+    assert_eq!(status, 401);
+    let (status, _) = http(addr, "POST", "/sql", Some("fg_not_a_token"), sql);
+    assert_eq!(status, 401);
+    let forbidden = r#"{"sql":"SELECT 1","purpose":"economic_situation"}"#;
+    let (status, body) = http(addr, "POST", "/sql", Some(&token), forbidden);
+    assert_eq!(status, 403);
+    assert!(body.contains("§9.3"), "{body}");
+    let (status, body) = http(addr, "GET", "/export", Some(&token), "");
+    assert_eq!(status, 200, "{body}");
+    let export: serde_json::Value = serde_json::from_str(&body).expect("export");
+    assert_eq!(export["tables"]["charging"][0]["vin"], A);
+    assert_eq!(export["metadata"]["user"], "alice");
+    server.handle.shutdown().expect("shutdown");
+}
+
+/// One HTTP/1.1 request; the status and the body's bytes.
+fn http_bytes(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut payload = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload = dechunk(&payload);
+    }
+    (status, payload)
+}
+
+/// One HTTP/1.1 request with a text answer.
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let (status, bytes) = http_bytes(addr, method, path, token, body);
+    (status, String::from_utf8(bytes).expect("UTF-8 answer"))
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap_or("0").trim(), 16)
+                .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[end + 2..end + 2 + size]);
+        body = &body[end + 4 + size..];
+    }
+}
