@@ -1,5 +1,8 @@
 //! The embedded MQTT broker: rumqttd, configured from `[broker]`, running on
-//! its own threads inside the fleetgate process.
+//! its own threads inside the fleetgate process: plain MQTT 3.1.1 and 5
+//! listeners (loopback unless `plain_remote`, passwords when
+//! `credentials_file` is set), and a TLS listener for vehicles with client
+//! certificates, whose topics rumqttd confines to `/tenants/{VIN}/`.
 //!
 //! fleetgate consumes through rumqttd's local link (no second TCP hop). Two
 //! properties of rumqttd 0.20 shape this module: it binds inside its server
@@ -10,12 +13,14 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 
+use crate::auth::Credentials;
 use crate::config::BrokerConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,8 @@ pub enum BrokerError {
     Thread(std::io::Error),
     #[error("the broker did not start listening on {addr} (is the port in use? see the log)")]
     NotListening { addr: SocketAddr },
+    #[error("broker.tls: cert_file, key_file or client_ca_file does not exist")]
+    TlsFiles,
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
@@ -52,16 +59,24 @@ pub struct EmbeddedBroker {
     pub mqtt_addr: SocketAddr,
     /// Where MQTT 5 clients connect.
     pub mqtt5_addr: SocketAddr,
+    /// Where vehicles with client certificates connect, if configured.
+    pub tls_addr: Option<SocketAddr>,
     pub link_tx: LinkTx,
     pub link_rx: LinkRx,
     _thread: JoinHandle<()>,
 }
 
-/// Starts rumqttd and waits until it accepts MQTT connections.
-pub fn start(config: &BrokerConfig, link_name: &str) -> Result<EmbeddedBroker> {
+/// Starts rumqttd and waits until it accepts MQTT connections. With
+/// `credentials`, every CONNECT on the plain listeners must log in (see
+/// [`crate::auth`]).
+pub fn start(
+    config: &BrokerConfig,
+    link_name: &str,
+    credentials: Option<Arc<Credentials>>,
+) -> Result<EmbeddedBroker> {
     let mqtt_addr = resolve_port(config.mqtt_addr)?;
     let mqtt5_addr = resolve_port(config.mqtt5_addr)?;
-    let connections = ConnectionSettings {
+    let mut connections = ConnectionSettings {
         connection_timeout_ms: config.connect_timeout_ms,
         max_payload_size: config.max_packet_bytes,
         max_inflight_count: 100,
@@ -69,17 +84,51 @@ pub fn start(config: &BrokerConfig, link_name: &str) -> Result<EmbeddedBroker> {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = |name: &str, listen| {
-        HashMap::from([(
-            name.to_owned(),
-            ServerSettings {
-                name: name.to_owned(),
-                listen,
-                tls: None,
-                next_connection_delay_ms: 0,
-                connections: connections.clone(),
+    let certificate_connections = connections.clone();
+    if let Some(credentials) = credentials {
+        connections.set_auth_handler(
+            move |client_id: String, username: String, password: String| {
+                let accepted = credentials.check(&client_id, &username, &password);
+                std::future::ready(accepted)
             },
-        )])
+        );
+    }
+    let settings =
+        |name: &str, listen, tls: Option<TlsConfig>, connections: &ConnectionSettings| {
+            (
+                name.to_owned(),
+                ServerSettings {
+                    name: name.to_owned(),
+                    listen,
+                    tls,
+                    next_connection_delay_ms: 0,
+                    connections: connections.clone(),
+                },
+            )
+        };
+    let mut v4 = HashMap::from([settings("mqtt-v4", mqtt_addr, None, &connections)]);
+    let tls_addr = match &config.tls {
+        Some(tls) => {
+            let addr = resolve_port(tls.addr)?;
+            let path = |p: &std::path::Path| p.display().to_string();
+            let rustls = TlsConfig::Rustls {
+                capath: Some(path(&tls.client_ca_file)),
+                certpath: path(&tls.cert_file),
+                keypath: path(&tls.key_file),
+            };
+            if !rustls.validate_paths() {
+                return Err(BrokerError::TlsFiles);
+            }
+            // Certificates identify these clients; no password on top.
+            v4.extend([settings(
+                "mqtt-v4-tls",
+                addr,
+                Some(rustls),
+                &certificate_connections,
+            )]);
+            Some(addr)
+        }
+        None => None,
     };
     let rumqttd_config = rumqttd::Config {
         id: 0,
@@ -90,8 +139,13 @@ pub fn start(config: &BrokerConfig, link_name: &str) -> Result<EmbeddedBroker> {
             max_segment_count: config.segment_count,
             ..RouterConfig::default()
         },
-        v4: Some(server("mqtt-v4", mqtt_addr)),
-        v5: Some(server("mqtt-v5", mqtt5_addr)),
+        v4: Some(v4),
+        v5: Some(HashMap::from([settings(
+            "mqtt-v5",
+            mqtt5_addr,
+            None,
+            &connections,
+        )])),
         ..rumqttd::Config::default()
     };
     let mut broker = Broker::new(rumqttd_config);
@@ -106,9 +160,13 @@ pub fn start(config: &BrokerConfig, link_name: &str) -> Result<EmbeddedBroker> {
         .map_err(BrokerError::Thread)?;
     wait_until_listening(mqtt_addr, MQTT_V4, &thread)?;
     wait_until_listening(mqtt5_addr, MQTT_V5, &thread)?;
+    if let Some(addr) = tls_addr {
+        wait_until_bound(addr, &thread)?;
+    }
     Ok(EmbeddedBroker {
         mqtt_addr,
         mqtt5_addr,
+        tls_addr,
         link_tx,
         link_rx,
         _thread: thread,
@@ -132,11 +190,25 @@ const MQTT_V4: u8 = 4;
 const MQTT_V5: u8 = 5;
 
 /// Waits for the broker to answer an MQTT CONNECT with a CONNACK (any return
-/// code: the broker is up even if it refuses this anonymous probe).
+/// code: the broker is up even if it refuses this anonymous probe), or to
+/// close it unanswered, as it does when passwords are required.
 fn wait_until_listening(addr: SocketAddr, level: u8, broker_thread: &JoinHandle<()>) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline && !broker_thread.is_finished() {
         if probe(addr, level).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BrokerError::NotListening { addr })
+}
+
+/// Waits until the TLS listener accepts TCP connections (a TLS handshake
+/// would need a client certificate; rumqttd logs the aborted one).
+fn wait_until_bound(addr: SocketAddr, broker_thread: &JoinHandle<()>) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline && !broker_thread.is_finished() {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -167,7 +239,12 @@ fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
     stream.write_all(&connect)?;
     let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack)?;
+    match stream.read_exact(&mut connack) {
+        // With passwords required, rumqttd closes an anonymous CONNECT
+        // without a CONNACK: it read and judged it, so it is listening.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        other => other?,
+    }
     if connack[0] != 0x20 {
         return Err(std::io::Error::other("not a CONNACK"));
     }

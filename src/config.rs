@@ -169,6 +169,24 @@ pub struct BrokerConfig {
     pub connect_timeout_ms: u16,
     pub segment_bytes: usize,
     pub segment_count: usize,
+    /// MQTT 3.1.1 over TLS with vehicle client certificates; off when unset.
+    pub tls: Option<TlsListenerConfig>,
+    /// Vehicle passwords required on the plain listeners; none when unset.
+    pub credentials_file: Option<PathBuf>,
+    /// The plain (unencrypted) listeners may bind a non-loopback address.
+    pub plain_remote: bool,
+}
+
+/// The TLS listener: the server's certificate and key, and the CA whose
+/// signature a vehicle's client certificate must carry. The certificate's
+/// subject organisation (O) must be the vehicle's VIN.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    pub addr: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
 }
 
 /// Where and how data is stored.
@@ -212,6 +230,9 @@ impl Default for BrokerConfig {
             connect_timeout_ms: 5_000,
             segment_bytes: 32 * 1024 * 1024,
             segment_count: 4,
+            tls: None,
+            credentials_file: None,
+            plain_remote: false,
         }
     }
 }
@@ -287,6 +308,17 @@ impl Config {
         }
         if s.max_open_files == 0 {
             return invalid("storage.max_open_files must be > 0".into());
+        }
+        if !b.plain_remote
+            && [b.mqtt_addr, b.mqtt5_addr]
+                .iter()
+                .any(|a| !a.ip().is_loopback())
+        {
+            return invalid(
+                "broker.mqtt_addr and mqtt5_addr carry unencrypted MQTT: they bind loopback \
+                 unless broker.plain_remote = true (remote vehicles belong on broker.tls)"
+                    .into(),
+            );
         }
         if self.access.min_group_vehicles < 2 {
             return invalid("access.min_group_vehicles must be at least 2".into());

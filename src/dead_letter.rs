@@ -47,10 +47,12 @@ pub enum RejectCode {
     UnknownField,
     /// The record's VIN differs from the topic's.
     VinMismatch,
+    /// A vehicle published to another vehicle's topic.
+    ForeignTopic,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 13] = [
+    pub const ALL: [RejectCode; 14] = [
         RejectCode::UnknownTopic,
         RejectCode::UnknownStream,
         RejectCode::InvalidVin,
@@ -64,6 +66,7 @@ impl RejectCode {
         RejectCode::OutOfRange,
         RejectCode::UnknownField,
         RejectCode::VinMismatch,
+        RejectCode::ForeignTopic,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl RejectCode {
             RejectCode::OutOfRange => "out_of_range",
             RejectCode::UnknownField => "unknown_field",
             RejectCode::VinMismatch => "vin_mismatch",
+            RejectCode::ForeignTopic => "foreign_topic",
         }
     }
 

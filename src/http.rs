@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::access::registry::{GrantRequest, PrincipalKind, Role, new_principal};
 use crate::access::{AccessEnv, AccessError};
+use crate::auth::{AuthCounters, Credentials, Refusal};
 use crate::config::RetentionConfig;
 use crate::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
@@ -56,6 +57,8 @@ pub struct AdminState {
     pub retention: RetentionConfig,
     /// Principals, grants and the policy `/sql` and `/export` run under.
     pub access: Arc<AccessEnv>,
+    /// The vehicle credential store, when the plain listeners need passwords.
+    pub credentials: Option<Arc<Credentials>>,
 }
 
 /// The running endpoint; dropping it without `stop` leaves it running.
@@ -156,10 +159,39 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         .iter()
         .map(|q| (q.name.clone(), (q.depth)()))
         .collect();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.prometheus(&queues),
-    )
+    let mut text = state.metrics.prometheus(&queues);
+    if let Some(credentials) = &state.credentials {
+        text.push_str(&auth_families(&credentials.counters));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// The CONNECT counters of the password-checked listeners.
+fn auth_families(counters: &AuthCounters) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::from(
+        "# HELP fleetgate_mqtt_connects_accepted_total CONNECTs whose password was right.\n\
+         # TYPE fleetgate_mqtt_connects_accepted_total counter\n",
+    );
+    let _ = writeln!(
+        out,
+        "fleetgate_mqtt_connects_accepted_total {}",
+        counters.accepted.load(Relaxed)
+    );
+    out.push_str(
+        "# HELP fleetgate_mqtt_connects_refused_total CONNECTs refused, by reason.\n\
+         # TYPE fleetgate_mqtt_connects_refused_total counter\n",
+    );
+    for refusal in Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "fleetgate_mqtt_connects_refused_total{{reason=\"{}\"}} {}",
+            refusal.as_str(),
+            counters.refused[refusal as usize].load(Relaxed)
+        );
+    }
+    out
 }
 
 /// Applies one vehicle event; 400 for a bad request, 501 for an event

@@ -80,14 +80,27 @@ pub struct Inbound {
     pub received_at_ms: i64,
 }
 
-/// Parses `vehicles/{VIN}/{stream}`.
+/// Where rumqttd puts the topics of a TLS client: `/tenants/{O}/…`, with O
+/// the subject organisation of its certificate, checked by rumqttd.
+const TENANT_PREFIX: &str = "/tenants/";
+
+/// Parses `vehicles/{VIN}/{stream}`, or, from a TLS vehicle,
+/// `/tenants/{VIN}/vehicles/{VIN}/{stream}`, whose two VINs must agree: a
+/// vehicle publishes only to its own topic.
 pub fn route(topic: &str) -> Route {
     let rejected = |code, message: String, stream| Route::Rejected {
         rejection: Rejection::new(code, message),
         topic: topic.to_owned(),
         stream,
     };
-    let mut parts = topic.split('/');
+    let (tenant, vehicle_topic) = match topic
+        .strip_prefix(TENANT_PREFIX)
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((tenant, rest)) => (Some(tenant), rest),
+        None => (None, topic),
+    };
+    let mut parts = vehicle_topic.split('/');
     let (Some(TOPIC_ROOT), Some(vin), Some(stream_name), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -108,6 +121,13 @@ pub fn route(topic: &str) -> Route {
         return rejected(
             RejectCode::InvalidVin,
             "the topic's VIN is not 17 characters of the VIN alphabet".to_owned(),
+            Some(stream),
+        );
+    }
+    if tenant.is_some_and(|tenant| !tenant.eq_ignore_ascii_case(vin)) {
+        return rejected(
+            RejectCode::ForeignTopic,
+            "the certificate names another vehicle than the topic".to_owned(),
             Some(stream),
         );
     }
@@ -266,6 +286,27 @@ mod tests {
             Some(RejectCode::UnknownTopic)
         );
         assert_eq!(code(route("")), Some(RejectCode::UnknownTopic));
+    }
+
+    #[test]
+    fn a_tls_vehicle_routes_only_its_own_topic() {
+        assert_eq!(
+            route("/tenants/WMW11DJ04N2T00001/vehicles/WMW11DJ04N2T00001/rtti"),
+            Route::Vehicle {
+                vin: "WMW11DJ04N2T00001".into(),
+                stream: Stream::Rtti
+            }
+        );
+        assert_eq!(
+            code(route(
+                "/tenants/WMW11DJ04N2T00001/vehicles/WMW21GD07P2S00002/rtti"
+            )),
+            Some(RejectCode::ForeignTopic)
+        );
+        assert_eq!(
+            code(route("/tenants/WMW11DJ04N2T00001/rtti")),
+            Some(RejectCode::UnknownTopic)
+        );
     }
 
     #[test]

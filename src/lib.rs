@@ -2,6 +2,7 @@
 //!
 //! The path of one record, one module per step:
 //! - [`broker`]: the embedded rumqttd broker vehicles publish to;
+//! - [`auth`]: vehicle passwords: the credential store and the CONNECT check;
 //! - [`ingest`]: consumes the broker's local link, routes each topic to a worker shard;
 //! - [`pipeline`]: worker shards that decode, validate, pseudonymise and batch;
 //! - [`decode`]: payload → typed records, each with its own rejection;
@@ -23,6 +24,7 @@
 //! - [`config`]: the configuration file and its defaults.
 
 pub mod access;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod dead_letter;

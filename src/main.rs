@@ -85,6 +85,14 @@ enum Command {
         #[command(subcommand)]
         action: AccessAction,
     },
+    /// Vehicle passwords for the plain MQTT listeners (`broker.credentials_file`);
+    /// works while the server runs, which picks changes up at the next CONNECT.
+    Vehicle {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        action: VehicleAction,
+    },
     /// Print every stream's fields (type, unit, privacy class, storage) as Markdown.
     Schema {
         #[command(flatten)]
@@ -130,6 +138,20 @@ enum AdminAction {
         /// Only list what would be deleted and why; delete nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VehicleAction {
+    /// Issue the vehicle a new password (printed once; replaces any earlier one).
+    Credential {
+        #[arg(long)]
+        vin: String,
+    },
+    /// Revoke the vehicle's password: its next CONNECT is refused.
+    Revoke {
+        #[arg(long)]
+        vin: String,
     },
 }
 
@@ -226,7 +248,7 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| Redacting(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -256,8 +278,12 @@ fn main() -> anyhow::Result<()> {
             }
             let signals = ShutdownSignals::listen(&runtime)?;
             let server = fleetgate::server::start(&config)?;
+            let tls = server
+                .tls_addr()
+                .map(|a| format!(", mqtts://{a} (client certificates)"))
+                .unwrap_or_default();
             println!(
-                "fleetgate listening on mqtt://{} (MQTT 5: {}), metrics on http://{}/metrics, data in {}",
+                "fleetgate listening on mqtt://{} (MQTT 5: {}){tls}, metrics on http://{}/metrics, data in {}",
                 server.mqtt_addr(),
                 server.mqtt5_addr(),
                 server.admin_addr(),
@@ -318,6 +344,34 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Access { common, action } => access(&common.load()?, action),
+        Command::Vehicle { common, action } => {
+            let config = common.load()?;
+            let path = config
+                .broker
+                .credentials_file
+                .clone()
+                .context("broker.credentials_file is not set in the configuration")?;
+            let keys = fleetgate::pseudo::KeyRing::load_or_create(&config.storage.key_file)?;
+            let tag_key = keys.redaction_key();
+            match action {
+                VehicleAction::Credential { vin } => {
+                    let now = fleetgate::ingest::now_ms();
+                    println!("{}", fleetgate::auth::issue(&path, &tag_key, &vin, now)?);
+                }
+                VehicleAction::Revoke { vin } => {
+                    let revoked = fleetgate::auth::revoke(&path, &tag_key, &vin)?;
+                    println!(
+                        "{}",
+                        if revoked {
+                            "revoked"
+                        } else {
+                            "no password held"
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Schema { common } => {
             let config = common.load()?;
             let registry =
@@ -489,6 +543,25 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Log output with every VIN-shaped token replaced by `vin:redacted`.
+/// fleetgate's own lines name vehicles by pseudonym or tag only, but rumqttd
+/// puts client ids and, for a TLS vehicle, its certificate's organisation
+/// (the VIN) into its log spans; a VIN must never reach a log line. Each
+/// `write` gets one whole formatted event, so no token is split.
+struct Redacting<W: std::io::Write>(W);
+
+impl<W: std::io::Write> std::io::Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let clean = fleetgate::pseudo::redact_vins(buf, &mut |_| "redacted".to_owned());
+        self.0.write_all(&clean)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// SIGINT and SIGTERM, listened for from the moment this returns: before
 /// the server announces itself, so a signal right after the announcement
 /// still gets a clean shutdown instead of the default kill.
@@ -512,5 +585,23 @@ impl ShutdownSignals {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    #[test]
+    fn log_lines_lose_their_vins() {
+        let mut log = super::Redacting(Vec::new());
+        log.write_all(b"remote_link{tenant_id=Some(\"WMW11DJ04N2T00001\") client_id=\"WMW11DJ04N2T00001.car\"} router-drop\n")
+            .expect("write");
+        let line = String::from_utf8(log.0).expect("utf8");
+        assert!(!line.contains("WMW11DJ04N2T00001"), "{line}");
+        assert!(
+            line.contains("vin:redacted.car") && line.contains("router-drop"),
+            "{line}"
+        );
     }
 }

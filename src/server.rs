@@ -19,6 +19,7 @@ use std::time::Duration;
 use crossbeam::channel::bounded;
 
 use crate::access::{AccessEnv, AccessError};
+use crate::auth::Credentials;
 use crate::config::{Config, ConfigError, RetentionConfig, SinkKind};
 use crate::decode::Limits;
 use crate::http::{self, AdminHttp, AdminState, HttpError, Queue};
@@ -75,6 +76,7 @@ pub type Result<T, E = ServerError> = std::result::Result<T, E>;
 pub struct ServerHandle {
     mqtt_addr: SocketAddr,
     mqtt5_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     data_dir: PathBuf,
     stop: Arc<AtomicBool>,
     ingest: JoinHandle<()>,
@@ -238,6 +240,11 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     drop(context);
 
     let access = Arc::new(AccessEnv::new(config, Some(privacy.clone()))?);
+    let credentials = config
+        .broker
+        .credentials_file
+        .as_ref()
+        .map(|path| Arc::new(Credentials::new(path.clone(), privacy.keys.redaction_key())));
     let admin = http::spawn(
         config.admin.http_addr,
         AdminState {
@@ -246,6 +253,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             privacy: privacy.clone(),
             retention: config.retention.clone(),
             access: access.clone(),
+            credentials: credentials.clone(),
         },
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;
@@ -261,7 +269,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             metrics.clone(),
         )?),
     };
-    let embedded = broker::start(&config.broker, "fleetgate-ingest")?;
+    let embedded = broker::start(&config.broker, "fleetgate-ingest", credentials.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let sink = match config.pipeline.sink {
         SinkKind::Store => ingest::Sink::Shards(shards),
@@ -284,6 +292,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     Ok(ServerHandle {
         mqtt_addr: embedded.mqtt_addr,
         mqtt5_addr: embedded.mqtt5_addr,
+        tls_addr: embedded.tls_addr,
         data_dir,
         stop,
         ingest,
@@ -370,6 +379,11 @@ impl ServerHandle {
     /// Where MQTT 5 clients connect.
     pub fn mqtt5_addr(&self) -> SocketAddr {
         self.mqtt5_addr
+    }
+
+    /// Where vehicles with client certificates connect, if configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn data_dir(&self) -> &std::path::Path {

@@ -1,0 +1,521 @@
+//! The MQTT front end's identity rules with real clients: over TLS, a
+//! vehicle whose certificate (O = its VIN) the vehicle CA signed publishes
+//! its own topic and is stored; a certificate from another CA is refused
+//! at the handshake, and a publish to another vehicle's topic is refused and
+//! counted, with nothing stored. On the plain listener with passwords, the
+//! right password is stored, a wrong one, an unknown vehicle or a VIN as
+//! client id are refused at CONNECT and counted.
+//!
+//! Certificates are made with the `openssl` command and TLS clients are
+//! Mosquitto's `mosquitto_pub` (`.ci/run` installs mosquitto-clients).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::*;
+use fleetgate::config::TlsListenerConfig;
+use fleetgate::schema::Stream;
+
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a certificate it signs with the given subject and extensions.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn ca(&self, name: &str) {
+        run(Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &self.path(&format!("{name}.key")).display().to_string(),
+            "-out",
+            &self.path(&format!("{name}.pem")).display().to_string(),
+        ]));
+    }
+
+    fn sign(&self, ca: &str, name: &str, subject: &str, extensions: &str) {
+        let key = self.path(&format!("{name}.key")).display().to_string();
+        let csr = self.path(&format!("{name}.csr")).display().to_string();
+        let ext = self.path(&format!("{name}.ext"));
+        std::fs::write(&ext, extensions).expect("extensions");
+        run(Command::new("openssl").args([
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ]));
+        run(Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-days",
+            "2",
+            "-CAcreateserial",
+            "-CA",
+            &self.path(&format!("{ca}.pem")).display().to_string(),
+            "-CAkey",
+            &self.path(&format!("{ca}.key")).display().to_string(),
+            "-extfile",
+            &ext.display().to_string(),
+            "-out",
+            &self.path(&format!("{name}.pem")).display().to_string(),
+        ]));
+    }
+}
+
+/// Publishes one message with mosquitto_pub over TLS; true if it reports success.
+fn mosquitto_pub(pki: &Pki, port: u16, client: &str, topic: &str, payload: &str) -> bool {
+    let out = Command::new("mosquitto_pub")
+        // By name: rumqttd's rustls refuses an IP address as TLS server name (SNI).
+        .args([
+            "-h",
+            "localhost",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-i",
+            "car-tls",
+        ])
+        .args([
+            "--cafile",
+            &pki.path("vehicle-ca.pem").display().to_string(),
+        ])
+        .args([
+            "--cert",
+            &pki.path(&format!("{client}.pem")).display().to_string(),
+        ])
+        .args([
+            "--key",
+            &pki.path(&format!("{client}.key")).display().to_string(),
+        ])
+        .args(["-t", topic, "-m", payload])
+        .output()
+        .expect("mosquitto_pub (install mosquitto-clients)");
+    if !out.status.success() {
+        eprintln!(
+            "mosquitto_pub {topic}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+fn teleservice(vin: &str, seq: u32) -> String {
+    format!(
+        r#"{{"vin":"{vin}","ts":{},"seq":{seq},"trigger":"monthly"}}"#,
+        fleetgate::ingest::now_ms()
+    )
+}
+
+fn rejected(server: &TestServer, stream: Stream, reason: &str) -> u64 {
+    server
+        .handle
+        .metrics()
+        .snapshot()
+        .streams
+        .iter()
+        .find(|s| s.stream == stream.name())
+        .and_then(|s| s.rejected.iter().find(|(r, _)| *r == reason))
+        .map_or(0, |(_, n)| *n)
+}
+
+fn stored(server: &TestServer, stream: Stream) -> u64 {
+    server
+        .handle
+        .metrics()
+        .stream(stream)
+        .table
+        .rows_stored
+        .load(Relaxed)
+}
+
+#[test]
+fn tls_vehicles_publish_only_as_themselves() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(certs.path());
+    pki.ca("vehicle-ca");
+    pki.ca("rogue-ca");
+    pki.sign(
+        "vehicle-ca",
+        "server",
+        "/CN=localhost",
+        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    pki.sign(
+        "vehicle-ca",
+        "car-a",
+        &format!("/O={A}/CN=car-a"),
+        "extendedKeyUsage=clientAuth\n",
+    );
+    pki.sign(
+        "rogue-ca",
+        "rogue-b",
+        &format!("/O={B}/CN=rogue"),
+        "extendedKeyUsage=clientAuth\n",
+    );
+
+    let server = TestServer::start_with(|c| {
+        c.broker.tls = Some(TlsListenerConfig {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            cert_file: pki.path("server.pem"),
+            key_file: pki.path("server.key"),
+            client_ca_file: pki.path("vehicle-ca.pem"),
+        });
+    });
+    let port = server.handle.tls_addr().expect("TLS listener").port();
+
+    let own = format!("/tenants/{A}/vehicles/{A}/teleservice");
+    assert!(mosquitto_pub(&pki, port, "car-a", &own, &teleservice(A, 1)));
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
+
+    // Another vehicle's topic under its own prefix: refused by fleetgate, counted.
+    let foreign = format!("/tenants/{A}/vehicles/{B}/teleservice");
+    mosquitto_pub(&pki, port, "car-a", &foreign, &teleservice(B, 1));
+    wait_for(|| rejected(&server, Stream::Teleservice, "foreign_topic") == 1);
+    // Outside its prefix: rumqttd drops the publish and the connection.
+    mosquitto_pub(
+        &pki,
+        port,
+        "car-a",
+        &format!("vehicles/{B}/teleservice"),
+        &teleservice(B, 2),
+    );
+    // A certificate the vehicle CA did not sign: no TLS session at all.
+    let rogue = format!("/tenants/{B}/vehicles/{B}/teleservice");
+    assert!(!mosquitto_pub(
+        &pki,
+        port,
+        "rogue-b",
+        &rogue,
+        &teleservice(B, 3)
+    ));
+
+    // A's own publish after the refusals still arrives: the listener is fine.
+    assert!(mosquitto_pub(&pki, port, "car-a", &own, &teleservice(A, 2)));
+    wait_for(|| stored(&server, Stream::Teleservice) == 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let TestServer {
+        handle,
+        config,
+        dir: _dir,
+    } = server;
+    handle.shutdown().expect("shutdown");
+    let vehicles = futures_lite_block(count(
+        &config.storage.data_dir,
+        "SELECT count(DISTINCT vehicle_id) FROM teleservice",
+    ));
+    let rows = futures_lite_block(count(
+        &config.storage.data_dir,
+        "SELECT count(*) FROM teleservice",
+    ));
+    assert_eq!(
+        (vehicles, rows),
+        (1, 2),
+        "only A's own two records are stored"
+    );
+}
+
+/// Runs a future to completion on a small runtime (the test itself is sync,
+/// because mosquitto_pub blocks).
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// Connects with rumqttc and publishes one record at QoS 1; true once its
+/// PUBACK arrives, false if the broker refuses or closes the connection.
+async fn publish_with(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+    topic: &str,
+    payload: String,
+) -> bool {
+    let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    if client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    outcome.unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_are_checked_at_connect_and_refusals_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials_file = dir.path().join("vehicle-credentials.json");
+    let file = credentials_file.clone();
+    let server = TestServer::start_with(move |c| c.broker.credentials_file = Some(file));
+    let tag_key = server.handle.privacy().keys.redaction_key();
+    let password = fleetgate::auth::issue(&credentials_file, &tag_key, A, 0).expect("issue");
+    let addr = server.handle.mqtt_addr();
+    let topic = format!("vehicles/{A}/teleservice");
+
+    assert!(
+        publish_with(
+            addr,
+            "car-a",
+            Some((A, &password)),
+            &topic,
+            teleservice(A, 1)
+        )
+        .await
+    );
+    assert!(!publish_with(addr, "car-a", Some((A, "wrong")), &topic, teleservice(A, 2)).await);
+    assert!(!publish_with(addr, "car-a", None, &topic, teleservice(A, 3)).await);
+    assert!(!publish_with(addr, A, Some((A, &password)), &topic, teleservice(A, 4)).await);
+    let b_topic = format!("vehicles/{B}/teleservice");
+    assert!(
+        !publish_with(
+            addr,
+            "car-b",
+            Some((B, &password)),
+            &b_topic,
+            teleservice(B, 1)
+        )
+        .await
+    );
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
+
+    let metrics = http_get(server.handle.admin_addr(), "/metrics");
+    for line in [
+        "fleetgate_mqtt_connects_accepted_total 1",
+        "fleetgate_mqtt_connects_refused_total{reason=\"wrong_password\"} 1",
+        "fleetgate_mqtt_connects_refused_total{reason=\"client_id_is_a_vin\"} 1",
+        "fleetgate_mqtt_connects_refused_total{reason=\"unknown_vehicle\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
+    }
+    // The anonymous CONNECT, and fleetgate's own start-up probes, are refused
+    // as usernames that are no VIN.
+    assert!(
+        metrics.contains("fleetgate_mqtt_connects_refused_total{reason=\"username_not_a_vin\"}")
+    );
+    // Revoked: the next CONNECT is refused.
+    assert!(fleetgate::auth::revoke(&credentials_file, &tag_key, A).expect("revoke"));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        !publish_with(
+            addr,
+            "car-a",
+            Some((A, &password)),
+            &topic,
+            teleservice(A, 5)
+        )
+        .await
+    );
+    let log_free = std::fs::read_to_string(&credentials_file).expect("store");
+    assert!(!log_free.contains(A) && !log_free.contains(&password));
+    server.handle.shutdown().expect("shutdown");
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
+/// Raw bytes on the plain listener.
+fn raw_session(addr: std::net::SocketAddr, bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = stream.write_all(bytes);
+    // The broker closes the connection; reading returns at its close.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+}
+
+/// An MQTT 3.1.1 CONNECT for `client_id`, keep-alive 10 s.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut variable = b"\x00\x04MQTT\x04\x02\x00\x0a".to_vec();
+    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    variable.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, variable.len() as u8];
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversize_packets_close_only_their_connection() {
+    let server = TestServer::start();
+    let addr = server.handle.mqtt_addr();
+    // Not MQTT at all.
+    raw_session(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    // A CONNECT, then a packet of an unknown type.
+    let mut bad = connect_packet("garbage-1");
+    bad.extend_from_slice(&[0xf0, 0x00]);
+    raw_session(addr, &bad);
+    // A CONNECT, then a PUBLISH announcing 4 MiB, over max_packet_bytes (1 MiB).
+    let mut oversize = connect_packet("oversize-1");
+    oversize.extend_from_slice(&[0x30, 0x80, 0x80, 0x80, 0x02]);
+    oversize.extend_from_slice(&[0u8; 4096]);
+    raw_session(addr, &oversize);
+    // A remaining length that never ends (five continuation bytes).
+    let mut endless = connect_packet("endless-1");
+    endless.extend_from_slice(&[0x30, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    raw_session(addr, &endless);
+    // A CONNECT that is cut short, and one with keep-alive 0.
+    raw_session(addr, &connect_packet("cut-1")[..8]);
+    let mut zero = connect_packet("zero-keepalive");
+    zero[9] = 0;
+    zero[10] = 0;
+    raw_session(addr, &zero);
+
+    // The listener still serves everyone else.
+    let topic = format!("vehicles/{A}/teleservice");
+    publish_all(addr, &[(topic, teleservice(A, 1).into_bytes())]).await;
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
+    server.handle.shutdown().expect("shutdown");
+}
+
+/// One connection floods QoS 0 publishes as fast as it can while another
+/// vehicle publishes at QoS 1: every record of the other vehicle is stored.
+/// Prints the other vehicle's PUBACK latency with and without the flood
+/// (measured, not asserted: speed belongs in reports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_does_not_starve_the_others() {
+    let server = TestServer::start();
+    let addr = server.handle.mqtt_addr();
+    let quiet_round = |first: u32| async move {
+        let mut latencies = Vec::new();
+        for seq in first..first + 20 {
+            let started = std::time::Instant::now();
+            publish_all(
+                addr,
+                &[(
+                    format!("vehicles/{A}/teleservice"),
+                    teleservice(A, seq).into_bytes(),
+                )],
+            )
+            .await;
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        latencies[latencies.len() / 2]
+    };
+    let calm = quiet_round(0).await;
+
+    let flood = tokio::spawn(async move {
+        let options = rumqttc::MqttOptions::new("flooder", addr.ip().to_string(), addr.port());
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        let topic = format!("vehicles/{B}/diagnostics");
+        let payload = format!(
+            r#"{{"vin":"{B}","ts":{},"seq":1,"ecu":"BMS","severity":"info"}}"#,
+            fleetgate::ingest::now_ms()
+        );
+        let sender = tokio::spawn(async move {
+            for _ in 0..200_000 {
+                if client
+                    .publish(
+                        topic.as_str(),
+                        rumqttc::QoS::AtMostOnce,
+                        false,
+                        payload.clone(),
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        while !sender.is_finished() {
+            if eventloop.poll().await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let flooded = quiet_round(100).await;
+    flood.abort();
+    wait_for(|| stored(&server, Stream::Teleservice) == 40);
+    let flooded_in = server
+        .handle
+        .metrics()
+        .stream(Stream::Diagnostics)
+        .records_received
+        .load(Relaxed);
+    println!(
+        "quiet vehicle's median publish→PUBACK: {calm:?} alone, {flooded:?} beside a flood \
+         ({flooded_in} flood records received meanwhile)"
+    );
+    server.handle.shutdown().expect("shutdown");
+}
