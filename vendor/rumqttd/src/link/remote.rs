@@ -195,7 +195,16 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+        // fleetgate patch: say why before closing (CONNACK 0x04 in MQTT
+        // 3.1.1, 0x86 in MQTT 5), instead of closing without a word.
+        let refusal = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::BadUserNamePassword,
+        };
+        let _ = network.write(Packet::ConnAck(refusal, None)).await;
+        return Err(e);
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.

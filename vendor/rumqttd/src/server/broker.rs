@@ -541,7 +541,12 @@ async fn remote<P: Protocol>(
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // fleetgate patch: the previous connection of this client id may
+        // have ended during set-up (client id refused by the router, no room
+        // at max_connections) without waiting for its will; its receiver is
+        // gone, there is nothing to cancel, and unwrapping here panicked
+        // while holding the mutex, poisoning it for every later connection.
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
