@@ -3,7 +3,8 @@
 //! `/admin/principals`, `/admin/transfers` and `/admin/grants` for the
 //! access registry, a periodic one-line throughput summary in the log, and
 //! for principals (bearer token): `POST /sql` and `GET /export` through
-//! the Data Act policy (see [`crate::access`]).
+//! the Data Act policy (see [`crate::access`]), and `POST /grants`,
+//! `DELETE /grants/{id}` for users to give and revoke grants.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
 //! never competes with the pipeline's threads. The `/admin` routes and
@@ -22,7 +23,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::oneshot;
 
-use crate::access::registry::{GrantRequest, PrincipalKind, Role, new_principal};
+use crate::access::registry::{GrantRequest, PrincipalKind, Role};
 use crate::access::{AccessEnv, AccessError};
 use crate::auth::{AuthCounters, Credentials, Refusal};
 use crate::config::RetentionConfig;
@@ -139,6 +140,8 @@ async fn serve(
         .route("/admin/transfers", post(transfer))
         .route("/admin/grants", post(grant))
         .route("/admin/grants/{id}", delete(revoke))
+        .route("/grants", post(user_grant))
+        .route("/grants/{id}", delete(user_revoke))
         .route("/sql", post(sql))
         .route("/export", get(export))
         .with_state(state);
@@ -367,26 +370,14 @@ async fn add_principal(
     State(state): State<Arc<AdminState>>,
     Json(request): Json<PrincipalRequest>,
 ) -> Response {
-    let now = crate::ingest::now_ms();
-    let added = new_principal(
+    let added = state.access.add_principal(
         &request.id,
         request.kind,
         request.role,
         request.eea,
         request.gatekeeper,
-        now,
-    )
-    .and_then(|(principal, token)| {
-        let what = format!(
-            "principal {} added ({})",
-            principal.id,
-            principal.kind.name()
-        );
-        state
-            .access
-            .change(&what, None, now, |r| r.add_principal(principal))?;
-        Ok(token)
-    });
+        crate::ingest::now_ms(),
+    );
     match added {
         Ok(token) => Json(serde_json::json!({ "id": request.id, "token": token })).into_response(),
         Err(e) => access_error(&e),
@@ -409,46 +400,103 @@ async fn transfer(
 ) -> Response {
     let now = crate::ingest::now_ms();
     let at = request.at_ms.unwrap_or(now);
-    let what = format!("vehicle transferred to {}", request.user);
-    match state.access.change(&what, Some(&request.vin), now, |r| {
-        r.transfer(&request.user, &request.vin, at)
-    }) {
+    match state.access.transfer(&request.user, &request.vin, at, now) {
         Ok(()) => Json(serde_json::json!({ "user": request.user, "from_ms": at })).into_response(),
         Err(e) => access_error(&e),
     }
 }
 
-/// Records a user's grant to a third party.
+/// Records a grant on a user's behalf (admin).
 async fn grant(
     State(state): State<Arc<AdminState>>,
     Json(request): Json<GrantRequest>,
 ) -> Response {
-    let now = crate::ingest::now_ms();
-    let what = format!("grant to {} for {}", request.recipient, request.purpose);
-    let vin = request.vin.clone();
-    let purposes = &state.access.purposes;
-    match state.access.change(&what, Some(&vin), now, |r| {
-        r.grant(
-            request,
-            |p| purposes.check(p, PrincipalKind::ThirdParty).map(|_| ()),
-            now,
-        )
-    }) {
+    grant_answer(state.access.give_grant(request, crate::ingest::now_ms()))
+}
+
+fn grant_answer(given: Result<String, AccessError>) -> Response {
+    match given {
         Ok(id) => Json(serde_json::json!({ "grant": id })).into_response(),
         Err(e) => access_error(&e),
     }
 }
 
-/// Revokes a grant; it stops at the recipient's next query.
+/// Revokes a grant (admin); it stops at the recipient's next query.
 async fn revoke(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
-    let now = crate::ingest::now_ms();
-    match state
-        .access
-        .change(&format!("{id} revoked"), None, now, |r| r.revoke(&id, now))
-    {
+    revoke_answer(
+        &id,
+        state
+            .access
+            .revoke_grant(&id, None, crate::ingest::now_ms()),
+    )
+}
+
+fn revoke_answer(id: &str, revoked: Result<bool, AccessError>) -> Response {
+    match revoked {
         Ok(revoked) => Json(serde_json::json!({ "grant": id, "revoked": revoked })).into_response(),
         Err(e) => access_error(&e),
     }
+}
+
+/// A grant as the user gives it: `user` is the bearer.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserGrant {
+    recipient: String,
+    vin: String,
+    streams: Vec<String>,
+    purpose: String,
+    from_ms: Option<i64>,
+    until_ms: Option<i64>,
+}
+
+/// The bearer, who must be a user.
+fn bearer_user(
+    state: &AdminState,
+    headers: &HeaderMap,
+) -> Result<crate::access::registry::Principal, AccessError> {
+    let principal = bearer(state, headers)?;
+    if principal.kind != PrincipalKind::User {
+        return Err(AccessError::Refused(
+            "grants are given and revoked by users (Data Act Art. 5)".into(),
+        ));
+    }
+    Ok(principal)
+}
+
+/// A user grants a third party data of one of their vehicles (Art. 5).
+async fn user_grant(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Json(request): Json<UserGrant>,
+) -> Response {
+    let given = bearer_user(&state, &headers).and_then(|user| {
+        let request = GrantRequest {
+            user: user.id,
+            recipient: request.recipient,
+            vin: request.vin,
+            streams: request.streams,
+            purpose: request.purpose,
+            from_ms: request.from_ms,
+            until_ms: request.until_ms,
+        };
+        state.access.give_grant(request, crate::ingest::now_ms())
+    });
+    grant_answer(given)
+}
+
+/// A user revokes a grant they gave.
+async fn user_revoke(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let revoked = bearer_user(&state, &headers).and_then(|user| {
+        state
+            .access
+            .revoke_grant(&id, Some(&user.id), crate::ingest::now_ms())
+    });
+    revoke_answer(&id, revoked)
 }
 
 /// One info line per interval: rates since the previous line.

@@ -409,21 +409,13 @@ fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
             role,
             eea,
             gatekeeper,
-        } => {
-            let (principal, token) =
-                registry::new_principal(&id, kind, role, eea, gatekeeper, now)?;
-            let what = format!("principal {id} added ({})", kind.name());
-            env.change(&what, None, now, |r| r.add_principal(principal))?;
-            println!("{token}");
-        }
+        } => println!(
+            "{}",
+            env.add_principal(&id, kind, role, eea, gatekeeper, now)?
+        ),
         AccessAction::Transfer { user, vin, at } => {
             let at = at.unwrap_or(now);
-            env.change(
-                &format!("vehicle transferred to {user}"),
-                Some(&vin),
-                now,
-                |r| r.transfer(&user, &vin, at),
-            )?;
+            env.transfer(&user, &vin, at, now)?;
             println!("{user} holds the vehicle from {at}");
         }
         AccessAction::Grant {
@@ -435,29 +427,19 @@ fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
             from,
             until,
         } => {
-            let what = format!("grant to {to} for {purpose}");
             let request = registry::GrantRequest {
                 user,
                 recipient: to,
-                vin: vin.clone(),
+                vin,
                 streams,
                 purpose,
                 from_ms: from,
                 until_ms: until,
             };
-            let id = env.change(&what, Some(&vin), now, |r| {
-                r.grant(
-                    request,
-                    |p| env.purposes.check(p, PrincipalKind::ThirdParty).map(|_| ()),
-                    now,
-                )
-            })?;
-            println!("{id}");
+            println!("{}", env.give_grant(request, now)?);
         }
         AccessAction::Revoke { grant } => {
-            let revoked = env.change(&format!("{grant} revoked"), None, now, |r| {
-                r.revoke(&grant, now)
-            })?;
+            let revoked = env.revoke_grant(&grant, None, now)?;
             println!(
                 "{grant}: {}",
                 if revoked {

@@ -13,7 +13,7 @@ use arrow::util::display::array_value_to_string;
 use common::*;
 use fleetgate::access::AccessEnv;
 use fleetgate::access::export::ExportFormat;
-use fleetgate::access::registry::{GrantRequest, PrincipalKind, Role, new_principal};
+use fleetgate::access::registry::{GrantRequest, PrincipalKind, Role};
 use fleetgate::config::Config;
 use fleetgate::privacy::PrivacyShared;
 
@@ -92,10 +92,8 @@ fn principal(
     role: Option<Role>,
     eea: bool,
 ) -> String {
-    let (p, token) = new_principal(id, kind, role, eea, false, NOW).expect("principal");
-    env.change("test principal", None, NOW, |r| r.add_principal(p))
-        .expect("add principal");
-    token
+    env.add_principal(id, kind, role, eea, false, NOW)
+        .expect("add principal")
 }
 
 fn grant(
@@ -115,14 +113,7 @@ fn grant(
         from_ms: Some(NOW - 30 * DAY),
         until_ms: None,
     };
-    env.change("test grant", Some(vin), NOW, |r| {
-        r.grant(
-            request,
-            |p| env.purposes.check(p, PrincipalKind::ThirdParty).map(|_| ()),
-            NOW,
-        )
-    })
-    .map_err(|e| e.to_string())
+    env.give_grant(request, NOW).map_err(|e| e.to_string())
 }
 
 async fn fixture() -> Fixture {
@@ -164,12 +155,8 @@ async fn fixture() -> Fixture {
         false,
     );
     principal(&env, "lic", PrincipalKind::Licensee, None, false);
-    let transfer = |user: &str, vin: &str, at: i64| {
-        env.change("test transfer", Some(vin), NOW, |r| {
-            r.transfer(user, vin, at)
-        })
-        .expect("transfer");
-    };
+    let transfer =
+        |user: &str, vin: &str, at: i64| env.transfer(user, vin, at, NOW).expect("transfer");
     transfer("alice", A, NOW - 30 * DAY);
     transfer("carol", B, NOW - 30 * DAY);
     transfer("bob", A, SALE);
@@ -627,25 +614,21 @@ async fn no_sql_form_reaches_around_the_views() {
 async fn revocation_gatekeepers_audit_and_export() {
     let f = fixture().await;
     let repair = "repair_and_maintenance";
-    let (gate, _) =
-        new_principal("gate", PrincipalKind::ThirdParty, None, true, true, NOW).expect("gate");
     f.env
-        .change("test", None, NOW, |r| r.add_principal(gate))
+        .add_principal("gate", PrincipalKind::ThirdParty, None, true, true, NOW)
         .expect("add gatekeeper");
     let refusal =
         grant(&f.env, "alice", "gate", A, &["teleservice"], repair).expect_err("gatekeeper");
     assert!(refusal.contains("Art. 5(3)"), "{refusal}");
-    let (far, _) = new_principal(
-        "far",
-        PrincipalKind::ThirdParty,
-        Some(Role::IndependentRepair),
-        false,
-        false,
-        NOW,
-    )
-    .expect("far");
     f.env
-        .change("test", None, NOW, |r| r.add_principal(far))
+        .add_principal(
+            "far",
+            PrincipalKind::ThirdParty,
+            Some(Role::IndependentRepair),
+            false,
+            false,
+            NOW,
+        )
         .expect("add");
     let refusal = grant(&f.env, "alice", "far", A, &["teleservice"], repair).expect_err("not EEA");
     assert!(refusal.contains("EEA"), "{refusal}");
@@ -677,9 +660,7 @@ async fn revocation_gatekeepers_audit_and_export() {
         from_ms: Some(NOW + DAY),
         until_ms: None,
     };
-    f.env
-        .change("test", Some(A), NOW, |r| r.grant(future, |_| Ok(()), NOW))
-        .expect("future grant");
+    f.env.give_grant(future, NOW).expect("future grant");
     assert_eq!(
         f.rows("repair", repair, "SELECT seq FROM diagnostics")
             .await,
@@ -692,9 +673,21 @@ async fn revocation_gatekeepers_audit_and_export() {
             .len(),
         1
     );
-    f.env
-        .change("test", None, NOW, |r| r.revoke("grant-1", NOW))
-        .expect("revoke");
+    let refusal = f
+        .env
+        .revoke_grant("grant-1", Some("bob"), NOW)
+        .expect_err("not bob's");
+    assert!(refusal.to_string().contains("only its giver"), "{refusal}");
+    assert!(
+        f.env
+            .revoke_grant("grant-1", Some("alice"), NOW)
+            .expect("revoke")
+    );
+    assert!(
+        !f.env
+            .revoke_grant("grant-1", Some("alice"), NOW)
+            .expect("again")
+    );
     f.refused(
         "repair",
         repair,
@@ -796,10 +789,11 @@ async fn sql_and_export_over_http() {
         &[
             charging(A, 1, now - HOUR, false, "SE-A-1"),
             charging(B, 1, now - HOUR, false, "SE-B-1"),
+            teleservice(A, 7, now - HOUR, "monthly", "+46700000007"),
         ],
     )
     .await;
-    wait_for(|| server.handle.metrics().totals().stored == 2);
+    wait_for(|| server.handle.metrics().totals().stored == 3);
     let addr = server.handle.admin_addr();
     let (status, body) = http(
         addr,
@@ -848,6 +842,38 @@ async fn sql_and_export_over_http() {
     let (status, body) = http(addr, "POST", "/sql", Some(&token), forbidden);
     assert_eq!(status, 403);
     assert!(body.contains("§9.3"), "{body}");
+    // Alice grants a repair provider her teleservice data, then revokes it.
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/admin/principals",
+        None,
+        r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let repair: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let repair = repair["token"].as_str().expect("token").to_owned();
+    let given = format!(
+        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
+        now - DAY
+    );
+    let (status, body) = http(addr, "POST", "/grants", Some(&repair), &given);
+    assert_eq!(
+        status, 403,
+        "a third party cannot give itself a grant: {body}"
+    );
+    let (status, body) = http(addr, "POST", "/grants", Some(&token), &given);
+    assert_eq!(status, 200, "{body}");
+    let id: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let id = id["grant"].as_str().expect("grant id").to_owned();
+    let calls = r#"{"sql":"SELECT seq FROM teleservice","purpose":"repair_and_maintenance"}"#;
+    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    assert_eq!((status, body.as_str()), (200, r#"[{"seq":7}]"#));
+    let (status, body) = http(addr, "DELETE", &format!("/grants/{id}"), Some(&token), "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    assert_eq!(status, 403, "revoked at the next query: {body}");
+
     let (status, body) = http(addr, "GET", "/export", Some(&token), "");
     assert_eq!(status, 200, "{body}");
     let export: serde_json::Value = serde_json::from_str(&body).expect("export");

@@ -286,3 +286,44 @@ async fn access_sql_as_a_user_and_export() {
         "{listed}"
     );
 }
+
+/// `vehicle credential` prints a new password once and stores only its
+/// salted hash under the VIN's keyed tag; `vehicle revoke` removes it.
+#[test]
+fn vehicle_credentials_are_issued_and_revoked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("fleetgate.toml"),
+        "[broker]\ncredentials_file = \"keys/vehicle-credentials.json\"\n",
+    )
+    .expect("config");
+    let vin = "WMW11DJ04N2T00001";
+    let run = |action: &str| {
+        let words = [
+            "vehicle",
+            "--config",
+            "fleetgate.toml",
+            action,
+            "--vin",
+            vin,
+        ];
+        let args: Vec<&std::ffi::OsStr> = words.iter().map(std::ffi::OsStr::new).collect();
+        fleetgate(dir.path(), &args)
+    };
+    let password = run("credential");
+    let password = password.trim();
+    assert_eq!(password.len(), 64, "{password}");
+    assert!(password.chars().all(|c| c.is_ascii_hexdigit()));
+    let store =
+        std::fs::read_to_string(dir.path().join("keys/vehicle-credentials.json")).expect("store");
+    assert!(!store.contains(vin) && !store.contains(password), "{store}");
+    assert_eq!(run("revoke").trim(), "revoked");
+    assert_eq!(run("revoke").trim(), "no password held");
+    let unconfigured = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["vehicle", "credential", "--vin", vin])
+        .output()
+        .expect("run");
+    assert!(!unconfigured.status.success());
+    assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("credentials_file"));
+}

@@ -131,6 +131,62 @@ impl AccessEnv {
         Ok(outcome)
     }
 
+    /// Adds a principal; returns its bearer token, which is kept nowhere.
+    pub fn add_principal(
+        &self,
+        id: &str,
+        kind: PrincipalKind,
+        role: Option<registry::Role>,
+        eea: bool,
+        gatekeeper: bool,
+        now_ms: i64,
+    ) -> Result<String> {
+        let (principal, token) = registry::new_principal(id, kind, role, eea, gatekeeper, now_ms)?;
+        let what = format!("principal {id} added ({})", kind.name());
+        self.change(&what, None, now_ms, |r| r.add_principal(principal))?;
+        Ok(token)
+    }
+
+    /// `user` holds `vin` from `at_ms`; the previous holder's tenure ends then.
+    pub fn transfer(&self, user: &str, vin: &str, at_ms: i64, now_ms: i64) -> Result<()> {
+        let what = format!("vehicle transferred to {user}");
+        self.change(&what, Some(vin), now_ms, |r| r.transfer(user, vin, at_ms))
+    }
+
+    /// Records a user's grant to a third party, checked against the
+    /// recipient, its role, the purpose and the user's tenure; returns its id.
+    pub fn give_grant(&self, request: registry::GrantRequest, now_ms: i64) -> Result<String> {
+        let what = format!("grant to {} for {}", request.recipient, request.purpose);
+        let vin = request.vin.clone();
+        self.change(&what, Some(&vin), now_ms, |r| {
+            r.grant(
+                request,
+                |p| {
+                    self.purposes
+                        .check(p, PrincipalKind::ThirdParty)
+                        .map(|_| ())
+                },
+                now_ms,
+            )
+        })
+    }
+
+    /// Revokes a grant from now on; with `by_user`, only if that user gave it.
+    /// False if it was revoked already.
+    pub fn revoke_grant(&self, id: &str, by_user: Option<&str>, now_ms: i64) -> Result<bool> {
+        self.change(&format!("{id} revoked"), None, now_ms, |r| {
+            let giver = r.grants.iter().find(|g| g.id == id).map(|g| g.user.clone());
+            if let (Some(user), Some(giver)) = (by_user, giver)
+                && user != giver
+            {
+                return Err(AccessError::Refused(format!(
+                    "{id} was given by another user; only its giver may revoke it"
+                )));
+            }
+            r.revoke(id, now_ms)
+        })
+    }
+
     /// The principal named `id` (the CLI's `--as`).
     pub fn principal(&self, id: &str) -> Result<Principal> {
         self.registry()?
