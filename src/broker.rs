@@ -137,6 +137,9 @@ pub fn start(
             max_outgoing_packet_count: LINK_BATCH,
             max_segment_size: config.segment_bytes,
             max_segment_count: config.segment_count,
+            // Patched rumqttd: hold publishers back rather than drop what
+            // fleetgate's link has not read (vendor/rumqttd/PATCHED.md).
+            lossless_subscribers: vec![link_name.to_owned()],
             ..RouterConfig::default()
         },
         v4: Some(v4),

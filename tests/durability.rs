@@ -317,3 +317,74 @@ async fn a_stalled_writer_holds_no_more_than_its_memory_budget() {
         10_000
     );
 }
+
+/// The embedded broker's own buffer is bounded (`broker.segment_bytes` ×
+/// `segment_count`, here 64 KiB). With the writer stalled, the pipeline
+/// stops reading the broker, the broker's log fills, and then the broker
+/// must stop taking publishes (no PUBACK, no socket reads) instead of
+/// evicting records it already acknowledged. Once the disk is back, every
+/// acknowledged record is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_broker_log_holds_publishers_back_and_loses_nothing_acknowledged() {
+    let server = TestServer::start_with(|c| {
+        c.broker.segment_bytes = 32 * 1024;
+        c.broker.segment_count = 2;
+        c.storage.memory_budget_bytes = 5 * 64 * 1024;
+        c.pipeline.queue_capacity = 4;
+    });
+    let data = server.data_dir();
+    let blocked = data.join("diagnostics/date=2026-11-24");
+    std::fs::create_dir_all(data.join("diagnostics")).expect("table dir");
+    std::fs::write(&blocked, b"in the way").expect("blocking file");
+
+    let total = 20_000u64;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let addr = server.handle.mqtt_addr();
+    let counter = acked.clone();
+    let publisher = tokio::spawn(async move {
+        let mut options =
+            rumqttc::MqttOptions::new("backpressure", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(60));
+        options.set_inflight(100);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        let sender = tokio::spawn(async move {
+            for seq in 0..total {
+                let (topic, payload) = probe(VINS[1], seq);
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .expect("queued");
+            }
+        });
+        while counter.load(std::sync::atomic::Ordering::Relaxed) < total {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("connection failed: {e}"),
+            }
+        }
+        sender.await.expect("sender");
+    });
+
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let metrics = server.handle.metrics().clone();
+    let table = || &metrics.stream(fleetgate::schema::Stream::Diagnostics).table;
+    wait_for(|| table().rows_delayed_by_write_errors.load(relaxed) > 0);
+    std::thread::sleep(Duration::from_secs(2));
+    let held_back = acked.load(relaxed);
+    println!("acknowledged while the disk refused: {held_back} of {total}");
+    assert!(held_back < total, "the publisher was held back");
+    std::fs::remove_file(&blocked).expect("the disk comes back");
+    tokio::time::timeout(DEADLINE, publisher)
+        .await
+        .expect("every PUBACK once the disk is back")
+        .expect("publisher");
+    wait_for(|| table().rows_stored.load(relaxed) == total);
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
+        total as i64
+    );
+}

@@ -202,6 +202,11 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// fleetgate patch: client ids of subscribers that must not lose data.
+    /// Before a publish would push data one of them has not read out of the
+    /// log, the router holds the publishing connection back instead.
+    #[serde(default)]
+    pub lossless_subscribers: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

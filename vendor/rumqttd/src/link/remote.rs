@@ -131,8 +131,13 @@ impl<P: Protocol> RemoteLink<P> {
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
+            // fleetgate patch: stop reading the socket while the router holds
+            // this connection's packets back (see Router::handle_device_payload),
+            // so that the backlog, not memory, grows: TCP slows the client.
+            let room = self.link_tx.buffer().len() < MAX_INCOMING_BACKLOG;
             select! {
-                o = self.network.read() => {
+                _ = time::sleep(Duration::from_millis(1)), if !room => {}
+                o = self.network.read(), if room => {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();
@@ -168,6 +173,10 @@ impl<P: Protocol> RemoteLink<P> {
         }
     }
 }
+
+/// fleetgate patch: packets a connection may have waiting for the router
+/// before its link stops reading the socket.
+const MAX_INCOMING_BACKLOG: usize = 1024;
 
 /// Read MQTT connect packet from network and verify it.
 /// authentication and checks are done here.

@@ -102,6 +102,9 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// fleetgate patch: connections whose publishes wait because appending
+    /// them would evict data a subscriber has not read yet
+    held_back: VecDeque<ConnectionId>,
 }
 
 impl Router {
@@ -143,6 +146,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            held_back: VecDeque::new(),
         }
     }
 
@@ -226,6 +230,8 @@ impl Router {
         for _ in 0..100 {
             self.consume();
         }
+
+        self.resume_held_back();
 
         // self.send_all_alerts();
         Ok(())
@@ -531,6 +537,48 @@ impl Router {
     }
 
     /// Handles new incoming data on a topic
+    /// fleetgate patch: whether appending now would evict a segment that a
+    /// lossless subscriber (`RouterConfig::lossless_subscribers`) has not
+    /// read to the end. Upstream evicts it, losing publishes it has already
+    /// acknowledged; the router holds the publisher back instead (see
+    /// `handle_device_payload`). Other subscribers lag as upstream lets them.
+    fn subscriber_would_lose_data(&self) -> bool {
+        let lossless = &self.config.lossless_subscribers;
+        if lossless.is_empty() {
+            return false;
+        }
+        let protected = |id: ConnectionId| {
+            self.scheduler
+                .trackers
+                .get(id)
+                .is_some_and(|tracker| lossless.contains(&tracker.id))
+        };
+        self.datalog.native.iter().any(|(filter_idx, data)| {
+            if !data.log.next_append_evicts() {
+                return false;
+            }
+            let head = data.log.head();
+            let behind = |r: &DataRequest| r.filter_idx == filter_idx && r.cursor.0 <= head;
+            self.scheduler.trackers.iter().any(|(id, tracker)| {
+                protected(id) && tracker.data_requests.iter().any(behind)
+            }) || self
+                .notifications
+                .iter()
+                .any(|(id, r)| protected(*id) && behind(r))
+        })
+    }
+
+    /// fleetgate patch: handles the held-back connections again once the
+    /// subscribers have read enough; those still blocked are held again.
+    fn resume_held_back(&mut self) {
+        if self.held_back.is_empty() || self.subscriber_would_lose_data() {
+            return;
+        }
+        for id in std::mem::take(&mut self.held_back) {
+            self.handle_device_payload(id);
+        }
+    }
+
     fn handle_device_payload(&mut self, id: ConnectionId) {
         // TODO: Retun errors and move error handling to the caller
         let incoming = match self.ibufs.get_mut(id) {
@@ -555,9 +603,22 @@ impl Router {
 
         // info!("{:15.15}[I] {:20} count = {}", client_id, "packets", packets.len());
 
-        for packet in packets.drain(0..) {
+        // fleetgate patch: popped one at a time (not drained), so that a
+        // publish held back keeps the packets after it.
+        let mut held: Option<Packet> = None;
+        while let Some(packet) = packets.pop_front() {
             match packet {
                 Packet::Publish(publish, properties) => {
+                    // fleetgate patch: a publish waits while appending it would
+                    // push data a subscriber has not read out of the log (upstream
+                    // evicts it, losing publishes it has acknowledged). Its packets
+                    // go back to the connection's incoming buffer, whose link stops
+                    // reading the socket once that is full, so the pressure reaches
+                    // the publisher: no PUBACK (QoS 1), then TCP (QoS 0).
+                    if self.subscriber_would_lose_data() {
+                        held = Some(Packet::Publish(publish, properties));
+                        break;
+                    }
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
@@ -880,6 +941,22 @@ impl Router {
             }
         }
 
+        // fleetgate patch: put what was held back in front of what arrived
+        // meanwhile, and try again when subscribers have read more.
+        if let Some(first) = held {
+            packets.push_front(first);
+            if let Some(incoming) = self.ibufs.get_mut(id) {
+                let mut buffer = incoming.buffer.lock();
+                while let Some(packet) = packets.pop_back() {
+                    buffer.push_front(packet);
+                }
+            }
+            if !self.held_back.contains(&id) {
+                self.held_back.push_back(id);
+            }
+        }
+        // Upstream dropped what followed a disconnecting publish.
+        packets.clear();
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a

@@ -133,6 +133,20 @@ where
         self.segments.back_mut().unwrap()
     }
 
+    /// fleetgate patch: whether the next append drops the oldest segment
+    /// (`head`) to stay within `max_mem_segments`.
+    #[inline]
+    pub fn next_append_evicts(&self) -> bool {
+        self.active_segment().size() >= self.max_segment_size as u64
+            && self.memory_segments_count() >= self.max_mem_segments
+    }
+
+    /// fleetgate patch: id of the oldest segment still in memory.
+    #[inline]
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
     /// Append a new [`T`] to the active segment.
     #[inline]
     pub fn append(&mut self, message: T) -> (u64, u64) {
