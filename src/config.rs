@@ -228,7 +228,7 @@ impl Default for BrokerConfig {
             max_packet_bytes: 1024 * 1024,
             max_connections: 10_000,
             connect_timeout_ms: 5_000,
-            segment_bytes: 32 * 1024 * 1024,
+            segment_bytes: 8 * 1024 * 1024,
             segment_count: 4,
             tls: None,
             credentials_file: None,

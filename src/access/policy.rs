@@ -113,6 +113,37 @@ enum View {
     Hidden(String),
 }
 
+impl View {
+    /// The view's definition over `table`, of whose rows `visible` (the
+    /// retention filter) keeps those still visible.
+    fn sql(&self, table: &str, visible: &str) -> String {
+        let View::Select {
+            columns,
+            filter,
+            group_by,
+            having,
+            ..
+        } = self
+        else {
+            return String::new();
+        };
+        let mut sql = format!(
+            "SELECT {} FROM {table} WHERE ({visible})",
+            columns.join(", ")
+        );
+        if let Some(filter) = filter {
+            sql.push_str(&format!(" AND ({filter})"));
+        }
+        if !group_by.is_empty() {
+            sql.push_str(&format!(" GROUP BY {}", group_by.join(", ")));
+        }
+        if let Some(having) = having {
+            sql.push_str(&format!(" HAVING {having}"));
+        }
+        sql
+    }
+}
+
 fn hidden(reason: impl Into<String>) -> View {
     View::Hidden(reason.into())
 }
@@ -144,37 +175,20 @@ pub async fn session(
             Some(stream) => planner.stream_view(stream, &files)?,
             None => planner.operator_only(),
         };
-        let View::Select {
-            columns,
-            filter,
-            group_by,
-            having,
-            treatment,
-        } = view
-        else {
-            if let View::Hidden(reason) = view {
+        let (sql, treatment) = match view {
+            View::Hidden(reason) => {
                 hidden_tables.insert(name.to_owned(), reason);
+                continue;
             }
-            continue;
+            View::Select { treatment, .. } => (
+                view.sql(name, &inputs.retention.visible_sql(name, inputs.now_ms)),
+                treatment,
+            ),
         };
         match listing_table(inputs.data_dir, name, arrow_schema.clone())? {
             Some(listing) => files.register_table(name, listing)?,
             None => files.register_table(name, empty_table(&arrow_schema)?)?,
         };
-        let mut sql = format!(
-            "SELECT {} FROM {name} WHERE ({})",
-            columns.join(", "),
-            inputs.retention.visible_sql(name, inputs.now_ms)
-        );
-        if let Some(filter) = filter {
-            sql.push_str(&format!(" AND ({filter})"));
-        }
-        if !group_by.is_empty() {
-            sql.push_str(&format!(" GROUP BY {}", group_by.join(", ")));
-        }
-        if let Some(having) = having {
-            sql.push_str(&format!(" HAVING {having}"));
-        }
         let plan = files.sql(&sql).await?.into_unoptimized_plan();
         // No definition text: information_schema must not show the
         // pseudonyms and periods a view filters on.
