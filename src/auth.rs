@@ -9,8 +9,10 @@
 //! A plain salted hash suffices because the passwords are random 256-bit
 //! secrets, not chosen by people: there is nothing to guess.
 //!
-//! The client id must not be a VIN: rumqttd writes client ids into its log
-//! spans, and a VIN must never reach a log line.
+//! The client id must equal the username (the VIN): the patched broker
+//! tells ingest each publish's client id, and ingest lets a logged-in
+//! vehicle publish only to its own topic. rumqttd writes client ids into its
+//! log spans; the process's log writer replaces every VIN-shaped token.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,8 +51,8 @@ type CredentialFile = BTreeMap<String, Credential>;
 pub enum Refusal {
     /// The username is not a VIN.
     NotAVin,
-    /// The client id is a VIN (it would reach rumqttd's log).
-    ClientIdIsVin,
+    /// The client id differs from the username (the VIN).
+    ClientIdNotUsername,
     /// No credential for this vehicle.
     UnknownVehicle,
     WrongPassword,
@@ -59,7 +61,7 @@ pub enum Refusal {
 impl Refusal {
     pub const ALL: [Refusal; 4] = [
         Refusal::NotAVin,
-        Refusal::ClientIdIsVin,
+        Refusal::ClientIdNotUsername,
         Refusal::UnknownVehicle,
         Refusal::WrongPassword,
     ];
@@ -67,7 +69,7 @@ impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::NotAVin => "username_not_a_vin",
-            Refusal::ClientIdIsVin => "client_id_is_a_vin",
+            Refusal::ClientIdNotUsername => "client_id_not_username",
             Refusal::UnknownVehicle => "unknown_vehicle",
             Refusal::WrongPassword => "wrong_password",
         }
@@ -126,8 +128,8 @@ impl Credentials {
         if !is_vin(username) {
             return Err(Refusal::NotAVin);
         }
-        if is_vin(client_id) {
-            return Err(Refusal::ClientIdIsVin);
+        if client_id != username {
+            return Err(Refusal::ClientIdNotUsername);
         }
         let tag = vin_tag(&self.tag_key, &username.to_ascii_uppercase());
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,21 +205,22 @@ mod tests {
         let key = Secret([7; 32]);
         let password = issue(&path, &key, VIN, 1).expect("issue");
         let store = Credentials::new(path.clone(), key.clone());
-        assert!(store.check("car-1", VIN, &password));
-        assert!(!store.check("car-1", VIN, "guess"));
+        assert!(store.check(VIN, VIN, &password));
+        assert!(!store.check(VIN, VIN, "guess"));
         assert!(
-            !store.check(VIN, VIN, &password),
-            "a VIN as client id is refused"
+            !store.check("car-1", VIN, &password),
+            "the client id must be the VIN"
         );
-        assert!(!store.check("car-1", "WMW21GD07P2S00002", &password));
-        assert!(!store.check("car-1", "admin", &password));
+        let other = "WMW21GD07P2S00002";
+        assert!(!store.check(other, other, &password));
+        assert!(!store.check("admin", "admin", &password));
         let text = std::fs::read_to_string(&path).expect("store");
         assert!(!text.contains(VIN) && !text.contains(&password));
         assert!(revoke(&path, &key, VIN).expect("revoke"));
         // The store is reloaded when it changes (mtime granularity permitting).
         std::thread::sleep(std::time::Duration::from_millis(20));
         let store = Credentials::new(path, key);
-        assert!(!store.check("car-1", VIN, &password));
+        assert!(!store.check(VIN, VIN, &password));
         let refused: Vec<u64> = store
             .counters
             .refused

@@ -48,6 +48,10 @@ impl From<rumqttd::local::LinkError> for BrokerError {
     }
 }
 
+/// The user property in which the (patched) broker names a publish's
+/// client id, whatever the client sent under that name.
+pub const PUBLISHER_PROPERTY: &str = "fleetgate-publisher";
+
 /// How long the broker may take to answer its first CONNECT.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes the router hands the local link per sweep.
@@ -140,6 +144,9 @@ pub fn start(
             // Patched rumqttd: hold publishers back rather than drop what
             // fleetgate's link has not read (vendor/rumqttd/PATCHED.md).
             lossless_subscribers: vec![link_name.to_owned()],
+            // Patched rumqttd: each publish names its publisher, for ingest's
+            // per-vehicle topic rule.
+            publisher_property: Some(PUBLISHER_PROPERTY.to_owned()),
             ..RouterConfig::default()
         },
         v4: Some(v4),

@@ -23,6 +23,7 @@ use crossbeam::channel::Sender;
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 
+use crate::broker::PUBLISHER_PROPERTY;
 use crate::dead_letter::{RejectCode, Rejection};
 use crate::metrics::Metrics;
 use crate::pseudo::is_vin;
@@ -85,9 +86,32 @@ pub struct Inbound {
 const TENANT_PREFIX: &str = "/tenants/";
 
 /// Parses `vehicles/{VIN}/{stream}`, or, from a TLS vehicle,
-/// `/tenants/{VIN}/vehicles/{VIN}/{stream}`, whose two VINs must agree: a
-/// vehicle publishes only to its own topic.
+/// `/tenants/{VIN}/vehicles/{VIN}/{stream}`, whose two VINs must agree.
 pub fn route(topic: &str) -> Route {
+    route_from(topic, None)
+}
+
+/// [`route`], for a publish whose client id the broker reported: a client
+/// whose id is a VIN (a password-authenticated vehicle logs in with its VIN
+/// as username and client id) publishes only to its own topic.
+pub fn route_from(topic: &str, publisher: Option<&str>) -> Route {
+    let routed = parse_topic(topic);
+    match (&routed, publisher) {
+        (Route::Vehicle { vin, stream }, Some(client)) if is_vin(client) && client != vin => {
+            Route::Rejected {
+                rejection: Rejection::new(
+                    RejectCode::ForeignTopic,
+                    "the vehicle logged in publishes to another vehicle's topic",
+                ),
+                topic: topic.to_owned(),
+                stream: Some(*stream),
+            }
+        }
+        _ => routed,
+    }
+}
+
+fn parse_topic(topic: &str) -> Route {
     let rejected = |code, message: String, stream| Route::Rejected {
         rejection: Rejection::new(code, message),
         topic: topic.to_owned(),
@@ -194,8 +218,14 @@ fn run(link_tx: &mut LinkTx, link_rx: &mut LinkRx, sink: &Sink, stop: &AtomicBoo
                         continue;
                     }
                 };
+                let publisher = forward.properties.as_ref().and_then(|p| {
+                    p.user_properties
+                        .iter()
+                        .find(|(key, _)| key == PUBLISHER_PROPERTY)
+                        .map(|(_, client)| client.as_str())
+                });
                 let inbound = Inbound {
-                    route: route(&topic),
+                    route: route_from(&topic, publisher),
                     payload: forward.publish.payload,
                     received_at_ms: now_ms(),
                 };
@@ -307,6 +337,21 @@ mod tests {
             code(route("/tenants/WMW11DJ04N2T00001/rtti")),
             Some(RejectCode::UnknownTopic)
         );
+    }
+
+    #[test]
+    fn a_logged_in_vehicle_routes_only_its_own_topic() {
+        let own = "vehicles/WMW11DJ04N2T00001/rtti";
+        let other = "vehicles/WMW21GD07P2S00002/rtti";
+        let a = Some("WMW11DJ04N2T00001");
+        assert!(matches!(route_from(own, a), Route::Vehicle { .. }));
+        assert_eq!(code(route_from(other, a)), Some(RejectCode::ForeignTopic));
+        // Clients not logged in as a vehicle (development) are not bound.
+        assert!(matches!(
+            route_from(other, Some("loadgen-1")),
+            Route::Vehicle { .. }
+        ));
+        assert!(matches!(route_from(other, None), Route::Vehicle { .. }));
     }
 
     #[test]

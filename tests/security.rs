@@ -328,48 +328,55 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
     let tag_key = server.handle.privacy().keys.redaction_key();
     let password = fleetgate::auth::issue(&credentials_file, &tag_key, A, 0).expect("issue");
     let addr = server.handle.mqtt_addr();
-    let a_topic = format!("vehicles/{A}/teleservice");
-    let b_topic = format!("vehicles/{B}/teleservice");
-    let publish = |client: &'static str, user: &'static str, secret: Option<String>, seq| {
-        let topic = if user == B {
-            b_topic.clone()
-        } else {
-            a_topic.clone()
+    let topic_of = |vin: &str| format!("vehicles/{vin}/teleservice");
+    let publish =
+        |client: &'static str, user: &'static str, secret: Option<String>, to: &'static str| {
+            let topic = topic_of(to);
+            async move {
+                let login = secret.as_deref().map(|p| (user, p));
+                publish_with(addr, client, login, &topic, teleservice(to, 1)).await
+            }
         };
-        async move {
-            let login = secret.as_deref().map(|p| (user, p));
-            publish_with(addr, client, login, &topic, teleservice(user, seq)).await
-        }
-    };
     let right = || Some(password.clone());
-    assert_eq!(publish("car-a", A, right(), 1).await, Outcome::Acked);
-    assert_eq!(
-        publish("car-a", A, Some("wrong".into()), 2).await,
-        Outcome::BadLogin
-    );
-    assert_eq!(publish("car-a", A, None, 3).await, Outcome::BadLogin);
-    assert_eq!(publish(A, A, right(), 4).await, Outcome::BadLogin);
-    assert_eq!(publish("car-b", B, right(), 1).await, Outcome::BadLogin);
-    assert_eq!(
-        publish("car-x", "admin", right(), 1).await,
-        Outcome::BadLogin
-    );
+    assert_eq!(publish(A, A, right(), A).await, Outcome::Acked);
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
+    assert_eq!(
+        publish(A, A, Some("wrong".into()), A).await,
+        Outcome::BadLogin
+    );
+    assert_eq!(publish(A, A, None, A).await, Outcome::BadLogin);
+    assert_eq!(publish("car-a", A, right(), A).await, Outcome::BadLogin);
+    assert_eq!(publish(B, B, right(), B).await, Outcome::BadLogin);
+    assert_eq!(
+        publish("admin", "admin", right(), A).await,
+        Outcome::BadLogin
+    );
+    // Logged in as A, publishing to B's topic: the broker acknowledges it,
+    // fleetgate refuses and counts it, and nothing is stored for B.
+    assert_eq!(publish(A, A, right(), B).await, Outcome::Acked);
+    wait_for(|| rejected(&server, Stream::Teleservice, "foreign_topic") == 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        stored(&server, Stream::Teleservice),
+        1,
+        "nothing stored for B"
+    );
 
     let metrics = http_get(server.handle.admin_addr(), "/metrics");
     for line in [
-        "fleetgate_mqtt_connects_accepted_total 1",
+        "fleetgate_mqtt_connects_accepted_total 2",
         "fleetgate_mqtt_connects_refused_total{reason=\"wrong_password\"} 1",
-        "fleetgate_mqtt_connects_refused_total{reason=\"client_id_is_a_vin\"} 1",
+        "fleetgate_mqtt_connects_refused_total{reason=\"client_id_not_username\"} 1",
         "fleetgate_mqtt_connects_refused_total{reason=\"unknown_vehicle\"} 1",
         "fleetgate_mqtt_connects_refused_total{reason=\"username_not_a_vin\"} 1",
+        "fleetgate_records_rejected_total{stream=\"teleservice\",reason=\"foreign_topic\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
     }
     // Revoked: the next CONNECT is refused.
     assert!(fleetgate::auth::revoke(&credentials_file, &tag_key, A).expect("revoke"));
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(publish("car-a", A, right(), 5).await, Outcome::BadLogin);
+    assert_eq!(publish(A, A, right(), A).await, Outcome::BadLogin);
     let store = std::fs::read_to_string(&credentials_file).expect("store");
     assert!(!store.contains(A) && !store.contains(&password));
     server.handle.shutdown().expect("shutdown");

@@ -207,6 +207,11 @@ pub struct RouterConfig {
     /// log, the router holds the publishing connection back instead.
     #[serde(default)]
     pub lossless_subscribers: Vec<String>,
+    /// fleetgate patch: when set, every publish carries its publisher's
+    /// client id in a user property of this name (any such property the
+    /// client set is replaced), so that subscribers know who published.
+    #[serde(default)]
+    pub publisher_property: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -619,6 +619,15 @@ impl Router {
                         held = Some(Packet::Publish(publish, properties));
                         break;
                     }
+                    // fleetgate patch: stamp the publisher's client id.
+                    let mut properties = properties;
+                    if let Some(name) = &self.config.publisher_property {
+                        let stamped = properties.get_or_insert_with(Default::default);
+                        stamped.user_properties.retain(|(key, _)| key != name);
+                        stamped
+                            .user_properties
+                            .push((name.clone(), client_id.clone()));
+                    }
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
