@@ -72,11 +72,13 @@ pub struct EmbeddedBroker {
 
 /// Starts rumqttd and waits until it accepts MQTT connections. With
 /// `credentials`, every CONNECT on the plain listeners must log in (see
-/// [`crate::auth`]).
+/// [`crate::auth`]); `rate_limited` counts the seconds in which a
+/// connection hit `max_publishes_per_second`.
 pub fn start(
     config: &BrokerConfig,
     link_name: &str,
     credentials: Option<Arc<Credentials>>,
+    rate_limited: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<EmbeddedBroker> {
     let mqtt_addr = resolve_port(config.mqtt_addr)?;
     let mqtt5_addr = resolve_port(config.mqtt5_addr)?;
@@ -147,6 +149,8 @@ pub fn start(
             // Patched rumqttd: each publish names its publisher, for ingest's
             // per-vehicle topic rule.
             publisher_property: Some(PUBLISHER_PROPERTY.to_owned()),
+            max_publishes_per_second: config.max_publishes_per_second,
+            rate_limited: Some(rate_limited),
             ..RouterConfig::default()
         },
         v4: Some(v4),

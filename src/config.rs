@@ -175,6 +175,9 @@ pub struct BrokerConfig {
     pub credentials_file: Option<PathBuf>,
     /// The plain (unencrypted) listeners may bind a non-loopback address.
     pub plain_remote: bool,
+    /// Publishes per second one connection may make; beyond, the broker holds
+    /// it back until the next second. 0: no limit.
+    pub max_publishes_per_second: u32,
 }
 
 /// The TLS listener: the server's certificate and key, and the CA whose
@@ -233,6 +236,7 @@ impl Default for BrokerConfig {
             tls: None,
             credentials_file: None,
             plain_remote: false,
+            max_publishes_per_second: 0,
         }
     }
 }

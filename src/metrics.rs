@@ -189,6 +189,9 @@ pub struct Metrics {
     pub wal: WalCounters,
     /// Publishes thrown away unread by the discard sink (benchmarks only).
     pub publishes_discarded: AtomicU64,
+    /// Seconds in which one connection hit `broker.max_publishes_per_second`
+    /// (counted by the patched broker).
+    pub publish_rate_limited: Arc<AtomicU64>,
 }
 
 /// A point-in-time copy of the counters.
@@ -337,6 +340,15 @@ impl Metrics {
             "counter",
             "Payload bytes of the publishes received, valid or not.",
             per_stream(&|c| c.bytes_received.load(Relaxed)),
+        );
+        family(
+            "fleetgate_mqtt_publish_rate_limited_total",
+            "counter",
+            "Seconds in which a connection hit broker.max_publishes_per_second and was held back.",
+            vec![(
+                String::new(),
+                self.publish_rate_limited.load(Relaxed) as f64,
+            )],
         );
         family(
             "fleetgate_publishes_discarded_total",

@@ -269,7 +269,12 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             metrics.clone(),
         )?),
     };
-    let embedded = broker::start(&config.broker, "fleetgate-ingest", credentials.clone())?;
+    let embedded = broker::start(
+        &config.broker,
+        "fleetgate-ingest",
+        credentials.clone(),
+        metrics.publish_rate_limited.clone(),
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let sink = match config.pipeline.sink {
         SinkKind::Store => ingest::Sink::Shards(shards),

@@ -541,3 +541,48 @@ async fn a_refused_client_id_does_not_stop_the_listener() {
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
     server.handle.shutdown().expect("shutdown");
 }
+
+/// `broker.max_publishes_per_second`: a connection publishing faster is held
+/// back (no PUBACK, no reads) until the next second, counted, and loses
+/// nothing; another vehicle's publishes still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_its_publish_rate_is_held_back_and_counted() {
+    let server = TestServer::start_with(|c| c.broker.max_publishes_per_second = 100);
+    let addr = server.handle.mqtt_addr();
+    let burst: Vec<_> = (0..400)
+        .map(|seq| {
+            let payload = format!(
+                r#"{{"vin":"{B}","ts":{},"seq":{seq},"ecu":"BMS","severity":"info"}}"#,
+                fleetgate::ingest::now_ms()
+            );
+            (format!("vehicles/{B}/diagnostics"), payload.into_bytes())
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let flood = tokio::spawn(async move { publish_all(addr, &burst).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet: Vec<_> = (0..5)
+        .map(|seq| {
+            (
+                format!("vehicles/{A}/teleservice"),
+                teleservice(A, seq).into_bytes(),
+            )
+        })
+        .collect();
+    publish_all(addr, &quiet).await;
+    let quiet_done = started.elapsed();
+    flood.await.expect("flood");
+    let flood_done = started.elapsed();
+    println!(
+        "quiet vehicle acknowledged after {quiet_done:?}; the 400-record burst at 100/s after {flood_done:?}"
+    );
+    wait_for(|| stored(&server, Stream::Diagnostics) == 400);
+    wait_for(|| stored(&server, Stream::Teleservice) == 5);
+    let limited = server.handle.metrics().publish_rate_limited.load(Relaxed);
+    assert!(limited >= 1, "the burst hit the limit ({limited})");
+    let metrics = http_get(server.handle.admin_addr(), "/metrics");
+    assert!(metrics.contains(&format!(
+        "fleetgate_mqtt_publish_rate_limited_total {limited}"
+    )));
+    server.handle.shutdown().expect("shutdown");
+}

@@ -212,6 +212,15 @@ pub struct RouterConfig {
     /// client set is replaced), so that subscribers know who published.
     #[serde(default)]
     pub publisher_property: Option<String>,
+    /// fleetgate patch: publishes per second one connection may make (0: no
+    /// limit). Beyond it the router holds the connection back until the next
+    /// second, as when the log is full, so one client cannot starve others.
+    #[serde(default)]
+    pub max_publishes_per_second: u32,
+    /// fleetgate patch: counts the times a connection was held back by
+    /// `max_publishes_per_second`.
+    #[serde(skip)]
+    pub rate_limited: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

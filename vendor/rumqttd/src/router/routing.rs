@@ -105,6 +105,9 @@ pub struct Router {
     /// fleetgate patch: connections whose publishes wait because appending
     /// them would evict data a subscriber has not read yet
     held_back: VecDeque<ConnectionId>,
+    /// fleetgate patch: per connection, the start of its current one-second
+    /// window and the publishes it made in it
+    publish_windows: HashMap<ConnectionId, (std::time::Instant, u32)>,
 }
 
 impl Router {
@@ -147,6 +150,7 @@ impl Router {
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             held_back: VecDeque::new(),
+            publish_windows: HashMap::new(),
         }
     }
 
@@ -200,8 +204,23 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            if self.held_back.is_empty() {
+                let (id, data) = self.router_rx.recv()?;
+                self.events(id, data);
+            } else {
+                // fleetgate patch: wake up to let held-back connections go
+                // on when their rate window turns over.
+                match self
+                    .router_rx
+                    .recv_timeout(std::time::Duration::from_millis(5))
+                {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        return Err(RouterError::Disconnected)
+                    }
+                }
+            }
         }
 
         // Try reading more from connections in a non-blocking
@@ -414,6 +433,9 @@ impl Router {
     }
 
     fn handle_disconnection(&mut self, id: ConnectionId, reason: Option<DisconnectReasonCode>) {
+        // fleetgate patch: connection ids are reused; forget this one's state.
+        self.publish_windows.remove(&id);
+        self.held_back.retain(|held| *held != id);
         // Some clients can choose to send Disconnect packet before network disconnection.
         // This will lead to double Disconnect packets in router `events`
         let client_id = match &self.obufs.get(id) {
@@ -568,8 +590,37 @@ impl Router {
         })
     }
 
+    /// fleetgate patch: whether connection `id` has used up its publishes of
+    /// the current second (`RouterConfig::max_publishes_per_second`); counts
+    /// one publish otherwise. `RouterConfig::rate_limited` counts the
+    /// seconds in which a connection hit its limit.
+    fn over_publish_rate(&mut self, id: ConnectionId) -> bool {
+        let limit = self.config.max_publishes_per_second;
+        if limit == 0 {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let window = self.publish_windows.entry(id).or_insert((now, 0));
+        if now.duration_since(window.0) >= std::time::Duration::from_secs(1) {
+            *window = (now, 0);
+        }
+        if window.1 < limit {
+            window.1 += 1;
+            return false;
+        }
+        if window.1 == limit {
+            // The first refusal of this window: count it once.
+            window.1 += 1;
+            if let Some(counter) = &self.config.rate_limited {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
     /// fleetgate patch: handles the held-back connections again once the
-    /// subscribers have read enough; those still blocked are held again.
+    /// subscribers have read enough (or a rate window turned over); those
+    /// still blocked are held again.
     fn resume_held_back(&mut self) {
         if self.held_back.is_empty() || self.subscriber_would_lose_data() {
             return;
@@ -616,6 +667,11 @@ impl Router {
                     // reading the socket once that is full, so the pressure reaches
                     // the publisher: no PUBACK (QoS 1), then TCP (QoS 0).
                     if self.subscriber_would_lose_data() {
+                        held = Some(Packet::Publish(publish, properties));
+                        break;
+                    }
+                    // fleetgate patch: and while the connection is over its rate.
+                    if self.over_publish_rate(id) {
                         held = Some(Packet::Publish(publish, properties));
                         break;
                     }
