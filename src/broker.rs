@@ -91,6 +91,7 @@ pub fn start(
         dynamic_filters: true,
     };
     let certificate_connections = connections.clone();
+    let stamp_publishers = credentials.is_some();
     if let Some(credentials) = credentials {
         connections.set_auth_handler(
             move |client_id: String, username: String, password: String| {
@@ -147,8 +148,9 @@ pub fn start(
             // fleetgate's link has not read (vendor/rumqttd/PATCHED.md).
             lossless_subscribers: vec![link_name.to_owned()],
             // Patched rumqttd: each publish names its publisher, for ingest's
-            // per-vehicle topic rule.
-            publisher_property: Some(PUBLISHER_PROPERTY.to_owned()),
+            // topic rule for password-authenticated vehicles. Without
+            // passwords no rule applies, and the router is spared the cost.
+            publisher_property: stamp_publishers.then(|| PUBLISHER_PROPERTY.to_owned()),
             max_publishes_per_second: config.max_publishes_per_second,
             rate_limited: Some(rate_limited),
             ..RouterConfig::default()
