@@ -153,6 +153,12 @@ pub fn start(
             publisher_property: stamp_publishers.then(|| PUBLISHER_PROPERTY.to_owned()),
             max_publishes_per_second: config.max_publishes_per_second,
             rate_limited: Some(rate_limited),
+            // Vehicles publish; only fleetgate's link reads. A subscriber
+            // would see raw records, VINs and personal fields included.
+            allowed_subscribers: Some(vec![link_name.to_owned()]),
+            // A will is published after its client left, past the topic
+            // rule and the backpressure a live publish goes through.
+            drop_last_wills: true,
             ..RouterConfig::default()
         },
         v4: Some(v4),
@@ -256,8 +262,8 @@ fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
     stream.write_all(&connect)?;
     let mut connack = [0u8; 4];
     match stream.read_exact(&mut connack) {
-        // With passwords required, rumqttd closes an anonymous CONNECT
-        // without a CONNACK: it read and judged it, so it is listening.
+        // Upstream rumqttd closes a refused CONNECT without a CONNACK (the
+        // patched one answers); either way it read and judged it: listening.
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
         other => other?,
     }

@@ -7,16 +7,16 @@
 //! `DELETE /grants/{id}` for users to give and revoke grants.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
-//! never competes with the pipeline's threads. The `/admin` routes and
-//! `/metrics` have no authentication: keep the port on loopback or behind
-//! your own access control.
+//! never competes with the pipeline's threads. The `/admin` routes answer
+//! loopback peers only and have no other authentication; `/metrics` has
+//! none: keep the port on loopback or behind your own access control.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -133,21 +133,27 @@ async fn serve(
     if !summary_every.is_zero() {
         tokio::spawn(summaries(state.metrics.clone(), summary_every));
     }
-    let app = Router::new()
-        .route("/metrics", get(metrics))
+    // The admin routes answer loopback peers only, so that exposing the port
+    // for /sql, /export and /grants exposes nothing else.
+    let admin = Router::new()
         .route("/admin/events", post(vehicle_event))
         .route("/admin/principals", post(add_principal))
         .route("/admin/transfers", post(transfer))
         .route("/admin/grants", post(grant))
         .route("/admin/grants/{id}", delete(revoke))
+        .route_layer(axum::middleware::from_fn(loopback_only));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
         .route("/grants", post(user_grant))
         .route("/grants/{id}", delete(user_revoke))
         .route("/sql", post(sql))
         .route("/export", get(export))
+        .merge(admin)
         .with_state(state);
     let shutdown = async {
         let _ = stopped.await;
     };
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -167,6 +173,20 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         text.push_str(&auth_families(&credentials.counters));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// Refuses (403) a request to an admin route from anywhere but loopback.
+async fn loopback_only(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if peer.ip().is_loopback() {
+        next.run(request).await
+    } else {
+        let refusal = serde_json::json!({ "error": "the admin routes answer loopback only" });
+        (StatusCode::FORBIDDEN, Json(refusal)).into_response()
+    }
 }
 
 /// The CONNECT counters of the password-checked listeners.

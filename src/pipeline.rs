@@ -19,7 +19,7 @@ use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
-use crate::dead_letter::{self, DeadLetter};
+use crate::dead_letter::{self, DeadLetter, RejectCode};
 use crate::decode::{self, Decoded, Limits, RejectedBytes};
 use crate::ingest::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
@@ -218,9 +218,15 @@ impl Worker {
                 };
                 counters.add(rejection.code, 1);
                 let (topic, topic_vin) = self.redact_topic(&topic, epoch);
-                let copy = self
-                    .privacy
-                    .redact(&payload, topic_vin.as_deref().map(|v| (v, epoch)));
+                // A publish under another vehicle's topic is a whole record of
+                // a known stream, personal fields in the clear: only its size
+                // and topic are kept as evidence.
+                let copy = if rejection.code == RejectCode::ForeignTopic {
+                    Vec::new()
+                } else {
+                    self.privacy
+                        .redact(&payload, topic_vin.as_deref().map(|v| (v, epoch)))
+                };
                 self.dead_letters.push(DeadLetter {
                     received_at_ms,
                     topic,

@@ -14,6 +14,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering::Relaxed;
+
+use arrow::array::AsArray;
 use std::time::Duration;
 
 use common::*;
@@ -377,9 +379,19 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
     assert!(fleetgate::auth::revoke(&credentials_file, &tag_key, A).expect("revoke"));
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(publish(A, A, right(), A).await, Outcome::BadLogin);
+    let data = server.data_dir();
     let store = std::fs::read_to_string(&credentials_file).expect("store");
     assert!(!store.contains(A) && !store.contains(&password));
     server.handle.shutdown().expect("shutdown");
+    // The foreign publish is evidence by topic and size only.
+    let letters = query(
+        &data,
+        "SELECT reason_code, payload, payload_size FROM dead_letters",
+    )
+    .await;
+    let reasons = letters[0].column(0).as_string::<i32>();
+    let payloads = letters[0].column(1).as_string::<i32>();
+    assert_eq!((reasons.value(0), payloads.value(0)), ("foreign_topic", ""));
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -584,5 +596,36 @@ async fn a_connection_over_its_publish_rate_is_held_back_and_counted() {
     assert!(metrics.contains(&format!(
         "fleetgate_mqtt_publish_rate_limited_total {limited}"
     )));
+    server.handle.shutdown().expect("shutdown");
+}
+
+/// Only fleetgate's own link may subscribe: a vehicle subscribing to `#`
+/// would read every vehicle's raw records, so the broker disconnects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_subscribes_is_disconnected() {
+    let server = TestServer::start();
+    let addr = server.handle.mqtt_addr();
+    let options = rumqttc::MqttOptions::new("curious", addr.ip().to_string(), addr.port());
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .subscribe("#", rumqttc::QoS::AtMostOnce)
+        .await
+        .expect("queued");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => return "suback",
+                Ok(_) => {}
+                Err(_) => return "disconnected",
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(outcome, "disconnected");
+    // Publishing still works for everyone else.
+    let topic = format!("vehicles/{A}/teleservice");
+    publish_all(addr, &[(topic, teleservice(A, 1).into_bytes())]).await;
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
     server.handle.shutdown().expect("shutdown");
 }

@@ -299,7 +299,19 @@ impl AccessEnv {
                 "EXPLAIN is open to the operator only: a plan shows the policy's filters".into(),
             ));
         }
-        let batches = DataFrame::new(state, plan).collect().await?;
+        let batches =
+            DataFrame::new(state, plan)
+                .collect()
+                .await
+                .map_err(|e| match principal.kind {
+                    PrincipalKind::Operator => AccessError::DataFusion(e),
+                    // An error while running can quote a value of a row the view
+                    // leaves out (the engine may evaluate the query's expressions
+                    // before the view's filter): its text stays with the operator.
+                    _ => AccessError::Invalid(
+                        "the query failed while running (details withheld)".into(),
+                    ),
+                })?;
         treatments.sort();
         treatments.dedup();
         Ok((batches, treatments.join(",")))

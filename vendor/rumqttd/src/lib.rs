@@ -221,6 +221,15 @@ pub struct RouterConfig {
     /// `max_publishes_per_second`.
     #[serde(skip)]
     pub rate_limited: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// fleetgate patch: when set, only these client ids may subscribe; any
+    /// other client that subscribes is disconnected.
+    #[serde(default)]
+    pub allowed_subscribers: Option<Vec<String>>,
+    /// fleetgate patch: discard last wills instead of publishing them (a
+    /// will is published on a departed client's behalf, past the checks a
+    /// live publish goes through).
+    #[serde(default)]
+    pub drop_last_wills: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -136,7 +136,7 @@ impl<P: Protocol> RemoteLink<P> {
             // so that the backlog, not memory, grows: TCP slows the client.
             let room = self.link_tx.buffer().len() < MAX_INCOMING_BACKLOG;
             select! {
-                _ = time::sleep(Duration::from_millis(1)), if !room => {}
+                _ = time::sleep(Duration::from_millis(10)), if !room => {}
                 o = self.network.read(), if room => {
                     let packet = o?;
                     let len = {

@@ -781,6 +781,15 @@ impl Router {
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
 
+                        // fleetgate patch: only the listed clients subscribe.
+                        if let Some(allowed) = &self.config.allowed_subscribers {
+                            if !allowed.contains(&client_id) {
+                                warn!("Subscription refused: only listed clients may subscribe");
+                                disconnect = true;
+                                break;
+                            }
+                        }
+
                         info!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
 
@@ -1245,6 +1254,10 @@ impl Router {
         let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
             return;
         };
+        // fleetgate patch: wills are discarded when so configured.
+        if self.config.drop_last_wills {
+            return;
+        }
 
         let publish = Publish {
             dup: false,
