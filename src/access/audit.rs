@@ -4,8 +4,7 @@
 //! `[access] audit_dir`, so its own retention (`audit_retention_days`)
 //! deletes whole files. The operator queries it as the `query_audit` table.
 
-use std::fs::{self, File};
-use std::io::BufReader;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -70,11 +69,36 @@ fn io_error(path: &Path, e: impl std::fmt::Display) -> AccessError {
     AccessError::Audit(format!("{}: {e}", path.display()))
 }
 
-/// Appends `record` to the day's file and syncs it.
+/// Appends `record` to the day's file and syncs it; after a line cut by a
+/// crash, on a line of its own.
 pub fn append(dir: &Path, now_ms: i64, record: &AuditRecord) -> Result<()> {
     let path = day_file(dir, now_ms);
+    if ends_cut(&path).map_err(|e| io_error(&path, e))? {
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        std::io::Write::write_all(&mut file, b"\n").map_err(|e| io_error(&path, e))?;
+    }
     let line = serde_json::to_value(record).map_err(|e| io_error(&path, e))?;
     crate::retention::append_audit(&path, &[line]).map_err(|e| io_error(&path, e))
+}
+
+/// Whether the file exists and does not end with a newline.
+fn ends_cut(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 /// The day files, with their day.
@@ -115,9 +139,20 @@ pub fn table(dir: &Path, since_ms: i64) -> Result<Arc<MemTable>> {
         if day < day_of(since_ms) {
             continue;
         }
-        let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+        let text = fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
+        // Lines are appended whole and synced, but a crash mid-append can
+        // leave the last one cut: it is skipped, not allowed to hide the rest.
+        let mut whole = String::with_capacity(text.len());
+        for line in text.lines() {
+            if serde_json::from_str::<serde_json::Value>(line).is_ok() {
+                whole.push_str(line);
+                whole.push('\n');
+            } else if !line.trim().is_empty() {
+                tracing::warn!(file = %path.display(), "skipping a cut query audit line");
+            }
+        }
         let reader = arrow::json::ReaderBuilder::new(schema.clone())
-            .build(BufReader::new(file))
+            .build(whole.as_bytes())
             .map_err(|e| io_error(&path, e))?;
         for batch in reader {
             batches.push(batch.map_err(|e| io_error(&path, e))?);
@@ -185,9 +220,19 @@ mod tests {
             })
         };
         assert_eq!(rows(NOW - 20 * DAY_MS), 2);
-        assert_eq!(rows(NOW - DAY_MS), 1);
+        // A line cut by a crash is skipped; the others stay readable.
+        let today = day_file(dir.path(), NOW);
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&today)
+            .expect("open");
+        std::io::Write::write_all(&mut file, b"{\"at\":\"2026-11-24T12:00").expect("cut line");
+        assert_eq!(rows(NOW - 20 * DAY_MS), 2);
+        append(dir.path(), NOW, &record("after")).expect("append after the cut");
+        assert_eq!(rows(NOW - 20 * DAY_MS), 3);
+        assert_eq!(rows(NOW - DAY_MS), 2, "today's file only");
         let deleted = expire(dir.path(), NOW, 5 * DAY_MS).expect("expire");
         assert_eq!(deleted.len(), 1);
-        assert_eq!(rows(NOW - 20 * DAY_MS), 1);
+        assert_eq!(rows(NOW - 20 * DAY_MS), 2);
     }
 }
