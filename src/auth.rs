@@ -131,7 +131,7 @@ impl Credentials {
         if client_id != username {
             return Err(Refusal::ClientIdNotUsername);
         }
-        let tag = vin_tag(&self.tag_key, &username.to_ascii_uppercase());
+        let tag = vin_tag(&self.tag_key, username);
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
@@ -176,7 +176,7 @@ pub fn issue(path: &Path, tag_key: &Secret, vin: &str, now_ms: i64) -> Result<St
         salt,
         issued_ms: now_ms,
     };
-    let tag = vin_tag(tag_key, &vin.to_ascii_uppercase());
+    let tag = vin_tag(tag_key, vin);
     crate::requests::update(path, |file: &mut CredentialFile| {
         file.insert(tag, credential);
     })?;

@@ -213,24 +213,28 @@ const MQTT_V5: u8 = 5;
 
 /// Waits for the broker to answer an MQTT CONNECT with a CONNACK (any return
 /// code: the broker is up even if it refuses this anonymous probe), or to
-/// close it unanswered, as it does when passwords are required.
+/// close it unanswered, as upstream rumqttd does with a refused login.
 fn wait_until_listening(addr: SocketAddr, level: u8, broker_thread: &JoinHandle<()>) -> Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while Instant::now() < deadline && !broker_thread.is_finished() {
-        if probe(addr, level).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Err(BrokerError::NotListening { addr })
+    wait_until(addr, broker_thread, || probe(addr, level).is_ok())
 }
 
 /// Waits until the TLS listener accepts TCP connections (a TLS handshake
 /// would need a client certificate; rumqttd logs the aborted one).
 fn wait_until_bound(addr: SocketAddr, broker_thread: &JoinHandle<()>) -> Result<()> {
+    wait_until(addr, broker_thread, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+}
+
+/// Polls `ready` until it holds, the broker thread ends, or time runs out.
+fn wait_until(
+    addr: SocketAddr,
+    broker_thread: &JoinHandle<()>,
+    ready: impl Fn() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline && !broker_thread.is_finished() {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if ready() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));

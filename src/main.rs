@@ -392,17 +392,18 @@ fn open_privacy(config: &Config) -> anyhow::Result<Arc<PrivacyShared>> {
 
 fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
     let now = fleetgate::ingest::now_ms();
-    if let AccessAction::List = action {
-        let mut registry = AccessEnv::new(config, None)?.registry()?;
-        for p in &mut registry.principals {
-            p.token_sha256.clear();
-        }
-        println!("{}", serde_json::to_string_pretty(&registry)?);
-        return Ok(());
-    }
-    let env = AccessEnv::new(config, Some(open_privacy(config)?))?;
+    // Changes audit the VIN's keyed tag, so they open the vault; listing does not.
+    let env = || -> anyhow::Result<AccessEnv> {
+        Ok(AccessEnv::new(config, Some(open_privacy(config)?))?)
+    };
     match action {
-        AccessAction::List => {}
+        AccessAction::List => {
+            let mut registry = AccessEnv::new(config, None)?.registry()?;
+            for p in &mut registry.principals {
+                p.token_sha256.clear();
+            }
+            println!("{}", serde_json::to_string_pretty(&registry)?);
+        }
         AccessAction::Principal {
             id,
             kind,
@@ -411,11 +412,11 @@ fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
             gatekeeper,
         } => println!(
             "{}",
-            env.add_principal(&id, kind, role, eea, gatekeeper, now)?
+            env()?.add_principal(&id, kind, role, eea, gatekeeper, now)?
         ),
         AccessAction::Transfer { user, vin, at } => {
             let at = at.unwrap_or(now);
-            env.transfer(&user, &vin, at, now)?;
+            env()?.transfer(&user, &vin, at, now)?;
             println!("{user} holds the vehicle from {at}");
         }
         AccessAction::Grant {
@@ -436,10 +437,10 @@ fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
                 from_ms: from,
                 until_ms: until,
             };
-            println!("{}", env.give_grant(request, now)?);
+            println!("{}", env()?.give_grant(request, now)?);
         }
         AccessAction::Revoke { grant } => {
-            let revoked = env.revoke_grant(&grant, None, now)?;
+            let revoked = env()?.revoke_grant(&grant, None, now)?;
             println!(
                 "{grant}: {}",
                 if revoked {

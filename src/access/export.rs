@@ -111,25 +111,18 @@ impl AccessEnv {
                 batches,
             });
         }
-        let registry = self.registry()?;
-        let vehicles: Vec<Value> = {
-            let mut vins: Vec<&str> = registry
-                .tenures_of(&user.id)
-                .map(|t| t.vin.as_str())
-                .collect();
-            vins.sort_unstable();
-            vins.dedup();
-            vins.into_iter()
-                .map(|vin| {
-                    let held: Vec<Value> = registry
-                        .held_periods(&user.id, vin, i64::MIN, None)
-                        .into_iter()
-                        .map(|(from, until)| json!({ "from": rfc3339(from), "until": until.and_then(rfc3339) }))
-                        .collect();
-                    json!({ "vin": vin, "held": held })
-                })
-                .collect()
-        };
+        let vehicles: Vec<Value> = self
+            .registry()?
+            .vehicles_held(&user.id)
+            .into_iter()
+            .map(|(vin, periods)| {
+                let held: Vec<Value> = periods
+                    .into_iter()
+                    .map(|(from, until)| json!({ "from": rfc3339(from), "until": until.and_then(rfc3339) }))
+                    .collect();
+                json!({ "vin": vin, "held": held })
+            })
+            .collect();
         let hidden: serde_json::Map<String, Value> = session
             .hidden
             .iter()

@@ -18,7 +18,7 @@ pub mod policy;
 pub mod purpose;
 pub mod registry;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -105,7 +105,7 @@ impl AccessEnv {
 
     /// Applies `change` to the registry durably and audits it (with the
     /// VIN's keyed tag when `vin` is given, never the VIN).
-    pub fn change<R>(
+    fn change<R>(
         &self,
         what: &str,
         vin: Option<&str>,
@@ -359,10 +359,6 @@ impl AccessEnv {
             now_ms,
             i64::from(self.settings.audit_retention_days) * DAY_MS,
         )
-    }
-
-    pub fn audit_dir(&self) -> &Path {
-        &self.settings.audit_dir
     }
 }
 

@@ -27,7 +27,7 @@ use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use super::purpose::Purpose;
-use super::registry::{AccessRegistry, Principal, PrincipalKind, Role};
+use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, earlier_end};
 use super::{AccessError, Result, audit};
 use crate::dead_letter;
 use crate::privacy::{PrivacyShared, decrypt};
@@ -189,10 +189,7 @@ pub async fn session(
             Some(listing) => files.register_table(name, listing)?,
             None => files.register_table(name, empty_table(&arrow_schema)?)?,
         };
-        let plan = files.sql(&sql).await?.into_unoptimized_plan();
-        // No definition text: information_schema must not show the
-        // pseudonyms and periods a view filters on.
-        ctx.register_table(name, Arc::new(ViewTable::new(plan, None)))?;
+        install(&files, &ctx, name, &sql).await?;
         treatments.insert(name.to_owned(), treatment);
     }
     match planner.operator_only() {
@@ -206,8 +203,7 @@ pub async fn session(
                 "SELECT * FROM {} WHERE at >= to_timestamp_millis({since})",
                 audit::TABLE
             );
-            let plan = files.sql(&sql).await?.into_unoptimized_plan();
-            ctx.register_table(audit::TABLE, Arc::new(ViewTable::new(plan, None)))?;
+            install(&files, &ctx, audit::TABLE, &sql).await?;
             treatments.insert(audit::TABLE.to_owned(), Treatment::Allow);
         }
     }
@@ -218,6 +214,20 @@ pub async fn session(
     })
 }
 
+/// Plans `sql` in the private session `files` and registers it in the
+/// principal's session `ctx` as the view `name`. No definition text:
+/// information_schema must not show the pseudonyms and periods it filters on.
+async fn install(
+    files: &SessionContext,
+    ctx: &SessionContext,
+    name: &str,
+    sql: &str,
+) -> Result<()> {
+    let plan = files.sql(sql).await?.into_unoptimized_plan();
+    ctx.register_table(name, Arc::new(ViewTable::new(plan, None)))?;
+    Ok(())
+}
+
 /// Writes each table's view for one principal and purpose.
 struct ViewPlanner<'a> {
     inputs: &'a PolicyInputs<'a>,
@@ -225,13 +235,15 @@ struct ViewPlanner<'a> {
     purpose: &'a Purpose,
     /// Users: their vehicles' VINs and keys, and the periods they held them.
     held: Vec<HeldVehicle>,
+    /// Third parties: the keys of each vehicle a grant in force names.
+    granted: HashMap<String, Option<VehicleKeys>>,
 }
 
-/// A vehicle a user held (or a grant covers) over some periods.
+/// A vehicle a user held over some periods.
 struct HeldVehicle {
     vin: String,
     keys: Option<VehicleKeys>,
-    periods: Vec<(i64, Option<i64>)>,
+    periods: Vec<Period>,
 }
 
 impl<'a> ViewPlanner<'a> {
@@ -240,31 +252,36 @@ impl<'a> ViewPlanner<'a> {
         principal: &'a Principal,
         purpose: &'a Purpose,
     ) -> Result<Self> {
+        // The vault is read once per vehicle here, not once per table.
         let mut held = Vec::new();
-        if principal.kind == PrincipalKind::User {
-            let privacy = inputs.privacy.ok_or(AccessError::VaultNeeded)?;
-            let mut vins: Vec<&str> = inputs
-                .access
-                .tenures_of(&principal.id)
-                .map(|t| t.vin.as_str())
-                .collect();
-            vins.sort_unstable();
-            vins.dedup();
-            for vin in vins {
-                held.push(HeldVehicle {
-                    vin: vin.to_owned(),
-                    keys: privacy.vault.get(vin)?,
-                    periods: inputs
-                        .access
-                        .held_periods(&principal.id, vin, i64::MIN, None),
-                });
+        let mut granted = HashMap::new();
+        match principal.kind {
+            PrincipalKind::User => {
+                let privacy = inputs.privacy.ok_or(AccessError::VaultNeeded)?;
+                for (vin, periods) in inputs.access.vehicles_held(&principal.id) {
+                    held.push(HeldVehicle {
+                        keys: privacy.vault.get(&vin)?,
+                        vin,
+                        periods,
+                    });
+                }
             }
+            PrincipalKind::ThirdParty => {
+                let privacy = inputs.privacy.ok_or(AccessError::VaultNeeded)?;
+                for grant in inputs.access.grants_for(principal, inputs.now_ms) {
+                    if !granted.contains_key(&grant.vin) {
+                        granted.insert(grant.vin.clone(), privacy.vault.get(&grant.vin)?);
+                    }
+                }
+            }
+            PrincipalKind::Operator | PrincipalKind::Licensee => {}
         }
         Ok(Self {
             inputs,
             principal,
             purpose,
             held,
+            granted,
         })
     }
 
@@ -388,20 +405,17 @@ impl<'a> ViewPlanner<'a> {
             .grants_for(self.principal, self.inputs.now_ms)
             .filter(|g| g.purpose == self.purpose.name && g.streams.iter().any(|s| s == table));
         for grant in grants {
-            let until = match (grant.until_ms, grant.revoked_ms) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let until = earlier_end(grant.until_ms, grant.revoked_ms);
             let periods =
                 self.inputs
                     .access
                     .held_periods(&grant.user, &grant.vin, grant.from_ms, until);
-            let Some(keys) = privacy.vault.get(&grant.vin)? else {
+            let Some(Some(keys)) = self.granted.get(&grant.vin) else {
                 continue;
             };
             let mut ids = Vec::new();
             for epoch in self.epochs(&periods, privacy) {
-                let internal = internal_id(privacy, &keys, epoch);
+                let internal = internal_id(privacy, keys, epoch);
                 let theirs =
                     vehicle_pseudonym(&privacy.keys.domain_key(&domain, epoch), &keys.secret);
                 rename.push_str(&format!(
@@ -514,7 +528,7 @@ impl<'a> ViewPlanner<'a> {
     /// Key epochs of rows written within `periods` (to now at the latest).
     fn epochs(
         &self,
-        periods: &[(i64, Option<i64>)],
+        periods: &[Period],
         privacy: &PrivacyShared,
     ) -> impl Iterator<Item = i32> + use<> {
         let now = self.inputs.now_ms;
@@ -574,7 +588,7 @@ fn in_list(ids: &[String]) -> String {
     }
 }
 
-fn ts_within((from, until): (i64, Option<i64>)) -> String {
+fn ts_within((from, until): Period) -> String {
     let mut sql = format!("ts >= to_timestamp_millis({from})");
     if let Some(until) = until {
         sql.push_str(&format!(" AND ts < to_timestamp_millis({until})"));

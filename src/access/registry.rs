@@ -189,18 +189,36 @@ impl AccessRegistry {
         vin: &str,
         from_ms: i64,
         until_ms: Option<i64>,
-    ) -> Vec<(i64, Option<i64>)> {
+    ) -> Vec<Period> {
         self.tenures_of(user)
             .filter(|t| t.vin == vin)
             .filter_map(|t| {
                 let start = t.from_ms.max(from_ms);
-                let end = match (t.until_ms, until_ms) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let end = earlier_end(t.until_ms, until_ms);
                 end.is_none_or(|end| end > start).then_some((start, end))
             })
             .collect()
+    }
+
+    /// Each vehicle `user` has held, with all the periods they held it.
+    pub fn vehicles_held(&self, user: &str) -> Vec<(String, Vec<Period>)> {
+        let mut vins: Vec<&str> = self.tenures_of(user).map(|t| t.vin.as_str()).collect();
+        vins.sort_unstable();
+        vins.dedup();
+        vins.into_iter()
+            .map(|vin| (vin.to_owned(), self.held_periods(user, vin, i64::MIN, None)))
+            .collect()
+    }
+}
+
+/// From (inclusive) and until (exclusive; `None`: open), in milliseconds.
+pub type Period = (i64, Option<i64>);
+
+/// The earlier of two period ends, where `None` is open.
+pub fn earlier_end(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
