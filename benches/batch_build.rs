@@ -9,8 +9,8 @@
 mod common;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use fleetgate::pipeline::batch::StreamBatcher;
 use fleetgate::schema::{Registry, Stream};
-use fleetgate::store::StreamBatcher;
 
 fn batch_build(c: &mut Criterion) {
     let registry = Registry::load().expect("schemas");

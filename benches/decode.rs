@@ -9,7 +9,7 @@
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fleetgate::decode::{self, Decoded};
+use fleetgate::pipeline::decode::{self, Decoded};
 use fleetgate::schema::{Registry, Stream};
 
 fn decode_validate(c: &mut Criterion) {

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fleetgate::pipeline::batch::StreamBatcher;
 use fleetgate::schema::{Registry, Stream};
-use fleetgate::store::{StreamBatcher, writer_properties};
+use fleetgate::store::writer_properties;
 use parquet::arrow::ArrowWriter;
 
 fn rows(stream: Stream) -> Vec<RecordBatch> {

@@ -15,7 +15,7 @@ use fleetgate::access::purpose::Purposes;
 use fleetgate::access::registry::{
     AccessRegistry, GrantRequest, PrincipalKind, Role, new_principal,
 };
-use fleetgate::retention::Retention;
+use fleetgate::lifecycle::retention::Retention;
 use fleetgate::schema::Registry;
 
 const DAY_MS: i64 = 86_400_000;

@@ -11,8 +11,8 @@
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fleetgate::pipeline::batch::StreamBatcher;
 use fleetgate::schema::{INTERNAL_DOMAIN, Registry, Stream};
-use fleetgate::store::StreamBatcher;
 
 const VEHICLES: u32 = 10_000;
 

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fleetgate::pipeline::batch::StreamBatcher;
 use fleetgate::schema::{Registry, Stream};
-use fleetgate::store::{PartitionKey, StreamBatcher, Table};
+use fleetgate::store::{PartitionKey, Table};
 use fleetgate::wal::{ShardWal, Tracker, WalSettings};
 
 fn batch() -> (PartitionKey, RecordBatch) {

@@ -11,8 +11,8 @@ use fleetgate::access::AccessEnv;
 use fleetgate::access::export::ExportFormat;
 use fleetgate::access::registry::{self, PrincipalKind, Role};
 use fleetgate::config::{Config, SinkKind};
-use fleetgate::events::{self, ConsentKind, EventRequest, VehicleEvent};
-use fleetgate::privacy::PrivacyShared;
+use fleetgate::lifecycle::events::{self, ConsentKind, EventRequest, VehicleEvent};
+use fleetgate::privacy::stage::PrivacyShared;
 use fleetgate::query::{self, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -277,7 +277,7 @@ fn main() -> anyhow::Result<()> {
                 config.pipeline.sink = sink;
             }
             let signals = ShutdownSignals::listen(&runtime)?;
-            let server = fleetgate::server::start(&config)?;
+            let server = fleetgate::ops::server::start(&config)?;
             let tls = server
                 .tls_addr()
                 .map(|a| format!(", mqtts://{a} (client certificates)"))
@@ -320,7 +320,7 @@ fn main() -> anyhow::Result<()> {
                         &as_principal,
                         &purpose,
                         &statement,
-                        fleetgate::ingest::now_ms(),
+                        fleetgate::ingest::link::now_ms(),
                     )
                     .await?;
                 anyhow::Ok(query::format(&answer.batches, format)?)
@@ -337,7 +337,7 @@ fn main() -> anyhow::Result<()> {
             let config = common.load()?;
             let env = AccessEnv::new(&config, Some(open_privacy(&config)?))?;
             let user = env.principal(&user)?;
-            let export = runtime.block_on(env.export(&user, fleetgate::ingest::now_ms()))?;
+            let export = runtime.block_on(env.export(&user, fleetgate::ingest::link::now_ms()))?;
             for path in export.write_dir(&out, format)? {
                 println!("{}", path.display());
             }
@@ -351,15 +351,19 @@ fn main() -> anyhow::Result<()> {
                 .credentials_file
                 .clone()
                 .context("broker.credentials_file is not set in the configuration")?;
-            let keys = fleetgate::pseudo::KeyRing::load_or_create(&config.storage.key_file)?;
+            let keys =
+                fleetgate::privacy::pseudo::KeyRing::load_or_create(&config.storage.key_file)?;
             let tag_key = keys.redaction_key();
             match action {
                 VehicleAction::Credential { vin } => {
-                    let now = fleetgate::ingest::now_ms();
-                    println!("{}", fleetgate::auth::issue(&path, &tag_key, &vin, now)?);
+                    let now = fleetgate::ingest::link::now_ms();
+                    println!(
+                        "{}",
+                        fleetgate::ingest::auth::issue(&path, &tag_key, &vin, now)?
+                    );
                 }
                 VehicleAction::Revoke { vin } => {
-                    let revoked = fleetgate::auth::revoke(&path, &tag_key, &vin)?;
+                    let revoked = fleetgate::ingest::auth::revoke(&path, &tag_key, &vin)?;
                     println!(
                         "{}",
                         if revoked {
@@ -391,7 +395,7 @@ fn open_privacy(config: &Config) -> anyhow::Result<Arc<PrivacyShared>> {
 }
 
 fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
-    let now = fleetgate::ingest::now_ms();
+    let now = fleetgate::ingest::link::now_ms();
     // Changes audit the VIN's keyed tag, so they open the vault; listing does not.
     let env = || -> anyhow::Result<AccessEnv> {
         Ok(AccessEnv::new(config, Some(open_privacy(config)?))?)
@@ -482,7 +486,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
                 &privacy,
                 &config.retention,
                 &request,
-                fleetgate::ingest::now_ms(),
+                fleetgate::ingest::link::now_ms(),
             )?;
             println!("{}: {effect}", request.event.name());
         }
@@ -493,11 +497,11 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
 
 /// `admin retention`: one sweep now, printed; with `dry_run`, nothing deleted or audited.
 fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
-    use fleetgate::retention::{self, Retention};
+    use fleetgate::lifecycle::retention::{self, Retention};
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
     let rules = Retention::current(&config.retention, &registry)?;
     let run = retention::SweepRun {
-        now_ms: fleetgate::ingest::now_ms(),
+        now_ms: fleetgate::ingest::link::now_ms(),
         since_ms: None,
         zstd_level: config.storage.zstd_level,
         dry_run,
@@ -535,7 +539,7 @@ struct Redacting<W: std::io::Write>(W);
 
 impl<W: std::io::Write> std::io::Write for Redacting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let clean = fleetgate::pseudo::redact_vins(buf, &mut |_| "redacted".to_owned());
+        let clean = fleetgate::privacy::pseudo::redact_vins(buf, &mut |_| "redacted".to_owned());
         self.0.write_all(&clean)?;
         Ok(buf.len())
     }

@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 
 use serde::Serialize;
 
-use crate::dead_letter::RejectCode;
+use crate::pipeline::dead_letter::RejectCode;
 use crate::schema::Stream;
 use crate::store::{Commit, CommitListener, StoreError, TableBatch};
 
@@ -235,7 +235,7 @@ pub struct StreamSnapshot {
 impl Metrics {
     /// The counters of a table by name: a stream's or the dead letters'.
     pub fn table(&self, name: &str) -> Option<&TableCounters> {
-        if name == crate::dead_letter::TABLE {
+        if name == crate::pipeline::dead_letter::TABLE {
             return Some(&self.dead_letters);
         }
         Stream::from_name(name).map(|s| &self.stream(s).table)
@@ -404,7 +404,7 @@ impl Metrics {
         let tables: Vec<(&str, &TableCounters)> = Stream::ALL
             .iter()
             .map(|s| (s.name(), &self.stream(*s).table))
-            .chain([(crate::dead_letter::TABLE, &self.dead_letters)])
+            .chain([(crate::pipeline::dead_letter::TABLE, &self.dead_letters)])
             .collect();
         let per_table = |f: &dyn Fn(&TableCounters) -> u64| {
             tables
@@ -583,7 +583,7 @@ impl CommitListener for TableListener {
         c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
         c.files_committed.fetch_add(1, Relaxed);
         c.bytes_committed.fetch_add(commit.bytes, Relaxed);
-        let now = crate::ingest::now_ms();
+        let now = crate::ingest::link::now_ms();
         if let Ok(mut h) = self.metrics.wal.receipt_to_queryable_ms.lock() {
             for b in batches {
                 let times = b
@@ -611,7 +611,9 @@ impl CommitListener for TableListener {
     }
 
     fn failed(&self, error: &StoreError, rows_delayed: usize) {
-        let table = self.table.map_or(crate::dead_letter::TABLE, Stream::name);
+        let table = self
+            .table
+            .map_or(crate::pipeline::dead_letter::TABLE, Stream::name);
         tracing::error!(table, rows_delayed, %error, "write failed; will write these rows again");
         self.counters()
             .rows_delayed_by_write_errors

@@ -21,8 +21,8 @@ use datafusion::datasource::listing::{
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::dead_letter;
-use crate::retention::{Retention, RetentionError};
+use crate::lifecycle::retention::{Retention, RetentionError};
+use crate::pipeline::dead_letter;
 use crate::schema::{Registry, SchemaError};
 use crate::store::{PARQUET_EXTENSION, table_dir};
 
@@ -55,7 +55,13 @@ fn partition_columns() -> Vec<(String, DataType)> {
 pub async fn session(data_dir: &Path) -> Result<SessionContext> {
     let registry = Registry::load()?;
     let retention = Retention::load(None, &registry)?;
-    session_at(data_dir, &registry, &retention, crate::ingest::now_ms()).await
+    session_at(
+        data_dir,
+        &registry,
+        &retention,
+        crate::ingest::link::now_ms(),
+    )
+    .await
 }
 
 /// A DataFusion session with every table of `data_dir` registered as it is

@@ -395,7 +395,7 @@ impl StreamSchema {
                     gate.field
                 )));
             }
-            if !crate::vault::Consent::NAMES.contains(&gate.consent.as_str()) {
+            if !crate::privacy::vault::Consent::NAMES.contains(&gate.consent.as_str()) {
                 return Err(stream_err(format!(
                     "consent gate needs unknown consent {:?}",
                     gate.consent

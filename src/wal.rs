@@ -341,7 +341,7 @@ fn new_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf)> {
         .map_err(io_err(&path))?;
     let mut header = [0u8; HEADER_BYTES];
     header[..8].copy_from_slice(MAGIC);
-    header[8..].copy_from_slice(&crate::ingest::now_ms().to_le_bytes());
+    header[8..].copy_from_slice(&crate::ingest::link::now_ms().to_le_bytes());
     file.write_all(&header).map_err(io_err(&path))?;
     file.sync_all().map_err(io_err(&path))?;
     sync_dir(dir)?;

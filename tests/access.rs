@@ -15,7 +15,7 @@ use fleetgate::access::AccessEnv;
 use fleetgate::access::export::ExportFormat;
 use fleetgate::access::registry::{GrantRequest, PrincipalKind, Role};
 use fleetgate::config::Config;
-use fleetgate::privacy::PrivacyShared;
+use fleetgate::privacy::stage::PrivacyShared;
 
 const NOW: i64 = TEST_NOW_MS;
 const HOUR: i64 = 3_600_000;
@@ -793,7 +793,7 @@ async fn revocation_gatekeepers_audit_and_export() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_and_export_over_http() {
     let server = TestServer::start();
-    let now = fleetgate::ingest::now_ms();
+    let now = fleetgate::ingest::link::now_ms();
     publish_all(
         server.handle.mqtt_addr(),
         &[

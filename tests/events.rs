@@ -163,7 +163,7 @@ async fn events_change_collection_erase_vehicles_and_are_audited() {
     assert_eq!(event(admin, given_b).0, 200);
     let config = server.config.clone();
     server.handle.shutdown().expect("shutdown");
-    let restarted = fleetgate::server::start(&config).expect("restart");
+    let restarted = fleetgate::ops::server::start(&config).expect("restart");
     let consent = restarted.privacy().vault.consent(B).expect("consent");
     assert!(consent.product_quality && consent.sim_active);
     restarted.shutdown().expect("shutdown");
@@ -201,7 +201,7 @@ fn record(stream: Stream, seq: u64, body: &str) -> (String, Vec<u8>) {
 async fn seqs(
     data: &std::path::Path,
     table: &str,
-    rules: &fleetgate::retention::Retention,
+    rules: &fleetgate::lifecycle::retention::Retention,
 ) -> Vec<i64> {
     let registry = fleetgate::schema::Registry::load().expect("schemas");
     let ctx = fleetgate::query::session_at(data, &registry, rules, TEST_NOW_MS)
@@ -224,7 +224,7 @@ async fn seqs(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
-    use fleetgate::retention::{self, Retention};
+    use fleetgate::lifecycle::retention::{self, Retention};
     let server = TestServer::start();
     let start = format!(r#""event":"start","started_at":{TEST_NOW_MS}"#);
     let messages = vec![
@@ -283,7 +283,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
 
     let registry = fleetgate::schema::Registry::load().expect("schemas");
     let rules = Retention::load(None, &registry).expect("rules");
-    let pending = fleetgate::requests::load(&files.requests_file).expect("requests");
+    let pending = fleetgate::lifecycle::requests::load(&files.requests_file).expect("requests");
     assert_eq!(pending.len(), 3, "a request recorded twice is kept once");
     let with_requests = rules.clone().with_requests(pending);
     // Hidden from the moment the event was recorded; rows with no case,
@@ -302,7 +302,8 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
     };
     let deleted = retention::sweep(&data, &with_requests, run).expect("sweep");
     retention::audit(&files.audit_file, TEST_NOW_MS, &deleted).expect("audit");
-    fleetgate::requests::retire(&files.requests_file, with_requests.requests()).expect("retire");
+    fleetgate::lifecycle::requests::retire(&files.requests_file, with_requests.requests())
+        .expect("retire");
     let reasons: Vec<(String, u64)> = deleted
         .iter()
         .map(|d| (d.rules.join(","), d.rows))
@@ -324,7 +325,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
     assert_eq!(seqs(&data, "charging", &rules).await, vec![2, 3]);
     assert_eq!(seqs(&data, "diagnostics", &rules).await, vec![2]);
     assert!(
-        fleetgate::requests::load(&files.requests_file)
+        fleetgate::lifecycle::requests::load(&files.requests_file)
             .expect("requests")
             .is_empty()
     );
@@ -332,7 +333,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
-    use fleetgate::retention::{self, Retention};
+    use fleetgate::lifecycle::retention::{self, Retention};
     let server = TestServer::start();
     let messages = vec![
         record(
@@ -378,8 +379,12 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
         let registry = fleetgate::schema::Registry::load().expect("schemas");
         Retention::load(None, &registry)
             .expect("rules")
-            .with_requests(fleetgate::requests::load(&files.requests_file).expect("requests"))
-            .with_holds(&fleetgate::requests::load_holds(&files.holds_file).expect("holds"))
+            .with_requests(
+                fleetgate::lifecycle::requests::load(&files.requests_file).expect("requests"),
+            )
+            .with_holds(
+                &fleetgate::lifecycle::requests::load_holds(&files.holds_file).expect("holds"),
+            )
     };
     let sweep = |rules: &Retention, now_ms: i64| {
         let run = retention::SweepRun {
@@ -389,7 +394,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
             dry_run: false,
         };
         let deleted = retention::sweep(&data, rules, run).expect("sweep");
-        fleetgate::requests::retire(&files.requests_file, &rules.completed_by_sweep())
+        fleetgate::lifecycle::requests::retire(&files.requests_file, &rules.completed_by_sweep())
             .expect("retire");
         deleted
     };
@@ -419,7 +424,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     let deleted = sweep(&held, later);
     assert!(deleted.is_empty(), "nothing held is deleted: {deleted:?}");
     assert_eq!(
-        fleetgate::requests::load(&files.requests_file)
+        fleetgate::lifecycle::requests::load(&files.requests_file)
             .expect("requests")
             .len(),
         2,
@@ -427,7 +432,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     );
 
     // Released (on a restarted server): erasure goes through, and the sweep deletes.
-    let restarted = fleetgate::server::start(&config).expect("restart");
+    let restarted = fleetgate::ops::server::start(&config).expect("restart");
     let released = accepted(
         restarted.admin_addr(),
         r#"{"event":"legal_hold_released","vin":"WMW11DJ04N2T00001","id":"LH-1"}"#,
@@ -443,7 +448,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     let deleted = sweep(&free, later);
     assert!(!deleted.is_empty());
     assert!(
-        fleetgate::requests::load(&files.requests_file)
+        fleetgate::lifecycle::requests::load(&files.requests_file)
             .expect("requests")
             .is_empty()
     );

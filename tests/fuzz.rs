@@ -15,13 +15,13 @@ mod common;
 use std::time::Duration;
 
 use common::examples;
-use fleetgate::decode::{self, Decoded, Limits};
-use fleetgate::ingest::{Route, route};
-use fleetgate::privacy::{Privacy, PrivacySettings, PrivacyShared};
-use fleetgate::pseudo::{KeyRing, Secret};
+use fleetgate::ingest::link::{Route, route};
+use fleetgate::pipeline::batch::StreamBatcher;
+use fleetgate::pipeline::decode::{self, Decoded, Limits};
+use fleetgate::privacy::pseudo::{KeyRing, Secret};
+use fleetgate::privacy::stage::{Privacy, PrivacySettings, PrivacyShared};
+use fleetgate::privacy::vault::Vault;
 use fleetgate::schema::{Registry, Stream};
-use fleetgate::store::StreamBatcher;
-use fleetgate::vault::Vault;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
+use fleetgate::privacy::vault::Consent;
 use fleetgate::schema::Stream;
-use fleetgate::vault::Consent;
 
 const A: &str = "WMW11DJ04N2T00001";
 const B: &str = "WMW21GD07P2S00002";
@@ -172,18 +172,18 @@ async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
     let b_key = vehicle_keys(&key_file, &vault_file, B)
         .expect("B keys")
         .data_key;
-    let plain =
-        fleetgate::privacy::decrypt(&b_key, "contact_phone", &sealed(1)).expect("B decrypts");
+    let plain = fleetgate::privacy::stage::decrypt(&b_key, "contact_phone", &sealed(1))
+        .expect("B decrypts");
     assert_eq!(plain, b"+46700000002");
     let a_key = vehicle_keys(&key_file, &vault_file, A)
         .expect("A's new keys")
         .data_key;
     assert_eq!(
-        fleetgate::privacy::decrypt(&a_key, "contact_phone", &sealed(0)),
+        fleetgate::privacy::stage::decrypt(&a_key, "contact_phone", &sealed(0)),
         None
     );
     assert_eq!(
-        fleetgate::privacy::decrypt(&b_key, "contact_phone", &sealed(0)),
+        fleetgate::privacy::stage::decrypt(&b_key, "contact_phone", &sealed(0)),
         None
     );
 }

@@ -154,7 +154,7 @@ fn mosquitto_pub(pki: &Pki, port: u16, client: &str, topic: &str, payload: &str)
 fn teleservice(vin: &str, seq: u32) -> String {
     format!(
         r#"{{"vin":"{vin}","ts":{},"seq":{seq},"trigger":"monthly"}}"#,
-        fleetgate::ingest::now_ms()
+        fleetgate::ingest::link::now_ms()
     )
 }
 
@@ -328,7 +328,8 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
     let file = credentials_file.clone();
     let server = TestServer::start_with(move |c| c.broker.credentials_file = Some(file));
     let tag_key = server.handle.privacy().keys.redaction_key();
-    let password = fleetgate::auth::issue(&credentials_file, &tag_key, A, 0).expect("issue");
+    let password =
+        fleetgate::ingest::auth::issue(&credentials_file, &tag_key, A, 0).expect("issue");
     let addr = server.handle.mqtt_addr();
     let topic_of = |vin: &str| format!("vehicles/{vin}/teleservice");
     let publish =
@@ -376,7 +377,7 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
         assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
     }
     // Revoked: the next CONNECT is refused.
-    assert!(fleetgate::auth::revoke(&credentials_file, &tag_key, A).expect("revoke"));
+    assert!(fleetgate::ingest::auth::revoke(&credentials_file, &tag_key, A).expect("revoke"));
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(publish(A, A, right(), A).await, Outcome::BadLogin);
     let data = server.data_dir();
@@ -496,7 +497,7 @@ async fn a_flooding_client_does_not_starve_the_others() {
         let topic = format!("vehicles/{B}/diagnostics");
         let payload = format!(
             r#"{{"vin":"{B}","ts":{},"seq":1,"ecu":"BMS","severity":"info"}}"#,
-            fleetgate::ingest::now_ms()
+            fleetgate::ingest::link::now_ms()
         );
         let sender = tokio::spawn(async move {
             for _ in 0..200_000 {
@@ -565,7 +566,7 @@ async fn a_connection_over_its_publish_rate_is_held_back_and_counted() {
         .map(|seq| {
             let payload = format!(
                 r#"{{"vin":"{B}","ts":{},"seq":{seq},"ecu":"BMS","severity":"info"}}"#,
-                fleetgate::ingest::now_ms()
+                fleetgate::ingest::link::now_ms()
             );
             (format!("vehicles/{B}/diagnostics"), payload.into_bytes())
         })

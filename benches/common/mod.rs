@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetgate::decode::{self, Limits, Record};
-use fleetgate::privacy::{Privacy, PrivacySettings, PrivacyShared};
-use fleetgate::pseudo::{KeyRing, Secret};
+use fleetgate::pipeline::decode::{self, Limits, Record};
+use fleetgate::privacy::pseudo::{KeyRing, Secret};
+use fleetgate::privacy::stage::{Privacy, PrivacySettings, PrivacyShared};
+use fleetgate::privacy::vault::Vault;
 use fleetgate::schema::{Registry, Stream};
-use fleetgate::vault::Vault;
 
 /// 2026-11-25T08:00:00Z, so that every generated record lies in one day.
 pub(crate) const T0_MS: i64 = 1_796_112_000_000;
@@ -172,7 +172,8 @@ pub(crate) fn decoded(stream: Stream, vehicles: u32, per_vehicle: usize) -> Vec<
 /// vehicles, 200 probes each) and 50,000 diagnostics rows, in hour
 /// partitions, pseudonymised under `fixture`.
 pub(crate) fn write_store(data_dir: &std::path::Path, fixture: &mut PrivacyFixture) {
-    use fleetgate::store::{StreamBatcher, table_dir, writer_properties};
+    use fleetgate::pipeline::batch::StreamBatcher;
+    use fleetgate::store::{table_dir, writer_properties};
     let registry = Registry::load().expect("schemas");
     for (stream, per_vehicle) in [(Stream::Rtti, 200), (Stream::Diagnostics, 50)] {
         let mut batcher = StreamBatcher::new(registry.get(stream));

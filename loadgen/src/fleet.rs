@@ -371,7 +371,7 @@ impl Vehicle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetgate::decode::{self, Limits};
+    use fleetgate::pipeline::decode::{self, Limits};
     use fleetgate::schema::Registry;
 
     /// Every kind of record the fleet sends decodes without a rejection
@@ -394,7 +394,7 @@ mod tests {
             charging: 1,
             teleservice: 1,
         };
-        let now = fleetgate::ingest::now_ms();
+        let now = fleetgate::ingest::link::now_ms();
         let mut seen = [0u32; Stream::ALL.len()];
         for round in 0..400 {
             let vehicle = &mut vehicles[round % 50];
@@ -434,7 +434,7 @@ mod tests {
             assert_eq!(p.first_seq, next[p.stream.index()]);
             next[p.stream.index()] += 2;
         }
-        assert!(fleetgate::pseudo::is_vin(vehicle.vin()));
+        assert!(fleetgate::privacy::pseudo::is_vin(vehicle.vin()));
     }
 
     #[test]

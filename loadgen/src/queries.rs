@@ -10,8 +10,8 @@
 use std::path::Path;
 use std::time::Instant;
 
+use fleetgate::lifecycle::retention::Retention;
 use fleetgate::query::{self, QueryError};
-use fleetgate::retention::Retention;
 use fleetgate::schema::Registry;
 use serde::Serialize;
 
@@ -64,8 +64,13 @@ pub async fn time_suite(
     let retention = Retention::load(None, &registry)?;
     let mut out = Vec::new();
     for q in suite {
-        let ctx =
-            query::session_at(data_dir, &registry, &retention, fleetgate::ingest::now_ms()).await?;
+        let ctx = query::session_at(
+            data_dir,
+            &registry,
+            &retention,
+            fleetgate::ingest::link::now_ms(),
+        )
+        .await?;
         let started = Instant::now();
         let rows: usize = query::run(&ctx, &q.sql)
             .await?

@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int32Type, Int64Type};
-use fleetgate::pseudo::{self, KeyRing};
-use fleetgate::retention::Retention;
+use fleetgate::lifecycle::retention::Retention;
+use fleetgate::privacy::pseudo::{self, KeyRing};
+use fleetgate::privacy::vault::Vault;
 use fleetgate::schema::{INTERNAL_DOMAIN, Registry, Stream, StreamSchema, Transform};
-use fleetgate::vault::Vault;
 use serde::{Deserialize, Serialize};
 
 use crate::acks::Acks;
@@ -35,15 +35,15 @@ pub enum VerifyError {
     #[error("cannot read the run's manifest {path}: {message}")]
     Manifest { path: PathBuf, message: String },
     #[error(transparent)]
-    Keys(#[from] fleetgate::pseudo::PseudoError),
+    Keys(#[from] fleetgate::privacy::pseudo::PseudoError),
     #[error("{0} (is the server still running? it holds the vault until it stops)")]
-    Vault(#[from] fleetgate::vault::VaultError),
+    Vault(#[from] fleetgate::privacy::vault::VaultError),
     #[error(transparent)]
     Schema(#[from] fleetgate::schema::SchemaError),
     #[error(transparent)]
     Query(#[from] fleetgate::query::QueryError),
     #[error(transparent)]
-    Retention(#[from] fleetgate::retention::RetentionError),
+    Retention(#[from] fleetgate::lifecycle::retention::RetentionError),
     #[error("unexpected column type in {stream}.{column}")]
     Column {
         stream: &'static str,
@@ -109,7 +109,7 @@ pub async fn verify(manifest: &Manifest, store: &StoreLocation) -> Result<Verdic
         &store.data_dir,
         &registry,
         &Retention::load(None, &registry)?,
-        fleetgate::ingest::now_ms(),
+        fleetgate::ingest::link::now_ms(),
     )
     .await?;
     let mut streams = Vec::new();

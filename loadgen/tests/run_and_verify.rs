@@ -86,7 +86,7 @@ fn verdict_of(verdict: &verify::Verdict, stream: Stream) -> &verify::StreamVerdi
 fn an_acknowledged_run_is_stored_exactly_once_and_verify_notices_tampering() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = server_config(dir.path());
-    let server = fleetgate::server::start(&config).expect("server starts");
+    let server = fleetgate::ops::server::start(&config).expect("server starts");
     let run = run_config(server.mqtt_addr().port(), Stop::Publishes(2_000));
     let outcome = drive(&run);
     assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
@@ -136,7 +136,7 @@ fn an_acknowledged_run_is_stored_exactly_once_and_verify_notices_tampering() {
 fn open_loop_and_qos0_runs_stop_by_themselves_and_write_their_reports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = server_config(dir.path());
-    let server = fleetgate::server::start(&config).expect("server starts");
+    let server = fleetgate::ops::server::start(&config).expect("server starts");
     let mut run = run_config(server.mqtt_addr().port(), Stop::Publishes(300));
     run.rate = Some(1_000.0);
     let outcome = drive(&run);

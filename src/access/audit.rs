@@ -81,7 +81,7 @@ pub fn append(dir: &Path, now_ms: i64, record: &AuditRecord) -> Result<()> {
         std::io::Write::write_all(&mut file, b"\n").map_err(|e| io_error(&path, e))?;
     }
     let line = serde_json::to_value(record).map_err(|e| io_error(&path, e))?;
-    crate::retention::append_audit(&path, &[line]).map_err(|e| io_error(&path, e))
+    crate::lifecycle::retention::append_audit(&path, &[line]).map_err(|e| io_error(&path, e))
 }
 
 /// Whether the file exists and does not end with a newline.

@@ -29,8 +29,8 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::DataFrame;
 
 use crate::config::{AccessConfig, Config, RetentionConfig};
-use crate::privacy::PrivacyShared;
-use crate::retention::{Retention, RetentionError};
+use crate::lifecycle::retention::{Retention, RetentionError};
+use crate::privacy::stage::PrivacyShared;
 use crate::schema::{Registry, SchemaError};
 use policy::{PolicyInputs, PolicySession};
 use purpose::Purposes;
@@ -52,9 +52,9 @@ pub enum AccessError {
     #[error("query audit log {0}")]
     Audit(String),
     #[error(transparent)]
-    Registry(#[from] crate::requests::RequestError),
+    Registry(#[from] crate::lifecycle::requests::RequestError),
     #[error(transparent)]
-    Vault(#[from] crate::vault::VaultError),
+    Vault(#[from] crate::privacy::vault::VaultError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error(transparent)]
@@ -100,7 +100,9 @@ impl AccessEnv {
     }
 
     pub fn registry(&self) -> Result<AccessRegistry> {
-        Ok(crate::requests::load_json(&self.settings.registry_file)?)
+        Ok(crate::lifecycle::requests::load_json(
+            &self.settings.registry_file,
+        )?)
     }
 
     /// Applies `change` to the registry durably and audits it (with the
@@ -112,11 +114,12 @@ impl AccessEnv {
         now_ms: i64,
         change: impl FnOnce(&mut AccessRegistry) -> Result<R>,
     ) -> Result<R> {
-        let outcome = crate::requests::update(&self.settings.registry_file, change)??;
+        let outcome = crate::lifecycle::requests::update(&self.settings.registry_file, change)??;
         let tag = match (vin, &self.privacy) {
-            (Some(vin), Some(privacy)) => {
-                Some(crate::pseudo::vin_tag(&privacy.keys.redaction_key(), vin))
-            }
+            (Some(vin), Some(privacy)) => Some(crate::privacy::pseudo::vin_tag(
+                &privacy.keys.redaction_key(),
+                vin,
+            )),
             _ => None,
         };
         let line = serde_json::json!({
@@ -125,9 +128,9 @@ impl AccessEnv {
             "change": what,
             "vehicle": tag,
         });
-        crate::retention::append_audit(&self.retention.audit_file, &[line]).map_err(|e| {
-            AccessError::Audit(format!("{}: {e}", self.retention.audit_file.display()))
-        })?;
+        crate::lifecycle::retention::append_audit(&self.retention.audit_file, &[line]).map_err(
+            |e| AccessError::Audit(format!("{}: {e}", self.retention.audit_file.display())),
+        )?;
         Ok(outcome)
     }
 
@@ -373,7 +376,7 @@ fn request_id() -> String {
     // An id only has to be unique in practice; the clock stands in if the
     // OS random source fails.
     if getrandom::fill(&mut bytes).is_err() {
-        bytes = crate::ingest::now_ms().to_le_bytes();
+        bytes = crate::ingest::link::now_ms().to_le_bytes();
     }
     hex::encode(bytes)
 }

@@ -29,17 +29,17 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use super::purpose::Purpose;
 use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, earlier_end};
 use super::{AccessError, Result, audit};
-use crate::dead_letter;
-use crate::privacy::{PrivacyShared, decrypt};
-use crate::pseudo::{KeyRing, Secret, vehicle_pseudonym};
+use crate::lifecycle::requests::{sql_identifier, sql_literal};
+use crate::lifecycle::retention::Retention;
+use crate::pipeline::dead_letter;
+use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
+use crate::privacy::stage::{PrivacyShared, decrypt};
+use crate::privacy::vault::VehicleKeys;
 use crate::query::{empty_table, listing_table};
-use crate::requests::{sql_identifier, sql_literal};
-use crate::retention::Retention;
 use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
 };
-use crate::vault::VehicleKeys;
 
 /// What a principal's view does to a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -576,7 +576,9 @@ fn masked_column(field: &FieldSpec) -> String {
 }
 
 fn sql_text(text: &str) -> String {
-    sql_literal(&crate::requests::MatchValue::Text(text.to_owned()))
+    sql_literal(&crate::lifecycle::requests::MatchValue::Text(
+        text.to_owned(),
+    ))
 }
 
 fn in_list(ids: &[String]) -> String {
@@ -584,7 +586,7 @@ fn in_list(ids: &[String]) -> String {
         // Matches nothing; keeps the SQL valid.
         "(NULL)".to_owned()
     } else {
-        sql_literal(&crate::requests::MatchValue::AnyOf(ids.to_vec()))
+        sql_literal(&crate::lifecycle::requests::MatchValue::AnyOf(ids.to_vec()))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Who may query: principals, the tenures that tie users to vehicles, and
 //! the grants users give third parties. One JSON file (`[access]
-//! registry_file`), changed only through [`crate::requests::update`]
+//! registry_file`), changed only through [`crate::lifecycle::requests::update`]
 //! (exclusive lock, write, fsync, rename), so the admin API and the CLI can
 //! both change it without losing an entry.
 //!
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{AccessError, Result};
-use crate::pseudo::is_vin;
+use crate::privacy::pseudo::is_vin;
 use crate::schema::Stream;
 
 /// The kinds of principal the Data Act rules distinguish.

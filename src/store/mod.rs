@@ -6,7 +6,6 @@
 //! A file becomes visible only by an atomic rename after it and its directory
 //! are fsync'd, so a reader never sees a partial file.
 
-mod batch;
 mod writer;
 
 use std::collections::HashSet;
@@ -18,7 +17,6 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use crate::schema::Stream;
 use crate::wal::{self, EntryId};
 
-pub use batch::StreamBatcher;
 pub use writer::{
     Commit, CommitListener, TableBatch, WriterSettings, spawn_writer, writer_properties,
 };
@@ -71,7 +69,7 @@ impl Table {
     pub fn name(self) -> &'static str {
         match self {
             Table::Stream(s) => s.name(),
-            Table::DeadLetters => crate::dead_letter::TABLE,
+            Table::DeadLetters => crate::pipeline::dead_letter::TABLE,
         }
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use fleetgate::config::Config;
+use fleetgate::ops::server::ServerHandle;
 use fleetgate::schema::Stream;
-use fleetgate::server::ServerHandle;
 use hmac::{Hmac, Mac};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sha2::Sha256;
@@ -43,7 +43,7 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
         adjust(&mut config);
-        let handle = fleetgate::server::start(&config).expect("server starts");
+        let handle = fleetgate::ops::server::start(&config).expect("server starts");
         Self {
             handle,
             config,
@@ -67,7 +67,10 @@ impl TestServer {
 /// Publishes every (topic, payload) at QoS 1 over one MQTT 3.1.1 connection
 /// and returns once every PUBACK has arrived.
 pub async fn publish_all(addr: std::net::SocketAddr, messages: &[(String, Vec<u8>)]) {
-    let client_id = format!("test-publisher-{:016x}", fleetgate::ingest::random_nonce());
+    let client_id = format!(
+        "test-publisher-{:016x}",
+        fleetgate::ingest::link::random_nonce()
+    );
     let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
     options.set_keep_alive(Duration::from_secs(30));
@@ -118,7 +121,8 @@ pub async fn query(data_dir: &Path, sql: &str) -> Vec<RecordBatch> {
 /// Runs SQL as seen at `now_ms`, under the built-in retention rules.
 pub async fn query_at(data_dir: &Path, sql: &str, now_ms: i64) -> Vec<RecordBatch> {
     let registry = fleetgate::schema::Registry::load().expect("schemas");
-    let retention = fleetgate::retention::Retention::load(None, &registry).expect("rules");
+    let retention =
+        fleetgate::lifecycle::retention::Retention::load(None, &registry).expect("rules");
     let ctx = fleetgate::query::session_at(data_dir, &registry, &retention, now_ms)
         .await
         .expect("session");
@@ -174,9 +178,9 @@ pub fn vehicle_keys(
     key_file: &Path,
     vault_file: &Path,
     vin: &str,
-) -> Option<fleetgate::vault::VehicleKeys> {
-    let ring = fleetgate::pseudo::KeyRing::load_or_create(key_file).expect("key ring");
-    let vault = fleetgate::vault::Vault::open(vault_file, &ring).expect("vault");
+) -> Option<fleetgate::privacy::vault::VehicleKeys> {
+    let ring = fleetgate::privacy::pseudo::KeyRing::load_or_create(key_file).expect("key ring");
+    let vault = fleetgate::privacy::vault::Vault::open(vault_file, &ring).expect("vault");
     vault.get(vin).expect("vault read")
 }
 

@@ -19,21 +19,22 @@ use std::time::Duration;
 use crossbeam::channel::bounded;
 
 use crate::access::{AccessEnv, AccessError};
-use crate::auth::Credentials;
 use crate::config::{Config, ConfigError, RetentionConfig, SinkKind};
-use crate::decode::Limits;
-use crate::http::{self, AdminHttp, AdminState, HttpError, Queue};
+use crate::ingest::auth::Credentials;
+use crate::ingest::{broker, link as ingest};
+use crate::lifecycle::retention::{self, Retention, RetentionError};
 use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
-use crate::pipeline::{PipelineError, WorkerContext, spawn_worker};
-use crate::privacy::PrivacyShared;
-use crate::retention::{self, Retention, RetentionError};
+use crate::ops::http::{self, AdminHttp, AdminState, HttpError, Queue};
+use crate::pipeline::dead_letter;
+use crate::pipeline::decode::Limits;
+use crate::pipeline::worker::{PipelineError, WorkerContext, spawn_worker};
+use crate::privacy::stage::PrivacyShared;
+use crate::privacy::vault::VaultError;
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
     StoreError, Table, TableBatch, WriterSettings, committed_wal_entries, spawn_writer, table_dir,
 };
-use crate::vault::VaultError;
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
-use crate::{broker, dead_letter, ingest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

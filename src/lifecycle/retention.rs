@@ -23,16 +23,16 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RetentionConfig;
-use crate::dead_letter;
-use crate::requests::{
+use crate::lifecycle::requests::{
     self, DeletionRequest, LegalHold, MatchValue, RequestError, Selection, column_matches,
     sql_identifier, sql_literal,
 };
+use crate::pipeline::dead_letter;
 use crate::schema::Registry;
 use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir, writer_properties};
 
 /// The built-in rules.
-const BUILT_IN: &str = include_str!("../schemas/retention.toml");
+const BUILT_IN: &str = include_str!("../../schemas/retention.toml");
 const HOUR_MS: i64 = 3_600_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +101,7 @@ struct RulesFile {
 #[derive(Debug, Clone)]
 pub struct Retention {
     tables: BTreeMap<String, Vec<Rule>>,
-    /// Rows that must go because of an event (see [`crate::requests`]).
+    /// Rows that must go because of an event (see [`crate::lifecycle::requests`]).
     requests: Vec<DeletionRequest>,
     /// Rows legal holds keep, whatever the rules and requests say.
     held: Vec<Selection>,

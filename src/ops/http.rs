@@ -1,5 +1,5 @@
 //! The HTTP endpoint: `GET /metrics` in the Prometheus text format,
-//! `POST /admin/events` for vehicle events (see [`crate::events`]),
+//! `POST /admin/events` for vehicle events (see [`crate::lifecycle::events`]),
 //! `/admin/principals`, `/admin/transfers` and `/admin/grants` for the
 //! access registry, a periodic one-line throughput summary in the log, and
 //! for principals (bearer token): `POST /sql` and `GET /export` through
@@ -25,11 +25,11 @@ use tokio::sync::oneshot;
 
 use crate::access::registry::{GrantRequest, PrincipalKind, Role};
 use crate::access::{AccessEnv, AccessError};
-use crate::auth::{AuthCounters, Credentials, Refusal};
 use crate::config::RetentionConfig;
-use crate::events::{self, EventError, EventRequest};
+use crate::ingest::auth::{AuthCounters, Credentials, Refusal};
+use crate::lifecycle::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
-use crate::privacy::PrivacyShared;
+use crate::privacy::stage::PrivacyShared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -227,7 +227,7 @@ async fn vehicle_event(
         &state.privacy,
         &state.retention,
         &request,
-        crate::ingest::now_ms(),
+        crate::ingest::link::now_ms(),
     );
     match outcome {
         Ok(effect) => (
@@ -314,7 +314,7 @@ async fn sql(
             &principal,
             &request.purpose,
             &request.sql,
-            crate::ingest::now_ms(),
+            crate::ingest::link::now_ms(),
         )
         .await
     {
@@ -364,7 +364,12 @@ fn arrow_ipc(batches: &[arrow::array::RecordBatch]) -> Result<Vec<u8>, crate::qu
 /// The bearer's Art. 4 export as one JSON document.
 async fn export(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
     let exported = match bearer(&state, &headers) {
-        Ok(user) => state.access.export(&user, crate::ingest::now_ms()).await,
+        Ok(user) => {
+            state
+                .access
+                .export(&user, crate::ingest::link::now_ms())
+                .await
+        }
         Err(e) => Err(e),
     };
     match exported.and_then(|e| e.to_json()) {
@@ -396,7 +401,7 @@ async fn add_principal(
         request.role,
         request.eea,
         request.gatekeeper,
-        crate::ingest::now_ms(),
+        crate::ingest::link::now_ms(),
     );
     match added {
         Ok(token) => Json(serde_json::json!({ "id": request.id, "token": token })).into_response(),
@@ -418,7 +423,7 @@ async fn transfer(
     State(state): State<Arc<AdminState>>,
     Json(request): Json<TransferRequest>,
 ) -> Response {
-    let now = crate::ingest::now_ms();
+    let now = crate::ingest::link::now_ms();
     let at = request.at_ms.unwrap_or(now);
     match state.access.transfer(&request.user, &request.vin, at, now) {
         Ok(()) => Json(serde_json::json!({ "user": request.user, "from_ms": at })).into_response(),
@@ -431,7 +436,11 @@ async fn grant(
     State(state): State<Arc<AdminState>>,
     Json(request): Json<GrantRequest>,
 ) -> Response {
-    grant_answer(state.access.give_grant(request, crate::ingest::now_ms()))
+    grant_answer(
+        state
+            .access
+            .give_grant(request, crate::ingest::link::now_ms()),
+    )
 }
 
 fn grant_answer(given: Result<String, AccessError>) -> Response {
@@ -447,7 +456,7 @@ async fn revoke(State(state): State<Arc<AdminState>>, Path(id): Path<String>) ->
         &id,
         state
             .access
-            .revoke_grant(&id, None, crate::ingest::now_ms()),
+            .revoke_grant(&id, None, crate::ingest::link::now_ms()),
     )
 }
 
@@ -500,7 +509,9 @@ async fn user_grant(
             from_ms: request.from_ms,
             until_ms: request.until_ms,
         };
-        state.access.give_grant(request, crate::ingest::now_ms())
+        state
+            .access
+            .give_grant(request, crate::ingest::link::now_ms())
     });
     grant_answer(given)
 }
@@ -514,7 +525,7 @@ async fn user_revoke(
     let revoked = bearer_user(&state, &headers).and_then(|user| {
         state
             .access
-            .revoke_grant(&id, Some(&user.id), crate::ingest::now_ms())
+            .revoke_grant(&id, Some(&user.id), crate::ingest::link::now_ms())
     });
     revoke_answer(&id, revoked)
 }

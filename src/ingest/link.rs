@@ -23,10 +23,10 @@ use crossbeam::channel::Sender;
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 
-use crate::broker::PUBLISHER_PROPERTY;
-use crate::dead_letter::{RejectCode, Rejection};
+use crate::ingest::broker::PUBLISHER_PROPERTY;
 use crate::metrics::Metrics;
-use crate::pseudo::is_vin;
+use crate::pipeline::dead_letter::{RejectCode, Rejection};
+use crate::privacy::pseudo::is_vin;
 use crate::schema::Stream;
 
 /// First topic level of vehicle topics: `vehicles/{VIN}/{stream}`.

@@ -19,16 +19,17 @@ use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
-use crate::dead_letter::{self, DeadLetter, RejectCode};
-use crate::decode::{self, Decoded, Limits, RejectedBytes};
-use crate::ingest::{Inbound, Route, TOPIC_ROOT};
+use crate::ingest::link::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
-use crate::privacy::{Privacy, PrivacyShared};
-use crate::pseudo::is_vin;
+use crate::pipeline::batch::StreamBatcher;
+use crate::pipeline::dead_letter::{self, DeadLetter, RejectCode};
+use crate::pipeline::decode::{self, Decoded, Limits, RejectedBytes};
+use crate::privacy::pseudo::is_vin;
+use crate::privacy::stage::{Privacy, PrivacyShared};
 use crate::schema::{
     INTERNAL_DOMAIN, RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform,
 };
-use crate::store::{PartitionKey, StoreError, StreamBatcher, Table, TableBatch};
+use crate::store::{PartitionKey, StoreError, Table, TableBatch};
 use crate::wal::{EntryId, ShardWal};
 
 /// Most publishes a worker takes per round before handing its batches on.
@@ -145,7 +146,7 @@ impl Worker {
                     if let Ok(mut h) = wal.fsync_micros.lock() {
                         h.saturating_record(synced.took.as_micros() as u64);
                     }
-                    let now = crate::ingest::now_ms();
+                    let now = crate::ingest::link::now_ms();
                     if let Ok(mut h) = wal.receipt_to_durable_ms.lock() {
                         for column in self.unsynced_receipts.drain(..) {
                             if let Some(times) =

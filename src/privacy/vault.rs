@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::pseudo::{KEY_BYTES, KeyRing, Secret};
+use crate::privacy::pseudo::{KEY_BYTES, KeyRing, Secret};
 
 const VEHICLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vehicles");
 const CONSENT: TableDefinition<&[u8], u8> = TableDefinition::new("consent");
@@ -33,7 +33,7 @@ pub enum VaultError {
     #[error("vault {path}: an entry of {len} bytes is malformed")]
     Malformed { path: PathBuf, len: usize },
     #[error(transparent)]
-    Key(#[from] crate::pseudo::PseudoError),
+    Key(#[from] crate::privacy::pseudo::PseudoError),
 }
 
 pub type Result<T, E = VaultError> = std::result::Result<T, E>;
@@ -199,7 +199,7 @@ impl Vault {
             let mut value = Vec::with_capacity(VEHICLE_VALUE_BYTES);
             value.extend_from_slice(&fresh.secret.0);
             value.extend_from_slice(&fresh.data_key.0);
-            value.extend_from_slice(&crate::ingest::now_ms().to_le_bytes());
+            value.extend_from_slice(&crate::ingest::link::now_ms().to_le_bytes());
             table.insert(index.as_slice(), value.as_slice())?;
             Ok(value)
         })?;

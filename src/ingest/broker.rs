@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 
-use crate::auth::Credentials;
 use crate::config::BrokerConfig;
+use crate::ingest::auth::Credentials;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -72,7 +72,7 @@ pub struct EmbeddedBroker {
 
 /// Starts rumqttd and waits until it accepts MQTT connections. With
 /// `credentials`, every CONNECT on the plain listeners must log in (see
-/// [`crate::auth`]); `rate_limited` counts the seconds in which a
+/// [`crate::ingest::auth`]); `rate_limited` counts the seconds in which a
 /// connection hit `max_publishes_per_second`.
 pub fn start(
     config: &BrokerConfig,
@@ -248,7 +248,10 @@ fn wait_until(
 /// client id whose previous connection failed during set-up connects again
 /// (`will_handlers` in its server/broker.rs).
 fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
-    let client_id = format!("fleetgate-probe-{:016x}", crate::ingest::random_nonce());
+    let client_id = format!(
+        "fleetgate-probe-{:016x}",
+        crate::ingest::link::random_nonce()
+    );
     let mut variable = Vec::with_capacity(32);
     variable.extend_from_slice(b"\x00\x04MQTT");
     variable.push(level);

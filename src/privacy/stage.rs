@@ -24,9 +24,9 @@ use std::time::Duration;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
-use crate::pseudo::{self, KeyRing, Secret};
+use crate::privacy::pseudo::{self, KeyRing, Secret};
+use crate::privacy::vault::{Consent, Vault, VaultError, VehicleKeys};
 use crate::schema::INTERNAL_DOMAIN;
-use crate::vault::{Consent, Vault, VaultError, VehicleKeys};
 
 /// Bytes of a ChaCha20-Poly1305 nonce, stored in front of each ciphertext.
 const NONCE_BYTES: usize = 12;

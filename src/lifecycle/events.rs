@@ -7,7 +7,7 @@
 //!
 //! A case closed, a remote-managed charging session ended, an analysis
 //! completed or charge history switched off records a deletion request for
-//! the rows they name (see [`crate::requests`]): hidden at once, deleted
+//! the rows they name (see [`crate::lifecycle::requests`]): hidden at once, deleted
 //! from disk by the next retention sweep. A legal hold on a vehicle or a
 //! case keeps its rows whatever retention or a request says, and refuses
 //! the vehicle's erasure, until it is released.
@@ -19,11 +19,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::RetentionConfig;
-use crate::privacy::PrivacyShared;
-use crate::pseudo::{is_vin, vin_tag};
-use crate::requests::{self, DeletionRequest, LegalHold, MatchValue, Selection};
+use crate::lifecycle::requests::{self, DeletionRequest, LegalHold, MatchValue, Selection};
+use crate::privacy::pseudo::{is_vin, vin_tag};
+use crate::privacy::stage::PrivacyShared;
+use crate::privacy::vault::{Consent, VaultError};
 use crate::schema::INTERNAL_DOMAIN;
-use crate::vault::{Consent, VaultError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -36,7 +36,7 @@ pub enum EventError {
     #[error("the vehicle is under legal hold {0}: its erasure waits for the hold's release")]
     LegalHold(String),
     #[error(transparent)]
-    Request(#[from] crate::requests::RequestError),
+    Request(#[from] crate::lifecycle::requests::RequestError),
     #[error(transparent)]
     Vault(#[from] VaultError),
     #[error("audit log {path}: {source}")]
@@ -299,9 +299,11 @@ pub fn apply(
         "case_id": request.case_id,
         "effect": effect,
     });
-    crate::retention::append_audit(audit_file, &[line]).map_err(|e| EventError::Audit {
-        path: audit_file.display().to_string(),
-        source: e,
+    crate::lifecycle::retention::append_audit(audit_file, &[line]).map_err(|e| {
+        EventError::Audit {
+            path: audit_file.display().to_string(),
+            source: e,
+        }
     })?;
     Ok(effect)
 }

@@ -11,10 +11,10 @@ use arrow::array::{
     Int64Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
 };
 
-use super::{PartitionKey, Result};
-use crate::decode::{Record, Value};
-use crate::privacy::Privacy;
+use crate::pipeline::decode::{Record, Value};
+use crate::privacy::stage::Privacy;
 use crate::schema::{FieldSpec, FieldType, StreamSchema, Transform};
+use crate::store::{PartitionKey, Result};
 
 enum Column {
     Binary(BinaryBuilder),

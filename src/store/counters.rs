@@ -1,0 +1,73 @@
+//! The store's commits, failures and held memory, fed into the counters of
+//! each table (see [`crate::metrics`]).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::core::table::Stream;
+use crate::metrics::{Metrics, TableCounters};
+use crate::store::{Commit, CommitListener, StoreError, TableBatch};
+
+/// Feeds a table writer's commits into the counters of its table.
+pub struct TableListener {
+    metrics: Arc<Metrics>,
+    table: Option<Stream>,
+}
+
+impl TableListener {
+    /// `None` is the dead-letter table.
+    pub fn new(metrics: Arc<Metrics>, table: Option<Stream>) -> Arc<Self> {
+        Arc::new(Self { metrics, table })
+    }
+
+    fn counters(&self) -> &TableCounters {
+        match self.table {
+            Some(s) => &self.metrics.stream(s).table,
+            None => &self.metrics.dead_letters,
+        }
+    }
+}
+
+impl CommitListener for TableListener {
+    fn committed(&self, commit: &Commit, batches: &[TableBatch]) {
+        let c = self.counters();
+        c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
+        c.files_committed.fetch_add(1, Relaxed);
+        c.bytes_committed.fetch_add(commit.bytes, Relaxed);
+        let now = crate::core::clock::now_ms();
+        if let Ok(mut h) = self.metrics.wal.receipt_to_queryable_ms.lock() {
+            for b in batches {
+                let times = b
+                    .batch
+                    .column_by_name(crate::schema::RECEIVED_AT_COLUMN)
+                    .and_then(|c| {
+                        c.as_any()
+                            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                            .cloned()
+                    });
+                for t in times
+                    .iter()
+                    .flat_map(|a| a.values().iter().copied().collect::<Vec<_>>())
+                {
+                    h.saturating_record((now - t).max(0) as u64);
+                }
+            }
+        }
+    }
+
+    fn holding(&self, bytes: usize) {
+        let c = self.counters();
+        c.held_bytes.store(bytes as u64, Relaxed);
+        c.held_bytes_peak.fetch_max(bytes as u64, Relaxed);
+    }
+
+    fn failed(&self, error: &StoreError, rows_delayed: usize) {
+        let table = self
+            .table
+            .map_or(crate::core::table::DEAD_LETTERS, Stream::name);
+        tracing::error!(table, rows_delayed, %error, "write failed; will write these rows again");
+        self.counters()
+            .rows_delayed_by_write_errors
+            .fetch_add(rows_delayed as u64, Relaxed);
+    }
+}
