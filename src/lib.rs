@@ -2,6 +2,7 @@
 //!
 //! The path of one record, one folder per stage, each depending only on the
 //! ones listed before it:
+//! - [`core`]: the leaf: clock, tables and partitions, consent, reject codes, durable files;
 //! - [`config`]: the configuration file and its defaults;
 //! - [`schema`]: the stream schemas in `schemas/`, the single source of truth;
 //! - [`privacy`]: key ring ([`privacy::pseudo`]), each vehicle's secrets and consent
@@ -21,7 +22,10 @@
 //! - [`ops`]: the server that wires the stages and shuts them down in order
 //!   ([`ops::server`]), the admin HTTP endpoint ([`ops::http`]).
 
-// Bottom-up: a module names only modules above it in this list.
+// Bottom-up: a module names only modules above it in this list
+// (`tests/layers.rs` checks it).
+pub mod core;
+
 pub mod config;
 
 pub mod schema;

@@ -320,7 +320,7 @@ fn main() -> anyhow::Result<()> {
                         &as_principal,
                         &purpose,
                         &statement,
-                        fleetgate::ingest::link::now_ms(),
+                        fleetgate::core::clock::now_ms(),
                     )
                     .await?;
                 anyhow::Ok(query::format(&answer.batches, format)?)
@@ -337,7 +337,7 @@ fn main() -> anyhow::Result<()> {
             let config = common.load()?;
             let env = AccessEnv::new(&config, Some(open_privacy(&config)?))?;
             let user = env.principal(&user)?;
-            let export = runtime.block_on(env.export(&user, fleetgate::ingest::link::now_ms()))?;
+            let export = runtime.block_on(env.export(&user, fleetgate::core::clock::now_ms()))?;
             for path in export.write_dir(&out, format)? {
                 println!("{}", path.display());
             }
@@ -356,7 +356,7 @@ fn main() -> anyhow::Result<()> {
             let tag_key = keys.redaction_key();
             match action {
                 VehicleAction::Credential { vin } => {
-                    let now = fleetgate::ingest::link::now_ms();
+                    let now = fleetgate::core::clock::now_ms();
                     println!(
                         "{}",
                         fleetgate::ingest::auth::issue(&path, &tag_key, &vin, now)?
@@ -395,7 +395,7 @@ fn open_privacy(config: &Config) -> anyhow::Result<Arc<PrivacyShared>> {
 }
 
 fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
-    let now = fleetgate::ingest::link::now_ms();
+    let now = fleetgate::core::clock::now_ms();
     // Changes audit the VIN's keyed tag, so they open the vault; listing does not.
     let env = || -> anyhow::Result<AccessEnv> {
         Ok(AccessEnv::new(config, Some(open_privacy(config)?))?)
@@ -486,7 +486,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
                 &privacy,
                 &config.retention,
                 &request,
-                fleetgate::ingest::link::now_ms(),
+                fleetgate::core::clock::now_ms(),
             )?;
             println!("{}: {effect}", request.event.name());
         }
@@ -501,7 +501,7 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
     let rules = Retention::current(&config.retention, &registry)?;
     let run = retention::SweepRun {
-        now_ms: fleetgate::ingest::link::now_ms(),
+        now_ms: fleetgate::core::clock::now_ms(),
         since_ms: None,
         zstd_level: config.storage.zstd_level,
         dry_run,

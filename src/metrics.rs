@@ -11,9 +11,8 @@ use hdrhistogram::Histogram;
 
 use serde::Serialize;
 
-use crate::pipeline::dead_letter::RejectCode;
+use crate::core::reject::RejectCode;
 use crate::schema::Stream;
-use crate::store::{Commit, CommitListener, StoreError, TableBatch};
 
 /// Counts of one table's committed files.
 #[derive(Debug, Default)]
@@ -136,7 +135,7 @@ impl PolicyDrop {
         }
     }
 
-    /// The drop of a gate needing `consent` (one of `vault::Consent::NAMES`).
+    /// The drop of a gate needing `consent` (one of `core::consent::Consent::NAMES`).
     pub fn for_consent(consent: &str) -> Self {
         match consent {
             "product_quality" => PolicyDrop::ConsentProductQuality,
@@ -235,7 +234,7 @@ pub struct StreamSnapshot {
 impl Metrics {
     /// The counters of a table by name: a stream's or the dead letters'.
     pub fn table(&self, name: &str) -> Option<&TableCounters> {
-        if name == crate::pipeline::dead_letter::TABLE {
+        if name == crate::core::table::DEAD_LETTERS {
             return Some(&self.dead_letters);
         }
         Stream::from_name(name).map(|s| &self.stream(s).table)
@@ -404,7 +403,7 @@ impl Metrics {
         let tables: Vec<(&str, &TableCounters)> = Stream::ALL
             .iter()
             .map(|s| (s.name(), &self.stream(*s).table))
-            .chain([(crate::pipeline::dead_letter::TABLE, &self.dead_letters)])
+            .chain([(crate::core::table::DEAD_LETTERS, &self.dead_letters)])
             .collect();
         let per_table = |f: &dyn Fn(&TableCounters) -> u64| {
             tables
@@ -554,69 +553,5 @@ impl Metrics {
             receipt_to_queryable_ms = ?snap.receipt_to_queryable_ms,
             "write-ahead log totals"
         );
-    }
-}
-
-/// Feeds a table writer's commits into the counters of its table.
-pub struct TableListener {
-    metrics: Arc<Metrics>,
-    table: Option<Stream>,
-}
-
-impl TableListener {
-    /// `None` is the dead-letter table.
-    pub fn new(metrics: Arc<Metrics>, table: Option<Stream>) -> Arc<Self> {
-        Arc::new(Self { metrics, table })
-    }
-
-    fn counters(&self) -> &TableCounters {
-        match self.table {
-            Some(s) => &self.metrics.stream(s).table,
-            None => &self.metrics.dead_letters,
-        }
-    }
-}
-
-impl CommitListener for TableListener {
-    fn committed(&self, commit: &Commit, batches: &[TableBatch]) {
-        let c = self.counters();
-        c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
-        c.files_committed.fetch_add(1, Relaxed);
-        c.bytes_committed.fetch_add(commit.bytes, Relaxed);
-        let now = crate::ingest::link::now_ms();
-        if let Ok(mut h) = self.metrics.wal.receipt_to_queryable_ms.lock() {
-            for b in batches {
-                let times = b
-                    .batch
-                    .column_by_name(crate::schema::RECEIVED_AT_COLUMN)
-                    .and_then(|c| {
-                        c.as_any()
-                            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
-                            .cloned()
-                    });
-                for t in times
-                    .iter()
-                    .flat_map(|a| a.values().iter().copied().collect::<Vec<_>>())
-                {
-                    h.saturating_record((now - t).max(0) as u64);
-                }
-            }
-        }
-    }
-
-    fn holding(&self, bytes: usize) {
-        let c = self.counters();
-        c.held_bytes.store(bytes as u64, Relaxed);
-        c.held_bytes_peak.fetch_max(bytes as u64, Relaxed);
-    }
-
-    fn failed(&self, error: &StoreError, rows_delayed: usize) {
-        let table = self
-            .table
-            .map_or(crate::pipeline::dead_letter::TABLE, Stream::name);
-        tracing::error!(table, rows_delayed, %error, "write failed; will write these rows again");
-        self.counters()
-            .rows_delayed_by_write_errors
-            .fetch_add(rows_delayed as u64, Relaxed);
     }
 }

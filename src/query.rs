@@ -59,7 +59,7 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext> {
         data_dir,
         &registry,
         &retention,
-        crate::ingest::link::now_ms(),
+        crate::core::clock::now_ms(),
     )
     .await
 }
@@ -84,7 +84,10 @@ pub async fn session_at(
     let tables = registry
         .iter()
         .map(|s| (s.stream.name(), s.arrow.clone()))
-        .chain([(dead_letter::TABLE, dead_letter::arrow_schema())]);
+        .chain([(
+            crate::core::table::DEAD_LETTERS,
+            dead_letter::arrow_schema(),
+        )]);
     for (name, schema) in tables {
         let Some(listing) = listing_table(data_dir, name, schema.clone())? else {
             ctx.register_table(name, empty_table(&schema)?)?;

@@ -6,11 +6,12 @@
 //! each table is derived from them; no field list is written anywhere else.
 //! The schema files are compiled into the binary, so a release runs anywhere.
 
-use std::fmt;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::Deserialize;
+
+pub use crate::core::table::Stream;
 
 /// Errors in a schema file. Each names the stream and field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -32,61 +33,19 @@ pub enum SchemaError {
 
 pub type Result<T, E = SchemaError> = std::result::Result<T, E>;
 
-/// The four telemetry streams a vehicle publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stream {
-    Teleservice,
-    Rtti,
-    Diagnostics,
-    Charging,
-}
-
-impl Stream {
-    pub const ALL: [Stream; 4] = [
-        Stream::Teleservice,
-        Stream::Rtti,
-        Stream::Diagnostics,
-        Stream::Charging,
-    ];
-
-    /// The topic segment and table name of the stream.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stream::Teleservice => "teleservice",
-            Stream::Rtti => "rtti",
-            Stream::Diagnostics => "diagnostics",
-            Stream::Charging => "charging",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Stream> {
-        Stream::ALL.into_iter().find(|s| s.name() == name)
-    }
-
-    /// Position in [`Stream::ALL`], for per-stream arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    fn source(self) -> (&'static str, &'static str) {
-        match self {
-            Stream::Teleservice => (
-                "teleservice.toml",
-                include_str!("../schemas/teleservice.toml"),
-            ),
-            Stream::Rtti => ("rtti.toml", include_str!("../schemas/rtti.toml")),
-            Stream::Diagnostics => (
-                "diagnostics.toml",
-                include_str!("../schemas/diagnostics.toml"),
-            ),
-            Stream::Charging => ("charging.toml", include_str!("../schemas/charging.toml")),
-        }
-    }
-}
-
-impl fmt::Display for Stream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// The file name and text of a stream's schema in `schemas/`.
+fn source(stream: Stream) -> (&'static str, &'static str) {
+    match stream {
+        Stream::Teleservice => (
+            "teleservice.toml",
+            include_str!("../schemas/teleservice.toml"),
+        ),
+        Stream::Rtti => ("rtti.toml", include_str!("../schemas/rtti.toml")),
+        Stream::Diagnostics => (
+            "diagnostics.toml",
+            include_str!("../schemas/diagnostics.toml"),
+        ),
+        Stream::Charging => ("charging.toml", include_str!("../schemas/charging.toml")),
     }
 }
 
@@ -201,7 +160,7 @@ pub struct ConsentGate {
     pub field: String,
     /// The value of `field` that selects them.
     pub equals: String,
-    /// The consent they need (see `vault::Consent::NAMES`).
+    /// The consent they need (see `core::consent::Consent::NAMES`).
     pub consent: String,
     /// Where the seed says so.
     pub seed: String,
@@ -328,7 +287,7 @@ pub struct StreamSchema {
 
 impl StreamSchema {
     fn load(stream: Stream, dir: Option<&std::path::Path>) -> Result<Self> {
-        let (file, built_in) = stream.source();
+        let (file, built_in) = source(stream);
         let text = match dir {
             Some(dir) => {
                 let path = dir.join(file);
@@ -395,7 +354,7 @@ impl StreamSchema {
                     gate.field
                 )));
             }
-            if !crate::privacy::vault::Consent::NAMES.contains(&gate.consent.as_str()) {
+            if !crate::core::consent::Consent::NAMES.contains(&gate.consent.as_str()) {
                 return Err(stream_err(format!(
                     "consent gate needs unknown consent {:?}",
                     gate.consent

@@ -28,7 +28,8 @@ use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 
-use crate::store::{PartitionKey, Table};
+use crate::core::fsio;
+use crate::core::table::{PartitionKey, Table};
 
 const MAGIC: &[u8; 8] = b"FGWAL001";
 const HEADER_BYTES: usize = 16;
@@ -58,6 +59,8 @@ pub enum WalError {
     },
     #[error("WAL entry encoding: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("the WAL tracker's lock is poisoned: no segment is deleted until restart")]
+    TrackerPoisoned,
 }
 
 pub type Result<T, E = WalError> = std::result::Result<T, E>;
@@ -119,12 +122,14 @@ impl Tracker {
         }
     }
 
-    /// The lowest pending sequence number of a shard, if any is pending.
-    pub fn lowest_pending(&self, shard: u16) -> Option<u64> {
+    /// The lowest pending sequence number of a shard (`None`: none pending).
+    /// Fails closed: once a thread panicked holding the lock, nobody knows
+    /// which entries are pending, and the answer is an error, never `None`.
+    pub fn lowest_pending(&self, shard: u16) -> Result<Option<u64>> {
         self.pending
             .lock()
-            .ok()
-            .and_then(|p| p.get(&shard).and_then(|s| s.first().copied()))
+            .map(|p| p.get(&shard).and_then(|s| s.first().copied()))
+            .map_err(|_| WalError::TrackerPoisoned)
     }
 
     /// Number of entries still pending, over all shards.
@@ -270,7 +275,7 @@ impl ShardWal {
     pub fn truncate_covered(&mut self) -> Result<usize> {
         let watermark = self
             .tracker
-            .lowest_pending(self.shard)
+            .lowest_pending(self.shard)?
             .unwrap_or(self.next_seq);
         let mut removed = 0;
         while let Some(segment) = self.sealed.first() {
@@ -341,7 +346,7 @@ fn new_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf)> {
         .map_err(io_err(&path))?;
     let mut header = [0u8; HEADER_BYTES];
     header[..8].copy_from_slice(MAGIC);
-    header[8..].copy_from_slice(&crate::ingest::link::now_ms().to_le_bytes());
+    header[8..].copy_from_slice(&crate::core::clock::now_ms().to_le_bytes());
     file.write_all(&header).map_err(io_err(&path))?;
     file.sync_all().map_err(io_err(&path))?;
     sync_dir(dir)?;
@@ -349,9 +354,7 @@ fn new_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf)> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    fsio::sync_dir(dir).map_err(io_err(dir))
 }
 
 fn encode_frame(
@@ -810,6 +813,34 @@ mod tests {
         assert_eq!(wal.truncate_covered().expect("truncate"), 2);
         wal.close().expect("close");
         assert_eq!(segments(), 0, "a closed, fully committed log is empty");
+    }
+
+    #[test]
+    fn a_poisoned_tracker_keeps_every_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tracker = Arc::new(Tracker::default());
+        let mut wal =
+            ShardWal::open(&settings(dir.path(), 1), 0, None, tracker.clone()).expect("open");
+        for i in 0..2 {
+            wal.append(
+                Table::DeadLetters,
+                PartitionKey::from_millis(PARTITION_MS),
+                &batch(i),
+            )
+            .expect("append");
+            wal.sync().expect("sync");
+        }
+        // A thread that panics while holding the lock poisons it: from then
+        // on nobody knows which entries are pending.
+        let poisoner = tracker.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = poisoner.pending.lock();
+            panic!("poison the tracker");
+        })
+        .join();
+        let segments = || fs::read_dir(shard_dir(dir.path(), 0)).expect("dir").count();
+        assert!(wal.truncate_covered().is_err(), "truncation must refuse");
+        assert_eq!(segments(), 3, "no sealed segment was deleted");
     }
 
     #[test]

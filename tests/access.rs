@@ -793,7 +793,7 @@ async fn revocation_gatekeepers_audit_and_export() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_and_export_over_http() {
     let server = TestServer::start();
-    let now = fleetgate::ingest::link::now_ms();
+    let now = fleetgate::core::clock::now_ms();
     publish_all(
         server.handle.mqtt_addr(),
         &[

@@ -109,7 +109,7 @@ fn unknown_config_key_is_refused_by_name() {
 async fn admin_retention_lists_then_deletes_expired_partitions() {
     let server = TestServer::start();
     let vin = "WMW11DJ04N2T00001";
-    let three_days_ago = fleetgate::ingest::link::now_ms() - 3 * 86_400_000;
+    let three_days_ago = fleetgate::core::clock::now_ms() - 3 * 86_400_000;
     let probe = rtti_probe(vin, three_days_ago);
     publish_all(server.handle.mqtt_addr(), &[probe]).await;
     let data = server.data_dir();

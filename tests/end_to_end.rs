@@ -383,7 +383,7 @@ async fn every_example_is_stored_or_dead_lettered_exactly() {
     assert_eq!(totals.dead_letters_stored as usize, expected_dl.len());
 
     // Topics carry the pseudonym in the VIN slot; reasons are not empty.
-    let now_epoch = epoch_of(fleetgate::ingest::link::now_ms());
+    let now_epoch = epoch_of(fleetgate::core::clock::now_ms());
     let test_vehicle = expected_vehicle_id(&key_file, &vault_file, INVALID_EXAMPLE_VIN, now_epoch)
         .expect("vault secret");
     for d in &dead {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use fleetgate::privacy::vault::Consent;
+use fleetgate::core::consent::Consent;
 use fleetgate::schema::Stream;
 
 const A: &str = "WMW11DJ04N2T00001";

@@ -257,7 +257,7 @@ fn parquet_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_sweeps_expired_partitions_in_the_background() {
     let server = TestServer::start_with(|c| c.retention.sweep_interval_secs = 1);
-    let three_days_ago = fleetgate::ingest::link::now_ms() - 3 * DAY_MS;
+    let three_days_ago = fleetgate::core::clock::now_ms() - 3 * DAY_MS;
     let probe = rtti_probe(VIN, three_days_ago);
     publish_all(server.handle.mqtt_addr(), &[probe]).await;
     let metrics = server.handle.metrics().clone();

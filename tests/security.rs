@@ -154,7 +154,7 @@ fn mosquitto_pub(pki: &Pki, port: u16, client: &str, topic: &str, payload: &str)
 fn teleservice(vin: &str, seq: u32) -> String {
     format!(
         r#"{{"vin":"{vin}","ts":{},"seq":{seq},"trigger":"monthly"}}"#,
-        fleetgate::ingest::link::now_ms()
+        fleetgate::core::clock::now_ms()
     )
 }
 
@@ -497,7 +497,7 @@ async fn a_flooding_client_does_not_starve_the_others() {
         let topic = format!("vehicles/{B}/diagnostics");
         let payload = format!(
             r#"{{"vin":"{B}","ts":{},"seq":1,"ecu":"BMS","severity":"info"}}"#,
-            fleetgate::ingest::link::now_ms()
+            fleetgate::core::clock::now_ms()
         );
         let sender = tokio::spawn(async move {
             for _ in 0..200_000 {
@@ -566,7 +566,7 @@ async fn a_connection_over_its_publish_rate_is_held_back_and_counted() {
         .map(|seq| {
             let payload = format!(
                 r#"{{"vin":"{B}","ts":{},"seq":{seq},"ecu":"BMS","severity":"info"}}"#,
-                fleetgate::ingest::link::now_ms()
+                fleetgate::core::clock::now_ms()
             );
             (format!("vehicles/{B}/diagnostics"), payload.into_bytes())
         })

@@ -394,7 +394,7 @@ mod tests {
             charging: 1,
             teleservice: 1,
         };
-        let now = fleetgate::ingest::link::now_ms();
+        let now = fleetgate::core::clock::now_ms();
         let mut seen = [0u32; Stream::ALL.len()];
         for round in 0..400 {
             let vehicle = &mut vehicles[round % 50];

@@ -68,7 +68,7 @@ pub async fn time_suite(
             data_dir,
             &registry,
             &retention,
-            fleetgate::ingest::link::now_ms(),
+            fleetgate::core::clock::now_ms(),
         )
         .await?;
         let started = Instant::now();

@@ -136,7 +136,7 @@ pub async fn run(
     if config.vehicles == 0 || config.connections == 0 || config.connections > config.vehicles {
         return Err(RunError::Shape);
     }
-    let started_ms = fleetgate::ingest::link::now_ms();
+    let started_ms = fleetgate::core::clock::now_ms();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for index in 0..config.connections {
@@ -207,7 +207,7 @@ pub async fn run(
         last = last.max(c.last_ack.unwrap_or(start));
     }
     outcome.elapsed = last - start;
-    outcome.finished_ms = fleetgate::ingest::link::now_ms();
+    outcome.finished_ms = fleetgate::core::clock::now_ms();
     Ok(outcome)
 }
 
@@ -270,7 +270,7 @@ async fn connection(
                 };
                 let fleet_size = vehicles.len() as u64;
                 let vehicle = &mut vehicles[(sent % fleet_size) as usize];
-                let now_ms = fleetgate::ingest::link::now_ms();
+                let now_ms = fleetgate::core::clock::now_ms();
                 let publish =
                     vehicle.publish(&config.mix, config.records_per_publish, now_ms, &mut rng);
                 let totals = &mut out[publish.stream.index()];

@@ -109,7 +109,7 @@ pub async fn verify(manifest: &Manifest, store: &StoreLocation) -> Result<Verdic
         &store.data_dir,
         &registry,
         &Retention::load(None, &registry)?,
-        fleetgate::ingest::link::now_ms(),
+        fleetgate::core::clock::now_ms(),
     )
     .await?;
     let mut streams = Vec::new();

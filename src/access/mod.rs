@@ -52,7 +52,7 @@ pub enum AccessError {
     #[error("query audit log {0}")]
     Audit(String),
     #[error(transparent)]
-    Registry(#[from] crate::lifecycle::requests::RequestError),
+    Registry(#[from] crate::core::fsio::FsError),
     #[error(transparent)]
     Vault(#[from] crate::privacy::vault::VaultError),
     #[error(transparent)]
@@ -100,9 +100,7 @@ impl AccessEnv {
     }
 
     pub fn registry(&self) -> Result<AccessRegistry> {
-        Ok(crate::lifecycle::requests::load_json(
-            &self.settings.registry_file,
-        )?)
+        Ok(crate::core::fsio::load_json(&self.settings.registry_file)?)
     }
 
     /// Applies `change` to the registry durably and audits it (with the
@@ -114,7 +112,7 @@ impl AccessEnv {
         now_ms: i64,
         change: impl FnOnce(&mut AccessRegistry) -> Result<R>,
     ) -> Result<R> {
-        let outcome = crate::lifecycle::requests::update(&self.settings.registry_file, change)??;
+        let outcome = crate::core::fsio::update_json(&self.settings.registry_file, change)??;
         let tag = match (vin, &self.privacy) {
             (Some(vin), Some(privacy)) => Some(crate::privacy::pseudo::vin_tag(
                 &privacy.keys.redaction_key(),
@@ -376,7 +374,7 @@ fn request_id() -> String {
     // An id only has to be unique in practice; the clock stands in if the
     // OS random source fails.
     if getrandom::fill(&mut bytes).is_err() {
-        bytes = crate::ingest::link::now_ms().to_le_bytes();
+        bytes = crate::core::clock::now_ms().to_le_bytes();
     }
     hex::encode(bytes)
 }

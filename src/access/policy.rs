@@ -169,7 +169,11 @@ pub async fn session(
         .schemas
         .iter()
         .map(|s| (s.stream.name(), s.arrow.clone(), Some(s)));
-    let tables = stream_tables.chain([(dead_letter::TABLE, dead_letter::arrow_schema(), None)]);
+    let tables = stream_tables.chain([(
+        crate::core::table::DEAD_LETTERS,
+        dead_letter::arrow_schema(),
+        None,
+    )]);
     for (name, arrow_schema, stream) in tables {
         let view = match stream {
             Some(stream) => planner.stream_view(stream, &files)?,

@@ -1,6 +1,6 @@
 //! Who may query: principals, the tenures that tie users to vehicles, and
 //! the grants users give third parties. One JSON file (`[access]
-//! registry_file`), changed only through [`crate::lifecycle::requests::update`]
+//! registry_file`), changed only through [`crate::core::fsio::update_json`]
 //! (exclusive lock, write, fsync, rename), so the admin API and the CLI can
 //! both change it without losing an entry.
 //!

@@ -30,7 +30,7 @@ pub enum AuthError {
     #[error("not a VIN")]
     InvalidVin,
     #[error(transparent)]
-    Store(#[from] crate::lifecycle::requests::RequestError),
+    Store(#[from] crate::core::fsio::FsError),
     #[error("cannot make a password: {0}")]
     Random(String),
 }
@@ -137,7 +137,7 @@ impl Credentials {
             .and_then(|m| m.modified())
             .ok();
         if modified != cached.0 {
-            match crate::lifecycle::requests::load_json::<CredentialFile>(&self.path) {
+            match crate::core::fsio::load_json::<CredentialFile>(&self.path) {
                 Ok(file) => *cached = (modified, file),
                 Err(e) => tracing::error!(error = %e, "cannot read the credential store"),
             }
@@ -177,7 +177,7 @@ pub fn issue(path: &Path, tag_key: &Secret, vin: &str, now_ms: i64) -> Result<St
         issued_ms: now_ms,
     };
     let tag = vin_tag(tag_key, vin);
-    crate::lifecycle::requests::update(path, |file: &mut CredentialFile| {
+    crate::core::fsio::update_json(path, |file: &mut CredentialFile| {
         file.insert(tag, credential);
     })?;
     Ok(password)
@@ -186,7 +186,7 @@ pub fn issue(path: &Path, tag_key: &Secret, vin: &str, now_ms: i64) -> Result<St
 /// Revokes `vin`'s password; true if it had one.
 pub fn revoke(path: &Path, tag_key: &Secret, vin: &str) -> Result<bool, AuthError> {
     let tag = vin_tag(tag_key, &vin.to_ascii_uppercase());
-    Ok(crate::lifecycle::requests::update(
+    Ok(crate::core::fsio::update_json(
         path,
         |file: &mut CredentialFile| file.remove(&tag).is_some(),
     )?)

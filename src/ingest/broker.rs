@@ -250,7 +250,7 @@ fn wait_until(
 fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
     let client_id = format!(
         "fleetgate-probe-{:016x}",
-        crate::ingest::link::random_nonce()
+        crate::core::clock::random_nonce()
     );
     let mut variable = Vec::with_capacity(32);
     variable.extend_from_slice(b"\x00\x04MQTT");

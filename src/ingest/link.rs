@@ -16,16 +16,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam::channel::Sender;
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 
+use crate::core::clock::{now_ms, random_nonce};
+use crate::core::reject::{RejectCode, Rejection};
 use crate::ingest::broker::PUBLISHER_PROPERTY;
 use crate::metrics::Metrics;
-use crate::pipeline::dead_letter::{RejectCode, Rejection};
 use crate::privacy::pseudo::is_vin;
 use crate::schema::Stream;
 
@@ -170,13 +171,6 @@ pub enum Sink {
     Discard(Arc<Metrics>),
 }
 
-/// Milliseconds since the Unix epoch now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Starts the ingest thread. It runs until `stop` is set and the drain
 /// barrier has passed, then drops the shard senders, which lets the workers
 /// finish.
@@ -262,17 +256,6 @@ fn shard_of(route: &Route, shards: usize) -> usize {
         Route::Rejected { topic, .. } => topic.hash(&mut hasher),
     }
     (hasher.finish() % shards as u64) as usize
-}
-
-/// 64 random bits, for names no client can guess.
-pub fn random_nonce() -> u64 {
-    let mut bytes = [0u8; 8];
-    // Without a random source, time still makes the marker unguessable enough
-    // that a client cannot end the drain early by accident.
-    if getrandom::fill(&mut bytes).is_err() {
-        return now_ms() as u64;
-    }
-    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]

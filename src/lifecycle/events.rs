@@ -19,10 +19,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::RetentionConfig;
+use crate::core::consent::Consent;
 use crate::lifecycle::requests::{self, DeletionRequest, LegalHold, MatchValue, Selection};
 use crate::privacy::pseudo::{is_vin, vin_tag};
 use crate::privacy::stage::PrivacyShared;
-use crate::privacy::vault::{Consent, VaultError};
+use crate::privacy::vault::VaultError;
 use crate::schema::INTERNAL_DOMAIN;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +37,7 @@ pub enum EventError {
     #[error("the vehicle is under legal hold {0}: its erasure waits for the hold's release")]
     LegalHold(String),
     #[error(transparent)]
-    Request(#[from] crate::lifecycle::requests::RequestError),
+    Request(#[from] crate::core::fsio::FsError),
     #[error(transparent)]
     Vault(#[from] VaultError),
     #[error("audit log {path}: {source}")]

@@ -16,21 +16,14 @@
 //! directory) under an exclusive file lock, so the server's admin API, its
 //! sweep and the CLI can all change it without losing an entry.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct RequestError {
-    pub path: PathBuf,
-    pub message: String,
-}
+use crate::core::fsio::{FsError, load_json, update_json};
 
-pub type Result<T, E = RequestError> = std::result::Result<T, E>;
+pub type Result<T, E = FsError> = std::result::Result<T, E>;
 
 /// A value a selection matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,26 +143,17 @@ pub fn sql_literal(value: &MatchValue) -> String {
 
 /// The pending requests; none when the file does not exist yet.
 pub fn load(path: &Path) -> Result<Vec<DeletionRequest>> {
-    load_json(path)
+    Ok(load_json(path)?)
 }
 
 /// The legal holds in force; none when the file does not exist yet.
 pub fn load_holds(path: &Path) -> Result<Vec<LegalHold>> {
-    load_json(path)
-}
-
-/// The JSON document at `path`; its default when the file does not exist yet.
-pub(crate) fn load_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T> {
-    match fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| error(path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
-        Err(e) => Err(error(path, e)),
-    }
+    Ok(load_json(path)?)
 }
 
 /// Records `request` durably; recording the same rows twice keeps one.
 pub fn add(path: &Path, request: DeletionRequest) -> Result<()> {
-    update(path, |requests: &mut Vec<DeletionRequest>| {
+    update_json(path, |requests: &mut Vec<DeletionRequest>| {
         if !requests.iter().any(|r| r.rows == request.rows) {
             requests.push(request);
         }
@@ -179,7 +163,7 @@ pub fn add(path: &Path, request: DeletionRequest) -> Result<()> {
 /// Places `hold`, replacing one of the same name; returns whether it is new.
 pub fn place_hold(path: &Path, hold: LegalHold) -> Result<bool> {
     let mut new = true;
-    update(path, |holds: &mut Vec<LegalHold>| {
+    update_json(path, |holds: &mut Vec<LegalHold>| {
         new = !holds.iter().any(|h| h.name == hold.name);
         holds.retain(|h| h.name != hold.name);
         holds.push(hold);
@@ -190,7 +174,7 @@ pub fn place_hold(path: &Path, hold: LegalHold) -> Result<bool> {
 /// Releases the hold named `name`; returns whether there was one.
 pub fn release_hold(path: &Path, name: &str) -> Result<bool> {
     let mut found = false;
-    update(path, |holds: &mut Vec<LegalHold>| {
+    update_json(path, |holds: &mut Vec<LegalHold>| {
         found = holds.iter().any(|h| h.name == name);
         holds.retain(|h| h.name != name);
     })?;
@@ -202,43 +186,9 @@ pub fn retire(path: &Path, done: &[DeletionRequest]) -> Result<()> {
     if done.is_empty() {
         return Ok(());
     }
-    update(path, |requests: &mut Vec<DeletionRequest>| {
+    update_json(path, |requests: &mut Vec<DeletionRequest>| {
         requests.retain(|r| !done.contains(r))
     })
-}
-
-/// Read, change, write-then-rename, under an exclusive lock on a side file:
-/// the one way every small state file (requests, holds, the access
-/// registry) is changed. Returns what `change` returns.
-pub(crate) fn update<T: Serialize + serde::de::DeserializeOwned + Default, R>(
-    path: &Path,
-    change: impl FnOnce(&mut T) -> R,
-) -> Result<R> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| error(path, e))?;
-    let lock = File::create(path.with_extension("lock")).map_err(|e| error(path, e))?;
-    lock.lock().map_err(|e| error(path, e))?;
-    let mut document = load_json(path)?;
-    let outcome = change(&mut document);
-    let text = serde_json::to_vec_pretty(&document).map_err(|e| error(path, e))?;
-    let temporary = path.with_extension("tmp");
-    let mut file = File::create(&temporary).map_err(|e| error(path, e))?;
-    file.write_all(&text)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| fs::rename(&temporary, path))
-        .and_then(|()| File::open(dir)?.sync_all())
-        .map_err(|e| error(path, e))?;
-    Ok(outcome)
-}
-
-fn error(path: &Path, e: impl std::fmt::Display) -> RequestError {
-    RequestError {
-        path: path.to_owned(),
-        message: e.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -23,9 +23,10 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RetentionConfig;
+use crate::core::fsio;
 use crate::lifecycle::requests::{
-    self, DeletionRequest, LegalHold, MatchValue, RequestError, Selection, column_matches,
-    sql_identifier, sql_literal,
+    self, DeletionRequest, LegalHold, MatchValue, Selection, column_matches, sql_identifier,
+    sql_literal,
 };
 use crate::pipeline::dead_letter;
 use crate::schema::Registry;
@@ -52,7 +53,7 @@ pub enum RetentionError {
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]
-    Requests(#[from] RequestError),
+    Requests(#[from] crate::core::fsio::FsError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -109,7 +110,7 @@ pub struct Retention {
 
 /// The column a table's rules count from.
 pub fn time_column(table: &str) -> &'static str {
-    if table == dead_letter::TABLE {
+    if table == crate::core::table::DEAD_LETTERS {
         crate::schema::RECEIVED_AT_COLUMN
     } else {
         "ts"
@@ -138,7 +139,10 @@ impl Retention {
         let schemas: BTreeMap<String, SchemaRef> = registry
             .iter()
             .map(|s| (s.stream.name().to_owned(), s.arrow.clone()))
-            .chain([(dead_letter::TABLE.to_owned(), dead_letter::arrow_schema())])
+            .chain([(
+                crate::core::table::DEAD_LETTERS.to_owned(),
+                dead_letter::arrow_schema(),
+            )])
             .collect();
         let mut tables: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
         for rule in parsed.rule {
@@ -466,6 +470,7 @@ fn rewrite(
     if !run.dry_run {
         if rows_left == 0 {
             fs::remove_file(file).map_err(io)?;
+            fsio::sync_dir(fsio::parent_dir(file)).map_err(io)?;
         } else {
             let temporary = file.with_extension(format!("{PARQUET_EXTENSION}.{REWRITE_SUFFIX}"));
             let properties = writer_properties(run.zstd_level, 1 << 20, &metadata)?;
@@ -480,10 +485,7 @@ fn rewrite(
                 .map_err(parquet)?
                 .sync_all()
                 .map_err(io)?;
-            fs::rename(&temporary, file).map_err(io)?;
-        }
-        if let Some(dir) = file.parent() {
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            fsio::rename_durably(&temporary, file).map_err(io)?;
         }
     }
     Ok(Some(Deletion {

@@ -227,7 +227,7 @@ async fn vehicle_event(
         &state.privacy,
         &state.retention,
         &request,
-        crate::ingest::link::now_ms(),
+        crate::core::clock::now_ms(),
     );
     match outcome {
         Ok(effect) => (
@@ -314,7 +314,7 @@ async fn sql(
             &principal,
             &request.purpose,
             &request.sql,
-            crate::ingest::link::now_ms(),
+            crate::core::clock::now_ms(),
         )
         .await
     {
@@ -367,7 +367,7 @@ async fn export(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Res
         Ok(user) => {
             state
                 .access
-                .export(&user, crate::ingest::link::now_ms())
+                .export(&user, crate::core::clock::now_ms())
                 .await
         }
         Err(e) => Err(e),
@@ -401,7 +401,7 @@ async fn add_principal(
         request.role,
         request.eea,
         request.gatekeeper,
-        crate::ingest::link::now_ms(),
+        crate::core::clock::now_ms(),
     );
     match added {
         Ok(token) => Json(serde_json::json!({ "id": request.id, "token": token })).into_response(),
@@ -423,7 +423,7 @@ async fn transfer(
     State(state): State<Arc<AdminState>>,
     Json(request): Json<TransferRequest>,
 ) -> Response {
-    let now = crate::ingest::link::now_ms();
+    let now = crate::core::clock::now_ms();
     let at = request.at_ms.unwrap_or(now);
     match state.access.transfer(&request.user, &request.vin, at, now) {
         Ok(()) => Json(serde_json::json!({ "user": request.user, "from_ms": at })).into_response(),
@@ -439,7 +439,7 @@ async fn grant(
     grant_answer(
         state
             .access
-            .give_grant(request, crate::ingest::link::now_ms()),
+            .give_grant(request, crate::core::clock::now_ms()),
     )
 }
 
@@ -456,7 +456,7 @@ async fn revoke(State(state): State<Arc<AdminState>>, Path(id): Path<String>) ->
         &id,
         state
             .access
-            .revoke_grant(&id, None, crate::ingest::link::now_ms()),
+            .revoke_grant(&id, None, crate::core::clock::now_ms()),
     )
 }
 
@@ -511,7 +511,7 @@ async fn user_grant(
         };
         state
             .access
-            .give_grant(request, crate::ingest::link::now_ms())
+            .give_grant(request, crate::core::clock::now_ms())
     });
     grant_answer(given)
 }
@@ -525,7 +525,7 @@ async fn user_revoke(
     let revoked = bearer_user(&state, &headers).and_then(|user| {
         state
             .access
-            .revoke_grant(&id, Some(&user.id), crate::ingest::link::now_ms())
+            .revoke_grant(&id, Some(&user.id), crate::core::clock::now_ms())
     });
     revoke_answer(&id, revoked)
 }

@@ -23,7 +23,7 @@ use crate::config::{Config, ConfigError, RetentionConfig, SinkKind};
 use crate::ingest::auth::Credentials;
 use crate::ingest::{broker, link as ingest};
 use crate::lifecycle::retention::{self, Retention, RetentionError};
-use crate::metrics::{Metrics, MetricsSnapshot, TableListener};
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::ops::http::{self, AdminHttp, AdminState, HttpError, Queue};
 use crate::pipeline::dead_letter;
 use crate::pipeline::decode::Limits;
@@ -32,7 +32,8 @@ use crate::privacy::stage::PrivacyShared;
 use crate::privacy::vault::VaultError;
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
-    StoreError, Table, TableBatch, WriterSettings, committed_wal_entries, spawn_writer, table_dir,
+    StoreError, Table, TableBatch, TableListener, WriterSettings, committed_wal_entries,
+    spawn_writer, table_dir,
 };
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 
@@ -108,7 +109,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
-    let run_id = format!("{:013}", ingest::now_ms());
+    let run_id = format!("{:013}", crate::core::clock::now_ms());
     let storage = &config.storage;
     let writer_settings = |table: &str, schema, metadata| WriterSettings {
         table: table.to_owned(),
@@ -156,12 +157,18 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         stream_writers.push(tx);
     }
     let (dead_letter_writer, rx) = bounded(queue);
-    queues.push(depth(format!("writer-{}", dead_letter::TABLE), &rx));
+    queues.push(depth(
+        format!("writer-{}", crate::core::table::DEAD_LETTERS),
+        &rx,
+    ));
     writers.push(spawn_writer(
         writer_settings(
-            dead_letter::TABLE,
+            crate::core::table::DEAD_LETTERS,
             dead_letter::arrow_schema(),
-            vec![("fleetgate.table".to_owned(), dead_letter::TABLE.to_owned())],
+            vec![(
+                "fleetgate.table".to_owned(),
+                crate::core::table::DEAD_LETTERS.to_owned(),
+            )],
         ),
         rx,
         TableListener::new(metrics.clone(), None),
@@ -330,7 +337,7 @@ fn spawn_sweeper(
             let mut since_ms = None;
             while let Err(crossbeam::channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                 let run = retention::SweepRun {
-                    now_ms: ingest::now_ms(),
+                    now_ms: crate::core::clock::now_ms(),
                     since_ms,
                     zstd_level,
                     dry_run: false,

@@ -10,7 +10,7 @@
 use chrono::DateTime;
 use serde_json::Value as Json;
 
-use crate::pipeline::dead_letter::{RejectCode, Rejection};
+use crate::core::reject::{RejectCode, Rejection};
 use crate::schema::{FieldSpec, FieldType, StreamSchema};
 
 /// Earliest vehicle timestamp accepted: 2000-01-01T00:00:00Z.

@@ -19,10 +19,11 @@ use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
+use crate::core::reject::RejectCode;
 use crate::ingest::link::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
 use crate::pipeline::batch::StreamBatcher;
-use crate::pipeline::dead_letter::{self, DeadLetter, RejectCode};
+use crate::pipeline::dead_letter::{self, DeadLetter};
 use crate::pipeline::decode::{self, Decoded, Limits, RejectedBytes};
 use crate::privacy::pseudo::is_vin;
 use crate::privacy::stage::{Privacy, PrivacyShared};
@@ -146,7 +147,7 @@ impl Worker {
                     if let Ok(mut h) = wal.fsync_micros.lock() {
                         h.saturating_record(synced.took.as_micros() as u64);
                     }
-                    let now = crate::ingest::link::now_ms();
+                    let now = crate::core::clock::now_ms();
                     if let Ok(mut h) = wal.receipt_to_durable_ms.lock() {
                         for column in self.unsynced_receipts.drain(..) {
                             if let Some(times) =

@@ -15,7 +15,6 @@
 //! identifier anywhere.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -104,7 +103,7 @@ impl KeyRing {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let root = Secret::random()?;
-                write_secret_file(path, &root.0).map_err(io)?;
+                crate::core::fsio::replace(path, &root.0).map_err(io)?;
                 tracing::info!(key_file = %path.display(), "created a new root key");
                 Ok(Self::from_root(root))
             }
@@ -203,30 +202,6 @@ fn vin_from_token(token: &[u8]) -> Option<String> {
     }
     let upper = String::from_utf8(token.to_ascii_uppercase()).ok()?;
     is_vin(&upper).then_some(upper)
-}
-
-/// Writes a secret file with mode 0600 through a temporary file and a rename,
-/// fsyncing the file and its directory, so a crash leaves the old state or
-/// the complete new file, never a partial key.
-fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

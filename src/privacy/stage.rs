@@ -24,8 +24,9 @@ use std::time::Duration;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
+use crate::core::consent::Consent;
 use crate::privacy::pseudo::{self, KeyRing, Secret};
-use crate::privacy::vault::{Consent, Vault, VaultError, VehicleKeys};
+use crate::privacy::vault::{Vault, VaultError, VehicleKeys};
 use crate::schema::INTERNAL_DOMAIN;
 
 /// Bytes of a ChaCha20-Poly1305 nonce, stored in front of each ciphertext.

@@ -26,6 +26,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use super::{IN_PROGRESS_SUFFIX, PARQUET_EXTENSION, PartitionKey, Result, StoreError, io_error};
+use crate::core::fsio;
 use crate::wal::{self, EntryId, Tracker};
 
 /// Rows of one hour partition on their way to a table writer, with the WAL
@@ -299,7 +300,7 @@ impl TableWriter {
             // Make the new directory entries durable up to the table directory.
             let mut d = dir.as_path();
             while let Some(parent) = d.parent() {
-                sync_dir(parent)?;
+                fsio::sync_dir(parent).map_err(io_error(parent))?;
                 if parent == self.settings.dir {
                     break;
                 }
@@ -437,15 +438,6 @@ fn commit_file(
     file.sync_all().map_err(io_error(in_progress))?;
     let bytes = file.metadata().map_err(io_error(in_progress))?.len();
     drop(file);
-    fs::rename(in_progress, committed).map_err(io_error(committed))?;
-    if let Some(dir) = committed.parent() {
-        sync_dir(dir)?;
-    }
+    fsio::rename_durably(in_progress, committed).map_err(io_error(committed))?;
     Ok(Commit { rows, bytes })
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
 }

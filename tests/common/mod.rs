@@ -69,7 +69,7 @@ impl TestServer {
 pub async fn publish_all(addr: std::net::SocketAddr, messages: &[(String, Vec<u8>)]) {
     let client_id = format!(
         "test-publisher-{:016x}",
-        fleetgate::ingest::link::random_nonce()
+        fleetgate::core::clock::random_nonce()
     );
     let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);

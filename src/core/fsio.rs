@@ -1,0 +1,141 @@
+//! The one way fleetgate changes a file durably, and with the narrowest mode.
+//!
+//! Every file fleetgate creates is readable by its owner only (0600) and
+//! every directory it creates is 0700: the data directory holds keys,
+//! pseudonymised records, registries and audit trails. A replaced file goes
+//! write → fsync → rename → fsync of the directory, so a crash leaves the old
+//! state or the complete new one, never a torn file. Small JSON state files
+//! (requests, holds, the access registry, credentials) change only under an
+//! exclusive lock on a side file, read-modify-write.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Mode of every file fleetgate creates.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory fleetgate creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// A file operation that failed, with the file it failed on.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct FsError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn error(path: &Path, e: impl std::fmt::Display) -> FsError {
+    FsError {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Options that create a file with [`FILE_MODE`] (the mode applies only
+/// when the file is new).
+pub fn private_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.mode(FILE_MODE);
+    options
+}
+
+/// Creates (or truncates) `path` for writing, owner-only.
+pub fn create(path: &Path) -> std::io::Result<File> {
+    private_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
+/// Creates `dir` and its missing parents with [`DIR_MODE`].
+pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// The directory a path lives in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Makes the entries of `dir` durable (a created, renamed or removed file).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Renames `from` over `to` and makes the rename durable.
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::rename(from, to)?;
+    sync_dir(parent_dir(to))
+}
+
+/// Replaces `path` with `contents`: a temporary file, fsync'd, renamed over
+/// it, and the directory fsync'd.
+pub fn replace(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    create_dir_all(parent_dir(path))?;
+    let temporary = path.with_extension("tmp");
+    let mut file = create(&temporary)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    drop(file);
+    rename_durably(&temporary, path)
+}
+
+/// The JSON document at `path`; its default when the file does not exist yet.
+pub fn load_json<T: DeserializeOwned + Default>(path: &Path) -> Result<T, FsError> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| error(path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(error(path, e)),
+    }
+}
+
+/// Read, change, replace, under an exclusive lock on a side file: the one way
+/// every small state file is changed. Returns what `change` returns.
+pub fn update_json<T: Serialize + DeserializeOwned + Default, R>(
+    path: &Path,
+    change: impl FnOnce(&mut T) -> R,
+) -> Result<R, FsError> {
+    create_dir_all(parent_dir(path)).map_err(|e| error(path, e))?;
+    let lock = private_options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path.with_extension("lock"))
+        .map_err(|e| error(path, e))?;
+    lock.lock().map_err(|e| error(path, e))?;
+    let mut document = load_json(path)?;
+    let outcome = change(&mut document);
+    let text = serde_json::to_vec_pretty(&document).map_err(|e| error(path, e))?;
+    replace(path, &text).map_err(|e| error(path, e))?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn replaced_files_and_their_directories_are_owner_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state/sub/doc.json");
+        update_json(&path, |doc: &mut Vec<u32>| doc.push(7)).expect("update");
+        let mode = |p: &Path| fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), FILE_MODE);
+        assert_eq!(mode(&path.with_extension("lock")), FILE_MODE);
+        assert_eq!(mode(&dir.path().join("state/sub")), DIR_MODE);
+        assert_eq!(load_json::<Vec<u32>>(&path).expect("load"), vec![7]);
+    }
+}
