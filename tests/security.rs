@@ -630,3 +630,139 @@ async fn a_client_that_subscribes_is_disconnected() {
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
     server.handle.shutdown().expect("shutdown");
 }
+
+/// fleetgate's link is the broker's only subscriber. A network client that
+/// connects with its client id (the old fixed one, or the real one) must
+/// neither replace it nor read anything, and records published meanwhile
+/// are stored. Unpatched, rumqttd dropped the link for the newcomer and let
+/// it subscribe to `#`: every raw record went to it, none to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_client_cannot_take_over_the_ingest_link() {
+    let server = TestServer::start();
+    let addr = server.handle.mqtt_addr();
+    let link_id = server.handle.link_client_id().to_owned();
+    for (round, id) in ["fleetgate-ingest", link_id.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        let options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        client
+            .subscribe("#", rumqttc::QoS::AtMostOnce)
+            .await
+            .expect("queued");
+        // Listen while a vehicle publishes; stop at the first error (rumqttc
+        // would reconnect on the next poll).
+        let spy = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(rumqttc::Event::Incoming(
+                            p @ (rumqttc::Packet::SubAck(_) | rumqttc::Packet::Publish(_)),
+                        )) => seen.push(format!("{p:?}")),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+            .await;
+            seen
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let topic = format!("vehicles/{A}/teleservice");
+        publish_all(addr, &[(topic, teleservice(A, round as u32).into_bytes())]).await;
+        let seen = spy.await.expect("spy");
+        assert!(
+            seen.is_empty(),
+            "client id {id:?} subscribed or read: {seen:?}"
+        );
+        // The link still runs: the record is stored.
+        wait_for(|| stored(&server, Stream::Teleservice) == round as u64 + 1);
+    }
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(count(&data, "SELECT count(*) FROM teleservice").await, 2);
+}
+
+/// Vehicles publish QoS 0 or 1. A QoS 2 publish would be appended at its
+/// PUBREL, past backpressure and the rate limit, so the broker refuses it:
+/// MQTT 5 clients see Maximum QoS 1 in CONNACK and DISCONNECT 0x9B, MQTT
+/// 3.1.1 clients are disconnected. Nothing of theirs is stored; QoS 1 still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_publish_is_refused_and_not_stored() {
+    use rumqttc::v5::mqttbytes::{QoS as QoS5, v5::DisconnectReasonCode, v5::Packet as Packet5};
+    let server = TestServer::start();
+    let topic = format!("vehicles/{B}/teleservice");
+
+    // MQTT 3.1.1: closed, no PUBREC.
+    let addr = server.handle.mqtt_addr();
+    let options = rumqttc::MqttOptions::new("qos2-v4", addr.ip().to_string(), addr.port());
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .publish(
+            topic.as_str(),
+            rumqttc::QoS::ExactlyOnce,
+            false,
+            teleservice(B, 1),
+        )
+        .await
+        .expect("queued");
+    let v4 = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(
+                    rumqttc::Packet::PubRec(_) | rumqttc::Packet::PubComp(_),
+                )) => return "acknowledged",
+                Ok(_) => {}
+                Err(_) => return "disconnected",
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(v4, "disconnected");
+
+    // MQTT 5: Maximum QoS 1 in CONNACK, then DISCONNECT 0x9B.
+    let addr5 = server.handle.mqtt5_addr();
+    let options = rumqttc::v5::MqttOptions::new("qos2-v5", addr5.ip().to_string(), addr5.port());
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
+    client
+        .publish(topic.as_str(), QoS5::ExactlyOnce, false, teleservice(B, 2))
+        .await
+        .expect("queued");
+    let mut max_qos = None;
+    let v5 = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(Packet5::ConnAck(ack))) => {
+                    max_qos = ack.properties.and_then(|p| p.max_qos);
+                }
+                Ok(rumqttc::v5::Event::Incoming(Packet5::PubRec(_) | Packet5::PubComp(_))) => {
+                    return None;
+                }
+                Ok(_) => {}
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => return Some(reason_code),
+                Err(e) => panic!("MQTT 5 client: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(max_qos, Some(1), "CONNACK advertises Maximum QoS 1");
+    assert_eq!(v5, Some(DisconnectReasonCode::QoSNotSupported));
+
+    // QoS 1 still works; nothing of B's is stored.
+    let ok = format!("vehicles/{A}/teleservice");
+    publish_all(addr, &[(ok, teleservice(A, 1).into_bytes())]).await;
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM teleservice").await,
+        1,
+        "no QoS 2 record stored"
+    );
+}

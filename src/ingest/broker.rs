@@ -159,6 +159,9 @@ pub fn start(
             // A will is published after its client left, past the topic
             // rule and the backpressure a live publish goes through.
             drop_last_wills: true,
+            // Vehicles publish QoS 0 or 1. A QoS 2 publish would be appended
+            // at its PUBREL, past backpressure and the rate limit: refused.
+            refuse_qos2: true,
             ..RouterConfig::default()
         },
         v4: Some(v4),

@@ -77,6 +77,7 @@ pub type Result<T, E = ServerError> = std::result::Result<T, E>;
 /// A running fleetgate server.
 pub struct ServerHandle {
     mqtt_addr: SocketAddr,
+    link_client_id: String,
     mqtt5_addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     data_dir: PathBuf,
@@ -277,9 +278,16 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             metrics.clone(),
         )?),
     };
+    // The patched broker reserves the link's client id for the in-process
+    // link (vendor/rumqttd/PATCHED.md); it is random per run as well, so that
+    // no client can even aim at it.
+    let link_client_id = format!(
+        "fleetgate-ingest-{:016x}",
+        crate::core::clock::random_nonce()
+    );
     let embedded = broker::start(
         &config.broker,
-        "fleetgate-ingest",
+        &link_client_id,
         credentials.clone(),
         metrics.publish_rate_limited.clone(),
     )?;
@@ -304,6 +312,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     );
     Ok(ServerHandle {
         mqtt_addr: embedded.mqtt_addr,
+        link_client_id,
         mqtt5_addr: embedded.mqtt5_addr,
         tls_addr: embedded.tls_addr,
         data_dir,
@@ -387,6 +396,12 @@ impl ServerHandle {
     /// Where MQTT 3.1.1 clients connect.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The client id of fleetgate's in-process link to its broker (random per
+    /// run); no network client can use it.
+    pub fn link_client_id(&self) -> &str {
+        &self.link_client_id
     }
 
     /// Where MQTT 5 clients connect.

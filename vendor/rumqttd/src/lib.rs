@@ -202,7 +202,8 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
-    /// fleetgate patch: client ids of subscribers that must not lose data.
+    /// fleetgate patch: client ids of in-process links (`Broker::link`) that
+    /// must not lose data; a network client with such an id is not protected.
     /// Before a publish would push data one of them has not read out of the
     /// log, the router holds the publishing connection back instead.
     #[serde(default)]
@@ -221,8 +222,9 @@ pub struct RouterConfig {
     /// `max_publishes_per_second`.
     #[serde(skip)]
     pub rate_limited: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// fleetgate patch: when set, only these client ids may subscribe; any
-    /// other client that subscribes is disconnected.
+    /// fleetgate patch: when set, only in-process links (`Broker::link`) with
+    /// these client ids may subscribe; any other client that subscribes, any
+    /// network client included, is disconnected.
     #[serde(default)]
     pub allowed_subscribers: Option<Vec<String>>,
     /// fleetgate patch: discard last wills instead of publishing them (a
@@ -230,6 +232,13 @@ pub struct RouterConfig {
     /// live publish goes through).
     #[serde(default)]
     pub drop_last_wills: bool,
+    /// fleetgate patch: refuse QoS 2 publishes. MQTT 5 clients are told
+    /// Maximum QoS 1 in CONNACK and disconnected with 0x9B (QoS not
+    /// supported); MQTT 3.1.1 has no refusal, so the connection is closed.
+    /// Upstream appends a QoS 2 publish at its PUBREL, past the checks of
+    /// `lossless_subscribers` and `max_publishes_per_second`.
+    #[serde(default)]
+    pub refuse_qos2: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

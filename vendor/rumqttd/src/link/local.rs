@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // fleetgate patch: false unless built by RemoteLink
+    remote: bool,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,6 +64,7 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            remote: false,
         }
     }
 
@@ -80,6 +83,12 @@ impl<'a> LinkBuilder<'a> {
         last_will_properties: Option<LastWillProperties>,
     ) -> Self {
         self.last_will_properties = last_will_properties;
+        self
+    }
+
+    /// fleetgate patch: marks a connection made by a network client.
+    pub(crate) fn remote(mut self, remote: bool) -> Self {
+        self.remote = remote;
         self
     }
 
@@ -111,6 +120,7 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        connection.remote = self.remote;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

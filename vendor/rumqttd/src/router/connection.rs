@@ -33,6 +33,11 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// fleetgate patch: made by a network client (`link/remote.rs`), not by an
+    /// in-process link (`Broker::link`). Privileges given by client id
+    /// (`RouterConfig::allowed_subscribers`, `lossless_subscribers`) apply only
+    /// to in-process links, and a network client cannot take over their ids.
+    pub(crate) remote: bool,
 }
 
 impl Connection {
@@ -66,6 +71,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            remote: false,
         }
     }
 

@@ -304,6 +304,21 @@ impl Router {
         let span = tracing::info_span!("incoming_connect", client_id);
         let _guard = span.enter();
 
+        // fleetgate patch: a network client never replaces an in-process link
+        // (upstream drops the older connection of a repeated client id, below):
+        // refused like an invalid id, the connection closes without a CONNACK.
+        if connection.remote {
+            let taken = self.connection_map.get(&client_id).is_some_and(|existing| {
+                self.connections
+                    .get(*existing)
+                    .is_some_and(|c| !c.remote)
+            });
+            if taken {
+                warn!("Refused: the client id is an in-process link's");
+                return;
+            }
+        }
+
         if cfg!(not(feature = "allow-duplicate-clientid")) {
             // Check if same client_id already exists and if so, replace it with this new connection
             // ref: https://docs.oasis-open.org/mqtt/mqtt/v3.1.1/os/mqtt-v3.1.1-os.html#_Toc398718032
@@ -402,6 +417,8 @@ impl Router {
 
         let properties = ConnAckProperties {
             topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            // fleetgate patch (MQTT 5 only; v4 ignores CONNACK properties).
+            max_qos: self.config.refuse_qos2.then_some(1),
             ..Default::default()
         };
 
@@ -569,11 +586,15 @@ impl Router {
         if lossless.is_empty() {
             return false;
         }
+        // fleetgate patch: in-process links only (a network client could
+        // otherwise name itself after one and hold every publisher back).
         let protected = |id: ConnectionId| {
-            self.scheduler
-                .trackers
-                .get(id)
-                .is_some_and(|tracker| lossless.contains(&tracker.id))
+            self.connections.get(id).is_some_and(|c| !c.remote)
+                && self
+                    .scheduler
+                    .trackers
+                    .get(id)
+                    .is_some_and(|tracker| lossless.contains(&tracker.id))
         };
         self.datalog.native.iter().any(|(filter_idx, data)| {
             if !data.log.next_append_evicts() {
@@ -631,6 +652,8 @@ impl Router {
     }
 
     fn handle_device_payload(&mut self, id: ConnectionId) {
+        // fleetgate patch: privileges by client id are for in-process links only.
+        let remote = self.connections.get(id).map_or(true, |c| c.remote);
         // TODO: Retun errors and move error handling to the caller
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
@@ -660,6 +683,15 @@ impl Router {
         while let Some(packet) = packets.pop_front() {
             match packet {
                 Packet::Publish(publish, properties) => {
+                    // fleetgate patch: no QoS 2 (its append at PUBREL would bypass
+                    // the checks below). MQTT 5: DISCONNECT 0x9B; 3.1.1: closed.
+                    if self.config.refuse_qos2 && publish.qos == QoS::ExactlyOnce {
+                        warn!("QoS 2 publish refused");
+                        self.router_meters.failed_publishes += 1;
+                        disconnect = true;
+                        disconnect_reason = Some(DisconnectReasonCode::QoSNotSupported);
+                        break;
+                    }
                     // fleetgate patch: a publish waits while appending it would
                     // push data a subscriber has not read out of the log (upstream
                     // evicts it, losing publishes it has acknowledged). Its packets
@@ -781,9 +813,9 @@ impl Router {
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
 
-                        // fleetgate patch: only the listed clients subscribe.
+                        // fleetgate patch: only the listed in-process links subscribe.
                         if let Some(allowed) = &self.config.allowed_subscribers {
-                            if !allowed.contains(&client_id) {
+                            if remote || !allowed.contains(&client_id) {
                                 warn!("Subscription refused: only listed clients may subscribe");
                                 disconnect = true;
                                 break;

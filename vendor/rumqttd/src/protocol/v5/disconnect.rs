@@ -18,7 +18,11 @@ fn len(disconnect: &Disconnect, properties: &Option<DisconnectProperties>) -> us
         let properties_len_len = len_len(properties_len);
         length += properties_len_len + properties_len;
     } else {
-        length += 1;
+        // fleetgate patch: the reason code and the property length (0) that
+        // `write` puts after it; upstream counted only the reason code, so
+        // the packet claimed one byte less than it held and clients failed
+        // to parse every DISCONNECT that carried a reason code.
+        length += 1 + 1;
     }
 
     length
@@ -69,7 +73,9 @@ pub fn write(
 
     let length = len(disconnect, properties);
 
-    if length == 2 {
+    // fleetgate patch: the short form by what it is, not by `len` == 2,
+    // which a reason code without properties now also measures.
+    if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection && properties.is_none() {
         buffer.put_u8(0x00);
         return Ok(length);
     }
