@@ -232,3 +232,140 @@ async fn rtti_trips_share_no_identifier() {
         );
     }
 }
+
+/// No text a sender chose reaches a dead letter: not its reason, its topic
+/// or its copy, nor any other file. A name in an unknown stream level, an
+/// unknown field, an enum value, a nested value and an unparseable payload
+/// with an escaped VIN (which a token scan of raw bytes cannot see).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_no_sender_text() {
+    const NAME: &str = "AnnaSvensson";
+    // B's VIN after its first letter, which arrives escaped as \u0057.
+    const B_TAIL: &str = "MW21GD07P2S00002";
+    let server = TestServer::start();
+    let diag = format!("vehicles/{A}/diagnostics");
+    let record = |seq: u32, fields: &str| {
+        format!(r#"{{"vin":"{A}","ts":{NOW},"seq":{seq},{fields}}}"#).into_bytes()
+    };
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            (format!("vehicles/{A}/{NAME}"), b"{}".to_vec()),
+            (format!("garage/{NAME}/x"), b"{}".to_vec()),
+            (
+                diag.clone(),
+                record(1, &format!(r#""ecu":"DME","severity":"info","{NAME}":1"#)),
+            ),
+            (
+                diag.clone(),
+                record(2, &format!(r#""ecu":"DME","severity":"{NAME}""#)),
+            ),
+            (
+                diag.clone(),
+                record(
+                    3,
+                    &format!(r#""ecu":{{"owner":"{NAME}"}},"severity":"info""#),
+                ),
+            ),
+            (
+                diag.clone(),
+                format!(r#"{{"vin":"\u0057{B_TAIL}","owner":"{NAME}""#).into_bytes(),
+            ),
+        ],
+    )
+    .await;
+    let data = server.data_dir();
+    let totals = server.handle.shutdown().expect("shutdown");
+    assert_eq!(totals.dead_letters_stored, 6);
+    let values = parquet_text(&data);
+    for secret in [NAME, B_TAIL] {
+        assert!(
+            !values.contains(secret),
+            "{secret} in a dead letter:\n{values}"
+        );
+        for file in files_under(&data) {
+            let bytes = std::fs::read(&file).expect("read");
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in {}",
+                file.display()
+            );
+        }
+    }
+}
+
+/// RTTI is anonymous probe data: a rejected RTTI record names no vehicle
+/// (no vehicle_id, no pseudonym in the topic) and keeps no copy of its
+/// position; and nothing of a vehicle whose SIM is off is kept, rejected
+/// or not (its rejections are counted as dropped by policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtti_dead_letters_name_no_vehicle_and_stop_with_the_sim() {
+    let server = TestServer::start();
+    let deactivated = Consent {
+        sim_active: false,
+        ..Consent::default()
+    };
+    server
+        .handle
+        .privacy()
+        .set_consent(B, deactivated)
+        .expect("sim off");
+    let unknown_field = |vin: &str| {
+        (
+            format!("vehicles/{vin}/rtti"),
+            format!(
+                r#"{{"vin":"{vin}","ts":{NOW},"seq":1,"latitude":59.40412,"longitude":17.94457,"lane":99}}"#
+            )
+            .into_bytes(),
+        )
+    };
+    let cut_short = |vin: &str| {
+        (
+            format!("vehicles/{vin}/rtti"),
+            format!(r#"{{"vin":"{vin}","ts":{NOW},"latitude":59.40412,"longitude":17.94457"#)
+                .into_bytes(),
+        )
+    };
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            unknown_field(A),
+            cut_short(A),
+            unknown_field(B),
+            cut_short(B),
+            (format!("vehicles/{B}/diagnostics"), b"not json".to_vec()),
+        ],
+    )
+    .await;
+    let data = server.data_dir();
+    let totals = server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM dead_letters").await,
+        2,
+        "B's rejections are not stored"
+    );
+    assert_eq!(
+        count(
+            &data,
+            "SELECT count(*) FROM dead_letters WHERE stream = 'rtti' AND vehicle_id IS NULL \
+             AND octet_length(payload) = 0 AND topic = 'vehicles/<vehicle>/rtti'"
+        )
+        .await,
+        2
+    );
+    assert!(!parquet_text(&data).contains("59.404"));
+    let dropped = |stream: Stream| {
+        totals
+            .streams
+            .iter()
+            .find(|s| s.stream == stream.name())
+            .expect("stream")
+            .dropped_by_policy
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(dropped(Stream::Rtti), vec![("sim_deactivated", 2)]);
+    assert_eq!(dropped(Stream::Diagnostics), vec![("sim_deactivated", 1)]);
+}

@@ -53,8 +53,9 @@ async fn store_one_row_per_rule() -> TestServer {
                 r#""seq":2,"session_id":"S2","event":"start","started_at":{T},"remote_managed":false"#
             ),
         ),
-        // Not JSON: a dead letter, timed by its receipt.
+        // Not JSON: dead letters, timed by their receipt.
         (format!("vehicles/{VIN}/diagnostics"), b"not json".to_vec()),
+        (format!("vehicles/{VIN}/rtti"), b"not json".to_vec()),
     ];
     publish_all(server.handle.mqtt_addr(), &messages).await;
     server
@@ -78,10 +79,12 @@ async fn every_rule_hides_its_rows_at_its_deadline_and_not_before() {
     let server = store_one_row_per_rule().await;
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
-    let received_at = {
+    let received_at = async |stream: &str| {
         let batches = query(
             &data,
-            "SELECT CAST(max(received_at) AS BIGINT) FROM dead_letters",
+            &format!(
+                "SELECT CAST(max(received_at) AS BIGINT) FROM dead_letters WHERE stream = '{stream}'"
+            ),
         )
         .await;
         batches[0]
@@ -91,6 +94,8 @@ async fn every_rule_hides_its_rows_at_its_deadline_and_not_before() {
             .expect("received_at")
             .value(0)
     };
+    let rtti_received_at = received_at("rtti").await;
+    let received_at = received_at("diagnostics").await;
     let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
     let keep = |name: &str| {
         rules
@@ -112,7 +117,18 @@ async fn every_rule_hides_its_rows_at_its_deadline_and_not_before() {
         ("diagnostic_evaluation", "diagnostics", "true", T),
         ("remote_charge_management", "charging", "remote_managed", T),
         ("charge_history", "charging", "NOT remote_managed", T),
-        ("dead_letters", "dead_letters", "true", received_at),
+        (
+            "rtti_dead_letters",
+            "dead_letters",
+            "stream = 'rtti'",
+            rtti_received_at,
+        ),
+        (
+            "dead_letters",
+            "dead_letters",
+            "stream = 'diagnostics'",
+            received_at,
+        ),
     ];
     assert_eq!(cases.len(), rules.rules().count(), "a case for every rule");
     for (rule, table, filter, from) in cases {

@@ -138,7 +138,10 @@ fn parse_topic(topic: &str) -> Route {
     let Some(stream) = Stream::from_name(stream_name) else {
         return rejected(
             RejectCode::UnknownStream,
-            format!("no stream named {stream_name:?}"),
+            format!(
+                "the topic's stream level ({} bytes) names no stream",
+                stream_name.len()
+            ),
             None,
         );
     };
@@ -278,6 +281,22 @@ mod tests {
                 stream: Stream::Rtti
             }
         );
+    }
+
+    #[test]
+    fn rejections_quote_no_topic_text() {
+        for topic in [
+            "vehicles/WMW11DJ04N2T00001/AnnaSvensson",
+            "vehicles/WMW11DJ04N2T00001/WMW21GD07P2S00002",
+            "AnnaSvensson/x",
+        ] {
+            let Route::Rejected { rejection, .. } = route(topic) else {
+                panic!("{topic} routed");
+            };
+            for secret in ["AnnaSvensson", "WMW21GD07P2S00002"] {
+                assert!(!rejection.message.contains(secret), "{}", rejection.message);
+            }
+        }
     }
 
     #[test]

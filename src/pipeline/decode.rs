@@ -4,8 +4,9 @@
 //! checked against its stream's schema (types, required fields, ranges,
 //! allowed values, unknown fields, the VIN against the topic's, the vehicle
 //! timestamp against the time of receipt) and either becomes a [`Record`] or
-//! a [`RejectedRecord`] carrying its own reason. Messages name the field and
-//! the problem; they never quote a value that could identify a person.
+//! a [`RejectedRecord`] carrying its own reason. Messages name the schema's
+//! field and the problem, with sizes and positions; they never quote a value
+//! or a name the sender chose, since any of them could identify a person.
 
 use chrono::DateTime;
 use serde_json::Value as Json;
@@ -124,7 +125,12 @@ pub fn decode(
         Err(e) => {
             out.rejected.push(whole(
                 RejectCode::NotJson,
-                format!("payload is not JSON: {e}"),
+                format!(
+                    "payload is not JSON ({:?} error at line {}, column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ),
             ));
             return;
         }
@@ -205,7 +211,11 @@ impl Checker<'_> {
         {
             return Err(Rejection::new(
                 RejectCode::UnknownField,
-                format!("field '{key}' is not in the {} schema", self.schema.stream),
+                format!(
+                    "a field not in the {} schema (its name is {} bytes long)",
+                    self.schema.stream,
+                    key.len()
+                ),
             ));
         }
         if values[self.schema.vin_index] != Value::Str(self.topic_vin.to_owned()) {
@@ -219,11 +229,17 @@ impl Checker<'_> {
         if !(MIN_TIMESTAMP_MS..=self.max_ts_ms).contains(&ts) {
             return Err(Rejection::new(
                 RejectCode::OutOfRange,
-                format!("field 'ts' ({ts} ms) is before 2000 or too far after the time of receipt"),
+                "field 'ts' is before 2000 or too far after the time of receipt".to_owned(),
             ));
         }
         Ok(record)
     }
+}
+
+/// Whether `json` is a valid value of `field`: the only values of a rejected
+/// record that its dead-letter copy keeps as they are.
+pub fn is_valid_value(field: &FieldSpec, json: &Json) -> bool {
+    convert(field, json).is_ok()
 }
 
 /// Converts one JSON value to the field's type, checking its constraints.
@@ -256,8 +272,10 @@ fn convert(field: &FieldSpec, json: &Json) -> Result<Value, Rejection> {
                 )));
             }
             if let Some(allowed) = field.allowed.as_ref().filter(|a| !a.iter().any(|a| a == s)) {
-                // Enumerations are technical values, safe to quote.
-                return Err(out_of_range(format!("'{s}' is not one of {allowed:?}")));
+                return Err(out_of_range(format!(
+                    "is not one of {allowed:?} (a value of {} bytes)",
+                    s.len()
+                )));
             }
             Value::Str(s.to_owned())
         }
@@ -309,7 +327,7 @@ fn check_range(field: &FieldSpec, n: f64) -> Result<(), String> {
     if field.min.is_some_and(|min| n < min) || field.max.is_some_and(|max| n > max) {
         let bound = |b: Option<f64>| b.map_or("-".to_owned(), |b| b.to_string());
         return Err(format!(
-            "value {n} is outside [{}, {}]",
+            "is outside [{}, {}]",
             bound(field.min),
             bound(field.max)
         ));
@@ -388,6 +406,36 @@ mod tests {
             &mut out,
         );
         out
+    }
+
+    #[test]
+    fn messages_never_quote_what_the_sender_wrote() {
+        const VIN: &str = "WMW11DJ04N2T00001";
+        let record = |extra: &str, severity: &str, ts: &str| {
+            format!(
+                r#"{{"vin":"{VIN}","ts":{ts},"seq":1,"ecu":"DME","severity":"{severity}"{extra}}}"#
+            )
+        };
+        let payloads = [
+            record(r#","AnnaSvensson":1"#, "info", "1796083100000"),
+            record("", "AnnaSvensson", "1796083100000"),
+            record("", "info", "1797123456789"),
+            record(r#","battery_voltage_v":987654.5"#, "info", "1796083100000"),
+            r#"{"AnnaSvensson"#.to_owned(),
+            r#"{"vin":"\u0057MW21GD07P2S00002","owner":"AnnaSvensson""#.to_owned(),
+        ];
+        for payload in payloads {
+            let out = decode_one(Stream::Diagnostics, VIN, payload.as_bytes());
+            let message = &out.rejected[0].rejection.message;
+            for secret in [
+                "AnnaSvensson",
+                "1797123456789",
+                "987654",
+                "MW21GD07P2S00002",
+            ] {
+                assert!(!message.contains(secret), "{secret} quoted in: {message}");
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,6 @@ use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
-use crate::core::reject::RejectCode;
 use crate::ingest::link::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
 use crate::pipeline::batch::StreamBatcher;
@@ -41,6 +40,12 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 const MAX_WAL_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// What replaces a value the dead-letter copy may not keep.
 const REDACTED: &str = "<redacted>";
+/// The topic of every RTTI dead letter: RTTI names no vehicle.
+const RTTI_DEAD_LETTER_TOPIC: &str = "vehicles/<vehicle>/rtti";
+/// The topic level under which a tenant's topics live (`/tenants/{O}/…`).
+const TENANTS_LEVEL: &str = "tenants";
+/// The deepest level a vehicle's VIN stands at (`/tenants/{O}/vehicles/{VIN}`).
+const VIN_LEVEL_MAX: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -219,15 +224,12 @@ impl Worker {
                     None => &self.ctx.metrics.unrouted,
                 };
                 counters.add(rejection.code, 1);
-                let (topic, topic_vin) = self.redact_topic(&topic, epoch);
-                // A publish under another vehicle's topic is a whole record of
-                // a known stream, personal fields in the clear: only its size
-                // and topic are kept as evidence.
-                let copy = if rejection.code == RejectCode::ForeignTopic {
-                    Vec::new()
+                // No schema shaped these bytes, so no copy is kept: only the
+                // size, and the topic's levels fleetgate recognises.
+                let topic = if stream == Some(Stream::Rtti) {
+                    RTTI_DEAD_LETTER_TOPIC.to_owned()
                 } else {
-                    self.privacy
-                        .redact(&payload, topic_vin.as_deref().map(|v| (v, epoch)))
+                    self.redact_topic(&topic, epoch)
                 };
                 self.dead_letters.push(DeadLetter {
                     received_at_ms,
@@ -237,7 +239,7 @@ impl Worker {
                     rejection,
                     record_index: None,
                     payload_size: payload.len(),
-                    payload: self.cut(copy),
+                    payload: Vec::new(),
                 });
                 return;
             }
@@ -256,9 +258,13 @@ impl Worker {
         let decoded = std::mem::take(&mut self.decoded);
         self.received[stream.index()] += (decoded.valid.len() + decoded.rejected.len()) as u64;
         self.received_bytes[stream.index()] += payload.len() as u64;
+        let consent = self.privacy.consent(&vin);
+        let dropped = &self.ctx.metrics.stream(stream).dropped_by_policy;
+        if !consent.sim_active && !decoded.rejected.is_empty() {
+            // Collection stops with the SIM (§1.6, §8.8): rejected records too.
+            dropped.add(PolicyDrop::SimDeactivated, decoded.rejected.len() as u64);
+        }
         if !decoded.valid.is_empty() {
-            let consent = self.privacy.consent(&vin);
-            let dropped = &self.ctx.metrics.stream(stream).dropped_by_policy;
             for record in &decoded.valid {
                 if !consent.sim_active {
                     dropped.add(PolicyDrop::SimDeactivated, 1);
@@ -274,30 +280,41 @@ impl Worker {
                 self.batchers[stream.index()].push(record, &vin, received_at_ms, &mut self.privacy);
             }
         }
-        if !decoded.rejected.is_empty() {
-            let vehicle_id = self.privacy.vehicle_id(INTERNAL_DOMAIN, &vin, epoch);
-            let topic = format!("{TOPIC_ROOT}/vin:{vehicle_id}/{stream}");
+        if consent.sim_active && !decoded.rejected.is_empty() {
+            // RTTI is anonymous probe data (seed L2005): its dead letters name
+            // no vehicle and keep no copy of a position.
+            let anonymous = stream == Stream::Rtti;
+            let vehicle_id =
+                (!anonymous).then(|| self.privacy.vehicle_id(INTERNAL_DOMAIN, &vin, epoch));
+            let topic = match &vehicle_id {
+                Some(id) => format!("{TOPIC_ROOT}/vin:{id}/{stream}"),
+                None => RTTI_DEAD_LETTER_TOPIC.to_owned(),
+            };
             for rejected in &decoded.rejected {
                 self.ctx
                     .metrics
                     .stream(stream)
                     .rejected
                     .add(rejected.rejection.code, 1);
+                // Bytes that did not parse are never copied: no redaction
+                // catches every encoding of an identifier (`\u0057MW…`).
                 let (copy, size) = match &rejected.bytes {
-                    RejectedBytes::Payload => (
-                        self.privacy.redact(&payload, Some((&vin, epoch))),
-                        payload.len(),
-                    ),
+                    RejectedBytes::Payload => (Vec::new(), payload.len()),
                     RejectedBytes::Json(json) => {
                         let size = serde_json::to_vec(json).map_or(0, |v| v.len());
-                        (self.redact_record(schema, json, &vin, epoch), size)
+                        let copy = if anonymous {
+                            Vec::new()
+                        } else {
+                            self.redact_record(schema, json, &vin, epoch)
+                        };
+                        (copy, size)
                     }
                 };
                 self.dead_letters.push(DeadLetter {
                     received_at_ms,
                     topic: topic.clone(),
                     stream: Some(stream.name()),
-                    vehicle_id: Some(vehicle_id.clone()),
+                    vehicle_id: vehicle_id.clone(),
                     rejection: rejected.rejection.clone(),
                     record_index: rejected.index,
                     payload_size: size,
@@ -356,26 +373,31 @@ impl Worker {
         Ok(())
     }
 
-    /// The topic with its VIN slot replaced by the vehicle's pseudonym when
-    /// it holds a VIN (returned too), by `<not-a-vin>` otherwise; outside the
-    /// vehicle layout, every VIN-shaped token is replaced.
-    fn redact_topic(&mut self, topic: &str, epoch: i32) -> (String, Option<String>) {
-        let parts: Vec<&str> = topic.split('/').collect();
-        if parts.len() >= 2 && parts[0] == TOPIC_ROOT {
-            let (slot, vin) = if is_vin(parts[1]) {
-                let id = self.privacy.vehicle_id(INTERNAL_DOMAIN, parts[1], epoch);
-                (format!("vin:{id}"), Some(parts[1].to_owned()))
-            } else {
-                ("<not-a-vin>".to_owned(), None)
-            };
-            let mut out = vec![parts[0], slot.as_str()];
-            out.extend(&parts[2..]);
-            let joined = out.join("/");
-            let redacted = self.privacy.redact(joined.as_bytes(), None);
-            return (String::from_utf8_lossy(&redacted).into_owned(), vin);
+    /// The topic a dead letter keeps: only the levels fleetgate recognises
+    /// (the root, `tenants`, a stream name, the vehicle's slot as
+    /// `vin:<pseudonym>`), every other level as `<N bytes>`: never text the
+    /// sender chose.
+    fn redact_topic(&mut self, topic: &str, epoch: i32) -> String {
+        let mut levels = Vec::new();
+        for (i, level) in topic.split('/').enumerate() {
+            levels.push(
+                if level.is_empty()
+                    || level == TOPIC_ROOT
+                    || level == TENANTS_LEVEL
+                    || Stream::from_name(level).is_some()
+                {
+                    level.to_owned()
+                } else if is_vin(level) && i <= VIN_LEVEL_MAX {
+                    format!(
+                        "vin:{}",
+                        self.privacy.vehicle_id(INTERNAL_DOMAIN, level, epoch)
+                    )
+                } else {
+                    format!("<{} bytes>", level.len())
+                },
+            );
         }
-        let redacted = self.privacy.redact(topic.as_bytes(), None);
-        (String::from_utf8_lossy(&redacted).into_owned(), None)
+        levels.join("/")
     }
 
     /// A rejected record as JSON, keeping only values its schema lets the
@@ -392,10 +414,16 @@ impl Worker {
         let redacted = match json {
             Json::Object(map) => Json::Object(
                 map.iter()
-                    .map(|(key, value)| {
+                    .enumerate()
+                    .map(|(i, (key, value))| {
                         let field = schema.fields.iter().find(|f| &f.name == key);
                         let kept = match (field, value) {
-                            (Some(f), _) if f.transform == Transform::Keep => value.clone(),
+                            (Some(f), _)
+                                if f.transform == Transform::Keep
+                                    && decode::is_valid_value(f, value) =>
+                            {
+                                value.clone()
+                            }
                             (Some(f), Json::String(raw)) if f.transform == Transform::Pseudonym => {
                                 Json::String(if f.name == crate::schema::VIN_FIELD && raw == vin {
                                     self.privacy.vehicle_id(f.domain(), vin, epoch)
@@ -405,11 +433,16 @@ impl Worker {
                             }
                             _ => Json::String(REDACTED.to_owned()),
                         };
-                        (key.clone(), kept)
+                        // A key the schema does not know is text the sender chose.
+                        let key = match field {
+                            Some(f) => f.name.clone(),
+                            None => format!("<unknown field {i}>"),
+                        };
+                        (key, kept)
                     })
                     .collect(),
             ),
-            other => other.clone(),
+            _ => Json::String(REDACTED.to_owned()),
         };
         let bytes = serde_json::to_vec(&redacted).unwrap_or_default();
         self.privacy.redact(&bytes, Some((vin, epoch)))

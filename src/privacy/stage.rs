@@ -35,6 +35,8 @@ const NONCE_BYTES: usize = 12;
 const CACHE_LIMIT: usize = 100_000;
 const MAX_VAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
 const DAY_MS: i64 = 86_400_000;
+/// What a dead-letter copy holds in place of a VIN other than its topic's.
+pub const OTHER_VEHICLE: &str = "<other-vehicle>";
 
 /// Settings from `[privacy]`.
 #[derive(Debug, Clone, Copy)]
@@ -136,13 +138,11 @@ pub struct Privacy {
     domain_keys: HashMap<(String, i32), Secret>,
     vehicle_ids: HashMap<(String, i32), String>,
     trips: HashMap<String, Trip>,
-    redaction_key: Secret,
 }
 
 impl Privacy {
     pub fn new(shared: Arc<PrivacyShared>) -> Self {
         Self {
-            redaction_key: shared.keys.redaction_key(),
             seen_generation: shared.generation.load(Ordering::SeqCst),
             shared,
             vehicles: HashMap::new(),
@@ -290,14 +290,14 @@ impl Privacy {
     }
 
     /// A dead-letter copy with VIN-shaped tokens replaced: the topic's VIN by
-    /// the vehicle's pseudonym, any other by a keyed tag.
+    /// the vehicle's pseudonym, any other by [`OTHER_VEHICLE`] (a tag would
+    /// be a stable identifier of a vehicle that erasure does not break).
     pub fn redact(&mut self, bytes: &[u8], topic_vin: Option<(&str, i32)>) -> Vec<u8> {
-        let tag_key = self.redaction_key.clone();
         let known = topic_vin
             .map(|(vin, epoch)| (vin.to_owned(), self.vehicle_id(INTERNAL_DOMAIN, vin, epoch)));
         pseudo::redact_vins(bytes, &mut |vin| match &known {
             Some((known_vin, id)) if known_vin == vin => id.clone(),
-            _ => pseudo::vin_tag(&tag_key, vin),
+            _ => OTHER_VEHICLE.to_owned(),
         })
     }
 }
