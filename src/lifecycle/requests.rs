@@ -143,12 +143,12 @@ pub fn sql_literal(value: &MatchValue) -> String {
 
 /// The pending requests; none when the file does not exist yet.
 pub fn load(path: &Path) -> Result<Vec<DeletionRequest>> {
-    Ok(load_json(path)?)
+    load_json(path)
 }
 
 /// The legal holds in force; none when the file does not exist yet.
 pub fn load_holds(path: &Path) -> Result<Vec<LegalHold>> {
-    Ok(load_json(path)?)
+    load_json(path)
 }
 
 /// Records `request` durably; recording the same rows twice keeps one.
