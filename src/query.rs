@@ -155,6 +155,60 @@ pub enum OutputFormat {
     Ndjson,
 }
 
+/// Whether CSV has no notation for values of this type.
+fn needs_text_in_csv(data_type: &DataType) -> bool {
+    data_type.is_nested()
+        || matches!(
+            data_type,
+            DataType::Binary
+                | DataType::LargeBinary
+                | DataType::BinaryView
+                | DataType::FixedSizeBinary(_)
+        )
+}
+
+/// `batch` with every column CSV cannot write as text, the way the table
+/// format shows it (lists as `[a, b]`, binary as hex), as DuckDB and Spark do;
+/// nulls stay empty.
+fn with_text_columns(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| needs_text_in_csv(f.data_type()))
+    {
+        return Ok(batch.clone());
+    }
+    let options = arrow::util::display::FormatOptions::default();
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        if !needs_text_in_csv(field.data_type()) {
+            fields.push(field.clone());
+            columns.push(column.clone());
+            continue;
+        }
+        let formatter = arrow::util::display::ArrayFormatter::try_new(column.as_ref(), &options)?;
+        let text: arrow::array::StringArray = (0..column.len())
+            .map(|row| {
+                column
+                    .is_valid(row)
+                    .then(|| formatter.value(row).to_string())
+            })
+            .collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            field.name(),
+            DataType::Utf8,
+            true,
+        )));
+        columns.push(Arc::new(text) as arrow::array::ArrayRef);
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(arrow::datatypes::Schema::new(fields)),
+        columns,
+    )?)
+}
+
 /// Renders a result in the given format.
 pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
     let text = match format {
@@ -164,7 +218,7 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
                 .with_header(true)
                 .build(Vec::new());
             for batch in batches {
-                writer.write(batch)?;
+                writer.write(&with_text_columns(batch)?)?;
             }
             String::from_utf8_lossy(&writer.into_inner()).into_owned()
         }
@@ -188,4 +242,53 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
         }
     };
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{ArrayRef, BinaryArray, Int64Array, ListBuilder, StringBuilder};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    /// The column types fleetgate stores that CSV has no notation for: lists
+    /// (`fault_codes`) and binary (`*_encrypted`), with a null of each.
+    fn nested_batch() -> RecordBatch {
+        let mut codes = ListBuilder::new(StringBuilder::new());
+        codes.values().append_value("P0A7F");
+        codes.values().append_value("U0100");
+        codes.append(true);
+        codes.append(false);
+        let sealed = BinaryArray::from(vec![Some(&[0xde_u8, 0xad][..]), None]);
+        let seq = Int64Array::from(vec![1, 2]);
+        let columns: Vec<ArrayRef> =
+            vec![Arc::new(seq), Arc::new(codes.finish()), Arc::new(sealed)];
+        let schema = Schema::new(vec![
+            Field::new("seq", DataType::Int64, false),
+            Field::new("fault_codes", columns[1].data_type().clone(), true),
+            Field::new("contract_number_encrypted", DataType::Binary, true),
+        ]);
+        RecordBatch::try_new(Arc::new(schema), columns).expect("batch")
+    }
+
+    #[test]
+    fn every_format_writes_lists_and_binary() {
+        let batch = nested_batch();
+        for output in [
+            OutputFormat::Table,
+            OutputFormat::Csv,
+            OutputFormat::Json,
+            OutputFormat::Ndjson,
+        ] {
+            let text = format(std::slice::from_ref(&batch), output)
+                .unwrap_or_else(|e| panic!("{output:?}: {e}"));
+            assert!(text.contains("P0A7F"), "{output:?}: {text}");
+            assert!(text.contains("dead"), "{output:?}: {text}");
+        }
+        let csv = format(&[batch], OutputFormat::Csv).expect("csv");
+        assert_eq!(
+            csv,
+            "seq,fault_codes,contract_number_encrypted\n1,\"[P0A7F, U0100]\",dead\n2,,\n"
+        );
+    }
 }

@@ -58,6 +58,10 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     for secret in [vin.as_str(), "SE-CHG-00048213"] {
         assert!(!log.contains(secret), "{secret} in the log");
     }
+    // A clean start, a vehicle that connects, publishes and disconnects, and a
+    // clean stop are not errors.
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "error lines in a clean run: {errors:#?}");
 
     // Default root key and vault are in ./keys, outside the default ./data.
     assert!(dir.path().join("keys/root.key").is_file());
@@ -87,6 +91,11 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
         "SELECT count(*) AS n FROM dead_letters",
     );
     assert!(table.contains("| 0 |"), "{table}");
+    // Every column of every table, lists and binary included, in every format.
+    for format in ["table", "csv", "json", "ndjson"] {
+        let all = sql(dir.path(), format, "SELECT * FROM charging");
+        assert!(all.contains("880"), "{format}: {all}");
+    }
 }
 
 #[test]

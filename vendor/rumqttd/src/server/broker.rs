@@ -582,8 +582,11 @@ async fn remote<P: Protocol>(
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
+        // fleetgate patch: logged as info, not error: the router closes a
+        // link on a client's own DISCONNECT and on every refusal it already
+        // logged, so this is how most connections end.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            info!(reason=?e, "closed by the router");
             send_disconnect = false;
         }
         // Connection was closed by peer
