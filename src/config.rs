@@ -178,6 +178,26 @@ pub struct BrokerConfig {
     /// Publishes per second one connection may make; beyond, the broker holds
     /// it back until the next second. 0: no limit.
     pub max_publishes_per_second: u32,
+    /// When a QoS 1 publish is acknowledged.
+    pub acknowledge: Acknowledge,
+    /// With `acknowledge = "durable"`, the most PUBACKs one connection may
+    /// have waiting for durability before the broker holds it back.
+    pub max_held_acks: usize,
+}
+
+/// When the broker sends a QoS 1 publish its PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Acknowledge {
+    /// Once the record is in an fsync'd write-ahead log: nothing
+    /// acknowledged is lost in a crash. The WAL fsyncs as soon as there is
+    /// anything to sync (group commit with no added wait).
+    Durable,
+    /// When the broker has the publish in memory (rumqttd's own behaviour):
+    /// a crash loses what was acknowledged but not yet in the WAL. The WAL
+    /// fsyncs by `wal.fsync_interval_ms` and `wal.fsync_bytes`. For
+    /// comparison in benchmarks.
+    Received,
 }
 
 /// The TLS listener: the server's certificate and key, and the CA whose
@@ -237,6 +257,8 @@ impl Default for BrokerConfig {
             credentials_file: None,
             plain_remote: false,
             max_publishes_per_second: 0,
+            acknowledge: Acknowledge::Durable,
+            max_held_acks: 1024,
         }
     }
 }

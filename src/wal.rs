@@ -292,6 +292,20 @@ impl ShardWal {
         Ok(removed)
     }
 
+    /// The sequence number of the last entry appended, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.next_seq.checked_sub(1)
+    }
+
+    /// Whether every entry of this shard up to `seq` is in a committed
+    /// Parquet file.
+    pub fn covered_through(&self, seq: u64) -> Result<bool> {
+        Ok(self
+            .tracker
+            .lowest_pending(self.shard)?
+            .is_none_or(|lowest| lowest > seq))
+    }
+
     /// Seals the active segment when it holds only covered entries, so a
     /// clean shutdown leaves an empty log.
     pub fn close(mut self) -> Result<()> {

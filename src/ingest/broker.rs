@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 
-use crate::config::BrokerConfig;
+use crate::config::{Acknowledge, BrokerConfig};
 use crate::ingest::auth::Credentials;
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +162,10 @@ pub fn start(
             // Vehicles publish QoS 0 or 1. A QoS 2 publish would be appended
             // at its PUBREL, past backpressure and the rate limit: refused.
             refuse_qos2: true,
+            // A PUBACK only once the publish is in the fsync'd WAL: the
+            // link reports the durable watermark (crate::ingest::durable).
+            ack_when_durable: config.acknowledge == Acknowledge::Durable,
+            max_held_acks: config.max_held_acks,
             ..RouterConfig::default()
         },
         v4: Some(v4),

@@ -26,6 +26,7 @@ use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use crate::core::clock::{now_ms, random_nonce};
 use crate::core::reject::{RejectCode, Rejection};
 use crate::ingest::broker::PUBLISHER_PROPERTY;
+use crate::ingest::durable::DurableFrontier;
 use crate::metrics::Metrics;
 use crate::privacy::pseudo::is_vin;
 use crate::schema::Stream;
@@ -80,6 +81,9 @@ pub struct Inbound {
     pub route: Route,
     pub payload: Bytes,
     pub received_at_ms: i64,
+    /// The publish's offset in the broker's log, for the durable watermark
+    /// (see [`crate::ingest::durable`]).
+    pub offset: Option<u64>,
 }
 
 /// Where rumqttd puts the topics of a TLS client: `/tenants/{O}/…`, with O
@@ -181,20 +185,28 @@ pub fn spawn(
     mut link_tx: LinkTx,
     mut link_rx: LinkRx,
     sink: Sink,
+    frontier: Arc<DurableFrontier>,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>> {
     link_tx.subscribe(SUBSCRIPTION)?;
+    frontier.connect(link_tx.durability());
     std::thread::Builder::new()
         .name("ingest".into())
         .spawn(move || {
-            if let Err(e) = run(&mut link_tx, &mut link_rx, &sink, &stop) {
+            if let Err(e) = run(&mut link_tx, &mut link_rx, &sink, &frontier, &stop) {
                 tracing::error!(error = %e, "ingest stopped on a link error");
             }
         })
         .map_err(IngestError::Thread)
 }
 
-fn run(link_tx: &mut LinkTx, link_rx: &mut LinkRx, sink: &Sink, stop: &AtomicBool) -> Result<()> {
+fn run(
+    link_tx: &mut LinkTx,
+    link_rx: &mut LinkRx,
+    sink: &Sink,
+    frontier: &DurableFrontier,
+    stop: &AtomicBool,
+) -> Result<()> {
     let mut drain: Option<(String, Instant)> = None;
     loop {
         if drain.is_none() && stop.load(Ordering::Relaxed) {
@@ -204,6 +216,7 @@ fn run(link_tx: &mut LinkTx, link_rx: &mut LinkRx, sink: &Sink, stop: &AtomicBoo
         }
         match link_rx.recv_deadline(Instant::now() + POLL) {
             Ok(Some(Notification::Forward(forward))) => {
+                let offset = forward.cursor.map(|(_, offset)| offset);
                 let topic = String::from_utf8_lossy(&forward.publish.topic);
                 if drain.as_ref().is_some_and(|(marker, _)| *marker == topic) {
                     return Ok(());
@@ -212,6 +225,10 @@ fn run(link_tx: &mut LinkTx, link_rx: &mut LinkRx, sink: &Sink, stop: &AtomicBoo
                     Sink::Shards(shards) => shards,
                     Sink::Discard(metrics) => {
                         metrics.publishes_discarded.fetch_add(1, Ordering::Relaxed);
+                        if let Some(offset) = offset {
+                            frontier.passed(offset);
+                            frontier.report();
+                        }
                         continue;
                     }
                 };
@@ -225,9 +242,13 @@ fn run(link_tx: &mut LinkTx, link_rx: &mut LinkRx, sink: &Sink, stop: &AtomicBoo
                     route: route_from(&topic, publisher),
                     payload: forward.publish.payload,
                     received_at_ms: now_ms(),
+                    offset,
                 };
-                let shard = &shards[shard_of(&inbound.route, shards.len())];
-                if shard.send(inbound).is_err() {
+                let index = shard_of(&inbound.route, shards.len());
+                if let Some(offset) = offset {
+                    frontier.handed(index, offset);
+                }
+                if shards[index].send(inbound).is_err() {
                     tracing::error!("a worker has stopped; ingest stops too");
                     return Ok(());
                 }

@@ -19,8 +19,9 @@ use std::time::Duration;
 use crossbeam::channel::bounded;
 
 use crate::access::{AccessEnv, AccessError};
-use crate::config::{Config, ConfigError, RetentionConfig, SinkKind};
+use crate::config::{Acknowledge, Config, ConfigError, RetentionConfig, SinkKind};
 use crate::ingest::auth::Credentials;
+use crate::ingest::durable::DurableFrontier;
 use crate::ingest::{broker, link as ingest};
 use crate::lifecycle::retention::{self, Retention, RetentionError};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -210,6 +211,15 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         );
     }
 
+    // A log written by more workers than are configured now keeps its
+    // shards: each is owned by a worker until it is empty.
+    let recovered_shards = recovered
+        .shards
+        .keys()
+        .max()
+        .map_or(0, |s| usize::from(*s) + 1);
+    let shard_count = config.worker_count().max(recovered_shards);
+    let frontier = Arc::new(DurableFrontier::new(shard_count));
     let context = WorkerContext {
         registry,
         limits: Limits {
@@ -222,17 +232,12 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         metrics: metrics.clone(),
         stream_writers,
         dead_letter_writer,
+        frontier: frontier.clone(),
+        sync_immediately: config.broker.acknowledge == Acknowledge::Durable,
     };
-    // A log written by more workers than are configured now keeps its
-    // shards: each is owned by a worker until it is empty.
-    let recovered_shards = recovered
-        .shards
-        .keys()
-        .max()
-        .map_or(0, |s| usize::from(*s) + 1);
     let mut shards = Vec::new();
     let mut workers = Vec::new();
-    for index in 0..config.worker_count().max(recovered_shards) {
+    for index in 0..shard_count {
         let shard = u16::try_from(index).unwrap_or(u16::MAX);
         let log = ShardWal::open(
             &wal_settings,
@@ -301,7 +306,13 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             ingest::Sink::Discard(metrics.clone())
         }
     };
-    let ingest = ingest::spawn(embedded.link_tx, embedded.link_rx, sink, stop.clone())?;
+    let ingest = ingest::spawn(
+        embedded.link_tx,
+        embedded.link_rx,
+        sink,
+        frontier,
+        stop.clone(),
+    )?;
     tracing::info!(
         mqtt = %embedded.mqtt_addr,
         mqtt5 = %embedded.mqtt5_addr,

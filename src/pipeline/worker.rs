@@ -19,6 +19,7 @@ use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
+use crate::ingest::durable::DurableFrontier;
 use crate::ingest::link::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
 use crate::pipeline::batch::StreamBatcher;
@@ -64,6 +65,12 @@ pub struct WorkerContext {
     /// One sender per stream, in [`Stream::ALL`] order.
     pub stream_writers: Vec<Sender<TableBatch>>,
     pub dead_letter_writer: Sender<TableBatch>,
+    /// Where each worker reports what its fsyncs made durable, which decides
+    /// when the broker acknowledges a publish.
+    pub frontier: Arc<DurableFrontier>,
+    /// fsync the WAL as soon as there is something to sync (acknowledgements
+    /// wait for it), rather than by `wal.fsync_interval_ms` and `fsync_bytes`.
+    pub sync_immediately: bool,
 }
 
 /// Starts worker `index`, which runs until its queue is closed and drained,
@@ -76,12 +83,22 @@ pub fn spawn_worker(
 ) -> Result<JoinHandle<ShardWal>, PipelineError> {
     std::thread::Builder::new()
         .name(format!("worker-{index}"))
-        .spawn(move || Worker::new(context, wal).run(queue))
+        .spawn(move || Worker::new(index, context, wal).run(queue))
         .map_err(PipelineError::Thread)
 }
 
 struct Worker {
+    /// This worker's index among the shards.
+    shard: usize,
     wal: ShardWal,
+    /// The broker-log offset of the last publish handled since the last
+    /// fsync: durable once the next fsync succeeds.
+    handled_offset: Option<u64>,
+    /// After a failed fsync, the last WAL entry whose durability is unknown:
+    /// nothing more is reported durable until Parquet holds every entry up
+    /// to it (a later successful fsync does not vouch for pages the failed
+    /// one may have dropped).
+    parquet_gate: Option<u64>,
     /// `received_at` columns of batches appended since the last fsync.
     unsynced_receipts: Vec<ArrayRef>,
     batchers: Vec<StreamBatcher>,
@@ -95,9 +112,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: WorkerContext, wal: ShardWal) -> Self {
+    fn new(shard: usize, ctx: WorkerContext, wal: ShardWal) -> Self {
         Self {
+            shard,
             wal,
+            handled_offset: None,
+            parquet_gate: None,
             unsynced_receipts: Vec::new(),
             batchers: Stream::ALL
                 .iter()
@@ -133,7 +153,10 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            self.sync_wal(false);
+            // Group commit. Acknowledging on durability, with no added wait:
+            // whatever arrived while the previous fsync ran is synced now, as
+            // one. Otherwise when the interval or the bytes say so.
+            self.sync_wal(self.ctx.sync_immediately);
         }
         self.sync_wal(true);
         self.wal
@@ -169,12 +192,32 @@ impl Worker {
                 Err(e) => {
                     wal.errors.fetch_add(1, Relaxed);
                     self.unsynced_receipts.clear();
-                    tracing::error!(error = %e, "WAL fsync failed; the batches since the last fsync are durable only once written to Parquet");
+                    self.parquet_gate = self.wal.last_seq();
+                    tracing::error!(error = %e, "WAL fsync failed; the batches since the last fsync are durable, and acknowledged, only once written to Parquet");
                 }
             }
+            self.report_durable();
         }
         if let Err(e) = self.wal.truncate_covered() {
             tracing::warn!(error = %e, "cannot delete a WAL segment");
+        }
+    }
+
+    /// Tells the frontier how far this shard is durable, unless a failed
+    /// fsync left entries whose durability only Parquet can vouch for.
+    fn report_durable(&mut self) {
+        if let Some(gate) = self.parquet_gate {
+            match self.wal.covered_through(gate) {
+                Ok(true) => self.parquet_gate = None,
+                Ok(false) | Err(_) => return,
+            }
+        }
+        if self.wal.has_unsynced() {
+            return;
+        }
+        if let Some(offset) = self.handled_offset.take() {
+            self.ctx.frontier.durable(self.shard, offset);
+            self.ctx.frontier.report();
         }
     }
 
@@ -210,7 +253,11 @@ impl Worker {
             route,
             payload,
             received_at_ms,
+            offset,
         } = inbound;
+        if offset.is_some() {
+            self.handled_offset = offset;
+        }
         let epoch = self.privacy.epoch(received_at_ms);
         let (vin, stream) = match route {
             Route::Vehicle { vin, stream } => (vin, stream),

@@ -303,7 +303,12 @@ impl ServeProcess {
             .split("mqtt://")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {banner:?}"))
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+                let last_run = log.rsplit(" INFO ").next().unwrap_or_default();
+                let tail: String = last_run.chars().take(3000).collect();
+                panic!("no address in {banner:?}; the log of that run:\n{tail}")
+            })
             .parse()
             .expect("socket address");
         Self { child, addr }

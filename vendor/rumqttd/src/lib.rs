@@ -239,6 +239,17 @@ pub struct RouterConfig {
     /// `lossless_subscribers` and `max_publishes_per_second`.
     #[serde(default)]
     pub refuse_qos2: bool,
+    /// fleetgate patch: acknowledge a QoS 1 publish only once an in-process
+    /// subscriber reports it durable (`LinkTx::durability`): the router holds
+    /// its PUBACK until a `Event::Durable` watermark reaches the publish's
+    /// offset in the log. Upstream acknowledges on append to memory.
+    #[serde(default)]
+    pub ack_when_durable: bool,
+    /// fleetgate patch: with `ack_when_durable`, the most acknowledgements one
+    /// connection may have held; past it the connection is held back (its
+    /// packets wait, its link stops reading) until some are released.
+    #[serde(default)]
+    pub max_held_acks: usize,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

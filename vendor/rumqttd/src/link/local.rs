@@ -150,6 +150,24 @@ impl<'a> LinkBuilder<'a> {
     }
 }
 
+/// fleetgate patch: reports a durable watermark to the router, which then
+/// sends the PUBACKs it held for publishes at or below it.
+#[derive(Debug, Clone)]
+pub struct Durability {
+    connection_id: ConnectionId,
+    router_tx: Sender<(ConnectionId, Event)>,
+}
+
+impl Durability {
+    /// Every publish at or below `offset` (the second element of a
+    /// forward's cursor) is durable.
+    pub fn report(&self, offset: u64) -> Result<(), LinkError> {
+        self.router_tx
+            .send((self.connection_id, Event::Durable(offset)))?;
+        Ok(())
+    }
+}
+
 pub struct LinkTx {
     pub(crate) connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
@@ -157,6 +175,15 @@ pub struct LinkTx {
 }
 
 impl LinkTx {
+    /// fleetgate patch: a handle any thread can use to report which of the
+    /// publishes this link received are durable (`RouterConfig::ack_when_durable`).
+    pub fn durability(&self) -> Durability {
+        Durability {
+            connection_id: self.connection_id,
+            router_tx: self.router_tx.clone(),
+        }
+    }
+
     pub fn new(
         connection_id: ConnectionId,
         router_tx: Sender<(ConnectionId, Event)>,

@@ -65,6 +65,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// fleetgate patch: every publish at or below this log offset is durable
+    /// (`RouterConfig::ack_when_durable`).
+    Durable(u64),
 }
 
 /// Notification from router to connection

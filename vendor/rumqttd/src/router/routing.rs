@@ -108,6 +108,12 @@ pub struct Router {
     /// fleetgate patch: per connection, the start of its current one-second
     /// window and the publishes it made in it
     publish_windows: HashMap<ConnectionId, (std::time::Instant, u32)>,
+    /// fleetgate patch (`RouterConfig::ack_when_durable`): per connection, the
+    /// PUBACKs held until the publish at that log offset is durable, in
+    /// offset order
+    held_acks: HashMap<ConnectionId, VecDeque<(u64, PubAck)>>,
+    /// fleetgate patch: the highest durable offset reported, if any
+    durable_offset: Option<u64>,
 }
 
 impl Router {
@@ -151,6 +157,8 @@ impl Router {
             last_wills: HashMap::new(),
             held_back: VecDeque::new(),
             publish_windows: HashMap::new(),
+            held_acks: HashMap::new(),
+            durable_offset: None,
         }
     }
 
@@ -286,7 +294,47 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            Event::Durable(offset) => self.release_durable_acks(offset),
         }
+    }
+
+    /// fleetgate patch: sends every held PUBACK whose publish is at or below
+    /// `offset` (reports may arrive out of order: the highest counts).
+    fn release_durable_acks(&mut self, offset: u64) {
+        let offset = self.durable_offset.map_or(offset, |d| d.max(offset));
+        self.durable_offset = Some(offset);
+        let mut released = Vec::new();
+        for (id, held) in self.held_acks.iter_mut() {
+            let mut any = false;
+            while held.front().is_some_and(|(o, _)| *o <= offset) {
+                let Some((_, ack)) = held.pop_front() else {
+                    break;
+                };
+                if let Some(ackslog) = self.ackslog.get_mut(*id) {
+                    ackslog.puback(ack);
+                    any = true;
+                }
+            }
+            if any {
+                released.push(*id);
+            }
+        }
+        self.held_acks.retain(|_, held| !held.is_empty());
+        for id in released {
+            if self.scheduler.trackers.get(id).is_some() {
+                self.scheduler.reschedule(id, ScheduleReason::FreshData);
+            }
+        }
+    }
+
+    /// fleetgate patch: whether connection `id` has `max_held_acks` PUBACKs
+    /// held already and must wait before it publishes more.
+    fn too_many_held_acks(&self, id: ConnectionId) -> bool {
+        self.config.ack_when_durable
+            && self
+                .held_acks
+                .get(&id)
+                .is_some_and(|held| held.len() >= self.config.max_held_acks.max(1))
     }
 
     fn handle_new_connection(
@@ -453,6 +501,8 @@ impl Router {
         // fleetgate patch: connection ids are reused; forget this one's state.
         self.publish_windows.remove(&id);
         self.held_back.retain(|held| *held != id);
+        // Never sent: the client publishes them again after reconnecting.
+        self.held_acks.remove(&id);
         // Some clients can choose to send Disconnect packet before network disconnection.
         // This will lead to double Disconnect packets in router `events`
         let client_id = match &self.obufs.get(id) {
@@ -707,6 +757,12 @@ impl Router {
                         held = Some(Packet::Publish(publish, properties));
                         break;
                     }
+                    // fleetgate patch: and while it has too many PUBACKs held
+                    // for durability (a client with a huge in-flight window).
+                    if publish.qos == QoS::AtLeastOnce && self.too_many_held_acks(id) {
+                        held = Some(Packet::Publish(publish, properties));
+                        break;
+                    }
                     // fleetgate patch: stamp the publisher's client id.
                     let mut properties = properties;
                     if let Some(name) = &self.config.publisher_property {
@@ -737,6 +793,9 @@ impl Router {
                     // multiple commit logs.
 
                     match qos {
+                        // fleetgate patch: acknowledged below, once appended,
+                        // at its offset's durability.
+                        QoS::AtLeastOnce if self.config.ack_when_durable => {}
                         QoS::AtLeastOnce => {
                             let puback = PubAck {
                                 pkid,
@@ -774,11 +833,27 @@ impl Router {
                         &mut self.notifications,
                         &mut self.connections,
                     ) {
-                        Ok(_offset) => {
+                        Ok(offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
+                            // fleetgate patch: hold the PUBACK until the publish's
+                            // offset (the append returns the next one) is durable.
+                            if qos == QoS::AtLeastOnce && self.config.ack_when_durable {
+                                let at = offset.1.saturating_sub(1);
+                                let puback = PubAck {
+                                    pkid,
+                                    reason: PubAckReason::Success,
+                                };
+                                if self.durable_offset.is_some_and(|d| d >= at) {
+                                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                                    ackslog.puback(puback);
+                                    force_ack = true;
+                                } else {
+                                    self.held_acks.entry(id).or_default().push_back((at, puback));
+                                }
+                            }
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
