@@ -28,6 +28,20 @@ fn teleservice(vin: &str, seq: u64, trigger: &str) -> (String, Vec<u8>) {
     (format!("vehicles/{vin}/teleservice"), body.into_bytes())
 }
 
+/// A stream's records dropped by policy, by reason, from the shutdown totals.
+fn dropped_by_policy(
+    totals: &fleetgate::metrics::MetricsSnapshot,
+    stream: Stream,
+) -> Vec<(&'static str, u64)> {
+    totals
+        .streams
+        .iter()
+        .find(|s| s.stream == stream.name())
+        .expect("stream")
+        .dropped_by_policy
+        .clone()
+}
+
 fn strings(batches: &[arrow::array::RecordBatch], column: usize) -> Vec<String> {
     batches
         .iter()
@@ -73,17 +87,14 @@ async fn consent_and_sim_state_decide_what_is_stored() {
     );
     assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 0);
     assert_eq!(count(&data, "SELECT count(*) FROM dead_letters").await, 0);
-    let dropped = |stream: Stream| {
-        totals
-            .streams
-            .iter()
-            .find(|s| s.stream == stream.name())
-            .expect("stream")
-            .dropped_by_policy
-            .clone()
-    };
-    assert_eq!(dropped(Stream::Teleservice), vec![("sim_deactivated", 1)]);
-    assert_eq!(dropped(Stream::Diagnostics), vec![("sim_deactivated", 1)]);
+    assert_eq!(
+        dropped_by_policy(&totals, Stream::Teleservice),
+        vec![("sim_deactivated", 1)]
+    );
+    assert_eq!(
+        dropped_by_policy(&totals, Stream::Diagnostics),
+        vec![("sim_deactivated", 1)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,18 +365,12 @@ async fn rtti_dead_letters_name_no_vehicle_and_stop_with_the_sim() {
         2
     );
     assert!(!parquet_text(&data).contains("59.404"));
-    let dropped = |stream: Stream| {
-        totals
-            .streams
-            .iter()
-            .find(|s| s.stream == stream.name())
-            .expect("stream")
-            .dropped_by_policy
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .copied()
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(dropped(Stream::Rtti), vec![("sim_deactivated", 2)]);
-    assert_eq!(dropped(Stream::Diagnostics), vec![("sim_deactivated", 1)]);
+    assert_eq!(
+        dropped_by_policy(&totals, Stream::Rtti),
+        vec![("sim_deactivated", 2)]
+    );
+    assert_eq!(
+        dropped_by_policy(&totals, Stream::Diagnostics),
+        vec![("sim_deactivated", 1)]
+    );
 }
