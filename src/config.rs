@@ -96,7 +96,7 @@ impl Default for AccessConfig {
     }
 }
 
-/// The admin HTTP endpoint (metrics today).
+/// The HTTP endpoint: metrics, the `/admin` routes, `/sql`, `/export`, `/grants`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -104,6 +104,9 @@ pub struct AdminConfig {
     pub http_addr: SocketAddr,
     /// Seconds between throughput summary lines in the log; 0 = none.
     pub summary_interval_secs: u64,
+    /// The token every `/admin` route requires (`Authorization: Bearer`),
+    /// created on first start, mode 0600; outside the data directory.
+    pub token_file: PathBuf,
 }
 
 impl Default for AdminConfig {
@@ -111,6 +114,7 @@ impl Default for AdminConfig {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             summary_interval_secs: 10,
+            token_file: PathBuf::from("./keys/admin.token"),
         }
     }
 }
@@ -376,10 +380,16 @@ impl Config {
         if b.segment_bytes == 0 || b.segment_count == 0 {
             return invalid("broker.segment_bytes and segment_count must be > 0".into());
         }
-        for (key, path) in [("key_file", &s.key_file), ("vault_file", &s.vault_file)] {
+        // Keys and the admin token never travel with the data.
+        let private = [
+            ("storage.key_file", &s.key_file),
+            ("storage.vault_file", &s.vault_file),
+            ("admin.token_file", &self.admin.token_file),
+        ];
+        for (key, path) in private {
             if inside(path, &s.data_dir) {
                 return invalid(format!(
-                    "storage.{key} {} lies inside storage.data_dir {}: keep keys apart from the data",
+                    "{key} {} lies inside storage.data_dir {}: keep keys apart from the data",
                     path.display(),
                     s.data_dir.display()
                 ));
@@ -392,14 +402,15 @@ impl Config {
     }
 
     /// The defaults, made to run beside any other instance: every listener
-    /// on a port the OS picks (port 0, loopback), data, key file and vault
-    /// under `dir`. Tests, benchmarks and embedders start from this.
+    /// on a port the OS picks (port 0, loopback), data, keys, admin token,
+    /// audit and registry under `dir`. Tests, benchmarks and embedders start from this.
     pub fn isolated(dir: &Path) -> Self {
         let mut config = Config::default();
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         config.broker.mqtt_addr = any_port;
         config.broker.mqtt5_addr = any_port;
         config.admin.http_addr = any_port;
+        config.admin.token_file = dir.join("keys/admin.token");
         config.storage.data_dir = dir.join("data");
         config.storage.key_file = dir.join("keys/root.key");
         config.storage.vault_file = dir.join("keys/vault.redb");
@@ -484,6 +495,20 @@ mod tests {
         assert!(cfg.validate().is_err());
         cfg.storage.key_file = PathBuf::from("./data/../keys/k");
         assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn key_files_inside_the_data_dir_are_refused() {
+        let refused = |cfg: Config, key: &str| {
+            let err = cfg.validate().expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        };
+        let mut cfg = Config::default();
+        cfg.storage.vault_file = PathBuf::from("./data/vault.redb");
+        refused(cfg, "storage.vault_file");
+        let mut cfg = Config::default();
+        cfg.admin.token_file = PathBuf::from("./data/admin.token");
+        refused(cfg, "admin.token_file");
     }
 
     #[test]

@@ -283,11 +283,12 @@ fn main() -> anyhow::Result<()> {
                 .map(|a| format!(", mqtts://{a} (client certificates)"))
                 .unwrap_or_default();
             println!(
-                "fleetgate listening on mqtt://{} (MQTT 5: {}){tls}, metrics on http://{}/metrics, data in {}",
+                "fleetgate listening on mqtt://{} (MQTT 5: {}){tls}, metrics on http://{}/metrics, data in {}, admin token in {}",
                 server.mqtt_addr(),
                 server.mqtt5_addr(),
                 server.admin_addr(),
-                server.data_dir().display()
+                server.data_dir().display(),
+                config.admin.token_file.display()
             );
             runtime.block_on(signals.recv());
             tracing::info!("shutting down: storing everything received");

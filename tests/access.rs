@@ -805,11 +805,12 @@ async fn sql_and_export_over_http() {
     .await;
     wait_for(|| server.handle.metrics().totals().stored == 3);
     let addr = server.handle.admin_addr();
+    let admin_token = server.admin().token;
     let (status, body) = http(
         addr,
         "POST",
         "/admin/principals",
-        None,
+        Some(&admin_token),
         r#"{"id":"alice","kind":"user"}"#,
     );
     assert_eq!(status, 200, "{body}");
@@ -819,7 +820,7 @@ async fn sql_and_export_over_http() {
         addr,
         "POST",
         "/admin/transfers",
-        None,
+        Some(&admin_token),
         &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
     );
     assert_eq!(status, 200, "{body}");
@@ -857,7 +858,7 @@ async fn sql_and_export_over_http() {
         addr,
         "POST",
         "/admin/principals",
-        None,
+        Some(&admin_token),
         r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
     );
     assert_eq!(status, 200, "{body}");
@@ -890,6 +891,79 @@ async fn sql_and_export_over_http() {
     assert_eq!(export["tables"]["charging"][0]["vin"], A);
     assert_eq!(export["metadata"]["user"], "alice");
     server.handle.shutdown().expect("shutdown");
+}
+
+/// The /admin routes need the admin token, from loopback too (behind a
+/// same-host proxy every peer is loopback), and a principal's token is not it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_need_the_admin_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start();
+    let addr = server.handle.admin_addr();
+    let file = server.config.admin.token_file.clone();
+    let mode = std::fs::metadata(&file)
+        .expect("created at start")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let token = server.admin().token;
+    assert!(token.len() >= 32);
+    let sim_off = format!(r#"{{"event":"sim_deactivated","vin":"{A}"}}"#);
+    let mallory = r#"{"id":"mallory","kind":"operator"}"#;
+    let wrong_one = format!("{}0", &token[..token.len() - 1]);
+    for wrong in [None, Some("fga_not_the_token"), Some(wrong_one.as_str())] {
+        assert_eq!(http(addr, "POST", "/admin/events", wrong, &sim_off).0, 401);
+        assert_eq!(
+            http(addr, "POST", "/admin/principals", wrong, mallory).0,
+            401
+        );
+        assert_eq!(http(addr, "POST", "/admin/transfers", wrong, "{}").0, 401);
+        assert_eq!(http(addr, "POST", "/admin/grants", wrong, "{}").0, 401);
+        assert_eq!(
+            http(addr, "DELETE", "/admin/grants/grant-1", wrong, "").0,
+            401
+        );
+    }
+    // A principal's token, even an operator's, is not the admin token.
+    let (status, body) = http(addr, "POST", "/admin/principals", Some(&token), mallory);
+    assert_eq!(status, 200, "{body}");
+    let operator: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let operator = operator["token"].as_str().expect("token").to_owned();
+    assert_eq!(
+        http(addr, "POST", "/admin/events", Some(&operator), &sim_off).0,
+        401
+    );
+    assert!(
+        server
+            .handle
+            .privacy()
+            .vault
+            .consent(A)
+            .expect("consent")
+            .sim_active,
+        "nothing changed"
+    );
+    // The right token works, and survives a restart.
+    let config = server.config.clone();
+    server.handle.shutdown().expect("shutdown");
+    let again = fleetgate::ops::server::start(&config).expect("restart");
+    let (status, body) = http(
+        again.admin_addr(),
+        "POST",
+        "/admin/events",
+        Some(&token),
+        &sim_off,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !again
+            .privacy()
+            .vault
+            .consent(A)
+            .expect("consent")
+            .sim_active
+    );
+    again.shutdown().expect("shutdown");
 }
 
 /// One HTTP/1.1 request; the status and the body's bytes.

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::atomic::Ordering::Relaxed;
 
 use common::*;
@@ -18,44 +17,20 @@ use fleetgate::schema::Stream;
 const A: &str = "WMW11DJ04N2T00001";
 const B: &str = "WMW21GD07P2S00002";
 
-/// POSTs JSON and returns the status code and body.
-fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
-}
-
-fn event(addr: std::net::SocketAddr, body: &str) -> (u16, String) {
-    post(addr, "/admin/events", body)
+fn event(admin: &Admin, body: &str) -> (u16, String) {
+    admin.post("/admin/events", body)
 }
 
 /// Sends an event that must be refused with `status`, saying `reason`.
-fn refused(addr: std::net::SocketAddr, body: &str, status: u16, reason: &str) {
-    let (got, answer) = event(addr, body);
+fn refused(admin: &Admin, body: &str, status: u16, reason: &str) {
+    let (got, answer) = event(admin, body);
     assert_eq!(got, status, "{answer}");
     assert!(answer.contains(reason), "{answer}");
 }
 
 /// Applies an event that must succeed; returns the answer.
-fn accepted(addr: std::net::SocketAddr, body: &str) -> String {
-    let (status, answer) = event(addr, body);
+fn accepted(admin: &Admin, body: &str) -> String {
+    let (status, answer) = event(admin, body);
     assert_eq!(status, 200, "{answer}");
     answer
 }
@@ -73,7 +48,7 @@ fn smart_maintenance_call(vin: &str, seq: u64) -> (String, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_change_collection_erase_vehicles_and_are_audited() {
     let server = TestServer::start();
-    let admin = server.handle.admin_addr();
+    let admin = &server.admin();
     let mqtt = server.handle.mqtt_addr();
     let metrics = server.handle.metrics().clone();
     let teleservice = || metrics.stream(Stream::Teleservice);
@@ -267,7 +242,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
         record(Stream::Diagnostics, 2, r#""ecu":"DME","severity":"info""#),
     ];
     publish_all(server.handle.mqtt_addr(), &messages).await;
-    let admin = server.handle.admin_addr();
+    let admin = &server.admin();
     for body in [
         r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001","id":"CASE-1"}"#,
         r#"{"event":"case_closed","vin":"WMW11DJ04N2T00001","id":"CASE-1"}"#,
@@ -350,7 +325,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
         ),
     ];
     publish_all(server.handle.mqtt_addr(), &messages).await;
-    let admin = server.handle.admin_addr();
+    let admin = &server.admin();
     let placed = accepted(
         admin,
         r#"{"event":"legal_hold_placed","vin":"WMW11DJ04N2T00001","id":"LH-1"}"#,
@@ -433,13 +408,14 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
 
     // Released (on a restarted server): erasure goes through, and the sweep deletes.
     let restarted = fleetgate::ops::server::start(&config).expect("restart");
+    let again = Admin::new(restarted.admin_addr(), &config);
     let released = accepted(
-        restarted.admin_addr(),
+        &again,
         r#"{"event":"legal_hold_released","vin":"WMW11DJ04N2T00001","id":"LH-1"}"#,
     );
     assert!(released.contains("legal hold released"), "{released}");
     accepted(
-        restarted.admin_addr(),
+        &again,
         r#"{"event":"erasure_requested","vin":"WMW11DJ04N2T00001"}"#,
     );
     restarted.shutdown().expect("shutdown");

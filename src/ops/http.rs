@@ -7,9 +7,12 @@
 //! `DELETE /grants/{id}` for users to give and revoke grants.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
-//! never competes with the pipeline's threads. The `/admin` routes answer
-//! loopback peers only and have no other authentication; `/metrics` has
-//! none: keep the port on loopback or behind your own access control.
+//! never competes with the pipeline's threads. The `/admin` routes answer a
+//! loopback peer that presents the admin token
+//! ([`crate::ops::admin_token`]) as its bearer token: behind a reverse proxy
+//! on the same host every peer is loopback, so the token is what protects
+//! them, and a page in a browser (DNS rebinding) cannot send the header.
+//! `/metrics` has no authentication: it carries counters only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use crate::config::RetentionConfig;
 use crate::ingest::auth::{AuthCounters, Credentials, Refusal};
 use crate::lifecycle::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
+use crate::ops::admin_token::AdminToken;
 use crate::privacy::stage::PrivacyShared;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +64,8 @@ pub struct AdminState {
     pub access: Arc<AccessEnv>,
     /// The vehicle credential store, when the plain listeners need passwords.
     pub credentials: Option<Arc<Credentials>>,
+    /// What every `/admin` route requires as its bearer token.
+    pub admin_token: AdminToken,
 }
 
 /// The running endpoint; dropping it without `stop` leaves it running.
@@ -133,15 +139,18 @@ async fn serve(
     if !summary_every.is_zero() {
         tokio::spawn(summaries(state.metrics.clone(), summary_every));
     }
-    // The admin routes answer loopback peers only, so that exposing the port
-    // for /sql, /export and /grants exposes nothing else.
+    // The admin routes need a loopback peer and the admin token, so that
+    // exposing the port for /sql, /export and /grants exposes nothing else.
     let admin = Router::new()
         .route("/admin/events", post(vehicle_event))
         .route("/admin/principals", post(add_principal))
         .route("/admin/transfers", post(transfer))
         .route("/admin/grants", post(grant))
         .route("/admin/grants/{id}", delete(revoke))
-        .route_layer(axum::middleware::from_fn(loopback_only));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin_only,
+        ));
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/grants", post(user_grant))
@@ -175,18 +184,41 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-/// Refuses (403) a request to an admin route from anywhere but loopback.
-async fn loopback_only(
+/// Lets a request through to an admin route only from a loopback peer (403
+/// otherwise) that presents the admin token as its bearer token (401
+/// otherwise; a principal's token is not it).
+async fn admin_only(
+    State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if peer.ip().is_loopback() {
-        next.run(request).await
-    } else {
+    if !peer.ip().is_loopback() {
         let refusal = serde_json::json!({ "error": "the admin routes answer loopback only" });
-        (StatusCode::FORBIDDEN, Json(refusal)).into_response()
+        return (StatusCode::FORBIDDEN, Json(refusal)).into_response();
     }
+    let presented = bearer_token(request.headers());
+    if !presented.is_some_and(|token| state.admin_token.matches(token)) {
+        let refusal = serde_json::json!({
+            "error": "the admin routes need the admin token (admin.token_file) as Authorization: Bearer"
+        });
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(refusal),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// The request's `Authorization: Bearer` token, if it has one.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// The CONNECT counters of the password-checked listeners.
@@ -270,12 +302,8 @@ fn bearer(
     state: &AdminState,
     headers: &HeaderMap,
 ) -> Result<crate::access::registry::Principal, AccessError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(AccessError::UnknownPrincipal)?;
-    state.access.authenticate(token.trim())
+    let token = bearer_token(headers).ok_or(AccessError::UnknownPrincipal)?;
+    state.access.authenticate(token)
 }
 
 #[derive(serde::Deserialize)]

@@ -1,4 +1,6 @@
-//! Operations: the server that wires the stages together and the admin HTTP endpoint.
+//! Operations: the server that wires the stages together, the admin HTTP
+//! endpoint and the token its `/admin` routes require.
 
+pub mod admin_token;
 pub mod http;
 pub mod server;

@@ -25,6 +25,7 @@ use crate::ingest::durable::DurableFrontier;
 use crate::ingest::{broker, link as ingest};
 use crate::lifecycle::retention::{self, Retention, RetentionError};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::ops::admin_token::{AdminToken, AdminTokenError};
 use crate::ops::http::{self, AdminHttp, AdminState, HttpError, Queue};
 use crate::pipeline::dead_letter;
 use crate::pipeline::decode::Limits;
@@ -62,6 +63,8 @@ pub enum ServerError {
     Retention(#[from] RetentionError),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error(transparent)]
+    AdminToken(#[from] AdminTokenError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -259,6 +262,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         .credentials_file
         .as_ref()
         .map(|path| Arc::new(Credentials::new(path.clone(), privacy.keys.redaction_key())));
+    let admin_token = AdminToken::load_or_create(&config.admin.token_file)?;
     let admin = http::spawn(
         config.admin.http_addr,
         AdminState {
@@ -268,6 +272,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             retention: config.retention.clone(),
             access: access.clone(),
             credentials: credentials.clone(),
+            admin_token,
         },
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;

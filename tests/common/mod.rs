@@ -62,6 +62,69 @@ impl TestServer {
     pub fn vault_file(&self) -> PathBuf {
         self.config.storage.vault_file.clone()
     }
+
+    /// The `/admin` routes of this server, with its admin token.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.handle.admin_addr(), &self.config)
+    }
+}
+
+/// A running server's HTTP endpoint and the admin token its `/admin` routes need.
+pub struct Admin {
+    pub addr: std::net::SocketAddr,
+    pub token: String,
+}
+
+impl Admin {
+    /// The endpoint at `addr` of the server started with `config`, whose
+    /// token file it reads.
+    pub fn new(addr: std::net::SocketAddr, config: &Config) -> Self {
+        let token = std::fs::read_to_string(&config.admin.token_file)
+            .expect("the admin token file")
+            .trim()
+            .to_owned();
+        Self { addr, token }
+    }
+
+    /// POSTs JSON with the admin token; the status and the body.
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        http_request(self.addr, "POST", path, Some(&self.token), body)
+    }
+}
+
+/// One HTTP/1.1 request, with a bearer token if given; the status and the
+/// body (the admin routes answer with a length, never chunked).
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
 }
 
 /// Publishes every (topic, payload) at QoS 1 over one MQTT 3.1.1 connection
