@@ -199,6 +199,72 @@ async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
     );
 }
 
+/// Crypto-shredding is true on disk: right after the erasure, and after a
+/// clean stop, no byte of any file fleetgate keeps (data, keys, vault,
+/// audit, registry) holds the erased vehicle's secret or data key; the
+/// vault stays owner-only and the other vehicle keeps its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_vehicles_keys_are_in_no_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start();
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[teleservice(A, 1, "monthly"), teleservice(B, 2, "monthly")],
+    )
+    .await;
+    let stored = || {
+        server
+            .handle
+            .metrics()
+            .stream(Stream::Teleservice)
+            .table
+            .rows_stored
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    wait_for(|| stored() == 2);
+    let privacy = server.handle.privacy().clone();
+    let a = privacy.vault.get(A).expect("read").expect("A has keys");
+    let b = privacy.vault.get(B).expect("read").expect("B has keys");
+    let vault_file = server.vault_file();
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&vault_file), 0o600, "the vault holds every data key");
+    assert!(privacy.erase(A).expect("erase"));
+    let root = server.dir.path().to_owned();
+    let scan = |when: &str| {
+        let files = files_under(&root);
+        assert!(files.contains(&vault_file), "{when}: the vault is scanned");
+        for path in files {
+            let bytes = std::fs::read(&path).expect("read");
+            for (what, key) in [("secret", &a.secret.0), ("data key", &a.data_key.0)] {
+                assert!(
+                    !bytes.windows(key.len()).any(|w| w == key.as_slice()),
+                    "{when}: A's {what} is still in {}",
+                    path.display()
+                );
+            }
+        }
+    };
+    scan("right after the erasure");
+    assert_eq!(mode(&vault_file), 0o600, "the rewritten vault too");
+    assert_eq!(privacy.vault.get(B).expect("read"), Some(b.clone()));
+    // The running server keeps using the rewritten vault.
+    publish_all(server.handle.mqtt_addr(), &[teleservice(A, 3, "monthly")]).await;
+    wait_for(|| stored() == 3);
+    drop(privacy);
+    let key_file = server.key_file();
+    server.handle.shutdown().expect("shutdown");
+    scan("after a clean stop");
+    assert_eq!(
+        vehicle_keys(&key_file, &vault_file, B),
+        Some(b),
+        "B survives"
+    );
+    let new_a = vehicle_keys(&key_file, &vault_file, A).expect("A's new keys");
+    assert_ne!(new_a.secret, a.secret);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtti_trips_share_no_identifier() {
     let server = TestServer::start();

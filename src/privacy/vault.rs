@@ -9,20 +9,34 @@
 //! - table `consent`: same key, value = one byte of flags (see [`Consent`]).
 //!
 //! Every write commits with redb's default durability (fsync) before it
-//! returns, so a secret is on disk before any row that uses it. Erasing a
-//! vehicle deletes both entries: its pseudonyms can no longer be computed
-//! and its encrypted fields no longer decrypted, by anyone (crypto-shredding).
+//! returns, so a secret is on disk before any row that uses it. The file is
+//! owner-only (0600): it holds every data key in clear.
+//!
+//! Erasing a vehicle removes both entries: its pseudonyms can no longer be
+//! computed and its encrypted fields no longer decrypted, by anyone
+//! (crypto-shredding). redb is copy-on-write and frees a removed entry's page
+//! without overwriting it, so a removal alone would leave the secret's bytes
+//! in the file. Erasure therefore writes every other entry into a new
+//! owner-only file (`<vault>.erasing`), commits it (fsync), renames it over
+//! the vault, fsyncs the directory and reopens: no file fleetgate keeps holds
+//! an erased secret. A crash before the rename leaves the vault as it was
+//! (the erasure reported an error and can be repeated); the leftover file is
+//! removed at the next open.
 
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::core::consent::Consent;
+use crate::core::fsio;
 use crate::privacy::pseudo::{KEY_BYTES, KeyRing, Secret};
 
 const VEHICLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vehicles");
 const CONSENT: TableDefinition<&[u8], u8> = TableDefinition::new("consent");
 const VEHICLE_VALUE_BYTES: usize = 2 * KEY_BYTES + 8;
+/// Suffix of the file an erasure writes before renaming it over the vault.
+const ERASING_SUFFIX: &str = "erasing";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -50,7 +64,9 @@ pub struct VehicleKeys {
 
 /// The open vault. One process at a time: redb locks the file.
 pub struct Vault {
-    db: Database,
+    /// Behind a lock only so that an erasure can swap in the rewritten file;
+    /// every other method holds the read guard for its whole transaction.
+    db: RwLock<Database>,
     path: PathBuf,
     index_key: Secret,
 }
@@ -63,19 +79,40 @@ impl std::fmt::Debug for Vault {
     }
 }
 
+/// Creates `path` owner-only if it is absent, and narrows an existing one to
+/// owner-only (versions before this one let redb create it 0644).
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = fsio::private_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(fsio::FILE_MODE))
+}
+
 impl Vault {
-    /// Opens the vault at `path`, creating it if absent.
+    /// Opens the vault at `path`, creating it (owner-only) if absent.
     pub fn open(path: &Path, keys: &KeyRing) -> Result<Self> {
         let err = |e: redb::Error| VaultError::Db {
             path: path.to_owned(),
             source: Box::new(e),
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(redb::StorageError::Io(e).into()))?;
-        }
+        let io = |e: std::io::Error| err(redb::StorageError::Io(e).into());
+        fsio::create_dir_all(fsio::parent_dir(path)).map_err(io)?;
+        // Before redb opens it: redb creates a missing file with the umask's mode.
+        private_file(path).map_err(io)?;
         let db = Database::create(path).map_err(|e| err(e.into()))?;
+        // What a crash during an erasure left (never the vault itself); only
+        // now, under redb's lock, so that no erasure of another process is cut.
+        match std::fs::remove_file(erasing_path(path)) {
+            Ok(()) => fsio::sync_dir(fsio::parent_dir(path)).map_err(io)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
         let vault = Self {
-            db,
+            db: RwLock::new(db),
             path: path.to_owned(),
             index_key: keys.vault_index_key(),
         };
@@ -99,11 +136,19 @@ impl Vault {
         }
     }
 
+    /// The open database, for one transaction.
+    fn db(&self) -> RwLockReadGuard<'_, Database> {
+        self.db
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn write<T>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let db = self.db();
+        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
         let out = f(&txn).map_err(|e| self.db_err(e))?;
         txn.commit().map_err(|e| self.db_err(e))?;
         Ok(out)
@@ -111,7 +156,8 @@ impl Vault {
 
     /// The vehicle's keys, if it has any.
     pub fn get(&self, vin: &str) -> Result<Option<VehicleKeys>> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
         let value = table
             .get(self.index(vin).as_slice())
@@ -122,7 +168,8 @@ impl Vault {
     /// Every vehicle's keys: for a service purpose that reads the encrypted
     /// fields of rows that name their vehicle only by pseudonym.
     pub fn all_keys(&self) -> Result<Vec<VehicleKeys>> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
         let mut keys = Vec::new();
         for entry in table.iter().map_err(|e| self.db_err(e))? {
@@ -159,20 +206,33 @@ impl Vault {
     }
 
     /// Erases the vehicle's keys and consent state; true if it had keys.
+    /// The vault is rewritten without them (see the module documentation),
+    /// which blocks every other vault access meanwhile: O(vehicles), and
+    /// erasures are rare.
     pub fn erase(&self, vin: &str) -> Result<bool> {
         let index = self.index(vin);
-        self.write(|txn| {
-            txn.open_table(CONSENT)?.remove(index.as_slice())?;
-            let removed = txn
-                .open_table(VEHICLES)?
-                .remove(index.as_slice())?
-                .is_some();
-            Ok(removed)
-        })
+        let mut db = self
+            .db
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (had_keys, had_consent) = entries_of(&db, &index).map_err(|e| self.db_err(e))?;
+        if !had_keys && !had_consent {
+            return Ok(false);
+        }
+        let fresh = erasing_path(&self.path);
+        copy_without(&db, &fresh, &index).map_err(|e| self.db_err(e))?;
+        let io = |e: std::io::Error| self.db_err(redb::StorageError::Io(e));
+        fsio::rename_durably(&fresh, &self.path).map_err(io)?;
+        // The old handle holds (and locks) the now unlinked file: open the
+        // new one, then close the old, whose blocks the filesystem frees.
+        let reopened = Database::create(&self.path).map_err(|e| self.db_err(e))?;
+        drop(std::mem::replace(&mut *db, reopened));
+        Ok(had_keys)
     }
 
     pub fn consent(&self, vin: &str) -> Result<Consent> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(CONSENT).map_err(|e| self.db_err(e))?;
         let flags = table
             .get(self.index(vin).as_slice())
@@ -205,6 +265,55 @@ impl Vault {
             data_key: key(KEY_BYTES..2 * KEY_BYTES)?,
         })
     }
+}
+
+/// Whether `index` has keys, and whether it has a consent entry.
+fn entries_of(db: &Database, index: &[u8]) -> Result<(bool, bool), redb::Error> {
+    let txn = db.begin_read()?;
+    let keys = txn.open_table(VEHICLES)?.get(index)?.is_some();
+    let consent = txn.open_table(CONSENT)?.get(index)?.is_some();
+    Ok((keys, consent))
+}
+
+/// `<vault>.erasing`: where an erasure writes the vault anew.
+fn erasing_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(ERASING_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Every entry of both tables but `skip`'s, into a new owner-only redb file
+/// at `to`, committed durably and closed.
+fn copy_without(from: &Database, to: &Path, skip: &[u8]) -> Result<(), redb::Error> {
+    match std::fs::remove_file(to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(redb::StorageError::Io(e).into()),
+    }
+    private_file(to).map_err(redb::StorageError::Io)?;
+    let fresh = Database::create(to)?;
+    let read = from.begin_read()?;
+    let write = fresh.begin_write()?;
+    {
+        let (source, mut target) = (read.open_table(VEHICLES)?, write.open_table(VEHICLES)?);
+        for entry in source.iter()? {
+            let (key, value) = entry?;
+            if key.value() != skip {
+                target.insert(key.value(), value.value())?;
+            }
+        }
+        let (source, mut target) = (read.open_table(CONSENT)?, write.open_table(CONSENT)?);
+        for entry in source.iter()? {
+            let (key, value) = entry?;
+            if key.value() != skip {
+                target.insert(key.value(), value.value())?;
+            }
+        }
+    }
+    // redb's default durability: fsync'd before commit returns.
+    write.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -275,6 +384,74 @@ mod tests {
         );
         assert_eq!(vault.get("WMW21GD07P2S00002").expect("get"), Some(other));
         assert!(!vault.erase("WMW11DJ04N2T00001").expect("erase twice"));
+    }
+
+    /// redb frees a removed entry's page without overwriting it: erasure
+    /// must leave no byte of the secret in the file, and the file, which
+    /// holds every data key, is owner-only.
+    #[test]
+    fn an_erased_secret_is_in_no_byte_of_the_vault_and_the_vault_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vault.redb");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        let vault = open(dir.path());
+        assert_eq!(mode(&path), 0o600, "created owner-only");
+        let a = vault.get_or_create("WMW11DJ04N2T00001").expect("a");
+        let b = vault.get_or_create("WMW21GD07P2S00002").expect("b");
+        let consent = Consent {
+            smart_maintenance: true,
+            ..Consent::default()
+        };
+        vault
+            .set_consent("WMW11DJ04N2T00001", consent)
+            .expect("consent");
+        vault
+            .set_consent("WMW21GD07P2S00002", consent)
+            .expect("consent");
+        assert!(vault.erase("WMW11DJ04N2T00001").expect("erase"));
+        let bytes = std::fs::read(&path).expect("read");
+        for secret in [&a.secret.0, &a.data_key.0] {
+            assert!(
+                !bytes.windows(KEY_BYTES).any(|w| w == secret.as_slice()),
+                "an erased key is still in the vault file"
+            );
+        }
+        assert_eq!(mode(&path), 0o600, "rewritten owner-only");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n != "vault.redb" && n != "root.key")
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // The same handle keeps working, for reads and writes.
+        assert_eq!(
+            vault.get("WMW21GD07P2S00002").expect("get"),
+            Some(b.clone())
+        );
+        assert_eq!(vault.consent("WMW21GD07P2S00002").expect("read"), consent);
+        let c = vault.get_or_create("WMW11DJ04N2T00001").expect("a anew");
+        assert_ne!(c.secret, a.secret);
+        drop(vault);
+        let vault = open(dir.path());
+        assert_eq!(vault.get("WMW21GD07P2S00002").expect("get"), Some(b));
+        assert_eq!(vault.get("WMW11DJ04N2T00001").expect("get"), Some(c));
+        assert_eq!(
+            vault.consent("WMW11DJ04N2T00001").expect("read"),
+            Consent::default()
+        );
+    }
+
+    #[test]
+    fn an_existing_world_readable_vault_is_narrowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vault.redb");
+        drop(open(dir.path()));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        drop(open(dir.path()));
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
