@@ -180,7 +180,7 @@ impl ShardWal {
         tracker: Arc<Tracker>,
     ) -> Result<Self> {
         let dir = shard_dir(&settings.dir, shard);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        fsio::create_dir_all(&dir).map_err(io_err(&dir))?;
         let sealed = recovered.map(|r| r.segments.clone()).unwrap_or_default();
         let next_seq = recovered.map_or(0, |r| r.next_seq);
         let (active, active_path) = new_segment(&dir, next_seq)?;
@@ -353,7 +353,7 @@ fn new_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf)> {
         }
         n += 1;
     };
-    let mut file = OpenOptions::new()
+    let mut file = fsio::private_options()
         .create_new(true)
         .write(true)
         .open(&path)

@@ -369,4 +369,6 @@ async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
     next.since_ms = Some(now);
     let again = retention::sweep(&data, &rules, next).expect("sweep");
     assert!(again.iter().all(|d| d.table != "teleservice"), "{again:?}");
+    // The rewritten file is owner-only, like every file fleetgate creates.
+    assert_owner_only(&data);
 }

@@ -4,7 +4,8 @@
 //! at the handshake, and a publish to another vehicle's topic is refused and
 //! counted, with nothing stored. On the plain listener with passwords, the
 //! right password is stored, a wrong one, an unknown vehicle or a VIN as
-//! client id are refused at CONNECT and counted.
+//! client id are refused at CONNECT and counted. Every file and directory
+//! the server creates is readable by its owner only.
 //!
 //! Certificates are made with the `openssl` command and TLS clients are
 //! Mosquitto's `mosquitto_pub` (`.ci/run` installs mosquitto-clients).
@@ -764,5 +765,123 @@ async fn a_qos2_publish_is_refused_and_not_stored() {
         count(&data, "SELECT count(*) FROM teleservice").await,
         1,
         "no QoS 2 record stored"
+    );
+}
+
+/// Every file fleetgate creates is 0600 and every directory 0700: data
+/// directory, WAL segments, Parquet files and partitions, dead letters,
+/// keys, vault, admin token, credentials, registry, deletion requests,
+/// legal holds, audit logs and an export; checked while the server runs
+/// (the WAL is not empty then) and after it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_file_fleetgate_creates_is_owner_only() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let charging = format!(
+        r#"{{"vin":"{A}","ts":{now},"seq":1,"session_id":"S1","event":"start","started_at":{now},"soc_pct":40.0,"charging_mode":"ac","contract_number":"SE-1"}}"#
+    );
+    let case = format!(
+        r#"{{"vin":"{A}","ts":{now},"seq":2,"trigger":"monthly","case_id":"C-1","contact_phone":"+46700000001"}}"#
+    );
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            rtti_probe(B, now),
+            (format!("vehicles/{A}/charging"), charging.into_bytes()),
+            (format!("vehicles/{A}/teleservice"), case.into_bytes()),
+            (format!("vehicles/{A}/diagnostics"), b"not json".to_vec()),
+        ],
+    )
+    .await;
+    let data = server.data_dir();
+    let tables = ["rtti", "charging", "teleservice", "dead_letters"];
+    wait_for(|| {
+        tables.iter().all(|t| {
+            let dir = data.join(t);
+            dir.is_dir()
+                && files_under(&dir)
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+        })
+    });
+
+    let admin = server.admin();
+    let (status, body) = admin.post("/admin/principals", r#"{"id":"alice","kind":"user"}"#);
+    assert_eq!(status, 200, "{body}");
+    let alice: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let alice = alice["token"].as_str().expect("token").to_owned();
+    let transfer = format!(
+        r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#,
+        now - 3_600_000
+    );
+    assert_eq!(admin.post("/admin/transfers", &transfer).0, 200);
+    for event in [
+        format!(r#"{{"event":"case_closed","vin":"{A}","id":"C-1"}}"#),
+        format!(r#"{{"event":"legal_hold_placed","vin":"{A}","id":"LH-1"}}"#),
+    ] {
+        let (status, body) = admin.post("/admin/events", &event);
+        assert_eq!(status, 200, "{body}");
+    }
+    let sql = r#"{"sql":"SELECT count(*) AS n FROM charging","purpose":"own_data_access"}"#;
+    let (status, body) = http_request(
+        server.handle.admin_addr(),
+        "POST",
+        "/sql",
+        Some(&alice),
+        sql,
+    );
+    assert_eq!(status, 200, "{body}");
+    let env =
+        fleetgate::access::AccessEnv::new(&server.config, Some(server.handle.privacy().clone()))
+            .expect("access");
+    let user = env.authenticate(&alice).expect("alice");
+    let export = env.export(&user, now).await.expect("export");
+    for format in [
+        fleetgate::access::export::ExportFormat::Parquet,
+        fleetgate::access::export::ExportFormat::Json,
+    ] {
+        let out = server.dir.path().join(format!("export-{format:?}/alice"));
+        assert!(!export.write_dir(&out, format).expect("written").is_empty());
+    }
+    fleetgate::ingest::auth::issue(
+        &server.dir.path().join("keys/vehicle-credentials.json"),
+        &server.handle.privacy().keys.redaction_key(),
+        A,
+        now,
+    )
+    .expect("credential");
+
+    let root = server.dir.path().to_owned();
+    let expected = [
+        server.config.storage.key_file.clone(),
+        server.config.storage.vault_file.clone(),
+        server.config.admin.token_file.clone(),
+        server.config.access.registry_file.clone(),
+        server.config.retention.requests_file.clone(),
+        server.config.retention.holds_file.clone(),
+        server.config.retention.audit_file.clone(),
+    ];
+    let present = files_under(&root);
+    for file in &expected {
+        assert!(present.contains(file), "{} was not created", file.display());
+    }
+    assert!(
+        present
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "wal")),
+        "a WAL segment while running"
+    );
+    assert!(
+        files_under(&server.config.access.audit_dir)
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "jsonl")),
+        "the query audit"
+    );
+    let running = assert_owner_only(&root);
+    server.handle.shutdown().expect("shutdown");
+    let stopped = assert_owner_only(&root);
+    assert!(
+        running > 10 && stopped > 10,
+        "{running} and {stopped} files checked"
     );
 }

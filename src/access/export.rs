@@ -5,7 +5,6 @@
 //! metadata file: each table's fields, types, units and meaning, its schema
 //! version, and the time range covered. Audited like a query.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
@@ -14,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::registry::{Principal, PrincipalKind};
 use super::{AccessEnv, AccessError, Result, rfc3339};
+use crate::core::fsio;
 
 /// The purpose every export runs under.
 pub const PURPOSE: &str = "own_data_access";
@@ -188,14 +188,14 @@ impl Export {
         let fail = |path: &Path, e: &dyn std::fmt::Display| {
             AccessError::Export(format!("{}: {e}", path.display()))
         };
-        std::fs::create_dir_all(dir).map_err(|e| fail(dir, &e))?;
+        fsio::create_dir_all(dir).map_err(|e| fail(dir, &e))?;
         let mut written = Vec::new();
         for table in &self.tables {
             let path = match format {
                 ExportFormat::Parquet => dir.join(format!("{}.parquet", table.name)),
                 ExportFormat::Json => dir.join(format!("{}.json", table.name)),
             };
-            let file = File::create(&path).map_err(|e| fail(&path, &e))?;
+            let file = fsio::create(&path).map_err(|e| fail(&path, &e))?;
             match format {
                 ExportFormat::Parquet => {
                     let mut writer =
@@ -217,7 +217,8 @@ impl Export {
         }
         let path = dir.join("metadata.json");
         let text = serde_json::to_vec_pretty(&self.metadata).map_err(|e| fail(&path, &e))?;
-        std::fs::write(&path, text).map_err(|e| fail(&path, &e))?;
+        let mut file = fsio::create(&path).map_err(|e| fail(&path, &e))?;
+        std::io::Write::write_all(&mut file, &text).map_err(|e| fail(&path, &e))?;
         written.push(path);
         Ok(written)
     }

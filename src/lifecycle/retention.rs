@@ -9,7 +9,7 @@
 //! rule without `when`), counting from the row's time column.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -474,7 +474,7 @@ fn rewrite(
         } else {
             let temporary = file.with_extension(format!("{PARQUET_EXTENSION}.{REWRITE_SUFFIX}"));
             let properties = writer_properties(run.zstd_level, 1 << 20, &metadata)?;
-            let output = fs::File::create(&temporary).map_err(io)?;
+            let output = fsio::create(&temporary).map_err(io)?;
             let mut writer =
                 ArrowWriter::try_new(output, schema, Some(properties)).map_err(parquet)?;
             for batch in &kept {
@@ -623,15 +623,13 @@ pub fn append_audit(audit_file: &Path, lines: &[serde_json::Value]) -> std::io::
     if lines.is_empty() {
         return Ok(());
     }
-    if let Some(dir) = audit_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
-    }
+    fsio::create_dir_all(fsio::parent_dir(audit_file))?;
     let mut text = String::new();
     for line in lines {
         text.push_str(&line.to_string());
         text.push('\n');
     }
-    let mut file = OpenOptions::new()
+    let mut file = fsio::private_options()
         .create(true)
         .append(true)
         .open(audit_file)?;

@@ -109,7 +109,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     let retention = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
     let privacy = PrivacyShared::open(config)?;
     let data_dir = config.storage.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+    crate::core::fsio::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.clone(),
         source,
     })?;

@@ -296,7 +296,7 @@ impl TableWriter {
     fn open_file(&mut self, partition: PartitionKey) -> Result<OpenFile> {
         let dir = self.settings.dir.join(partition.relative_dir());
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+            fsio::create_dir_all(&dir).map_err(io_error(&dir))?;
             // Make the new directory entries durable up to the table directory.
             let mut d = dir.as_path();
             while let Some(parent) = d.parent() {
@@ -311,7 +311,7 @@ impl TableWriter {
         let stem = format!("part-{}-{:06}", self.settings.run_id, self.next_file);
         let committed = dir.join(format!("{stem}.{PARQUET_EXTENSION}"));
         let in_progress = dir.join(format!(".{stem}.{PARQUET_EXTENSION}.{IN_PROGRESS_SUFFIX}"));
-        let file = File::create(&in_progress).map_err(io_error(&in_progress))?;
+        let file = fsio::create(&in_progress).map_err(io_error(&in_progress))?;
         let writer = ArrowWriter::try_new(
             file,
             self.settings.schema.clone(),

@@ -284,6 +284,35 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Every file under `root` is 0600 and every directory 0700 (or narrower);
+/// returns how many files it checked.
+pub fn assert_owner_only(root: &Path) -> usize {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = 0;
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            let meta = std::fs::symlink_metadata(&path).expect("stat");
+            let (allowed, what) = if meta.is_dir() {
+                stack.push(path.clone());
+                (0o700, "directory")
+            } else {
+                files += 1;
+                (0o600, "file")
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(
+                mode & !allowed,
+                0,
+                "{what} {} is {mode:o}, wider than {allowed:o}",
+                path.display()
+            );
+        }
+    }
+    files
+}
+
 /// Every value of every Parquet file under `dir`, decompressed and rendered
 /// as text, so a scan for secrets sees what zstd hides from a byte scan.
 pub fn parquet_text(dir: &Path) -> String {
