@@ -380,16 +380,22 @@ impl Config {
         if b.segment_bytes == 0 || b.segment_count == 0 {
             return invalid("broker.segment_bytes and segment_count must be > 0".into());
         }
-        // Keys and the admin token never travel with the data.
-        let private = [
+        // Keys, the admin token, the vehicles' password hashes and the
+        // registry (the account link: VINs in clear) never travel with the data.
+        let mut private = vec![
             ("storage.key_file", &s.key_file),
             ("storage.vault_file", &s.vault_file),
             ("admin.token_file", &self.admin.token_file),
+            ("access.registry_file", &self.access.registry_file),
         ];
+        if let Some(credentials) = &b.credentials_file {
+            private.push(("broker.credentials_file", credentials));
+        }
         for (key, path) in private {
             if inside(path, &s.data_dir) {
                 return invalid(format!(
-                    "{key} {} lies inside storage.data_dir {}: keep keys apart from the data",
+                    "{key} {} lies inside storage.data_dir {}: keep keys, credentials and \
+                     VINs apart from the data",
                     path.display(),
                     s.data_dir.display()
                 ));
@@ -509,6 +515,25 @@ mod tests {
         let mut cfg = Config::default();
         cfg.admin.token_file = PathBuf::from("./data/admin.token");
         refused(cfg, "admin.token_file");
+    }
+
+    /// The access registry holds VINs in clear and the credential store a
+    /// password hash per vehicle: neither travels with the data.
+    #[test]
+    fn files_holding_vins_or_credentials_inside_the_data_dir_are_refused() {
+        let refused = |cfg: Config, key: &str| {
+            let err = cfg.validate().expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        };
+        let mut cfg = Config::default();
+        cfg.access.registry_file = PathBuf::from("./data/access/registry.json");
+        refused(cfg, "access.registry_file");
+        let mut cfg = Config::default();
+        cfg.broker.credentials_file = Some(PathBuf::from("./data/credentials.json"));
+        refused(cfg, "broker.credentials_file");
+        let mut cfg = Config::default();
+        cfg.broker.credentials_file = Some(PathBuf::from("./keys/credentials.json"));
+        cfg.validate().expect("beside the keys");
     }
 
     #[test]
