@@ -183,8 +183,12 @@ pub fn redact_vins(bytes: &[u8], replace: &mut dyn FnMut(&str) -> String) -> Vec
     out
 }
 
-/// The dead-letter tag of a VIN fleetgate holds no vehicle secret for: keyed,
-/// so it leads back to no VIN without the root key.
+/// A vehicle's keyed tag, where fleetgate must name a vehicle outside the
+/// data rows (audit lines, legal holds, the credential store, refused
+/// CONNECTs, a VIN in a dead letter that is not the topic's). It leads back
+/// to no VIN without the root key; with it, it is recomputed from the VIN,
+/// and erasure does not change it, so an erased vehicle's audit trail can
+/// still be found.
 pub fn vin_tag(redaction_key: &Secret, vin: &str) -> String {
     hex::encode(&redaction_key.mac(&[vin.as_bytes()])[..PSEUDONYM_BYTES])
 }
