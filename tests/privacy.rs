@@ -150,7 +150,7 @@ async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
     };
     wait_for(|| stored() == 2);
     assert!(server.handle.privacy().erase(A).expect("erase"));
-    // A publishes again after erasure: a new identity, unlinkable to the old one.
+    // A publishes again after erasure: a new pseudonym, which no key links to the old one.
     publish_all(addr, &[teleservice(A, 3, "monthly")]).await;
     server.handle.shutdown().expect("shutdown");
 
@@ -161,10 +161,7 @@ async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
     .await;
     let ids = strings(&batches, 0);
     assert_eq!(ids.len(), 3);
-    assert_ne!(
-        ids[0], ids[2],
-        "after erasure A is a new, unrelated vehicle"
-    );
+    assert_ne!(ids[0], ids[2], "after erasure A has a new pseudonym");
     // An operator holding every remaining key: the root key and the vault.
     let epoch = epoch_of(NOW);
     let new_a = expected_vehicle_id(&key_file, &vault_file, A, epoch).expect("A's new secret");

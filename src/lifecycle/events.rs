@@ -54,7 +54,8 @@ pub type Result<T, E = EventError> = std::result::Result<T, E>;
 #[serde(rename_all = "snake_case")]
 pub enum VehicleEvent {
     /// Sold or transferred (§7.2, catalog §2.6): the previous owner's
-    /// personal data goes; the vehicle starts a new, unlinked identity.
+    /// personal data goes; the vehicle gets new pseudonyms, which no key
+    /// links to the old ones (stored counters still can, by value).
     VehicleSold,
     /// The customer account is deleted.
     AccountDeleted,
@@ -196,7 +197,8 @@ pub fn apply(
                 return Err(EventError::LegalHold(hold.name));
             }
             if privacy.erase(vin)? {
-                "secrets erased: past rows unlinkable, encrypted fields unreadable".to_owned()
+                "secrets erased: past rows unlinked from the VIN, encrypted fields unreadable"
+                    .to_owned()
             } else {
                 "no secrets held: nothing to erase".to_owned()
             }
