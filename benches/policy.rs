@@ -79,6 +79,7 @@ fn policy(c: &mut Criterion) {
         audit_keep_ms: 365 * DAY_MS,
         min_group: 5,
         now_ms,
+        memory_limit: 256 << 20,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -83,6 +83,18 @@ pub struct AccessConfig {
     pub audit_retention_days: u32,
     /// Smallest number of distinct vehicles in a licensee's result group (k).
     pub min_group_vehicles: u32,
+    /// Longest SQL statement a principal may send, in bytes.
+    pub max_statement_bytes: usize,
+    /// Memory one query may reserve (hash tables, sorts, joins, its answer), MiB.
+    pub query_memory_mb: u32,
+    /// Memory one user export (all of a user's rows, sorted) may reserve, MiB.
+    pub export_memory_mb: u32,
+    /// A query or export still running after this many milliseconds is cancelled.
+    pub query_timeout_ms: u64,
+    /// Queries and exports run at once; more wait for a turn within their timeout.
+    pub max_concurrent_queries: u32,
+    /// Threads of the runtime `/sql` and `/export` run on, apart from ingest and `/metrics`.
+    pub query_threads: u32,
 }
 
 impl Default for AccessConfig {
@@ -92,6 +104,12 @@ impl Default for AccessConfig {
             audit_dir: PathBuf::from("./audit/queries"),
             audit_retention_days: 365,
             min_group_vehicles: 5,
+            max_statement_bytes: 65_536,
+            query_memory_mb: 256,
+            export_memory_mb: 1_024,
+            query_timeout_ms: 30_000,
+            max_concurrent_queries: 2,
+            query_threads: 1,
         }
     }
 }
@@ -350,8 +368,22 @@ impl Config {
                     .into(),
             );
         }
-        if self.access.min_group_vehicles < 2 {
+        let a = &self.access;
+        if a.min_group_vehicles < 2 {
             return invalid("access.min_group_vehicles must be at least 2".into());
+        }
+        if a.max_statement_bytes == 0
+            || a.query_memory_mb == 0
+            || a.export_memory_mb == 0
+            || a.query_timeout_ms == 0
+            || a.max_concurrent_queries == 0
+            || a.query_threads == 0
+        {
+            return invalid(
+                "access.max_statement_bytes, query_memory_mb, export_memory_mb, \
+                 query_timeout_ms, max_concurrent_queries and query_threads must be > 0"
+                    .into(),
+            );
         }
         if !(1..=22).contains(&s.zstd_level) {
             return invalid(format!(

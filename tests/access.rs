@@ -2,7 +2,8 @@
 //! allow, filter, mask, aggregate or refuse, with exact result tables;
 //! bypass attempts through every SQL form; tenure across a sale;
 //! revocation and gatekeeper refusal; k-suppression of small groups; the
-//! query audit log; the user export; and the same over HTTP.
+//! query audit log; the user export; the same over HTTP; and the bounds on
+//! what a hostile statement may cost.
 
 mod common;
 
@@ -580,6 +581,20 @@ async fn no_sql_form_reaches_around_the_views() {
             "SELECT fleetgate_reveal_contract_number(vehicle_id, key_epoch, contract_number) FROM charging",
         )
         .await;
+        // Rows out of nothing, strings of any length, and where a row sits
+        // among rows the view hides: none of these functions exists here.
+        for sql in [
+            "SELECT count(*) FROM generate_series(1, 3)",
+            "SELECT count(*) FROM range(1, 3)",
+            "SELECT length(repeat('x', 3))",
+            "SELECT length(lpad('x', 3))",
+            "SELECT length(rpad('x', 3))",
+            "SELECT input_file_name()",
+            "SELECT file_row_index()",
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT count(*) FROM t",
+        ] {
+            f.unanswered(who, purpose, sql).await;
+        }
     }
     assert!(!std::path::Path::new(&format!("{data}/copy.csv")).exists());
     f.refused(
@@ -964,6 +979,114 @@ async fn admin_routes_need_the_admin_token() {
             .sim_active
     );
     again.shutdown().expect("shutdown");
+/// Hostile statements get a clear 400 or 403 and the server keeps answering:
+/// a statement too long or too deeply nested is refused before it is planned,
+/// and an unknown purpose is neither echoed nor written to the audit whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_statements_are_bounded_and_the_server_lives() {
+    let server = TestServer::start();
+    let addr = server.handle.admin_addr();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/admin/principals",
+        None,
+        r#"{"id":"lic","kind":"licensee"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let token = token["token"].as_str().expect("token").to_owned();
+    let ask = |sql: &str, purpose: &str| {
+        let request = serde_json::json!({ "sql": sql, "purpose": purpose }).to_string();
+        http(addr, "POST", "/sql", Some(&token), &request)
+    };
+    let purpose = "product_improvement";
+    // 300,000 terms (600 kB): over the statement size bound. Unbounded, its
+    // tree overflowed the HTTP thread's stack and aborted the process.
+    let (status, body) = ask(&format!("SELECT 1{}", "+1".repeat(300_000)), purpose);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limit") && body.contains("bytes"), "{body}");
+    // 20,000 terms (40 kB) fit the size bound but have too many tokens.
+    let (status, body) = ask(&format!("SELECT 1{}", "+1".repeat(20_000)), purpose);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limit") && body.contains("tokens"), "{body}");
+    // 1,000 terms have few enough tokens but nest far too deep.
+    let (status, body) = ask(&format!("SELECT 1{}", "+1".repeat(1_000)), purpose);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limit") && body.contains("nested"), "{body}");
+    // 100 tables joined: too many for one statement.
+    let tables: Vec<String> = (0..100).map(|i| format!("rtti r{i}")).collect();
+    let (status, body) = ask(
+        &format!("SELECT count(*) FROM {}", tables.join(", ")),
+        purpose,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limit") && body.contains("tables"), "{body}");
+    // 200 terms are answered.
+    let (status, body) = ask(&format!("SELECT 1{} AS n", "+1".repeat(200)), purpose);
+    assert_eq!((status, body.as_str()), (200, r#"[{"n":201}]"#));
+    for sql in [
+        "SELECT count(*) FROM generate_series(1, 4000000000)",
+        "SELECT length(repeat('x', 2000000000))",
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
+    ] {
+        let (status, body) = ask(sql, purpose);
+        assert_eq!(status, 400, "{sql}: {body}");
+    }
+    // A 1 MiB purpose is refused without being echoed, and kept out of the audit.
+    let long_purpose = "x".repeat(1 << 20);
+    let (status, body) = ask("SELECT 1", &long_purpose);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.len() < 1_000, "the refusal echoes the purpose");
+    let audited: u64 = files_under(&server.config.access.audit_dir)
+        .iter()
+        .map(|f| std::fs::metadata(f).expect("audit file").len())
+        .sum();
+    assert!(audited < 16_384, "{audited} audit bytes");
+    let (status, _) = http(addr, "GET", "/metrics", None, "");
+    assert_eq!(status, 200, "the server outlives every statement above");
+    server.handle.shutdown().expect("shutdown");
+}
+
+/// A query over its memory gets a clear error, and one over its time is
+/// cancelled with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_are_bounded_in_memory_and_time() {
+    let mut f = fixture().await;
+    let (op, ops) = ("operator", "operations");
+    // Teleservice has 3 rows: n of them cross-joined make 3^n.
+    let joined = |n: usize| {
+        (0..n)
+            .map(|i| format!("teleservice t{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let key = |n: usize| {
+        let parts: Vec<String> = (0..n).map(|i| format!("t{i}.seq")).collect();
+        format!("concat({})", parts.join(", '-', "))
+    };
+    f.env.settings.query_memory_mb = 1;
+    // 3^10 distinct strings in a hash table: far over 1 MiB.
+    let distinct = format!("SELECT count(DISTINCT {}) FROM {}", key(10), joined(10));
+    let e = f.ask(op, ops, &distinct).await.expect_err("over 1 MiB");
+    assert!(e.starts_with("limit: resources exhausted"), "{e}");
+    // An answer of 3^10 rows is over 1 MiB too.
+    let rows = format!("SELECT {} FROM {}", key(10), joined(10));
+    let e = f.ask(op, ops, &rows).await.expect_err("over 1 MiB");
+    assert!(e.starts_with("limit: resources exhausted"), "{e}");
+    // 3^20 rows take far longer than 200 ms: cancelled.
+    f.env.settings.query_memory_mb = 256;
+    f.env.settings.query_timeout_ms = 200;
+    let slow = format!("SELECT count(*) FROM {}", joined(20));
+    let e = f.ask(op, ops, &slow).await.expect_err("cancelled");
+    assert!(e.starts_with("limit") && e.contains("cancelled"), "{e}");
+    // The cancelled query gave its turn back: with the default timeout again,
+    // a small query is answered.
+    f.env.settings.query_timeout_ms = fleetgate::config::AccessConfig::default().query_timeout_ms;
+    assert_eq!(
+        f.rows(op, ops, "SELECT count(*) FROM teleservice").await,
+        vec![row(&["3"])]
+    );
 }
 
 /// One HTTP/1.1 request; the status and the body's bytes.

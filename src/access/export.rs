@@ -6,6 +6,7 @@
 //! version, and the time range covered. Audited like a query.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -47,7 +48,9 @@ impl AccessEnv {
     /// Everything `user` may have under Art. 4, audited as an `export`.
     pub async fn export(&self, user: &Principal, now_ms: i64) -> Result<Export> {
         let request_id = super::request_id();
-        let outcome = self.collect_export(user, &request_id, now_ms).await;
+        let outcome = self
+            .bounded(self.collect_export(user, &request_id, now_ms))
+            .await;
         let (tables, decision, rows) = match &outcome {
             Ok(export) => (
                 export.tables.iter().map(|t| t.name.clone()).collect(),
@@ -94,7 +97,9 @@ impl AccessEnv {
                 user.kind.name()
             )));
         }
-        let session = self.session(user, PURPOSE, now_ms).await?;
+        let memory_mb = self.settings.export_memory_mb;
+        let session = self.session(user, PURPOSE, now_ms, memory_mb).await?;
+        let pool = Arc::clone(&session.ctx.runtime_env().memory_pool);
         let mut tables = Vec::new();
         let mut described = serde_json::Map::new();
         for name in session.treatments.keys() {
@@ -102,8 +107,8 @@ impl AccessEnv {
                 .ctx
                 .sql(&format!("SELECT * FROM {name} ORDER BY ts"))
                 .await?;
-            let schema: SchemaRef = std::sync::Arc::new(df.schema().as_arrow().clone());
-            let batches = df.collect().await?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let batches = super::collect_bounded(df, &pool, user.kind, memory_mb).await?;
             described.insert(name.clone(), self.describe(name, &schema, &batches));
             tables.push(ExportTable {
                 name: name.clone(),

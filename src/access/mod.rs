@@ -11,22 +11,29 @@
 //! access registry ([`registry`]); every query and export, answered or
 //! refused, is written to the query audit log ([`audit`]) before its answer
 //! leaves. [`export`] gives a user all of their vehicles' data (Art. 4).
+//! Every query and export is bounded in text, nesting, memory, time and
+//! concurrency ([`limits`], settings in `[access]`).
 
 pub mod audit;
 pub mod export;
+pub(crate) mod limits;
 pub mod policy;
 pub mod purpose;
 pub mod registry;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use datafusion::common::config::Dialect;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::DataFrame;
+use futures::StreamExt;
 
 use crate::config::{AccessConfig, Config, RetentionConfig};
 use crate::lifecycle::retention::{Retention, RetentionError};
@@ -45,6 +52,9 @@ pub enum AccessError {
     UnknownPrincipal,
     #[error("invalid: {0}")]
     Invalid(String),
+    /// A statement or query over one of the bounds in `[access]`.
+    #[error("limit: {0}")]
+    Limit(String),
     #[error(
         "this principal's views need the vault, which the running server holds open: use POST /sql"
     )]
@@ -78,6 +88,8 @@ pub struct AccessEnv {
     pub purposes: Purposes,
     /// The vault and keys: users' and third parties' views need them.
     pub privacy: Option<Arc<PrivacyShared>>,
+    /// One permit per query or export that may run at once.
+    slots: tokio::sync::Semaphore,
 }
 
 /// A query's answer.
@@ -96,6 +108,7 @@ impl AccessEnv {
             settings: config.access.clone(),
             purposes: Purposes::built_in()?,
             privacy,
+            slots: tokio::sync::Semaphore::new(config.access.max_concurrent_queries as usize),
         })
     }
 
@@ -203,11 +216,14 @@ impl AccessEnv {
             .ok_or(AccessError::UnknownPrincipal)
     }
 
+    /// The principal's session for `purpose`, whose operators and answer
+    /// may reserve `memory_mb` MiB.
     async fn session(
         &self,
         principal: &Principal,
         purpose: &str,
         now_ms: i64,
+        memory_mb: u32,
     ) -> Result<PolicySession> {
         let purpose = self.purposes.check(purpose, principal.kind)?;
         let registry = self.registry()?;
@@ -222,6 +238,7 @@ impl AccessEnv {
             audit_keep_ms: i64::from(self.settings.audit_retention_days) * DAY_MS,
             min_group: self.settings.min_group_vehicles,
             now_ms,
+            memory_limit: memory_mb as usize * 1024 * 1024,
         };
         policy::session(&inputs, principal, purpose).await
     }
@@ -236,7 +253,9 @@ impl AccessEnv {
     ) -> Result<Answer> {
         let request_id = request_id();
         let mut tables = Vec::new();
-        let outcome = self.run(principal, purpose, sql, now_ms, &mut tables).await;
+        let outcome = self
+            .bounded(self.run(principal, purpose, sql, now_ms, &mut tables))
+            .await;
         let (decision, rows) = match &outcome {
             Ok((batches, decision)) => (
                 decision.clone(),
@@ -268,9 +287,12 @@ impl AccessEnv {
         now_ms: i64,
         tables: &mut Vec<String>,
     ) -> Result<(Vec<RecordBatch>, String)> {
-        let session = self.session(principal, purpose, now_ms).await?;
+        limits::check_text(sql, self.settings.max_statement_bytes)?;
+        let memory_mb = self.settings.query_memory_mb;
+        let session = self.session(principal, purpose, now_ms, memory_mb).await?;
         let state = session.ctx.state();
         let statement = state.sql_to_statement(sql, &Dialect::Generic)?;
+        limits::check_shape(&statement)?;
         let mut treatments = Vec::new();
         for reference in state.resolve_table_references(&statement)? {
             if reference.schema().is_some_and(|s| s != "public") {
@@ -281,9 +303,12 @@ impl AccessEnv {
                 tables.push(name.clone());
                 return Err(AccessError::Refused(format!("table {name}: {reason}")));
             }
-            if let Some(treatment) = session.treatments.get(&name) {
-                treatments.push(format!("{name}:{}", treatment.name()));
-            }
+            // A name the session does not know stays out of the audit (planning
+            // fails on it): only the session's own table names are written there.
+            let Some(treatment) = session.treatments.get(&name) else {
+                continue;
+            };
+            treatments.push(format!("{name}:{}", treatment.name()));
             tables.push(name);
         }
         let plan = state.statement_to_plan(statement).await?;
@@ -300,22 +325,39 @@ impl AccessEnv {
                 "EXPLAIN is open to the operator only: a plan shows the policy's filters".into(),
             ));
         }
-        let batches =
-            DataFrame::new(state, plan)
-                .collect()
-                .await
-                .map_err(|e| match principal.kind {
-                    PrincipalKind::Operator => AccessError::DataFusion(e),
-                    // An error while running can quote a value of a row the view
-                    // leaves out (the engine may evaluate the query's expressions
-                    // before the view's filter): its text stays with the operator.
-                    _ => AccessError::Invalid(
-                        "the query failed while running (details withheld)".into(),
-                    ),
-                })?;
+        let pool = Arc::clone(&state.runtime_env().memory_pool);
+        let batches = collect_bounded(
+            DataFrame::new(state, plan),
+            &pool,
+            principal.kind,
+            memory_mb,
+        )
+        .await?;
         treatments.sort();
         treatments.dedup();
         Ok((batches, treatments.join(",")))
+    }
+
+    /// Runs `work` when a slot is free, cancelled (dropped, which stops its
+    /// DataFusion tasks) once `access.query_timeout_ms` has passed, waiting
+    /// for the slot included.
+    async fn bounded<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let limit = Duration::from_millis(self.settings.query_timeout_ms);
+        let turn = async {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| AccessError::Limit("the query layer is closed".into()))?;
+            work.await
+        };
+        match tokio::time::timeout(limit, turn).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(AccessError::Limit(format!(
+                "the query ran longer than {} ms and was cancelled (access.query_timeout_ms)",
+                limit.as_millis()
+            ))),
+        }
     }
 
     /// Writes one audit line; an audit that cannot be written fails the request.
@@ -343,7 +385,12 @@ impl AccessEnv {
             request_id: request_id.to_owned(),
             principal: principal.id.clone(),
             principal_kind: principal.kind.name().to_owned(),
-            purpose: purpose.to_owned(),
+            // Only a catalogue-shaped name is written; anything else was refused.
+            purpose: if purpose::is_name(purpose) {
+                purpose.to_owned()
+            } else {
+                "(invalid)".to_owned()
+            },
             action: action.to_owned(),
             tables: tables.join(","),
             decision,
@@ -361,6 +408,30 @@ impl AccessEnv {
             i64::from(self.settings.audit_retention_days) * DAY_MS,
         )
     }
+}
+
+/// Runs `df` and reads its answer batch by batch, reserving each batch in
+/// the session's memory `pool`: the answer counts against the same bound as
+/// the operators that made it. An error while running keeps its text from
+/// everyone but the operator (see [`limits::running_error`]).
+async fn collect_bounded(
+    df: DataFrame,
+    pool: &Arc<dyn MemoryPool>,
+    kind: PrincipalKind,
+    memory_mb: u32,
+) -> Result<Vec<RecordBatch>> {
+    let running = |e| limits::running_error(kind, e, memory_mb);
+    let answer = MemoryConsumer::new("fleetgate answer").register(pool);
+    let mut stream = df.execute_stream().await.map_err(running)?;
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(running)?;
+        answer
+            .try_grow(batch.get_array_memory_size())
+            .map_err(running)?;
+        batches.push(batch);
+    }
+    Ok(batches)
 }
 
 const DAY_MS: i64 = 86_400_000;

@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{Array, AsArray, StringBuilder};
 use arrow::datatypes::{DataType, Int32Type};
 use datafusion::catalog::view::ViewTable;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -91,6 +94,8 @@ pub struct PolicyInputs<'a> {
     /// Smallest number of distinct vehicles in a licensee's result group.
     pub min_group: u32,
     pub now_ms: i64,
+    /// Bytes the session's operators (and its answer) may reserve; nothing spills.
+    pub memory_limit: usize,
 }
 
 /// A principal's session: the views it may query, and why the others are hidden.
@@ -159,8 +164,7 @@ pub async fn session(
             inputs.data_dir.to_owned(),
         )));
     }
-    let config = SessionConfig::new().with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config.clone());
+    let ctx = principal_context(inputs.memory_limit)?;
     let files = SessionContext::new_with_config(SessionConfig::new());
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
     let mut treatments = BTreeMap::new();
@@ -216,6 +220,43 @@ pub async fn session(
         treatments,
         hidden: hidden_tables,
     })
+}
+
+/// Functions no principal's session has: table functions make rows out of
+/// nothing (`generate_series(1, 4e9)`); `repeat`, `lpad` and `rpad` make a
+/// string as long as an argument asks, outside the memory pool; and
+/// `input_file_name`, `file_row_index` tell where a row sits among rows its
+/// view hides.
+const REMOVED_FUNCTIONS: [&str; 5] = [
+    "repeat",
+    "lpad",
+    "rpad",
+    "input_file_name",
+    "file_row_index",
+];
+
+/// The principal's own session: information_schema on, a memory pool of
+/// `memory_limit` bytes with no spilling (a query may not fill the disk the
+/// store writes to), no recursive CTE (one can run forever), and none of the
+/// functions in [`REMOVED_FUNCTIONS`] nor any table function.
+fn principal_context(memory_limit: usize) -> Result<SessionContext> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()?;
+    let mut config = SessionConfig::new().with_information_schema(true);
+    config.options_mut().execution.enable_recursive_ctes = false;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let table_functions: Vec<String> = ctx.state().table_functions().keys().cloned().collect();
+    for name in table_functions {
+        ctx.deregister_udtf(&name);
+    }
+    for name in REMOVED_FUNCTIONS {
+        ctx.deregister_udf(name);
+    }
+    Ok(ctx)
 }
 
 /// Plans `sql` in the private session `files` and registers it in the

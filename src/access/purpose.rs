@@ -8,6 +8,20 @@ use serde::Deserialize;
 use super::registry::PrincipalKind;
 use super::{AccessError, Result};
 
+/// Longest purpose name; every catalogue name is far shorter.
+pub const MAX_PURPOSE_BYTES: usize = 64;
+
+/// Whether `name` has the form of a catalogue name (lowercase letters,
+/// digits and `_`, at most [`MAX_PURPOSE_BYTES`]): only such a name is ever
+/// echoed in a refusal or written to the query audit.
+pub fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PURPOSE_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// One allowed purpose.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +64,12 @@ impl Purposes {
     /// The purpose `name` if `kind` may query for it; otherwise the refusal,
     /// naming the rule.
     pub fn check(&self, name: &str, kind: PrincipalKind) -> Result<&Purpose> {
+        if !is_name(name) {
+            return Err(AccessError::Refused(format!(
+                "a purpose is a catalogue name: at most {MAX_PURPOSE_BYTES} lowercase letters, \
+                 digits and _ (see schemas/purposes.toml)"
+            )));
+        }
         if let Some(forbidden) = self.forbidden.iter().find(|f| f.name == name) {
             return Err(AccessError::Refused(format!(
                 "purpose {name} is forbidden: {}",
@@ -96,6 +116,15 @@ mod tests {
         assert!(refusal("profiling", PrincipalKind::ThirdParty).contains("Art. 6(2)(b)"));
         assert!(refusal("marketing", PrincipalKind::User).contains("unknown"));
         assert!(refusal("own_data_access", PrincipalKind::Licensee).contains("not open"));
+        let long = "x".repeat(MAX_PURPOSE_BYTES + 1);
+        for odd in [long.as_str(), "", "Operations", "operations\n"] {
+            let reason = refusal(odd, PrincipalKind::Operator);
+            assert!(reason.contains("catalogue name"), "{reason}");
+            assert!(
+                odd.is_empty() || !reason.contains(odd),
+                "{reason} echoes {odd:?}"
+            );
+        }
         let hv = purposes
             .check("hv_warn_call", PrincipalKind::Operator)
             .expect("service purpose");

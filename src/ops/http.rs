@@ -7,8 +7,11 @@
 //! `DELETE /grants/{id}` for users to give and revoke grants.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
-//! never competes with the pipeline's threads. The `/admin` routes answer a
-//! loopback peer that presents the admin token
+//! never competes with the pipeline's threads. `/sql` and `/export` run on
+//! a second runtime of their own (`access.query_threads` threads with deep
+//! stacks), so a query never holds up `/metrics`, the admin routes or
+//! ingest, and no statement can overflow a stack they share. The `/admin`
+//! routes answer a loopback peer that presents the admin token
 //! ([`crate::ops::admin_token`]) as its bearer token: behind a reverse proxy
 //! on the same host every peer is loopback, so the token is what protects
 //! them, and a page in a browser (DNS rebinding) cannot send the header.
@@ -83,6 +86,14 @@ impl AdminHttp {
     }
 }
 
+/// Stack of each thread that runs `/sql` and `/export`. The statement
+/// bounds (`access::limits`) keep a statement's tree shallow and DataFusion
+/// grows its own recursion on the heap; this leaves room for the rest
+/// (evaluation, dropping the tree). It is address space, not memory in use.
+const QUERY_STACK_BYTES: usize = 64 << 20;
+/// Blocking threads of the query runtime (file reads).
+const QUERY_BLOCKING_THREADS: usize = 4;
+
 /// Binds `addr` and serves until stopped; logs a throughput line every
 /// `summary_every` (none when zero).
 pub fn spawn(
@@ -99,6 +110,7 @@ pub fn spawn(
         .set_nonblocking(true)
         .map_err(|source| HttpError::Bind { addr, source })?;
     let (stop, stopped) = oneshot::channel::<()>();
+    let query_threads = state.access.settings.query_threads.max(1) as usize;
     let state = Arc::new(state);
     let thread = std::thread::Builder::new()
         .name("admin-http".into())
@@ -113,7 +125,24 @@ pub fn spawn(
                     return;
                 }
             };
-            runtime.block_on(serve(listener, state, stopped, summary_every));
+            let queries = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(query_threads)
+                .max_blocking_threads(QUERY_BLOCKING_THREADS)
+                .thread_name("fleetgate-sql")
+                .thread_stack_size(QUERY_STACK_BYTES)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "query runtime");
+                    return;
+                }
+            };
+            let handle = queries.handle().clone();
+            runtime.block_on(serve(listener, state, handle, stopped, summary_every));
+            // Queries still running are dropped, not awaited.
+            queries.shutdown_background();
         })
         .map_err(HttpError::Thread)?;
     Ok(AdminHttp {
@@ -126,6 +155,7 @@ pub fn spawn(
 async fn serve(
     listener: std::net::TcpListener,
     state: Arc<AdminState>,
+    queries: tokio::runtime::Handle,
     stopped: oneshot::Receiver<()>,
     summary_every: Duration,
 ) {
@@ -158,6 +188,7 @@ async fn serve(
         .route("/sql", post(sql))
         .route("/export", get(export))
         .merge(admin)
+        .layer(axum::Extension(QueryRuntime(queries)))
         .with_state(state);
     let shutdown = async {
         let _ = stopped.await;
@@ -283,12 +314,15 @@ async fn vehicle_event(
 }
 
 /// An access error as an HTTP answer: 401 unknown principal, 403 refused
-/// (the body names the rule), 400 bad request or SQL, 500 otherwise.
+/// (the body names the rule), 400 bad request, SQL or over a bound, 500
+/// otherwise.
 fn access_error(e: &AccessError) -> Response {
     let status = match e {
         AccessError::UnknownPrincipal => StatusCode::UNAUTHORIZED,
         AccessError::Refused(_) => StatusCode::FORBIDDEN,
-        AccessError::Invalid(_) | AccessError::DataFusion(_) => StatusCode::BAD_REQUEST,
+        AccessError::Invalid(_) | AccessError::DataFusion(_) | AccessError::Limit(_) => {
+            StatusCode::BAD_REQUEST
+        }
         _ => {
             tracing::error!(error = %e, "access request failed");
             StatusCode::INTERNAL_SERVER_ERROR
@@ -326,9 +360,32 @@ enum ResultFormat {
     Arrow,
 }
 
+/// The runtime `/sql` and `/export` run on.
+#[derive(Clone)]
+struct QueryRuntime(tokio::runtime::Handle);
+
+impl QueryRuntime {
+    /// Runs `work` on the query runtime; a task that panicked is a 500.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, AccessError>> + Send + 'static,
+    ) -> Result<T, Response> {
+        match self.0.spawn(work).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => Err(access_error(&e)),
+            Err(e) => {
+                tracing::error!(error = %e, "query task failed");
+                let body = serde_json::json!({ "error": "the query failed" });
+                Err((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
+            }
+        }
+    }
+}
+
 /// Runs one statement as the bearer's principal for the named purpose.
 async fn sql(
     State(state): State<Arc<AdminState>>,
+    axum::Extension(queries): axum::Extension<QueryRuntime>,
     headers: HeaderMap,
     Json(request): Json<SqlRequest>,
 ) -> Response {
@@ -336,20 +393,22 @@ async fn sql(
         Ok(p) => p,
         Err(e) => return access_error(&e),
     };
-    let answer = match state
-        .access
-        .query(
-            &principal,
-            &request.purpose,
-            &request.sql,
-            crate::core::clock::now_ms(),
-        )
-        .await
-    {
-        Ok(answer) => answer,
-        Err(e) => return access_error(&e),
+    let SqlRequest {
+        sql,
+        purpose,
+        format,
+    } = request;
+    let access = Arc::clone(&state.access);
+    let job = async move {
+        access
+            .query(&principal, &purpose, &sql, crate::core::clock::now_ms())
+            .await
     };
-    let body = match request.format {
+    let answer = match queries.run(job).await {
+        Ok(answer) => answer,
+        Err(response) => return response,
+    };
+    let body = match format {
         ResultFormat::Json => {
             crate::query::format(&answer.batches, crate::query::OutputFormat::Json)
                 .map(|text| ("application/json", text.into_bytes()))
@@ -390,19 +449,25 @@ fn arrow_ipc(batches: &[arrow::array::RecordBatch]) -> Result<Vec<u8>, crate::qu
 }
 
 /// The bearer's Art. 4 export as one JSON document.
-async fn export(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    let exported = match bearer(&state, &headers) {
-        Ok(user) => {
-            state
-                .access
-                .export(&user, crate::core::clock::now_ms())
-                .await
-        }
-        Err(e) => Err(e),
+async fn export(
+    State(state): State<Arc<AdminState>>,
+    axum::Extension(queries): axum::Extension<QueryRuntime>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match bearer(&state, &headers) {
+        Ok(user) => user,
+        Err(e) => return access_error(&e),
     };
-    match exported.and_then(|e| e.to_json()) {
+    let access = Arc::clone(&state.access);
+    let job = async move {
+        access
+            .export(&user, crate::core::clock::now_ms())
+            .await?
+            .to_json()
+    };
+    match queries.run(job).await {
         Ok(document) => Json(document).into_response(),
-        Err(e) => access_error(&e),
+        Err(response) => response,
     }
 }
 
