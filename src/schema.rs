@@ -115,8 +115,9 @@ pub enum Transform {
     /// Encrypted with the vehicle's data key (ChaCha20-Poly1305), for personal
     /// data a service needs back; stored as binary nonce ‖ ciphertext.
     Encrypt,
-    /// Replaces the VIN by a random trip id that changes with every ignition
-    /// cycle (`cycle_field`) and after `storage.max_trip_minutes`.
+    /// Replaces the VIN by a trip id that changes with every ignition cycle
+    /// (`cycle_field`), after `privacy.max_trip_minutes` and at every UTC
+    /// hour (see `privacy::stage` for what it is made of).
     Trip,
 }
 
@@ -523,7 +524,7 @@ impl Registry {
                         _ => format!("`{}` (coarsened)", f.column_name()),
                     },
                     Transform::Encrypt => format!("`{}` (encrypted)", f.column_name()),
-                    Transform::Trip => format!("`{}` (random per trip)", f.column_name()),
+                    Transform::Trip => format!("`{}` (one per trip)", f.column_name()),
                     Transform::Drop => "not stored".to_owned(),
                 };
                 let mut ty = f.field_type.name().to_owned();

@@ -75,7 +75,23 @@ fn fleet_records() -> Vec<(String, Vec<u8>)> {
     ];
     records.extend(probes(100, 6, 59.3, 18.0));
     records.extend(probes(200, 2, 57.7, 11.9));
+    records.extend(one_car_six_trips());
     records
+}
+
+/// One probe car, six ignition cycles in one hour and one cell: six trips,
+/// one vehicle. `NOW` is hour-aligned, so all six share an hour partition.
+fn one_car_six_trips() -> Vec<(String, Vec<u8>)> {
+    (1..=6)
+        .map(|cycle: i64| {
+            let vin = "WMW11DJ04N2T00300";
+            let body = format!(
+                r#"{{"vin":"{vin}","ts":{},"seq":{cycle},"ignition_cycle":{cycle},"latitude":55.6,"longitude":13.0,"speed_kmh":30.0}}"#,
+                NOW - 2 * HOUR + cycle * 60_000
+            );
+            (format!("vehicles/{vin}/rtti"), body.into_bytes())
+        })
+        .collect()
 }
 
 /// A stopped server's data, its vault opened, and principals, tenures and
@@ -469,6 +485,26 @@ async fn the_policy_matrix_holds_on_real_data() {
         .await,
         vec![row(&["59.3", "18.0", "6", "6"])],
         "the 2-vehicle cell is suppressed"
+    );
+    // k counts vehicles, not trips: one car's six ignition cycles are one vehicle.
+    assert_eq!(
+        f.rows(
+            "lic",
+            "traffic_information",
+            "SELECT count(*) FROM rtti WHERE latitude_cell < 56"
+        )
+        .await,
+        vec![row(&["0"])],
+        "six trips of one car are one vehicle, not a group of k"
+    );
+    assert_eq!(
+        f.rows(
+            "lic",
+            "traffic_information",
+            "SELECT vehicles, trips FROM rtti"
+        )
+        .await,
+        vec![row(&["6", "6"])]
     );
     assert_eq!(
         f.rows(

@@ -154,10 +154,11 @@ fn stored_rows(
 }
 
 /// The trip each RTTI record belongs to, as the README defines trips: a new
-/// one with every ignition cycle and when the current one reaches
-/// `privacy.max_trip_minutes` (30 by default).
+/// one with every ignition cycle, when the current one reaches
+/// `privacy.max_trip_minutes` (30 by default), and at every UTC hour.
 fn trip_labels(records: &[Json]) -> Vec<String> {
     const MAX_TRIP_MS: i64 = 30 * 60_000;
+    const HOUR_MS: i64 = 3_600_000;
     let mut current: BTreeMap<String, (Json, i64, usize)> = BTreeMap::new();
     records
         .iter()
@@ -168,7 +169,10 @@ fn trip_labels(records: &[Json]) -> Vec<String> {
                 .expect("ts");
             let cycle = r["ignition_cycle"].clone();
             let trip = current.entry(vin.clone()).or_insert((cycle.clone(), ts, 0));
-            if trip.0 != cycle || ts - trip.1 >= MAX_TRIP_MS {
+            if trip.0 != cycle
+                || ts - trip.1 >= MAX_TRIP_MS
+                || ts.div_euclid(HOUR_MS) != trip.1.div_euclid(HOUR_MS)
+            {
                 *trip = (cycle, ts, trip.2 + 1);
             }
             format!("{vin}/{}", trip.2)

@@ -263,7 +263,7 @@ async fn an_erased_vehicles_keys_are_in_no_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtti_trips_share_no_identifier() {
+async fn rtti_trips_share_only_the_hour_bucket() {
     let server = TestServer::start();
     let probe = |vin: &str, cycle: u32, ts: i64, seq: u64| {
         let body = format!(
@@ -288,6 +288,13 @@ async fn rtti_trips_share_no_identifier() {
     assert_eq!(trips[0], trips[2], "one trip keeps its id");
     assert_ne!(trips[0], trips[3], "a new ignition cycle, a new id");
     assert_ne!(trips[1], trips[0], "another vehicle, another id");
+    // What they do share, so that a licensee's k counts vehicles: the key
+    // generation of their hour, and within one vehicle its 16-bit bucket.
+    let vehicle = fleetgate::privacy::stage::TRIP_VEHICLE_HEX;
+    let generation = fleetgate::privacy::stage::TRIP_GENERATION_HEX;
+    assert_eq!(trips[0][..vehicle], trips[3][..vehicle]);
+    assert_ne!(trips[0][vehicle..], trips[3][vehicle..]);
+    assert_eq!(trips[0][..generation], trips[1][..generation]);
     assert_eq!(
         strings(&batches, 1)[0],
         "59.404",

@@ -11,7 +11,7 @@
 //! | operator    | all rows, internal pseudonyms; encrypted fields NULL unless the purpose reveals them | all rows |
 //! | user        | own vehicles, own tenure only; VIN and encrypted fields readable; no RTTI | hidden |
 //! | third party | granted vehicles, streams, period and purpose only; pseudonyms of the recipient's domain; encrypted fields NULL; role limits (below) | hidden |
-//! | licensee    | aggregates per hour and category, groups of at least k vehicles; no row, no identifier | hidden |
+//! | licensee    | aggregates per hour and category, groups of at least k vehicles (RTTI: by the vehicle bucket of its trip ids); no row, no identifier | hidden |
 //!
 //! Role limits: a service partner sees maintenance needs only; a remote
 //! charge management provider sees remote-managed sessions only.
@@ -36,7 +36,7 @@ use crate::lifecycle::requests::{sql_identifier, sql_literal};
 use crate::lifecycle::retention::Retention;
 use crate::pipeline::dead_letter;
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
-use crate::privacy::stage::{PrivacyShared, decrypt};
+use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
 use crate::query::{empty_table, listing_table};
 use crate::schema::{
@@ -510,21 +510,46 @@ impl<'a> ViewPlanner<'a> {
     }
 
     /// Aggregates only: per hour partition and category, the number of
-    /// records and distinct vehicles (trips for RTTI, which has no vehicle
-    /// identifier) and the mean of each technical measure; positions only
-    /// as 0.1° cells; groups under k vehicles are left out.
+    /// records and distinct vehicles and the mean of each technical measure;
+    /// positions only as 0.1° cells; groups under k vehicles are left out.
+    ///
+    /// A stream without a vehicle identifier (RTTI) counts vehicles by the
+    /// bucket its trip ids carry ([`crate::privacy::stage`]): distinct
+    /// buckets among trip ids of one key generation are at most the number
+    /// of vehicles, so a group must hold a single generation and at least k
+    /// buckets. It also shows its number of trips.
     fn licensee_view(&self, stream: &StreamSchema) -> View {
-        let unit = if has_vehicle_id(stream) {
-            ("vehicle_id", "vehicles")
-        } else {
-            ("trip_id", "trips")
+        let k = self.inputs.min_group;
+        let trip_column = stream
+            .fields
+            .iter()
+            .find(|f| f.transform == Transform::Trip)
+            .map(|f| sql_identifier(f.column_name()));
+        let (mut measures, having) = match (&trip_column, has_vehicle_id(stream)) {
+            (Some(trip), false) => {
+                let vehicle = format!("substr({trip}, 1, {TRIP_VEHICLE_HEX})");
+                let generation = format!("substr({trip}, 1, {TRIP_GENERATION_HEX})");
+                (
+                    vec![
+                        "count(*) AS records".to_owned(),
+                        format!("count(DISTINCT {vehicle}) AS vehicles"),
+                        format!("count(DISTINCT {trip}) AS trips"),
+                    ],
+                    format!(
+                        "count(DISTINCT {generation}) = 1 AND count(DISTINCT {vehicle}) >= {k}"
+                    ),
+                )
+            }
+            _ => (
+                vec![
+                    "count(*) AS records".to_owned(),
+                    "count(DISTINCT vehicle_id) AS vehicles".to_owned(),
+                ],
+                format!("count(DISTINCT vehicle_id) >= {k}"),
+            ),
         };
         let mut keys = vec!["date".to_owned(), "hour".to_owned()];
         let mut columns = keys.clone();
-        let mut measures = vec![
-            "count(*) AS records".to_owned(),
-            format!("count(DISTINCT {}) AS {}", unit.0, unit.1),
-        ];
         for field in stream.fields.iter().filter(|f| f.is_stored()) {
             let column = sql_identifier(field.column_name());
             match (field.privacy, field.field_type) {
@@ -562,10 +587,7 @@ impl<'a> ViewPlanner<'a> {
             columns,
             filter: None,
             group_by: keys,
-            having: Some(format!(
-                "count(DISTINCT {}) >= {}",
-                unit.0, self.inputs.min_group
-            )),
+            having: Some(having),
             treatment: Treatment::Aggregate,
         }
     }

@@ -7,8 +7,14 @@
 //!   vault secret unlinks the vehicle for good.
 //! - **Encryption** uses the vehicle's data key (ChaCha20-Poly1305, a random
 //!   nonce per value, the field name as associated data).
-//! - **Trip ids** are random; a new one starts with every ignition cycle and
-//!   after `privacy.max_trip_minutes`, so trips of one vehicle share nothing.
+//! - **Trip ids** start with every ignition cycle, after
+//!   `privacy.max_trip_minutes` and at every UTC hour. Each is the key
+//!   generation of its hour, the vehicle's 16-bit bucket under that hour's
+//!   key, then random bytes: the bucket lets a licensee's k count vehicles,
+//!   not trips. The hour's key is random, held in memory only and forgotten
+//!   [`TRIP_KEY_IDLE_MS`] after its last use, so no one can ever tell which
+//!   vehicle a bucket stands for, and buckets of different hours are
+//!   unrelated. Trips of one vehicle in one hour share their bucket.
 //! - **Consent** comes from the vault and decides whether gated records and,
 //!   after SIM deactivation, any records are stored.
 //!
@@ -17,8 +23,8 @@
 //! every worker drop its caches before its next round.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -37,6 +43,22 @@ const MAX_VAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
 const DAY_MS: i64 = 86_400_000;
 /// What a dead-letter copy holds in place of a VIN other than its topic's.
 pub const OTHER_VEHICLE: &str = "<other-vehicle>";
+const HOUR_MS: i64 = 3_600_000;
+/// An hour's trip key is forgotten this long after its last use (wall clock).
+pub const TRIP_KEY_IDLE_MS: i64 = 2 * HOUR_MS;
+/// Most hours' trip keys held at once; past it they are all forgotten, and
+/// new ones (new generations) made as needed.
+const MAX_TRIP_KEYS: usize = 1_024;
+/// Bytes of a trip id: the key generation, the vehicle bucket, random.
+const TRIP_GENERATION_BYTES: usize = 6;
+const TRIP_BUCKET_BYTES: usize = 2;
+const TRIP_RANDOM_BYTES: usize = 8;
+/// Leading hex digits of a trip id that name the key generation of its hour.
+pub const TRIP_GENERATION_HEX: usize = 2 * TRIP_GENERATION_BYTES;
+/// Leading hex digits of a trip id that name its vehicle within its key
+/// generation (generation and bucket): distinct values among trips of one
+/// generation are at most the number of vehicles.
+pub const TRIP_VEHICLE_HEX: usize = 2 * (TRIP_GENERATION_BYTES + TRIP_BUCKET_BYTES);
 
 /// Settings from `[privacy]`.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +74,17 @@ pub struct PrivacyShared {
     pub vault: Vault,
     settings: PrivacySettings,
     generation: AtomicU64,
+    /// The trip keys of the hours (of record time) seen lately.
+    trip_keys: Mutex<HashMap<i64, TripKey>>,
+}
+
+/// The random key of one hour's vehicle buckets, and its generation: a
+/// random name, so that buckets of two keys of one hour (after a restart, or
+/// once the key was forgotten) are never counted as one.
+struct TripKey {
+    generation: [u8; TRIP_GENERATION_BYTES],
+    key: Secret,
+    last_used_ms: i64,
 }
 
 impl std::fmt::Debug for PrivacyShared {
@@ -69,7 +102,44 @@ impl PrivacyShared {
             vault,
             settings,
             generation: AtomicU64::new(0),
+            trip_keys: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A new trip id of `vin` for a trip starting at `ts_ms`: the key
+    /// generation of that UTC hour, the vehicle's bucket under the hour's
+    /// key, random bytes. None without a random source.
+    fn new_trip_id(&self, vin: &str, ts_ms: i64, now_ms: i64) -> Option<String> {
+        let hour = ts_ms.div_euclid(HOUR_MS);
+        let mut keys = self.trip_keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.retain(|_, k| now_ms - k.last_used_ms < TRIP_KEY_IDLE_MS);
+        if keys.len() >= MAX_TRIP_KEYS && !keys.contains_key(&hour) {
+            keys.clear();
+        }
+        let key = match keys.entry(hour) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let mut generation = [0u8; TRIP_GENERATION_BYTES];
+                getrandom::fill(&mut generation).ok()?;
+                entry.insert(TripKey {
+                    generation,
+                    key: Secret::random().ok()?,
+                    last_used_ms: now_ms,
+                })
+            }
+        };
+        key.last_used_ms = now_ms;
+        let bucket = key.key.mac(&[vin.as_bytes()]);
+        let mut random = [0u8; TRIP_RANDOM_BYTES];
+        getrandom::fill(&mut random).ok()?;
+        Some(hex::encode(
+            [
+                &key.generation[..],
+                &bucket[..TRIP_BUCKET_BYTES],
+                &random[..],
+            ]
+            .concat(),
+        ))
     }
 
     /// Opens the key ring and the vault the configuration names (creating
@@ -251,18 +321,27 @@ impl Privacy {
         }
     }
 
-    /// The trip id of a probe: the current one, or a fresh random one when
-    /// the ignition cycle changed, the trip is too long, or time went back.
+    /// The trip id of a probe: the current one, or a new one when the
+    /// ignition cycle changed, the trip is too long, a new UTC hour began, or
+    /// time went back.
     pub fn trip_id(&mut self, vin: &str, cycle: Option<i64>, ts_ms: i64) -> String {
         let max_ms = self.shared.settings.max_trip.as_millis() as i64;
         let continues = self.trips.get(vin).is_some_and(|t| {
-            t.cycle == cycle && ts_ms >= t.last_ms && ts_ms - t.started_ms < max_ms
+            t.cycle == cycle
+                && ts_ms >= t.last_ms
+                && ts_ms - t.started_ms < max_ms
+                && ts_ms.div_euclid(HOUR_MS) == t.started_ms.div_euclid(HOUR_MS)
         });
         if let Some(trip) = self.trips.get_mut(vin).filter(|_| continues) {
             trip.last_ms = ts_ms;
             return trip.id.clone();
         }
-        let id = Secret::random().map_or_else(|_| String::new(), |s| hex::encode(&s.0[..16]));
+        // Without a random source the id is empty: a licensee's group holding
+        // it has two generations and is left out.
+        let id = self
+            .shared
+            .new_trip_id(vin, ts_ms, crate::core::clock::now_ms())
+            .unwrap_or_default();
         self.trips.insert(
             vin.to_owned(),
             Trip {
@@ -377,6 +456,43 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(p.trip_id(VIN, Some(2), T0 + 10_000 + 1_800_000), b);
         assert_ne!(p.trip_id("WMW21GD07P2S00002", Some(2), T0 + 10_000), b);
+    }
+
+    #[test]
+    fn trips_of_one_vehicle_in_one_hour_share_its_bucket_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = privacy(dir.path(), 30);
+        let vehicle = |id: &str| id[..TRIP_VEHICLE_HEX].to_owned();
+        let generation = |id: &str| id[..TRIP_GENERATION_HEX].to_owned();
+        let first = p.trip_id(VIN, Some(1), T0);
+        assert_eq!(first.len(), 32);
+        // A new ignition cycle, and a new trip after an admin event: new ids,
+        // the same vehicle bucket.
+        let second = p.trip_id(VIN, Some(2), T0 + 60_000);
+        p.shared
+            .set_consent(VIN, Consent::default())
+            .expect("consent");
+        p.refresh();
+        let third = p.trip_id(VIN, Some(2), T0 + 120_000);
+        assert!(first != second && second != third && first != third);
+        assert_eq!(vehicle(&first), vehicle(&second));
+        assert_eq!(vehicle(&first), vehicle(&third));
+        // Another vehicle in that hour: the same generation, its own bucket
+        // (these two differ under every key with probability 1 - 2^-16).
+        let other = p.trip_id("WMW21GD07P2S00002", Some(1), T0 + 1_000);
+        assert_eq!(generation(&other), generation(&first));
+        // A trip reaching into the next hour ends there; the next hour has
+        // its own key.
+        let next_hour = p.trip_id(VIN, Some(2), T0 + HOUR_MS);
+        assert_ne!(next_hour, third);
+        assert_ne!(generation(&next_hour), generation(&third));
+        // A key unused for TRIP_KEY_IDLE_MS is forgotten: the hour gets a new generation.
+        let now = crate::core::clock::now_ms();
+        let later = p
+            .shared
+            .new_trip_id(VIN, T0, now + TRIP_KEY_IDLE_MS)
+            .expect("id");
+        assert_ne!(generation(&later), generation(&first));
     }
 
     #[test]
