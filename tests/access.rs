@@ -256,6 +256,14 @@ impl Fixture {
         }
     }
 
+    /// The operator's physical plan of `sql`, as one text.
+    async fn plan(&self, sql: &str) -> String {
+        self.rows("operator", "operations", &format!("EXPLAIN {sql}"))
+            .await
+            .concat()
+            .join("\n")
+    }
+
     /// Asserts the statement is not answered at all (refused or an error).
     async fn unanswered(&self, who: &str, purpose: &str, sql: &str) {
         if let Ok(rows) = self.ask(who, purpose, sql).await {
@@ -669,6 +677,97 @@ async fn no_sql_form_reaches_around_the_views() {
     );
     let told = f.ask("operator", "operations", failing).await;
     assert!(told.is_err_and(|e| e.to_lowercase().contains("divide by zero")));
+}
+
+/// A predicate that would fail on a row outside the principal's view never
+/// runs on one: the answer (or the failure) is the same whether or not such
+/// a row exists, so neither an error nor its status tells a hidden row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_tell_nothing_about_rows_outside_the_view() {
+    let f = fixture().await;
+    let probe = |table: &str, condition: &str| {
+        format!(
+            "SELECT count(*) FROM {table} WHERE 1 / (CASE WHEN {condition} THEN 0 ELSE 1 END) = 1"
+        )
+    };
+    // (principal, purpose, table, a condition only hidden rows meet, one no row meets,
+    // the rows the principal sees)
+    let cases = [
+        // Licensee: the 2-vehicle cell at 57.7 and the one-car cell at 55.6
+        // are suppressed (k = 5); the 6-vehicle cell at 59.3 is shown.
+        (
+            "lic",
+            "traffic_information",
+            "rtti",
+            "latitude_cell < 58",
+            "latitude_cell > 90",
+            "1",
+        ),
+        (
+            "lic",
+            "product_improvement",
+            "charging",
+            "charging_mode = 'ac'",
+            "charging_mode = 'dc'",
+            "0",
+        ),
+        // Third party: alice's teleservice and diagnostics rows only, not
+        // carol's vehicle B (seq 5, 21) nor bob's tenure (seq 11).
+        (
+            "repair",
+            "repair_and_maintenance",
+            "teleservice",
+            "seq = 5 OR seq = 11",
+            "seq = 999",
+            "1",
+        ),
+        (
+            "repair",
+            "repair_and_maintenance",
+            "diagnostics",
+            "seq = 21",
+            "seq = 999",
+            "1",
+        ),
+        // User: alice held A until the sale; carol's B (diagnostics seq 21,
+        // in the same hour file as A's seq 20) and bob's sessions are hidden.
+        (
+            "alice",
+            "own_data_access",
+            "diagnostics",
+            "seq = 21",
+            "seq = 999",
+            "1",
+        ),
+        (
+            "alice",
+            "own_data_access",
+            "charging",
+            "seq > 1 OR contract_number = 'SE-B-1'",
+            "seq > 999",
+            "1",
+        ),
+    ];
+    for (who, purpose, table, hidden_only, nothing, visible) in cases {
+        for condition in [hidden_only, nothing] {
+            assert_eq!(
+                f.ask(who, purpose, &probe(table, condition)).await,
+                Ok(vec![row(&[visible])]),
+                "{who}: {table} WHERE {condition}"
+            );
+        }
+    }
+    // A predicate that cannot fail still prunes partitions inside the view:
+    // charging has a file of 2026-11-19, which a one-day query does not read.
+    let all = f.plan("SELECT count(*) FROM charging").await;
+    assert!(
+        all.contains("PolicyBarrierExec") && all.contains("date=2026-11-19"),
+        "{all}"
+    );
+    let one_day = f
+        .plan("SELECT count(*) FROM charging WHERE date = DATE '2026-11-24'")
+        .await;
+    assert!(!one_day.contains("date=2026-11-19"), "{one_day}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

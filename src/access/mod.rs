@@ -15,6 +15,7 @@
 //! concurrency ([`limits`], settings in `[access]`).
 
 pub mod audit;
+mod barrier;
 pub mod export;
 pub(crate) mod limits;
 pub mod policy;

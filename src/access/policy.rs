@@ -4,7 +4,9 @@
 //! plans those views; the principal's session holds the views and nothing
 //! else: no file, no listing table, no function that decrypts. Whatever SQL
 //! the principal writes (joins, subqueries, CTEs, UNION, information_schema)
-//! can only ever reach rows and columns its views expose.
+//! can only ever reach rows and columns its views expose, and each view is
+//! planned apart from the principal's query ([`super::barrier`]), so its
+//! expressions (and their errors) only ever see rows of the view.
 //!
 //! | principal   | stream tables                                                     | dead_letters, query_audit |
 //! |-------------|-------------------------------------------------------------------|---------------------------|
@@ -22,13 +24,13 @@ use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, AsArray, StringBuilder};
 use arrow::datatypes::{DataType, Int32Type};
-use datafusion::catalog::view::ViewTable;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use super::barrier::PolicyView;
 use super::purpose::Purpose;
 use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, earlier_end};
 use super::{AccessError, Result, audit};
@@ -260,8 +262,10 @@ fn principal_context(memory_limit: usize) -> Result<SessionContext> {
 }
 
 /// Plans `sql` in the private session `files` and registers it in the
-/// principal's session `ctx` as the view `name`. No definition text:
-/// information_schema must not show the pseudonyms and periods it filters on.
+/// principal's session `ctx` as the view `name`, a [`PolicyView`]: never
+/// inlined into the principal's query, so that the principal's expressions
+/// see the view's rows only. No definition text: information_schema must
+/// not show the pseudonyms and periods it filters on.
 async fn install(
     files: &SessionContext,
     ctx: &SessionContext,
@@ -269,7 +273,15 @@ async fn install(
     sql: &str,
 ) -> Result<()> {
     let plan = files.sql(sql).await?.into_unoptimized_plan();
-    ctx.register_table(name, Arc::new(ViewTable::new(plan, None)))?;
+    let table_columns: Vec<String> = files
+        .table_provider(name)
+        .await?
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    ctx.register_table(name, Arc::new(PolicyView::new(plan, &table_columns)))?;
     Ok(())
 }
 
