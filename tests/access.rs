@@ -1157,9 +1157,9 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("limit") && body.contains("tables"), "{body}");
-    // 200 terms are answered.
-    let (status, body) = ask(&format!("SELECT 1{} AS n", "+1".repeat(200)), purpose);
-    assert_eq!((status, body.as_str()), (200, r#"[{"n":201}]"#));
+    // 100 terms are answered.
+    let (status, body) = ask(&format!("SELECT 1{} AS n", "+1".repeat(100)), purpose);
+    assert_eq!((status, body.as_str()), (200, r#"[{"n":101}]"#));
     for sql in [
         "SELECT count(*) FROM generate_series(1, 4000000000)",
         "SELECT length(repeat('x', 2000000000))",
