@@ -1114,6 +1114,8 @@ async fn admin_routes_need_the_admin_token() {
             .sim_active
     );
     again.shutdown().expect("shutdown");
+}
+
 /// Hostile statements get a clear 400 or 403 and the server keeps answering:
 /// a statement too long or too deeply nested is refused before it is planned,
 /// and an unknown purpose is neither echoed nor written to the audit whole.
@@ -1121,11 +1123,12 @@ async fn admin_routes_need_the_admin_token() {
 async fn hostile_statements_are_bounded_and_the_server_lives() {
     let server = TestServer::start();
     let addr = server.handle.admin_addr();
+    let admin_token = server.admin().token;
     let (status, body) = http(
         addr,
         "POST",
         "/admin/principals",
-        None,
+        Some(&admin_token),
         r#"{"id":"lic","kind":"licensee"}"#,
     );
     assert_eq!(status, 200, "{body}");
