@@ -73,8 +73,8 @@ stop_fleetgate() {
   wait "$FG_PID"
 }
 loadgen() { "$LOADGEN" run --vehicles "$VEHICLES" --connections "$CONNECTIONS" --qos 1 "$@"; }
-# rumqttd acknowledges before fleetgate has stored anything, so the end-to-end
-# rate is the rate at which rows became durable and queryable, not the ack
+# A PUBACK means the record is in the WAL, not yet in Parquet, so the
+# end-to-end rate is the rate at which rows became queryable, not the ack
 # rate: wait_stored RUN STARTED_AT polls /metrics until every record fleetgate
 # received is stored (or counted as dropped or rejected) and no more arrive,
 # and writes RUN.stored.json, including how many acknowledged records never
