@@ -306,17 +306,15 @@ impl ShardWal {
             .is_none_or(|lowest| lowest > seq))
     }
 
-    /// Seals the active segment when it holds only covered entries, so a
-    /// clean shutdown leaves an empty log.
+    /// Seals the active segment and deletes every covered one, so a clean
+    /// shutdown leaves no entry in the log: only the fresh, empty segment
+    /// rotate() opened, whose name carries the numbering on to the next run.
+    /// Entry ids are never reused, so that a footer of an earlier run is
+    /// never taken for an entry of a later one.
     pub fn close(mut self) -> Result<()> {
         self.sync()?;
         self.rotate()?;
         self.truncate_covered()?;
-        // The fresh, empty segment rotate() opened is not needed.
-        if self.sealed.is_empty() {
-            fs::remove_file(&self.active_path).map_err(io_err(&self.active_path))?;
-            sync_dir(&self.dir)?;
-        }
         Ok(())
     }
 
@@ -423,7 +421,7 @@ pub struct RecoveredShard {
     pub entries: Vec<Entry>,
     segments: Vec<Segment>,
     pub next_seq: u64,
-    /// Creation time of the oldest segment, in ms since the epoch.
+    /// Creation time of the oldest segment holding an entry, in ms since the epoch.
     pub oldest_ms: Option<i64>,
 }
 
@@ -495,8 +493,13 @@ fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<RecoveredShard> {
     let mut out = RecoveredShard::default();
     for (i, path) in paths.iter().enumerate() {
         let newest = i + 1 == paths.len();
+        // The name carries the numbering on, even through a segment that
+        // holds nothing (what a clean stop leaves).
+        if let Some(first_seq) = segment_first_seq(path) {
+            out.next_seq = out.next_seq.max(first_seq);
+        }
         let (created_ms, entries) = read_segment(path, shard, newest, mode)?;
-        if let Some(ms) = created_ms {
+        if let Some(ms) = created_ms.filter(|_| !entries.is_empty()) {
             out.oldest_ms = Some(out.oldest_ms.map_or(ms, |o: i64| o.min(ms)));
         }
         let last_seq = entries.last().map(|e| e.id.seq);
@@ -510,6 +513,11 @@ fn recover_shard(dir: &Path, shard: u16, mode: Mode) -> Result<RecoveredShard> {
         });
     }
     Ok(out)
+}
+
+/// The first sequence number a segment was opened with, from its name.
+fn segment_first_seq(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.split('-').next()?.parse().ok()
 }
 
 /// Reads one segment: (creation time, entries).
@@ -826,7 +834,46 @@ mod tests {
         tracker.covered(&ids[..1]);
         assert_eq!(wal.truncate_covered().expect("truncate"), 2);
         wal.close().expect("close");
-        assert_eq!(segments(), 0, "a closed, fully committed log is empty");
+        assert_eq!(
+            segments(),
+            1,
+            "a closed, fully committed log keeps one empty segment"
+        );
+        assert_eq!(
+            recover(dir.path(), false).expect("recover").entry_count(),
+            0
+        );
+    }
+
+    /// Ids are never reused: after a clean close, which leaves no entry,
+    /// the next run numbers on, so a footer of this run cannot be taken
+    /// for an entry of the next.
+    #[test]
+    fn numbering_continues_after_a_clean_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tracker = Arc::new(Tracker::default());
+        let mut wal = write(dir.path(), 2, 1 << 30, tracker.clone());
+        tracker.covered(&[EntryId { shard: 0, seq: 0 }, EntryId { shard: 0, seq: 1 }]);
+        wal.truncate_covered().expect("truncate");
+        wal.close().expect("close");
+        let recovered = recover(dir.path(), false).expect("recover");
+        assert_eq!(recovered.entry_count(), 0, "a clean close leaves no entry");
+        assert_eq!(recovered.oldest_ms(), None, "no segment holds an entry");
+        let mut wal = ShardWal::open(
+            &settings(dir.path(), 1 << 30),
+            0,
+            recovered.shards.get(&0),
+            Arc::new(Tracker::default()),
+        )
+        .expect("reopen");
+        let id = wal
+            .append(
+                Table::DeadLetters,
+                PartitionKey::from_millis(PARTITION_MS),
+                &batch(0),
+            )
+            .expect("append");
+        assert_eq!(id.seq, 2);
     }
 
     #[test]

@@ -215,12 +215,14 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     }
 
     // A log written by more workers than are configured now keeps its
-    // shards: each is owned by a worker until it is empty.
+    // shards: each is owned by a worker until it holds no entry.
     let recovered_shards = recovered
         .shards
-        .keys()
+        .iter()
+        .filter(|(_, s)| !s.entries.is_empty())
+        .map(|(shard, _)| usize::from(*shard) + 1)
         .max()
-        .map_or(0, |s| usize::from(*s) + 1);
+        .unwrap_or(0);
     let shard_count = config.worker_count().max(recovered_shards);
     let frontier = Arc::new(DurableFrontier::new(shard_count));
     let context = WorkerContext {
