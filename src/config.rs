@@ -165,6 +165,9 @@ pub struct WalConfig {
     pub fsync_interval_ms: u64,
     pub fsync_bytes: usize,
     pub segment_bytes: u64,
+    /// A segment that holds entries is sealed at this age, so that it can be
+    /// deleted once they are in Parquet, however little traffic there is.
+    pub max_segment_age_ms: u64,
     pub skip_corrupt: bool,
 }
 
@@ -175,6 +178,7 @@ impl Default for WalConfig {
             fsync_interval_ms: 5,
             fsync_bytes: 1024 * 1024,
             segment_bytes: 64 * 1024 * 1024,
+            max_segment_age_ms: 3_600_000,
             skip_corrupt: false,
         }
     }
@@ -406,8 +410,14 @@ impl Config {
                 b.max_packet_bytes, p.max_payload_bytes
             ));
         }
-        if self.wal.fsync_interval_ms == 0 || self.wal.segment_bytes == 0 {
-            return invalid("wal.fsync_interval_ms and wal.segment_bytes must be > 0".into());
+        if self.wal.fsync_interval_ms == 0
+            || self.wal.segment_bytes == 0
+            || self.wal.max_segment_age_ms == 0
+        {
+            return invalid(
+                "wal.fsync_interval_ms, wal.segment_bytes and wal.max_segment_age_ms must be > 0"
+                    .into(),
+            );
         }
         if b.segment_bytes == 0 || b.segment_count == 0 {
             return invalid("broker.segment_bytes and segment_count must be > 0".into());

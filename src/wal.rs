@@ -95,6 +95,8 @@ pub struct WalSettings {
     pub segment_bytes: u64,
     pub fsync_interval: Duration,
     pub fsync_bytes: usize,
+    /// See [`ShardWal::rotate_if_old`].
+    pub max_segment_age: Duration,
 }
 
 /// Which entries are appended but not yet in a committed Parquet file, per shard.
@@ -156,6 +158,7 @@ pub struct ShardWal {
     sealed: Vec<Segment>,
     active: File,
     active_path: PathBuf,
+    active_created: Instant,
     active_last_seq: Option<u64>,
     /// Bytes of complete frames in the active segment, header included.
     active_len: u64,
@@ -192,6 +195,7 @@ impl ShardWal {
             sealed,
             active,
             active_path,
+            active_created: Instant::now(),
             active_last_seq: None,
             active_len: HEADER_BYTES as u64,
             next_seq,
@@ -271,6 +275,20 @@ impl ShardWal {
         Ok(Some(synced))
     }
 
+    /// Seals the active segment once it is `max_segment_age` old, holds an
+    /// entry and is fully synced, so that [`Self::truncate_covered`] can
+    /// delete it once its entries are in Parquet: at any traffic, a row
+    /// stays in the log not much longer than that.
+    pub fn rotate_if_old(&mut self) -> Result<()> {
+        if self.active_last_seq.is_some()
+            && self.first_unsynced.is_none()
+            && self.active_created.elapsed() >= self.settings.max_segment_age
+        {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
     /// Deletes sealed segments whose every entry is in a committed file.
     pub fn truncate_covered(&mut self) -> Result<usize> {
         let watermark = self
@@ -322,6 +340,7 @@ impl ShardWal {
         let (file, path) = new_segment(&self.dir, self.next_seq)?;
         let old = std::mem::replace(&mut self.active_path, path);
         self.active = file;
+        self.active_created = Instant::now();
         self.sealed.push(Segment {
             path: old,
             last_seq: self.active_last_seq.take(),
@@ -678,6 +697,7 @@ mod tests {
             segment_bytes,
             fsync_interval: Duration::from_millis(5),
             fsync_bytes: 1 << 20,
+            max_segment_age: Duration::from_secs(3600),
         }
     }
 

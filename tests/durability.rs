@@ -115,6 +115,20 @@ async fn replay_skips_what_parquet_already_holds() {
     assert!(log.contains("replayed=0"), "{log}");
 }
 
+/// A segment that holds entries is sealed at `wal.max_segment_age_ms` and
+/// deleted once they are in Parquet: a row does not stay in the log until
+/// 64 MiB of traffic have filled its segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_segment_is_deleted_once_its_rows_are_stored() {
+    let server = TestServer::start_with(|c| c.wal.max_segment_age_ms = 1);
+    let data = server.data_dir();
+    publish_all(server.handle.mqtt_addr(), &[probe(VINS[0], 1)]).await;
+    let metrics = server.handle.metrics().clone();
+    wait_for(|| metrics.totals().stored == 1);
+    wait_for(|| rows_in_wal(&data.join("_wal")) == 0);
+    server.handle.shutdown().expect("shutdown");
+}
+
 /// Publishes probes for every vehicle of `vins` at QoS 1, in seq order,
 /// until the connection dies; returns the seqs whose PUBACK arrived, per
 /// vehicle.

@@ -135,6 +135,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         segment_bytes: config.wal.segment_bytes,
         fsync_interval: Duration::from_millis(config.wal.fsync_interval_ms),
         fsync_bytes: config.wal.fsync_bytes,
+        max_segment_age: Duration::from_millis(config.wal.max_segment_age_ms),
     };
     let recovered = wal::recover(&wal_settings.dir, config.wal.skip_corrupt)?;
     let tracker = Arc::new(Tracker::default());

@@ -163,8 +163,8 @@ impl Worker {
     }
 
     /// Group commit: fsyncs the log when due (or when `force`), records how
-    /// long each row waited from receipt to durability, and deletes segments
-    /// the writers no longer need.
+    /// long each row waited from receipt to durability, seals an old segment
+    /// and deletes segments the writers no longer need.
     fn sync_wal(&mut self, force: bool) {
         if force || self.wal.sync_due() {
             let wal = &self.ctx.metrics.wal;
@@ -197,6 +197,9 @@ impl Worker {
                 }
             }
             self.report_durable();
+        }
+        if let Err(e) = self.wal.rotate_if_old() {
+            tracing::warn!(error = %e, "cannot seal an old WAL segment");
         }
         if let Err(e) = self.wal.truncate_covered() {
             tracing::warn!(error = %e, "cannot delete a WAL segment");
