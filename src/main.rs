@@ -509,6 +509,9 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     };
     let deletions =
         retention::sweep_and_record(&config.storage.data_dir, &rules, &config.retention, run)?;
+    if !dry_run {
+        fleetgate::store::prune_settled(&config.storage.data_dir, &config.wal_dir(), run.now_ms)?;
+    }
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {
         println!(

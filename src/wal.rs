@@ -539,6 +539,48 @@ fn segment_first_seq(path: &Path) -> Option<u64> {
     path.file_stem()?.to_str()?.split('-').next()?.parse().ok()
 }
 
+/// Creation time of the oldest segment under `wal_dir` that holds more than
+/// its header (`None`: no segment holds an entry), read from the headers
+/// only: for a running server's log too.
+pub fn oldest_segment_ms(wal_dir: &Path) -> Result<Option<i64>> {
+    let mut oldest: Option<i64> = None;
+    let Ok(shard_dirs) = fs::read_dir(wal_dir) else {
+        return Ok(None);
+    };
+    for shard_dir in shard_dirs {
+        let shard_dir = shard_dir.map_err(io_err(wal_dir))?.path();
+        let Ok(segments) = fs::read_dir(&shard_dir) else {
+            continue;
+        };
+        for segment in segments {
+            let path = segment.map_err(io_err(&shard_dir))?.path();
+            if path.extension().is_none_or(|e| e != "wal") {
+                continue;
+            }
+            let mut header = [0u8; HEADER_BYTES];
+            let mut file = match File::open(&path) {
+                Ok(file) => file,
+                // Deleted since the listing: it held nothing pending.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            let len = file.metadata().map_err(io_err(&path))?.len();
+            if len <= HEADER_BYTES as u64 {
+                continue;
+            }
+            file.read_exact(&mut header).map_err(io_err(&path))?;
+            if &header[..8] != MAGIC {
+                continue;
+            }
+            let mut created = [0u8; 8];
+            created.copy_from_slice(&header[8..]);
+            let created_ms = i64::from_le_bytes(created);
+            oldest = Some(oldest.map_or(created_ms, |o| o.min(created_ms)));
+        }
+    }
+    Ok(oldest)
+}
+
 /// Reads one segment: (creation time, entries).
 fn read_segment(
     path: &Path,

@@ -115,6 +115,70 @@ async fn replay_skips_what_parquet_already_holds() {
     assert!(log.contains("replayed=0"), "{log}");
 }
 
+/// A row the retention sweep deleted (its whole file) stays deleted after
+/// SIGKILL, although the active WAL segment still holds its entry and the
+/// deletion request that removed it has been retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
+    use fleetgate::lifecycle::requests::{self, DeletionRequest, MatchValue, Selection};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let config = "[storage]\nroll_age_ms = 50\n[retention]\nsweep_interval_secs = 1\n";
+    let server = ServeProcess::spawn(dir.path(), config);
+    let now = fleetgate::core::clock::now_ms();
+    // Alone in its hour partition, an hour old: no rule has expired it.
+    let ts = now - 3_600_000;
+    let vin = VINS[0];
+    let record = (
+        format!("vehicles/{vin}/charging"),
+        format!(
+            r#"{{"vin":"{vin}","ts":{ts},"seq":1,"session_id":"S-GONE","event":"start","started_at":{ts},"remote_managed":true}}"#
+        )
+        .into_bytes(),
+    );
+    publish_all(server.addr, &[record]).await;
+    wait_for(|| parquet_files(&data.join("charging")) == 1);
+    // What `charging_session_ended` records (the admin API writes the same file).
+    requests::add(
+        &dir.path().join("audit/deletion-requests.json"),
+        DeletionRequest {
+            rows: Selection {
+                table: "charging".into(),
+                matches: vec![
+                    ("session_id".into(), MatchValue::Text("S-GONE".into())),
+                    ("remote_managed".into(), MatchValue::Bool(true)),
+                ],
+            },
+            event: "charging_session_ended".into(),
+            requested_ms: now,
+        },
+    )
+    .expect("request");
+    let audit = dir.path().join("audit/deletions.jsonl");
+    wait_for(|| std::fs::read_to_string(&audit).is_ok_and(|a| a.contains("delete_file")));
+    wait_for(|| {
+        requests::load(&dir.path().join("audit/deletion-requests.json")).is_ok_and(|r| r.is_empty())
+    });
+    assert_eq!(parquet_files(&data.join("charging")), 0);
+    assert!(
+        rows_in_wal(&data.join("_wal")) >= 1,
+        "the active segment still holds the entry"
+    );
+    server.kill();
+
+    let server = ServeProcess::spawn(dir.path(), config);
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    let settled = std::fs::read_to_string(data.join("_wal_settled.json")).unwrap_or_default();
+    let audit = std::fs::read_to_string(&audit).unwrap_or_default();
+    assert_eq!(
+        count_at(&data, "SELECT count(*) FROM charging", now).await,
+        0,
+        "a deleted row came back: {log}\n{settled}\n{audit}"
+    );
+    assert!(log.contains("replayed=0"), "{log}");
+}
+
 /// A segment that holds entries is sealed at `wal.max_segment_age_ms` and
 /// deleted once they are in Parquet: a row does not stay in the log until
 /// 64 MiB of traffic have filled its segment.

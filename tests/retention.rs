@@ -289,6 +289,25 @@ async fn the_server_sweeps_expired_partitions_in_the_background() {
     assert!(audit.contains(r#""table":"rtti""#), "{audit}");
 }
 
+/// The WAL entries of files the sweep removed still count as stored, so
+/// that recovery never writes their rows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_swept_files_still_count_as_stored() {
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let before = fleetgate::store::committed_wal_entries(&data, 0).expect("footers");
+    // RTTI's partition has expired whole; the HV warn call is rewritten out of its file.
+    retention::sweep(&data, &rules, run(T + HOUR_MS + 200 * DAY_MS, false)).expect("sweep");
+    assert!(!data.join("rtti/date=2026-11-24/hour=12").exists());
+    assert_eq!(
+        fleetgate::store::committed_wal_entries(&data, 0).expect("footers"),
+        before,
+        "every entry of a removed file still counts as stored"
+    );
+}
+
 /// Rows under a shorter rule than their table's longest are deleted from
 /// disk soon after their deadline by rewriting their file, which keeps its
 /// other rows and its footer (the WAL entries it covers).
@@ -321,6 +340,19 @@ async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
     };
     let before: Vec<_> = parquet_in(&partition).iter().map(|f| footer(f)).collect();
     assert_eq!(before.iter().map(|(rows, _)| rows).sum::<i64>(), 2);
+    let modified = |files: Vec<std::path::PathBuf>| -> Vec<std::time::SystemTime> {
+        let mut times: Vec<_> = files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .and_then(|m| m.modified())
+                    .expect("mtime")
+            })
+            .collect();
+        times.sort();
+        times
+    };
+    let committed = modified(parquet_in(&partition));
 
     let untouched = retention::sweep(&data, &rules, run(T + keep_hv - 1, false)).expect("sweep");
     assert!(
@@ -353,6 +385,11 @@ async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
             .map(|(_, wal)| wal.clone())
             .collect::<Vec<_>>(),
         "the footer still names the WAL entries, so recovery never replays them"
+    );
+    assert_eq!(
+        modified(parquet_in(&partition)),
+        committed,
+        "a rewritten file keeps its commit time, which scopes its footer for recovery"
     );
     assert!(
         files_under(&partition)

@@ -385,6 +385,8 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
                     rows += footer_rows(file)?;
                 }
                 if !run.dry_run {
+                    // Before any file goes: a WAL segment may outlive it.
+                    crate::store::settle(data_dir, &files)?;
                     delete_partition(&partition_dir, &files)?;
                 }
                 out.push(Deletion {
@@ -408,7 +410,8 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
             }
             remove_stale_rewrites(&partition_dir)?;
             for file in parquet_files(&partition_dir)? {
-                if let Some(deletion) = rewrite(&file, table, retention, &partition, run)? {
+                if let Some(deletion) = rewrite(data_dir, &file, table, retention, &partition, run)?
+                {
                     out.push(deletion);
                 }
             }
@@ -421,8 +424,11 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
 const REWRITE_SUFFIX: &str = "rewrite";
 
 /// Rewrites `file` without the rows expired at `run.now_ms`, keeping its
-/// footer metadata (table, schema version, the WAL entries it covers).
+/// footer metadata (table, schema version, the WAL entries it covers) and
+/// its commit time; a file left without rows is settled (see
+/// [`crate::store::settle`]), then removed.
 fn rewrite(
+    data_dir: &Path,
     file: &Path,
     table: &str,
     retention: &Retention,
@@ -469,9 +475,11 @@ fn rewrite(
     let rows_left: usize = kept.iter().map(RecordBatch::num_rows).sum();
     if !run.dry_run {
         if rows_left == 0 {
+            crate::store::settle(data_dir, &[file.to_owned()])?;
             fs::remove_file(file).map_err(io)?;
             fsio::sync_dir(fsio::parent_dir(file)).map_err(io)?;
         } else {
+            let committed = fs::metadata(file).and_then(|m| m.modified()).map_err(io)?;
             let temporary = file.with_extension(format!("{PARQUET_EXTENSION}.{REWRITE_SUFFIX}"));
             let properties = writer_properties(run.zstd_level, 1 << 20, &metadata)?;
             let output = fsio::create(&temporary).map_err(io)?;
@@ -480,11 +488,11 @@ fn rewrite(
             for batch in &kept {
                 writer.write(batch).map_err(parquet)?;
             }
-            writer
-                .into_inner()
-                .map_err(parquet)?
-                .sync_all()
-                .map_err(io)?;
+            let output = writer.into_inner().map_err(parquet)?;
+            // Recovery reads a footer only if the file may hold entries of
+            // the live log, by its time; the rewrite does not make it newer.
+            output.set_modified(committed).map_err(io)?;
+            output.sync_all().map_err(io)?;
             fsio::rename_durably(&temporary, file).map_err(io)?;
         }
     }

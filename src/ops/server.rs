@@ -34,8 +34,8 @@ use crate::privacy::stage::PrivacyShared;
 use crate::privacy::vault::VaultError;
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
-    StoreError, Table, TableBatch, TableListener, WriterSettings, committed_wal_entries,
-    spawn_writer, table_dir,
+    FOOTER_SCAN_MARGIN_MS, StoreError, Table, TableBatch, TableListener, WriterSettings,
+    committed_wal_entries, spawn_writer, table_dir,
 };
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 
@@ -285,6 +285,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             retention,
             access,
             data_dir.clone(),
+            wal_settings.dir.clone(),
             config.retention.clone(),
             config.storage.zstd_level,
             Duration::from_secs(secs),
@@ -348,11 +349,14 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
 }
 
 /// Sweeps expired partitions every `every`, with the real clock, auditing
-/// each deletion and counting its rows; expires query audit files too.
+/// each deletion and counting its rows; expires query audit files and the
+/// settled log's lines no recovery can need any more, too.
+#[allow(clippy::too_many_arguments)]
 fn spawn_sweeper(
     retention: Retention,
     access: Arc<AccessEnv>,
     data_dir: PathBuf,
+    wal_dir: PathBuf,
     files: RetentionConfig,
     zstd_level: i32,
     every: Duration,
@@ -385,6 +389,9 @@ fn spawn_sweeper(
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
                 }
+                if let Err(e) = crate::store::prune_settled(&data_dir, &wal_dir, run.now_ms) {
+                    tracing::error!(error = %e, "pruning the settled WAL entries failed; will try again");
+                }
                 match access.expire_audit(run.now_ms) {
                     Ok(files) if !files.is_empty() => {
                         tracing::info!(files = files.len(), "expired query audit files deleted");
@@ -406,10 +413,6 @@ fn depth<T: Send + 'static>(name: String, rx: &crossbeam::channel::Receiver<T>) 
         depth: Box::new(move || rx.len()),
     }
 }
-
-/// Parquet files modified this long before the oldest WAL segment was
-/// created are also searched for the entries they hold (clock granularity).
-const FOOTER_SCAN_MARGIN_MS: i64 = 2_000;
 
 impl ServerHandle {
     /// Where MQTT 3.1.1 clients connect.
