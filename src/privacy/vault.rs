@@ -60,6 +60,11 @@ pub struct VehicleKeys {
     pub secret: Secret,
     /// Key of its encrypted fields.
     pub data_key: Secret,
+    /// When this secret was created (ms since the epoch): every row under
+    /// it was received later. An erasure makes the next secret newer than
+    /// the erasing event, so a tenure that event ended never reaches rows
+    /// under the new one (see `access::registry::AccessRegistry::held_periods_under`).
+    pub created_ms: i64,
 }
 
 /// The open vault. One process at a time: redb locks the file.
@@ -184,10 +189,7 @@ impl Vault {
         if let Some(keys) = self.get(vin)? {
             return Ok(keys);
         }
-        let fresh = VehicleKeys {
-            secret: Secret::random()?,
-            data_key: Secret::random()?,
-        };
+        let (secret, data_key) = (Secret::random()?, Secret::random()?);
         let index = self.index(vin);
         let stored = self.write(|txn| {
             let mut table = txn.open_table(VEHICLES)?;
@@ -196,8 +198,8 @@ impl Vault {
                 return Ok(existing.value().to_vec());
             }
             let mut value = Vec::with_capacity(VEHICLE_VALUE_BYTES);
-            value.extend_from_slice(&fresh.secret.0);
-            value.extend_from_slice(&fresh.data_key.0);
+            value.extend_from_slice(&secret.0);
+            value.extend_from_slice(&data_key.0);
             value.extend_from_slice(&crate::core::clock::now_ms().to_le_bytes());
             table.insert(index.as_slice(), value.as_slice())?;
             Ok(value)
@@ -260,9 +262,11 @@ impl Vault {
         let key = |range: std::ops::Range<usize>| -> Result<Secret> {
             Ok(Secret(value[range].try_into().map_err(|_| malformed())?))
         };
+        let created: [u8; 8] = value[2 * KEY_BYTES..].try_into().map_err(|_| malformed())?;
         Ok(VehicleKeys {
             secret: key(0..KEY_BYTES)?,
             data_key: key(KEY_BYTES..2 * KEY_BYTES)?,
+            created_ms: i64::from_le_bytes(created),
         })
     }
 }
@@ -452,6 +456,20 @@ mod tests {
         drop(open(dir.path()));
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_secret_carries_when_it_was_created_and_a_new_one_is_later() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = open(dir.path());
+        let before = crate::core::clock::now_ms();
+        let first = vault.get_or_create("WMW11DJ04N2T00001").expect("create");
+        let after = crate::core::clock::now_ms();
+        assert!((before..=after).contains(&first.created_ms), "{first:?}");
+        assert!(vault.erase("WMW11DJ04N2T00001").expect("erase"));
+        let second = vault.get_or_create("WMW11DJ04N2T00001").expect("again");
+        assert!(second.created_ms >= after, "a fresh secret is newer");
+        assert_ne!(second.secret, first.secret);
     }
 
     #[test]
