@@ -172,8 +172,8 @@ enum AccessAction {
         #[arg(long)]
         gatekeeper: bool,
     },
-    /// A user holds a vehicle from `--at` (default now); its previous
-    /// holder's tenure ends then.
+    /// A user holds a vehicle from `--at` (default now, unless another user
+    /// holds it: then `--at` is needed); its previous holder's tenure ends then.
     Transfer {
         #[arg(long)]
         user: String,
@@ -420,8 +420,7 @@ fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
             env()?.add_principal(&id, kind, role, eea, gatekeeper, now)?
         ),
         AccessAction::Transfer { user, vin, at } => {
-            let at = at.unwrap_or(now);
-            env()?.transfer(&user, &vin, at, now)?;
+            let at = env()?.transfer_from(&user, &vin, at, now)?;
             println!("{user} holds the vehicle from {at}");
         }
         AccessAction::Grant {
@@ -483,12 +482,19 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
     let privacy = open_privacy(config)?;
     match event {
         Some(request) => {
-            let effect = events::apply(
-                &privacy,
-                &config.retention,
-                &request,
-                fleetgate::core::clock::now_ms(),
-            )?;
+            let now = fleetgate::core::clock::now_ms();
+            // Tenures and grants end first: a legal hold may refuse the
+            // erasure, never the end of the old holder's access.
+            if let Some(ending) = fleetgate::access::registry::Ending::of(request.event)
+                && fleetgate::privacy::pseudo::is_vin(&request.vin)
+            {
+                AccessEnv::new(config, Some(privacy.clone()))?.end_holding(
+                    &request.vin,
+                    ending,
+                    now,
+                )?;
+            }
+            let effect = events::apply(&privacy, &config.retention, &request, now)?;
             println!("{}: {effect}", request.event.name());
         }
         None => println!("{:?}", privacy.vault.consent(&vin)?),

@@ -1227,6 +1227,104 @@ async fn queries_are_bounded_in_memory_and_time() {
     );
 }
 
+/// A sale ends the seller's tenure and every grant of the vehicle at the
+/// event: the seller and the seller's grantee see none of the buyer's
+/// rows, back-dated ones included; the buyer, registered after the event,
+/// does. A change of hands cannot default to "now" while someone holds
+/// the vehicle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
+    let server = TestServer::start();
+    let (addr, mqtt) = (server.handle.admin_addr(), server.handle.mqtt_addr());
+    let now = fleetgate::core::clock::now_ms();
+    let admin_token = server.admin().token;
+    let admin = Some(admin_token.as_str());
+    let token = |body: &str| {
+        let (status, body) = http(addr, "POST", "/admin/principals", admin, body);
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+        answer["token"].as_str().expect("token").to_owned()
+    };
+    let alice = token(r#"{"id":"alice","kind":"user"}"#);
+    let bob = token(r#"{"id":"bob","kind":"user"}"#);
+    let repair =
+        token(r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#);
+    let transfer = |body: String| http(addr, "POST", "/admin/transfers", admin, &body);
+    let (status, body) = transfer(format!(
+        r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#,
+        now - DAY
+    ));
+    assert_eq!(status, 200, "{body}");
+    publish_all(
+        mqtt,
+        &[
+            charging(A, 1, now - HOUR, false, "SE-A-1"),
+            teleservice(A, 1, now - HOUR, "monthly", "+46700000001"),
+        ],
+    )
+    .await;
+    wait_for(|| server.handle.metrics().totals().stored == 2);
+    let given = format!(
+        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
+        now - DAY
+    );
+    let (status, body) = http(addr, "POST", "/grants", Some(&alice), &given);
+    assert_eq!(status, 200, "{body}");
+    let calls = r#"{"sql":"SELECT seq FROM teleservice","purpose":"repair_and_maintenance"}"#;
+    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    assert_eq!((status, body.as_str()), (200, r#"[{"seq":1}]"#));
+    // Registered without its time, a change of hands would run Alice's
+    // tenure up to now, over the buyer's rows.
+    let (status, body) = transfer(format!(r#"{{"user":"bob","vin":"{A}"}}"#));
+    assert_eq!(status, 400, "{body}");
+
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/admin/events",
+        admin,
+        &format!(r#"{{"event":"vehicle_sold","vin":"{A}"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The buyer's car: a row now, and two back-dated into Alice's tenure.
+    publish_all(
+        mqtt,
+        &[
+            charging(A, 2, now, false, "SE-BUYER-2"),
+            charging(A, 3, now - 2 * HOUR, false, "SE-BUYER-3"),
+            teleservice(A, 2, now - 2 * HOUR, "monthly", "+46700000002"),
+        ],
+    )
+    .await;
+    wait_for(|| server.handle.metrics().totals().stored == 5);
+    let mine = r#"{"sql":"SELECT vin, contract_number FROM charging","purpose":"own_data_access"}"#;
+    let (status, body) = http(addr, "POST", "/sql", Some(&alice), mine);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "[]"),
+        "the seller sees none of the buyer's rows"
+    );
+    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    assert_eq!(status, 403, "Alice's grant ended with the sale: {body}");
+    // After the event nobody holds the vehicle: the buyer is registered
+    // from when it changed hands.
+    let (status, body) = transfer(format!(
+        r#"{{"user":"bob","vin":"{A}","at_ms":{}}}"#,
+        now - HOUR / 2
+    ));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(addr, "POST", "/sql", Some(&bob), mine);
+    assert_eq!(status, 200, "{body}");
+    let rows: serde_json::Value = serde_json::from_str(&body).expect("rows");
+    assert_eq!(
+        rows,
+        serde_json::json!([{ "vin": A, "contract_number": "SE-BUYER-2" }])
+    );
+    let (status, body) = http(addr, "POST", "/sql", Some(&alice), mine);
+    assert_eq!((status, body.as_str()), (200, "[]"), "still none");
+    server.handle.shutdown().expect("shutdown");
+}
+
 /// One HTTP/1.1 request; the status and the body's bytes.
 fn http_bytes(
     addr: std::net::SocketAddr,

@@ -296,6 +296,72 @@ async fn access_sql_as_a_user_and_export() {
     );
 }
 
+/// The review's repro, from the command line: a tenure registered, then the
+/// vehicle sold (or its account deleted) with the server stopped; the
+/// buyer's records arrive. The old holder reads none of them: no VIN, no
+/// contract number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_or_account_deletion_ends_the_old_holders_access() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        fleetgate(dir.path(), &args)
+    };
+    let (sold, deleted) = ("WMW11DJ04N2T00001", "WMW21GD07P2S00002");
+    for (user, vin, event) in [
+        ("alice", sold, "vehicle-sold"),
+        ("carol", deleted, "account-deleted"),
+    ] {
+        run(&["access", "principal", user, "--kind", "user"]);
+        run(&[
+            "access",
+            "transfer",
+            "--user",
+            user,
+            "--vin",
+            vin,
+            "--at",
+            "2026-01-01T00:00:00Z",
+        ]);
+        run(&["admin", "event", "--vin", vin, "--event", event]);
+    }
+    let charging = |vin: &str, contract: &str| {
+        (
+            format!("vehicles/{vin}/charging"),
+            format!(
+                r#"{{"vin":"{vin}","ts":{TEST_NOW_MS},"seq":1,"session_id":"S1","event":"start","started_at":{TEST_NOW_MS},"remote_managed":false,"contract_number":"{contract}"}}"#
+            )
+            .into_bytes(),
+        )
+    };
+    let server = fleetgate::ops::server::start(&test_config(dir.path())).expect("server");
+    publish_all(
+        server.mqtt_addr(),
+        &[
+            charging(sold, "SE-BUYER-1"),
+            charging(deleted, "SE-BUYER-2"),
+        ],
+    )
+    .await;
+    server.shutdown().expect("shutdown");
+    for user in ["alice", "carol"] {
+        let csv = run(&[
+            "sql",
+            "--as",
+            user,
+            "--purpose",
+            "own_data_access",
+            "--format",
+            "csv",
+            "SELECT vin, contract_number FROM charging",
+        ]);
+        assert!(
+            !csv.contains("SE-BUYER") && !csv.contains("WMW"),
+            "{user} reads the next holder's rows: {csv}"
+        );
+    }
+}
+
 /// `vehicle credential` prints a new password once and stores only its
 /// salted hash under the VIN's keyed tag; `vehicle revoke` removes it.
 #[test]

@@ -164,8 +164,70 @@ impl AccessEnv {
 
     /// `user` holds `vin` from `at_ms`; the previous holder's tenure ends then.
     pub fn transfer(&self, user: &str, vin: &str, at_ms: i64, now_ms: i64) -> Result<()> {
+        self.transfer_from(user, vin, Some(at_ms), now_ms)
+            .map(|_| ())
+    }
+
+    /// [`Self::transfer`] from `at_ms`, which may default to now only while
+    /// nobody else holds the vehicle: a change of hands registered late,
+    /// without its time, would give the previous holder the new holder's
+    /// rows up to now. Returns when the user's tenure starts.
+    pub fn transfer_from(
+        &self,
+        user: &str,
+        vin: &str,
+        at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<i64> {
         let what = format!("vehicle transferred to {user}");
-        self.change(&what, Some(vin), now_ms, |r| r.transfer(user, vin, at_ms))
+        self.change(&what, Some(vin), now_ms, |r| {
+            let held_by_another = r
+                .tenures
+                .iter()
+                .any(|t| t.vin == vin && t.user != user && t.until_ms.is_none_or(|u| u > now_ms));
+            let at = match at_ms {
+                Some(at) => at,
+                None if held_by_another => {
+                    return Err(AccessError::Invalid(
+                        "another user holds the vehicle: give the time it changed hands \
+                         (at_ms, --at), or send its vehicle_sold event first"
+                            .into(),
+                    ));
+                }
+                None => now_ms,
+            };
+            r.transfer(user, vin, at).map(|()| at)
+        })
+    }
+
+    /// A `vehicle_sold`, `account_deleted` or `erasure_requested` event at
+    /// `now_ms`: ends tenures and revokes grants (see
+    /// [`AccessRegistry::end_holding`]), audited. Call it before the event
+    /// erases the vehicle's secrets, so that access ends even when a legal
+    /// hold refuses the erasure. Returns the users whose holding ended.
+    pub fn end_holding(
+        &self,
+        vin: &str,
+        ending: registry::Ending,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
+        // A vehicle the registry never names: nothing to change or audit.
+        let current = self.registry()?;
+        if !current.tenures.iter().any(|t| t.vin == vin)
+            && !current.grants.iter().any(|g| g.vin == vin)
+        {
+            return Ok(Vec::new());
+        }
+        let what = match ending {
+            registry::Ending::Sale => "vehicle sold: its tenures ended, its grants revoked",
+            registry::Ending::AccountDeletion => {
+                "account deleted: its holders' tenures ended, their grants revoked"
+            }
+            registry::Ending::Erasure => "vehicle erased: earlier holders cut off its new identity",
+        };
+        self.change(what, Some(vin), now_ms, |r| {
+            Ok(r.end_holding(vin, ending, now_ms))
+        })
     }
 
     /// Records a user's grant to a third party, checked against the

@@ -296,10 +296,10 @@ struct ViewPlanner<'a> {
     granted: HashMap<String, Option<VehicleKeys>>,
 }
 
-/// A vehicle a user held over some periods.
+/// A vehicle a user held over some periods, with its current secrets.
 struct HeldVehicle {
     vin: String,
-    keys: Option<VehicleKeys>,
+    keys: VehicleKeys,
     periods: Vec<Period>,
 }
 
@@ -315,12 +315,21 @@ impl<'a> ViewPlanner<'a> {
         match principal.kind {
             PrincipalKind::User => {
                 let privacy = inputs.privacy.ok_or(AccessError::VaultNeeded)?;
-                for (vin, periods) in inputs.access.vehicles_held(&principal.id) {
-                    held.push(HeldVehicle {
-                        keys: privacy.vault.get(&vin)?,
-                        vin,
-                        periods,
-                    });
+                for (vin, _) in inputs.access.vehicles_held(&principal.id) {
+                    let Some(keys) = privacy.vault.get(&vin)? else {
+                        continue;
+                    };
+                    // Only the tenures that can hold rows under the current secret.
+                    let periods = inputs.access.held_periods_under(
+                        &principal.id,
+                        &vin,
+                        i64::MIN,
+                        None,
+                        keys.created_ms,
+                    );
+                    if !periods.is_empty() {
+                        held.push(HeldVehicle { keys, vin, periods });
+                    }
                 }
             }
             PrincipalKind::ThirdParty => {
@@ -406,10 +415,9 @@ impl<'a> ViewPlanner<'a> {
         let mut vin_of = String::from("CASE");
         let mut clauses = Vec::new();
         for vehicle in &self.held {
-            let Some(keys) = &vehicle.keys else { continue };
             let ids: Vec<String> = self
                 .epochs(&vehicle.periods, privacy)
-                .map(|e| internal_id(privacy, keys, e))
+                .map(|e| internal_id(privacy, &vehicle.keys, e))
                 .collect();
             let ids = in_list(&ids);
             vin_of.push_str(&format!(
@@ -420,10 +428,7 @@ impl<'a> ViewPlanner<'a> {
                 clauses.push(format!("(vehicle_id IN {ids} AND {})", ts_within(*period)));
             }
         }
-        let keys = DataKeys::new(
-            privacy,
-            self.held.iter().filter_map(|v| v.keys.clone()).collect(),
-        );
+        let keys = DataKeys::new(privacy, self.held.iter().map(|v| v.keys.clone()).collect());
         let mut columns = Vec::new();
         for field in stream.fields.iter().filter(|f| f.is_stored()) {
             columns.push(match field.transform {
@@ -463,13 +468,16 @@ impl<'a> ViewPlanner<'a> {
             .filter(|g| g.purpose == self.purpose.name && g.streams.iter().any(|s| s == table));
         for grant in grants {
             let until = earlier_end(grant.until_ms, grant.revoked_ms);
-            let periods =
-                self.inputs
-                    .access
-                    .held_periods(&grant.user, &grant.vin, grant.from_ms, until);
             let Some(Some(keys)) = self.granted.get(&grant.vin) else {
                 continue;
             };
+            let periods = self.inputs.access.held_periods_under(
+                &grant.user,
+                &grant.vin,
+                grant.from_ms,
+                until,
+                keys.created_ms,
+            );
             let mut ids = Vec::new();
             for epoch in self.epochs(&periods, privacy) {
                 let internal = internal_id(privacy, keys, epoch);

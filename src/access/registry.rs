@@ -2,7 +2,8 @@
 //! the grants users give third parties. One JSON file (`[access]
 //! registry_file`), changed only through [`crate::core::fsio::update_json`]
 //! (exclusive lock, write, fsync, rename), so the admin API and the CLI can
-//! both change it without losing an entry.
+//! both change it without losing an entry. A sale, an account deletion or
+//! an erasure ends tenures and grants through [`AccessRegistry::end_holding`].
 //!
 //! The registry is the account link of seed L83-86 (a VIN tied to a
 //! customer account) and so the one file besides the vault's index that
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{AccessError, Result};
+use crate::lifecycle::events::VehicleEvent;
 use crate::privacy::pseudo::is_vin;
 use crate::schema::Stream;
 
@@ -98,6 +100,38 @@ pub struct Tenure {
     pub vin: String,
     pub from_ms: i64,
     pub until_ms: Option<i64>,
+    /// Ended at or before a sale, an account deletion or an erasure of the
+    /// vehicle: rows under a vehicle secret created after `until_ms` are a
+    /// later holder's, whatever their timestamps say.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed_by_event: bool,
+}
+
+/// What a vehicle event that erases the vehicle's secrets does to the
+/// tenures and grants of the vehicle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// `vehicle_sold`: every tenure of the vehicle ends, every grant of it
+    /// is revoked.
+    Sale,
+    /// `account_deleted`: the same, and every other tenure and grant of
+    /// the users who held the vehicle.
+    AccountDeletion,
+    /// `erasure_requested`: the holder keeps the vehicle; earlier holders
+    /// lose the rows of its new identity.
+    Erasure,
+}
+
+impl Ending {
+    /// The ending a vehicle event brings, if any.
+    pub fn of(event: VehicleEvent) -> Option<Self> {
+        match event {
+            VehicleEvent::VehicleSold => Some(Ending::Sale),
+            VehicleEvent::AccountDeleted => Some(Ending::AccountDeletion),
+            VehicleEvent::ErasureRequested => Some(Ending::Erasure),
+            _ => None,
+        }
+    }
 }
 
 /// A user's permission for a third party to read streams of one of their
@@ -190,8 +224,42 @@ impl AccessRegistry {
         from_ms: i64,
         until_ms: Option<i64>,
     ) -> Vec<Period> {
+        self.periods(user, vin, from_ms, until_ms, None)
+    }
+
+    /// [`Self::held_periods`] that can hold rows under the vehicle's secret
+    /// created at `secret_created_ms`: without the tenures a sale, account
+    /// deletion or erasure ended before that secret existed. Those rows
+    /// belong to the vehicle's new identity, even when their timestamps
+    /// fall within such a tenure.
+    pub fn held_periods_under(
+        &self,
+        user: &str,
+        vin: &str,
+        from_ms: i64,
+        until_ms: Option<i64>,
+        secret_created_ms: i64,
+    ) -> Vec<Period> {
+        self.periods(user, vin, from_ms, until_ms, Some(secret_created_ms))
+    }
+
+    fn periods(
+        &self,
+        user: &str,
+        vin: &str,
+        from_ms: i64,
+        until_ms: Option<i64>,
+        secret_created_ms: Option<i64>,
+    ) -> Vec<Period> {
         self.tenures_of(user)
             .filter(|t| t.vin == vin)
+            .filter(|t| {
+                let cut_off = t.closed_by_event
+                    && t.until_ms
+                        .zip(secret_created_ms)
+                        .is_some_and(|(until, created)| until <= created);
+                !cut_off
+            })
             .filter_map(|t| {
                 let start = t.from_ms.max(from_ms);
                 let end = earlier_end(t.until_ms, until_ms);
@@ -315,8 +383,51 @@ impl AccessRegistry {
             vin: vin.to_owned(),
             from_ms,
             until_ms: None,
+            closed_by_event: false,
         });
         Ok(())
+    }
+
+    /// What `ending` of `vin` at `at_ms` does: a sale ends every tenure of
+    /// the vehicle still open then (one dated later becomes empty) and
+    /// revokes every grant of it; an account deletion also ends every other
+    /// tenure, and revokes every other grant, of the users who held it; an
+    /// erasure ends nothing. Every ended tenure concerned is marked
+    /// [`Tenure::closed_by_event`], so the vehicle's next secret is out of
+    /// its reach. Returns the users whose holding ended; idempotent.
+    pub fn end_holding(&mut self, vin: &str, ending: Ending, at_ms: i64) -> Vec<String> {
+        let mut users: Vec<String> = match ending {
+            Ending::Erasure => Vec::new(),
+            Ending::Sale | Ending::AccountDeletion => self
+                .tenures
+                .iter()
+                .filter(|t| t.vin == vin && t.until_ms.is_none_or(|u| u > at_ms))
+                .map(|t| t.user.clone())
+                .collect(),
+        };
+        users.sort();
+        users.dedup();
+        let account = ending == Ending::AccountDeletion;
+        for tenure in &mut self.tenures {
+            if tenure.vin != vin && !(account && users.contains(&tenure.user)) {
+                continue;
+            }
+            if ending != Ending::Erasure && tenure.until_ms.is_none_or(|u| u > at_ms) {
+                tenure.until_ms = Some(at_ms.max(tenure.from_ms));
+            }
+            if tenure.until_ms.is_some() {
+                tenure.closed_by_event = true;
+            }
+        }
+        if ending != Ending::Erasure {
+            for grant in &mut self.grants {
+                let concerned = grant.vin == vin || (account && users.contains(&grant.user));
+                if concerned && grant.revoked_ms.is_none_or(|r| r > at_ms) {
+                    grant.revoked_ms = Some(at_ms);
+                }
+            }
+        }
+        users
     }
 
     /// Records a grant after checking it against the recipient's role and
@@ -435,6 +546,95 @@ mod tests {
             r.transfer("alice", VIN, 400).is_err(),
             "no sale into the past"
         );
+    }
+
+    #[test]
+    fn a_sale_or_an_account_deletion_ends_tenures_and_their_grants() {
+        const OTHER: &str = "WMW21GD07P2S00002";
+        let mut r = registry();
+        let (rep, _) = new_principal(
+            "rep",
+            PrincipalKind::ThirdParty,
+            Some(Role::IndependentRepair),
+            true,
+            false,
+            0,
+        )
+        .expect("principal");
+        r.add_principal(rep).expect("add");
+        r.transfer("alice", VIN, 100).expect("alice buys");
+        r.transfer("alice", OTHER, 100).expect("alice buys another");
+        let request = GrantRequest {
+            user: "alice".into(),
+            recipient: "rep".into(),
+            vin: VIN.into(),
+            streams: vec!["teleservice".into()],
+            purpose: "repair_and_maintenance".into(),
+            from_ms: Some(100),
+            until_ms: None,
+        };
+        r.grant(request, |_| Ok(()), 150).expect("grant");
+
+        assert_eq!(
+            r.end_holding(VIN, Ending::Sale, 500),
+            vec!["alice".to_owned()]
+        );
+        assert_eq!(
+            r.held_periods("alice", VIN, 0, None),
+            vec![(100, Some(500))]
+        );
+        assert_eq!(
+            r.held_periods("alice", OTHER, 0, None),
+            vec![(100, None)],
+            "a sale ends that vehicle's tenures only"
+        );
+        assert_eq!(r.grants[0].revoked_ms, Some(500));
+        // The secret the sale erased was older than the tenure's end: its
+        // rows are Alice's. A secret created after the sale is the buyer's.
+        assert_eq!(
+            r.held_periods_under("alice", VIN, 0, None, 50),
+            vec![(100, Some(500))]
+        );
+        assert!(r.held_periods_under("alice", VIN, 0, None, 900).is_empty());
+        // A buyer registered after the sale sees the new secret's rows.
+        r.transfer("bob", VIN, 600).expect("bob buys");
+        assert_eq!(
+            r.held_periods_under("bob", VIN, 0, None, 900),
+            vec![(600, None)]
+        );
+
+        assert_eq!(
+            r.end_holding(OTHER, Ending::AccountDeletion, 700),
+            vec!["alice".to_owned()]
+        );
+        assert!(
+            r.tenures_of("alice")
+                .all(|t| t.until_ms.is_some_and(|u| u <= 700))
+        );
+        assert!(
+            r.end_holding(OTHER, Ending::AccountDeletion, 800)
+                .is_empty(),
+            "idempotent"
+        );
+        assert_eq!(
+            r.held_periods("bob", VIN, 0, None),
+            vec![(600, None)],
+            "Alice's account deletion leaves Bob's tenure alone"
+        );
+    }
+
+    #[test]
+    fn an_erasure_cuts_earlier_holders_off_the_new_secret_only() {
+        let mut r = registry();
+        r.transfer("alice", VIN, 100).expect("alice buys");
+        r.transfer("bob", VIN, 500).expect("bob buys");
+        assert!(r.end_holding(VIN, Ending::Erasure, 700).is_empty());
+        assert_eq!(
+            r.held_periods_under("bob", VIN, 0, None, 800),
+            vec![(500, None)],
+            "the holder keeps the vehicle"
+        );
+        assert!(r.held_periods_under("alice", VIN, 0, None, 800).is_empty());
     }
 
     #[test]

@@ -286,12 +286,20 @@ async fn vehicle_event(
     State(state): State<Arc<AdminState>>,
     Json(request): Json<EventRequest>,
 ) -> impl IntoResponse {
-    let outcome = events::apply(
-        &state.privacy,
-        &state.retention,
-        &request,
-        crate::core::clock::now_ms(),
-    );
+    let now = crate::core::clock::now_ms();
+    // Tenures and grants end first: a legal hold may refuse the erasure,
+    // never the end of the old holder's access.
+    if let Some(ending) = crate::access::registry::Ending::of(request.event)
+        && crate::privacy::pseudo::is_vin(&request.vin)
+        && let Err(e) = state.access.end_holding(&request.vin, ending, now)
+    {
+        tracing::error!(error = %e, event = request.event.name(), "vehicle event failed");
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        );
+    }
+    let outcome = events::apply(&state.privacy, &state.retention, &request, now);
     match outcome {
         Ok(effect) => (
             StatusCode::OK,
@@ -507,7 +515,8 @@ async fn add_principal(
 struct TransferRequest {
     user: String,
     vin: String,
-    /// When the user starts holding the vehicle; default now.
+    /// When the user starts holding the vehicle; default now, unless
+    /// another user holds it.
     at_ms: Option<i64>,
 }
 
@@ -517,9 +526,11 @@ async fn transfer(
     Json(request): Json<TransferRequest>,
 ) -> Response {
     let now = crate::core::clock::now_ms();
-    let at = request.at_ms.unwrap_or(now);
-    match state.access.transfer(&request.user, &request.vin, at, now) {
-        Ok(()) => Json(serde_json::json!({ "user": request.user, "from_ms": at })).into_response(),
+    match state
+        .access
+        .transfer_from(&request.user, &request.vin, request.at_ms, now)
+    {
+        Ok(at) => Json(serde_json::json!({ "user": request.user, "from_ms": at })).into_response(),
         Err(e) => access_error(&e),
     }
 }
