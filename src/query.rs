@@ -96,7 +96,7 @@ pub async fn session_at(
         files.register_table(name, listing)?;
         let definition = format!(
             "SELECT * FROM {name} WHERE {}",
-            retention.visible_sql(name, now_ms)
+            retention.visible_sql(name, now_ms, true)
         );
         let plan = files.sql(&definition).await?.into_unoptimized_plan();
         ctx.register_table(name, Arc::new(ViewTable::new(plan, Some(definition))))?;

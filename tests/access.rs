@@ -1227,6 +1227,48 @@ async fn queries_are_bounded_in_memory_and_time() {
     );
 }
 
+/// Rows a legal hold keeps past their rule reach the operator only: a hold
+/// preserves evidence, it gives no one else access.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_rows_past_their_rule_reach_the_operator_only() {
+    use fleetgate::lifecycle::events::{self, EventRequest, VehicleEvent};
+    let f = fixture().await;
+    let privacy = f.env.privacy.clone().expect("vault");
+    let hold = EventRequest {
+        event: VehicleEvent::LegalHoldPlaced,
+        vin: A.into(),
+        consent: None,
+        id: Some("LH-1".into()),
+        case_id: None,
+    };
+    events::apply(&privacy, &f.config.retention, &hold, NOW).expect("hold");
+    // A's remote-managed session (seq 2, NOW - 6 h) is past its one-day rule.
+    let later = NOW + 2 * DAY;
+    let ask = |who: &'static str, purpose: &'static str| {
+        let env = &f.env;
+        async move {
+            let principal = env.principal(who).expect("principal");
+            let sql = "SELECT seq FROM charging WHERE remote_managed";
+            cells(
+                &env.query(&principal, purpose, sql, later)
+                    .await
+                    .expect("answer")
+                    .batches,
+            )
+        }
+    };
+    assert_eq!(
+        ask("rcm", "remote_charge_management").await,
+        Vec::<Vec<String>>::new(),
+        "the recipient's grant does not reach past the rule"
+    );
+    assert_eq!(
+        ask("bob", "own_data_access").await,
+        Vec::<Vec<String>>::new()
+    );
+    assert_eq!(ask("operator", "operations").await, vec![row(&["2"])]);
+}
+
 /// A sale ends the seller's tenure and every grant of the vehicle at the
 /// event: the seller and the seller's grantee see none of the buyer's
 /// rows, back-dated ones included; the buyer, registered after the event,

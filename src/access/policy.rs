@@ -191,7 +191,14 @@ pub async fn session(
                 continue;
             }
             View::Select { treatment, .. } => (
-                view.sql(name, &inputs.retention.visible_sql(name, inputs.now_ms)),
+                view.sql(
+                    name,
+                    &inputs.retention.visible_sql(
+                        name,
+                        inputs.now_ms,
+                        principal.kind == PrincipalKind::Operator,
+                    ),
+                ),
                 treatment,
             ),
         };

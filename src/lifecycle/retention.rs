@@ -279,7 +279,10 @@ impl Retention {
     /// The SQL condition of the rows of `table` still visible at `now_ms`:
     /// each row against its own rule's cutoff, plus the hour partitions that
     /// can still hold such rows, so that expired partitions are never opened.
-    pub fn visible_sql(&self, table: &str, now_ms: i64) -> String {
+    /// `with_held`: also the rows legal holds keep past their rule, which is
+    /// for the operator only (a hold preserves evidence; it gives no one
+    /// else access).
+    pub fn visible_sql(&self, table: &str, now_ms: i64, with_held: bool) -> String {
         let time = time_column(table);
         let kept_since =
             |rule: &Rule| format!("{time} >= to_timestamp_millis({})", now_ms - rule.keep_ms());
@@ -309,7 +312,10 @@ impl Retention {
             .map(|r| format!(" AND NOT {}", r.rows.sql()))
             .collect();
         let visible = format!("date >= DATE '{date}' AND ({per_row}){requested}");
-        let held: Vec<String> = self.held_of(table).map(Selection::sql).collect();
+        let held: Vec<String> = match with_held {
+            true => self.held_of(table).map(Selection::sql).collect(),
+            false => Vec::new(),
+        };
         if held.is_empty() {
             visible
         } else {
@@ -793,7 +799,7 @@ mod tests {
     fn visibility_is_one_condition_per_rule_and_a_partition_bound() {
         let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
         let now = 1_795_521_600_000; // 2026-11-24T12:00:00Z
-        let sql = rules.visible_sql("charging", now);
+        let sql = rules.visible_sql("charging", now, true);
         assert!(sql.starts_with("date >= DATE '2025-11-24'"), "{sql}");
         assert!(
             sql.contains(
@@ -801,7 +807,7 @@ mod tests {
             ),
             "{sql}"
         );
-        let rtti = rules.visible_sql("rtti", now);
+        let rtti = rules.visible_sql("rtti", now, true);
         assert_eq!(
             rtti,
             "date >= DATE '2026-11-23' AND (ts >= to_timestamp_millis(1795435200000))"
