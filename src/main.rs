@@ -511,6 +511,7 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
         now_ms: fleetgate::core::clock::now_ms(),
         since_ms: None,
         zstd_level: config.storage.zstd_level,
+        max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
         dry_run,
     };
     let deletions =

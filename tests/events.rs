@@ -273,6 +273,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
         now_ms: TEST_NOW_MS,
         since_ms: Some(TEST_NOW_MS),
         zstd_level: 3,
+        max_clock_skew_ms: 86_400_000,
         dry_run: false,
     };
     let deleted = retention::sweep(&data, &with_requests, run).expect("sweep");
@@ -366,6 +367,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
             now_ms,
             since_ms: None,
             zstd_level: 3,
+            max_clock_skew_ms: 86_400_000,
             dry_run: false,
         };
         let deleted = retention::sweep(&data, rules, run).expect("sweep");
@@ -436,4 +438,59 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
             "{table} rows are gone from disk"
         );
     }
+}
+
+/// Rows a legal hold kept past their rule go at the server's next sweep
+/// after the hold's release, though the sweep's window passed their hour
+/// long ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_released_hold_kept_past_their_rule_go_at_the_next_sweep() {
+    let server = TestServer::start_with(|c| c.retention.sweep_interval_secs = 1);
+    let admin = server.handle.admin_addr();
+    accepted(
+        admin,
+        &format!(r#"{{"event":"legal_hold_placed","vin":"{A}","id":"LH-1"}}"#),
+    );
+    let ts = fleetgate::core::clock::now_ms() - 3 * 86_400_000;
+    let charging = |seq: u64, remote: bool| {
+        (
+            format!("vehicles/{A}/charging"),
+            format!(
+                r#"{{"vin":"{A}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"remote_managed":{remote}}}"#
+            )
+            .into_bytes(),
+        )
+    };
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[charging(1, true), charging(2, false)],
+    )
+    .await;
+    let metrics = server.handle.metrics().clone();
+    let charging = || &metrics.stream(Stream::Charging).table;
+    let rtti = || &metrics.stream(Stream::Rtti).table;
+    wait_for(|| charging().rows_stored.load(Relaxed) == 2);
+    // Written long ago, as far as the sweep can tell: only the release
+    // can make it look at this partition again.
+    let partition = files_under(&server.data_dir().join("charging"))[0]
+        .parent()
+        .expect("partition")
+        .to_owned();
+    std::fs::File::open(&partition)
+        .expect("partition dir")
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .expect("mtime");
+    // An expired probe the hold does not cover: once it is gone, a sweep
+    // has run (and kept the held rows).
+    publish_all(server.handle.mqtt_addr(), &[rtti_probe(A, ts)]).await;
+    wait_for(|| rtti().rows_expired.load(Relaxed) == 1);
+    assert_eq!(charging().rows_expired.load(Relaxed), 0, "held");
+    accepted(
+        admin,
+        &format!(r#"{{"event":"legal_hold_released","vin":"{A}","id":"LH-1"}}"#),
+    );
+    // The remote-managed session is past its one-day rule; the charge
+    // history row is kept for a year.
+    wait_for(|| charging().rows_expired.load(Relaxed) == 1);
+    server.handle.shutdown().expect("shutdown");
 }

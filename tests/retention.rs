@@ -254,6 +254,7 @@ fn run(now_ms: i64, dry_run: bool) -> retention::SweepRun {
         now_ms,
         since_ms: None,
         zstd_level: 3,
+        max_clock_skew_ms: 86_400_000,
         dry_run,
     }
 }
@@ -306,6 +307,80 @@ async fn entries_of_swept_files_still_count_as_stored() {
         before,
         "every entry of a removed file still counts as stored"
     );
+}
+
+/// A remote-managed charging row that arrives back-dated past its one-day
+/// rule, after the previous sweep's window has passed its hour, goes at the
+/// next sweep, not when its partition expires a year later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_back_dated_row_of_a_shorter_rule_goes_at_the_next_sweep() {
+    let server = TestServer::start();
+    let previous_sweep = fleetgate::core::clock::now_ms();
+    let ts = previous_sweep - 3 * DAY_MS;
+    let row = |seq: u32, remote: bool| {
+        (
+            format!("vehicles/{VIN}/charging"),
+            format!(
+                r#"{{"vin":"{VIN}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"remote_managed":{remote}}}"#
+            )
+            .into_bytes(),
+        )
+    };
+    publish_all(server.handle.mqtt_addr(), &[row(1, true), row(2, false)]).await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let mut next = run(fleetgate::core::clock::now_ms(), false);
+    next.since_ms = Some(previous_sweep);
+    let deleted = retention::sweep(&data, &rules, next).expect("sweep");
+    assert_eq!(
+        deleted
+            .iter()
+            .map(|d| (d.table.as_str(), d.action, d.rows, d.rules.clone()))
+            .collect::<Vec<_>>(),
+        vec![(
+            "charging",
+            "rewrite_file",
+            1,
+            vec!["remote_charge_management".to_owned()]
+        )]
+    );
+}
+
+/// A vehicle clock running ahead (accepted up to `max_clock_skew_ms`)
+/// extends no rule: an RTTI probe stamped 20 hours after its receipt is
+/// hidden 24 hours after its receipt, and the sweep deletes it then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_stamped_ahead_of_its_receipt_expires_by_its_receipt() {
+    let server = TestServer::start();
+    let received = fleetgate::core::clock::now_ms();
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[rtti_probe(VIN, received + 20 * HOUR_MS)],
+    )
+    .await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let stored = fleetgate::core::clock::now_ms();
+    assert_eq!(visible(&data, "rtti", received + 23 * HOUR_MS).await, 1);
+    let past_its_rule = stored + DAY_MS + 60_000;
+    assert_eq!(
+        visible(&data, "rtti", past_its_rule).await,
+        0,
+        "hidden 24 hours after its receipt"
+    );
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let deleted = retention::sweep(&data, &rules, run(past_its_rule, false)).expect("sweep");
+    assert_eq!(
+        deleted
+            .iter()
+            .filter(|d| d.table == "rtti")
+            .map(|d| d.rows)
+            .sum::<u64>(),
+        1,
+        "{deleted:?}"
+    );
+    assert!(parquet_in(&data.join("rtti")).is_empty());
 }
 
 /// Rows under a shorter rule than their table's longest are deleted from

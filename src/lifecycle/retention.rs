@@ -6,7 +6,9 @@
 //! Time is always passed in (`now_ms`), never read here, so tests move the
 //! clock instead of sleeping. A rule applies to the rows of one table that
 //! match its `when` (the first matching rule wins; each table ends with a
-//! rule without `when`), counting from the row's time column.
+//! rule without `when`), counting from the row's time: its vehicle
+//! timestamp or its receipt, whichever is earlier (see [`row_time_sql`]),
+//! so that a vehicle clock running ahead extends no rule.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -108,12 +110,25 @@ pub struct Retention {
     held: Vec<Selection>,
 }
 
-/// The column a table's rules count from.
+/// The column a table's rows are partitioned by.
 pub fn time_column(table: &str) -> &'static str {
     if table == crate::core::table::DEAD_LETTERS {
         crate::schema::RECEIVED_AT_COLUMN
     } else {
         "ts"
+    }
+}
+
+/// What a table's rules count from, as SQL: the vehicle timestamp, or the
+/// receipt if that is earlier (a vehicle clock ahead of ours, up to
+/// `pipeline.max_clock_skew_ms`); dead letters: their receipt.
+pub fn row_time_sql(table: &str) -> String {
+    let partitioned_by = time_column(table);
+    let received = crate::schema::RECEIVED_AT_COLUMN;
+    if partitioned_by == received {
+        received.to_owned()
+    } else {
+        format!("least({partitioned_by}, {received})")
     }
 }
 
@@ -246,6 +261,11 @@ impl Retention {
         self.held.iter().filter(move |h| h.table == table)
     }
 
+    /// The rows legal holds keep.
+    pub fn held(&self) -> &[Selection] {
+        &self.held
+    }
+
     /// The requests a sweep carries out in full: those of tables without a
     /// legal hold (a held table's request waits for the hold's release).
     pub fn completed_by_sweep(&self) -> Vec<DeletionRequest> {
@@ -283,7 +303,7 @@ impl Retention {
     /// for the operator only (a hold preserves evidence; it gives no one
     /// else access).
     pub fn visible_sql(&self, table: &str, now_ms: i64, with_held: bool) -> String {
-        let time = time_column(table);
+        let time = row_time_sql(table);
         let kept_since =
             |rule: &Rule| format!("{time} >= to_timestamp_millis({})", now_ms - rule.keep_ms());
         let mut case = String::from("CASE");
@@ -311,6 +331,8 @@ impl Retention {
             .requests_of(table)
             .map(|r| format!(" AND NOT {}", r.rows.sql()))
             .collect();
+        // The partition bound holds for the row time too: it is never later
+        // than the partitioning column.
         let visible = format!("date >= DATE '{date}' AND ({per_row}){requested}");
         let held: Vec<String> = match with_held {
             true => self.held_of(table).map(Selection::sql).collect(),
@@ -350,6 +372,10 @@ pub struct SweepRun {
     pub since_ms: Option<i64>,
     /// zstd level of rewritten files.
     pub zstd_level: i32,
+    /// How far ahead of its receipt a row's timestamp may be
+    /// (`pipeline.max_clock_skew_ms`): how far from its rule's cutoff by
+    /// timestamp a file can hold rows expired by their receipt.
+    pub max_clock_skew_ms: i64,
     /// List what would be deleted; delete nothing.
     pub dry_run: bool,
 }
@@ -360,12 +386,17 @@ pub struct SweepRun {
 /// charge management), those rows, by rewriting each file that holds them
 /// (write a new file, fsync, rename over the old one, fsync the directory:
 /// a crash leaves the old file or the new one, never both, never neither).
-/// Only partitions where rows can have expired since the last sweep are
-/// opened, so the cost grows with what is deleted, not with the store.
+/// Only partitions where rows can have expired since the last sweep, or
+/// that were written since (a late, back-dated record), are opened; and in
+/// the partitions a vehicle clock running ahead can have filled with rows
+/// that expire by their receipt (within `max_clock_skew_ms` after a rule's
+/// cutoff), only the files committed before that cutoff since the last
+/// sweep. So the cost grows with what is deleted, not with the store.
 /// Deletion requests are carried out the same way, and rows a legal hold
 /// covers are kept: while a table has a hold, its expired partitions are
 /// rewritten around the held rows instead of dropped (and re-read by every
-/// sweep until the hold is released).
+/// sweep until the hold is released; the first sweep after a release must
+/// be a full one, `since_ms: None`).
 pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Vec<Deletion>> {
     let mut out = Vec::new();
     for (table, rules) in &retention.tables {
@@ -377,6 +408,11 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
             .iter()
             .filter(|r| r.when.is_some() && r.keep_ms() < longest)
             .collect();
+        // Dead letters are timed by their receipt: no clock runs ahead of it.
+        let skew = match time_column(table) == crate::schema::RECEIVED_AT_COLUMN {
+            true => 0,
+            false => run.max_clock_skew_ms.max(0),
+        };
         let held_here = retention.held_of(table).next().is_some();
         let requested_here = retention.requests_of(table).next().is_some();
         for (key, partition_dir) in partitions(&dir)? {
@@ -410,12 +446,26 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
                 let swept_up_to = run.since_ms.map(|s| s - r.keep_ms());
                 hour_start < cutoff && swept_up_to.is_none_or(|p| hour_end > p)
             });
+            // Written since the last sweep (a late, back-dated record, a
+            // replay): it may hold rows of a shorter rule whose hour the
+            // window has passed.
+            let written_since = run.since_ms.is_some_and(|since| {
+                shorter
+                    .iter()
+                    .any(|r| hour_start < run.now_ms - r.keep_ms())
+                    && modified_ms(&partition_dir).is_some_and(|m| m >= since - MTIME_MARGIN_MS)
+            });
             let held_and_expiring = held_here && hour_start < run.now_ms - shortest;
-            if !expiring_here && !held_and_expiring && !requested_here {
+            let files = if expiring_here || written_since || held_and_expiring || requested_here {
+                parquet_files(&partition_dir)?
+            } else {
+                expired_by_receipt(&partition_dir, rules, (hour_start, hour_end), skew, run)?
+            };
+            if files.is_empty() {
                 continue;
             }
             remove_stale_rewrites(&partition_dir)?;
-            for file in parquet_files(&partition_dir)? {
+            for file in files {
                 if let Some(deletion) = rewrite(data_dir, &file, table, retention, &partition, run)?
                 {
                     out.push(deletion);
@@ -424,6 +474,54 @@ pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Ve
         }
     }
     Ok(out)
+}
+
+/// Clock granularity of file times, as in recovery's footer scan.
+const MTIME_MARGIN_MS: i64 = crate::store::FOOTER_SCAN_MARGIN_MS;
+
+/// When a file or directory was last changed (ms since the epoch).
+fn modified_ms(path: &Path) -> Option<i64> {
+    let modified = fs::metadata(path).ok()?.modified().ok()?;
+    let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since_epoch.as_millis()).ok()
+}
+
+/// The files of a partition that can hold rows expired by their receipt
+/// while their timestamps still keep them (a vehicle clock ahead of ours):
+/// under some rule, the partition's hour lies within `skew` after the
+/// rule's cutoff, and the file was committed (so every row in it received)
+/// before the cutoff, since the last sweep. One `stat` per file of those
+/// few partitions; only such files are read.
+fn expired_by_receipt(
+    dir: &Path,
+    rules: &[Rule],
+    (hour_start, hour_end): (i64, i64),
+    skew: i64,
+    run: SweepRun,
+) -> Result<Vec<PathBuf>> {
+    let ahead: Vec<i64> = rules
+        .iter()
+        .map(Rule::keep_ms)
+        .filter(|keep| {
+            let cutoff = run.now_ms - keep;
+            hour_end > cutoff && hour_start < cutoff + skew
+        })
+        .collect();
+    if ahead.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut files = parquet_files(dir)?;
+    files.retain(|file| {
+        modified_ms(file).is_some_and(|committed| {
+            ahead.iter().any(|keep| {
+                committed < run.now_ms - keep
+                    && run
+                        .since_ms
+                        .is_none_or(|since| committed >= since - keep - MTIME_MARGIN_MS)
+            })
+        })
+    });
+    Ok(files)
 }
 
 /// Suffix of a file being rewritten; never read by queries.
@@ -546,16 +644,21 @@ fn deletion_reasons(
     reasons
 }
 
-/// Per row: the index of the rule it expired under at `now_ms`, if it has.
+/// Per row: the index of the rule it expired under at `now_ms`, if it has,
+/// counting from the row's time (see [`row_time_sql`]).
 fn expired_rules(
     batch: &RecordBatch,
     table: &str,
     rules: &[Rule],
     now_ms: i64,
 ) -> Vec<Option<usize>> {
-    let time = batch
-        .column_by_name(time_column(table))
-        .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>());
+    let timestamps = |column: &str| {
+        batch
+            .column_by_name(column)
+            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+    };
+    let time = timestamps(time_column(table));
+    let received = timestamps(crate::schema::RECEIVED_AT_COLUMN);
     // Per rule, which rows it covers; a rule without `when` covers all.
     let covered: Vec<Option<Vec<bool>>> = rules
         .iter()
@@ -567,7 +670,10 @@ fn expired_rules(
         .collect();
     (0..batch.num_rows())
         .map(|row| {
-            let time = time.filter(|t| t.is_valid(row))?.value(row);
+            let stamped = time.filter(|t| t.is_valid(row))?.value(row);
+            let time = received
+                .filter(|r| r.is_valid(row))
+                .map_or(stamped, |r| stamped.min(r.value(row)));
             let rule = covered
                 .iter()
                 .position(|c| c.as_ref().is_none_or(|rows| rows[row]))?;
@@ -803,14 +909,19 @@ mod tests {
         assert!(sql.starts_with("date >= DATE '2025-11-24'"), "{sql}");
         assert!(
             sql.contains(
-                "WHEN \"remote_managed\" = true THEN ts >= to_timestamp_millis(1795435200000)"
+                "WHEN \"remote_managed\" = true THEN least(ts, received_at) >= to_timestamp_millis(1795435200000)"
             ),
             "{sql}"
         );
         let rtti = rules.visible_sql("rtti", now, true);
         assert_eq!(
             rtti,
-            "date >= DATE '2026-11-23' AND (ts >= to_timestamp_millis(1795435200000))"
+            "date >= DATE '2026-11-23' AND (least(ts, received_at) >= to_timestamp_millis(1795435200000))"
+        );
+        let dead_letters = rules.visible_sql("dead_letters", now, true);
+        assert!(
+            dead_letters.contains("(received_at >= to_timestamp_millis("),
+            "{dead_letters}"
         );
     }
 }

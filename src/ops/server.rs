@@ -284,11 +284,14 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         secs => Some(spawn_sweeper(
             retention,
             access,
-            data_dir.clone(),
-            wal_settings.dir.clone(),
-            config.retention.clone(),
-            config.storage.zstd_level,
-            Duration::from_secs(secs),
+            SweepSettings {
+                data_dir: data_dir.clone(),
+                wal_dir: wal_settings.dir.clone(),
+                files: config.retention.clone(),
+                zstd_level: config.storage.zstd_level,
+                max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
+                every: Duration::from_secs(secs),
+            },
             metrics.clone(),
         )?),
     };
@@ -348,38 +351,61 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     })
 }
 
-/// Sweeps expired partitions every `every`, with the real clock, auditing
-/// each deletion and counting its rows; expires query audit files and the
-/// settled log's lines no recovery can need any more, too.
-#[allow(clippy::too_many_arguments)]
-fn spawn_sweeper(
-    retention: Retention,
-    access: Arc<AccessEnv>,
+/// Where and how often the background sweep runs.
+struct SweepSettings {
     data_dir: PathBuf,
     wal_dir: PathBuf,
     files: RetentionConfig,
     zstd_level: i32,
+    max_clock_skew_ms: i64,
     every: Duration,
+}
+
+/// Sweeps expired partitions every `every`, with the real clock, auditing
+/// each deletion and counting its rows; expires query audit files and the
+/// settled log's lines no recovery can need any more, too. The first sweep,
+/// and the first after a legal hold's release, read every partition that
+/// can hold expired rows; the others only what can have expired since.
+fn spawn_sweeper(
+    retention: Retention,
+    access: Arc<AccessEnv>,
+    settings: SweepSettings,
     metrics: Arc<Metrics>,
 ) -> Result<Sweeper> {
     let (stop, stopped) = bounded::<()>(0);
+    let SweepSettings {
+        data_dir,
+        wal_dir,
+        files,
+        zstd_level,
+        max_clock_skew_ms,
+        every,
+    } = settings;
     let thread = std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || {
             let mut since_ms = None;
+            let mut held_before = Vec::new();
             while let Err(crossbeam::channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                let run = retention::SweepRun {
-                    now_ms: crate::core::clock::now_ms(),
-                    since_ms,
-                    zstd_level,
-                    dry_run: false,
-                };
+                let now_ms = crate::core::clock::now_ms();
                 let swept = retention.clone().with_state(&files).and_then(|rules| {
+                    // Rows a released hold kept past their rule lie where
+                    // the window passed long ago.
+                    let released = held_before.iter().any(|h| !rules.held().contains(h));
+                    let run = retention::SweepRun {
+                        now_ms,
+                        since_ms: since_ms.filter(|_| !released),
+                        zstd_level,
+                        max_clock_skew_ms,
+                        dry_run: false,
+                    };
                     retention::sweep_and_record(&data_dir, &rules, &files, run)
+                        .map(|deletions| (deletions, rules.held().to_vec()))
                 });
                 match swept {
-                    Ok(deletions) => {
-                        since_ms = Some(run.now_ms);
+                    Ok((deletions, held)) => {
+                        since_ms = Some(now_ms);
+                        held_before = held;
                         for d in &deletions {
                             if let Some(counters) = metrics.table(&d.table) {
                                 counters.rows_expired.fetch_add(d.rows, Ordering::Relaxed);
@@ -389,10 +415,10 @@ fn spawn_sweeper(
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
                 }
-                if let Err(e) = crate::store::prune_settled(&data_dir, &wal_dir, run.now_ms) {
+                if let Err(e) = crate::store::prune_settled(&data_dir, &wal_dir, now_ms) {
                     tracing::error!(error = %e, "pruning the settled WAL entries failed; will try again");
                 }
-                match access.expire_audit(run.now_ms) {
+                match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {
                         tracing::info!(files = files.len(), "expired query audit files deleted");
                     }
