@@ -211,7 +211,8 @@ impl AccessEnv {
         ending: registry::Ending,
         now_ms: i64,
     ) -> Result<Vec<String>> {
-        // A vehicle the registry never names: nothing to change or audit.
+        // A vehicle the registry never names: nothing to change or audit,
+        // and its VIN is not written into the registry after its erasure.
         let current = self.registry()?;
         if !current.tenures.iter().any(|t| t.vin == vin)
             && !current.grants.iter().any(|g| g.vin == vin)

@@ -100,11 +100,16 @@ pub struct Tenure {
     pub vin: String,
     pub from_ms: i64,
     pub until_ms: Option<i64>,
-    /// Ended at or before a sale, an account deletion or an erasure of the
-    /// vehicle: rows under a vehicle secret created after `until_ms` are a
-    /// later holder's, whatever their timestamps say.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub closed_by_event: bool,
+}
+
+/// A sale, account deletion or erasure of a vehicle the registry names:
+/// the vehicle's secrets were erased then (unless a legal hold refused it),
+/// so a secret created later belongs to a new identity, which no tenure
+/// that ended by then may reach, whatever the rows' timestamps say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub vin: String,
+    pub at_ms: i64,
 }
 
 /// What a vehicle event that erases the vehicle's secrets does to the
@@ -170,6 +175,8 @@ pub struct AccessRegistry {
     pub principals: Vec<Principal>,
     pub tenures: Vec<Tenure>,
     pub grants: Vec<Grant>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub erasures: Vec<Erasure>,
 }
 
 /// The id of the operator principal every registry has: the CLI's default.
@@ -228,10 +235,10 @@ impl AccessRegistry {
     }
 
     /// [`Self::held_periods`] that can hold rows under the vehicle's secret
-    /// created at `secret_created_ms`: without the tenures a sale, account
-    /// deletion or erasure ended before that secret existed. Those rows
-    /// belong to the vehicle's new identity, even when their timestamps
-    /// fall within such a tenure.
+    /// created at `secret_created_ms`: without the tenures that ended at or
+    /// before an [`Erasure`] that secret came after, including tenures
+    /// registered after the event. Its rows belong to the vehicle's new
+    /// identity, even when their timestamps fall within such a tenure.
     pub fn held_periods_under(
         &self,
         user: &str,
@@ -254,10 +261,14 @@ impl AccessRegistry {
         self.tenures_of(user)
             .filter(|t| t.vin == vin)
             .filter(|t| {
-                let cut_off = t.closed_by_event
-                    && t.until_ms
-                        .zip(secret_created_ms)
-                        .is_some_and(|(until, created)| until <= created);
+                let cut_off = t
+                    .until_ms
+                    .zip(secret_created_ms)
+                    .is_some_and(|(until, created)| {
+                        self.erasures
+                            .iter()
+                            .any(|e| e.vin == t.vin && until <= e.at_ms && e.at_ms <= created)
+                    });
                 !cut_off
             })
             .filter_map(|t| {
@@ -383,7 +394,6 @@ impl AccessRegistry {
             vin: vin.to_owned(),
             from_ms,
             until_ms: None,
-            closed_by_event: false,
         });
         Ok(())
     }
@@ -392,10 +402,17 @@ impl AccessRegistry {
     /// the vehicle still open then (one dated later becomes empty) and
     /// revokes every grant of it; an account deletion also ends every other
     /// tenure, and revokes every other grant, of the users who held it; an
-    /// erasure ends nothing. Every ended tenure concerned is marked
-    /// [`Tenure::closed_by_event`], so the vehicle's next secret is out of
-    /// its reach. Returns the users whose holding ended; idempotent.
+    /// erasure ends nothing. Each is recorded as an [`Erasure`], so the
+    /// vehicle's next secret is out of reach of every tenure ended by then.
+    /// Returns the users whose holding ended; idempotent.
     pub fn end_holding(&mut self, vin: &str, ending: Ending, at_ms: i64) -> Vec<String> {
+        let erasure = Erasure {
+            vin: vin.to_owned(),
+            at_ms,
+        };
+        if !self.erasures.contains(&erasure) {
+            self.erasures.push(erasure);
+        }
         let mut users: Vec<String> = match ending {
             Ending::Erasure => Vec::new(),
             Ending::Sale | Ending::AccountDeletion => self
@@ -414,9 +431,6 @@ impl AccessRegistry {
             }
             if ending != Ending::Erasure && tenure.until_ms.is_none_or(|u| u > at_ms) {
                 tenure.until_ms = Some(at_ms.max(tenure.from_ms));
-            }
-            if tenure.until_ms.is_some() {
-                tenure.closed_by_event = true;
             }
         }
         if ending != Ending::Erasure {
@@ -635,6 +649,30 @@ mod tests {
             "the holder keeps the vehicle"
         );
         assert!(r.held_periods_under("alice", VIN, 0, None, 800).is_empty());
+        assert_eq!(
+            r.held_periods_under("alice", VIN, 0, None, 650),
+            vec![(100, Some(500))],
+            "a secret older than the erasure (a legal hold refused it) is still hers"
+        );
+    }
+
+    #[test]
+    fn a_tenure_registered_after_an_erasure_and_ended_before_it_is_cut_off_too() {
+        let mut r = registry();
+        let (carol, _) =
+            new_principal("carol", PrincipalKind::User, None, false, false, 0).expect("carol");
+        r.add_principal(carol).expect("add");
+        r.transfer("alice", VIN, 100).expect("alice buys");
+        r.end_holding(VIN, Ending::Sale, 500);
+        // The history is completed afterwards: Bob held it from 300 to 400.
+        r.transfer("bob", VIN, 300).expect("bob, late");
+        r.transfer("carol", VIN, 400).expect("carol, late");
+        assert!(r.held_periods_under("bob", VIN, 0, None, 900).is_empty());
+        assert_eq!(
+            r.held_periods_under("carol", VIN, 0, None, 900),
+            vec![(400, None)],
+            "registered as the holder now"
+        );
     }
 
     #[test]
