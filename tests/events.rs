@@ -446,7 +446,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_a_released_hold_kept_past_their_rule_go_at_the_next_sweep() {
     let server = TestServer::start_with(|c| c.retention.sweep_interval_secs = 1);
-    let admin = server.handle.admin_addr();
+    let admin = &server.admin();
     accepted(
         admin,
         &format!(r#"{{"event":"legal_hold_placed","vin":"{A}","id":"LH-1"}}"#),

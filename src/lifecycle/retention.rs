@@ -919,9 +919,13 @@ mod tests {
             "date >= DATE '2026-11-23' AND (least(ts, received_at) >= to_timestamp_millis(1795435200000))"
         );
         let dead_letters = rules.visible_sql("dead_letters", now, true);
+        // Dead letters count from receipt only, RTTI's by their own rule.
         assert!(
-            dead_letters.contains("(received_at >= to_timestamp_millis("),
+            dead_letters.contains(
+                "WHEN \"stream\" = 'rtti' THEN received_at >= to_timestamp_millis(1795435200000)"
+            ),
             "{dead_letters}"
         );
+        assert!(!dead_letters.contains("least("), "{dead_letters}");
     }
 }
