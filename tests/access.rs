@@ -956,7 +956,7 @@ async fn sql_and_export_over_http() {
     wait_for(|| server.handle.metrics().totals().stored == 3);
     let addr = server.handle.admin_addr();
     let admin_token = server.admin().token;
-    let (status, body) = http(
+    let (status, body) = http_request(
         addr,
         "POST",
         "/admin/principals",
@@ -966,7 +966,7 @@ async fn sql_and_export_over_http() {
     assert_eq!(status, 200, "{body}");
     let token: serde_json::Value = serde_json::from_str(&body).expect("json");
     let token = token["token"].as_str().expect("token").to_owned();
-    let (status, body) = http(
+    let (status, body) = http_request(
         addr,
         "POST",
         "/admin/transfers",
@@ -975,7 +975,7 @@ async fn sql_and_export_over_http() {
     );
     assert_eq!(status, 200, "{body}");
     let sql = r#"{"sql":"SELECT vin, contract_number FROM charging","purpose":"own_data_access"}"#;
-    let (status, body) = http(addr, "POST", "/sql", Some(&token), sql);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&token), sql);
     assert_eq!(status, 200, "{body}");
     let rows: serde_json::Value = serde_json::from_str(&body).expect("rows");
     assert_eq!(
@@ -983,7 +983,7 @@ async fn sql_and_export_over_http() {
         serde_json::json!([{ "vin": A, "contract_number": "SE-A-1" }])
     );
     let csv = r#"{"sql":"SELECT vin FROM charging","purpose":"own_data_access","format":"csv"}"#;
-    let (status, body) = http(addr, "POST", "/sql", Some(&token), csv);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&token), csv);
     assert_eq!(
         (status, body.as_str()),
         (200, format!("vin\n{A}\n").as_str())
@@ -995,16 +995,16 @@ async fn sql_and_export_over_http() {
         .expect("arrow stream");
     let batches: Vec<RecordBatch> = reader.map(|b| b.expect("batch")).collect();
     assert_eq!(cells(&batches), vec![row(&[A])]);
-    let (status, _) = http(addr, "POST", "/sql", None, sql);
+    let (status, _) = http_request(addr, "POST", "/sql", None, sql);
     assert_eq!(status, 401);
-    let (status, _) = http(addr, "POST", "/sql", Some("fg_not_a_token"), sql);
+    let (status, _) = http_request(addr, "POST", "/sql", Some("fg_not_a_token"), sql);
     assert_eq!(status, 401);
     let forbidden = r#"{"sql":"SELECT 1","purpose":"economic_situation"}"#;
-    let (status, body) = http(addr, "POST", "/sql", Some(&token), forbidden);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&token), forbidden);
     assert_eq!(status, 403);
     assert!(body.contains("§9.3"), "{body}");
     // Alice grants a repair provider her teleservice data, then revokes it.
-    let (status, body) = http(
+    let (status, body) = http_request(
         addr,
         "POST",
         "/admin/principals",
@@ -1018,24 +1018,24 @@ async fn sql_and_export_over_http() {
         r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
         now - DAY
     );
-    let (status, body) = http(addr, "POST", "/grants", Some(&repair), &given);
+    let (status, body) = http_request(addr, "POST", "/grants", Some(&repair), &given);
     assert_eq!(
         status, 403,
         "a third party cannot give itself a grant: {body}"
     );
-    let (status, body) = http(addr, "POST", "/grants", Some(&token), &given);
+    let (status, body) = http_request(addr, "POST", "/grants", Some(&token), &given);
     assert_eq!(status, 200, "{body}");
     let id: serde_json::Value = serde_json::from_str(&body).expect("json");
     let id = id["grant"].as_str().expect("grant id").to_owned();
     let calls = r#"{"sql":"SELECT seq FROM teleservice","purpose":"repair_and_maintenance"}"#;
-    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&repair), calls);
     assert_eq!((status, body.as_str()), (200, r#"[{"seq":7}]"#));
-    let (status, body) = http(addr, "DELETE", &format!("/grants/{id}"), Some(&token), "");
+    let (status, body) = http_request(addr, "DELETE", &format!("/grants/{id}"), Some(&token), "");
     assert_eq!(status, 200, "{body}");
-    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&repair), calls);
     assert_eq!(status, 403, "revoked at the next query: {body}");
 
-    let (status, body) = http(addr, "GET", "/export", Some(&token), "");
+    let (status, body) = http_request(addr, "GET", "/export", Some(&token), "");
     assert_eq!(status, 200, "{body}");
     let export: serde_json::Value = serde_json::from_str(&body).expect("export");
     assert_eq!(export["tables"]["charging"][0]["vin"], A);
@@ -1062,25 +1062,34 @@ async fn admin_routes_need_the_admin_token() {
     let mallory = r#"{"id":"mallory","kind":"operator"}"#;
     let wrong_one = format!("{}0", &token[..token.len() - 1]);
     for wrong in [None, Some("fga_not_the_token"), Some(wrong_one.as_str())] {
-        assert_eq!(http(addr, "POST", "/admin/events", wrong, &sim_off).0, 401);
         assert_eq!(
-            http(addr, "POST", "/admin/principals", wrong, mallory).0,
+            http_request(addr, "POST", "/admin/events", wrong, &sim_off).0,
             401
         );
-        assert_eq!(http(addr, "POST", "/admin/transfers", wrong, "{}").0, 401);
-        assert_eq!(http(addr, "POST", "/admin/grants", wrong, "{}").0, 401);
         assert_eq!(
-            http(addr, "DELETE", "/admin/grants/grant-1", wrong, "").0,
+            http_request(addr, "POST", "/admin/principals", wrong, mallory).0,
+            401
+        );
+        assert_eq!(
+            http_request(addr, "POST", "/admin/transfers", wrong, "{}").0,
+            401
+        );
+        assert_eq!(
+            http_request(addr, "POST", "/admin/grants", wrong, "{}").0,
+            401
+        );
+        assert_eq!(
+            http_request(addr, "DELETE", "/admin/grants/grant-1", wrong, "").0,
             401
         );
     }
     // A principal's token, even an operator's, is not the admin token.
-    let (status, body) = http(addr, "POST", "/admin/principals", Some(&token), mallory);
+    let (status, body) = http_request(addr, "POST", "/admin/principals", Some(&token), mallory);
     assert_eq!(status, 200, "{body}");
     let operator: serde_json::Value = serde_json::from_str(&body).expect("json");
     let operator = operator["token"].as_str().expect("token").to_owned();
     assert_eq!(
-        http(addr, "POST", "/admin/events", Some(&operator), &sim_off).0,
+        http_request(addr, "POST", "/admin/events", Some(&operator), &sim_off).0,
         401
     );
     assert!(
@@ -1097,7 +1106,7 @@ async fn admin_routes_need_the_admin_token() {
     let config = server.config.clone();
     server.handle.shutdown().expect("shutdown");
     let again = fleetgate::ops::server::start(&config).expect("restart");
-    let (status, body) = http(
+    let (status, body) = http_request(
         again.admin_addr(),
         "POST",
         "/admin/events",
@@ -1124,7 +1133,7 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
     let server = TestServer::start();
     let addr = server.handle.admin_addr();
     let admin_token = server.admin().token;
-    let (status, body) = http(
+    let (status, body) = http_request(
         addr,
         "POST",
         "/admin/principals",
@@ -1136,7 +1145,7 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
     let token = token["token"].as_str().expect("token").to_owned();
     let ask = |sql: &str, purpose: &str| {
         let request = serde_json::json!({ "sql": sql, "purpose": purpose }).to_string();
-        http(addr, "POST", "/sql", Some(&token), &request)
+        http_request(addr, "POST", "/sql", Some(&token), &request)
     };
     let purpose = "product_improvement";
     // 300,000 terms (600 kB): over the statement size bound. Unbounded, its
@@ -1181,7 +1190,7 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
         .map(|f| std::fs::metadata(f).expect("audit file").len())
         .sum();
     assert!(audited < 16_384, "{audited} audit bytes");
-    let (status, _) = http(addr, "GET", "/metrics", None, "");
+    let (status, _) = http_request(addr, "GET", "/metrics", None, "");
     assert_eq!(status, 200, "the server outlives every statement above");
     server.handle.shutdown().expect("shutdown");
 }
@@ -1282,7 +1291,7 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
     let admin_token = server.admin().token;
     let admin = Some(admin_token.as_str());
     let token = |body: &str| {
-        let (status, body) = http(addr, "POST", "/admin/principals", admin, body);
+        let (status, body) = http_request(addr, "POST", "/admin/principals", admin, body);
         assert_eq!(status, 200, "{body}");
         let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
         answer["token"].as_str().expect("token").to_owned()
@@ -1291,7 +1300,7 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
     let bob = token(r#"{"id":"bob","kind":"user"}"#);
     let repair =
         token(r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#);
-    let transfer = |body: String| http(addr, "POST", "/admin/transfers", admin, &body);
+    let transfer = |body: String| http_request(addr, "POST", "/admin/transfers", admin, &body);
     let (status, body) = transfer(format!(
         r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#,
         now - DAY
@@ -1310,17 +1319,17 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
         r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
         now - DAY
     );
-    let (status, body) = http(addr, "POST", "/grants", Some(&alice), &given);
+    let (status, body) = http_request(addr, "POST", "/grants", Some(&alice), &given);
     assert_eq!(status, 200, "{body}");
     let calls = r#"{"sql":"SELECT seq FROM teleservice","purpose":"repair_and_maintenance"}"#;
-    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&repair), calls);
     assert_eq!((status, body.as_str()), (200, r#"[{"seq":1}]"#));
     // Registered without its time, a change of hands would run Alice's
     // tenure up to now, over the buyer's rows.
     let (status, body) = transfer(format!(r#"{{"user":"bob","vin":"{A}"}}"#));
     assert_eq!(status, 400, "{body}");
 
-    let (status, body) = http(
+    let (status, body) = http_request(
         addr,
         "POST",
         "/admin/events",
@@ -1340,13 +1349,13 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
     .await;
     wait_for(|| server.handle.metrics().totals().stored == 5);
     let mine = r#"{"sql":"SELECT vin, contract_number FROM charging","purpose":"own_data_access"}"#;
-    let (status, body) = http(addr, "POST", "/sql", Some(&alice), mine);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&alice), mine);
     assert_eq!(
         (status, body.as_str()),
         (200, "[]"),
         "the seller sees none of the buyer's rows"
     );
-    let (status, body) = http(addr, "POST", "/sql", Some(&repair), calls);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&repair), calls);
     assert_eq!(status, 403, "Alice's grant ended with the sale: {body}");
     // After the event nobody holds the vehicle: the buyer is registered
     // from when it changed hands.
@@ -1355,84 +1364,14 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
         now - HOUR / 2
     ));
     assert_eq!(status, 200, "{body}");
-    let (status, body) = http(addr, "POST", "/sql", Some(&bob), mine);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&bob), mine);
     assert_eq!(status, 200, "{body}");
     let rows: serde_json::Value = serde_json::from_str(&body).expect("rows");
     assert_eq!(
         rows,
         serde_json::json!([{ "vin": A, "contract_number": "SE-BUYER-2" }])
     );
-    let (status, body) = http(addr, "POST", "/sql", Some(&alice), mine);
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&alice), mine);
     assert_eq!((status, body.as_str()), (200, "[]"), "still none");
     server.handle.shutdown().expect("shutdown");
-}
-
-/// One HTTP/1.1 request; the status and the body's bytes.
-fn http_bytes(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("response");
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("header end");
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut payload = response[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        payload = dechunk(&payload);
-    }
-    (status, payload)
-}
-
-/// One HTTP/1.1 request with a text answer.
-fn http(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let (status, bytes) = http_bytes(addr, method, path, token, body);
-    (status, String::from_utf8(bytes).expect("UTF-8 answer"))
-}
-
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap_or("0").trim(), 16)
-                .unwrap_or(0);
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&body[end + 2..end + 2 + size]);
-        body = &body[end + 4 + size..];
-    }
 }

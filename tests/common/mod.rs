@@ -93,7 +93,7 @@ impl Admin {
 }
 
 /// One HTTP/1.1 request, with a bearer token if given; the status and the
-/// body (the admin routes answer with a length, never chunked).
+/// body as text.
 pub fn http_request(
     addr: std::net::SocketAddr,
     method: &str,
@@ -101,9 +101,21 @@ pub fn http_request(
     bearer: Option<&str>,
     body: &str,
 ) -> (u16, String) {
+    let (status, bytes) = http_bytes(addr, method, path, bearer, body);
+    (status, String::from_utf8(bytes).expect("UTF-8 answer"))
+}
+
+/// One HTTP/1.1 request; the status and the body's bytes.
+pub fn http_bytes(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Vec<u8>) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    let auth = bearer
+    let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     write!(
@@ -112,19 +124,43 @@ pub fn http_request(
         body.len()
     )
     .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let status = response
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
+    let mut payload = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload = dechunk(&payload);
+    }
+    (status, payload)
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap_or("0").trim(), 16)
+                .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[end + 2..end + 2 + size]);
+        body = &body[end + 4 + size..];
+    }
 }
 
 /// Publishes every (topic, payload) at QoS 1 over one MQTT 3.1.1 connection
