@@ -216,6 +216,8 @@ fn run(
         }
         match link_rx.recv_deadline(Instant::now() + POLL) {
             Ok(Some(Notification::Forward(forward))) => {
+                // None only for retained messages sent at subscription, which
+                // the broker started with this process has none of.
                 let offset = forward.cursor.map(|(_, offset)| offset);
                 let topic = String::from_utf8_lossy(&forward.publish.topic);
                 if drain.as_ref().is_some_and(|(marker, _)| *marker == topic) {
