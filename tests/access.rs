@@ -955,17 +955,9 @@ async fn sql_and_export_over_http() {
     .await;
     wait_for(|| server.handle.metrics().totals().stored == 3);
     let addr = server.handle.admin_addr();
-    let admin_token = server.admin().token;
-    let (status, body) = http_request(
-        addr,
-        "POST",
-        "/admin/principals",
-        Some(&admin_token),
-        r#"{"id":"alice","kind":"user"}"#,
-    );
-    assert_eq!(status, 200, "{body}");
-    let token: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let token = token["token"].as_str().expect("token").to_owned();
+    let admin = server.admin();
+    let admin_token = admin.token.clone();
+    let token = admin.principal(r#"{"id":"alice","kind":"user"}"#);
     let (status, body) = http_request(
         addr,
         "POST",
@@ -1132,17 +1124,8 @@ async fn admin_routes_need_the_admin_token() {
 async fn hostile_statements_are_bounded_and_the_server_lives() {
     let server = TestServer::start();
     let addr = server.handle.admin_addr();
-    let admin_token = server.admin().token;
-    let (status, body) = http_request(
-        addr,
-        "POST",
-        "/admin/principals",
-        Some(&admin_token),
-        r#"{"id":"lic","kind":"licensee"}"#,
-    );
-    assert_eq!(status, 200, "{body}");
-    let token: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let token = token["token"].as_str().expect("token").to_owned();
+    let admin = server.admin();
+    let token = admin.principal(r#"{"id":"lic","kind":"licensee"}"#);
     let ask = |sql: &str, purpose: &str| {
         let request = serde_json::json!({ "sql": sql, "purpose": purpose }).to_string();
         http_request(addr, "POST", "/sql", Some(&token), &request)
@@ -1290,12 +1273,8 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
     let now = fleetgate::core::clock::now_ms();
     let admin_token = server.admin().token;
     let admin = Some(admin_token.as_str());
-    let token = |body: &str| {
-        let (status, body) = http_request(addr, "POST", "/admin/principals", admin, body);
-        assert_eq!(status, 200, "{body}");
-        let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
-        answer["token"].as_str().expect("token").to_owned()
-    };
+    let registrar = server.admin();
+    let token = |body: &str| registrar.principal(body);
     let alice = token(r#"{"id":"alice","kind":"user"}"#);
     let bob = token(r#"{"id":"bob","kind":"user"}"#);
     let repair =

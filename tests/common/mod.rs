@@ -90,6 +90,14 @@ impl Admin {
     pub fn post(&self, path: &str, body: &str) -> (u16, String) {
         http_request(self.addr, "POST", path, Some(&self.token), body)
     }
+
+    /// Registers the principal `body` describes; its bearer token.
+    pub fn principal(&self, body: &str) -> String {
+        let (status, answer) = self.post("/admin/principals", body);
+        assert_eq!(status, 200, "{answer}");
+        let answer: serde_json::Value = serde_json::from_str(&answer).expect("json");
+        answer["token"].as_str().expect("token").to_owned()
+    }
 }
 
 /// One HTTP/1.1 request, with a bearer token if given; the status and the
