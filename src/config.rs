@@ -254,6 +254,13 @@ pub struct StorageConfig {
     /// Bytes of uncommitted rows all table writers together may hold.
     pub memory_budget_bytes: usize,
     pub zstd_level: i32,
+    /// How long a file that a deletion (retention, erasure) or compaction
+    /// removed from a table stays on disk for the queries already reading
+    /// it, before VACUUM deletes it; at least `access.query_timeout_ms`.
+    pub vacuum_grace_ms: i64,
+    /// Size compaction aims at when it rewrites a closed hour partition's
+    /// small files into few large ones.
+    pub compact_target_bytes: u64,
 }
 
 /// The decode/validate/pseudonymise stage.
@@ -302,6 +309,8 @@ impl Default for StorageConfig {
             max_open_files: 64,
             memory_budget_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
+            vacuum_grace_ms: 10 * 60 * 1000,
+            compact_target_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -388,6 +397,16 @@ impl Config {
                  query_timeout_ms, max_concurrent_queries and query_threads must be > 0"
                     .into(),
             );
+        }
+        if s.vacuum_grace_ms < i64::try_from(a.query_timeout_ms).unwrap_or(i64::MAX) {
+            return invalid(
+                "storage.vacuum_grace_ms must be at least access.query_timeout_ms: a running \
+                 query may still read the files a deletion removed"
+                    .into(),
+            );
+        }
+        if s.compact_target_bytes == 0 {
+            return invalid("storage.compact_target_bytes must be > 0".into());
         }
         if !(1..=22).contains(&s.zstd_level) {
             return invalid(format!(

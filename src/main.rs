@@ -242,12 +242,12 @@ impl CommonArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    fleetgate::core::fsio::restrict_new_files();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new("info,rumqttd=warn,buoyant_kernel=warn,deltalake_core=warn")
+        }))
         .with_writer(|| Redacting(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -509,25 +509,20 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let rules = Retention::current(&config.retention, &registry)?;
     let run = retention::SweepRun {
         now_ms: fleetgate::core::clock::now_ms(),
-        since_ms: None,
-        zstd_level: config.storage.zstd_level,
         max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
+        vacuum_grace_ms: config.storage.vacuum_grace_ms,
         dry_run,
     };
-    let deletions =
-        retention::sweep_and_record(&config.storage.data_dir, &rules, &config.retention, run)?;
-    if !dry_run {
-        fleetgate::store::prune_settled(&config.storage.data_dir, &config.wal_dir(), run.now_ms)?;
-    }
+    let root = fleetgate::store::StoreRoot::local(&config.storage.data_dir)?;
+    let deletions = retention::sweep_and_record(&root, &rules, &config.retention, run)?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {
         println!(
-            "{verb} {}/{} ({}): {} rows in {} files, expired under {}",
+            "{verb} {}/{} ({}): {} rows, expired under {}",
             d.table,
             d.partition,
             d.action,
             d.rows,
-            d.files,
             d.rules.join(", ")
         );
     }

@@ -1,11 +1,11 @@
-//! SQL over the Parquet store through DataFusion.
+//! SQL over the store through DataFusion.
 //!
-//! Every stream is a table named after it, plus `dead_letters`. Each is a
-//! listing table over `<data_dir>/<table>/` with the hour partitions exposed
-//! as columns `date` (DATE) and `hour` (INT), so filters on them prune files
-//! before any is opened. The file schema comes from `schemas/`, never from
-//! guessing at files. Only committed `*.parquet` files are read, and only
-//! through views that hide every row past its retention rule.
+//! Every stream is a table named after it, plus `dead_letters`. Each reads
+//! the latest version of its Delta table (delta-rs's provider), with the
+//! hour partitions as columns `date` (DATE) and `hour` (INT), so filters on
+//! them, and on the time columns the log keeps statistics of, prune files
+//! before any is opened. Only the files that version names are read, and
+//! only through views that hide every row past its retention rule.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,17 +14,14 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::view::ViewTable;
 use datafusion::datasource::MemTable;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
+use datafusion::datasource::TableProvider;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lifecycle::retention::{Retention, RetentionError};
 use crate::pipeline::dead_letter;
 use crate::schema::{Registry, SchemaError};
-use crate::store::{PARQUET_EXTENSION, table_dir};
+use crate::store::{StoreError, StoreRoot, delta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -36,18 +33,21 @@ pub enum QueryError {
     Retention(#[from] RetentionError),
     #[error(transparent)]
     DataFusion(#[from] DataFusionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("delta: {0}")]
+    Delta(Box<deltalake::DeltaTableError>),
     #[error("formatting the result: {0}")]
     Format(#[from] arrow::error::ArrowError),
 }
 
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
 
-/// Partition columns of every table, as they appear in SQL.
-fn partition_columns() -> Vec<(String, DataType)> {
-    vec![
-        ("date".to_owned(), DataType::Date32),
-        ("hour".to_owned(), DataType::Int32),
-    ]
+/// Boxed: Delta's error is large, and this one travels up every `Result`.
+impl From<deltalake::DeltaTableError> for QueryError {
+    fn from(error: deltalake::DeltaTableError) -> Self {
+        Self::Delta(Box::new(error))
+    }
 }
 
 /// A DataFusion session with every table of `data_dir` registered, under
@@ -88,12 +88,13 @@ pub async fn session_at(
             crate::core::table::DEAD_LETTERS,
             dead_letter::arrow_schema(),
         )]);
+    let root = StoreRoot::local(data_dir)?;
     for (name, schema) in tables {
-        let Some(listing) = listing_table(data_dir, name, schema.clone())? else {
+        let Some(stored) = stored_table(&root, name, &[&files, &ctx]).await? else {
             ctx.register_table(name, empty_table(&schema)?)?;
             continue;
         };
-        files.register_table(name, listing)?;
+        files.register_table(name, stored)?;
         let definition = format!(
             "SELECT * FROM {name} WHERE {}",
             retention.visible_sql(name, now_ms, true)
@@ -106,35 +107,36 @@ pub async fn session_at(
 
 /// An empty table with a stored table's columns, for a table with no files yet.
 pub(crate) fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
-    let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
-    for (col, ty) in partition_columns() {
-        fields.push(Arc::new(arrow::datatypes::Field::new(col, ty, true)));
-    }
     Ok(Arc::new(MemTable::try_new(
-        Arc::new(arrow::datatypes::Schema::new(fields)),
+        delta::table_schema(schema),
         vec![vec![]],
     )?))
 }
 
-/// The listing table over `<data_dir>/<name>/`, if it exists.
-pub(crate) fn listing_table(
-    data_dir: &Path,
+/// The latest version of the Delta table `name` under `root`, if one was
+/// created; the sessions in `sessions` (the one planning over it and the
+/// one running the plans) are given the store it reads from.
+pub(crate) async fn stored_table(
+    root: &StoreRoot,
     name: &str,
-    schema: SchemaRef,
-) -> Result<Option<Arc<ListingTable>>> {
-    let dir = table_dir(data_dir, name);
-    if !dir.is_dir() {
+    sessions: &[&SessionContext],
+) -> Result<Option<Arc<dyn TableProvider>>> {
+    let Some(table) = delta::open(&root.table_url(name)?).await? else {
         return Ok(None);
+    };
+    for session in sessions {
+        table.update_datafusion_session(&session.state())?;
     }
-    let absolute = std::path::absolute(&dir).map_err(|e| DataFusionError::External(Box::new(e)))?;
-    let url = ListingTableUrl::parse(format!("{}/", absolute.display()))?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-        .with_file_extension(format!(".{PARQUET_EXTENSION}"))
-        .with_table_partition_cols(partition_columns());
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .with_schema(schema);
-    Ok(Some(Arc::new(ListingTable::try_new(config)?)))
+    // Strings and bytes as the schemas type them (Utf8, Binary), not as
+    // views: the reveal functions and every consumer take those.
+    let scan = SessionConfig::new().set_bool(
+        "datafusion.execution.parquet.schema_force_view_types",
+        false,
+    );
+    let scan = SessionContext::new_with_config(scan).state();
+    Ok(Some(
+        table.table_provider().with_session(Arc::new(scan)).await?,
+    ))
 }
 
 /// Runs one SQL statement and collects its result.

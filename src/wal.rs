@@ -9,10 +9,10 @@
 //! len u32 LE | crc32 u32 LE (of body) | body: seq u64 | table u8 | days i32 | hour u8 | zstd(Arrow IPC stream)
 //! ```
 //!
-//! Each committed Parquet file names, in its footer, the entries it holds
-//! (see [`FOOTER_KEY`]). Recovery replays every entry no committed file holds,
-//! so replay is idempotent. A segment is deleted only when every entry in it
-//! is in a committed file: [`Tracker`] knows which are still pending.
+//! Each commit to a Delta table records, per shard, the last entry it holds
+//! (see [`crate::store::delta`]); recovery replays every entry no commit
+//! holds, so replay is idempotent. A segment is deleted only when every
+//! entry in it is committed: [`Tracker`] knows which are still pending.
 //! A torn or corrupt tail of the newest segment is cut off with a warning
 //! naming the offset; corruption anywhere else stops start-up unless
 //! `wal.skip_corrupt` is set.
@@ -37,8 +37,6 @@ const FRAME_HEADER_BYTES: usize = 8;
 const BODY_HEADER_BYTES: usize = 8 + 1 + 4 + 1;
 /// Largest frame accepted when reading: anything larger is corruption.
 const MAX_FRAME_BYTES: usize = 1 << 30;
-/// Key of the Parquet footer entry listing the WAL entries a file holds.
-pub const FOOTER_KEY: &str = "fleetgate.wal";
 /// zstd level of WAL entries: fast, the log is short-lived.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -539,48 +537,6 @@ fn segment_first_seq(path: &Path) -> Option<u64> {
     path.file_stem()?.to_str()?.split('-').next()?.parse().ok()
 }
 
-/// Creation time of the oldest segment under `wal_dir` that holds more than
-/// its header (`None`: no segment holds an entry), read from the headers
-/// only: for a running server's log too.
-pub fn oldest_segment_ms(wal_dir: &Path) -> Result<Option<i64>> {
-    let mut oldest: Option<i64> = None;
-    let Ok(shard_dirs) = fs::read_dir(wal_dir) else {
-        return Ok(None);
-    };
-    for shard_dir in shard_dirs {
-        let shard_dir = shard_dir.map_err(io_err(wal_dir))?.path();
-        let Ok(segments) = fs::read_dir(&shard_dir) else {
-            continue;
-        };
-        for segment in segments {
-            let path = segment.map_err(io_err(&shard_dir))?.path();
-            if path.extension().is_none_or(|e| e != "wal") {
-                continue;
-            }
-            let mut header = [0u8; HEADER_BYTES];
-            let mut file = match File::open(&path) {
-                Ok(file) => file,
-                // Deleted since the listing: it held nothing pending.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path)(e)),
-            };
-            let len = file.metadata().map_err(io_err(&path))?.len();
-            if len <= HEADER_BYTES as u64 {
-                continue;
-            }
-            file.read_exact(&mut header).map_err(io_err(&path))?;
-            if &header[..8] != MAGIC {
-                continue;
-            }
-            let mut created = [0u8; 8];
-            created.copy_from_slice(&header[8..]);
-            let created_ms = i64::from_le_bytes(created);
-            oldest = Some(oldest.map_or(created_ms, |o| o.min(created_ms)));
-        }
-    }
-    Ok(oldest)
-}
-
 /// Reads one segment: (creation time, entries).
 fn read_segment(
     path: &Path,
@@ -686,45 +642,6 @@ fn read_frame(bytes: &[u8]) -> std::result::Result<(usize, &[u8]), String> {
 /// middle: nothing after it parses as a frame.
 fn is_tail(rest: &[u8]) -> bool {
     (1..rest.len()).all(|start| read_frame(&rest[start..]).is_err())
-}
-
-/// Encodes the entries a Parquet file holds for its footer: `{"shard": [[first, last], ...]}`.
-pub fn footer_value(entries: &[EntryId]) -> String {
-    let mut by_shard: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
-    for id in entries {
-        by_shard.entry(id.shard).or_default().push(id.seq);
-    }
-    let ranges: BTreeMap<String, Vec<[u64; 2]>> = by_shard
-        .into_iter()
-        .map(|(shard, mut seqs)| {
-            seqs.sort_unstable();
-            let mut ranges: Vec<[u64; 2]> = Vec::new();
-            for seq in seqs {
-                match ranges.last_mut() {
-                    Some(r) if r[1] + 1 == seq => r[1] = seq,
-                    _ => ranges.push([seq, seq]),
-                }
-            }
-            (shard.to_string(), ranges)
-        })
-        .collect();
-    serde_json::to_string(&ranges).unwrap_or_default()
-}
-
-/// Parses a footer value written by [`footer_value`].
-pub fn parse_footer_value(value: &str) -> Vec<EntryId> {
-    let Ok(ranges) = serde_json::from_str::<BTreeMap<String, Vec<[u64; 2]>>>(value) else {
-        return Vec::new();
-    };
-    ranges
-        .into_iter()
-        .filter_map(|(shard, r)| shard.parse::<u16>().ok().map(|s| (s, r)))
-        .flat_map(|(shard, r)| {
-            r.into_iter().flat_map(move |[first, last]| {
-                (first..=last).map(move |seq| EntryId { shard, seq })
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -987,16 +904,5 @@ mod tests {
             )
             .expect("append");
         assert_eq!(id.seq, 2);
-    }
-
-    #[test]
-    fn footer_ranges_round_trip() {
-        let ids: Vec<EntryId> = [(0, 1), (0, 2), (0, 3), (0, 7), (2, 5)]
-            .into_iter()
-            .map(|(shard, seq)| EntryId { shard, seq })
-            .collect();
-        let value = footer_value(&ids);
-        assert_eq!(value, r#"{"0":[[1,3],[7,7]],"2":[[5,5]]}"#);
-        assert_eq!(parse_footer_value(&value), ids);
     }
 }

@@ -128,7 +128,8 @@ async fn admin_retention_lists_then_deletes_expired_partitions() {
     std::fs::write(
         &config,
         format!(
-            "[retention]\naudit_file = {:?}\n",
+            // A grace of 1 ms: the sweep deletes the removed files from disk at once.
+            "[retention]\naudit_file = {:?}\n[access]\nquery_timeout_ms = 1\n[storage]\nvacuum_grace_ms = 1\n",
             audit.display().to_string()
         ),
     )

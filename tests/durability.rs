@@ -123,7 +123,9 @@ async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
     use fleetgate::lifecycle::requests::{self, DeletionRequest, MatchValue, Selection};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let config = "[storage]\nroll_age_ms = 50\n[retention]\nsweep_interval_secs = 1\n";
+    // A grace of 1 ms: a deleted row's file goes from disk at the next sweep.
+    let config = "[storage]\nroll_age_ms = 50\nvacuum_grace_ms = 1\n\
+                  [access]\nquery_timeout_ms = 1\n[retention]\nsweep_interval_secs = 1\n";
     let server = ServeProcess::spawn(dir.path(), config);
     let now = fleetgate::core::clock::now_ms();
     // Alone in its hour partition, an hour old: no rule has expired it.
@@ -155,11 +157,11 @@ async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
     )
     .expect("request");
     let audit = dir.path().join("audit/deletions.jsonl");
-    wait_for(|| std::fs::read_to_string(&audit).is_ok_and(|a| a.contains("delete_file")));
+    wait_for(|| std::fs::read_to_string(&audit).is_ok_and(|a| a.contains("delete_rows")));
     wait_for(|| {
         requests::load(&dir.path().join("audit/deletion-requests.json")).is_ok_and(|r| r.is_empty())
     });
-    assert_eq!(parquet_files(&data.join("charging")), 0);
+    wait_for(|| parquet_files(&data.join("charging")) == 0);
     assert!(
         rows_in_wal(&data.join("_wal")) >= 1,
         "the active segment still holds the entry"
@@ -169,12 +171,11 @@ async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
     let server = ServeProcess::spawn(dir.path(), config);
     server.terminate();
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    let settled = std::fs::read_to_string(data.join("_wal_settled.json")).unwrap_or_default();
     let audit = std::fs::read_to_string(&audit).unwrap_or_default();
     assert_eq!(
         count_at(&data, "SELECT count(*) FROM charging", now).await,
         0,
-        "a deleted row came back: {log}\n{settled}\n{audit}"
+        "a deleted row came back: {log}\n{audit}"
     );
     assert!(log.contains("replayed=0"), "{log}");
 }
@@ -426,7 +427,9 @@ async fn a_full_broker_log_holds_publishers_back_and_loses_nothing_acknowledged(
     let server = TestServer::start_with(|c| {
         c.broker.segment_bytes = 32 * 1024;
         c.broker.segment_count = 2;
-        c.storage.memory_budget_bytes = 5 * 64 * 1024;
+        // 1 MiB per table writer: a Delta commit per few rows would make
+        // the catch-up after the disk is back slower than the deadline.
+        c.storage.memory_budget_bytes = 5 * 1024 * 1024;
         c.pipeline.queue_capacity = 4;
     });
     let data = server.data_dir();

@@ -271,12 +271,16 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
 
     let run = retention::SweepRun {
         now_ms: TEST_NOW_MS,
-        since_ms: Some(TEST_NOW_MS),
-        zstd_level: 3,
+        vacuum_grace_ms: 60_000,
         max_clock_skew_ms: 86_400_000,
         dry_run: false,
     };
-    let deleted = retention::sweep(&data, &with_requests, run).expect("sweep");
+    let deleted = retention::sweep(
+        &fleetgate::store::StoreRoot::local(&data).expect("root"),
+        &with_requests,
+        run,
+    )
+    .expect("sweep");
     retention::audit(&files.audit_file, TEST_NOW_MS, &deleted).expect("audit");
     fleetgate::lifecycle::requests::retire(&files.requests_file, with_requests.requests())
         .expect("retire");
@@ -365,12 +369,16 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     let sweep = |rules: &Retention, now_ms: i64| {
         let run = retention::SweepRun {
             now_ms,
-            since_ms: None,
-            zstd_level: 3,
+            vacuum_grace_ms: 60_000,
             max_clock_skew_ms: 86_400_000,
             dry_run: false,
         };
-        let deleted = retention::sweep(&data, rules, run).expect("sweep");
+        let deleted = retention::sweep(
+            &fleetgate::store::StoreRoot::local(&data).expect("root"),
+            rules,
+            run,
+        )
+        .expect("sweep");
         fleetgate::lifecycle::requests::retire(&files.requests_file, &rules.completed_by_sweep())
             .expect("retire");
         deleted

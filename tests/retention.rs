@@ -83,7 +83,7 @@ async fn every_rule_hides_its_rows_at_its_deadline_and_not_before() {
         let batches = query(
             &data,
             &format!(
-                "SELECT CAST(max(received_at) AS BIGINT) FROM dead_letters WHERE stream = '{stream}'"
+                "SELECT CAST(max(received_at) AS BIGINT) / 1000 FROM dead_letters WHERE stream = '{stream}'"
             ),
         )
         .await;
@@ -167,11 +167,11 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
     // The partition holds 12:00-13:00; RTTI is kept 24 hours.
     let all_expired = T + HOUR_MS + DAY_MS;
 
-    let none = retention::sweep(&data, &rules, run(all_expired - 1, false)).expect("sweep");
+    let none = retention::sweep(&store(&data), &rules, run(all_expired - 1, false)).expect("sweep");
     assert!(none.iter().all(|d| d.table != "rtti"), "{none:?}");
     assert!(!parquet_in(&partition).is_empty());
 
-    let planned = retention::sweep(&data, &rules, run(all_expired, true)).expect("dry run");
+    let planned = retention::sweep(&store(&data), &rules, run(all_expired, true)).expect("dry run");
     let rtti: Vec<_> = planned.iter().filter(|d| d.table == "rtti").collect();
     assert_eq!(rtti.len(), 1);
     assert_eq!(
@@ -183,10 +183,13 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
         "a dry run deletes nothing"
     );
 
-    let deleted = retention::sweep(&data, &rules, run(all_expired, false)).expect("sweep");
+    let deleted = retention::sweep(&store(&data), &rules, run(all_expired, false)).expect("sweep");
     retention::audit(&audit_file, all_expired, &deleted).expect("audit");
     assert_eq!(deleted, planned);
-    assert!(!partition.exists(), "the expired partition is gone");
+    assert!(
+        parquet_in(&partition).is_empty(),
+        "the expired partition's files are gone from disk, not only from the table"
+    );
     // Every other table keeps its rows for longer.
     for table in ["teleservice", "diagnostics", "charging"] {
         assert!(
@@ -217,11 +220,16 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
         .find(|r| r.name == "charge_history")
         .expect("rule")
         .keep_ms();
-    retention::sweep(&data, &rules, run(T + keep_history - 1, false)).expect("sweep");
+    retention::sweep(&store(&data), &rules, run(T + keep_history - 1, false)).expect("sweep");
     assert!(!parquet_in(&charging).is_empty());
     assert_eq!(count_at(&data, "SELECT count(*) FROM charging", T).await, 1);
-    retention::sweep(&data, &rules, run(T + HOUR_MS + keep_history, false)).expect("sweep");
-    assert!(!charging.exists());
+    retention::sweep(
+        &store(&data),
+        &rules,
+        run(T + HOUR_MS + keep_history, false),
+    )
+    .expect("sweep");
+    assert!(parquet_in(&charging).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,11 +260,15 @@ async fn expired_rows_cannot_be_reached_by_any_statement() {
 fn run(now_ms: i64, dry_run: bool) -> retention::SweepRun {
     retention::SweepRun {
         now_ms,
-        since_ms: None,
-        zstd_level: 3,
         max_clock_skew_ms: 86_400_000,
+        // No grace: the files a deletion removed go from disk in the same sweep.
+        vacuum_grace_ms: 0,
         dry_run,
     }
+}
+
+fn store(data: &std::path::Path) -> fleetgate::store::StoreRoot {
+    fleetgate::store::StoreRoot::local(data).expect("store root")
 }
 
 fn parquet_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -273,7 +285,12 @@ fn parquet_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// is stored, then deleted by the background sweep, counted and audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_sweeps_expired_partitions_in_the_background() {
-    let server = TestServer::start_with(|c| c.retention.sweep_interval_secs = 1);
+    let server = TestServer::start_with(|c| {
+        c.retention.sweep_interval_secs = 1;
+        // Files a deletion removed are deleted from disk by the next sweep.
+        c.access.query_timeout_ms = 1;
+        c.storage.vacuum_grace_ms = 1;
+    });
     let three_days_ago = fleetgate::core::clock::now_ms() - 3 * DAY_MS;
     let probe = rtti_probe(VIN, three_days_ago);
     publish_all(server.handle.mqtt_addr(), &[probe]).await;
@@ -283,6 +300,7 @@ async fn the_server_sweeps_expired_partitions_in_the_background() {
     wait_for(|| rtti().rows_stored.load(relaxed) == 1);
     wait_for(|| rtti().rows_expired.load(relaxed) == 1);
     let data = server.data_dir();
+    wait_for(|| parquet_in(&data.join("rtti")).is_empty());
     let audit_file = server.config.retention.audit_file.clone();
     server.handle.shutdown().expect("shutdown");
     assert!(parquet_in(&data.join("rtti")).is_empty());
@@ -290,22 +308,36 @@ async fn the_server_sweeps_expired_partitions_in_the_background() {
     assert!(audit.contains(r#""table":"rtti""#), "{audit}");
 }
 
-/// The WAL entries of files the sweep removed still count as stored, so
+/// The WAL entries of rows the sweep deleted still count as stored (the
+/// tables' application transactions outlive every DELETE and VACUUM), so
 /// that recovery never writes their rows again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_of_swept_files_still_count_as_stored() {
+async fn entries_of_swept_rows_still_count_as_stored() {
     let server = store_one_row_per_rule().await;
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
     let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
-    let before = fleetgate::store::committed_wal_entries(&data, 0).expect("footers");
-    // RTTI's partition has expired whole; the HV warn call is rewritten out of its file.
-    retention::sweep(&data, &rules, run(T + HOUR_MS + 200 * DAY_MS, false)).expect("sweep");
-    assert!(!data.join("rtti/date=2026-11-24/hour=12").exists());
+    let stored = || {
+        fleetgate::store::block_on(fleetgate::store::stored_through(&store(&data), &[0, 1]))
+            .expect("stored through")
+    };
+    let before = stored();
+    assert!(
+        before.keys().any(|(table, _)| table.name() == "rtti"),
+        "{before:?}"
+    );
+    // RTTI's partition has expired whole; the HV warn call is deleted from its file.
+    retention::sweep(
+        &store(&data),
+        &rules,
+        run(T + HOUR_MS + 200 * DAY_MS, false),
+    )
+    .expect("sweep");
+    assert!(parquet_in(&data.join("rtti")).is_empty());
     assert_eq!(
-        fleetgate::store::committed_wal_entries(&data, 0).expect("footers"),
+        stored(),
         before,
-        "every entry of a removed file still counts as stored"
+        "every entry of a deleted row still counts as stored"
     );
 }
 
@@ -330,9 +362,8 @@ async fn a_late_back_dated_row_of_a_shorter_rule_goes_at_the_next_sweep() {
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
     let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
-    let mut next = run(fleetgate::core::clock::now_ms(), false);
-    next.since_ms = Some(previous_sweep);
-    let deleted = retention::sweep(&data, &rules, next).expect("sweep");
+    let next = run(fleetgate::core::clock::now_ms(), false);
+    let deleted = retention::sweep(&store(&data), &rules, next).expect("sweep");
     assert_eq!(
         deleted
             .iter()
@@ -340,7 +371,7 @@ async fn a_late_back_dated_row_of_a_shorter_rule_goes_at_the_next_sweep() {
             .collect::<Vec<_>>(),
         vec![(
             "charging",
-            "rewrite_file",
+            "delete_rows",
             1,
             vec!["remote_charge_management".to_owned()]
         )]
@@ -370,7 +401,8 @@ async fn a_row_stamped_ahead_of_its_receipt_expires_by_its_receipt() {
         "hidden 24 hours after its receipt"
     );
     let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
-    let deleted = retention::sweep(&data, &rules, run(past_its_rule, false)).expect("sweep");
+    let deleted =
+        retention::sweep(&store(&data), &rules, run(past_its_rule, false)).expect("sweep");
     assert_eq!(
         deleted
             .iter()
@@ -384,8 +416,8 @@ async fn a_row_stamped_ahead_of_its_receipt_expires_by_its_receipt() {
 }
 
 /// Rows under a shorter rule than their table's longest are deleted from
-/// disk soon after their deadline by rewriting their file, which keeps its
-/// other rows and its footer (the WAL entries it covers).
+/// disk soon after their deadline: a DELETE commit replaces the file that
+/// held them with one without them, and VACUUM deletes the old file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
     let server = store_one_row_per_rule().await;
@@ -398,88 +430,48 @@ async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
         .expect("rule")
         .keep_ms();
     let partition = data.join("teleservice/date=2026-11-24/hour=12");
-    let footer = |file: &std::path::Path| {
-        let reader = parquet::file::reader::SerializedFileReader::new(
-            std::fs::File::open(file).expect("open"),
-        )
-        .expect("parquet");
-        let meta = parquet::file::reader::FileReader::metadata(&reader)
-            .file_metadata()
-            .clone();
-        let wal = meta.key_value_metadata().and_then(|kv| {
-            kv.iter()
-                .find(|k| k.key == "fleetgate.wal")
-                .and_then(|k| k.value.clone())
-        });
-        (meta.num_rows(), wal)
-    };
-    let before: Vec<_> = parquet_in(&partition).iter().map(|f| footer(f)).collect();
-    assert_eq!(before.iter().map(|(rows, _)| rows).sum::<i64>(), 2);
-    let modified = |files: Vec<std::path::PathBuf>| -> Vec<std::time::SystemTime> {
-        let mut times: Vec<_> = files
+    let rows_on_disk = || -> i64 {
+        parquet_in(&partition)
             .iter()
             .map(|f| {
-                std::fs::metadata(f)
-                    .and_then(|m| m.modified())
-                    .expect("mtime")
+                let reader = parquet::file::reader::SerializedFileReader::new(
+                    std::fs::File::open(f).expect("open"),
+                )
+                .expect("parquet");
+                parquet::file::reader::FileReader::metadata(&reader)
+                    .file_metadata()
+                    .num_rows()
             })
-            .collect();
-        times.sort();
-        times
+            .sum()
     };
-    let committed = modified(parquet_in(&partition));
+    assert_eq!(rows_on_disk(), 2);
 
-    let untouched = retention::sweep(&data, &rules, run(T + keep_hv - 1, false)).expect("sweep");
+    let untouched =
+        retention::sweep(&store(&data), &rules, run(T + keep_hv - 1, false)).expect("sweep");
     assert!(
         untouched.iter().all(|d| d.table != "teleservice"),
         "{untouched:?}"
     );
 
     let now = T + keep_hv + 1;
-    let deleted = retention::sweep(&data, &rules, run(now, false)).expect("sweep");
+    let deleted = retention::sweep(&store(&data), &rules, run(now, false)).expect("sweep");
     let teleservice: Vec<_> = deleted
         .iter()
         .filter(|d| d.table == "teleservice")
         .collect();
     assert_eq!(teleservice.len(), 1, "{deleted:?}");
-    assert_eq!(teleservice[0].action, "rewrite_file");
+    assert_eq!(teleservice[0].action, "delete_rows");
     assert_eq!(
         (teleservice[0].rows, teleservice[0].rules.clone()),
         (1, vec!["hv_warn_call".to_owned()])
     );
-    let after: Vec<_> = parquet_in(&partition).iter().map(|f| footer(f)).collect();
-    assert_eq!(
-        after.iter().map(|(rows, _)| rows).sum::<i64>(),
-        1,
-        "only the monthly call is left"
-    );
-    assert_eq!(
-        after.iter().map(|(_, wal)| wal.clone()).collect::<Vec<_>>(),
-        before
-            .iter()
-            .map(|(_, wal)| wal.clone())
-            .collect::<Vec<_>>(),
-        "the footer still names the WAL entries, so recovery never replays them"
-    );
-    assert_eq!(
-        modified(parquet_in(&partition)),
-        committed,
-        "a rewritten file keeps its commit time, which scopes its footer for recovery"
-    );
-    assert!(
-        files_under(&partition)
-            .iter()
-            .all(|p| p.extension().is_some_and(|e| e == "parquet"))
-    );
+    assert_eq!(rows_on_disk(), 1, "only the monthly call is left on disk");
     assert_eq!(
         count_at(&data, "SELECT count(*) FROM teleservice", T).await,
         1
     );
 
-    // The next sweep reads only what can have expired since: nothing here.
-    let mut next = run(now + 60_000, false);
-    next.since_ms = Some(now);
-    let again = retention::sweep(&data, &rules, next).expect("sweep");
+    let again = retention::sweep(&store(&data), &rules, run(now + 60_000, false)).expect("sweep");
     assert!(again.iter().all(|d| d.table != "teleservice"), "{again:?}");
     // The rewritten file is owner-only, like every file fleetgate creates.
     assert_owner_only(&data);

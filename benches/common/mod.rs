@@ -173,23 +173,15 @@ pub(crate) fn decoded(stream: Stream, vehicles: u32, per_vehicle: usize) -> Vec<
 /// partitions, pseudonymised under `fixture`.
 pub(crate) fn write_store(data_dir: &std::path::Path, fixture: &mut PrivacyFixture) {
     use fleetgate::pipeline::batch::StreamBatcher;
-    use fleetgate::store::{table_dir, writer_properties};
     let registry = Registry::load().expect("schemas");
+    let root = fleetgate::store::StoreRoot::local(data_dir).expect("store root");
     for (stream, per_vehicle) in [(Stream::Rtti, 200), (Stream::Diagnostics, 50)] {
         let mut batcher = StreamBatcher::new(registry.get(stream));
         for (vin, record) in decoded(stream, 1_000, per_vehicle) {
             batcher.push(&record, &vin, T0_MS, &mut fixture.privacy);
         }
-        for (partition, batch) in batcher.drain().expect("drain") {
-            let dir = table_dir(data_dir, stream.name()).join(partition.relative_dir());
-            std::fs::create_dir_all(&dir).expect("partition dir");
-            let file = std::fs::File::create(dir.join("part-0.parquet")).expect("file");
-            let properties = writer_properties(3, 1_000_000, &[]).expect("properties");
-            let mut writer =
-                parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(properties))
-                    .expect("writer");
-            writer.write(&batch).expect("write");
-            writer.close().expect("close");
-        }
+        let parts = batcher.drain().expect("drain");
+        let schema = registry.get(stream).arrow.clone();
+        fleetgate::store::append(&root, stream.name(), &schema, &parts, 3).expect("commit");
     }
 }

@@ -121,12 +121,41 @@ fn an_acknowledged_run_is_stored_exactly_once_and_verify_notices_tampering() {
     assert_eq!(charging.missing, 1);
     assert_eq!(charging.missing_examples, vec![(0, 1_000_000)]);
 
-    // A Parquet file stored twice shows up as duplicates.
+    // A copy of a file that no commit names is not part of the table.
     let file = files_with_extension(&config.storage.data_dir.join("diagnostics"), "parquet")
         .into_iter()
         .next()
         .expect("a diagnostics file");
     std::fs::copy(&file, file.with_file_name("part-copy.parquet")).expect("copy");
+    assert!(
+        check(&manifest, &config).ok,
+        "a stray file is read by no one"
+    );
+
+    // Rows committed twice show up as duplicates.
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&file).expect("open"),
+    )
+    .expect("parquet")
+    .build()
+    .expect("reader");
+    let batches: Vec<arrow::array::RecordBatch> =
+        reader.collect::<Result<_, _>>().expect("batches");
+    let first_ts = batches[0]
+        .column_by_name("ts")
+        .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok())
+        .expect("ts");
+    let first_ts = first_ts
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("int64")
+        .value(0);
+    // Microseconds in a Delta table's files.
+    let partition = fleetgate::store::PartitionKey::from_millis(first_ts / 1000);
+    let parts: Vec<_> = batches.into_iter().map(|b| (partition, b)).collect();
+    let root = fleetgate::store::StoreRoot::local(&config.storage.data_dir).expect("root");
+    fleetgate::store::append(&root, "diagnostics", &parts[0].1.schema(), &parts, 3)
+        .expect("commit again");
     let verdict = check(&manifest, &config);
     assert!(!verdict.ok);
     assert!(verdict_of(&verdict, Stream::Diagnostics).duplicated > 0);

@@ -40,7 +40,7 @@ use crate::pipeline::dead_letter;
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
 use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
-use crate::query::{empty_table, listing_table};
+use crate::query::{empty_table, stored_table};
 use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
@@ -168,6 +168,8 @@ pub async fn session(
     }
     let ctx = principal_context(inputs.memory_limit)?;
     let files = SessionContext::new_with_config(SessionConfig::new());
+    let root =
+        crate::store::StoreRoot::local(inputs.data_dir).map_err(crate::query::QueryError::from)?;
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
     let mut treatments = BTreeMap::new();
     let mut hidden_tables = BTreeMap::new();
@@ -202,8 +204,8 @@ pub async fn session(
                 treatment,
             ),
         };
-        match listing_table(inputs.data_dir, name, arrow_schema.clone())? {
-            Some(listing) => files.register_table(name, listing)?,
+        match stored_table(&root, name, &[&files, &ctx]).await? {
+            Some(stored) => files.register_table(name, stored)?,
             None => files.register_table(name, empty_table(&arrow_schema)?)?,
         };
         install(&files, &ctx, name, &sql).await?;

@@ -73,6 +73,18 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Makes every file and directory this process creates from now on private
+/// to its owner (umask 077), including those libraries create (the Delta
+/// log and data files written through object_store), which take no mode.
+pub fn restrict_new_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// Makes the contents of a file another writer wrote durable.
+pub fn sync_file(path: &Path) -> std::io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
 /// Renames `from` over `to` and makes the rename durable.
 pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     fs::rename(from, to)?;

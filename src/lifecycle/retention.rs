@@ -11,28 +11,27 @@
 //! so that a vehicle clock running ahead extends no rule.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, SchemaRef, TimestampMillisecondType};
-use chrono::{DateTime, NaiveDate};
-use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{DataType, SchemaRef};
+use chrono::DateTime;
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use deltalake::operations::vacuum::VacuumMode;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RetentionConfig;
 use crate::core::fsio;
 use crate::lifecycle::requests::{
-    self, DeletionRequest, LegalHold, MatchValue, Selection, column_matches, sql_identifier,
-    sql_literal,
+    self, DeletionRequest, LegalHold, MatchValue, Selection, sql_identifier, sql_literal,
 };
 use crate::pipeline::dead_letter;
 use crate::schema::Registry;
-use crate::store::{PARQUET_EXTENSION, PartitionKey, table_dir, writer_properties};
+use crate::store::delta;
+use crate::store::{PartitionKey, StoreRoot};
 
 /// The built-in rules.
 const BUILT_IN: &str = include_str!("../../schemas/retention.toml");
@@ -47,13 +46,12 @@ pub enum RetentionError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Parquet {
-        path: PathBuf,
-        source: parquet::errors::ParquetError,
-    },
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("delta: {0}")]
+    Delta(Box<deltalake::DeltaTableError>),
+    #[error("query: {0}")]
+    Query(#[from] datafusion::error::DataFusionError),
     #[error(transparent)]
     Requests(#[from] crate::core::fsio::FsError),
     #[error(transparent)]
@@ -61,6 +59,13 @@ pub enum RetentionError {
 }
 
 pub type Result<T, E = RetentionError> = std::result::Result<T, E>;
+
+/// Boxed: Delta's error is large, and this one travels up every `Result`.
+impl From<deltalake::DeltaTableError> for RetentionError {
+    fn from(error: deltalake::DeltaTableError) -> Self {
+        Self::Delta(Box::new(error))
+    }
+}
 
 /// One retention rule.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -139,7 +144,7 @@ impl Retention {
         let (origin, text) = match file {
             Some(path) => (
                 path.display().to_string(),
-                fs::read_to_string(path).map_err(|source| RetentionError::Io {
+                std::fs::read_to_string(path).map_err(|source| RetentionError::Io {
                     path: path.to_owned(),
                     source,
                 })?,
@@ -349,16 +354,16 @@ impl Retention {
 /// One deletion the sweep made, or would make.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Deletion {
-    /// `delete_partition`: every row of the partition had expired;
-    /// `rewrite_file`: the file was rewritten without its expired rows;
-    /// `delete_file`: every row of the file had expired.
+    /// `delete_partitions`: every hour partition before `partition` had
+    /// expired whole and was dropped from the table without being read;
+    /// `delete_rows`: rows of `partition` were deleted, and the files that
+    /// held them rewritten without them.
     pub action: &'static str,
     pub table: String,
-    /// `date=YYYY-MM-DD/hour=HH`.
+    /// `date=YYYY-MM-DD/hour=H` (`delete_partitions`: the first kept).
     pub partition: String,
-    pub files: usize,
     pub rows: u64,
-    /// The rules the deleted rows fell under.
+    /// The rules (or deletion-request events) the deleted rows fell under.
     pub rules: Vec<String>,
 }
 
@@ -366,345 +371,209 @@ pub struct Deletion {
 #[derive(Debug, Clone, Copy)]
 pub struct SweepRun {
     pub now_ms: i64,
-    /// When this process swept last: rows that expired before then are gone
-    /// already, so only files that can hold rows expired since are read.
-    /// `None` reads every file that can hold expired rows.
-    pub since_ms: Option<i64>,
-    /// zstd level of rewritten files.
-    pub zstd_level: i32,
     /// How far ahead of its receipt a row's timestamp may be
-    /// (`pipeline.max_clock_skew_ms`): how far from its rule's cutoff by
-    /// timestamp a file can hold rows expired by their receipt.
+    /// (`pipeline.max_clock_skew_ms`): how far after a rule's cutoff by
+    /// timestamp a partition can hold rows expired by their receipt.
     pub max_clock_skew_ms: i64,
+    /// How long a file a deletion removed from the table stays on disk for
+    /// the queries already reading it (`storage.vacuum_grace_ms`).
+    pub vacuum_grace_ms: i64,
     /// List what would be deleted; delete nothing.
     pub dry_run: bool,
 }
 
-/// Deletes what has expired at `run.now_ms`: every hour partition whose rows
-/// have all expired under the table's rules, without opening its files; and,
-/// where a table has shorter rules for some rows (HV warn calls, remote
-/// charge management), those rows, by rewriting each file that holds them
-/// (write a new file, fsync, rename over the old one, fsync the directory:
-/// a crash leaves the old file or the new one, never both, never neither).
-/// Only partitions where rows can have expired since the last sweep, or
-/// that were written since (a late, back-dated record), are opened; and in
-/// the partitions a vehicle clock running ahead can have filled with rows
-/// that expire by their receipt (within `max_clock_skew_ms` after a rule's
-/// cutoff), only the files committed before that cutoff since the last
-/// sweep. So the cost grows with what is deleted, not with the store.
-/// Deletion requests are carried out the same way, and rows a legal hold
-/// covers are kept: while a table has a hold, its expired partitions are
-/// rewritten around the held rows instead of dropped (and re-read by every
-/// sweep until the hold is released; the first sweep after a release must
-/// be a full one, `since_ms: None`).
-pub fn sweep(data_dir: &Path, retention: &Retention, run: SweepRun) -> Result<Vec<Deletion>> {
-    let mut out = Vec::new();
-    for (table, rules) in &retention.tables {
-        let dir = table_dir(data_dir, table);
-        let oldest_kept = retention.oldest_kept_ms(table, run.now_ms);
-        let longest = rules.iter().map(Rule::keep_ms).max().unwrap_or(0);
-        let shortest = rules.iter().map(Rule::keep_ms).min().unwrap_or(0);
-        let shorter: Vec<&Rule> = rules
-            .iter()
-            .filter(|r| r.when.is_some() && r.keep_ms() < longest)
-            .collect();
-        // Dead letters are timed by their receipt: no clock runs ahead of it.
-        let skew = match time_column(table) == crate::schema::RECEIVED_AT_COLUMN {
-            true => 0,
-            false => run.max_clock_skew_ms.max(0),
-        };
-        let held_here = retention.held_of(table).next().is_some();
-        let requested_here = retention.requests_of(table).next().is_some();
-        for (key, partition_dir) in partitions(&dir)? {
-            let (days, hour) = key.to_parts();
-            let hour_start = (i64::from(days) * 24 + i64::from(hour)) * HOUR_MS;
-            let hour_end = hour_start + HOUR_MS;
-            let partition = key.relative_dir().display().to_string();
-            if hour_end <= oldest_kept && !held_here {
-                let files = parquet_files(&partition_dir)?;
-                let mut rows = 0u64;
-                for file in &files {
-                    rows += footer_rows(file)?;
-                }
-                if !run.dry_run {
-                    // Before any file goes: a WAL segment may outlive it.
-                    crate::store::settle(data_dir, &files)?;
-                    delete_partition(&partition_dir, &files)?;
-                }
+/// Deletes what has expired at `run.now_ms`, table by table, as Delta
+/// DELETE commits: first every hour partition whose rows have all expired
+/// under the table's rules (a commit that removes its files without
+/// reading them); then, where a table has shorter rules for some rows (HV
+/// warn calls, remote charge management) or deletion requests, those rows
+/// (the files holding them are rewritten without them, in the same
+/// commit). Rows a legal hold covers are kept: while a table has a hold,
+/// its expired partitions are deleted row by row around the held rows.
+/// Only partitions that can hold expired rows are read (those before the
+/// shortest rule's cutoff, plus the clock-skew margin), or every partition
+/// of a table with a deletion request. Then VACUUM deletes the files that
+/// deletions removed from the table more than `vacuum_grace_ms` ago, and
+/// files no commit names (left by a failed write): from then on no version
+/// of the table, old or new, can read a deleted row.
+pub fn sweep(root: &StoreRoot, retention: &Retention, run: SweepRun) -> Result<Vec<Deletion>> {
+    crate::store::block_on(async {
+        let mut out = Vec::new();
+        for table in retention.tables.keys() {
+            let url = root.table_url(table)?;
+            let Some(delta_table) = delta::open(&url).await? else {
+                continue;
+            };
+            let delta_table = sweep_table(delta_table, table, retention, run, &mut out).await?;
+            if !run.dry_run {
+                vacuum(delta_table, run).await?;
+            }
+        }
+        Ok(out)
+    })
+}
+
+async fn sweep_table(
+    mut delta_table: DeltaTable,
+    table: &str,
+    retention: &Retention,
+    run: SweepRun,
+    out: &mut Vec<Deletion>,
+) -> Result<DeltaTable> {
+    let rules = retention.table(table);
+    let held: Vec<String> = retention.held_of(table).map(Selection::sql).collect();
+    let requested = retention.requests_of(table).next().is_some();
+
+    // Whole partitions: every hour before the one holding the oldest time
+    // any rule keeps; none while a hold may keep some of their rows.
+    let whole_until = match held.is_empty() {
+        true => {
+            let first_kept = PartitionKey::from_millis(retention.oldest_kept_ms(table, run.now_ms));
+            let predicate = partitions_before(first_kept);
+            let found = query(
+                &delta_table,
+                &format!(
+                    "SELECT date, hour, count(*) FROM t WHERE {predicate} GROUP BY 1, 2 ORDER BY 1, 2"
+                ),
+            )
+            .await?;
+            let rule_names: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
+            for ((days, hour), rows) in partition_counts(&found) {
                 out.push(Deletion {
                     action: "delete_partition",
-                    table: table.clone(),
-                    partition,
-                    files: files.len(),
+                    table: table.to_owned(),
+                    partition: partition_name_of(days, hour),
                     rows,
-                    rules: rules.iter().map(|r| r.name.clone()).collect(),
+                    rules: rule_names.clone(),
                 });
-                continue;
             }
-            let expiring_here = shorter.iter().any(|r| {
-                let cutoff = run.now_ms - r.keep_ms();
-                let swept_up_to = run.since_ms.map(|s| s - r.keep_ms());
-                hour_start < cutoff && swept_up_to.is_none_or(|p| hour_end > p)
-            });
-            // Written since the last sweep (a late, back-dated record, a
-            // replay): it may hold rows of a shorter rule whose hour the
-            // window has passed.
-            let written_since = run.since_ms.is_some_and(|since| {
-                shorter
-                    .iter()
-                    .any(|r| hour_start < run.now_ms - r.keep_ms())
-                    && modified_ms(&partition_dir).is_some_and(|m| m >= since - MTIME_MARGIN_MS)
-            });
-            let held_and_expiring = held_here && hour_start < run.now_ms - shortest;
-            let files = if expiring_here || written_since || held_and_expiring || requested_here {
-                parquet_files(&partition_dir)?
-            } else {
-                expired_by_receipt(&partition_dir, rules, (hour_start, hour_end), skew, run)?
-            };
-            if files.is_empty() {
-                continue;
+            if !found.is_empty() && !run.dry_run {
+                // A predicate on partition columns only: the files go
+                // from the table without being read.
+                delta_table = delta_table.delete().with_predicate(predicate).await?.0;
             }
-            remove_stale_rewrites(&partition_dir)?;
-            for file in files {
-                if let Some(deletion) = rewrite(data_dir, &file, table, retention, &partition, run)?
-                {
-                    out.push(deletion);
-                }
-            }
+            Some(first_kept)
         }
+        false => None,
+    };
+
+    // Rows, each for the reason it goes. Without a deletion request, only
+    // files whose time statistics allow a row older than the shortest
+    // rule's cutoff are read.
+    let mut conditions = Vec::new();
+    if let Some(first_kept) = whole_until {
+        // Gone whole above (or, in a dry run, counted there).
+        conditions.push(format!("NOT ({})", partitions_before(first_kept)));
     }
-    Ok(out)
-}
-
-/// Clock granularity of file times, as in recovery's footer scan.
-const MTIME_MARGIN_MS: i64 = crate::store::FOOTER_SCAN_MARGIN_MS;
-
-/// When a file or directory was last changed (ms since the epoch).
-fn modified_ms(path: &Path) -> Option<i64> {
-    let modified = fs::metadata(path).ok()?.modified().ok()?;
-    let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
-    i64::try_from(since_epoch.as_millis()).ok()
-}
-
-/// The files of a partition that can hold rows expired by their receipt
-/// while their timestamps still keep them (a vehicle clock ahead of ours):
-/// under some rule, the partition's hour lies within `skew` after the
-/// rule's cutoff, and the file was committed (so every row in it received)
-/// before the cutoff, since the last sweep. One `stat` per file of those
-/// few partitions; only such files are read.
-fn expired_by_receipt(
-    dir: &Path,
-    rules: &[Rule],
-    (hour_start, hour_end): (i64, i64),
-    skew: i64,
-    run: SweepRun,
-) -> Result<Vec<PathBuf>> {
-    let ahead: Vec<i64> = rules
-        .iter()
-        .map(Rule::keep_ms)
-        .filter(|keep| {
-            let cutoff = run.now_ms - keep;
-            hour_end > cutoff && hour_start < cutoff + skew
-        })
-        .collect();
-    if ahead.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut files = parquet_files(dir)?;
-    files.retain(|file| {
-        modified_ms(file).is_some_and(|committed| {
-            ahead.iter().any(|keep| {
-                committed < run.now_ms - keep
-                    && run
-                        .since_ms
-                        .is_none_or(|since| committed >= since - keep - MTIME_MARGIN_MS)
-            })
-        })
+    let whole_until = whole_until.map(|first_kept| {
+        let (days, hour) = first_kept.to_parts();
+        (i64::from(days) * 24 + i64::from(hour) + 1) * HOUR_MS
     });
-    Ok(files)
-}
-
-/// Suffix of a file being rewritten; never read by queries.
-const REWRITE_SUFFIX: &str = "rewrite";
-
-/// Rewrites `file` without the rows expired at `run.now_ms`, keeping its
-/// footer metadata (table, schema version, the WAL entries it covers) and
-/// its commit time; a file left without rows is settled (see
-/// [`crate::store::settle`]), then removed.
-fn rewrite(
-    data_dir: &Path,
-    file: &Path,
-    table: &str,
-    retention: &Retention,
-    partition: &str,
-    run: SweepRun,
-) -> Result<Option<Deletion>> {
-    let io = |source| RetentionError::Io {
-        path: file.to_owned(),
-        source,
-    };
-    let parquet = |source| RetentionError::Parquet {
-        path: file.to_owned(),
-        source,
-    };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(fs::File::open(file).map_err(io)?)
-        .map_err(parquet)?;
-    let metadata: Vec<(String, String)> = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|kv| {
-            kv.iter()
-                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let schema = builder.schema().clone();
-    let mut kept = Vec::new();
-    let mut removed = 0u64;
-    let mut removed_by = std::collections::BTreeSet::new();
-    for batch in builder.build().map_err(parquet)? {
-        let batch = batch?;
-        let reasons = deletion_reasons(&batch, table, retention, run.now_ms);
-        let keep: BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
-        for reason in reasons.into_iter().flatten() {
-            removed += 1;
-            removed_by.insert(reason);
+    let reason = deletion_reason_sql(retention, table, run.now_ms, whole_until);
+    if !requested {
+        let shortest = rules.iter().map(Rule::keep_ms).min().unwrap_or(0);
+        let cutoff = timestamp_sql(run.now_ms - shortest);
+        conditions.push(format!(
+            "({} < {cutoff} OR {} < {cutoff})",
+            time_column(table),
+            crate::schema::RECEIVED_AT_COLUMN
+        ));
+    }
+    conditions.push(format!("({reason}) IS NOT NULL"));
+    if !held.is_empty() {
+        conditions.push(format!("NOT ({})", held.join(" OR ")));
+    }
+    let deletable = conditions.join(" AND ");
+    let found = query(
+        &delta_table,
+        &format!(
+            "SELECT date, hour, {reason} AS reason, count(*) FROM t WHERE {deletable} \
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        ),
+    )
+    .await?;
+    let mut by_partition: BTreeMap<(i32, i32), (u64, Vec<String>)> = BTreeMap::new();
+    for batch in &found {
+        let reasons = arrow::compute::cast(batch.column(2), &DataType::Utf8)?;
+        let reasons = reasons.as_string::<i32>();
+        let counts = batch
+            .column(3)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let (dates, hours) = partition_columns(batch);
+        for row in 0..batch.num_rows() {
+            let entry = by_partition
+                .entry((dates.value(row), hours.value(row)))
+                .or_default();
+            entry.0 += u64::try_from(counts.value(row)).unwrap_or(0);
+            entry.1.push(reasons.value(row).to_owned());
         }
-        kept.push(filter_record_batch(&batch, &keep)?);
     }
-    if removed == 0 {
-        return Ok(None);
+    if by_partition.is_empty() {
+        return Ok(delta_table);
     }
-    let rows_left: usize = kept.iter().map(RecordBatch::num_rows).sum();
     if !run.dry_run {
-        if rows_left == 0 {
-            crate::store::settle(data_dir, &[file.to_owned()])?;
-            fs::remove_file(file).map_err(io)?;
-            fsio::sync_dir(fsio::parent_dir(file)).map_err(io)?;
-        } else {
-            let committed = fs::metadata(file).and_then(|m| m.modified()).map_err(io)?;
-            let temporary = file.with_extension(format!("{PARQUET_EXTENSION}.{REWRITE_SUFFIX}"));
-            let properties = writer_properties(run.zstd_level, 1 << 20, &metadata)?;
-            let output = fsio::create(&temporary).map_err(io)?;
-            let mut writer =
-                ArrowWriter::try_new(output, schema, Some(properties)).map_err(parquet)?;
-            for batch in &kept {
-                writer.write(batch).map_err(parquet)?;
-            }
-            let output = writer.into_inner().map_err(parquet)?;
-            // Recovery reads a footer only if the file may hold entries of
-            // the live log, by its time; the rewrite does not make it newer.
-            output.set_modified(committed).map_err(io)?;
-            output.sync_all().map_err(io)?;
-            fsio::rename_durably(&temporary, file).map_err(io)?;
-        }
+        delta_table = delta_table.delete().with_predicate(deletable).await?.0;
     }
-    Ok(Some(Deletion {
-        action: if rows_left == 0 {
-            "delete_file"
-        } else {
-            "rewrite_file"
-        },
-        table: table.to_owned(),
-        partition: partition.to_owned(),
-        files: 1,
-        rows: removed,
-        rules: removed_by.into_iter().collect(),
-    }))
+    for ((days, hour), (rows, rules)) in by_partition {
+        out.push(Deletion {
+            action: "delete_rows",
+            table: table.to_owned(),
+            partition: partition_name_of(days, hour),
+            rows,
+            rules,
+        });
+    }
+    Ok(delta_table)
 }
 
-/// Per row: why it goes, if it does: the event of a deletion request that
-/// matches it, or the rule it expired under at `now_ms`.
-fn deletion_reasons(
+/// The `date` and `hour` columns of a result's first two columns.
+fn partition_columns(
     batch: &RecordBatch,
-    table: &str,
-    retention: &Retention,
-    now_ms: i64,
-) -> Vec<Option<String>> {
-    let rules = retention.table(table);
-    let mut reasons: Vec<Option<String>> = expired_rules(batch, table, rules, now_ms)
-        .into_iter()
-        .map(|rule| rule.map(|r| rules[r].name.clone()))
-        .collect();
-    for request in retention.requests_of(table) {
-        for (reason, hit) in reasons.iter_mut().zip(request.rows.matching_rows(batch)) {
-            if hit {
-                *reason = Some(request.event.clone());
-            }
-        }
-    }
-    for held in retention.held_of(table) {
-        for (reason, hit) in reasons.iter_mut().zip(held.matching_rows(batch)) {
-            if hit {
-                *reason = None;
-            }
-        }
-    }
-    reasons
-}
-
-/// Per row: the index of the rule it expired under at `now_ms`, if it has,
-/// counting from the row's time (see [`row_time_sql`]).
-fn expired_rules(
-    batch: &RecordBatch,
-    table: &str,
-    rules: &[Rule],
-    now_ms: i64,
-) -> Vec<Option<usize>> {
-    let timestamps = |column: &str| {
+) -> (&arrow::array::Date32Array, &arrow::array::Int32Array) {
+    (
         batch
-            .column_by_name(column)
-            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
-    };
-    let time = timestamps(time_column(table));
-    let received = timestamps(crate::schema::RECEIVED_AT_COLUMN);
-    // Per rule, which rows it covers; a rule without `when` covers all.
-    let covered: Vec<Option<Vec<bool>>> = rules
-        .iter()
-        .map(|r| {
-            r.when
-                .as_ref()
-                .map(|w| column_matches(batch, &w.field, &w.equals))
-        })
-        .collect();
-    (0..batch.num_rows())
-        .map(|row| {
-            let stamped = time.filter(|t| t.is_valid(row))?.value(row);
-            let time = received
-                .filter(|r| r.is_valid(row))
-                .map_or(stamped, |r| stamped.min(r.value(row)));
-            let rule = covered
-                .iter()
-                .position(|c| c.as_ref().is_none_or(|rows| rows[row]))?;
-            (time < now_ms - rules[rule].keep_ms()).then_some(rule)
-        })
-        .collect()
+            .column(0)
+            .as_primitive::<arrow::datatypes::Date32Type>(),
+        batch
+            .column(1)
+            .as_primitive::<arrow::datatypes::Int32Type>(),
+    )
 }
 
-/// Removes what a crash left of an unfinished rewrite.
-fn remove_stale_rewrites(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|source| RetentionError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    for path in entries.flatten().map(|e| e.path()) {
-        if path.extension().is_some_and(|e| e == REWRITE_SUFFIX) {
-            fs::remove_file(&path).map_err(|source| RetentionError::Io { path, source })?;
+/// Rows per partition of a `SELECT date, hour, count(*)` result.
+fn partition_counts(batches: &[RecordBatch]) -> Vec<((i32, i32), u64)> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let (dates, hours) = partition_columns(batch);
+        let counts = batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        for row in 0..batch.num_rows() {
+            out.push((
+                (dates.value(row), hours.value(row)),
+                u64::try_from(counts.value(row)).unwrap_or(0),
+            ));
         }
     }
-    Ok(())
+    out
+}
+
+/// `date=YYYY-MM-DD/hour=H` of a partition given as days since the epoch and hour.
+fn partition_name_of(days: i32, hour: i32) -> String {
+    PartitionKey::from_parts(days, u8::try_from(hour).unwrap_or(u8::MAX))
+        .map(partition_name)
+        .unwrap_or_default()
 }
 
 /// One sweep as the server and `admin retention` run it: deletes, then (unless
 /// a dry run) audits each deletion and retires the requests carried out.
 pub fn sweep_and_record(
-    data_dir: &Path,
+    root: &StoreRoot,
     retention: &Retention,
     config: &RetentionConfig,
     run: SweepRun,
 ) -> Result<Vec<Deletion>> {
-    let deletions = sweep(data_dir, retention, run)?;
+    let deletions = sweep(root, retention, run)?;
     if !run.dry_run {
         audit(&config.audit_file, run.now_ms, &deletions)?;
         requests::retire(&config.requests_file, &retention.completed_by_sweep())?;
@@ -726,7 +595,6 @@ pub fn audit(audit_file: &Path, now_ms: i64, deletions: &[Deletion]) -> Result<(
                 "action": d.action,
                 "table": d.table,
                 "partition": d.partition,
-                "files": d.files,
                 "rows": d.rows,
                 "rules": d.rules,
             })
@@ -757,95 +625,134 @@ pub fn append_audit(audit_file: &Path, lines: &[serde_json::Value]) -> std::io::
     file.sync_data()
 }
 
-/// The hour partitions under a table directory.
-fn partitions(table_dir: &Path) -> Result<Vec<(PartitionKey, PathBuf)>> {
-    let mut out = Vec::new();
-    for date_dir in subdirs(table_dir)? {
-        let Some(date) = dir_value(&date_dir, "date=")
-            .and_then(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").ok())
-        else {
-            continue;
-        };
-        for hour_dir in subdirs(&date_dir)? {
-            let Some(hour) = dir_value(&hour_dir, "hour=").and_then(|h| h.parse::<u8>().ok())
-            else {
-                continue;
-            };
-            let days = (date - NaiveDate::default()).num_days() as i32;
-            if let Some(key) = PartitionKey::from_parts(days, hour) {
-                out.push((key, hour_dir));
+/// The SQL of why a row of `table` goes at `now_ms`, or NULL if it stays:
+/// the event of the first deletion request that matches it, else the name
+/// of its rule if it expired under it (the first rule whose `when` it
+/// matches, counting from its row time, see [`row_time_sql`]). With
+/// `whole_until` (ms), the partitions before it go whole as they expire
+/// under the table's longest rule; a row of that rule is then named only
+/// if its partition is later (a vehicle clock ahead: it expired by its
+/// receipt), and left for its partition's deletion otherwise, so that
+/// files are not rewritten hour after hour for rows that go with their
+/// partition within the hour.
+fn deletion_reason_sql(
+    retention: &Retention,
+    table: &str,
+    now_ms: i64,
+    whole_until: Option<i64>,
+) -> String {
+    let time = row_time_sql(table);
+    let longest = retention
+        .table(table)
+        .iter()
+        .map(Rule::keep_ms)
+        .max()
+        .unwrap_or(0);
+    let expired = |rule: &Rule| {
+        let later_partition = match whole_until {
+            Some(until) if rule.keep_ms() == longest => {
+                format!(" AND {} >= {}", time_column(table), timestamp_sql(until))
             }
+            _ => String::new(),
+        };
+        format!(
+            "CASE WHEN {time} < {}{later_partition} THEN {} END",
+            timestamp_sql(now_ms - rule.keep_ms()),
+            sql_literal(&MatchValue::Text(rule.name.clone()))
+        )
+    };
+    let mut case = String::from("CASE");
+    for request in retention.requests_of(table) {
+        case.push_str(&format!(
+            " WHEN {} THEN {}",
+            request.rows.sql(),
+            sql_literal(&MatchValue::Text(request.event.clone()))
+        ));
+    }
+    let mut otherwise = "NULL".to_owned();
+    for rule in retention.table(table) {
+        match &rule.when {
+            Some(when) => case.push_str(&format!(
+                " WHEN {} = {} THEN {}",
+                sql_identifier(&when.field),
+                sql_literal(&when.equals),
+                expired(rule)
+            )),
+            None => otherwise = expired(rule),
         }
     }
-    Ok(out)
-}
-
-fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(RetentionError::Io {
-                path: dir.to_owned(),
-                source,
-            });
-        }
-    };
-    Ok(entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect())
-}
-
-fn dir_value(dir: &Path, prefix: &str) -> Option<String> {
-    dir.file_name()?
-        .to_str()?
-        .strip_prefix(prefix)
-        .map(str::to_owned)
-}
-
-fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = fs::read_dir(dir).map_err(|source| RetentionError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    Ok(entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == PARQUET_EXTENSION))
-        .collect())
-}
-
-fn footer_rows(file: &Path) -> Result<u64> {
-    let footer = |source| RetentionError::Parquet {
-        path: file.to_owned(),
-        source,
-    };
-    let handle = fs::File::open(file).map_err(|source| RetentionError::Io {
-        path: file.to_owned(),
-        source,
-    })?;
-    let reader = SerializedFileReader::new(handle).map_err(footer)?;
-    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
-}
-
-/// Removes a partition's committed files, then whatever else is left in
-/// it (an uncommitted file of a writer that raced the sweep stays and keeps
-/// the directory), then the date directory if it is empty. A crash midway
-/// leaves fewer expired files, which stay hidden and go at the next sweep.
-fn delete_partition(dir: &Path, files: &[PathBuf]) -> Result<()> {
-    for file in files {
-        fs::remove_file(file).map_err(|source| RetentionError::Io {
-            path: file.clone(),
-            source,
-        })?;
+    if case == "CASE" {
+        otherwise
+    } else {
+        format!("{case} ELSE {otherwise} END")
     }
-    // Not empty (a late file arrived): keep the directory; the next sweep takes it.
-    if fs::remove_dir(dir).is_ok()
-        && let Some(date_dir) = dir.parent()
-    {
-        let _ = fs::remove_dir(date_dir);
+}
+
+/// `date=YYYY-MM-DD/hour=H`, as the Delta writer names the partition.
+fn partition_name(key: PartitionKey) -> String {
+    let (date, hour) = delta::partition_values(key);
+    format!("date={date}/hour={hour}")
+}
+
+/// SQL: the hour partitions before `key`.
+fn partitions_before(key: PartitionKey) -> String {
+    let (date, hour) = delta::partition_values(key);
+    format!("date < DATE '{date}' OR (date = DATE '{date}' AND hour < {hour})")
+}
+
+/// A UTC timestamp literal of `ms`, as the Delta tables type their times
+/// (microseconds), which a DELETE commit can record as its predicate.
+fn timestamp_sql(ms: i64) -> String {
+    format!(
+        "arrow_cast({}, 'Timestamp(Microsecond, Some(\"UTC\"))')",
+        ms.saturating_mul(1000)
+    )
+}
+
+/// Runs `sql` over `table`, registered as `t`.
+async fn query(table: &DeltaTable, sql: &str) -> Result<Vec<RecordBatch>> {
+    let ctx = SessionContext::new();
+    table.update_datafusion_session(&ctx.state())?;
+    ctx.register_table("t", table.table_provider().await?)?;
+    Ok(ctx.sql(sql).await?.collect().await?)
+}
+
+/// The clock of a sweep, for VACUUM: tests move it instead of sleeping.
+#[derive(Debug)]
+struct SweepClock(i64);
+
+impl deltalake::operations::vacuum::Clock for SweepClock {
+    fn current_timestamp_millis(&self) -> i64 {
+        self.0
+    }
+}
+
+/// Deletes the files deletions removed from `table` more than
+/// `run.vacuum_grace_ms` before `run.now_ms`, then the files no commit
+/// names that are older than the grace by the real clock (a failed write's:
+/// a file being written now is younger), so that no version of the table
+/// can read a deleted row any more.
+async fn vacuum(table: DeltaTable, run: SweepRun) -> Result<()> {
+    let grace = chrono::Duration::milliseconds(run.vacuum_grace_ms.max(0));
+    let (table, removed) = table
+        .vacuum()
+        .with_mode(VacuumMode::Lite)
+        .with_retention_period(grace)
+        .with_enforce_retention_duration(false)
+        // The sweep's time, or later: the deletions just made count from the real clock.
+        .with_clock(Arc::new(SweepClock(
+            run.now_ms.max(crate::core::clock::now_ms()),
+        )))
+        .await?;
+    let (_, orphans) = table
+        .vacuum()
+        .with_mode(VacuumMode::Full)
+        .with_retention_period(grace)
+        .with_enforce_retention_duration(false)
+        .await?;
+    let files = removed.files_deleted.len() + orphans.files_deleted.len();
+    if files > 0 {
+        tracing::info!(files, "vacuum deleted files no current version reads");
     }
     Ok(())
 }
@@ -857,7 +764,7 @@ mod tests {
     fn load(text: &str) -> Result<Retention> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("rules.toml");
-        fs::write(&path, text).expect("write");
+        std::fs::write(&path, text).expect("write");
         Retention::load(Some(&path), &Registry::load().expect("schemas"))
     }
 

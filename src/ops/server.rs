@@ -34,8 +34,7 @@ use crate::privacy::stage::PrivacyShared;
 use crate::privacy::vault::VaultError;
 use crate::schema::{Registry, SchemaError, Stream};
 use crate::store::{
-    FOOTER_SCAN_MARGIN_MS, StoreError, Table, TableBatch, TableListener, WriterSettings,
-    committed_wal_entries, spawn_writer, table_dir,
+    StoreError, StoreRoot, Table, TableBatch, TableListener, WriterSettings, spawn_writer,
 };
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 
@@ -105,6 +104,7 @@ struct Sweeper {
 /// Starts every stage; returns once the broker accepts connections.
 pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
+    crate::core::fsio::restrict_new_files();
     let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
     let retention = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
     let privacy = PrivacyShared::open(config)?;
@@ -114,11 +114,11 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
-    let run_id = format!("{:013}", crate::core::clock::now_ms());
+    let root = StoreRoot::local(&data_dir)?;
     let storage = &config.storage;
     let writer_settings = |table: &str, schema, metadata| WriterSettings {
         table: table.to_owned(),
-        dir: table_dir(&data_dir, table),
+        root: root.clone(),
         schema,
         roll_rows: storage.roll_rows,
         roll_bytes: storage.roll_bytes,
@@ -126,7 +126,6 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         max_open_files: storage.max_open_files,
         memory_budget_bytes: storage.memory_budget_bytes / Table::COUNT,
         zstd_level: storage.zstd_level,
-        run_id: run_id.clone(),
         metadata,
     };
     let queue = config.pipeline.queue_capacity;
@@ -137,7 +136,19 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         fsync_bytes: config.wal.fsync_bytes,
         max_segment_age: Duration::from_millis(config.wal.max_segment_age_ms),
     };
-    let recovered = wal::recover(&wal_settings.dir, config.wal.skip_corrupt)?;
+    let mut recovered = wal::recover(&wal_settings.dir, config.wal.skip_corrupt)?;
+    // What the tables hold of every shard, read before any writer commits.
+    let shard_ids: Vec<u16> = (0..config.worker_count())
+        .filter_map(|i| u16::try_from(i).ok())
+        .chain(recovered.shards.keys().copied())
+        .collect();
+    let stored = crate::store::block_on(crate::store::stored_through(&root, &shard_ids))?;
+    // A shard numbers on past every entry a table holds, even when its log
+    // is gone (a new disk): a reused number would read as stored.
+    for (&(_, shard), &seq) in &stored {
+        let log = recovered.shards.entry(shard).or_default();
+        log.next_seq = log.next_seq.max(seq + 1);
+    }
     let tracker = Arc::new(Tracker::default());
 
     let mut queues = Vec::new();
@@ -181,13 +192,12 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         tracker.clone(),
     )?);
 
-    // Recovery: whatever the log holds that no committed file holds.
+    // Recovery: whatever the log holds that no commit holds.
     if recovered.entry_count() > 0 {
-        let since = recovered.oldest_ms().unwrap_or(0) - FOOTER_SCAN_MARGIN_MS;
-        let stored = committed_wal_entries(&data_dir, since)?;
         let mut replayed = 0u64;
         for entry in recovered.shards.values().flat_map(|s| &s.entries) {
-            if stored.contains(&entry.id) {
+            let stored_through = stored.get(&(entry.table, entry.id.shard));
+            if stored_through.is_some_and(|&seq| entry.id.seq <= seq) {
                 continue;
             }
             tracker.register(entry.id);
@@ -285,10 +295,13 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             retention,
             access,
             SweepSettings {
-                data_dir: data_dir.clone(),
-                wal_dir: wal_settings.dir.clone(),
+                root: root.clone(),
                 files: config.retention.clone(),
-                zstd_level: config.storage.zstd_level,
+                vacuum_grace_ms: config.storage.vacuum_grace_ms,
+                compaction: crate::store::Compaction {
+                    target_bytes: config.storage.compact_target_bytes,
+                    zstd_level: config.storage.zstd_level,
+                },
                 max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
                 every: Duration::from_secs(secs),
             },
@@ -353,19 +366,17 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
 
 /// Where and how often the background sweep runs.
 struct SweepSettings {
-    data_dir: PathBuf,
-    wal_dir: PathBuf,
+    root: StoreRoot,
     files: RetentionConfig,
-    zstd_level: i32,
+    vacuum_grace_ms: i64,
+    compaction: crate::store::Compaction,
     max_clock_skew_ms: i64,
     every: Duration,
 }
 
-/// Sweeps expired partitions every `every`, with the real clock, auditing
-/// each deletion and counting its rows; expires query audit files and the
-/// settled log's lines no recovery can need any more, too. The first sweep,
-/// and the first after a legal hold's release, read every partition that
-/// can hold expired rows; the others only what can have expired since.
+/// Every `every`, with the real clock: deletes what has expired, auditing
+/// each deletion and counting its rows; compacts the closed hour partitions;
+/// expires query audit files.
 fn spawn_sweeper(
     retention: Retention,
     access: Arc<AccessEnv>,
@@ -374,38 +385,30 @@ fn spawn_sweeper(
 ) -> Result<Sweeper> {
     let (stop, stopped) = bounded::<()>(0);
     let SweepSettings {
-        data_dir,
-        wal_dir,
+        root,
         files,
-        zstd_level,
+        vacuum_grace_ms,
+        compaction,
         max_clock_skew_ms,
         every,
     } = settings;
     let thread = std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || {
-            let mut since_ms = None;
-            let mut held_before = Vec::new();
             while let Err(crossbeam::channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                 let now_ms = crate::core::clock::now_ms();
-                let swept = retention.clone().with_state(&files).and_then(|rules| {
-                    // Rows a released hold kept past their rule lie where
-                    // the window passed long ago.
-                    let released = held_before.iter().any(|h| !rules.held().contains(h));
-                    let run = retention::SweepRun {
-                        now_ms,
-                        since_ms: since_ms.filter(|_| !released),
-                        zstd_level,
-                        max_clock_skew_ms,
-                        dry_run: false,
-                    };
-                    retention::sweep_and_record(&data_dir, &rules, &files, run)
-                        .map(|deletions| (deletions, rules.held().to_vec()))
-                });
+                let run = retention::SweepRun {
+                    now_ms,
+                    max_clock_skew_ms,
+                    vacuum_grace_ms,
+                    dry_run: false,
+                };
+                let swept = retention
+                    .clone()
+                    .with_state(&files)
+                    .and_then(|rules| retention::sweep_and_record(&root, &rules, &files, run));
                 match swept {
-                    Ok((deletions, held)) => {
-                        since_ms = Some(now_ms);
-                        held_before = held;
+                    Ok(deletions) => {
                         for d in &deletions {
                             if let Some(counters) = metrics.table(&d.table) {
                                 counters.rows_expired.fetch_add(d.rows, Ordering::Relaxed);
@@ -415,8 +418,12 @@ fn spawn_sweeper(
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
                 }
-                if let Err(e) = crate::store::prune_settled(&data_dir, &wal_dir, now_ms) {
-                    tracing::error!(error = %e, "pruning the settled WAL entries failed; will try again");
+                match crate::store::compact(&root, now_ms, compaction) {
+                    Ok(files) if files > 0 => {
+                        tracing::info!(files, "small files of closed hour partitions compacted");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "compaction failed; will try again"),
                 }
                 match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {

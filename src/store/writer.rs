@@ -1,18 +1,19 @@
 //! The writer of one table: a named thread that receives record batches,
-//! appends them to one open Parquet file per hour partition, and commits a
-//! file when it reaches `roll_rows` rows, `roll_bytes` bytes or `roll_age`.
+//! holds them, and commits them to the table's Delta log when they reach
+//! `roll_rows` rows, `roll_bytes` bytes, `max_open_files` hour partitions
+//! or `roll_age`.
 //!
-//! Commit = write the footer (naming the WAL entries the file holds), fsync
-//! the file, rename it from its hidden in-progress name to
-//! `part-<run>-<n>.parquet`, fsync the directory. Only then are its rows
-//! counted as stored and its WAL entries released. A failed write or commit
-//! loses nothing: the file's batches are kept and written again after a
-//! back-off, until the disk accepts them. This thread never decodes or
-//! pseudonymises; it only stores what the workers built.
+//! Commit = write one zstd Parquet file per hour partition held, fsync them
+//! (on local disk), commit them to the Delta log in one version that also
+//! records, per WAL shard, the last entry it holds, fsync the log. Only then
+//! are the rows counted as stored and their WAL entries released. A failed
+//! write or commit loses nothing: the batches stay held and are written
+//! again after a back-off, until the store accepts them; a file a failed
+//! commit left behind is named by no version, so no reader sees it, and
+//! vacuum removes it. This thread never decodes or pseudonymises; it only
+//! stores what the workers built.
 
-use std::collections::HashMap;
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,14 +21,18 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use crossbeam::channel::{Receiver, RecvTimeoutError};
-use parquet::arrow::ArrowWriter;
+use deltalake::DeltaTable;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use super::{IN_PROGRESS_SUFFIX, PARQUET_EXTENSION, PartitionKey, Result, StoreError, io_error};
-use crate::core::fsio;
-use crate::wal::{self, EntryId, Tracker};
+use super::delta::{self, PARTITION_COLUMNS, StoreRoot};
+use super::{PartitionKey, Result, StoreError, io_error};
+use crate::wal::{EntryId, Tracker};
 
 /// Rows of one hour partition on their way to a table writer, with the WAL
 /// entry that holds them.
@@ -42,18 +47,18 @@ pub struct TableBatch {
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
     pub table: String,
-    pub dir: PathBuf,
+    pub root: StoreRoot,
+    /// The columns of the table's files (the partition columns come on top).
     pub schema: SchemaRef,
     pub roll_rows: usize,
     pub roll_bytes: usize,
     pub roll_age: Duration,
+    /// Most hour partitions one commit writes (late records spread over many).
     pub max_open_files: usize,
     /// Most bytes of uncommitted rows this writer holds before it commits
-    /// early or, when writes fail, stops taking batches.
+    /// early or, when commits fail, stops taking batches.
     pub memory_budget_bytes: usize,
     pub zstd_level: i32,
-    /// Distinguishes this server run's file names from earlier runs'.
-    pub run_id: String,
     /// Key-value metadata written into every file's footer.
     pub metadata: Vec<(String, String)>,
 }
@@ -62,6 +67,7 @@ pub struct WriterSettings {
 #[derive(Debug, Clone)]
 pub struct Commit {
     pub rows: usize,
+    pub files: usize,
     pub bytes: u64,
 }
 
@@ -77,50 +83,33 @@ pub trait CommitListener: Send + Sync {
 /// First wait before writing failed batches again; doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Longest a commit may take before it counts as failed (a store that
+/// stopped answering).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-struct OpenFile {
-    writer: ArrowWriter<File>,
-    in_progress: PathBuf,
-    committed: PathBuf,
-    rows: usize,
-    opened: Instant,
-    /// What the file holds, kept until it is committed so a failure loses nothing.
+/// Rows received and not yet committed, in the order received.
+#[derive(Default)]
+struct Held {
     batches: Vec<TableBatch>,
-    /// Memory those batches take, kept as a running sum: summing it afresh
-    /// for every batch received cost a tenth of the server's CPU.
-    held_bytes: usize,
+    rows: usize,
+    /// Memory the batches take, kept as a running sum.
+    bytes: usize,
+    partitions: HashSet<PartitionKey>,
+    since: Option<Instant>,
 }
 
 struct TableWriter {
     settings: WriterSettings,
     properties: WriterProperties,
-    open: HashMap<PartitionKey, OpenFile>,
-    next_file: u64,
+    runtime: tokio::runtime::Runtime,
+    /// The open table; `None` until opened, and again after a failed commit.
+    table: Option<DeltaTable>,
+    held: Held,
     listener: Arc<dyn CommitListener>,
     tracker: Arc<Tracker>,
-    retry: Vec<TableBatch>,
+    failing: bool,
     retry_delay: Duration,
     retry_at: Instant,
-}
-
-/// Removes in-progress files a crash left behind; they were never committed.
-fn remove_in_progress(dir: &Path) -> Result<usize> {
-    let mut removed = 0;
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io_error(dir)(e)),
-    };
-    for entry in entries {
-        let path = entry.map_err(io_error(dir))?.path();
-        if path.is_dir() {
-            removed += remove_in_progress(&path)?;
-        } else if path.extension().is_some_and(|e| e == IN_PROGRESS_SUFFIX) {
-            fs::remove_file(&path).map_err(io_error(&path))?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
 }
 
 /// Starts the writer thread of one table. It runs until every sender of `rx`
@@ -131,28 +120,29 @@ pub fn spawn_writer(
     listener: Arc<dyn CommitListener>,
     tracker: Arc<Tracker>,
 ) -> Result<JoinHandle<()>> {
-    let removed = remove_in_progress(&settings.dir)?;
-    if removed > 0 {
-        tracing::warn!(table = %settings.table, files = removed, "removed uncommitted files of an earlier run");
-    }
     let properties =
         writer_properties(settings.zstd_level, settings.roll_rows, &settings.metadata)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_error(std::path::Path::new("writer runtime")))?;
     let name = format!("writer-{}", settings.table);
     let mut writer = TableWriter {
         settings,
         properties,
-        open: HashMap::new(),
-        next_file: 0,
+        runtime,
+        table: None,
+        held: Held::default(),
         listener,
         tracker,
-        retry: Vec::new(),
+        failing: false,
         retry_delay: FIRST_RETRY_DELAY,
         retry_at: Instant::now(),
     };
     std::thread::Builder::new()
         .name(name)
         .spawn(move || writer.run(rx))
-        .map_err(io_error(Path::new("writer thread")))
+        .map_err(io_error(std::path::Path::new("writer thread")))
 }
 
 impl TableWriter {
@@ -160,23 +150,24 @@ impl TableWriter {
         let tick = (self.settings.roll_age / 4)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         loop {
-            self.enforce_budget();
-            self.listener.holding(self.held_bytes());
-            if self.held_bytes() > self.settings.memory_budget_bytes {
-                // Only batches that failed to write are left: take nothing new
-                // until the disk accepts them, so the pipeline behind waits.
-                std::thread::sleep(
-                    self.retry_at
-                        .saturating_duration_since(Instant::now())
-                        .max(tick),
-                );
-                self.retry_due();
+            self.listener.holding(self.held.bytes);
+            if self.held.bytes > self.settings.memory_budget_bytes {
+                // Over budget: commit now; while commits fail, take nothing
+                // new, so the pipeline behind waits.
+                if self.failing {
+                    std::thread::sleep(
+                        self.retry_at
+                            .saturating_duration_since(Instant::now())
+                            .max(tick),
+                    );
+                }
+                self.commit();
                 continue;
             }
             match rx.recv_timeout(tick) {
                 Ok(first) => {
                     self.append(first);
-                    while self.held_bytes() <= self.settings.memory_budget_bytes {
+                    while self.held.bytes <= self.settings.memory_budget_bytes {
                         match rx.try_recv() {
                             Ok(next) => self.append(next),
                             Err(_) => break,
@@ -186,200 +177,191 @@ impl TableWriter {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            self.commit_aged();
-            self.retry_due();
+            if self.roll_due() {
+                self.commit();
+            }
         }
-        // Shutting down: commit everything, retrying failed writes until they
-        // succeed, so nothing received is left behind.
-        loop {
-            let all: Vec<PartitionKey> = self.open.keys().copied().collect();
-            for key in all {
-                self.commit(key);
-            }
-            if self.retry.is_empty() {
-                break;
-            }
+        // Shutting down: commit everything, retrying until it succeeds, so
+        // nothing received is left behind.
+        while !self.held.batches.is_empty() {
             std::thread::sleep(self.retry_at.saturating_duration_since(Instant::now()));
-            self.retry_due();
+            self.commit();
         }
     }
 
-    /// Memory held for rows not yet committed: open files and failed batches.
-    fn held_bytes(&self) -> usize {
-        self.open.values().map(|f| f.held_bytes).sum::<usize>()
-            + self
-                .retry
-                .iter()
-                .map(|b| b.batch.get_array_memory_size())
-                .sum::<usize>()
-    }
-
-    /// Commits the largest open files while the writer holds more than its budget.
-    fn enforce_budget(&mut self) {
-        while self.held_bytes() > self.settings.memory_budget_bytes {
-            let largest = self
-                .open
-                .iter()
-                .max_by_key(|(_, f)| f.held_bytes)
-                .map(|(k, _)| *k);
-            match largest {
-                Some(key) => self.commit(key),
-                None => break,
-            }
-        }
-    }
-
-    fn retry_due(&mut self) {
-        if self.retry.is_empty() || Instant::now() < self.retry_at {
-            return;
-        }
-        let batches = std::mem::take(&mut self.retry);
-        let failed_before = batches.len();
-        for batch in batches {
-            self.append(batch);
-        }
-        if self.retry.is_empty() {
-            self.retry_delay = FIRST_RETRY_DELAY;
-        } else if self.retry.len() >= failed_before {
-            tracing::warn!(table = %self.settings.table, batches = self.retry.len(), "writing failed batches again failed; backing off");
-        }
-    }
-
-    /// Keeps batches whose write failed, to be written again after a back-off.
-    fn keep_for_retry(&mut self, batches: Vec<TableBatch>, error: &StoreError) {
-        let rows = batches.iter().map(|b| b.batch.num_rows()).sum();
-        self.listener.failed(error, rows);
-        self.retry.extend(batches);
-        self.retry_at = Instant::now() + self.retry_delay;
-        self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+    fn roll_due(&self) -> bool {
+        let held = &self.held;
+        let Some(since) = held.since else {
+            return false;
+        };
+        (!self.failing || Instant::now() >= self.retry_at)
+            && (held.rows >= self.settings.roll_rows
+                || held.bytes >= self.settings.roll_bytes
+                || held.partitions.len() > self.settings.max_open_files
+                || since.elapsed() >= self.settings.roll_age)
     }
 
     fn append(&mut self, table_batch: TableBatch) {
-        let partition = table_batch.partition;
         let rows = table_batch.batch.num_rows();
         if rows == 0 {
             self.tracker.covered(&[table_batch.wal]);
             return;
         }
-        if !self.open.contains_key(&partition) {
-            if self.open.len() >= self.settings.max_open_files {
-                self.commit_oldest();
-            }
-            match self.open_file(partition) {
-                Ok(file) => {
-                    self.open.insert(partition, file);
-                }
-                Err(e) => {
-                    self.keep_for_retry(vec![table_batch], &e);
-                    return;
-                }
-            }
-        }
-        let Some(file) = self.open.get_mut(&partition) else {
+        let held = &mut self.held;
+        held.rows += rows;
+        held.bytes += table_batch.batch.get_array_memory_size();
+        held.partitions.insert(table_batch.partition);
+        held.since.get_or_insert_with(Instant::now);
+        held.batches.push(table_batch);
+    }
+
+    /// Commits everything held; on failure keeps it for the next attempt.
+    fn commit(&mut self) {
+        if self.held.batches.is_empty() || (self.failing && Instant::now() < self.retry_at) {
             return;
+        }
+        let table = self.table.take();
+        let settings = &self.settings;
+        let batches = &self.held.batches;
+        let properties = &self.properties;
+        let runtime = &self.runtime;
+        // A panic inside the object store or Delta writer (seen: a buffered
+        // upload polled after a failed write) fails this attempt like an
+        // error would; the batches stay held and the thread lives on.
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let attempt = async {
+                let url = settings.root.table_url(&settings.table)?;
+                let table = match table {
+                    Some(table) => table,
+                    None => delta::open_or_create(&url, &settings.table, &settings.schema).await?,
+                };
+                let parts = batches.iter().map(|b| (b.partition, &b.batch));
+                write_and_commit(table, properties, parts, wal_transactions(batches)).await
+            };
+            runtime.block_on(async { tokio::time::timeout(COMMIT_TIMEOUT, attempt).await })
+        }));
+        let outcome = match attempt {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_elapsed)) => Err(StoreError::TimedOut(COMMIT_TIMEOUT)),
+            Err(_panic) => Err(StoreError::Panicked),
         };
-        if let Err(e) = file.writer.write(&table_batch.batch) {
-            let mut batches = self.abandon(partition);
-            batches.push(table_batch);
-            self.keep_for_retry(batches, &e.into());
-            return;
-        }
-        file.rows += rows;
-        file.held_bytes += table_batch.batch.get_array_memory_size();
-        file.batches.push(table_batch);
-        let bytes = file.writer.bytes_written() + file.writer.in_progress_size();
-        if file.rows >= self.settings.roll_rows || bytes >= self.settings.roll_bytes {
-            self.commit(partition);
-        }
-    }
-
-    fn open_file(&mut self, partition: PartitionKey) -> Result<OpenFile> {
-        let dir = self.settings.dir.join(partition.relative_dir());
-        if !dir.exists() {
-            fsio::create_dir_all(&dir).map_err(io_error(&dir))?;
-            // Make the new directory entries durable up to the table directory.
-            let mut d = dir.as_path();
-            while let Some(parent) = d.parent() {
-                fsio::sync_dir(parent).map_err(io_error(parent))?;
-                if parent == self.settings.dir {
-                    break;
-                }
-                d = parent;
-            }
-        }
-        self.next_file += 1;
-        let stem = format!("part-{}-{:06}", self.settings.run_id, self.next_file);
-        let committed = dir.join(format!("{stem}.{PARQUET_EXTENSION}"));
-        let in_progress = dir.join(format!(".{stem}.{PARQUET_EXTENSION}.{IN_PROGRESS_SUFFIX}"));
-        let file = fsio::create(&in_progress).map_err(io_error(&in_progress))?;
-        let writer = ArrowWriter::try_new(
-            file,
-            self.settings.schema.clone(),
-            Some(self.properties.clone()),
-        )?;
-        Ok(OpenFile {
-            writer,
-            in_progress,
-            committed,
-            rows: 0,
-            opened: Instant::now(),
-            batches: Vec::new(),
-            held_bytes: 0,
-        })
-    }
-
-    fn commit_aged(&mut self) {
-        let age = self.settings.roll_age;
-        let due: Vec<PartitionKey> = self
-            .open
-            .iter()
-            .filter(|(_, f)| f.opened.elapsed() >= age)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in due {
-            self.commit(key);
-        }
-    }
-
-    fn commit_oldest(&mut self) {
-        if let Some(key) = self
-            .open
-            .iter()
-            .min_by_key(|(_, f)| f.opened)
-            .map(|(k, _)| *k)
-        {
-            self.commit(key);
-        }
-    }
-
-    fn commit(&mut self, partition: PartitionKey) {
-        let Some(file) = self.open.remove(&partition) else {
-            return;
-        };
-        let in_progress = file.in_progress.clone();
-        match finish(file) {
-            Ok((commit, batches)) => {
-                let entries: Vec<EntryId> = batches.iter().map(|b| b.wal).collect();
+        match outcome {
+            Ok((table, commit)) => {
+                self.table = Some(table);
+                let held = std::mem::take(&mut self.held);
+                let entries: Vec<EntryId> = held.batches.iter().map(|b| b.wal).collect();
                 self.tracker.covered(&entries);
-                self.listener.committed(&commit, &batches);
+                self.listener.committed(&commit, &held.batches);
+                self.failing = false;
+                self.retry_delay = FIRST_RETRY_DELAY;
             }
-            Err((e, batches)) => {
-                let _ = fs::remove_file(&in_progress);
-                self.keep_for_retry(batches, &e);
+            Err(e) => {
+                // Whatever the failed attempt left running (uploads) goes with its runtime.
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(fresh) => self.runtime = fresh,
+                    Err(error) => tracing::warn!(%error, "cannot renew the writer's runtime"),
+                }
+                if self.failing {
+                    tracing::warn!(table = %self.settings.table, error = %e, "writing held batches again failed; backing off");
+                }
+                self.listener.failed(&e, self.held.rows);
+                self.failing = true;
+                self.retry_at = Instant::now() + self.retry_delay;
+                self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
             }
         }
     }
+}
 
-    /// Drops an open file that cannot be completed; returns what it held.
-    fn abandon(&mut self, partition: PartitionKey) -> Vec<TableBatch> {
-        match self.open.remove(&partition) {
-            Some(file) => {
-                let _ = fs::remove_file(&file.in_progress);
-                file.batches
-            }
-            None => Vec::new(),
-        }
+/// Per WAL shard, the last entry `batches` hold, as Delta application
+/// transactions.
+fn wal_transactions(batches: &[TableBatch]) -> Vec<Transaction> {
+    let mut through: BTreeMap<u16, u64> = BTreeMap::new();
+    for b in batches {
+        let seq = through.entry(b.wal.shard).or_default();
+        *seq = (*seq).max(b.wal.seq);
     }
+    through
+        .into_iter()
+        .map(|(shard, seq)| {
+            Transaction::new(
+                delta::wal_app_id(shard),
+                i64::try_from(seq).unwrap_or(i64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// Writes `parts` as one Parquet file per hour partition and commits them
+/// to `table` as one version, with `transactions`. Returns the table at
+/// that version.
+async fn write_and_commit<'a>(
+    mut table: DeltaTable,
+    properties: &WriterProperties,
+    parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch)>,
+    transactions: Vec<Transaction>,
+) -> Result<(DeltaTable, Commit)> {
+    let mut writer =
+        RecordBatchWriter::for_table(&table)?.with_writer_properties(properties.clone());
+    let mut rows = 0;
+    for (partition, batch) in parts {
+        rows += batch.num_rows();
+        writer
+            .write(delta::with_partition_columns(batch, partition)?)
+            .await?;
+    }
+    let adds = writer.flush().await?;
+    let local_dir = table.table_url().to_file_path().ok();
+    if let Some(dir) = &local_dir {
+        delta::sync_files(dir, &adds)?;
+    }
+    let commit = Commit {
+        rows,
+        files: adds.len(),
+        bytes: adds
+            .iter()
+            .map(|a| u64::try_from(a.size).unwrap_or(0))
+            .sum(),
+    };
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
+        predicate: None,
+    };
+    let finalized = CommitBuilder::from(
+        CommitProperties::default().with_application_transactions(transactions),
+    )
+    .with_actions(adds.into_iter().map(Action::Add).collect())
+    .build(Some(table.snapshot()?), table.log_store(), operation)
+    .await?;
+    let version = finalized.version();
+    if let Some(dir) = &local_dir {
+        delta::sync_log(dir, version)?;
+    }
+    table.update_incremental(Some(version)).await?;
+    Ok((table, commit))
+}
+
+/// Writes `parts` of table `name` (files of `schema`) under `root` as one
+/// commit, creating the table if needed: for fixtures, benchmarks and
+/// conversion, outside a running server.
+pub fn append(
+    root: &StoreRoot,
+    name: &str,
+    schema: &SchemaRef,
+    parts: &[(PartitionKey, RecordBatch)],
+    zstd_level: i32,
+) -> Result<Commit> {
+    let properties = writer_properties(zstd_level, 1 << 20, &[])?;
+    super::block_on(async {
+        let table = delta::open_or_create(&root.table_url(name)?, name, schema).await?;
+        let parts = parts.iter().map(|(p, b)| (*p, b));
+        let (_, commit) = write_and_commit(table, &properties, parts, Vec::new()).await?;
+        Ok(commit)
+    })
 }
 
 /// How a table's Parquet files are encoded: zstd at `zstd_level`, row
@@ -402,42 +384,4 @@ pub fn writer_properties(
                 .collect(),
         ))
         .build())
-}
-
-/// Writes the footer, fsyncs, renames into place and fsyncs the directory.
-/// Returns the batches the file holds, with the commit or with the error.
-fn finish(
-    file: OpenFile,
-) -> std::result::Result<(Commit, Vec<TableBatch>), (StoreError, Vec<TableBatch>)> {
-    let OpenFile {
-        mut writer,
-        in_progress,
-        committed,
-        rows,
-        batches,
-        ..
-    } = file;
-    let entries: Vec<EntryId> = batches.iter().map(|b| b.wal).collect();
-    writer.append_key_value_metadata(KeyValue::new(
-        wal::FOOTER_KEY.to_owned(),
-        wal::footer_value(&entries),
-    ));
-    match commit_file(writer, &in_progress, &committed, rows) {
-        Ok(commit) => Ok((commit, batches)),
-        Err(e) => Err((e, batches)),
-    }
-}
-
-fn commit_file(
-    writer: ArrowWriter<File>,
-    in_progress: &Path,
-    committed: &Path,
-    rows: usize,
-) -> Result<Commit> {
-    let file = writer.into_inner()?;
-    file.sync_all().map_err(io_error(in_progress))?;
-    let bytes = file.metadata().map_err(io_error(in_progress))?.len();
-    drop(file);
-    fsio::rename_durably(in_progress, committed).map_err(io_error(committed))?;
-    Ok(Commit { rows, bytes })
 }
