@@ -139,6 +139,9 @@ enum AdminAction {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Turn the table directories of an older version (Parquet files in
+    /// date=/hour= directories, no Delta log) into Delta tables, in place.
+    Convert,
 }
 
 #[derive(Subcommand)]
@@ -461,6 +464,7 @@ fn access(config: &Config, action: AccessAction) -> anyhow::Result<()> {
 fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
     let (vin, event) = match action {
         AdminAction::Retention { dry_run } => return retention(config, dry_run),
+        AdminAction::Convert => return convert(config),
         AdminAction::Consent { vin } => (vin, None),
         AdminAction::Event {
             vin,
@@ -498,6 +502,30 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
             println!("{}: {effect}", request.event.name());
         }
         None => println!("{:?}", privacy.vault.consent(&vin)?),
+    }
+    Ok(())
+}
+
+/// `admin convert`: every table directory of an older version becomes a
+/// Delta table over the same files; refused while the write-ahead log
+/// holds entries (the older version recovers them, on a clean stop).
+fn convert(config: &Config) -> anyhow::Result<()> {
+    let pending = fleetgate::wal::inspect(&config.wal_dir())?.entry_count();
+    if pending > 0 {
+        anyhow::bail!(
+            "the write-ahead log holds {pending} entries the older version has not stored: \
+             start and stop it once (a clean stop stores them), then convert"
+        );
+    }
+    let root = fleetgate::store::StoreRoot::local(&config.storage.data_dir)?;
+    for (table, files) in fleetgate::store::delta::convert_all(&root)? {
+        println!("{table}: a Delta table over its {files} files");
+    }
+    // The older version's record of swept files' WAL entries: the tables'
+    // transactions take its place.
+    let settled = config.storage.data_dir.join("_wal_settled.json");
+    if settled.exists() {
+        std::fs::remove_file(&settled)?;
     }
     Ok(())
 }

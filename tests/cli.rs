@@ -403,3 +403,60 @@ fn vehicle_credentials_are_issued_and_revoked() {
     assert!(!unconfigured.status.success());
     assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("credentials_file"));
 }
+
+/// A data directory of an older version (Parquet files in date=/hour=
+/// directories, no Delta log) is refused at start-up, with the command
+/// that converts it; `admin convert` makes each table a Delta table over
+/// the same files, and every row is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_data_directory_is_converted_in_place() {
+    let server = TestServer::start();
+    let mut messages = Vec::new();
+    for stream in [Stream::Rtti, Stream::Diagnostics] {
+        for (_, bytes) in examples(stream, "valid") {
+            let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
+            messages.push((format!("vehicles/{vin}/{}", stream.name()), bytes));
+        }
+    }
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    let data = server.data_dir();
+    let config = server.config.clone();
+    server.handle.shutdown().expect("shutdown");
+    let count = async |table: &str| {
+        count_at(&data, &format!("SELECT count(*) FROM {table}"), TEST_NOW_MS).await
+    };
+    let (rtti, diagnostics) = (count("rtti").await, count("diagnostics").await);
+    assert!(rtti > 0 && diagnostics > 0);
+
+    // What an older version left: the same files, no transaction log.
+    for table in ["rtti", "diagnostics", "dead_letters"] {
+        let log = data.join(table).join("_delta_log");
+        if log.exists() {
+            std::fs::remove_dir_all(log).expect("remove log");
+        }
+    }
+    let refused = match fleetgate::ops::server::start(&config) {
+        Ok(_) => panic!("a server started on an unconverted data directory"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("fleetgate admin convert"), "{refused}");
+
+    let converted = fleetgate(
+        server.dir.path(),
+        &[
+            "admin".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "convert".as_ref(),
+        ],
+    );
+    assert!(converted.contains("rtti: a Delta table"), "{converted}");
+    assert_eq!(
+        (count("rtti").await, count("diagnostics").await),
+        (rtti, diagnostics)
+    );
+    fleetgate::ops::server::start(&config)
+        .expect("starts on the converted directory")
+        .shutdown()
+        .expect("shutdown");
+}

@@ -115,6 +115,10 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     })?;
     let metrics = Arc::new(Metrics::default());
     let root = StoreRoot::local(&data_dir)?;
+    let unconverted = crate::store::delta::unconverted(&root);
+    if !unconverted.is_empty() {
+        return Err(StoreError::NotConverted(unconverted).into());
+    }
     let storage = &config.storage;
     let writer_settings = |table: &str, schema, metadata| WriterSettings {
         table: table.to_owned(),

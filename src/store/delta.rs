@@ -172,6 +172,74 @@ pub async fn open_or_create(url: &Url, name: &str, file_schema: &SchemaRef) -> R
     }
 }
 
+/// The tables under `root` that hold Parquet files but no Delta log: a
+/// data directory of an older version, which must be converted first
+/// (VACUUM would take such files for a failed write's and delete them).
+pub fn unconverted(root: &StoreRoot) -> Vec<String> {
+    crate::core::table::Table::all()
+        .map(|t| t.name())
+        .filter(|name| {
+            let dir = root.table_dir(name);
+            !has_commit(&dir.join("_delta_log")) && holds_parquet(&dir)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn holds_parquet(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        match path.is_dir() {
+            true => holds_parquet(&path),
+            false => path.extension().is_some_and(|x| x == "parquet"),
+        }
+    })
+}
+
+/// Converts every table of [`unconverted`] in place: one Delta commit
+/// naming its Parquet files, with `date` and `hour` read from their
+/// directories and this store's table properties. Returns each table
+/// converted with its number of files.
+pub fn convert_all(root: &StoreRoot) -> Result<Vec<(String, usize)>> {
+    super::block_on(async {
+        let mut converted = Vec::new();
+        for name in unconverted(root) {
+            let url = root.table_url(&name)?;
+            let partitions = [
+                StructField::new(
+                    PARTITION_COLUMNS[0],
+                    deltalake::kernel::DataType::DATE,
+                    true,
+                ),
+                StructField::new(
+                    PARTITION_COLUMNS[1],
+                    deltalake::kernel::DataType::INTEGER,
+                    true,
+                ),
+            ];
+            let table = deltalake::operations::convert_to_delta::ConvertToDeltaBuilder::new()
+                .with_location(url.to_string())
+                .with_partition_schema(partitions)
+                .with_table_name(name.clone())
+                .with_configuration(table_properties())
+                .await?;
+            let files = table.snapshot()?.log_data().num_files();
+            if let Ok(dir) = url.to_file_path() {
+                let version = table
+                    .version()
+                    .and_then(|v| u64::try_from(v).ok())
+                    .unwrap_or(0);
+                sync_log(&dir, version)?;
+            }
+            converted.push((name, files));
+        }
+        Ok(converted)
+    })
+}
+
 /// The last WAL entry of `shard` that a commit to `table` holds, if any.
 pub async fn stored_through(table: &DeltaTable, shard: u16) -> Result<Option<u64>> {
     let version = table

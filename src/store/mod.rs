@@ -41,6 +41,10 @@ pub enum StoreError {
     },
     #[error("{0} cannot hold a table")]
     Location(PathBuf),
+    #[error(
+        "{0:?} hold Parquet files of an older version and no Delta log: stop, run `fleetgate admin convert`, start again"
+    )]
+    NotConverted(Vec<String>),
     #[error("a store thread panicked")]
     Panicked,
     #[error("the store did not answer within {0:?}")]
