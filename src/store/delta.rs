@@ -228,11 +228,7 @@ pub fn convert_all(root: &StoreRoot) -> Result<Vec<(String, usize)>> {
                 .await?;
             let files = table.snapshot()?.log_data().num_files();
             if let Ok(dir) = url.to_file_path() {
-                let version = table
-                    .version()
-                    .and_then(|v| u64::try_from(v).ok())
-                    .unwrap_or(0);
-                sync_log(&dir, version)?;
+                sync_log(&dir, table.version().unwrap_or(0))?;
             }
             converted.push((name, files));
         }
