@@ -69,8 +69,9 @@ fn policy(c: &mut Criterion) {
     let retention = Retention::load(None, &schemas).expect("rules");
     let access = access_registry(now_ms);
     let purposes = Purposes::built_in().expect("purposes");
+    let store = fleetgate::store::StoreRoot::local(dir.path()).expect("store root");
     let inputs = PolicyInputs {
-        data_dir: dir.path(),
+        store: &store,
         schemas: &schemas,
         retention: &retention,
         access: &access,

@@ -261,6 +261,43 @@ pub struct StorageConfig {
     /// Size compaction aims at when it rewrites a closed hour partition's
     /// small files into few large ones.
     pub compact_target_bytes: u64,
+    /// Where the tables live: `None` = under `data_dir` on local disk, or
+    /// `s3://bucket/prefix` on an S3 object store (see `[storage.s3]`).
+    /// The write-ahead log stays under `data_dir` either way.
+    pub uri: Option<String>,
+    pub s3: S3Config,
+}
+
+/// The S3 object store of `storage.uri = "s3://…"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// `None`: AWS's endpoint for the region; set for MinIO, Ceph, moto.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Credentials; `None` takes AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    /// from the environment (never from instance metadata).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow `http://` endpoints (a test server on loopback).
+    pub allow_http: bool,
+    /// Per request: time limit, and retries before an error reaches the writer.
+    pub request_timeout_ms: u64,
+    pub max_retries: usize,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            request_timeout_ms: 30_000,
+            max_retries: 3,
+        }
+    }
 }
 
 /// The decode/validate/pseudonymise stage.
@@ -311,6 +348,8 @@ impl Default for StorageConfig {
             zstd_level: 3,
             vacuum_grace_ms: 10 * 60 * 1000,
             compact_target_bytes: 128 * 1024 * 1024,
+            uri: None,
+            s3: S3Config::default(),
         }
     }
 }

@@ -541,7 +541,7 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
         vacuum_grace_ms: config.storage.vacuum_grace_ms,
         dry_run,
     };
-    let root = fleetgate::store::StoreRoot::local(&config.storage.data_dir)?;
+    let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
     let deletions = retention::sweep_and_record(&root, &rules, &config.retention, run)?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {

@@ -65,8 +65,8 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext> {
 }
 
 /// A DataFusion session with every table of `data_dir` registered as it is
-/// visible at `now_ms`: each table is a view over its Parquet files that
-/// leaves out every row past its retention rule. The files themselves are
+/// visible at `now_ms`: each table is a view over its Delta table that
+/// leaves out every row past its retention rule. The tables themselves are
 /// never registered, so no statement can reach around the view.
 pub async fn session_at(
     data_dir: &Path,
@@ -77,6 +77,16 @@ pub async fn session_at(
     if !data_dir.is_dir() {
         return Err(QueryError::NoDataDir(data_dir.to_owned()));
     }
+    session_on(&StoreRoot::local(data_dir)?, registry, retention, now_ms).await
+}
+
+/// [`session_at`] over the tables under `root`, wherever they are.
+pub async fn session_on(
+    root: &StoreRoot,
+    registry: &Registry,
+    retention: &Retention,
+    now_ms: i64,
+) -> Result<SessionContext> {
     let config = SessionConfig::new().with_information_schema(true);
     let ctx = SessionContext::new_with_config(config.clone());
     // The files are registered here only, to plan the views.
@@ -88,9 +98,8 @@ pub async fn session_at(
             crate::core::table::DEAD_LETTERS,
             dead_letter::arrow_schema(),
         )]);
-    let root = StoreRoot::local(data_dir)?;
     for (name, schema) in tables {
-        let Some(stored) = stored_table(&root, name, &[&files, &ctx]).await? else {
+        let Some(stored) = stored_table(root, name, &[&files, &ctx]).await? else {
             ctx.register_table(name, empty_table(&schema)?)?;
             continue;
         };
@@ -121,7 +130,7 @@ pub(crate) async fn stored_table(
     name: &str,
     sessions: &[&SessionContext],
 ) -> Result<Option<Arc<dyn TableProvider>>> {
-    let Some(table) = delta::open(&root.table_url(name)?).await? else {
+    let Some(table) = delta::open(root, name).await? else {
         return Ok(None);
     };
     for session in sessions {

@@ -82,7 +82,8 @@ pub type Result<T, E = AccessError> = std::result::Result<T, E>;
 
 /// Everything a query or an access change needs.
 pub struct AccessEnv {
-    pub data_dir: PathBuf,
+    /// Where the tables live.
+    pub store: crate::store::StoreRoot,
     pub schemas: Arc<Registry>,
     pub retention: RetentionConfig,
     pub settings: AccessConfig,
@@ -103,7 +104,8 @@ pub struct Answer {
 impl AccessEnv {
     pub fn new(config: &Config, privacy: Option<Arc<PrivacyShared>>) -> Result<Self> {
         Ok(Self {
-            data_dir: config.storage.data_dir.clone(),
+            store: crate::store::StoreRoot::from_config(&config.storage)
+                .map_err(crate::query::QueryError::from)?,
             schemas: Registry::load_from(config.storage.schema_dir.as_deref())?,
             retention: config.retention.clone(),
             settings: config.access.clone(),
@@ -293,7 +295,7 @@ impl AccessEnv {
         let registry = self.registry()?;
         let retention = Retention::current(&self.retention, &self.schemas)?;
         let inputs = PolicyInputs {
-            data_dir: &self.data_dir,
+            store: &self.store,
             schemas: &self.schemas,
             retention: &retention,
             access: &registry,

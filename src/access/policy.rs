@@ -83,7 +83,7 @@ const SERVICE_PARTNER_COLUMNS: [&str; 7] = [
 
 /// What the policy needs to know.
 pub struct PolicyInputs<'a> {
-    pub data_dir: &'a Path,
+    pub store: &'a crate::store::StoreRoot,
     pub schemas: &'a Registry,
     pub retention: &'a Retention,
     pub access: &'a AccessRegistry,
@@ -161,15 +161,9 @@ pub async fn session(
     principal: &Principal,
     purpose: &Purpose,
 ) -> Result<PolicySession> {
-    if !inputs.data_dir.is_dir() {
-        return Err(AccessError::Query(crate::query::QueryError::NoDataDir(
-            inputs.data_dir.to_owned(),
-        )));
-    }
     let ctx = principal_context(inputs.memory_limit)?;
     let files = SessionContext::new_with_config(SessionConfig::new());
-    let root =
-        crate::store::StoreRoot::local(inputs.data_dir).map_err(crate::query::QueryError::from)?;
+    let root = inputs.store;
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
     let mut treatments = BTreeMap::new();
     let mut hidden_tables = BTreeMap::new();
@@ -204,7 +198,7 @@ pub async fn session(
                 treatment,
             ),
         };
-        match stored_table(&root, name, &[&files, &ctx]).await? {
+        match stored_table(root, name, &[&files, &ctx]).await? {
             Some(stored) => files.register_table(name, stored)?,
             None => files.register_table(name, empty_table(&arrow_schema)?)?,
         };

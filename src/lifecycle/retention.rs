@@ -400,8 +400,7 @@ pub fn sweep(root: &StoreRoot, retention: &Retention, run: SweepRun) -> Result<V
     crate::store::block_on(async {
         let mut out = Vec::new();
         for table in retention.tables.keys() {
-            let url = root.table_url(table)?;
-            let Some(delta_table) = delta::open(&url).await? else {
+            let Some(delta_table) = delta::open(root, table).await? else {
                 continue;
             };
             let delta_table = sweep_table(delta_table, table, retention, run, &mut out).await?;

@@ -114,7 +114,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
-    let root = StoreRoot::local(&data_dir)?;
+    let root = StoreRoot::from_config(&config.storage)?;
     let unconverted = crate::store::delta::unconverted(&root);
     if !unconverted.is_empty() {
         return Err(StoreError::NotConverted(unconverted).into());

@@ -36,8 +36,7 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
         let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
         let target = NonZeroU64::new(settings.target_bytes).unwrap_or(NonZeroU64::MIN);
         for table in Table::all() {
-            let url = root.table_url(table.name())?;
-            let Some(mut delta_table) = delta::open(&url).await? else {
+            let Some(mut delta_table) = delta::open(root, table.name()).await? else {
                 continue;
             };
             let earlier_days = [filter_literal("date", "<", FilterValue::Scalar(&date))?];

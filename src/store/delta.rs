@@ -18,9 +18,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::{Add, StructField, StructType};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use object_store::aws::AmazonS3Builder;
+use object_store::{ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
 use super::{Result, StoreError, io_error};
+use crate::config::StorageConfig;
 use crate::core::fsio;
 use crate::core::table::PartitionKey;
 
@@ -47,28 +50,187 @@ fn table_properties() -> HashMap<String, Option<String>> {
     .collect()
 }
 
-/// The root under which every table lives: `<root>/<table>/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The root under which every table lives: `<root>/<table>/`, on local
+/// disk or in an S3 bucket.
+#[derive(Clone)]
 pub struct StoreRoot {
-    dir: PathBuf,
+    location: Location,
+}
+
+#[derive(Clone)]
+enum Location {
+    Local(PathBuf),
+    /// `s3://bucket/prefix/`, and the bucket's store.
+    ObjectStore {
+        url: Url,
+        store: Arc<dyn ObjectStore>,
+    },
+}
+
+impl std::fmt::Debug for StoreRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.location {
+            Location::Local(dir) => write!(f, "{}", dir.display()),
+            Location::ObjectStore { url, .. } => write!(f, "{url}"),
+        }
+    }
 }
 
 impl StoreRoot {
     /// A store on local disk under `dir` (made absolute).
     pub fn local(dir: &Path) -> Result<Self> {
         let dir = std::path::absolute(dir).map_err(io_error(dir))?;
-        Ok(Self { dir })
+        Ok(Self {
+            location: Location::Local(dir),
+        })
     }
 
-    /// The directory of a table.
-    pub fn table_dir(&self, table: &str) -> PathBuf {
-        self.dir.join(table)
+    /// The store `[storage]` names: `uri`, or `data_dir` on local disk.
+    pub fn from_config(storage: &StorageConfig) -> Result<Self> {
+        let Some(uri) = &storage.uri else {
+            return Self::local(&storage.data_dir);
+        };
+        let mut url = Url::parse(uri).map_err(|e| StoreError::Uri(format!("{uri}: {e}")))?;
+        if url.scheme() != "s3" {
+            return Err(StoreError::Uri(format!(
+                "{uri}: only s3:// is supported (or no uri: local disk)"
+            )));
+        }
+        let bucket = url
+            .host_str()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| StoreError::Uri(format!("{uri}: no bucket")))?
+            .to_owned();
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        let s3 = &storage.s3;
+        let env = |name: &str| std::env::var(name).ok();
+        let (Some(key), Some(secret)) = (
+            s3.access_key_id
+                .clone()
+                .or_else(|| env("AWS_ACCESS_KEY_ID")),
+            s3.secret_access_key
+                .clone()
+                .or_else(|| env("AWS_SECRET_ACCESS_KEY")),
+        ) else {
+            return Err(StoreError::Uri(format!(
+                "{uri}: no credentials (storage.s3.access_key_id and secret_access_key, \
+                 or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            )));
+        };
+        let timeout = std::time::Duration::from_millis(s3.request_timeout_ms);
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&s3.region)
+            .with_access_key_id(key)
+            .with_secret_access_key(secret)
+            .with_retry(RetryConfig {
+                max_retries: s3.max_retries,
+                retry_timeout: timeout * (s3.max_retries as u32 + 1),
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(s3.allow_http)
+                    .with_timeout(timeout)
+                    .with_connect_timeout(timeout.min(std::time::Duration::from_secs(5))),
+            );
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| StoreError::Uri(format!("{uri}: {e}")))?;
+        register_s3_log_stores();
+        Ok(Self {
+            location: Location::ObjectStore {
+                url,
+                store: Arc::new(store),
+            },
+        })
+    }
+
+    /// The directory of a table on local disk; `None` on an object store.
+    pub fn table_dir(&self, table: &str) -> Option<PathBuf> {
+        match &self.location {
+            Location::Local(dir) => Some(dir.join(table)),
+            Location::ObjectStore { .. } => None,
+        }
     }
 
     /// The URL of a table, as delta-rs names it.
     pub fn table_url(&self, table: &str) -> Result<Url> {
-        let dir = self.table_dir(table);
-        Url::from_directory_path(&dir).map_err(|()| StoreError::Location(dir))
+        match &self.location {
+            Location::Local(dir) => {
+                let dir = dir.join(table);
+                Url::from_directory_path(&dir).map_err(|()| StoreError::Location(dir))
+            }
+            Location::ObjectStore { url, .. } => url
+                .join(&format!("{table}/"))
+                .map_err(|e| StoreError::Uri(format!("{url}{table}: {e}"))),
+        }
+    }
+
+    /// A builder of the table, with this root's object store.
+    fn builder(&self, table: &str) -> Result<DeltaTableBuilder> {
+        let url = self.table_url(table)?;
+        let builder = DeltaTableBuilder::from_url(url.clone())?;
+        Ok(match &self.location {
+            Location::Local(_) => builder,
+            Location::ObjectStore { store, .. } => builder.with_storage_backend(store.clone(), url),
+        })
+    }
+
+    /// Whether the table has a commit or checkpoint yet (a table being
+    /// created has its log directory first): one listing.
+    async fn has_table(&self, table: &str) -> Result<bool> {
+        match &self.location {
+            Location::Local(dir) => Ok(has_commit(&dir.join(table).join("_delta_log"))),
+            Location::ObjectStore { url, store } => {
+                let prefix = object_store::path::Path::from(format!(
+                    "{}{table}/_delta_log/",
+                    url.path().trim_start_matches('/')
+                ));
+                let listed = store
+                    .list_with_delimiter(Some(&prefix))
+                    .await
+                    .map_err(|e| StoreError::Delta(Box::new(e.into())))?;
+                Ok(listed.objects.iter().any(|o| {
+                    o.location
+                        .extension()
+                        .is_some_and(|e| e == "json" || e == "parquet")
+                }))
+            }
+        }
+    }
+}
+
+/// delta-rs opens an `s3://` table through a log store made for the
+/// scheme; ours is its default one over the store we hand it (commits by
+/// conditional PUT), which needs no AWS SDK.
+fn register_s3_log_stores() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        if let Ok(scheme) = Url::parse("s3://") {
+            deltalake::logstore::logstore_factories().insert(scheme, Arc::new(S3LogStores));
+        }
+    });
+}
+
+struct S3LogStores;
+
+impl deltalake::logstore::LogStoreFactory for S3LogStores {
+    fn with_options(
+        &self,
+        prefixed: deltalake::logstore::ObjectStoreRef,
+        root: deltalake::logstore::ObjectStoreRef,
+        location: &Url,
+        options: &deltalake::logstore::StorageConfig,
+    ) -> deltalake::DeltaResult<Arc<dyn deltalake::logstore::LogStore>> {
+        Ok(deltalake::logstore::default_logstore(
+            prefixed, root, location, options,
+        ))
     }
 }
 
@@ -116,14 +278,13 @@ pub fn wal_app_id(shard: u16) -> String {
     format!("fleetgate-wal-{shard}")
 }
 
-/// The table at `url`, at its latest version; `None` if none was created there.
-pub async fn open(url: &Url) -> Result<Option<DeltaTable>> {
-    if let Ok(dir) = url.to_file_path()
-        && !has_commit(&dir.join("_delta_log"))
-    {
+/// The table `name` under `root`, at its latest version; `None` if none
+/// was created there.
+pub async fn open(root: &StoreRoot, name: &str) -> Result<Option<DeltaTable>> {
+    if !root.has_table(name).await? {
         return Ok(None);
     }
-    let mut table = DeltaTableBuilder::from_url(url.clone())?.build()?;
+    let mut table = root.builder(name)?.build()?;
     match table.load().await {
         Ok(()) => Ok(Some(table)),
         Err(DeltaTableError::NotATable(_)) => Ok(None),
@@ -143,18 +304,24 @@ fn has_commit(log_dir: &Path) -> bool {
     })
 }
 
-/// The table at `url`, created empty with `file_schema` if it does not exist.
-pub async fn open_or_create(url: &Url, name: &str, file_schema: &SchemaRef) -> Result<DeltaTable> {
-    if let Some(table) = open(url).await? {
+/// The table `name` under `root`, created empty with `file_schema` if it
+/// does not exist.
+pub async fn open_or_create(
+    root: &StoreRoot,
+    name: &str,
+    file_schema: &SchemaRef,
+) -> Result<DeltaTable> {
+    if let Some(table) = open(root, name).await? {
         return Ok(table);
     }
-    if let Ok(dir) = url.to_file_path() {
+    if let Some(dir) = root.table_dir(name) {
         fsio::create_dir_all(&dir).map_err(io_error(&dir))?;
     }
     let schema: StructType = table_schema(file_schema).as_ref().try_into_kernel()?;
     let columns: Vec<StructField> = schema.fields().cloned().collect();
     // Built, not loaded: loading an empty location logs an error.
-    let table = DeltaTableBuilder::from_url(url.clone())?
+    let table = root
+        .builder(name)?
         .build()?
         .create()
         .with_table_name(name)
@@ -165,9 +332,9 @@ pub async fn open_or_create(url: &Url, name: &str, file_schema: &SchemaRef) -> R
     match table {
         Ok(table) => Ok(table),
         // Another process created it first: open what it created.
-        Err(DeltaTableError::VersionAlreadyExists(_)) => open(url)
+        Err(DeltaTableError::VersionAlreadyExists(_)) => open(root, name)
             .await?
-            .ok_or(StoreError::Location(PathBuf::from(url.path()))),
+            .ok_or_else(|| StoreError::Uri(format!("{root:?}{name}: created, then gone"))),
         Err(e) => Err(e.into()),
     }
 }
@@ -179,8 +346,8 @@ pub fn unconverted(root: &StoreRoot) -> Vec<String> {
     crate::core::table::Table::all()
         .map(|t| t.name())
         .filter(|name| {
-            let dir = root.table_dir(name);
-            !has_commit(&dir.join("_delta_log")) && holds_parquet(&dir)
+            root.table_dir(name)
+                .is_some_and(|dir| !has_commit(&dir.join("_delta_log")) && holds_parquet(&dir))
         })
         .map(str::to_owned)
         .collect()

@@ -41,6 +41,8 @@ pub enum StoreError {
     },
     #[error("{0} cannot hold a table")]
     Location(PathBuf),
+    #[error("storage.uri {0}")]
+    Uri(String),
     #[error(
         "{0:?} hold Parquet files of an older version and no Delta log: stop, run `fleetgate admin convert`, start again"
     )]
@@ -69,7 +71,7 @@ pub async fn stored_through(
 ) -> Result<HashMap<(Table, u16), u64>> {
     let mut through = HashMap::new();
     for table in Table::all() {
-        let Some(delta_table) = delta::open(&root.table_url(table.name())?).await? else {
+        let Some(delta_table) = delta::open(root, table.name()).await? else {
             continue;
         };
         for &shard in shards {

@@ -230,10 +230,12 @@ impl TableWriter {
         // error would; the batches stay held and the thread lives on.
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let attempt = async {
-                let url = settings.root.table_url(&settings.table)?;
                 let table = match table {
                     Some(table) => table,
-                    None => delta::open_or_create(&url, &settings.table, &settings.schema).await?,
+                    None => {
+                        delta::open_or_create(&settings.root, &settings.table, &settings.schema)
+                            .await?
+                    }
                 };
                 let parts = batches.iter().map(|b| (b.partition, &b.batch));
                 write_and_commit(table, properties, parts, wal_transactions(batches)).await
@@ -357,7 +359,7 @@ pub fn append(
 ) -> Result<Commit> {
     let properties = writer_properties(zstd_level, 1 << 20, &[])?;
     super::block_on(async {
-        let table = delta::open_or_create(&root.table_url(name)?, name, schema).await?;
+        let table = delta::open_or_create(root, name, schema).await?;
         let parts = parts.iter().map(|(p, b)| (*p, b));
         let (_, commit) = write_and_commit(table, &properties, parts, Vec::new()).await?;
         Ok(commit)

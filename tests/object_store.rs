@@ -1,0 +1,180 @@
+//! The store on S3: a real S3 server (moto, from PyPI, which `.ci/run`
+//! installs) started by the test on 127.0.0.1, port 0. fleetgate stores,
+//! queries and deletes there exactly as on local disk, keeps nothing of the
+//! tables on local disk, and when the server stops answering, loses nothing
+//! it acknowledged: the writers retry until it is back.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use fleetgate::config::Config;
+use fleetgate::lifecycle::retention::{self, Retention};
+use fleetgate::schema::{Registry, Stream};
+use fleetgate::store::StoreRoot;
+
+const BUCKET: &str = "fleetgate-test";
+
+/// A moto S3 server on 127.0.0.1 with one bucket; killed when dropped.
+struct S3Server {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl S3Server {
+    fn start() -> Self {
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("moto_server must be installed (pip install 'moto[server]'; see .ci/run)");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("moto_server printed its address")
+                .expect("line");
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                break digits.parse::<u16>().expect("port");
+            }
+        };
+        // Keep reading its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let (status, body) = http_request(addr, "PUT", &format!("/{BUCKET}"), None, "");
+        assert_eq!(status, 200, "create bucket: {body}");
+        Self { child, addr }
+    }
+
+    /// Stops answering (SIGSTOP): connections hang until clients time out.
+    fn pause(&self) {
+        signal(&self.child, "STOP");
+    }
+
+    fn resume(&self) {
+        signal(&self.child, "CONT");
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server config whose tables live in the bucket.
+fn on_s3(config: &mut Config, s3: &S3Server) {
+    config.storage.uri = Some(format!("s3://{BUCKET}/fleet"));
+    config.storage.s3.endpoint = Some(format!("http://{}", s3.addr));
+    config.storage.s3.allow_http = true;
+    config.storage.s3.access_key_id = Some("test".into());
+    config.storage.s3.secret_access_key = Some("test".into());
+    config.storage.s3.request_timeout_ms = 1_000;
+    config.storage.s3.max_retries = 1;
+}
+
+async fn count(config: &Config, table: &str, now_ms: i64) -> i64 {
+    let root = StoreRoot::from_config(&config.storage).expect("root");
+    let registry = Registry::load().expect("schemas");
+    let rules = Retention::load(None, &registry).expect("rules");
+    let ctx = fleetgate::query::session_on(&root, &registry, &rules, now_ms)
+        .await
+        .expect("session");
+    let batches = fleetgate::query::run(&ctx, &format!("SELECT count(*) FROM {table}"))
+        .await
+        .expect("count");
+    batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("count")
+        .value(0)
+}
+
+fn valid_examples(stream: Stream) -> Vec<(String, Vec<u8>)> {
+    examples(stream, "valid")
+        .into_iter()
+        .map(|(_, bytes)| {
+            let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
+            (format!("vehicles/{vin}/{}", stream.name()), bytes)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_live_in_the_bucket_and_retention_deletes_there() {
+    let s3 = S3Server::start();
+    let server = TestServer::start_with(|c| on_s3(c, &s3));
+    let messages = valid_examples(Stream::Rtti);
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    let config = server.config.clone();
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+
+    assert_eq!(count(&config, "rtti", TEST_NOW_MS).await, 6);
+    assert!(
+        !data.join("rtti").exists(),
+        "no table on local disk: only the write-ahead log is local"
+    );
+
+    let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+    let run = retention::SweepRun {
+        now_ms: TEST_NOW_MS + 2 * 86_400_000,
+        max_clock_skew_ms: 86_400_000,
+        vacuum_grace_ms: 0,
+        dry_run: false,
+    };
+    let root = StoreRoot::from_config(&config.storage).expect("root");
+    let deleted = retention::sweep(&root, &rules, run).expect("sweep");
+    assert_eq!(
+        deleted
+            .iter()
+            .filter(|d| d.table == "rtti")
+            .map(|d| d.rows)
+            .sum::<u64>(),
+        6,
+        "{deleted:?}"
+    );
+    assert_eq!(count(&config, "rtti", TEST_NOW_MS).await, 0);
+}
+
+/// The S3 server stops answering while vehicles publish: acknowledgements
+/// go on (they wait for the local WAL, not S3), the writers' commits fail
+/// and are counted, and once it answers again every acknowledged record
+/// is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_s3_server_delays_rows_and_loses_none() {
+    let s3 = S3Server::start();
+    let server = TestServer::start_with(|c| on_s3(c, &s3));
+    let metrics = server.handle.metrics().clone();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let rtti = || &metrics.stream(Stream::Rtti).table;
+
+    s3.pause();
+    let messages = valid_examples(Stream::Rtti);
+    publish_all(server.handle.mqtt_addr(), &messages).await;
+    wait_for(|| rtti().rows_delayed_by_write_errors.load(relaxed) > 0);
+    assert_eq!(rtti().rows_stored.load(relaxed), 0);
+    std::thread::sleep(Duration::from_secs(1));
+    s3.resume();
+    wait_for(|| rtti().rows_stored.load(relaxed) == 6);
+
+    let config = server.config.clone();
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(count(&config, "rtti", TEST_NOW_MS).await, 6);
+}
