@@ -13,7 +13,8 @@
 # 5. queries:   scripts/queries.sql over e2e's store, fleetgate vs DuckDB, cold and hot.
 # Results land in $BENCH_OUT (default target/bench/<timestamp>): every loadgen
 # report, /metrics scrapes, server logs, and results.md, which is also printed.
-# Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb.
+# Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb
+# and deltalake.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PUBLISHES=${1:-2000000}
