@@ -215,9 +215,79 @@ impl TableWriter {
         held.batches.push(table_batch);
     }
 
+    /// After a failed attempt: drops the held batches that a commit holds
+    /// after all (its write landed, its answer was lost: an S3 response
+    /// cut off, a failed fsync after the commit), so that the next attempt
+    /// cannot store them twice. A commit holds every batch of a shard up to
+    /// its recorded entry. Returns false if the table could not be asked,
+    /// which counts as another failed attempt.
+    fn drop_landed(&mut self) -> bool {
+        let shards: std::collections::BTreeSet<u16> =
+            self.held.batches.iter().map(|b| b.wal.shard).collect();
+        let settings = &self.settings;
+        let asked = self.runtime.block_on(async {
+            let mut through = BTreeMap::new();
+            if let Some(table) = delta::open(&settings.root, &settings.table).await? {
+                for shard in shards {
+                    if let Some(seq) = delta::stored_through(&table, shard).await? {
+                        through.insert(shard, seq);
+                    }
+                }
+            }
+            Ok::<_, StoreError>(through)
+        });
+        let through = match asked {
+            Ok(through) => through,
+            Err(e) => {
+                self.back_off(&e);
+                return false;
+            }
+        };
+        let (landed, pending): (Vec<TableBatch>, Vec<TableBatch>) =
+            std::mem::take(&mut self.held.batches)
+                .into_iter()
+                .partition(|b| {
+                    through
+                        .get(&b.wal.shard)
+                        .is_some_and(|&seq| b.wal.seq <= seq)
+                });
+        let since = self.held.since;
+        self.held = Held::default();
+        for batch in pending {
+            self.append(batch);
+        }
+        self.held.since = since.or(self.held.since);
+        if !landed.is_empty() {
+            tracing::warn!(table = %self.settings.table, batches = landed.len(), "a commit reported as failed had landed; its batches are not written again");
+            let entries: Vec<EntryId> = landed.iter().map(|b| b.wal).collect();
+            self.tracker.covered(&entries);
+            let commit = Commit {
+                rows: landed.iter().map(|b| b.batch.num_rows()).sum(),
+                files: 0,
+                bytes: 0,
+            };
+            self.listener.committed(&commit, &landed);
+        }
+        true
+    }
+
+    /// Counts a failed attempt and schedules the next.
+    fn back_off(&mut self, error: &StoreError) {
+        if self.failing {
+            tracing::warn!(table = %self.settings.table, %error, "writing held batches again failed; backing off");
+        }
+        self.listener.failed(error, self.held.rows);
+        self.failing = true;
+        self.retry_at = Instant::now() + self.retry_delay;
+        self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+    }
+
     /// Commits everything held; on failure keeps it for the next attempt.
     fn commit(&mut self) {
         if self.held.batches.is_empty() || (self.failing && Instant::now() < self.retry_at) {
+            return;
+        }
+        if self.failing && self.table.is_none() && !self.drop_landed() {
             return;
         }
         let table = self.table.take();
@@ -266,13 +336,7 @@ impl TableWriter {
                     Ok(fresh) => self.runtime = fresh,
                     Err(error) => tracing::warn!(%error, "cannot renew the writer's runtime"),
                 }
-                if self.failing {
-                    tracing::warn!(table = %self.settings.table, error = %e, "writing held batches again failed; backing off");
-                }
-                self.listener.failed(&e, self.held.rows);
-                self.failing = true;
-                self.retry_at = Instant::now() + self.retry_delay;
-                self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+                self.back_off(&e);
             }
         }
     }
