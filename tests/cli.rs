@@ -149,7 +149,7 @@ async fn admin_retention_lists_then_deletes_expired_partitions() {
     let parquet = || {
         files_under(&data.join("rtti"))
             .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .filter(|p| is_data_file(p))
             .count()
     };
     let planned = admin(&["--dry-run"]);

@@ -53,7 +53,7 @@ fn parquet_files(dir: &Path) -> usize {
     }
     files_under(dir)
         .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .filter(|p| is_data_file(p))
         .count()
 }
 

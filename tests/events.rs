@@ -442,7 +442,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
         assert!(
             !files_under(&data.join(table))
                 .iter()
-                .any(|p| p.extension().is_some_and(|e| e == "parquet")),
+                .any(|p| is_data_file(p)),
             "{table} rows are gone from disk"
         );
     }

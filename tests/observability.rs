@@ -115,7 +115,7 @@ async fn discard_sink_counts_publishes_and_stores_nothing() {
     assert_eq!(snapshot.streams.iter().map(|s| s.received).sum::<u64>(), 0);
     let parquet = files_under(&data_dir)
         .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .filter(|p| is_data_file(p))
         .count();
     assert_eq!(parquet, 0);
 }

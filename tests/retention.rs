@@ -195,7 +195,7 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
         assert!(
             files_under(&data.join(table))
                 .iter()
-                .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .any(|p| is_data_file(p))
         );
     }
     let audit = std::fs::read_to_string(&audit_file).expect("audit log");
@@ -277,7 +277,7 @@ fn parquet_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files_under(dir)
         .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .filter(|p| is_data_file(p))
         .collect()
 }
 
@@ -475,4 +475,44 @@ async fn rows_of_shorter_rules_are_rewritten_out_of_their_files() {
     assert!(again.iter().all(|d| d.table != "teleservice"), "{again:?}");
     // The rewritten file is owner-only, like every file fleetgate creates.
     assert_owner_only(&data);
+}
+
+/// A DELETE commit records its predicate in the table's log: a deletion
+/// request's selection must not outlive the rows it deleted there. After
+/// the sweep that carried it out, no log file names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_requests_selection_does_not_stay_in_the_log() {
+    use fleetgate::lifecycle::requests::{DeletionRequest, MatchValue, Selection};
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let request = DeletionRequest {
+        rows: Selection {
+            table: "charging".into(),
+            matches: vec![("session_id".into(), MatchValue::Text("S1".into()))],
+        },
+        event: "charging_session_ended".into(),
+        requested_ms: T,
+    };
+    let rules = Retention::load(None, &Registry::load().expect("schemas"))
+        .expect("rules")
+        .with_requests(vec![request]);
+    let deleted = retention::sweep(&store(&data), &rules, run(T + HOUR_MS, false)).expect("sweep");
+    assert!(
+        deleted
+            .iter()
+            .any(|d| d.table == "charging" && d.rules == vec!["charging_session_ended".to_owned()]),
+        "{deleted:?}"
+    );
+    assert_eq!(count_at(&data, "SELECT count(*) FROM charging", T).await, 1);
+    let log = files_under(&data.join("charging/_delta_log"));
+    assert!(!log.is_empty());
+    for file in log {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).expect("read")).into_owned();
+        assert!(
+            !text.contains("'S1'"),
+            "{} names the request: {text}",
+            file.display()
+        );
+    }
 }

@@ -798,10 +798,7 @@ async fn every_file_fleetgate_creates_is_owner_only() {
     wait_for(|| {
         tables.iter().all(|t| {
             let dir = data.join(t);
-            dir.is_dir()
-                && files_under(&dir)
-                    .iter()
-                    .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+            dir.is_dir() && files_under(&dir).iter().any(|p| is_data_file(p))
         })
     });
 

@@ -397,20 +397,56 @@ pub struct SweepRun {
 /// files no commit names (left by a failed write): from then on no version
 /// of the table, old or new, can read a deleted row.
 pub fn sweep(root: &StoreRoot, retention: &Retention, run: SweepRun) -> Result<Vec<Deletion>> {
-    crate::store::block_on(async {
+    let swept = sweep_each(root, retention, run);
+    match swept.failed.into_iter().next() {
+        Some((_, error)) => Err(error),
+        None => Ok(swept.deletions),
+    }
+}
+
+/// What a sweep did, table by table: a table that failed (a DELETE in
+/// conflict with compaction, the store unreachable) stops nothing else.
+pub struct Swept {
+    pub deletions: Vec<Deletion>,
+    pub failed: Vec<(String, RetentionError)>,
+}
+
+/// [`sweep`], going on past a table that fails.
+pub fn sweep_each(root: &StoreRoot, retention: &Retention, run: SweepRun) -> Swept {
+    let mut swept = Swept {
+        deletions: Vec::new(),
+        failed: Vec::new(),
+    };
+    for table in retention.tables.keys() {
         let mut out = Vec::new();
-        for table in retention.tables.keys() {
+        let outcome = crate::store::block_on(async {
             let Some(delta_table) = delta::open(root, table).await? else {
-                continue;
+                return Ok(());
             };
             let delta_table = sweep_table(delta_table, table, retention, run, &mut out).await?;
             if !run.dry_run {
-                vacuum(delta_table, run).await?;
+                let delta_table = vacuum(delta_table, run).await?;
+                if !out.is_empty() {
+                    delta::forget_history(&delta_table, run.now_ms).await?;
+                }
+                if let Some(dir) = root.table_dir(table) {
+                    delta::sync_tree(&dir, run.now_ms - SYNC_MARGIN_MS)?;
+                }
             }
+            Ok::<_, RetentionError>(())
+        });
+        // What was deleted before a failure is still reported (and audited).
+        swept.deletions.extend(out);
+        if let Err(error) = outcome {
+            swept.failed.push((table.clone(), error));
         }
-        Ok(out)
-    })
+    }
+    swept
 }
+
+/// Files changed this long before a sweep started are fsync'd with it too
+/// (clock granularity).
+const SYNC_MARGIN_MS: i64 = 2_000;
 
 async fn sweep_table(
     mut delta_table: DeltaTable,
@@ -572,12 +608,25 @@ pub fn sweep_and_record(
     config: &RetentionConfig,
     run: SweepRun,
 ) -> Result<Vec<Deletion>> {
-    let deletions = sweep(root, retention, run)?;
-    if !run.dry_run {
-        audit(&config.audit_file, run.now_ms, &deletions)?;
-        requests::retire(&config.requests_file, &retention.completed_by_sweep())?;
+    if run.dry_run {
+        return sweep(root, retention, run);
     }
-    Ok(deletions)
+    let swept = sweep_each(root, retention, run);
+    audit(&config.audit_file, run.now_ms, &swept.deletions)?;
+    let failed: Vec<&str> = swept.failed.iter().map(|(t, _)| t.as_str()).collect();
+    let completed: Vec<DeletionRequest> = retention
+        .completed_by_sweep()
+        .into_iter()
+        .filter(|r| !failed.contains(&r.rows.table.as_str()))
+        .collect();
+    requests::retire(&config.requests_file, &completed)?;
+    match swept.failed.into_iter().next() {
+        Some((table, error)) => {
+            tracing::error!(%table, %error, "retention sweep of a table failed; the others went on");
+            Err(error)
+        }
+        None => Ok(swept.deletions),
+    }
 }
 
 /// Appends one JSON line per deletion to the audit log (fsync'd): what was
@@ -726,35 +775,39 @@ impl deltalake::operations::vacuum::Clock for SweepClock {
     }
 }
 
-/// Deletes the files deletions removed from `table` more than
-/// `run.vacuum_grace_ms` before `run.now_ms`, then the files no commit
-/// names that are older than the grace by the real clock (a failed write's:
-/// a file being written now is younger), so that no version of the table
-/// can read a deleted row any more.
-async fn vacuum(table: DeltaTable, run: SweepRun) -> Result<()> {
+/// Deletes the files a deletion or compaction removed from `table` once
+/// they are `run.vacuum_grace_ms` old by the sweep's clock (or the real
+/// one, if later), so that no version of the table can read a deleted row
+/// any more; then the files no commit names (a failed write's) once they
+/// are an hour old by the real clock, whatever the grace, so that a write
+/// not committed yet is never taken for one.
+async fn vacuum(table: DeltaTable, run: SweepRun) -> Result<DeltaTable> {
     let grace = chrono::Duration::milliseconds(run.vacuum_grace_ms.max(0));
     let (table, removed) = table
         .vacuum()
         .with_mode(VacuumMode::Lite)
         .with_retention_period(grace)
         .with_enforce_retention_duration(false)
-        // The sweep's time, or later: the deletions just made count from the real clock.
         .with_clock(Arc::new(SweepClock(
             run.now_ms.max(crate::core::clock::now_ms()),
         )))
         .await?;
-    let (_, orphans) = table
+    let orphan_age = grace.max(chrono::Duration::milliseconds(ORPHAN_AGE_MS));
+    let (table, orphans) = table
         .vacuum()
         .with_mode(VacuumMode::Full)
-        .with_retention_period(grace)
+        .with_retention_period(orphan_age)
         .with_enforce_retention_duration(false)
         .await?;
     let files = removed.files_deleted.len() + orphans.files_deleted.len();
     if files > 0 {
         tracing::info!(files, "vacuum deleted files no current version reads");
     }
-    Ok(())
+    Ok(table)
 }
+
+/// Age at which VACUUM deletes a file no commit names.
+const ORPHAN_AGE_MS: i64 = 3_600_000;
 
 #[cfg(test)]
 mod tests {

@@ -27,6 +27,7 @@ const CLOSED_AFTER_MS: i64 = 5 * 60 * 1000;
 /// Compacts the closed hour partitions of every table at `now_ms`; returns
 /// how many small files were replaced.
 pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u64> {
+    let started_ms = crate::core::clock::now_ms();
     super::block_on(async {
         let mut replaced = 0;
         // The partition still open: its hour, or the one before within the margin.
@@ -53,6 +54,10 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
                     .await?;
                 delta_table = after;
                 replaced += metrics.num_files_removed;
+            }
+            // The rewritten files and their commits, on local disk.
+            if let Some(dir) = root.table_dir(table.name()) {
+                delta::sync_tree(&dir, started_ms - 2_000)?;
             }
         }
         Ok(replaced)

@@ -44,6 +44,9 @@ fn table_properties() -> HashMap<String, Option<String>> {
         // The log of commits (paths, partition values, time statistics) is
         // kept for a day after a checkpoint supersedes it.
         ("delta.logRetentionDuration", "interval 1 day"),
+        // A writer's commits only add files (blind appends): a DELETE or
+        // OPTIMIZE running meanwhile need not fail on them.
+        ("delta.isolationLevel", "WriteSerializable"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), Some(v.to_owned())))
@@ -90,7 +93,14 @@ impl StoreRoot {
         let Some(uri) = &storage.uri else {
             return Self::local(&storage.data_dir);
         };
-        let mut url = Url::parse(uri).map_err(|e| StoreError::Uri(format!("{uri}: {e}")))?;
+        let mut url =
+            Url::parse(uri).map_err(|e| StoreError::Uri(format!("does not parse: {e}")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // Not echoed: the URI holds a secret.
+            return Err(StoreError::Uri(
+                "holds credentials: they belong in [storage.s3] or the environment".into(),
+            ));
+        }
         if url.scheme() != "s3" {
             return Err(StoreError::Uri(format!(
                 "{uri}: only s3:// is supported (or no uri: local disk)"
@@ -401,6 +411,44 @@ pub fn convert_all(root: &StoreRoot) -> Result<Vec<(String, usize)>> {
         }
         Ok(converted)
     })
+}
+
+/// Drops the commits before the table's current version from its log: a
+/// checkpoint at that version, then every log file before it. A DELETE
+/// commit records its predicate (a deletion request's pseudonyms, a legal
+/// hold's selection), which must not outlive the rows it deleted; from the
+/// next commit on, this removes it.
+pub async fn forget_history(table: &DeltaTable, now_ms: i64) -> Result<()> {
+    let version = table.snapshot()?.version();
+    deltalake::checkpoints::create_checkpoint(table, None).await?;
+    deltalake::checkpoints::cleanup_expired_logs_for(
+        version,
+        table.log_store().as_ref(),
+        now_ms.max(crate::core::clock::now_ms()),
+        None,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Makes durable what changed under a local table directory since
+/// `since_ms`: every file changed since, and every directory. DELETE,
+/// OPTIMIZE, VACUUM and checkpoints write through a store without fsync.
+pub fn sync_tree(dir: &Path, since_ms: i64) -> Result<()> {
+    let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(since_ms.max(0) as u64);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(io_error(dir))?.path();
+        let meta = std::fs::metadata(&path).map_err(io_error(&path))?;
+        if meta.is_dir() {
+            sync_tree(&path, since_ms)?;
+        } else if meta.modified().is_ok_and(|m| m >= since) {
+            fsio::sync_file(&path).map_err(io_error(&path))?;
+        }
+    }
+    fsio::sync_dir(dir).map_err(io_error(dir))
 }
 
 /// The last WAL entry of `shard` that a commit to `table` holds, if any.

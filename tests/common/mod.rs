@@ -497,3 +497,10 @@ pub async fn count_at(data_dir: &Path, sql: &str, now_ms: i64) -> i64 {
         .expect("an integer result")
         .value(0)
 }
+
+/// A table's data file: Parquet outside `_delta_log` (whose checkpoints
+/// are Parquet too).
+pub fn is_data_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "parquet")
+        && !path.components().any(|c| c.as_os_str() == "_delta_log")
+}
