@@ -139,6 +139,14 @@ enum AdminAction {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Compact the closed hour partitions now (the server's sweep does so
+    /// every sweep interval): their small files become few large ones.
+    Compact {
+        /// Also the partitions still open (the current hour): for a
+        /// benchmark or a stopped server.
+        #[arg(long)]
+        all: bool,
+    },
     /// Turn the table directories of an older version (Parquet files in
     /// date=/hour= directories, no Delta log) into Delta tables, in place.
     Convert,
@@ -465,6 +473,7 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
     let (vin, event) = match action {
         AdminAction::Retention { dry_run } => return retention(config, dry_run),
         AdminAction::Convert => return convert(config),
+        AdminAction::Compact { all } => return compact(config, all),
         AdminAction::Consent { vin } => (vin, None),
         AdminAction::Event {
             vin,
@@ -503,6 +512,25 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
         }
         None => println!("{:?}", privacy.vault.consent(&vin)?),
     }
+    Ok(())
+}
+
+/// `admin compact`: one compaction now, timed.
+fn compact(config: &Config, all: bool) -> anyhow::Result<()> {
+    let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
+    let now_ms = fleetgate::core::clock::now_ms();
+    // Two hours on, every partition up to the current one counts as closed.
+    let as_of = if all { now_ms + 2 * 3_600_000 } else { now_ms };
+    let settings = fleetgate::store::Compaction {
+        target_bytes: config.storage.compact_target_bytes,
+        zstd_level: config.storage.zstd_level,
+    };
+    let started = std::time::Instant::now();
+    let replaced = fleetgate::store::compact(&root, as_of, settings)?;
+    println!(
+        "compacted: {replaced} small files replaced in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
