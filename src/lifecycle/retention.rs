@@ -426,9 +426,9 @@ pub fn sweep_each(root: &StoreRoot, retention: &Retention, run: SweepRun) -> Swe
             let delta_table = sweep_table(delta_table, table, retention, run, &mut out).await?;
             if !run.dry_run {
                 let delta_table = vacuum(delta_table, run).await?;
-                if !out.is_empty() {
-                    delta::forget_history(&delta_table, run.now_ms).await?;
-                }
+                // Every sweep: a DELETE commit that was the newest version
+                // last time is history now.
+                delta::forget_history(&delta_table, run.now_ms).await?;
                 if let Some(dir) = root.table_dir(table) {
                     delta::sync_tree(&dir, run.now_ms - SYNC_MARGIN_MS)?;
                 }
