@@ -394,13 +394,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
                 .await
                 .expect("session");
             let sql = format!("SELECT count(*) FROM {table}");
-            let batches = fleetgate::query::run(&ctx, &sql).await.expect("query");
-            batches[0]
-                .column(0)
-                .as_any()
-                .downcast_ref::<arrow::array::Int64Array>()
-                .expect("count")
-                .value(0)
+            first_integer(&fleetgate::query::run(&ctx, &sql).await.expect("query"))
         }
     };
     assert_eq!(seqs_at("teleservice", held.clone()).await, 2);

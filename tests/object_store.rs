@@ -95,15 +95,11 @@ async fn count(config: &Config, table: &str, now_ms: i64) -> i64 {
     let ctx = fleetgate::query::session_on(&root, &registry, &rules, now_ms)
         .await
         .expect("session");
-    let batches = fleetgate::query::run(&ctx, &format!("SELECT count(*) FROM {table}"))
-        .await
-        .expect("count");
-    batches[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<arrow::array::Int64Array>()
-        .expect("count")
-        .value(0)
+    first_integer(
+        &fleetgate::query::run(&ctx, &format!("SELECT count(*) FROM {table}"))
+            .await
+            .expect("count"),
+    )
 }
 
 fn valid_examples(stream: Stream) -> Vec<(String, Vec<u8>)> {
@@ -141,15 +137,7 @@ async fn tables_live_in_the_bucket_and_retention_deletes_there() {
     };
     let root = StoreRoot::from_config(&config.storage).expect("root");
     let deleted = retention::sweep(&root, &rules, run).expect("sweep");
-    assert_eq!(
-        deleted
-            .iter()
-            .filter(|d| d.table == "rtti")
-            .map(|d| d.rows)
-            .sum::<u64>(),
-        6,
-        "{deleted:?}"
-    );
+    assert_eq!(rows_deleted(&deleted, "rtti"), 6, "{deleted:?}");
     assert_eq!(count(&config, "rtti", TEST_NOW_MS).await, 0);
 }
 

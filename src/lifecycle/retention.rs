@@ -311,27 +311,10 @@ impl Retention {
         let time = row_time_sql(table);
         let kept_since =
             |rule: &Rule| format!("{time} >= to_timestamp_millis({})", now_ms - rule.keep_ms());
-        let mut case = String::from("CASE");
-        let mut otherwise = "false".to_owned();
-        for rule in self.table(table) {
-            match &rule.when {
-                Some(when) => case.push_str(&format!(
-                    " WHEN {} = {} THEN {}",
-                    sql_identifier(&when.field),
-                    sql_literal(&when.equals),
-                    kept_since(rule)
-                )),
-                None => otherwise = kept_since(rule),
-            }
-        }
         let date = DateTime::from_timestamp_millis(self.oldest_kept_ms(table, now_ms))
             .unwrap_or_default()
             .date_naive();
-        let per_row = if case == "CASE" {
-            otherwise
-        } else {
-            format!("{case} ELSE {otherwise} END")
-        };
+        let per_row = rule_case_sql(self.table(table), String::new(), "false", kept_since);
         let requested: String = self
             .requests_of(table)
             .map(|r| format!(" AND NOT {}", r.rows.sql()))
@@ -709,24 +692,39 @@ fn deletion_reason_sql(
             sql_literal(&MatchValue::Text(rule.name.clone()))
         )
     };
-    let mut case = String::from("CASE");
-    for request in retention.requests_of(table) {
-        case.push_str(&format!(
-            " WHEN {} THEN {}",
-            request.rows.sql(),
-            sql_literal(&MatchValue::Text(request.event.clone()))
-        ));
-    }
-    let mut otherwise = "NULL".to_owned();
-    for rule in retention.table(table) {
+    let requested: String = retention
+        .requests_of(table)
+        .map(|request| {
+            format!(
+                " WHEN {} THEN {}",
+                request.rows.sql(),
+                sql_literal(&MatchValue::Text(request.event.clone()))
+            )
+        })
+        .collect();
+    rule_case_sql(retention.table(table), requested, "NULL", expired)
+}
+
+/// SQL evaluating, per row, `per_rule` of the first of `rules` whose
+/// `when` the row matches (the rule without `when` otherwise; `default`
+/// if there is none), after the `WHEN … THEN …` branches of `first`.
+fn rule_case_sql(
+    rules: &[Rule],
+    first: String,
+    default: &str,
+    per_rule: impl Fn(&Rule) -> String,
+) -> String {
+    let mut case = format!("CASE{first}");
+    let mut otherwise = default.to_owned();
+    for rule in rules {
         match &rule.when {
             Some(when) => case.push_str(&format!(
                 " WHEN {} = {} THEN {}",
                 sql_identifier(&when.field),
                 sql_literal(&when.equals),
-                expired(rule)
+                per_rule(rule)
             )),
-            None => otherwise = expired(rule),
+            None => otherwise = per_rule(rule),
         }
     }
     if case == "CASE" {

@@ -489,13 +489,26 @@ pub async fn count(data_dir: &Path, sql: &str) -> i64 {
 
 /// A single-number query result, as seen at `now_ms`.
 pub async fn count_at(data_dir: &Path, sql: &str, now_ms: i64) -> i64 {
-    let batches = query_at(data_dir, sql, now_ms).await;
+    first_integer(&query_at(data_dir, sql, now_ms).await)
+}
+
+/// The first value of an answer whose first column is a BIGINT (a count).
+pub fn first_integer(batches: &[arrow::array::RecordBatch]) -> i64 {
     batches[0]
         .column(0)
         .as_any()
         .downcast_ref::<arrow::array::Int64Array>()
         .expect("an integer result")
         .value(0)
+}
+
+/// Rows a sweep deleted from `table`.
+pub fn rows_deleted(deleted: &[fleetgate::lifecycle::retention::Deletion], table: &str) -> u64 {
+    deleted
+        .iter()
+        .filter(|d| d.table == table)
+        .map(|d| d.rows)
+        .sum()
 }
 
 /// A table's data file: Parquet outside `_delta_log` (whose checkpoints
