@@ -414,22 +414,29 @@ pub fn convert_all(root: &StoreRoot) -> Result<Vec<(String, usize)>> {
 }
 
 /// Drops the commits before the table's current version from its log: a
-/// checkpoint at that version, then every log file before it. A DELETE
-/// commit records its predicate (a deletion request's pseudonyms, a legal
-/// hold's selection), which must not outlive the rows it deleted; from the
-/// next commit on, this removes it.
+/// checkpoint at that version, then every log file before it that is
+/// [`HISTORY_KEPT_MS`] old by `now_ms`. A DELETE commit records its
+/// predicate (a deletion request's pseudonyms, a legal hold's selection),
+/// which must not outlive the rows it deleted; from the next commit on,
+/// this removes it.
 pub async fn forget_history(table: &DeltaTable, now_ms: i64) -> Result<()> {
     let version = table.snapshot()?.version();
     deltalake::checkpoints::create_checkpoint(table, None).await?;
     deltalake::checkpoints::cleanup_expired_logs_for(
         version,
         table.log_store().as_ref(),
-        now_ms.max(crate::core::clock::now_ms()),
+        now_ms - HISTORY_KEPT_MS,
         None,
     )
     .await?;
     Ok(())
 }
+
+/// Log files younger than this stay: a writer reads the newest version
+/// just before it commits the next one, and a version it could aim at must
+/// never be deleted under it (a commit to a deleted version would succeed
+/// and be read by no one).
+pub const HISTORY_KEPT_MS: i64 = 60_000;
 
 /// Makes durable what changed under a local table directory since
 /// `since_ms`: every file changed since, and every directory. DELETE,

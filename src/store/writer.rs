@@ -392,6 +392,9 @@ async fn write_and_commit<'a>(
             .map(|a| u64::try_from(a.size).unwrap_or(0))
             .sum(),
     };
+    // The newest version, just before committing the next: never one a
+    // log cleanup may have removed (see `delta::HISTORY_KEPT_MS`).
+    table.update_incremental(None).await?;
     let operation = DeltaOperation::Write {
         mode: SaveMode::Append,
         partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
