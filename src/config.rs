@@ -247,6 +247,10 @@ pub struct StorageConfig {
     pub vault_file: PathBuf,
     /// Directory of stream schemas replacing the built-in ones; `None` = built in.
     pub schema_dir: Option<PathBuf>,
+    /// A table writer commits what it holds at `roll_rows` rows,
+    /// `roll_bytes` bytes of held Arrow memory, `roll_age_ms` after the
+    /// oldest held row arrived, or once it holds `max_open_files` hour
+    /// partitions (one file each per commit).
     pub roll_rows: usize,
     pub roll_bytes: usize,
     pub roll_age_ms: u64,
