@@ -491,3 +491,40 @@ async fn a_full_broker_log_holds_publishers_back_and_loses_nothing_acknowledged(
         total as i64
     );
 }
+
+/// A commit can land and still report failure (here: the checkpoint that
+/// follows the 100th commit cannot be written, which delta-rs reports as
+/// the commit's error). The writer must not write the same rows again: it
+/// asks the table how far each WAL shard is committed before it retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_landed_but_reported_failure_is_not_written_twice() {
+    let server = TestServer::start_with(|c| c.storage.roll_age_ms = 10);
+    let data = server.data_dir();
+    let addr = server.handle.mqtt_addr();
+    let metrics = server.handle.metrics().clone();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let table = || &metrics.stream(fleetgate::schema::Stream::Diagnostics).table;
+    publish_all(addr, &[probe(VINS[0], 0)]).await;
+    wait_for(|| table().rows_stored.load(relaxed) == 1);
+    // Version 99's checkpoint (every 100 commits) has a directory in its way.
+    std::fs::create_dir(
+        data.join("diagnostics/_delta_log/00000000000000000099.checkpoint.parquet"),
+    )
+    .expect("blocking directory");
+    let total = 150u64;
+    for seq in 1..total {
+        publish_all(addr, &[probe(VINS[0], seq)]).await;
+        let stored = seq + 1;
+        wait_for(|| table().rows_stored.load(relaxed) >= stored);
+    }
+    assert!(
+        table().rows_delayed_by_write_errors.load(relaxed) > 0,
+        "the checkpoint failure was reported"
+    );
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM diagnostics").await,
+        total as i64,
+        "no row stored twice"
+    );
+}
