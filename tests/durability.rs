@@ -152,7 +152,8 @@ async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
                 ],
             },
             event: "charging_session_ended".into(),
-            requested_ms: now,
+            // Old enough to be retired by the sweep that carries it out.
+            requested_ms: now - fleetgate::lifecycle::retention::REQUEST_SETTLE_MS,
         },
     )
     .expect("request");

@@ -512,3 +512,48 @@ async fn a_deletion_requests_selection_does_not_stay_in_the_log() {
         );
     }
 }
+
+/// A deletion request stays active for `REQUEST_SETTLE_MS`: a row received
+/// before it but still on its way to the table is deleted by a later sweep
+/// too. Then the sweep retires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_request_stays_active_until_rows_before_it_have_landed() {
+    use fleetgate::lifecycle::requests::{self, DeletionRequest, MatchValue, Selection};
+    let server = store_one_row_per_rule().await;
+    let data = server.data_dir();
+    let files = server.config.retention.clone();
+    server.handle.shutdown().expect("shutdown");
+    let requested_ms = fleetgate::core::clock::now_ms();
+    requests::add(
+        &files.requests_file,
+        DeletionRequest {
+            rows: Selection {
+                table: "charging".into(),
+                matches: vec![("session_id".into(), MatchValue::Text("S1".into()))],
+            },
+            event: "charging_session_ended".into(),
+            requested_ms,
+        },
+    )
+    .expect("request");
+    let rules = || Retention::current(&files, &Registry::load().expect("schemas")).expect("rules");
+    let sweep_at = |now_ms: i64| {
+        retention::sweep_and_record(&store(&data), &rules(), &files, run(now_ms, false))
+            .expect("sweep")
+    };
+    let pending = || {
+        requests::load(&files.requests_file)
+            .expect("requests")
+            .len()
+    };
+
+    let first = sweep_at(requested_ms + 60_000);
+    assert!(first.iter().any(|d| d.table == "charging"), "{first:?}");
+    assert_eq!(pending(), 1, "a minute on, the request is still active");
+    sweep_at(requested_ms + retention::REQUEST_SETTLE_MS);
+    assert_eq!(
+        pending(),
+        0,
+        "retired once rows before it have had time to land"
+    );
+}

@@ -597,10 +597,14 @@ pub fn sweep_and_record(
     let swept = sweep_each(root, retention, run);
     audit(&config.audit_file, run.now_ms, &swept.deletions)?;
     let failed: Vec<&str> = swept.failed.iter().map(|(t, _)| t.as_str()).collect();
+    // A request made moments ago may have rows still on their way to the
+    // table (held by a writer, in the WAL): it stays active, and is carried
+    // out again, until it is REQUEST_SETTLE_MS old.
     let completed: Vec<DeletionRequest> = retention
         .completed_by_sweep()
         .into_iter()
         .filter(|r| !failed.contains(&r.rows.table.as_str()))
+        .filter(|r| r.requested_ms <= run.now_ms - REQUEST_SETTLE_MS)
         .collect();
     requests::retire(&config.requests_file, &completed)?;
     match swept.failed.into_iter().next() {
@@ -611,6 +615,11 @@ pub fn sweep_and_record(
         None => Ok(swept.deletions),
     }
 }
+
+/// How long a deletion request stays active after it was made: longer
+/// than a row received before it takes to reach its table (a writer's roll
+/// and commit), so that such rows are deleted too.
+pub const REQUEST_SETTLE_MS: i64 = 5 * 60 * 1000;
 
 /// Appends one JSON line per deletion to the audit log (fsync'd): what was
 /// deleted, when and under which rules; never the data itself.
