@@ -32,7 +32,7 @@ impl CommitListener for TableListener {
     fn committed(&self, commit: &Commit, batches: &[TableBatch]) {
         let c = self.counters();
         c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
-        c.files_committed.fetch_add(1, Relaxed);
+        c.files_committed.fetch_add(commit.files as u64, Relaxed);
         c.bytes_committed.fetch_add(commit.bytes, Relaxed);
         let now = crate::core::clock::now_ms();
         if let Ok(mut h) = self.metrics.wal.receipt_to_queryable_ms.lock() {

@@ -362,8 +362,7 @@ fn wal_transactions(batches: &[TableBatch]) -> Vec<Transaction> {
 }
 
 /// Writes `parts` as one Parquet file per hour partition and commits them
-/// to `table` as one version, with `transactions`. Returns the table at
-/// that version.
+/// to `table` as one version, with `transactions`. Returns the table.
 async fn write_and_commit<'a>(
     mut table: DeltaTable,
     properties: &WriterProperties,
@@ -410,7 +409,8 @@ async fn write_and_commit<'a>(
     if let Some(dir) = &local_dir {
         delta::sync_log(dir, version)?;
     }
-    table.update_incremental(Some(version)).await?;
+    // The table stays at the version read before this commit: the next
+    // commit reads the newest one first anyway.
     Ok((table, commit))
 }
 
