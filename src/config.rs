@@ -93,6 +93,9 @@ pub struct AccessConfig {
     pub query_timeout_ms: u64,
     /// Queries and exports run at once; more wait for a turn within their timeout.
     pub max_concurrent_queries: u32,
+    /// Requests one principal may have running at once (queries, exports,
+    /// Flight SQL plans and listings); one more is refused at once.
+    pub max_queries_per_principal: u32,
     /// Threads of the runtime `/sql` and `/export` run on, apart from ingest and `/metrics`.
     pub query_threads: u32,
 }
@@ -108,18 +111,23 @@ impl Default for AccessConfig {
             query_memory_mb: 256,
             export_memory_mb: 1_024,
             query_timeout_ms: 30_000,
-            max_concurrent_queries: 2,
+            max_concurrent_queries: 4,
+            max_queries_per_principal: 2,
             query_threads: 1,
         }
     }
 }
 
-/// The HTTP endpoint: metrics, the `/admin` routes, `/sql`, `/export`, `/grants`.
+/// The HTTP endpoint (metrics, the `/admin` routes, `/sql`, `/export`,
+/// `/grants`) and the Flight SQL endpoint.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Where `GET /metrics` answers; port 0 picks a free port.
     pub http_addr: SocketAddr,
+    /// Where Arrow Flight SQL (gRPC, plain HTTP/2) answers principals; port 0
+    /// picks a free port.
+    pub flight_sql_addr: SocketAddr,
     /// Seconds between throughput summary lines in the log; 0 = none.
     pub summary_interval_secs: u64,
     /// The token every `/admin` route requires (`Authorization: Bearer`),
@@ -131,6 +139,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            flight_sql_addr: SocketAddr::from(([127, 0, 0, 1], 32010)),
             summary_interval_secs: 10,
             token_file: PathBuf::from("./keys/admin.token"),
         }
@@ -433,11 +442,13 @@ impl Config {
             || a.export_memory_mb == 0
             || a.query_timeout_ms == 0
             || a.max_concurrent_queries == 0
+            || a.max_queries_per_principal == 0
             || a.query_threads == 0
         {
             return invalid(
                 "access.max_statement_bytes, query_memory_mb, export_memory_mb, \
-                 query_timeout_ms, max_concurrent_queries and query_threads must be > 0"
+                 query_timeout_ms, max_concurrent_queries, max_queries_per_principal and \
+                 query_threads must be > 0"
                     .into(),
             );
         }
@@ -520,6 +531,7 @@ impl Config {
         config.broker.mqtt_addr = any_port;
         config.broker.mqtt5_addr = any_port;
         config.admin.http_addr = any_port;
+        config.admin.flight_sql_addr = any_port;
         config.admin.token_file = dir.join("keys/admin.token");
         config.storage.data_dir = dir.join("data");
         config.storage.key_file = dir.join("keys/root.key");

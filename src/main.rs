@@ -42,6 +42,9 @@ enum Command {
         /// Where GET /metrics answers (port 0 picks a free port).
         #[arg(long)]
         admin_addr: Option<SocketAddr>,
+        /// Where Arrow Flight SQL answers (port 0 picks a free port).
+        #[arg(long)]
+        flight_sql_addr: Option<SocketAddr>,
         /// What to do with publishes; `discard` measures the broker's ceiling
         /// and stores nothing (overrides pipeline.sink).
         #[arg(long, value_enum)]
@@ -272,6 +275,7 @@ fn main() -> anyhow::Result<()> {
             mqtt_addr,
             mqtt5_addr,
             admin_addr,
+            flight_sql_addr,
             sink,
         } => {
             let mut config = common.load()?;
@@ -284,6 +288,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(addr) = admin_addr {
                 config.admin.http_addr = addr;
             }
+            if let Some(addr) = flight_sql_addr {
+                config.admin.flight_sql_addr = addr;
+            }
             if let Some(sink) = sink {
                 config.pipeline.sink = sink;
             }
@@ -294,10 +301,11 @@ fn main() -> anyhow::Result<()> {
                 .map(|a| format!(", mqtts://{a} (client certificates)"))
                 .unwrap_or_default();
             println!(
-                "fleetgate listening on mqtt://{} (MQTT 5: {}){tls}, metrics on http://{}/metrics, data in {}, admin token in {}",
+                "fleetgate listening on mqtt://{} (MQTT 5: {}){tls}, metrics on http://{}/metrics, Flight SQL on grpc://{}, data in {}, admin token in {}",
                 server.mqtt_addr(),
                 server.mqtt5_addr(),
                 server.admin_addr(),
+                server.flight_sql_addr(),
                 server.data_dir().display(),
                 config.admin.token_file.display()
             );

@@ -1354,3 +1354,28 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
     assert_eq!((status, body.as_str()), (200, "[]"), "still none");
     server.handle.shutdown().expect("shutdown");
 }
+
+/// An answer counts as one of its principal's running requests until it is
+/// dropped, so a client that fetches answers and never reads them (a stalled
+/// Flight SQL stream) holds at most `access.max_queries_per_principal`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_not_yet_dropped_count_against_the_principals_limit() {
+    let TestServer {
+        handle,
+        config,
+        dir: _dir,
+    } = TestServer::start();
+    handle.shutdown().expect("shutdown");
+    let env = AccessEnv::new(&config, None).expect("access env");
+    let operator = env.principal("operator").expect("operator");
+    let ask = || env.query(&operator, "operations", "SELECT 1", NOW);
+    let first = ask().await.expect("first");
+    let _second = ask().await.expect("second");
+    let third = ask().await;
+    assert!(
+        matches!(&third, Err(e) if e.to_string().contains("max_queries_per_principal")),
+        "{third:?}"
+    );
+    drop(first);
+    ask().await.expect("a dropped answer frees its turn");
+}

@@ -8,9 +8,11 @@
 //! - [`acks`]: what was acknowledged, as sequence ranges;
 //! - [`report`]: text, JSON and SVG reports;
 //! - [`verify`]: the exactly-once check against the store;
-//! - [`queries`]: the SQL suite timed cold and hot.
+//! - [`queries`]: the SQL suite timed cold and hot;
+//! - [`analysts`]: the SQL suite as N concurrent principals over Flight SQL.
 
 pub mod acks;
+pub mod analysts;
 pub mod fleet;
 pub mod queries;
 pub mod report;

@@ -44,6 +44,28 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         hot_runs: usize,
     },
+    /// Run a SQL suite as N concurrent principals through a running
+    /// server's Flight SQL endpoint for a while; latency and rate as JSON.
+    Analysts {
+        /// Suite file: statements after `-- name: <name>` lines.
+        #[arg(long, default_value = "scripts/queries.sql")]
+        suite: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:32010")]
+        flight_addr: std::net::SocketAddr,
+        /// The HTTP endpoint whose admin routes register the principals.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin_addr: std::net::SocketAddr,
+        #[arg(long, default_value = "./keys/admin.token")]
+        admin_token: PathBuf,
+        #[arg(long, default_value = "operations")]
+        purpose: String,
+        /// Principals querying at once, each on its own connection.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds to go on querying; each client runs the suite once in any case.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -162,6 +184,34 @@ fn main() -> anyhow::Result<()> {
             let timings =
                 runtime(2)?.block_on(loadgen::queries::time_suite(&data_dir, &suite, hot_runs))?;
             println!("{}", serde_json::to_string_pretty(&timings)?);
+            Ok(())
+        }
+        Command::Analysts {
+            suite,
+            flight_addr,
+            admin_addr,
+            admin_token,
+            purpose,
+            clients,
+            duration,
+        } => {
+            let text = std::fs::read_to_string(&suite)
+                .with_context(|| format!("reading {}", suite.display()))?;
+            let suite = loadgen::queries::parse_suite(&text);
+            let admin_token = std::fs::read_to_string(&admin_token)
+                .with_context(|| format!("reading {}", admin_token.display()))?
+                .trim()
+                .to_owned();
+            let analysts = loadgen::analysts::Analysts {
+                flight_addr,
+                admin_addr,
+                admin_token,
+                purpose,
+                clients: clients.max(1),
+                duration: Duration::from_secs_f64(duration),
+            };
+            let report = runtime(2)?.block_on(loadgen::analysts::run(&analysts, &suite))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
     }

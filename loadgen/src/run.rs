@@ -226,7 +226,7 @@ impl Share {
     }
 }
 
-fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+pub(crate) fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
     // 1 µs to 10 minutes at 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3)
 }

@@ -212,3 +212,37 @@ fn files_with_extension(dir: &Path, extension: &str) -> Vec<std::path::PathBuf> 
     }
     out
 }
+
+/// `loadgen analysts` over a stored run: every statement of the benchmark
+/// suite answers through Flight SQL (arrow-rs's client), as several
+/// operator principals at once, with no error.
+#[test]
+fn analysts_run_the_whole_suite_through_flight_sql() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = server_config(dir.path());
+    let server = fleetgate::ops::server::start(&config).expect("server starts");
+    let outcome = drive(&run_config(server.mqtt_addr().port(), Stop::Publishes(200)));
+    assert_eq!(outcome.publishes_acked, 200);
+    let suite_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/queries.sql");
+    let suite = loadgen::queries::parse_suite(&std::fs::read_to_string(suite_file).expect("suite"));
+    assert!(suite.len() >= 12, "{} statements", suite.len());
+    let analysts = loadgen::analysts::Analysts {
+        flight_addr: server.flight_sql_addr(),
+        admin_addr: server.admin_addr(),
+        admin_token: std::fs::read_to_string(&config.admin.token_file)
+            .expect("admin token")
+            .trim()
+            .to_owned(),
+        purpose: "operations".into(),
+        clients: 2,
+        // Each client runs the suite once and stops.
+        duration: Duration::ZERO,
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let report = rt
+        .block_on(loadgen::analysts::run(&analysts, &suite))
+        .expect("analysts");
+    assert_eq!(report.errors, 0, "{:?}", report.first_error);
+    assert_eq!(report.queries, 2 * suite.len() as u64, "{report:?}");
+    server.shutdown().expect("clean shutdown");
+}

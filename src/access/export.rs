@@ -48,9 +48,13 @@ impl AccessEnv {
     /// Everything `user` may have under Art. 4, audited as an `export`.
     pub async fn export(&self, user: &Principal, now_ms: i64) -> Result<Export> {
         let request_id = super::request_id();
-        let outcome = self
-            .bounded(self.collect_export(user, &request_id, now_ms))
-            .await;
+        let outcome = match self.start(user) {
+            Ok(_running) => {
+                self.bounded(self.collect_export(user, &request_id, now_ms))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let (tables, decision, rows) = match &outcome {
             Ok(export) => (
                 export.tables.iter().map(|t| t.name.clone()).collect(),
@@ -108,7 +112,7 @@ impl AccessEnv {
                 .sql(&format!("SELECT * FROM {name} ORDER BY ts"))
                 .await?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            let batches = super::collect_bounded(df, &pool, user.kind, memory_mb).await?;
+            let (_, batches) = super::collect_bounded(df, &pool, user.kind, memory_mb).await?;
             described.insert(name.clone(), self.describe(name, &schema, &batches));
             tables.push(ExportTable {
                 name: name.clone(),

@@ -22,15 +22,17 @@ pub mod policy;
 pub mod purpose;
 pub mod registry;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use datafusion::common::config::Dialect;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::SQLOptions;
+use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::DataFrame;
@@ -92,13 +94,82 @@ pub struct AccessEnv {
     pub privacy: Option<Arc<PrivacyShared>>,
     /// One permit per query or export that may run at once.
     slots: tokio::sync::Semaphore,
+    /// Requests running now, and answers not yet dropped, per principal id.
+    running: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A statement checked and planned for its principal, ready to run.
+struct Planned {
+    state: SessionState,
+    plan: LogicalPlan,
+    /// `table:treatment` of every view it reads, for the audit.
+    treatments: String,
+}
+
+/// One running request of a principal, counted in [`AccessEnv`] until dropped.
+pub struct RunningQuery {
+    running: Arc<Mutex<HashMap<String, u32>>>,
+    principal: String,
+}
+
+impl RunningQuery {
+    fn start(
+        running: &Arc<Mutex<HashMap<String, u32>>>,
+        principal: &str,
+        most: u32,
+    ) -> Result<Self> {
+        let mut counts = running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(principal.to_owned()).or_insert(0);
+        if *count >= most {
+            return Err(AccessError::Limit(format!(
+                "this principal already has {count} requests running; at most {most} may run \
+                 at once (access.max_queries_per_principal)"
+            )));
+        }
+        *count += 1;
+        Ok(Self {
+            running: Arc::clone(running),
+            principal: principal.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Debug for RunningQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningQuery")
+            .field("principal", &self.principal)
+            .finish()
+    }
+}
+
+impl Drop for RunningQuery {
+    fn drop(&mut self) {
+        let mut counts = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.principal) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.principal);
+            }
+        }
+    }
 }
 
 /// A query's answer.
 #[derive(Debug)]
 pub struct Answer {
     pub request_id: String,
+    /// The answer's columns, also when it has no rows.
+    pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    /// The answer counts as one of its principal's running requests until
+    /// it is dropped: a client that never reads its answers can hold no more
+    /// than `access.max_queries_per_principal` of them.
+    _running: RunningQuery,
 }
 
 impl AccessEnv {
@@ -112,6 +183,7 @@ impl AccessEnv {
             purposes: Purposes::built_in()?,
             privacy,
             slots: tokio::sync::Semaphore::new(config.access.max_concurrent_queries as usize),
+            running: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -319,11 +391,15 @@ impl AccessEnv {
     ) -> Result<Answer> {
         let request_id = request_id();
         let mut tables = Vec::new();
-        let outcome = self
-            .bounded(self.run(principal, purpose, sql, now_ms, &mut tables))
-            .await;
+        let outcome = match self.start(principal) {
+            Ok(running) => self
+                .bounded(self.run(principal, purpose, sql, now_ms, &mut tables))
+                .await
+                .map(|(schema, batches, decision)| (schema, batches, decision, running)),
+            Err(e) => Err(e),
+        };
         let (decision, rows) = match &outcome {
-            Ok((batches, decision)) => (
+            Ok((_, batches, decision, _)) => (
                 decision.clone(),
                 Some(batches.iter().map(|b| b.num_rows() as u64).sum()),
             ),
@@ -339,9 +415,11 @@ impl AccessEnv {
             rows,
             now_ms,
         )?;
-        outcome.map(|(batches, _)| Answer {
+        outcome.map(|(schema, batches, _, running)| Answer {
             request_id,
+            schema,
             batches,
+            _running: running,
         })
     }
 
@@ -352,10 +430,34 @@ impl AccessEnv {
         sql: &str,
         now_ms: i64,
         tables: &mut Vec<String>,
-    ) -> Result<(Vec<RecordBatch>, String)> {
+    ) -> Result<(SchemaRef, Vec<RecordBatch>, String)> {
+        let planned = self.plan(principal, purpose, sql, now_ms, tables).await?;
+        let pool = Arc::clone(&planned.state.runtime_env().memory_pool);
+        let (schema, batches) = collect_bounded(
+            DataFrame::new(planned.state, planned.plan),
+            &pool,
+            principal.kind,
+            self.settings.query_memory_mb,
+        )
+        .await?;
+        Ok((schema, batches, planned.treatments))
+    }
+
+    /// Checks `sql` against every bound and rule and plans it over the
+    /// principal's views, without running it. `tables` collects the names
+    /// the audit line gets.
+    async fn plan(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        now_ms: i64,
+        tables: &mut Vec<String>,
+    ) -> Result<Planned> {
         limits::check_text(sql, self.settings.max_statement_bytes)?;
-        let memory_mb = self.settings.query_memory_mb;
-        let session = self.session(principal, purpose, now_ms, memory_mb).await?;
+        let session = self
+            .session(principal, purpose, now_ms, self.settings.query_memory_mb)
+            .await?;
         let state = session.ctx.state();
         let statement = state.sql_to_statement(sql, &Dialect::Generic)?;
         limits::check_shape(&statement)?;
@@ -378,6 +480,11 @@ impl AccessEnv {
             tables.push(name);
         }
         let plan = state.statement_to_plan(statement).await?;
+        if !plan.get_parameter_types()?.is_empty() {
+            return Err(AccessError::Invalid(
+                "parameters ($1, ?) are not supported: write the values into the statement".into(),
+            ));
+        }
         SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -391,22 +498,118 @@ impl AccessEnv {
                 "EXPLAIN is open to the operator only: a plan shows the policy's filters".into(),
             ));
         }
-        let pool = Arc::clone(&state.runtime_env().memory_pool);
-        let batches = collect_bounded(
-            DataFrame::new(state, plan),
-            &pool,
-            principal.kind,
-            memory_mb,
-        )
-        .await?;
         treatments.sort();
         treatments.dedup();
-        Ok((batches, treatments.join(",")))
+        Ok(Planned {
+            state,
+            plan,
+            treatments: treatments.join(","),
+        })
     }
 
-    /// Runs `work` when a slot is free, cancelled (dropped, which stops its
-    /// DataFusion tasks) once `access.query_timeout_ms` has passed, waiting
-    /// for the slot included.
+    /// The columns `sql` would answer with for `principal`, checked and
+    /// planned exactly as [`Self::query`] would, but not run (Flight SQL
+    /// asks for them before it fetches). A refusal is audited like a
+    /// query's; a statement that plans is audited when it runs.
+    pub async fn schema_of(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        now_ms: i64,
+    ) -> Result<SchemaRef> {
+        let mut tables = Vec::new();
+        let outcome = match self.start(principal) {
+            Ok(_running) => {
+                self.bounded(async {
+                    let planned = self
+                        .plan(principal, purpose, sql, now_ms, &mut tables)
+                        .await?;
+                    DataFrame::new(planned.state, planned.plan)
+                        .create_physical_plan()
+                        .await
+                        .map(|plan| plan.schema())
+                        .map_err(|e| {
+                            limits::running_error(principal.kind, e, self.settings.query_memory_mb)
+                        })
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(schema) => Ok(schema),
+            Err(e) => {
+                let request_id = request_id();
+                self.audit(
+                    &request_id,
+                    principal,
+                    purpose,
+                    "query",
+                    &tables,
+                    Err(&e),
+                    None,
+                    now_ms,
+                )?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The tables `principal` may query for `purpose`, each with its
+    /// columns: its views and nothing else (hidden tables are left out).
+    pub async fn views(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        now_ms: i64,
+    ) -> Result<Vec<(String, SchemaRef)>> {
+        let listing = async {
+            let session = self
+                .session(principal, purpose, now_ms, self.settings.query_memory_mb)
+                .await?;
+            let mut views = Vec::new();
+            for name in session.treatments.keys() {
+                let provider = session.ctx.table_provider(name.as_str()).await?;
+                views.push((name.clone(), provider.schema()));
+            }
+            Ok(views)
+        };
+        let outcome = match self.start(principal) {
+            Ok(_running) => self.bounded(listing).await,
+            Err(e) => Err(e),
+        };
+        // A refused listing is audited like a refused query; a listing
+        // carries names and types, no rows, and is not.
+        if let Err(e) = &outcome {
+            self.audit(
+                &request_id(),
+                principal,
+                purpose,
+                "list",
+                &[],
+                Err(e),
+                None,
+                now_ms,
+            )?;
+        }
+        outcome
+    }
+
+    /// Counts one more running request of `principal`, or refuses it at
+    /// once if it already has `access.max_queries_per_principal`, so that one
+    /// client cannot take every slot.
+    fn start(&self, principal: &Principal) -> Result<RunningQuery> {
+        RunningQuery::start(
+            &self.running,
+            &principal.id,
+            self.settings.max_queries_per_principal,
+        )
+    }
+
+    /// Runs `work` of a request counted by [`Self::start`] when a slot is
+    /// free, cancelled (dropped, which stops its DataFusion tasks) once
+    /// `access.query_timeout_ms` has passed, waiting for the slot included.
     async fn bounded<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
         let limit = Duration::from_millis(self.settings.query_timeout_ms);
         let turn = async {
@@ -485,10 +688,11 @@ async fn collect_bounded(
     pool: &Arc<dyn MemoryPool>,
     kind: PrincipalKind,
     memory_mb: u32,
-) -> Result<Vec<RecordBatch>> {
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let running = |e| limits::running_error(kind, e, memory_mb);
     let answer = MemoryConsumer::new("fleetgate answer").register(pool);
     let mut stream = df.execute_stream().await.map_err(running)?;
+    let schema = stream.schema();
     let mut batches = Vec::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(running)?;
@@ -497,7 +701,7 @@ async fn collect_bounded(
             .map_err(running)?;
         batches.push(batch);
     }
-    Ok(batches)
+    Ok((schema, batches))
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -514,4 +718,31 @@ fn request_id() -> String {
         bytes = crate::core::clock::now_ms().to_le_bytes();
     }
     hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_principal_at_its_limit_is_refused_until_one_of_its_requests_ends() {
+        let running = Arc::new(Mutex::new(HashMap::new()));
+        let first = RunningQuery::start(&running, "alice", 2).expect("first");
+        let second = RunningQuery::start(&running, "alice", 2).expect("second");
+        let third = RunningQuery::start(&running, "alice", 2);
+        assert!(
+            matches!(&third, Err(AccessError::Limit(m)) if m.contains("max_queries_per_principal")),
+            "{:?}",
+            third.err()
+        );
+        // Another principal is not held back by alice's requests.
+        let bob = RunningQuery::start(&running, "bob", 2).expect("bob");
+        drop(first);
+        let again = RunningQuery::start(&running, "alice", 2).expect("a slot freed");
+        drop((second, again, bob));
+        assert!(
+            running.lock().expect("lock").is_empty(),
+            "no count left behind"
+        );
+    }
 }

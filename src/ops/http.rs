@@ -8,9 +8,8 @@
 //!
 //! It runs on its own thread with a single-threaded tokio runtime, so it
 //! never competes with the pipeline's threads. `/sql` and `/export` run on
-//! a second runtime of their own (`access.query_threads` threads with deep
-//! stacks), so a query never holds up `/metrics`, the admin routes or
-//! ingest, and no statement can overflow a stack they share. The `/admin`
+//! the query runtime ([`crate::ops::queries`]), so a query never holds up
+//! `/metrics`, the admin routes or ingest. The `/admin`
 //! routes answer a loopback peer that presents the admin token
 //! ([`crate::ops::admin_token`]) as its bearer token: behind a reverse proxy
 //! on the same host every peer is loopback, so the token is what protects
@@ -36,6 +35,7 @@ use crate::ingest::auth::{AuthCounters, Credentials, Refusal};
 use crate::lifecycle::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
 use crate::ops::admin_token::AdminToken;
+use crate::ops::queries::QueryRuntime;
 use crate::privacy::stage::PrivacyShared;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,19 +86,12 @@ impl AdminHttp {
     }
 }
 
-/// Stack of each thread that runs `/sql` and `/export`. The statement
-/// bounds (`access::limits`) keep a statement's tree shallow and DataFusion
-/// grows its own recursion on the heap; this leaves room for the rest
-/// (evaluation, dropping the tree). It is address space, not memory in use.
-const QUERY_STACK_BYTES: usize = 64 << 20;
-/// Blocking threads of the query runtime (file reads).
-const QUERY_BLOCKING_THREADS: usize = 4;
-
 /// Binds `addr` and serves until stopped; logs a throughput line every
 /// `summary_every` (none when zero).
 pub fn spawn(
     addr: SocketAddr,
     state: AdminState,
+    queries: QueryRuntime,
     summary_every: Duration,
 ) -> Result<AdminHttp, HttpError> {
     let listener =
@@ -110,7 +103,6 @@ pub fn spawn(
         .set_nonblocking(true)
         .map_err(|source| HttpError::Bind { addr, source })?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let query_threads = state.access.settings.query_threads.max(1) as usize;
     let state = Arc::new(state);
     let thread = std::thread::Builder::new()
         .name("admin-http".into())
@@ -125,24 +117,7 @@ pub fn spawn(
                     return;
                 }
             };
-            let queries = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(query_threads)
-                .max_blocking_threads(QUERY_BLOCKING_THREADS)
-                .thread_name("fleetgate-sql")
-                .thread_stack_size(QUERY_STACK_BYTES)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "query runtime");
-                    return;
-                }
-            };
-            let handle = queries.handle().clone();
-            runtime.block_on(serve(listener, state, handle, stopped, summary_every));
-            // Queries still running are dropped, not awaited.
-            queries.shutdown_background();
+            runtime.block_on(serve(listener, state, queries, stopped, summary_every));
         })
         .map_err(HttpError::Thread)?;
     Ok(AdminHttp {
@@ -155,7 +130,7 @@ pub fn spawn(
 async fn serve(
     listener: std::net::TcpListener,
     state: Arc<AdminState>,
-    queries: tokio::runtime::Handle,
+    queries: QueryRuntime,
     stopped: oneshot::Receiver<()>,
     summary_every: Duration,
 ) {
@@ -188,7 +163,7 @@ async fn serve(
         .route("/sql", post(sql))
         .route("/export", get(export))
         .merge(admin)
-        .layer(axum::Extension(QueryRuntime(queries)))
+        .layer(axum::Extension(queries))
         .with_state(state);
     let shutdown = async {
         let _ = stopped.await;
@@ -368,24 +343,18 @@ enum ResultFormat {
     Arrow,
 }
 
-/// The runtime `/sql` and `/export` run on.
-#[derive(Clone)]
-struct QueryRuntime(tokio::runtime::Handle);
-
-impl QueryRuntime {
-    /// Runs `work` on the query runtime; a task that panicked is a 500.
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl std::future::Future<Output = Result<T, AccessError>> + Send + 'static,
-    ) -> Result<T, Response> {
-        match self.0.spawn(work).await {
-            Ok(Ok(done)) => Ok(done),
-            Ok(Err(e)) => Err(access_error(&e)),
-            Err(e) => {
-                tracing::error!(error = %e, "query task failed");
-                let body = serde_json::json!({ "error": "the query failed" });
-                Err((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
-            }
+/// Runs `work` on the query runtime; a task that panicked is a 500.
+async fn run_query<T: Send + 'static>(
+    queries: &QueryRuntime,
+    work: impl std::future::Future<Output = Result<T, AccessError>> + Send + 'static,
+) -> Result<T, Response> {
+    match queries.run(work).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(access_error(&e)),
+        Err(e) => {
+            tracing::error!(error = %e, "query task failed");
+            let body = serde_json::json!({ "error": "the query failed" });
+            Err((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
         }
     }
 }
@@ -412,7 +381,7 @@ async fn sql(
             .query(&principal, &purpose, &sql, crate::core::clock::now_ms())
             .await
     };
-    let answer = match queries.run(job).await {
+    let answer = match run_query(&queries, job).await {
         Ok(answer) => answer,
         Err(response) => return response,
     };
@@ -473,7 +442,7 @@ async fn export(
             .await?
             .to_json()
     };
-    match queries.run(job).await {
+    match run_query(&queries, job).await {
         Ok(document) => Json(document).into_response(),
         Err(response) => response,
     }

@@ -1,6 +1,9 @@
-//! Operations: the server that wires the stages together, the admin HTTP
-//! endpoint and the token its `/admin` routes require.
+//! Operations: the server that wires the stages together, the front-ends
+//! principals and operators reach it through (the HTTP endpoint, Flight
+//! SQL), the runtime their queries share, and the admin token.
 
 pub mod admin_token;
+pub mod flight;
 pub mod http;
+pub mod queries;
 pub mod server;

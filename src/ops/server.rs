@@ -26,7 +26,9 @@ use crate::ingest::{broker, link as ingest};
 use crate::lifecycle::retention::{self, Retention, RetentionError};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::ops::admin_token::{AdminToken, AdminTokenError};
+use crate::ops::flight::{self, FlightSql, FlightSqlError};
 use crate::ops::http::{self, AdminHttp, AdminState, HttpError, Queue};
+use crate::ops::queries::QueryPool;
 use crate::pipeline::dead_letter;
 use crate::pipeline::decode::Limits;
 use crate::pipeline::worker::{PipelineError, WorkerContext, spawn_worker};
@@ -58,6 +60,10 @@ pub enum ServerError {
     Vault(#[from] VaultError),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    FlightSql(#[from] FlightSqlError),
+    #[error("cannot start the query runtime: {0}")]
+    QueryRuntime(std::io::Error),
     #[error(transparent)]
     Retention(#[from] RetentionError),
     #[error(transparent)]
@@ -92,6 +98,9 @@ pub struct ServerHandle {
     tracker: Arc<Tracker>,
     privacy: Arc<PrivacyShared>,
     admin: AdminHttp,
+    flight_sql: FlightSql,
+    /// Dropped after both front-ends stopped.
+    queries: QueryPool,
     retention: Option<Sweeper>,
 }
 
@@ -280,6 +289,13 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         .as_ref()
         .map(|path| Arc::new(Credentials::new(path.clone(), privacy.keys.redaction_key())));
     let admin_token = AdminToken::load_or_create(&config.admin.token_file)?;
+    let queries =
+        QueryPool::start(config.access.query_threads).map_err(ServerError::QueryRuntime)?;
+    let flight_sql = flight::spawn(
+        config.admin.flight_sql_addr,
+        access.clone(),
+        queries.handle(),
+    )?;
     let admin = http::spawn(
         config.admin.http_addr,
         AdminState {
@@ -291,6 +307,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             credentials: credentials.clone(),
             admin_token,
         },
+        queries.handle(),
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;
     let retention = match config.retention.sweep_interval_secs {
@@ -346,6 +363,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         mqtt = %embedded.mqtt_addr,
         mqtt5 = %embedded.mqtt5_addr,
         admin = %admin.addr,
+        flight_sql = %flight_sql.addr,
         data_dir = %data_dir.display(),
         workers = workers.len(),
         "fleetgate is running"
@@ -364,6 +382,8 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         tracker,
         privacy,
         admin,
+        flight_sql,
+        queries,
         retention,
     })
 }
@@ -486,6 +506,11 @@ impl ServerHandle {
         self.admin.addr
     }
 
+    /// Where Arrow Flight SQL answers.
+    pub fn flight_sql_addr(&self) -> SocketAddr {
+        self.flight_sql.addr
+    }
+
     /// Keys, vault and the admin actions on them: erasure, consent.
     pub fn privacy(&self) -> &Arc<PrivacyShared> {
         &self.privacy
@@ -509,6 +534,8 @@ impl ServerHandle {
             log.close()?;
         }
         self.admin.stop();
+        self.flight_sql.stop();
+        drop(self.queries);
         if let Some(sweeper) = self.retention {
             drop(sweeper.stop);
             join("retention", sweeper.thread)?;

@@ -423,6 +423,8 @@ impl ServeProcess {
                 "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
+                "--flight-sql-addr",
+                "127.0.0.1:0",
                 "--config",
             ])
             .arg(&config_path)

@@ -1,0 +1,130 @@
+//! The runtime principals' queries run on, shared by `/sql`, `/export` and
+//! Flight SQL: `access.query_threads` threads with deep stacks of their own,
+//! so a query never holds up ingest, `/metrics` or the admin routes, and no
+//! statement can overflow a stack they share.
+
+use std::future::Future;
+
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+
+/// Stack of each query thread. The statement bounds (`access::limits`)
+/// keep a statement's tree shallow and DataFusion grows its own recursion
+/// on the heap; this leaves room for the rest (evaluation, dropping the
+/// tree). It is address space, not memory in use.
+const QUERY_STACK_BYTES: usize = 64 << 20;
+/// Blocking threads of the query runtime (file reads).
+const QUERY_BLOCKING_THREADS: usize = 4;
+
+/// The query runtime; dropping it drops the queries still running.
+pub struct QueryPool {
+    /// Taken only when the pool is dropped.
+    runtime: Option<Runtime>,
+    handle: Handle,
+}
+
+impl QueryPool {
+    pub fn start(threads: u32) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1) as usize)
+            .max_blocking_threads(QUERY_BLOCKING_THREADS)
+            .thread_name("fleetgate-sql")
+            .thread_stack_size(QUERY_STACK_BYTES)
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    pub fn handle(&self) -> QueryRuntime {
+        QueryRuntime(self.handle.clone())
+    }
+}
+
+impl Drop for QueryPool {
+    fn drop(&mut self) {
+        // Queries still running are dropped, not awaited.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Where a front-end sends a principal's query to run.
+#[derive(Clone)]
+pub struct QueryRuntime(Handle);
+
+impl QueryRuntime {
+    /// Runs `work` on the query runtime. Dropping the returned future (the
+    /// client went away, its request was dropped) cancels `work`, which
+    /// stops its DataFusion tasks. `Err` when `work` panicked.
+    pub fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> impl Future<Output = Result<T, tokio::task::JoinError>> + Send + 'static {
+        let task = CancelOnDrop(self.0.spawn(work));
+        async move {
+            let mut task = task;
+            (&mut task.0).await
+        }
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped unfinished.
+struct CancelOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for CancelOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Sets its flag when dropped: when the task holding it ends.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_query_whose_caller_goes_away_is_cancelled() {
+        let pool = QueryPool::start(1).expect("query runtime");
+        let dropped = Arc::new(AtomicBool::new(false));
+        let guard = Dropped(Arc::clone(&dropped));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let waiting = pool.handle().run(async move {
+            let _guard = guard;
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+        });
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("caller runtime");
+        // The caller waits until the query runs, then goes away.
+        caller.block_on(async {
+            tokio::select! {
+                _ = waiting => panic!("the query cannot end by itself"),
+                started = started_rx => started.expect("the query started"),
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the query still runs after its caller went away"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}

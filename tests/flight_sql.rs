@@ -1,0 +1,249 @@
+//! Arrow Flight SQL through clients nobody here wrote: the ADBC Flight SQL
+//! driver (PyPI `adbc-driver-flightsql`, Go) and `pyarrow.flight` (C++).
+//! The same policy, refusals and audit as `POST /sql`: a user reads her own
+//! vehicle's rows only, listings show only her views, a forbidden purpose
+//! and a hidden table are refused naming their rule, a call without a
+//! token is unauthenticated, and every query lands in the query audit.
+
+mod common;
+
+use common::*;
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+
+fn charging(vin: &str, seq: u32, ts: i64, contract: &str) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"soc_pct":40.0,"charging_mode":"ac","remote_managed":false,"latitude":59.31,"longitude":18.02,"contract_number":"{contract}"}}"#
+    );
+    (format!("vehicles/{vin}/charging"), body.into_bytes())
+}
+
+/// Runs every client call; prints one JSON object of answers and errors.
+const CLIENTS: &str = r#"
+import json, sys
+import adbc_driver_flightsql.dbapi as adbc
+import pyarrow.flight as fl
+
+addr, alice, analyst = sys.argv[1:4]
+uri = "grpc://" + addr
+out = {}
+
+def connect(token, purpose):
+    options = {"adbc.flight.sql.rpc.call_header.x-fleetgate-purpose": purpose}
+    if token:
+        options["adbc.flight.sql.authorization_header"] = "Bearer " + token
+    return adbc.connect(uri, db_kwargs=options)
+
+def attempt(call):
+    try:
+        return {"ok": call()}
+    except Exception as e:
+        return {"error": type(e).__name__ + ": " + str(e)}
+
+def rows(token, purpose, sql, parameters=None):
+    with connect(token, purpose) as conn, conn.cursor() as cur:
+        cur.execute(sql, parameters)
+        table = cur.fetch_arrow_table()
+        return {"columns": table.column_names,
+                "rows": [list(r.values()) for r in table.to_pylist()]}
+
+def tables(token, purpose):
+    with connect(token, purpose) as conn:
+        objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+        schema = conn.adbc_get_table_schema("charging").names
+    names = sorted(t["table_name"] for c in objects for s in c["catalog_db_schemas"]
+                   for t in s["db_schema_tables"])
+    return {"tables": names, "charging_columns": schema}
+
+own = "own_data_access"
+out["alice_rows"] = attempt(lambda: rows(alice, own, "SELECT vin, contract_number FROM charging ORDER BY vin"))
+out["alice_partitions"] = attempt(lambda: rows(alice, own, "SELECT date, hour, vin FROM charging"))
+out["alice_empty"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq < 0"))
+out["alice_listing"] = attempt(lambda: tables(alice, own))
+out["forbidden_purpose"] = attempt(lambda: rows(alice, "economic_situation", "SELECT 1"))
+out["hidden_table"] = attempt(lambda: rows(alice, own, "SELECT count(*) FROM rtti"))
+out["no_token"] = attempt(lambda: rows(None, own, "SELECT 1"))
+out["parameters"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq = $1", (1,)))
+
+# pyarrow has no Flight SQL client: the command is a protobuf Any, written by hand.
+def field(number, payload):
+    n, length = len(payload), b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length += bytes([byte | 0x80 if n else byte])
+        if not n:
+            break
+    return bytes([(number << 3) | 2]) + length + payload
+
+def command(name, body):
+    url = b"type.googleapis.com/arrow.flight.protocol.sql." + name.encode()
+    return field(1, url) + field(2, body)
+
+def pyarrow_rows(token, purpose, sql):
+    client = fl.FlightClient(uri)
+    options = fl.FlightCallOptions(headers=[
+        (b"authorization", b"Bearer " + token.encode()),
+        (b"x-fleetgate-purpose", purpose.encode())])
+    cmd = command("CommandStatementQuery", field(1, sql.encode()))
+    info = client.get_flight_info(fl.FlightDescriptor.for_command(cmd), options)
+    table = client.do_get(info.endpoints[0].ticket, options).read_all()
+    return [list(r.values()) for r in table.to_pylist()]
+
+out["pyarrow_operator"] = attempt(lambda: pyarrow_rows(analyst, "operations", "SELECT count(*) AS n FROM charging"))
+out["pyarrow_wrong_token"] = attempt(lambda: pyarrow_rows("fg_not_a_token", "operations", "SELECT 1"))
+print(json.dumps(out, default=str))
+"#;
+
+fn run_clients(addr: std::net::SocketAddr, alice: &str, analyst: &str) -> serde_json::Value {
+    let out = std::process::Command::new("python3")
+        .args(["-c", CLIENTS, &addr.to_string(), alice, analyst])
+        .output()
+        .expect("python3 must be installed (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "the clients failed (pip install adbc-driver-flightsql pyarrow): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn error_of(answer: &serde_json::Value) -> String {
+    answer["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error, got {answer}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            charging(A, 1, now - HOUR, "SE-A-1"),
+            charging(B, 1, now - HOUR, "SE-B-1"),
+        ],
+    )
+    .await;
+    wait_for(|| server.handle.metrics().totals().stored == 2);
+    let admin = server.admin();
+    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
+    let analyst = admin.principal(r#"{"id":"analyst","kind":"operator"}"#);
+    let (status, body) = admin.post(
+        "/admin/transfers",
+        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    let out = run_clients(server.handle.flight_sql_addr(), &alice, &analyst);
+
+    // Her vehicle's row only, the contract decrypted for her.
+    assert_eq!(
+        out["alice_rows"]["ok"],
+        serde_json::json!({"columns": ["vin", "contract_number"], "rows": [[A, "SE-A-1"]]}),
+        "{out}"
+    );
+    // Partition columns (which the engine may hand out as dictionaries)
+    // arrive as the schema announced them.
+    assert_eq!(
+        out["alice_partitions"]["ok"]["rows"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{out}"
+    );
+    // No rows still has the columns.
+    assert_eq!(
+        out["alice_empty"]["ok"],
+        serde_json::json!({"columns": ["vin"], "rows": []}),
+        "{out}"
+    );
+    // Listings: her views, not RTTI (no vehicle id), dead letters or the audit.
+    let listing = &out["alice_listing"]["ok"];
+    let tables: Vec<&str> = listing["tables"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert!(tables.contains(&"charging"), "{out}");
+    for hidden in ["rtti", "dead_letters", "query_audit"] {
+        assert!(!tables.contains(&hidden), "{hidden} listed: {out}");
+    }
+    let columns = listing["charging_columns"].to_string();
+    assert!(
+        columns.contains("\"vin\"") && !columns.contains("vehicle_id"),
+        "{out}"
+    );
+    // Refusals name their rule; no token is unauthenticated.
+    assert!(
+        error_of(&out["forbidden_purpose"]).contains("§9.3"),
+        "{out}"
+    );
+    let hidden = error_of(&out["hidden_table"]);
+    assert!(
+        hidden.contains("rtti") && hidden.contains("refused"),
+        "{out}"
+    );
+    assert!(
+        error_of(&out["no_token"])
+            .to_lowercase()
+            .contains("unauthenticated"),
+        "{out}"
+    );
+    assert!(
+        error_of(&out["parameters"]).contains("parameters ($1, ?) are not supported"),
+        "{out}"
+    );
+    // pyarrow.flight alone: the operator's count over every vehicle.
+    assert_eq!(
+        out["pyarrow_operator"]["ok"],
+        serde_json::json!([[2]]),
+        "{out}"
+    );
+    assert!(
+        error_of(&out["pyarrow_wrong_token"]).contains("Unauthenticated"),
+        "{out}"
+    );
+
+    // The query audit has her answered query (one row) and her refusals.
+    let mut lines = Vec::new();
+    for file in files_under(&server.config.access.audit_dir) {
+        let text = std::fs::read_to_string(file).expect("audit file");
+        lines.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line")),
+        );
+    }
+    let alices: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["principal"] == "alice").collect();
+    assert!(
+        alices.iter().any(|l| l["tables"] == "charging"
+            && l["rows"] == 1
+            && l["decision"] == "charging:filter"),
+        "{lines:?}"
+    );
+    assert!(
+        alices
+            .iter()
+            .any(|l| l["decision"] == "refuse" && l["purpose"] == "economic_situation"),
+        "{lines:?}"
+    );
+    assert!(
+        alices
+            .iter()
+            .any(|l| l["decision"] == "refuse" && l["tables"] == "rtti"),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["principal"] == "analyst" && l["rows"] == 1),
+        "{lines:?}"
+    );
+    server.handle.shutdown().expect("shutdown");
+}
