@@ -10,11 +10,14 @@
 # 3. half rate: fleetgate at half of e2e's rate, open loop, for latency;
 # 4. mosquitto: the same loadgen against Mosquitto (Debian package) with a plain
 #               QoS 1 subscriber;
-# 5. queries:   scripts/queries.sql over e2e's store, fleetgate vs DuckDB, cold and hot.
+# 5. queries:   scripts/queries.sql over e2e's store, fleetgate vs DuckDB, cold and hot;
+# 6. Flight SQL: the suite as 1, 8 and 32 concurrent principals over e2e's store;
+#               half-rate ingest alone and beside 32 of them; a 1,000,000-row
+#               answer over Flight SQL (ADBC) and over POST /sql (Arrow IPC).
 # Results land in $BENCH_OUT (default target/bench/<timestamp>): every loadgen
 # report, /metrics scrapes, server logs, and results.md, which is also printed.
-# Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb
-# and deltalake.
+# Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb,
+# deltalake and adbc-driver-flightsql.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PUBLISHES=${1:-2000000}
@@ -61,7 +64,7 @@ key_file = "$FG_DIR/keys/root.key"
 vault_file = "$FG_DIR/keys/vault.redb"
 TOML
   RUST_LOG=info "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \
-    --mqtt-addr "127.0.0.1:$FG_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FG_ADMIN" \
+    --mqtt-addr "127.0.0.1:$FG_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FG_ADMIN" --flight-sql-addr 127.0.0.1:0 \
     > "$OUT/$1.serve.log" 2>&1 &
   FG_PID=$!
   PIDS+=("$FG_PID")
@@ -170,5 +173,49 @@ kill "$MQ_PID"
 echo "== 5. query suite: fleetgate (DataFusion) vs DuckDB"
 "$LOADGEN" queries --suite scripts/queries.sql --data-dir "$E2E_DATA" > "$OUT/queries.fleetgate.json"
 python3 scripts/duckdb_suite.py "$E2E_DATA" scripts/queries.sql > "$OUT/queries.duckdb.json"
+
+echo "== 6. Flight SQL: concurrent principals, ingest beside them, a large answer"
+FL_DIR=$WORK/flight
+cp -a "$WORK/e2e" "$FL_DIR"
+FL_PORT=$(free_port); FL_ADMIN=$(free_port); FL_FLIGHT=$(free_port)
+cat > "$FL_DIR/flight.toml" <<TOML
+[storage]
+data_dir = "$FL_DIR/data"
+key_file = "$FL_DIR/keys/root.key"
+vault_file = "$FL_DIR/keys/vault.redb"
+[admin]
+token_file = "$FL_DIR/keys/admin.token"
+[access]
+registry_file = "$FL_DIR/access/registry.json"
+audit_dir = "$FL_DIR/audit/queries"
+query_memory_mb = 2048
+[retention]
+audit_file = "$FL_DIR/audit/deletions.jsonl"
+requests_file = "$FL_DIR/audit/deletion-requests.json"
+holds_file = "$FL_DIR/audit/legal-holds.json"
+TOML
+RUST_LOG=info "$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
+  --mqtt-addr "127.0.0.1:$FL_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FL_ADMIN" \
+  --flight-sql-addr "127.0.0.1:$FL_FLIGHT" > "$OUT/flight.serve.log" 2>&1 &
+FL_PID=$!
+PIDS+=("$FL_PID")
+wait_port "$FL_FLIGHT"
+analysts() {
+  "$LOADGEN" analysts --flight-addr "127.0.0.1:$FL_FLIGHT" --admin-addr "127.0.0.1:$FL_ADMIN" \
+    --admin-token "$FL_DIR/keys/admin.token" "$@"
+}
+for clients in 1 8 32; do
+  analysts --clients "$clients" --duration 30 > "$OUT/analysts.$clients.json"
+done
+loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/flight-ingest-alone"
+analysts --clients 32 --duration 40 > "$OUT/analysts.32.ingest.json" &
+ANALYSTS_PID=$!
+sleep 5
+loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/flight-ingest-queried"
+wait "$ANALYSTS_PID"
+python3 scripts/flight_vs_http.py "127.0.0.1:$FL_FLIGHT" "127.0.0.1:$FL_ADMIN" \
+  "$FL_DIR/keys/admin.token" 1000000 > "$OUT/flight_vs_http.json"
+kill -TERM "$FL_PID"
+wait "$FL_PID"
 
 python3 scripts/bench_report.py "$OUT" "scripts/bench.sh $PUBLISHES" | tee "$OUT/results.md"

@@ -104,15 +104,24 @@ p(f"Verification of the e2e run after a clean stop: **{'OK' if verify['ok'] else
   + ", ".join(f"{s['stream']} {s['acked']:,} acked / {s['stored']:,} stored ({s['method']})" for s in verify["streams"])
   + ("" if not bad else f"; failures: {bad}") + ".")
 p("")
-p("| stream | JSON bytes received | Parquet bytes | on disk / JSON |")
-p("|---|---:|---:|---:|")
-disk = {}
-for line in read("e2e.disk.txt").splitlines():
-    size, path = line.split()
-    disk[os.path.basename(path)] = int(size)
+p("| stream | JSON bytes received | Delta table bytes as written | after compaction + VACUUM | compacted / JSON |")
+p("|---|---:|---:|---:|---:|")
+
+
+def sizes(name):
+    disk = {}
+    for line in read(name).splitlines():
+        size, path = line.split()
+        disk[os.path.basename(path)] = int(size)
+    return disk
+
+
+disk, compacted = sizes("e2e.disk.txt"), sizes("e2e.disk.compacted.txt")
 for s in ["rtti", "diagnostics", "charging", "teleservice"]:
     received = metric(e2e_metrics, "fleetgate_payload_bytes_received_total", f'{{stream="{s}"}}')
-    p(f"| {s} | {received:,.0f} | {disk.get(s, 0):,} | {disk.get(s, 0) / max(received, 1):.1%} |")
+    p(f"| {s} | {received:,.0f} | {disk.get(s, 0):,} | {compacted.get(s, 0):,} | "
+      f"{compacted.get(s, 0) / max(received, 1):.1%} |")
+p(f"Compaction of every partition (`fleetgate admin compact --all`): {read('e2e.compact.time').strip()}.")
 p("")
 fg = {r["name"]: r for r in load("queries.fleetgate.json")}
 dd = {r["name"]: r for r in load("queries.duckdb.json")}
@@ -131,4 +140,24 @@ geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))
 p(f"| **geomean** | | | | **{geo(cold):.2f}×** | **{geo(hot):.2f}×** |")
 p("")
 p("Ratios are fleetgate's time over DuckDB's: below 1 means fleetgate is faster.")
+p("")
+p("Flight SQL over the e2e store (after compaction), the suite as concurrent operator principals "
+  "(`loadgen analysts`; the server runs at most `access.max_concurrent_queries` at once):")
+p("")
+p("| clients | queries | queries/s | p50 (ms) | p90 (ms) | p99 (ms) | errors |")
+p("|---:|---:|---:|---:|---:|---:|---:|")
+for name in ["analysts.1.json", "analysts.8.json", "analysts.32.json", "analysts.32.ingest.json"]:
+    a = load(name)
+    label = f"{a['clients']}" + (" (with ingest)" if "ingest" in name else "")
+    p(f"| {label} | {a['queries']:,} | {a['queries_per_second']:.1f} | {a['p50_ms']:.1f} | "
+      f"{a['p90_ms']:.1f} | {a['p99_ms']:.1f} | {a['errors']} |")
+alone, queried = load("flight-ingest-alone/report.json"), load("flight-ingest-queried/report.json")
+pa, pq = alone["latency"]["p99_us"] / 1e3, queried["latency"]["p99_us"] / 1e3
+p("")
+p(f"Half-rate ingest ({alone['records_per_s']:,.0f} records/s) on that server: publish→PUBACK p99 "
+  f"{pa:.2f} ms alone, {pq:.2f} ms beside 32 query clients ({pq / pa - 1:+.0%}).")
+fh = load("flight_vs_http.json")
+p(f"`{fh['sql']}`: Flight SQL (ADBC) {fh['flight_sql']['median_s']:.2f} s, "
+  f"POST /sql as Arrow IPC {fh['http_arrow']['median_s']:.2f} s (median of 3; "
+  f"{fh['flight_sql']['rows']:,} rows).")
 print("\n".join(lines))
