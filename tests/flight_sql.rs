@@ -66,7 +66,8 @@ out["alice_listing"] = attempt(lambda: tables(alice, own))
 out["forbidden_purpose"] = attempt(lambda: rows(alice, "economic_situation", "SELECT 1"))
 out["hidden_table"] = attempt(lambda: rows(alice, own, "SELECT count(*) FROM rtti"))
 out["no_token"] = attempt(lambda: rows(None, own, "SELECT 1"))
-out["parameters"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq = $1", (1,)))
+out["parameters"] = attempt(lambda: rows(alice, own, "SELECT vin, contract_number FROM charging WHERE seq = $1", (1,)))
+out["parameters_none_match"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq = $1", (7,)))
 
 # pyarrow has no Flight SQL client: the command is a protobuf Any, written by hand.
 def field(number, payload):
@@ -92,6 +93,35 @@ def pyarrow_rows(token, purpose, sql):
     table = client.do_get(info.endpoints[0].ticket, options).read_all()
     return [list(r.values()) for r in table.to_pylist()]
 
+def first_batch_then_gone(token, purpose, sql):
+    client = fl.FlightClient(uri)
+    options = fl.FlightCallOptions(headers=[
+        (b"authorization", b"Bearer " + token.encode()),
+        (b"x-fleetgate-purpose", purpose.encode())])
+    cmd = command("CommandStatementQuery", field(1, sql.encode()))
+    info = client.get_flight_info(fl.FlightDescriptor.for_command(cmd), options)
+    reader = client.do_get(info.endpoints[0].ticket, options)
+    rows = reader.read_chunk().data.num_rows
+    reader.cancel()
+    client.close()
+    return rows
+
+big = ("SELECT 1 AS one FROM information_schema.columns a, information_schema.columns b, "
+       "information_schema.columns c")
+out["pyarrow_partial"] = attempt(lambda: first_batch_then_gone(analyst, "operations", big))
+out["big_count"] = attempt(lambda: pyarrow_rows(analyst, "operations", "SELECT count(*) FROM (" + big + ") AS t"))
+out["parameters_unbound"] = attempt(lambda: pyarrow_rows(alice, own, "SELECT vin FROM charging WHERE seq = $1"))
+def forged_ticket(token):
+    client = fl.FlightClient(uri)
+    options = fl.FlightCallOptions(headers=[
+        (b"authorization", b"Bearer " + token.encode()),
+        (b"x-fleetgate-purpose", b"operations")])
+    # A handle claiming bound values of absurd length: refused unread.
+    handle = b"\x00" * 32 + b"\x00\xff\xff\xff\x7f" + b"\xff" * 64
+    ticket = fl.Ticket(command("TicketStatementQuery", field(1, handle)))
+    return client.do_get(ticket, options).read_all().num_rows
+
+out["forged_ticket"] = attempt(lambda: forged_ticket(analyst))
 out["pyarrow_operator"] = attempt(lambda: pyarrow_rows(analyst, "operations", "SELECT count(*) AS n FROM charging"))
 out["pyarrow_wrong_token"] = attempt(lambda: pyarrow_rows("fg_not_a_token", "operations", "SELECT 1"))
 print(json.dumps(out, default=str))
@@ -195,8 +225,23 @@ async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
             .contains("unauthenticated"),
         "{out}"
     );
+    // A prepared statement with a bound parameter: the same view.
+    assert_eq!(
+        out["parameters"]["ok"]["rows"],
+        serde_json::json!([[A, "SE-A-1"]]),
+        "{out}"
+    );
+    assert_eq!(
+        out["parameters_none_match"]["ok"]["rows"],
+        serde_json::json!([]),
+        "{out}"
+    );
     assert!(
-        error_of(&out["parameters"]).contains("parameters ($1, ?) are not supported"),
+        error_of(&out["parameters_unbound"]).contains("prepare it and bind"),
+        "{out}"
+    );
+    assert!(
+        error_of(&out["forged_ticket"]).contains("not one this server handed out"),
         "{out}"
     );
     // pyarrow.flight alone: the operator's count over every vehicle.
@@ -210,15 +255,41 @@ async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
         "{out}"
     );
 
-    // The query audit has her answered query (one row) and her refusals.
-    let mut lines = Vec::new();
-    for file in files_under(&server.config.access.audit_dir) {
-        let text = std::fs::read_to_string(file).expect("audit file");
-        lines.extend(
-            text.lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line")),
-        );
-    }
+    assert!(
+        out["pyarrow_partial"]["ok"]
+            .as_u64()
+            .is_some_and(|rows| rows > 0),
+        "{out}"
+    );
+
+    // The query audit has her answered query (one row) and her refusals,
+    // and the answer whose client went away after one batch, ended early.
+    let audit_lines = || {
+        let mut lines = Vec::new();
+        for file in files_under(&server.config.access.audit_dir) {
+            let text = std::fs::read_to_string(file).expect("audit file");
+            lines.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line")),
+            );
+        }
+        lines
+    };
+    let cut_short = |l: &serde_json::Value| {
+        l["principal"] == "analyst"
+            && l["action"] == "delivered"
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("the client went away"))
+    };
+    wait_for(|| audit_lines().iter().any(cut_short));
+    let lines = audit_lines();
+    let partial = lines.iter().find(|l| cut_short(l)).expect("checked above");
+    let all_rows = out["big_count"]["ok"][0][0].as_u64().expect("count");
+    assert!(
+        partial["rows"].as_u64().is_some_and(|rows| rows < all_rows),
+        "{partial} of {all_rows}"
+    );
     let alices: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["principal"] == "alice").collect();
     assert!(

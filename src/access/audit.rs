@@ -31,7 +31,8 @@ pub struct AuditRecord {
     pub principal: String,
     pub principal_kind: String,
     pub purpose: String,
-    /// `query` or `export`.
+    /// `query`, `export`, `list` (a refused Flight SQL listing) or
+    /// `delivered` (a streamed answer's end: the rows handed over).
     pub action: String,
     /// The tables the statement names, comma-separated.
     pub tables: String,
@@ -39,6 +40,8 @@ pub struct AuditRecord {
     pub decision: String,
     /// Why it was refused or failed.
     pub reason: Option<String>,
+    /// Rows returned; none on a streamed answer's `query` line, whose
+    /// `delivered` line counts them.
     pub rows: Option<u64>,
 }
 

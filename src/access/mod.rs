@@ -29,9 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::ParamValues;
 use datafusion::common::config::Dialect;
 use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
 use datafusion::logical_expr::LogicalPlan;
@@ -93,9 +95,119 @@ pub struct AccessEnv {
     /// The vault and keys: users' and third parties' views need them.
     pub privacy: Option<Arc<PrivacyShared>>,
     /// One permit per query or export that may run at once.
-    slots: tokio::sync::Semaphore,
+    slots: Arc<tokio::sync::Semaphore>,
     /// Requests running now, and answers not yet dropped, per principal id.
     running: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A query's answer as it is computed; see [`AccessEnv::query_stream`].
+pub struct StreamingAnswer {
+    pub request_id: String,
+    /// The answer's columns, also when it has no rows.
+    pub schema: SchemaRef,
+    stream: SendableRecordBatchStream,
+    deadline: tokio::time::Instant,
+    limit: Duration,
+    kind: PrincipalKind,
+    memory_mb: u32,
+    /// Rows handed out so far.
+    rows: u64,
+    /// Principal, purpose, tables and decision, for the closing audit line.
+    audit: (Principal, String, Vec<String>, String),
+    _running: RunningQuery,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl StreamingAnswer {
+    /// The next batch; `None` once all were handed out. An error ends the
+    /// answer: the time limit, memory, or an engine error (whose text only
+    /// the operator sees).
+    pub async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        match tokio::time::timeout_at(self.deadline, self.stream.next()).await {
+            Err(_) => Some(Err(timed_out(self.limit))),
+            Ok(None) => None,
+            Ok(Some(Ok(batch))) => Some(Ok(batch)),
+            Ok(Some(Err(e))) => Some(Err(limits::running_error(self.kind, e, self.memory_mb))),
+        }
+    }
+
+    /// When the query's time is up: handing a batch to a client that does
+    /// not read must end by then too.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+
+    /// The error an answer ends with when its time is up.
+    pub fn timed_out(&self) -> AccessError {
+        timed_out(self.limit)
+    }
+
+    /// Counts `rows` handed to the client's transport.
+    pub fn sent(&mut self, rows: usize) {
+        self.rows += rows as u64;
+    }
+}
+
+/// How a streamed answer ended, for its closing audit line.
+#[derive(Debug)]
+pub enum Ending {
+    /// Every row was handed to the client.
+    Complete,
+    /// The client closed or cancelled its call.
+    ClientGone,
+    /// The query failed or ran out of time (the audit keeps only the kind
+    /// of an engine error, as for any query).
+    Failed(AccessError),
+    /// The task delivering it ended without saying how (a panic, shutdown).
+    Abandoned,
+}
+
+/// `values` cast to the types the statement's placeholders take (a client
+/// sends a 64-bit integer where the column holds 32 bits, say).
+fn typed_as_expected(plan: &LogicalPlan, values: ParamValues) -> Result<ParamValues> {
+    let ParamValues::List(list) = values else {
+        return Ok(values);
+    };
+    let expected = plan.get_parameter_types()?;
+    let mut typed = Vec::with_capacity(list.len());
+    for (index, mut value) in list.into_iter().enumerate() {
+        let id = format!("${}", index + 1);
+        if let Some(Some(data_type)) = expected.get(&id)
+            && value.value.data_type() != *data_type
+        {
+            value.value = value.value.cast_to(data_type).map_err(|e| {
+                AccessError::Invalid(format!("parameter {id} is not a {data_type}: {e}"))
+            })?;
+        }
+        typed.push(value);
+    }
+    Ok(ParamValues::List(typed))
+}
+
+fn timed_out(limit: Duration) -> AccessError {
+    AccessError::Limit(format!(
+        "the query ran longer than {} ms and was cancelled (access.query_timeout_ms)",
+        limit.as_millis()
+    ))
+}
+
+/// What a statement answers with, before it runs.
+#[derive(Debug)]
+pub struct Described {
+    /// The answer's columns.
+    pub columns: SchemaRef,
+    /// The parameters still open ($1, $2, …), in order; none once bound.
+    pub parameters: SchemaRef,
+}
+
+/// What may become of a statement's parameters ($1, $2, …).
+enum Parameters {
+    /// None may appear: SQL over HTTP and the CLI take no values.
+    None,
+    /// They may stay open: the statement is only described.
+    Unbound,
+    /// Their values.
+    Bound(ParamValues),
 }
 
 /// A statement checked and planned for its principal, ready to run.
@@ -182,7 +294,9 @@ impl AccessEnv {
             settings: config.access.clone(),
             purposes: Purposes::built_in()?,
             privacy,
-            slots: tokio::sync::Semaphore::new(config.access.max_concurrent_queries as usize),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                config.access.max_concurrent_queries as usize,
+            )),
             running: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -423,6 +537,98 @@ impl AccessEnv {
         })
     }
 
+    /// Runs `sql` as `principal` for `purpose` and hands out its answer as
+    /// it is computed (Flight SQL), instead of whole. The query holds its
+    /// slot and its principal's turn until the answer is finished or
+    /// dropped, and `access.query_timeout_ms` covers it to its last batch.
+    /// The audit gets its line, with the decision, before the first batch
+    /// leaves, and a second one (`delivered`, the rows sent) when it ends:
+    /// see [`AccessEnv::finish`].
+    pub async fn query_stream(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        parameters: Option<ParamValues>,
+        now_ms: i64,
+    ) -> Result<StreamingAnswer> {
+        let request_id = request_id();
+        let mut tables = Vec::new();
+        let limit = Duration::from_millis(self.settings.query_timeout_ms);
+        let deadline = tokio::time::Instant::now() + limit;
+        let starting = async {
+            let running = self.start(principal)?;
+            let slot = Arc::clone(&self.slots)
+                .acquire_owned()
+                .await
+                .map_err(|_| AccessError::Limit("the query layer is closed".into()))?;
+            let parameters = parameters.map_or(Parameters::None, Parameters::Bound);
+            let planned = self
+                .plan(principal, purpose, sql, parameters, now_ms, &mut tables)
+                .await?;
+            let stream = DataFrame::new(planned.state, planned.plan)
+                .execute_stream()
+                .await
+                .map_err(|e| {
+                    limits::running_error(principal.kind, e, self.settings.query_memory_mb)
+                })?;
+            Ok::<_, AccessError>((running, slot, planned.treatments, stream))
+        };
+        let started = match tokio::time::timeout_at(deadline, starting).await {
+            Ok(started) => started,
+            Err(_) => Err(timed_out(limit)),
+        };
+        self.audit(
+            &request_id,
+            principal,
+            purpose,
+            "query",
+            &tables,
+            started
+                .as_ref()
+                .map(|(_, _, treatments, _)| treatments.clone()),
+            None,
+            now_ms,
+        )?;
+        let (running, slot, treatments, stream) = started?;
+        Ok(StreamingAnswer {
+            request_id,
+            schema: stream.schema(),
+            stream,
+            deadline,
+            limit,
+            kind: principal.kind,
+            memory_mb: self.settings.query_memory_mb,
+            rows: 0,
+            audit: (principal.clone(), purpose.to_owned(), tables, treatments),
+            _running: running,
+            _slot: slot,
+        })
+    }
+
+    /// Ends a streamed answer: audits the rows it handed to the client and,
+    /// unless all were, why it stopped.
+    pub fn finish(&self, answer: StreamingAnswer, ending: Ending) -> Result<()> {
+        let (principal, purpose, tables, treatments) = &answer.audit;
+        let cut_short = |why: &str| AccessError::Invalid(format!("not every row was sent: {why}"));
+        let outcome = match ending {
+            Ending::Complete => Ok(treatments.clone()),
+            Ending::ClientGone => Err(cut_short("the client went away")),
+            Ending::Abandoned => Err(cut_short("the query task ended unexpectedly")),
+            Ending::Failed(e) => Err(e),
+        };
+        self.audit(
+            &answer.request_id,
+            principal,
+            purpose,
+            "delivered",
+            tables,
+            outcome.as_ref().map(String::clone),
+            Some(answer.rows),
+            crate::core::clock::now_ms(),
+        )
+    }
+
     async fn run(
         &self,
         principal: &Principal,
@@ -431,7 +637,9 @@ impl AccessEnv {
         now_ms: i64,
         tables: &mut Vec<String>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>, String)> {
-        let planned = self.plan(principal, purpose, sql, now_ms, tables).await?;
+        let planned = self
+            .plan(principal, purpose, sql, Parameters::None, now_ms, tables)
+            .await?;
         let pool = Arc::clone(&planned.state.runtime_env().memory_pool);
         let (schema, batches) = collect_bounded(
             DataFrame::new(planned.state, planned.plan),
@@ -451,6 +659,7 @@ impl AccessEnv {
         principal: &Principal,
         purpose: &str,
         sql: &str,
+        parameters: Parameters,
         now_ms: i64,
         tables: &mut Vec<String>,
     ) -> Result<Planned> {
@@ -480,17 +689,28 @@ impl AccessEnv {
             tables.push(name);
         }
         let plan = state.statement_to_plan(statement).await?;
-        if !plan.get_parameter_types()?.is_empty() {
-            return Err(AccessError::Invalid(
-                "parameters ($1, ?) are not supported: write the values into the statement".into(),
-            ));
-        }
+        // Before any value is bound: binding would unwrap a PREPARE.
         SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| AccessError::Refused(format!("access is read-only: {e}")))?;
+        let plan = match parameters {
+            Parameters::Bound(values) => {
+                let values = typed_as_expected(&plan, values)?;
+                plan.with_param_values(values)
+                    .map_err(|e| AccessError::Invalid(format!("parameters: {e}")))?
+            }
+            Parameters::None if !plan.get_parameter_types()?.is_empty() => {
+                return Err(AccessError::Invalid(
+                    "parameters ($1, $2, …) need a prepared statement (Flight SQL); here, \
+                     write the values into the statement"
+                        .into(),
+                ));
+            }
+            Parameters::None | Parameters::Unbound => plan,
+        };
         if principal.kind != PrincipalKind::Operator
             && matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_))
         {
@@ -507,38 +727,84 @@ impl AccessEnv {
         })
     }
 
-    /// The columns `sql` would answer with for `principal`, checked and
-    /// planned exactly as [`Self::query`] would, but not run (Flight SQL
-    /// asks for them before it fetches). A refusal is audited like a
-    /// query's; a statement that plans is audited when it runs.
+    /// The columns `sql` would answer with for `principal`, and the
+    /// parameters it takes, checked and planned exactly as a query would be,
+    /// but not run (Flight SQL asks before it fetches). `parameters` are the
+    /// values bound so far, if any; without them the statement may keep its
+    /// placeholders (a prepared statement being created). A refusal is
+    /// audited like a query's; a statement that plans is audited when it runs.
     pub async fn schema_of(
         &self,
         principal: &Principal,
         purpose: &str,
         sql: &str,
+        parameters: Option<ParamValues>,
         now_ms: i64,
-    ) -> Result<SchemaRef> {
+    ) -> Result<Described> {
         let mut tables = Vec::new();
         let outcome = match self.start(principal) {
             Ok(_running) => {
                 self.bounded(async {
+                    let parameters = parameters.map_or(Parameters::Unbound, Parameters::Bound);
                     let planned = self
-                        .plan(principal, purpose, sql, now_ms, &mut tables)
+                        .plan(principal, purpose, sql, parameters, now_ms, &mut tables)
                         .await?;
-                    DataFrame::new(planned.state, planned.plan)
-                        .create_physical_plan()
-                        .await
-                        .map(|plan| plan.schema())
-                        .map_err(|e| {
-                            limits::running_error(principal.kind, e, self.settings.query_memory_mb)
-                        })
+                    let mut wanted: Vec<(usize, String, DataType)> = Vec::new();
+                    for (id, data_type) in planned.plan.get_parameter_types()? {
+                        let position = id
+                            .strip_prefix('$')
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .ok_or_else(|| {
+                            AccessError::Invalid(format!(
+                                "parameter {id}: write parameters as $1, $2, …"
+                            ))
+                        })?;
+                        wanted.push((position, id, data_type.unwrap_or(DataType::Null)));
+                    }
+                    wanted.sort_by_key(|(position, _, _)| *position);
+                    if wanted
+                        .iter()
+                        .enumerate()
+                        .any(|(i, (position, _, _))| *position != i + 1)
+                    {
+                        return Err(AccessError::Invalid(
+                            "parameters must be numbered $1, $2, … without gaps".into(),
+                        ));
+                    }
+                    let parameters = Arc::new(Schema::new(
+                        wanted
+                            .into_iter()
+                            .map(|(_, id, data_type)| Field::new(id, data_type, true))
+                            .collect::<Vec<_>>(),
+                    ));
+                    // Placeholders still open: the columns as the logical
+                    // plan types them (a physical plan needs the values).
+                    let columns = if parameters.fields().is_empty() {
+                        DataFrame::new(planned.state, planned.plan)
+                            .create_physical_plan()
+                            .await
+                            .map(|plan| plan.schema())
+                            .map_err(|e| {
+                                limits::running_error(
+                                    principal.kind,
+                                    e,
+                                    self.settings.query_memory_mb,
+                                )
+                            })?
+                    } else {
+                        Arc::clone(planned.plan.schema().inner())
+                    };
+                    Ok(Described {
+                        columns,
+                        parameters,
+                    })
                 })
                 .await
             }
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(schema) => Ok(schema),
+            Ok(described) => Ok(described),
             Err(e) => {
                 let request_id = request_id();
                 self.audit(
@@ -622,10 +888,7 @@ impl AccessEnv {
         };
         match tokio::time::timeout(limit, turn).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(AccessError::Limit(format!(
-                "the query ran longer than {} ms and was cancelled (access.query_timeout_ms)",
-                limit.as_millis()
-            ))),
+            Err(_) => Err(timed_out(limit)),
         }
     }
 

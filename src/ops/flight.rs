@@ -5,13 +5,16 @@
 //! Every call carries the principal's token as `authorization: Bearer …`
 //! and the purpose as `x-fleetgate-purpose`; both are checked on every
 //! call, so a ticket (which carries only the statement) gives nothing a
-//! client could not ask for anyway. Statements and parameterless prepared
-//! statements are planned when described (refusals come back there, and
-//! are audited) and run, audited, when fetched; the answer is bounded by
-//! `access.query_memory_mb` like `/sql`'s and sent in Flight batches.
+//! client could not ask for anyway. Statements and prepared statements
+//! (parameters `$1`, `$2`, … bound to one row of values, which the handle
+//! then carries) are planned when described (refusals come back there, and
+//! are audited) and run, audited, when fetched; the answer is streamed as
+//! it is computed, under `/sql`'s time limit and memory pool (the batches
+//! on their way, at most two per call plus the transport's window, are
+//! outside the pool).
 //! Catalog, schema and table listings show the principal's own views and
 //! nothing else. Work runs on the query runtime ([`crate::ops::queries`]);
-//! a client that goes away cancels its query.
+//! a client that goes away ends its query.
 //!
 //! The endpoint speaks plain HTTP/2 (h2c), like `/sql` speaks plain HTTP:
 //! it binds loopback by default; put a TLS proxy in front to expose it.
@@ -21,8 +24,10 @@ use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::thread::JoinHandle;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightServiceServer;
@@ -39,14 +44,17 @@ use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc, Ticket,
 };
 use bytes::Bytes;
+use datafusion::common::{ParamValues, ScalarValue};
 use futures::{Stream, StreamExt};
+use hmac::{Hmac, Mac};
 use prost::Message;
+use sha2::Sha256;
 use tokio::sync::oneshot;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::access::registry::Principal;
-use crate::access::{AccessEnv, AccessError};
+use crate::access::{AccessEnv, AccessError, Described, Ending};
 use crate::ops::queries::QueryRuntime;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +66,8 @@ pub enum FlightSqlError {
     },
     #[error("cannot start the Flight SQL thread: {0}")]
     Thread(std::io::Error),
+    #[error("no random key for Flight SQL statement handles: {0}")]
+    Random(String),
 }
 
 /// The header that names the purpose of every call.
@@ -94,7 +104,11 @@ pub fn spawn(
         .set_nonblocking(true)
         .map_err(|source| FlightSqlError::Bind { addr, source })?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let service = FlightSqlEndpoint { access, queries };
+    let service = FlightSqlEndpoint {
+        access,
+        queries,
+        handle_key: HandleKey::random()?,
+    };
     let thread = std::thread::Builder::new()
         .name("flight-sql".into())
         .spawn(move || {
@@ -139,6 +153,10 @@ async fn serve(
         }
     };
     let serving = tonic::transport::Server::builder()
+        // A client that vanished without closing is noticed, and its
+        // queries end.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown);
     // A client that neither reads nor closes must not hold up a shutdown.
@@ -165,6 +183,9 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 struct FlightSqlEndpoint {
     access: Arc<AccessEnv>,
     queries: QueryRuntime,
+    /// Signs the statement handles this process hands out (random per run):
+    /// a handle it did not sign is refused before anything in it is read.
+    handle_key: HandleKey,
 }
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
@@ -215,16 +236,19 @@ impl FlightSqlEndpoint {
         }
     }
 
-    /// The columns `sql` answers with for the caller, exactly as its answer
-    /// is sent (dictionaries stay dictionaries).
-    async fn describe(&self, caller: Caller, sql: String) -> Result<SchemaRef, Status> {
+    /// The columns `statement` answers with for the caller, exactly as its
+    /// answer is sent (dictionaries stay dictionaries), and its open
+    /// parameters.
+    async fn describe(&self, caller: Caller, statement: Statement) -> Result<Described, Status> {
         let access = Arc::clone(&self.access);
         self.on_queries(async move {
+            let values = statement.values().map_err(AccessError::Invalid)?;
             access
                 .schema_of(
                     &caller.principal,
                     &caller.purpose,
-                    &sql,
+                    &statement.sql,
+                    values,
                     crate::core::clock::now_ms(),
                 )
                 .await
@@ -232,19 +256,24 @@ impl FlightSqlEndpoint {
         .await
     }
 
-    /// A FlightInfo whose one endpoint's ticket runs `sql`.
+    /// A FlightInfo whose one endpoint's ticket runs `statement` for `caller`.
     async fn statement_info(
         &self,
         request: Request<FlightDescriptor>,
-        sql: String,
+        caller: Caller,
+        statement: Statement,
     ) -> Result<Response<FlightInfo>, Status> {
-        let caller = self.caller(request.metadata())?;
-        let schema = self.describe(caller, sql.clone()).await?;
+        let described = self.describe(caller, statement.clone()).await?;
+        if !described.parameters.fields().is_empty() {
+            return Err(Status::invalid_argument(
+                "the statement has parameters ($1, $2, …): prepare it and bind their values",
+            ));
+        }
         let ticket = TicketStatementQuery {
-            statement_handle: Bytes::from(sql),
+            statement_handle: statement.handle(&self.handle_key)?,
         };
         info(
-            &schema,
+            &described.columns,
             ticket.as_any().encode_to_vec(),
             request.into_inner(),
         )
@@ -342,7 +371,9 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.statement_info(request, query.query).await
+        let caller = self.caller(request.metadata())?;
+        self.statement_info(request, caller, Statement::text(query.query))
+            .await
     }
 
     async fn get_flight_info_prepared_statement(
@@ -350,8 +381,10 @@ impl FlightSqlService for FlightSqlEndpoint {
         command: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let sql = statement_text(&command.prepared_statement_handle)?;
-        self.statement_info(request, sql).await
+        let caller = self.caller(request.metadata())?;
+        let statement =
+            Statement::from_handle(&command.prepared_statement_handle, &self.handle_key)?;
+        self.statement_info(request, caller, statement).await
     }
 
     async fn do_get_statement(
@@ -360,29 +393,37 @@ impl FlightSqlService for FlightSqlEndpoint {
         request: Request<Ticket>,
     ) -> Result<Response<DataStream>, Status> {
         let caller = self.caller(request.metadata())?;
-        let sql = statement_text(&ticket.statement_handle)?;
-        let access = Arc::clone(&self.access);
-        let answer = self
-            .on_queries(async move {
-                access
-                    .query(
-                        &caller.principal,
-                        &caller.purpose,
-                        &sql,
-                        crate::core::clock::now_ms(),
-                    )
-                    .await
-            })
-            .await?;
-        // The answer (and with it its count against the principal's
-        // running requests) lives until the stream is sent or dropped.
-        let mut held = answer;
-        let schema = Arc::clone(&held.schema);
-        let request_id = held.request_id.clone();
-        let batches = std::mem::take(&mut held.batches);
-        let batches = futures::stream::iter(batches).map(move |batch| {
-            let _ = &held;
-            Ok(batch)
+        let statement = Statement::from_handle(&ticket.statement_handle, &self.handle_key)?;
+        let (started_tx, started) = oneshot::channel();
+        let (batches_tx, batches) = tokio::sync::mpsc::channel(ANSWER_BATCHES_AHEAD);
+        self.queries.spawn(answer(
+            Arc::clone(&self.access),
+            caller,
+            statement,
+            started_tx,
+            batches_tx,
+        ));
+        let (schema, request_id) = started
+            .await
+            .map_err(|_| Status::internal("the query failed"))?
+            .map_err(|e| status(&e))?;
+        // The task says when the answer is complete; a channel that closes
+        // without that (a panic, a shutdown) is an error, not a short answer.
+        let batches = futures::stream::unfold(Some(batches), |batches| async move {
+            let mut batches = batches?;
+            match batches.recv().await {
+                Some(Piece::Batch(batch)) => Some((Ok(batch), Some(batches))),
+                Some(Piece::Failed(status)) => {
+                    Some((Err(FlightError::Tonic(Box::new(status))), None))
+                }
+                Some(Piece::End) => None,
+                None => Some((
+                    Err(FlightError::Tonic(Box::new(Status::internal(
+                        "the query ended unexpectedly",
+                    )))),
+                    None,
+                )),
+            }
         });
         // Dictionaries are sent as they are: expanding them would make the
         // answer sent larger than the answer the memory bound counted.
@@ -404,15 +445,14 @@ impl FlightSqlService for FlightSqlEndpoint {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = self.caller(request.metadata())?;
-        let schema = self.describe(caller, query.query.clone()).await?;
-        let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
-            .try_into()
-            .map_err(|e| Status::internal(format!("encoding the schema: {e}")))?;
-        // Stateless: the handle is the statement, checked again whenever it runs.
+        let statement = Statement::text(query.query);
+        let described = self.describe(caller, statement.clone()).await?;
+        // Stateless: the handle is the statement (and, once bound, its
+        // values), checked again whenever it is described or run.
         Ok(ActionCreatePreparedStatementResult {
-            prepared_statement_handle: Bytes::from(query.query),
-            dataset_schema,
-            parameter_schema: Bytes::new(),
+            prepared_statement_handle: statement.handle(&self.handle_key)?,
+            dataset_schema: schema_message(&described.columns)?,
+            parameter_schema: schema_message(&described.parameters)?,
         })
     }
 
@@ -427,12 +467,46 @@ impl FlightSqlService for FlightSqlEndpoint {
 
     async fn do_put_prepared_statement_query(
         &self,
-        _query: CommandPreparedStatementQuery,
-        _request: Request<PeekableFlightDataStream>,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        Err(Status::unimplemented(
-            "parameters ($1, ?) are not supported: write the values into the statement",
-        ))
+        self.caller(request.metadata())?;
+        let statement = Statement::from_handle(&query.prepared_statement_handle, &self.handle_key)?;
+        let data = request
+            .into_inner()
+            .map(|item| item.map_err(FlightError::from));
+        let mut sent = FlightRecordBatchStream::new_from_flight_data(data);
+        let mut values: Option<RecordBatch> = None;
+        // One row of values, read no further than that.
+        while let Some(batch) = sent.next().await {
+            let batch = batch.map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            if values.is_some() || batch.num_rows() > 1 {
+                return Err(Status::invalid_argument(
+                    "more than one row of parameter values: a statement runs with one row",
+                ));
+            }
+            if batch.num_columns() > MAX_PARAMETERS
+                || batch.get_array_memory_size() > MAX_VALUES_BYTES
+            {
+                return Err(Status::invalid_argument(format!(
+                    "at most {MAX_PARAMETERS} parameters and {MAX_VALUES_BYTES} bytes of values"
+                )));
+            }
+            values = Some(batch);
+        }
+        let Some(values) = values else {
+            return Err(Status::invalid_argument("no parameter values were sent"));
+        };
+        let bound = Statement {
+            sql: statement.sql,
+            values: Some(values),
+        };
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(bound.handle(&self.handle_key)?),
+        })
     }
 
     async fn get_flight_info_catalogs(
@@ -566,8 +640,313 @@ impl FlightSqlService for FlightSqlEndpoint {
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
 
-/// The statement a ticket or prepared-statement handle carries.
-fn statement_text(handle: &Bytes) -> Result<String, Status> {
-    String::from_utf8(handle.to_vec())
-        .map_err(|_| Status::invalid_argument("the statement handle is not a statement"))
+/// Batches a query may compute ahead of what the client has read.
+const ANSWER_BATCHES_AHEAD: usize = 2;
+
+/// What the task running a query hands to the call.
+enum Piece {
+    Batch(RecordBatch),
+    /// The answer failed: the client gets this instead of more rows.
+    Failed(Status),
+    /// Every row was handed over.
+    End,
+}
+
+/// Runs `statement` for `caller` on the query runtime and hands its answer
+/// to the call: first its columns (or why it was refused) through
+/// `started`, then its batches through `batches`, as fast as the client
+/// reads them and within the query's time limit. A client that goes away,
+/// before or during the answer, ends the query (its DataFusion stream is
+/// dropped); the audit says how many rows were handed over and why it
+/// stopped, also when this task panics or is dropped at shutdown.
+async fn answer(
+    access: Arc<AccessEnv>,
+    caller: Caller,
+    statement: Statement,
+    started: oneshot::Sender<Result<(SchemaRef, String), AccessError>>,
+    batches: tokio::sync::mpsc::Sender<Piece>,
+) {
+    let mut started = started;
+    let values = match statement.values() {
+        Ok(values) => values,
+        Err(e) => {
+            let _ = started.send(Err(AccessError::Invalid(e)));
+            return;
+        }
+    };
+    let now_ms = crate::core::clock::now_ms();
+    let starting = access.query_stream(
+        &caller.principal,
+        &caller.purpose,
+        &statement.sql,
+        values,
+        now_ms,
+    );
+    let answer = tokio::select! {
+        answer = starting => answer,
+        // Gone while the query waited for its turn or was planned: dropping
+        // it there leaves nothing to audit but the refusal it never got.
+        () = started.closed() => return,
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    let mut delivery = Delivery {
+        access: Arc::clone(&access),
+        answer: Some(answer),
+        ending: Ending::Abandoned,
+    };
+    let Some(answer) = delivery.answer.as_mut() else {
+        return;
+    };
+    let columns = (Arc::clone(&answer.schema), answer.request_id.clone());
+    if started.send(Ok(columns)).is_err() {
+        delivery.ending = Ending::ClientGone;
+        return;
+    }
+    let deadline = answer.deadline();
+    delivery.ending = loop {
+        let next = tokio::select! {
+            next = answer.next() => next,
+            () = batches.closed() => break Ending::ClientGone,
+        };
+        let (piece, rows) = match next {
+            None => (Piece::End, 0),
+            Some(Ok(batch)) => {
+                let rows = batch.num_rows();
+                (Piece::Batch(batch), rows)
+            }
+            Some(Err(e)) => {
+                // Best effort: the client may not read any more.
+                let _ = batches.try_send(Piece::Failed(status(&e)));
+                break Ending::Failed(e);
+            }
+        };
+        let end = matches!(piece, Piece::End);
+        match tokio::time::timeout_at(deadline, batches.send(piece)).await {
+            Err(_) => break Ending::Failed(answer.timed_out()),
+            Ok(Err(_)) => break Ending::ClientGone,
+            Ok(Ok(())) if end => break Ending::Complete,
+            Ok(Ok(())) => answer.sent(rows),
+        }
+    };
+}
+
+/// A streamed answer on its way: its closing audit line is written when it
+/// is dropped, however the task delivering it ended.
+struct Delivery {
+    access: Arc<AccessEnv>,
+    answer: Option<crate::access::StreamingAnswer>,
+    ending: Ending,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            let ending = std::mem::replace(&mut self.ending, Ending::Abandoned);
+            if let Err(e) = self.access.finish(answer, ending) {
+                tracing::error!(error = %e, "Flight SQL: the closing audit line could not be written");
+            }
+        }
+    }
+}
+
+/// Most parameters a prepared statement may bind.
+const MAX_PARAMETERS: usize = 1_024;
+/// Most bytes of parameter values (in memory) one execution may bind.
+const MAX_VALUES_BYTES: usize = 1 << 20;
+
+/// The key statement handles are signed with (HMAC-SHA256).
+struct HandleKey([u8; 32]);
+
+impl HandleKey {
+    fn random() -> Result<Self, FlightSqlError> {
+        let mut key = [0u8; 32];
+        // Fail closed: a guessable key would let a client forge handles.
+        getrandom::fill(&mut key).map_err(|e| FlightSqlError::Random(e.to_string()))?;
+        Ok(Self(key))
+    }
+
+    fn tag(&self, payload: &[u8]) -> Result<[u8; 32], Status> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .map_err(|_| Status::internal("the handle key"))?;
+        mac.update(payload);
+        Ok(mac.finalize().into_bytes().into())
+    }
+
+    fn verify(&self, tag: &[u8], payload: &[u8]) -> bool {
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .map(|mut mac| {
+                mac.update(payload);
+                mac.verify_slice(tag).is_ok()
+            })
+            .unwrap_or(false)
+    }
+}
+
+/// A statement as a ticket or prepared-statement handle carries it: its
+/// text, and the values bound to its parameters, if any. The client holds
+/// it; nothing in it is trusted, it is checked again at every use.
+#[derive(Clone)]
+struct Statement {
+    sql: String,
+    /// One row: the value of `$1` in the first column, and so on.
+    values: Option<RecordBatch>,
+}
+
+/// The first byte of a handle that carries values: no statement text
+/// begins with it.
+const WITH_VALUES: u8 = 0;
+
+impl Statement {
+    fn text(sql: String) -> Self {
+        Self { sql, values: None }
+    }
+
+    /// The handle: an HMAC tag of what follows, then the text alone, or
+    /// [`WITH_VALUES`], the text's length (u32, little-endian), the text and
+    /// the values as an Arrow IPC stream.
+    fn handle(&self, key: &HandleKey) -> Result<Bytes, Status> {
+        let mut payload = Vec::new();
+        match &self.values {
+            None => payload.extend_from_slice(self.sql.as_bytes()),
+            Some(values) => {
+                let length = u32::try_from(self.sql.len())
+                    .map_err(|_| Status::invalid_argument("the statement is too long"))?;
+                payload.push(WITH_VALUES);
+                payload.extend_from_slice(&length.to_le_bytes());
+                payload.extend_from_slice(self.sql.as_bytes());
+                let encoding = |e: arrow::error::ArrowError| {
+                    Status::invalid_argument(format!("parameter values: {e}"))
+                };
+                let mut writer =
+                    arrow::ipc::writer::StreamWriter::try_new(&mut payload, &values.schema())
+                        .map_err(encoding)?;
+                writer.write(values).map_err(encoding)?;
+                writer.finish().map_err(encoding)?;
+            }
+        }
+        let mut handle = key.tag(&payload)?.to_vec();
+        handle.extend_from_slice(&payload);
+        Ok(Bytes::from(handle))
+    }
+
+    /// The statement of a handle this process signed; any other is refused
+    /// before its content is read.
+    fn from_handle(handle: &Bytes, key: &HandleKey) -> Result<Self, Status> {
+        let invalid = || {
+            Status::invalid_argument(
+                "the statement handle is not one this server handed out (handles last one run \
+                 of the server: prepare the statement again)",
+            )
+        };
+        if handle.len() < 32 || !key.verify(&handle[..32], &handle[32..]) {
+            return Err(invalid());
+        }
+        let payload = handle.slice(32..);
+        if payload.first() != Some(&WITH_VALUES) {
+            let sql = String::from_utf8(payload.to_vec()).map_err(|_| invalid())?;
+            return Ok(Self::text(sql));
+        }
+        let length = payload
+            .get(1..5)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(invalid)? as usize;
+        let sql = payload.get(5..5 + length).ok_or_else(invalid)?;
+        let sql = String::from_utf8(sql.to_vec()).map_err(|_| invalid())?;
+        let ipc = payload.slice(5 + length..);
+        let mut reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+            .map_err(|_| invalid())?;
+        let values = reader.next().ok_or_else(invalid)?.map_err(|_| invalid())?;
+        if values.num_rows() != 1 {
+            return Err(invalid());
+        }
+        Ok(Self {
+            sql,
+            values: Some(values),
+        })
+    }
+
+    /// The bound values as DataFusion takes them (`$1` first).
+    fn values(&self) -> Result<Option<ParamValues>, String> {
+        let Some(values) = &self.values else {
+            return Ok(None);
+        };
+        let mut list = Vec::with_capacity(values.num_columns());
+        for column in values.columns() {
+            list.push(
+                ScalarValue::try_from_array(column, 0)
+                    .map_err(|e| format!("parameter values: {e}"))?,
+            );
+        }
+        Ok(Some(ParamValues::from(list)))
+    }
+}
+
+/// `schema` as the IPC message a prepared statement's result carries.
+fn schema_message(schema: &Schema) -> Result<Bytes, Status> {
+    let IpcMessage(message) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e| Status::internal(format!("encoding the schema: {e}")))?;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    fn bound(sql: &str, value: i64) -> Statement {
+        let values = RecordBatch::try_from_iter([(
+            "$1",
+            Arc::new(Int64Array::from(vec![value])) as arrow::array::ArrayRef,
+        )])
+        .expect("batch");
+        Statement {
+            sql: sql.into(),
+            values: Some(values),
+        }
+    }
+
+    #[test]
+    fn handles_round_trip_and_only_signed_ones_are_read() {
+        let key = HandleKey::random().expect("key");
+        let plain = Statement::text("SELECT 1".into());
+        let back = Statement::from_handle(&plain.handle(&key).expect("handle"), &key)
+            .expect("signed plain handle");
+        assert_eq!(
+            (back.sql.as_str(), back.values.is_none()),
+            ("SELECT 1", true)
+        );
+
+        let with_values = bound("SELECT $1", 7);
+        let handle = with_values.handle(&key).expect("handle");
+        let back = Statement::from_handle(&handle, &key).expect("signed bound handle");
+        assert_eq!(back.sql, "SELECT $1");
+        assert_eq!(
+            back.values().expect("values").map(|v| format!("{v:?}")),
+            with_values
+                .values()
+                .expect("values")
+                .map(|v| format!("{v:?}"))
+        );
+
+        // Another run's key, one flipped byte, a forged length: all refused unread.
+        let other = HandleKey::random().expect("key");
+        assert!(Statement::from_handle(&handle, &other).is_err());
+        let mut tampered = handle.to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(Statement::from_handle(&Bytes::from(tampered), &key).is_err());
+        let mut forged = vec![0u8; 32];
+        forged.extend_from_slice(&[WITH_VALUES, 0xff, 0xff, 0xff, 0x7f]);
+        forged.extend_from_slice(&[0xff; 64]);
+        assert!(Statement::from_handle(&Bytes::from(forged), &key).is_err());
+        assert!(Statement::from_handle(&Bytes::from_static(b"short"), &key).is_err());
+    }
 }

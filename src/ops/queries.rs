@@ -72,6 +72,13 @@ impl QueryRuntime {
     }
 }
 
+impl QueryRuntime {
+    /// Runs `work` on the query runtime to its end, whoever waits for it.
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        drop(self.0.spawn(work));
+    }
+}
+
 /// A spawned task that is aborted when its handle is dropped unfinished.
 struct CancelOnDrop<T>(JoinHandle<T>);
 
