@@ -13,8 +13,12 @@ use tokio::task::JoinHandle;
 /// on the heap; this leaves room for the rest (evaluation, dropping the
 /// tree). It is address space, not memory in use.
 const QUERY_STACK_BYTES: usize = 64 << 20;
-/// Blocking threads of the query runtime (file reads).
-const QUERY_BLOCKING_THREADS: usize = 4;
+/// Most blocking threads of the query runtime (file reads; tokio's own
+/// default). A query can hold one in delta-rs's kernel (`block_in_place`)
+/// while the file reads it waits for need others (`spawn_blocking`), so a
+/// pool near `access.max_concurrent_queries` deadlocks every query (seen
+/// with 4 threads and 4 queries). Threads are made only when needed.
+const QUERY_BLOCKING_THREADS: usize = 512;
 
 /// The query runtime; dropping it drops the queries still running.
 pub struct QueryPool {
