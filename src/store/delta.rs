@@ -294,12 +294,28 @@ pub async fn open(root: &StoreRoot, name: &str) -> Result<Option<DeltaTable>> {
     if !root.has_table(name).await? {
         return Ok(None);
     }
-    let mut table = root.builder(name)?.build()?;
-    match table.load().await {
-        Ok(()) => Ok(Some(table)),
-        Err(DeltaTableError::NotATable(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+    let mut attempts = 0;
+    loop {
+        let mut table = root.builder(name)?.build()?;
+        match table.load().await {
+            Ok(()) => return Ok(Some(table)),
+            Err(DeltaTableError::NotATable(_)) => return Ok(None),
+            // The sweep's log cleanup removed a commit or checkpoint between
+            // this reader's listing of the log and its reading of it: a new
+            // listing finds the checkpoint that replaced it.
+            Err(e) if attempts < LOG_RACE_RETRIES && is_missing_log_file(&e) => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
     }
+}
+
+/// How often [`open`] lists the log again after a log file it listed went.
+const LOG_RACE_RETRIES: u32 = 3;
+
+/// Whether `e` says a file of the transaction log was not there.
+fn is_missing_log_file(e: &DeltaTableError) -> bool {
+    let text = e.to_string();
+    text.contains("_delta_log") && (text.contains("not found") || text.contains("File not found"))
 }
 
 /// Whether a local log directory holds a commit or checkpoint yet (a
