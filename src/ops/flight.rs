@@ -279,6 +279,18 @@ impl FlightSqlEndpoint {
         )
     }
 
+    /// A FlightInfo for a listing `command` with the columns `schema`: its
+    /// ticket is the command itself, answered by the matching `do_get_*`.
+    fn listing_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        schema: &Schema,
+        command: Vec<u8>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(request.metadata())?;
+        info(schema, command, request.into_inner())
+    }
+
     /// The caller's views: (name, columns).
     async fn views(&self, metadata: &MetadataMap) -> Result<Vec<(String, SchemaRef)>, Status> {
         let caller = self.caller(metadata)?;
@@ -514,13 +526,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(request.metadata())?;
-        let schema = query.into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let command = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), command)
     }
 
     async fn do_get_catalogs(
@@ -539,13 +546,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(request.metadata())?;
-        let schema = query.clone().into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let command = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), command)
     }
 
     async fn do_get_schemas(
@@ -564,13 +566,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(request.metadata())?;
-        let schema = query.clone().into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let command = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), command)
     }
 
     async fn do_get_tables(
@@ -593,13 +590,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(request.metadata())?;
-        let schema = query.into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let command = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), command)
     }
 
     async fn do_get_table_types(
@@ -618,13 +610,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(request.metadata())?;
-        let schema = query.clone().into_builder(sql_info()?).schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let command = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder(sql_info()?).schema(), command)
     }
 
     async fn do_get_sql_info(
