@@ -22,7 +22,6 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
-use std::thread::JoinHandle;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
@@ -56,16 +55,12 @@ use tonic::{Request, Response, Status};
 use crate::access::registry::Principal;
 use crate::access::{AccessEnv, AccessError, Described, Ending};
 use crate::ops::queries::QueryRuntime;
+use crate::ops::served::{self, ServeError, Served};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlightSqlError {
-    #[error("Flight SQL on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot start the Flight SQL thread: {0}")]
-    Thread(std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     #[error("no random key for Flight SQL statement handles: {0}")]
     Random(String),
 }
@@ -73,77 +68,31 @@ pub enum FlightSqlError {
 /// The header that names the purpose of every call.
 pub const PURPOSE_HEADER: &str = "x-fleetgate-purpose";
 
-/// The running endpoint; dropping it stops serving without waiting.
-pub struct FlightSql {
-    pub addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl FlightSql {
-    /// Stops serving and waits for the thread.
-    pub fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
 /// Binds `addr` and serves Flight SQL on a thread of its own until stopped;
 /// queries run on `queries`.
 pub fn spawn(
     addr: SocketAddr,
     access: Arc<AccessEnv>,
     queries: QueryRuntime,
-) -> Result<FlightSql, FlightSqlError> {
-    let listener = std::net::TcpListener::bind(addr)
-        .map_err(|source| FlightSqlError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| FlightSqlError::Bind { addr, source })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| FlightSqlError::Bind { addr, source })?;
-    let (stop, stopped) = oneshot::channel::<()>();
+) -> Result<Served, FlightSqlError> {
     let service = FlightSqlEndpoint {
         access,
         queries,
         handle_key: HandleKey::random()?,
     };
-    let thread = std::thread::Builder::new()
-        .name("flight-sql".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "Flight SQL runtime");
-                    return;
-                }
-            };
-            runtime.block_on(serve(listener, service, stopped));
-        })
-        .map_err(FlightSqlError::Thread)?;
-    Ok(FlightSql {
-        addr: bound,
-        stop,
-        thread,
-    })
+    Ok(served::spawn(
+        "Flight SQL",
+        "flight-sql",
+        addr,
+        move |listener, stopped| serve(listener, service, stopped),
+    )?)
 }
 
 async fn serve(
-    listener: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
     service: FlightSqlEndpoint,
     stopped: oneshot::Receiver<()>,
 ) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "Flight SQL listener");
-            return;
-        }
-    };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stopped = futures::FutureExt::shared(stopped);
     let shutdown = {

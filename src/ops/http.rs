@@ -6,7 +6,8 @@
 //! the Data Act policy (see [`crate::access`]), and `POST /grants`,
 //! `DELETE /grants/{id}` for users to give and revoke grants.
 //!
-//! It runs on its own thread with a single-threaded tokio runtime, so it
+//! It runs on its own thread with a single-threaded tokio runtime
+//! ([`crate::ops::served`]), so it
 //! never competes with the pipeline's threads. `/sql` and `/export` run on
 //! the query runtime ([`crate::ops::queries`]), so a query never holds up
 //! `/metrics`, the admin routes or ingest. The `/admin`
@@ -18,7 +19,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, State};
@@ -36,17 +36,13 @@ use crate::lifecycle::events::{self, EventError, EventRequest};
 use crate::metrics::Metrics;
 use crate::ops::admin_token::AdminToken;
 use crate::ops::queries::QueryRuntime;
+use crate::ops::served::{self, ServeError, Served};
 use crate::privacy::stage::PrivacyShared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("admin HTTP on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot start the admin HTTP thread: {0}")]
-    Thread(std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// A queue whose depth `/metrics` reports.
@@ -71,21 +67,6 @@ pub struct AdminState {
     pub admin_token: AdminToken,
 }
 
-/// The running endpoint; dropping it without `stop` leaves it running.
-pub struct AdminHttp {
-    pub addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl AdminHttp {
-    /// Stops serving and waits for the thread.
-    pub fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
 /// Binds `addr` and serves until stopped; logs a throughput line every
 /// `summary_every` (none when zero).
 pub fn spawn(
@@ -93,54 +74,23 @@ pub fn spawn(
     state: AdminState,
     queries: QueryRuntime,
     summary_every: Duration,
-) -> Result<AdminHttp, HttpError> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|source| HttpError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    let (stop, stopped) = oneshot::channel::<()>();
+) -> Result<Served, HttpError> {
     let state = Arc::new(state);
-    let thread = std::thread::Builder::new()
-        .name("admin-http".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "admin HTTP runtime");
-                    return;
-                }
-            };
-            runtime.block_on(serve(listener, state, queries, stopped, summary_every));
-        })
-        .map_err(HttpError::Thread)?;
-    Ok(AdminHttp {
-        addr: bound,
-        stop,
-        thread,
-    })
+    Ok(served::spawn(
+        "admin HTTP",
+        "admin-http",
+        addr,
+        move |listener, stopped| serve(listener, state, queries, stopped, summary_every),
+    )?)
 }
 
 async fn serve(
-    listener: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
     state: Arc<AdminState>,
     queries: QueryRuntime,
     stopped: oneshot::Receiver<()>,
     summary_every: Duration,
 ) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "admin HTTP listener");
-            return;
-        }
-    };
     if !summary_every.is_zero() {
         tokio::spawn(summaries(state.metrics.clone(), summary_every));
     }

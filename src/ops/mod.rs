@@ -6,4 +6,5 @@ pub mod admin_token;
 pub mod flight;
 pub mod http;
 pub mod queries;
+pub mod served;
 pub mod server;

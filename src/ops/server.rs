@@ -26,9 +26,10 @@ use crate::ingest::{broker, link as ingest};
 use crate::lifecycle::retention::{self, Retention, RetentionError};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::ops::admin_token::{AdminToken, AdminTokenError};
-use crate::ops::flight::{self, FlightSql, FlightSqlError};
-use crate::ops::http::{self, AdminHttp, AdminState, HttpError, Queue};
+use crate::ops::flight::{self, FlightSqlError};
+use crate::ops::http::{self, AdminState, HttpError, Queue};
 use crate::ops::queries::QueryPool;
+use crate::ops::served::Served;
 use crate::pipeline::dead_letter;
 use crate::pipeline::decode::Limits;
 use crate::pipeline::worker::{PipelineError, WorkerContext, spawn_worker};
@@ -97,8 +98,8 @@ pub struct ServerHandle {
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
     privacy: Arc<PrivacyShared>,
-    admin: AdminHttp,
-    flight_sql: FlightSql,
+    admin: Served,
+    flight_sql: Served,
     /// Dropped after both front-ends stopped.
     queries: QueryPool,
     retention: Option<Sweeper>,
