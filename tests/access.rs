@@ -1052,7 +1052,10 @@ async fn admin_routes_need_the_admin_token() {
     assert!(token.len() >= 32);
     let sim_off = format!(r#"{{"event":"sim_deactivated","vin":"{A}"}}"#);
     let mallory = r#"{"id":"mallory","kind":"operator"}"#;
-    let wrong_one = format!("{}0", &token[..token.len() - 1]);
+    // One character off: the last one changed to a character it is not.
+    let last = if token.ends_with('0') { '1' } else { '0' };
+    let wrong_one = format!("{}{last}", &token[..token.len() - 1]);
+    assert_ne!(wrong_one, token);
     for wrong in [None, Some("fga_not_the_token"), Some(wrong_one.as_str())] {
         assert_eq!(
             http_request(addr, "POST", "/admin/events", wrong, &sim_off).0,
