@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Date32Array, Int32Array, RecordBatch};
+use arrow::array::{ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::{Add, StructField, StructType};
@@ -244,28 +244,49 @@ impl deltalake::logstore::LogStoreFactory for S3LogStores {
     }
 }
 
-/// The Delta schema of a table: its file schema, then `date` and `hour`.
+/// The columns after a file's own that say where each row came from: the
+/// application id of the WAL shard whose entry held it ([`wal_app_id`]) and
+/// that entry's sequence number. Live subscribers follow a table by them
+/// (see `access::live`); NULL for rows that came through no WAL (fixtures,
+/// converted tables).
+pub const WAL_COLUMNS: [&str; 2] = ["wal_app", "wal_entry"];
+
+/// The Delta schema of a table: its file schema, the [`WAL_COLUMNS`], then
+/// `date` and `hour`.
 pub fn table_schema(file_schema: &SchemaRef) -> SchemaRef {
     let mut fields: Vec<_> = file_schema.fields().iter().cloned().collect();
-    fields.push(Arc::new(Field::new(
-        PARTITION_COLUMNS[0],
-        DataType::Date32,
-        true,
-    )));
-    fields.push(Arc::new(Field::new(
-        PARTITION_COLUMNS[1],
-        DataType::Int32,
-        true,
-    )));
+    fields.extend(
+        [
+            Field::new(WAL_COLUMNS[0], DataType::Utf8, true),
+            Field::new(WAL_COLUMNS[1], DataType::Int64, true),
+            Field::new(PARTITION_COLUMNS[0], DataType::Date32, true),
+            Field::new(PARTITION_COLUMNS[1], DataType::Int32, true),
+        ]
+        .map(Arc::new),
+    );
     Arc::new(Schema::new(fields))
 }
 
-/// `batch` with its partition's `date` and `hour` columns appended, as the
-/// Delta writer splits and names files by them.
-pub fn with_partition_columns(batch: &RecordBatch, partition: PartitionKey) -> Result<RecordBatch> {
+/// `batch` as the table stores it: with the WAL entry that held it (shard
+/// and sequence number, if any) and its partition's `date` and `hour`
+/// columns appended, as the Delta writer splits and names files by them.
+pub fn stored_rows(
+    batch: &RecordBatch,
+    partition: PartitionKey,
+    wal: Option<(u16, u64)>,
+) -> Result<RecordBatch> {
     let (days, hour) = partition.to_parts();
     let rows = batch.num_rows();
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    let (app, entry) = match wal {
+        Some((shard, seq)) => (
+            Some(wal_app_id(shard)),
+            Some(i64::try_from(seq).unwrap_or(i64::MAX)),
+        ),
+        None => (None, None),
+    };
+    columns.push(Arc::new(StringArray::from(vec![app; rows])));
+    columns.push(Arc::new(Int64Array::from(vec![entry; rows])));
     columns.push(Arc::new(Date32Array::from(vec![days; rows])));
     columns.push(Arc::new(Int32Array::from(vec![i32::from(hour); rows])));
     Ok(RecordBatch::try_new(

@@ -307,7 +307,9 @@ impl TableWriter {
                             .await?
                     }
                 };
-                let parts = batches.iter().map(|b| (b.partition, &b.batch));
+                let parts = batches
+                    .iter()
+                    .map(|b| (b.partition, &b.batch, Some((b.wal.shard, b.wal.seq))));
                 write_and_commit(table, properties, parts, wal_transactions(batches)).await
             };
             runtime.block_on(async { tokio::time::timeout(COMMIT_TIMEOUT, attempt).await })
@@ -361,21 +363,22 @@ fn wal_transactions(batches: &[TableBatch]) -> Vec<Transaction> {
         .collect()
 }
 
-/// Writes `parts` as one Parquet file per hour partition and commits them
+/// Writes `parts` (rows, their hour and the WAL entry that held them) as
+/// one Parquet file per hour partition and commits them
 /// to `table` as one version, with `transactions`. Returns the table.
 async fn write_and_commit<'a>(
     mut table: DeltaTable,
     properties: &WriterProperties,
-    parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch)>,
+    parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch, Option<(u16, u64)>)>,
     transactions: Vec<Transaction>,
 ) -> Result<(DeltaTable, Commit)> {
     let mut writer =
         RecordBatchWriter::for_table(&table)?.with_writer_properties(properties.clone());
     let mut rows = 0;
-    for (partition, batch) in parts {
+    for (partition, batch, wal) in parts {
         rows += batch.num_rows();
         writer
-            .write(delta::with_partition_columns(batch, partition)?)
+            .write(delta::stored_rows(batch, partition, wal)?)
             .await?;
     }
     let adds = writer.flush().await?;
@@ -427,7 +430,7 @@ pub fn append(
     let properties = writer_properties(zstd_level, 1 << 20, &[])?;
     super::block_on(async {
         let table = delta::open_or_create(root, name, schema).await?;
-        let parts = parts.iter().map(|(p, b)| (*p, b));
+        let parts = parts.iter().map(|(p, b)| (*p, b, None));
         let (_, commit) = write_and_commit(table, &properties, parts, Vec::new()).await?;
         Ok(commit)
     })
