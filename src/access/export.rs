@@ -3,7 +3,8 @@
 //! of charge. It is the user's view of every table (own vehicles, own
 //! tenure, VIN and encrypted fields readable), read in full, plus a
 //! metadata file: each table's fields, types, units and meaning, its schema
-//! version, and the time range covered. Audited like a query.
+//! version, the time range covered, and the whole data dictionary
+//! ([`super::dictionary`]). Audited like a query.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -146,6 +147,7 @@ impl AccessEnv {
             "time_range": "each vehicle's `held` periods, up to `generated_at`",
             "tables": described,
             "not_included": hidden,
+            "dictionary": self.dictionary()?,
         });
         Ok(Export {
             request_id: request_id.to_owned(),

@@ -10,12 +10,14 @@
 //! everyone but the operator. Principals, tenures and grants live in the
 //! access registry ([`registry`]); every query and export, answered or
 //! refused, is written to the query audit log ([`audit`]) before its answer
-//! leaves. [`export`] gives a user all of their vehicles' data (Art. 4).
+//! leaves. [`export`] gives a user all of their vehicles' data (Art. 4);
+//! [`dictionary`] says what every table holds and for how long.
 //! Every query and export is bounded in text, nesting, memory, time and
 //! concurrency ([`limits`], settings in `[access]`).
 
 pub mod audit;
 mod barrier;
+pub mod dictionary;
 pub mod export;
 pub(crate) mod limits;
 pub mod policy;
@@ -451,6 +453,12 @@ impl AccessEnv {
             }
             r.revoke(id, now_ms)
         })
+    }
+
+    /// The data dictionary of every table, under the rules in force now.
+    pub fn dictionary(&self) -> Result<serde_json::Value> {
+        let retention = Retention::current(&self.retention, &self.schemas)?;
+        Ok(dictionary::build(&self.schemas, &retention))
     }
 
     /// The principal named `id` (the CLI's `--as`).

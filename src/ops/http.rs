@@ -3,8 +3,9 @@
 //! `/admin/principals`, `/admin/transfers` and `/admin/grants` for the
 //! access registry, a periodic one-line throughput summary in the log, and
 //! for principals (bearer token): `POST /sql` and `GET /export` through
-//! the Data Act policy (see [`crate::access`]), and `POST /grants`,
-//! `DELETE /grants/{id}` for users to give and revoke grants.
+//! the Data Act policy (see [`crate::access`]), `POST /grants`,
+//! `DELETE /grants/{id}` for users to give and revoke grants, and
+//! `GET /dictionary`, the data dictionary, open to all.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime
 //! ([`crate::ops::served`]), so it
@@ -15,7 +16,8 @@
 //! ([`crate::ops::admin_token`]) as its bearer token: behind a reverse proxy
 //! on the same host every peer is loopback, so the token is what protects
 //! them, and a page in a browser (DNS rebinding) cannot send the header.
-//! `/metrics` has no authentication: it carries counters only.
+//! `/metrics` and `/dictionary` have no authentication: they carry
+//! counters and descriptions only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,6 +114,7 @@ async fn serve(
         .route("/grants/{id}", delete(user_revoke))
         .route("/sql", post(sql))
         .route("/export", get(export))
+        .route("/dictionary", get(dictionary))
         .merge(admin)
         .layer(axum::Extension(queries))
         .with_state(state);
@@ -395,6 +398,16 @@ async fn export(
     match run_query(&queries, job).await {
         Ok(document) => Json(document).into_response(),
         Err(response) => response,
+    }
+}
+
+/// The data dictionary: what each table holds, how it is treated, how
+/// long it is kept. Open to all, like the schemas it is made from: it
+/// describes, and holds no data.
+async fn dictionary(State(state): State<Arc<AdminState>>) -> Response {
+    match state.access.dictionary() {
+        Ok(document) => Json(document).into_response(),
+        Err(e) => access_error(&e),
     }
 }
 
