@@ -81,6 +81,7 @@ fn policy(c: &mut Criterion) {
         min_group: 5,
         now_ms,
         memory_limit: 256 << 20,
+        live: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -98,6 +98,12 @@ pub struct AccessConfig {
     pub max_queries_per_principal: u32,
     /// Threads of the runtime `/sql` and `/export` run on, apart from ingest and `/metrics`.
     pub query_threads: u32,
+    /// How often live access reads the tables' logs for new commits, ms.
+    pub live_poll_ms: u64,
+    /// Live streams (`GET /live`) open at once; one more is refused.
+    pub max_live_streams: u32,
+    /// Live streams one principal may have open at once; one more is refused.
+    pub max_live_per_principal: u32,
 }
 
 impl Default for AccessConfig {
@@ -114,6 +120,9 @@ impl Default for AccessConfig {
             max_concurrent_queries: 4,
             max_queries_per_principal: 2,
             query_threads: 1,
+            live_poll_ms: 250,
+            max_live_streams: 256,
+            max_live_per_principal: 4,
         }
     }
 }
@@ -444,11 +453,13 @@ impl Config {
             || a.max_concurrent_queries == 0
             || a.max_queries_per_principal == 0
             || a.query_threads == 0
+            || a.live_poll_ms == 0
+            || a.max_live_per_principal == 0
         {
             return invalid(
                 "access.max_statement_bytes, query_memory_mb, export_memory_mb, \
-                 query_timeout_ms, max_concurrent_queries, max_queries_per_principal and \
-                 query_threads must be > 0"
+                 query_timeout_ms, max_concurrent_queries, max_queries_per_principal, \
+                 query_threads, live_poll_ms and max_live_per_principal must be > 0"
                     .into(),
             );
         }

@@ -133,6 +133,16 @@ pub(crate) async fn stored_table(
     let Some(table) = delta::open(root, name).await? else {
         return Ok(None);
     };
+    Ok(Some(provider(&table, sessions).await?))
+}
+
+/// `table`, at the version it was loaded at, as a provider for the
+/// sessions in `sessions` (the one planning over it and the one running
+/// the plans), which are given the store it reads from.
+pub(crate) async fn provider(
+    table: &deltalake::DeltaTable,
+    sessions: &[&SessionContext],
+) -> Result<Arc<dyn TableProvider>> {
     for session in sessions {
         table.update_datafusion_session(&session.state())?;
     }
@@ -143,9 +153,7 @@ pub(crate) async fn stored_table(
         false,
     );
     let scan = SessionContext::new_with_config(scan).state();
-    Ok(Some(
-        table.table_provider().with_session(Arc::new(scan)).await?,
-    ))
+    Ok(table.table_provider().with_session(Arc::new(scan)).await?)
 }
 
 /// Runs one SQL statement and collects its result.

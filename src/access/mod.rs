@@ -20,6 +20,7 @@ mod barrier;
 pub mod dictionary;
 pub mod export;
 pub(crate) mod limits;
+pub mod live;
 pub mod policy;
 pub mod purpose;
 pub mod registry;
@@ -100,6 +101,14 @@ pub struct AccessEnv {
     slots: Arc<tokio::sync::Semaphore>,
     /// Requests running now, and answers not yet dropped, per principal id.
     running: Arc<Mutex<HashMap<String, u32>>>,
+    /// Live streams open, per principal id.
+    live_running: live::LiveCounts,
+    /// One permit per live stream that may be open at once.
+    live_slots: Arc<tokio::sync::Semaphore>,
+    /// The task that reads the tables' logs for live streams.
+    follower: Arc<live::Follower>,
+    /// WAL shards whose commits live streams follow (the pipeline's workers).
+    wal_shards: u16,
 }
 
 /// A query's answer as it is computed; see [`AccessEnv::query_stream`].
@@ -162,6 +171,18 @@ pub enum Ending {
     Failed(AccessError),
     /// The task delivering it ended without saying how (a panic, shutdown).
     Abandoned,
+}
+
+/// The decision a stream's closing audit line records: its treatments if
+/// every row went, otherwise why it stopped.
+fn ending_outcome(ending: Ending, treatments: &str) -> Result<String> {
+    let cut_short = |why: &str| AccessError::Invalid(format!("not every row was sent: {why}"));
+    match ending {
+        Ending::Complete => Ok(treatments.to_owned()),
+        Ending::ClientGone => Err(cut_short("the client went away")),
+        Ending::Abandoned => Err(cut_short("the query task ended unexpectedly")),
+        Ending::Failed(e) => Err(e),
+    }
 }
 
 /// `values` cast to the types the statement's placeholders take (a client
@@ -232,14 +253,32 @@ impl RunningQuery {
         principal: &str,
         most: u32,
     ) -> Result<Self> {
+        Self::start_as(
+            running,
+            principal,
+            most,
+            "requests running",
+            "access.max_queries_per_principal",
+        )
+    }
+
+    /// Counts one more of `principal`'s `what` in `running`, or refuses it
+    /// if it has `most` already (the bound `setting` sets).
+    fn start_as(
+        running: &Arc<Mutex<HashMap<String, u32>>>,
+        principal: &str,
+        most: u32,
+        what: &str,
+        setting: &str,
+    ) -> Result<Self> {
         let mut counts = running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = counts.entry(principal.to_owned()).or_insert(0);
         if *count >= most {
             return Err(AccessError::Limit(format!(
-                "this principal already has {count} requests running; at most {most} may run \
-                 at once (access.max_queries_per_principal)"
+                "this principal already has {count} {what}; at most {most} may run \
+                 at once ({setting})"
             )));
         }
         *count += 1;
@@ -300,6 +339,12 @@ impl AccessEnv {
                 config.access.max_concurrent_queries as usize,
             )),
             running: Arc::new(Mutex::new(HashMap::new())),
+            live_running: live::LiveCounts::default(),
+            live_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.access.max_live_streams as usize,
+            )),
+            follower: Arc::default(),
+            wal_shards: u16::try_from(config.worker_count()).unwrap_or(u16::MAX),
         })
     }
 
@@ -485,6 +530,20 @@ impl AccessEnv {
         now_ms: i64,
         memory_mb: u32,
     ) -> Result<PolicySession> {
+        self.session_with(principal, purpose, now_ms, memory_mb, None)
+            .await
+    }
+
+    /// [`Self::session`], over `live`'s unseen rows instead of the stored
+    /// tables when given.
+    async fn session_with(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        now_ms: i64,
+        memory_mb: u32,
+        live: Option<&live::LiveTables<'_>>,
+    ) -> Result<PolicySession> {
         let purpose = self.purposes.check(purpose, principal.kind)?;
         let registry = self.registry()?;
         let retention = Retention::current(&self.retention, &self.schemas)?;
@@ -499,6 +558,7 @@ impl AccessEnv {
             min_group: self.settings.min_group_vehicles,
             now_ms,
             memory_limit: memory_mb as usize * 1024 * 1024,
+            live,
         };
         policy::session(&inputs, principal, purpose).await
     }
@@ -618,13 +678,7 @@ impl AccessEnv {
     /// unless all were, why it stopped.
     pub fn finish(&self, answer: StreamingAnswer, ending: Ending) -> Result<()> {
         let (principal, purpose, tables, treatments) = &answer.audit;
-        let cut_short = |why: &str| AccessError::Invalid(format!("not every row was sent: {why}"));
-        let outcome = match ending {
-            Ending::Complete => Ok(treatments.clone()),
-            Ending::ClientGone => Err(cut_short("the client went away")),
-            Ending::Abandoned => Err(cut_short("the query task ended unexpectedly")),
-            Ending::Failed(e) => Err(e),
-        };
+        let outcome = ending_outcome(ending, treatments);
         self.audit(
             &answer.request_id,
             principal,

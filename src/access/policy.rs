@@ -98,6 +98,9 @@ pub struct PolicyInputs<'a> {
     pub now_ms: i64,
     /// Bytes the session's operators (and its answer) may reserve; nothing spills.
     pub memory_limit: usize,
+    /// For a live stream: the versions it follows and the rows it has not
+    /// seen, read instead of the stored tables.
+    pub live: Option<&'a super::live::LiveTables<'a>>,
 }
 
 /// A principal's session: the views it may query, and why the others are hidden.
@@ -198,7 +201,11 @@ pub async fn session(
                 treatment,
             ),
         };
-        match stored_table(root, name, &[&files, &ctx]).await? {
+        let stored = match inputs.live {
+            Some(live) => live.table(name, &files, &ctx).await?,
+            None => stored_table(root, name, &[&files, &ctx]).await?,
+        };
+        match stored {
             Some(stored) => files.register_table(name, stored)?,
             None => files.register_table(name, empty_table(&arrow_schema)?)?,
         };

@@ -93,6 +93,9 @@ async fn serve(
     stopped: oneshot::Receiver<()>,
     summary_every: Duration,
 ) {
+    let stopping = futures::FutureExt::shared(futures::FutureExt::boxed(async move {
+        let _ = stopped.await;
+    }));
     if !summary_every.is_zero() {
         tokio::spawn(summaries(state.metrics.clone(), summary_every));
     }
@@ -115,20 +118,24 @@ async fn serve(
         .route("/sql", post(sql))
         .route("/export", get(export))
         .route("/dictionary", get(dictionary))
+        .route("/live", get(live))
         .merge(admin)
         .layer(axum::Extension(queries))
+        .layer(axum::Extension(Stopping(stopping.clone())))
         .with_state(state);
-    let shutdown = async {
-        let _ = stopped.await;
-    };
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopping)
         .await
     {
         tracing::error!(error = %e, "admin HTTP stopped");
     }
 }
+
+/// Resolves when the endpoint stops: live streams end then, so that the
+/// graceful shutdown does not wait for them.
+#[derive(Clone)]
+struct Stopping(futures::future::Shared<futures::future::BoxFuture<'static, ()>>);
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     let queues: Vec<(String, usize)> = state
@@ -408,6 +415,114 @@ async fn dictionary(State(state): State<Arc<AdminState>>) -> Response {
     match state.access.dictionary() {
         Ok(document) => Json(document).into_response(),
         Err(e) => access_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiveRequest {
+    /// The tables to follow, comma-separated.
+    tables: String,
+    /// The purpose, if not in the `x-fleetgate-purpose` header.
+    purpose: Option<String>,
+    /// Where to resume, if not in the `Last-Event-ID` header.
+    from: Option<String>,
+}
+
+/// A live stream of the bearer's views as Server-Sent Events: `start`,
+/// then `rows` (a table's new rows as JSON objects) and `position` (new
+/// commits with nothing for this view), each with the position as its id,
+/// and `end` with the reason when the policy or an error ends it. A client
+/// resumes with `Last-Event-ID` (browsers send it on reconnecting).
+async fn live(
+    State(state): State<Arc<AdminState>>,
+    axum::Extension(queries): axum::Extension<QueryRuntime>,
+    axum::Extension(Stopping(stopping)): axum::Extension<Stopping>,
+    headers: HeaderMap,
+    axum::extract::Query(request): axum::extract::Query<LiveRequest>,
+) -> Response {
+    use axum::response::sse::{KeepAlive, Sse};
+    let principal = match bearer(&state, &headers) {
+        Ok(p) => p,
+        Err(e) => return access_error(&e),
+    };
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let purpose = request
+        .purpose
+        .or_else(|| header_text("x-fleetgate-purpose"))
+        .unwrap_or_default();
+    let from = header_text("last-event-id").or(request.from);
+    let mut tables: Vec<String> = request
+        .tables
+        .split(',')
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    tables.sort();
+    tables.dedup();
+    let access = Arc::clone(&state.access);
+    let job = async move {
+        access
+            .open_live(
+                &principal,
+                &purpose,
+                &tables,
+                from.as_deref(),
+                crate::core::clock::now_ms(),
+            )
+            .await
+    };
+    let stream = match run_query(&queries, job).await {
+        Ok(stream) => stream,
+        Err(response) => return response,
+    };
+    // Two events in flight: a client that does not read holds up only itself.
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    let access = Arc::clone(&state.access);
+    queries.spawn(async move { access.run_live(stream, sender).await });
+    let events = futures::stream::unfold(receiver, |mut receiver| async move {
+        let event = receiver.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(sse_event(event)),
+            receiver,
+        ))
+    });
+    let events = futures::StreamExt::take_until(events, stopping);
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// One live event in the SSE format (JSON data, the position as id).
+fn sse_event(event: crate::access::live::LiveEvent) -> axum::response::sse::Event {
+    use crate::access::live::LiveEvent;
+    use axum::response::sse::Event;
+    match event {
+        LiveEvent::Started {
+            request_id,
+            tables,
+            position,
+        } => Event::default()
+            .event("start")
+            .id(position)
+            .data(serde_json::json!({ "request_id": request_id, "tables": tables }).to_string()),
+        LiveEvent::Rows {
+            table,
+            rows_json,
+            position,
+        } => Event::default()
+            .event("rows")
+            .id(position)
+            .data(format!(r#"{{"table":"{table}","rows":{rows_json}}}"#)),
+        LiveEvent::Moved { position } => Event::default().event("position").id(position).data("{}"),
+        LiveEvent::Ended { reason } => Event::default()
+            .event("end")
+            .data(serde_json::json!({ "reason": reason }).to_string()),
     }
 }
 

@@ -1,0 +1,598 @@
+//! Data Act live access and the data dictionary on a running server: a
+//! user follows their vehicle's rows as they are committed and resumes
+//! where they stopped without a gap or a repeat; a third party follows
+//! what a grant gives it until the grant is revoked; refusals and bounds;
+//! the audit of every stream; and a dictionary that says what the schema
+//! and retention files say, served over HTTP and part of the export.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+
+fn charging(vin: &str, seq: u32, ts: i64, contract: &str) -> (String, Vec<u8>) {
+    charging_session(vin, seq, ts, contract, false)
+}
+
+/// A charging record of session `S{seq}`, remote-managed or not.
+fn charging_session(
+    vin: &str,
+    seq: u32,
+    ts: i64,
+    contract: &str,
+    remote: bool,
+) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"soc_pct":40.0,"charging_mode":"ac","remote_managed":{remote},"latitude":59.31,"longitude":18.02,"contract_number":"{contract}"}}"#
+    );
+    (format!("vehicles/{vin}/charging"), body.into_bytes())
+}
+
+fn teleservice(vin: &str, seq: u32, ts: i64) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"trigger":"monthly","mileage_km":{seq}000,"service_needs":["oil"],"latitude":59.4,"longitude":17.9,"contact_phone":"+46700000007"}}"#
+    );
+    (format!("vehicles/{vin}/teleservice"), body.into_bytes())
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+struct SseEvent {
+    event: String,
+    id: Option<String>,
+    data: Value,
+}
+
+/// A `GET /live` stream read as a browser's EventSource would: HTTP/1.1,
+/// chunked, events split on blank lines, comments skipped.
+struct LiveClient {
+    reader: BufReader<TcpStream>,
+    /// Event text read but not yet split into events.
+    pending: String,
+}
+
+impl LiveClient {
+    /// Opens `/live?{query}`; the HTTP status and, on 200, the stream;
+    /// otherwise the body.
+    fn open(
+        addr: SocketAddr,
+        query: &str,
+        token: &str,
+        purpose: &str,
+        last_id: Option<&str>,
+    ) -> Result<Self, (u16, String)> {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+        write!(
+            stream,
+            "GET /live?{query} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             x-fleetgate-purpose: {purpose}\r\n{resume}Accept: text/event-stream\r\n\r\n"
+        )
+        .expect("request");
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).expect("status line");
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        if status != 200 {
+            let mut body = vec![0; length.unwrap_or(0)];
+            reader.read_exact(&mut body).expect("body");
+            return Err((status, String::from_utf8_lossy(&body).into_owned()));
+        }
+        Ok(Self {
+            reader,
+            pending: String::new(),
+        })
+    }
+
+    /// The next event; `None` when the server closed the stream.
+    fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    event: "message".into(),
+                    id: None,
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event.event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        event.id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                event.data = serde_json::from_str(&data).expect("JSON data");
+                return Some(event);
+            }
+            // One chunk: its size in hex, the bytes, CRLF.
+            let mut size = String::new();
+            if self.reader.read_line(&mut size).ok()? == 0 {
+                return None;
+            }
+            let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+            if size == 0 {
+                return None;
+            }
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).ok()?;
+            chunk.truncate(size);
+            self.pending
+                .push_str(&String::from_utf8(chunk).expect("UTF-8 events"));
+        }
+    }
+
+    /// Events until `rows` rows of `table` came (other tables' rows and
+    /// position events are kept too); panics past [`DEADLINE`].
+    fn rows_of(&mut self, table: &str, rows: usize) -> (Vec<Value>, Vec<SseEvent>) {
+        let started = Instant::now();
+        let mut got = Vec::new();
+        let mut events = Vec::new();
+        while got.len() < rows {
+            assert!(started.elapsed() < DEADLINE, "only {got:?} of {table}");
+            let event = self.next().expect("the stream ended early");
+            if event.event == "rows" && event.data["table"] == table {
+                got.extend(event.data["rows"].as_array().expect("rows").iter().cloned());
+            }
+            assert_ne!(event.event, "end", "ended: {:?}", event.data);
+            events.push(event);
+        }
+        (got, events)
+    }
+}
+
+fn seqs(rows: &[Value]) -> Vec<i64> {
+    rows.iter()
+        .map(|r| r["seq"].as_i64().expect("seq"))
+        .collect()
+}
+
+/// A user follows their own vehicle's charging and teleservice rows as they
+/// are committed, sees nothing of another vehicle, and after reconnecting
+/// with the last position gets exactly what it missed; a third party follows
+/// what its grant gives until the grant is revoked; everything is audited.
+#[test]
+fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
+    let (status, body) = admin.post(
+        "/admin/transfers",
+        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
+    );
+    assert_eq!(status, 200, "{body}");
+    let mqtt = server.handle.mqtt_addr();
+    let publish = |messages: &[(String, Vec<u8>)]| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(publish_all(mqtt, messages));
+    };
+    // A row stored before the stream opens is not live news.
+    publish(&[charging(A, 1, now - HOUR, "SE-A-1")]);
+    wait_for(|| server.handle.metrics().totals().stored == 1);
+
+    let query = "tables=charging,teleservice";
+    let mut live = LiveClient::open(addr, query, &alice, "own_data_access", None).expect("open");
+    let start = live.next().expect("start");
+    assert_eq!(start.event, "start");
+    assert_eq!(
+        start.data["tables"],
+        serde_json::json!(["charging", "teleservice"])
+    );
+    publish(&[
+        charging(A, 2, now - HOUR, "SE-A-2"),
+        charging(B, 1, now - HOUR, "SE-B-1"),
+        teleservice(A, 3, now - HOUR),
+    ]);
+    let (rows, _) = live.rows_of("charging", 1);
+    assert_eq!(seqs(&rows), vec![2]);
+    assert_eq!(rows[0]["vin"], A, "the user's view: VIN readable");
+    assert_eq!(rows[0]["contract_number"], "SE-A-2");
+    let (tele, events) = live.rows_of("teleservice", 1);
+    assert_eq!(seqs(&tele), vec![3]);
+    // Vehicle B's row is committed too, and never shown: wait until the
+    // stream has moved past everything stored, then look at what came.
+    wait_for(|| server.handle.metrics().totals().stored == 4);
+    let mut last_id = events.last().and_then(|e| e.id.clone()).expect("an id");
+    drop(live);
+
+    // Missed while away: exactly these, once.
+    publish(&[
+        charging(A, 4, now - HOUR, "SE-A-4"),
+        charging(A, 5, now - HOUR, "SE-A-5"),
+        charging(B, 2, now - HOUR, "SE-B-2"),
+    ]);
+    wait_for(|| server.handle.metrics().totals().stored == 7);
+    let mut live =
+        LiveClient::open(addr, query, &alice, "own_data_access", Some(&last_id)).expect("resume");
+    assert_eq!(live.next().expect("start").event, "start");
+    publish(&[charging(A, 6, now - HOUR, "SE-A-6")]);
+    let (rows, events) = live.rows_of("charging", 3);
+    assert_eq!(
+        seqs(&rows),
+        vec![4, 5, 6],
+        "missed rows once, then new ones"
+    );
+    last_id = events.last().and_then(|e| e.id.clone()).expect("an id");
+    assert!(last_id.contains("charging."), "{last_id}");
+    drop(live);
+
+    // Far behind: more entries than one step covers come in several steps,
+    // each row once. A remote-managed session that ended meanwhile is
+    // hidden at once (L1085-1087), live as in SQL.
+    let missed: Vec<(String, Vec<u8>)> = (100..180)
+        .map(|seq| charging(A, seq, now - HOUR, "SE-A"))
+        .collect();
+    publish(&missed);
+    publish(&[charging_session(A, 7, now - HOUR, "SE-A-7", true)]);
+    wait_for(|| server.handle.metrics().totals().stored == 89);
+    let (status, body) = admin.post(
+        "/admin/events",
+        &format!(r#"{{"event":"charging_session_ended","vin":"{A}","id":"S7"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut live =
+        LiveClient::open(addr, query, &alice, "own_data_access", Some(&last_id)).expect("resume");
+    let (rows, _) = live.rows_of("charging", 80);
+    let mut got = seqs(&rows);
+    got.sort_unstable();
+    assert_eq!(got, (100..180).collect::<Vec<_>>(), "every missed row once");
+    publish(&[charging(A, 8, now - HOUR, "SE-A-8")]);
+    let (rows, _) = live.rows_of("charging", 1);
+    assert_eq!(seqs(&rows), vec![8], "the ended session's row never came");
+    drop(live);
+
+    // A third party follows what alice's grant gives it, until she revokes it.
+    let repair = admin.principal(
+        r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
+    );
+    let given = format!(
+        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
+        now - DAY
+    );
+    let (status, body) = http_request(addr, "POST", "/grants", Some(&alice), &given);
+    assert_eq!(status, 200, "{body}");
+    let grant: Value = serde_json::from_str(&body).expect("json");
+    let grant = grant["grant"].as_str().expect("grant id").to_owned();
+    let refused = LiveClient::open(
+        addr,
+        "tables=charging",
+        &repair,
+        "repair_and_maintenance",
+        None,
+    );
+    assert!(
+        matches!(&refused, Err((403, body)) if body.contains("charging")),
+        "no grant covers charging"
+    );
+    let mut followed = LiveClient::open(
+        addr,
+        "tables=teleservice",
+        &repair,
+        "repair_and_maintenance",
+        None,
+    )
+    .expect("granted");
+    assert_eq!(followed.next().expect("start").event, "start");
+    publish(&[teleservice(A, 8, now - HOUR), teleservice(B, 9, now - HOUR)]);
+    let (rows, _) = followed.rows_of("teleservice", 1);
+    assert_eq!(seqs(&rows), vec![8]);
+    assert!(rows[0].get("vin").is_none(), "pseudonymised: {:?}", rows[0]);
+    assert_ne!(rows[0]["vehicle_id"], Value::Null);
+    assert!(
+        rows[0].get("contact_phone").is_none_or(Value::is_null),
+        "contact data stays hidden: {:?}",
+        rows[0]
+    );
+    let (status, body) = http_request(
+        addr,
+        "DELETE",
+        &format!("/grants/{grant}"),
+        Some(&alice),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    publish(&[teleservice(A, 10, now - HOUR)]);
+    let ended = loop {
+        let event = followed.next().expect("an end event");
+        assert_ne!(
+            event.event, "rows",
+            "nothing after the revocation: {event:?}"
+        );
+        if event.event == "end" {
+            break event;
+        }
+    };
+    assert!(
+        ended.data["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("teleservice")),
+        "{ended:?}"
+    );
+    assert!(followed.next().is_none(), "the stream closes after `end`");
+
+    // Every stream is in the audit: opened (`live`) and closed with the
+    // rows it delivered (`delivered`), the revoked one as refused.
+    let operator = admin.principal(r#"{"id":"ops","kind":"operator"}"#);
+    let audit = r#"{"sql":"SELECT principal, action, decision, rows FROM query_audit WHERE action IN ('live', 'delivered') ORDER BY at","purpose":"operations"}"#;
+    let rows: Vec<Value> = wait_for_value(|| {
+        let (status, body) = http_request(addr, "POST", "/sql", Some(&operator), audit);
+        assert_eq!(status, 200, "{body}");
+        let rows: Vec<Value> = serde_json::from_str(&body).expect("rows");
+        // The last stream's closing line is written once its task sees the end.
+        (rows.iter().filter(|r| r["action"] == "delivered").count() == 4).then_some(rows)
+    });
+    let delivered: Vec<(&str, i64, &str)> = rows
+        .iter()
+        .filter(|r| r["action"] == "delivered")
+        .map(|r| {
+            (
+                r["principal"].as_str().unwrap_or_default(),
+                r["rows"].as_i64().unwrap_or(-1),
+                r["decision"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![
+            ("alice", 2, "charging:filter,teleservice:filter"),
+            ("alice", 3, "charging:filter,teleservice:filter"),
+            ("alice", 81, "charging:filter,teleservice:filter"),
+            ("repair", 1, "refuse"),
+        ],
+        "{rows:?}"
+    );
+    let opened: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["action"] == "live")
+        .map(|r| r["decision"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        opened,
+        vec![
+            "charging:filter,teleservice:filter",
+            "charging:filter,teleservice:filter",
+            "charging:filter,teleservice:filter",
+            "refuse",
+            "teleservice:filter",
+        ]
+    );
+    server.handle.shutdown().expect("shutdown");
+}
+
+/// Retries `attempt` until it gives a value; panics past [`DEADLINE`].
+fn wait_for_value<T>(mut attempt: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = attempt() {
+            return value;
+        }
+        assert!(started.elapsed() < DEADLINE, "timed out");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a stream is refused for, and the bounds on how many may be open.
+#[test]
+fn live_streams_are_refused_and_bounded_like_queries() {
+    let server = TestServer::start_with(|c| c.access.max_live_per_principal = 1);
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
+    let licensee = admin.principal(r#"{"id":"maps","kind":"licensee"}"#);
+    let open = |query: &str, token: &str, purpose: &str, from: Option<&str>| {
+        LiveClient::open(addr, query, token, purpose, from).map(|_| ())
+    };
+    let status = |r: Result<(), (u16, String)>| r.err().map(|(s, _)| s);
+    assert_eq!(
+        status(open(
+            "tables=charging",
+            "fga_nobody",
+            "own_data_access",
+            None
+        )),
+        Some(401)
+    );
+    assert_eq!(
+        status(open("tables=secrets", &alice, "own_data_access", None)),
+        Some(400)
+    );
+    assert_eq!(
+        status(open("tables=", &alice, "own_data_access", None)),
+        Some(400)
+    );
+    assert_eq!(
+        status(open(
+            "tables=charging",
+            &alice,
+            "own_data_access",
+            Some("charging.0=-1")
+        )),
+        Some(400)
+    );
+    assert_eq!(
+        status(open("tables=charging", &alice, "economic_situation", None)),
+        Some(403)
+    );
+    assert_eq!(
+        status(open("tables=rtti", &alice, "own_data_access", None)),
+        Some(403)
+    );
+    let aggregates = LiveClient::open(addr, "tables=rtti", &licensee, "traffic_information", None);
+    assert!(
+        matches!(&aggregates, Err((403, body)) if body.contains("not offered live")),
+        "{:?}",
+        aggregates.err()
+    );
+    // One stream per principal here: a second is refused until the first closes.
+    let first =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("first");
+    let second = open("tables=charging", &alice, "own_data_access", None);
+    assert!(
+        matches!(&second, Err((400, body)) if body.contains("max_live_per_principal")),
+        "{second:?}"
+    );
+    drop(first);
+    let mut open_at_shutdown = wait_for_value(|| {
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).ok()
+    });
+    assert_eq!(open_at_shutdown.next().expect("start").event, "start");
+    // A stream still open does not hold up a shutdown: it ends.
+    server.handle.shutdown().expect("shutdown");
+    assert!(open_at_shutdown.next().is_none());
+}
+
+/// The dictionary says, field by field and rule by rule, what the schema
+/// files and the retention file say (read here with a TOML parser of our
+/// own, not through fleetgate), over HTTP without a token and in the export.
+#[test]
+fn the_dictionary_agrees_with_the_schemas_and_the_retention_rules() {
+    let server = TestServer::start();
+    let addr = server.handle.admin_addr();
+    let (status, body) = http_request(addr, "GET", "/dictionary", None, "");
+    assert_eq!(status, 200, "{body}");
+    let dictionary: Value = serde_json::from_str(&body).expect("json");
+    let tables = dictionary["tables"].as_array().expect("tables");
+    let table = |name: &str| {
+        tables
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in the dictionary"))
+    };
+    let schemas_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let read = |file: &str| -> toml::Value {
+        toml::from_str(&std::fs::read_to_string(schemas_dir.join(file)).expect("read"))
+            .expect("toml")
+    };
+    for stream in ["teleservice", "rtti", "diagnostics", "charging"] {
+        let file = read(&format!("{stream}.toml"));
+        let entry = table(stream);
+        assert_eq!(
+            entry["schema_version"],
+            file["version"].as_integer().expect("version")
+        );
+        assert_eq!(
+            entry["description"],
+            file["description"].as_str().expect("text")
+        );
+        assert_eq!(entry["live"], true);
+        let fields = file["field"].as_array().expect("fields");
+        let described = entry["fields"].as_array().expect("fields");
+        assert_eq!(
+            described.len(),
+            fields.len(),
+            "{stream}: one entry per field"
+        );
+        for (field, described) in fields.iter().zip(described) {
+            let text = |key: &str| field.get(key).and_then(toml::Value::as_str);
+            assert_eq!(described["name"], text("name").expect("name"));
+            assert_eq!(described["type"], text("type").expect("type"));
+            assert_eq!(described["privacy"], text("privacy").expect("privacy"));
+            assert_eq!(
+                described["treatment"],
+                text("transform").expect("transform")
+            );
+            assert_eq!(described["description"], text("description").expect("text"));
+            assert_eq!(
+                described["unit"].as_str(),
+                text("unit"),
+                "{stream}.{}",
+                described["name"]
+            );
+            assert_eq!(
+                described["required"],
+                field["required"].as_bool().expect("bool")
+            );
+            let column = text("column").or(text("name"));
+            match text("transform") {
+                Some("drop") => assert_eq!(described["stored_as"], Value::Null),
+                _ => assert_eq!(described["stored_as"]["column"].as_str(), column),
+            }
+        }
+        let gates = file.get("consent_gate").and_then(toml::Value::as_array);
+        assert_eq!(
+            entry["consent_gates"].as_array().map_or(0, Vec::len),
+            gates.map_or(0, Vec::len),
+            "{stream}"
+        );
+    }
+    let rules = read("retention.toml");
+    let rules = rules["rule"].as_array().expect("rules");
+    let mut described_rules = 0;
+    for entry in tables {
+        described_rules += entry["retention"].as_array().expect("rules").len();
+    }
+    assert_eq!(described_rules, rules.len(), "every rule, once");
+    for rule in rules {
+        let text = |key: &str| rule.get(key).and_then(toml::Value::as_str);
+        let entry = table(text("table").expect("table"));
+        let described = entry["retention"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .find(|r| r["rule"] == text("name").expect("name"))
+            .expect("the rule under its table");
+        assert_eq!(described["seed"], text("seed").expect("seed"));
+        assert_eq!(described["choice"].as_str(), text("choice"));
+        let number = |key: &str| rule.get(key).and_then(toml::Value::as_integer);
+        assert_eq!(described["keep_days"].as_i64(), number("keep_days"));
+        assert_eq!(described["keep_hours"].as_i64(), number("keep_hours"));
+        match rule.get("when") {
+            Some(when) => {
+                let field = when["field"].as_str().expect("field");
+                assert!(
+                    described["applies_to"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with(&format!("{field} = "))),
+                    "{described:?}"
+                );
+            }
+            None => assert_eq!(described["applies_to"], "every other row"),
+        }
+    }
+    // The export carries the same dictionary.
+    let admin = server.admin();
+    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
+    let (status, body) = http_request(addr, "GET", "/export", Some(&alice), "");
+    assert_eq!(status, 200, "{body}");
+    let export: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(export["metadata"]["dictionary"], dictionary);
+    server.handle.shutdown().expect("shutdown");
+}
