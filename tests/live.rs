@@ -596,3 +596,145 @@ fn the_dictionary_agrees_with_the_schemas_and_the_retention_rules() {
     assert_eq!(export["metadata"]["dictionary"], dictionary);
     server.handle.shutdown().expect("shutdown");
 }
+
+/// The browser the portal is tested in: `$CHROMIUM`, or Debian's `chromium`
+/// (`.ci/run` installs it).
+fn chromium() -> String {
+    std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".to_owned())
+}
+
+/// Runs headless Chromium on `url` with `args`; its standard output.
+fn browse(url: &str, profile: &std::path::Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            "--window-size=1100,1500",
+            // Time for the page's calls to answer; a stream still open ends the run.
+            "--virtual-time-budget=15000",
+            "--timeout=30000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium runs (Debian package `chromium`; or set CHROMIUM)");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 DOM")
+}
+
+fn charging_soc(vin: &str, seq: u32, ts: i64, soc: f64) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"progress","started_at":{ts},"soc_pct":{soc},"charging_mode":"ac","remote_managed":false,"latitude":59.31,"longitude":18.02,"contract_number":"SE-A"}}"#
+    );
+    (format!("vehicles/{vin}/charging"), body.into_bytes())
+}
+
+/// The portal in a real browser (headless Chromium), signed in by a link
+/// with the token in its fragment: the user's vehicles, a chart of their
+/// vehicle's state of charge, the live stream connected, and the grant
+/// they gave with when its recipient last read; another vehicle's data
+/// nowhere. Writes `target/portal.png`, the README's screenshot.
+#[test]
+fn the_portal_shows_a_users_vehicles_chart_and_grants_in_a_browser() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
+    let (status, body) = admin.post(
+        "/admin/transfers",
+        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut records: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| {
+            charging_soc(
+                A,
+                i + 1,
+                now - 6 * HOUR + i64::from(i) * 25 * 60_000,
+                20.0 + f64::from(i) * 6.5,
+            )
+        })
+        .collect();
+    records.push(charging_soc(B, 1, now - HOUR, 77.0));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(publish_all(server.handle.mqtt_addr(), &records));
+    wait_for(|| server.handle.metrics().totals().stored == 13);
+    let repair = admin.principal(
+        r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
+    );
+    let given = format!(
+        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
+        now - DAY
+    );
+    let (status, body) = http_request(addr, "POST", "/grants", Some(&alice), &given);
+    assert_eq!(status, 200, "{body}");
+    let read =
+        r#"{"sql":"SELECT count(*) AS n FROM teleservice","purpose":"repair_and_maintenance"}"#;
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&repair), read);
+    assert_eq!(status, 200, "{body}");
+
+    // The account behind the page is a user's own.
+    assert_eq!(http_request(addr, "GET", "/account", None, "").0, 401);
+    let (status, body) = http_request(addr, "GET", "/account", Some(&repair), "");
+    assert_eq!(status, 403, "{body}");
+
+    let profile = tempfile::tempdir().expect("profile dir");
+    let url = format!("http://{addr}/portal#token={alice}");
+    let dom = browse(&url, profile.path(), &["--dump-dom"]);
+    assert!(dom.contains(r#"data-state="ready""#), "{dom}");
+    assert!(dom.contains(r#"<strong id="user">alice</strong>"#), "{dom}");
+    assert!(dom.contains(&format!("<td>{A}</td>")), "the vehicle held");
+    assert!(
+        !dom.contains(B),
+        "another vehicle's data is nowhere on the page"
+    );
+    assert_eq!(
+        dom.matches("<circle").count(),
+        12,
+        "one point per charging record"
+    );
+    assert!(dom.contains("live: connected"), "{dom}");
+    let grants = &dom[dom.find(r#"id="grants""#).expect("grants table")..];
+    let grant_row = &grants[..grants.find("</tr></tbody>").expect("a grant row")];
+    assert!(grant_row.contains("<td>repair</td>"), "{grant_row}");
+    assert!(
+        !grant_row.contains("never"),
+        "its last read is shown: {grant_row}"
+    );
+    assert!(grant_row.contains("Revoke"), "{grant_row}");
+    assert!(!dom.contains("#token="), "the token left the address");
+    let ready_ms = dom
+        .split(r#"data-ready-ms=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .expect("the page says when it was ready");
+    println!("portal ready {ready_ms} ms after navigation (virtual time)");
+
+    // The README's screenshot.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("portal.png");
+    let _ = std::fs::remove_file(&shot);
+    browse(
+        &url,
+        profile.path(),
+        &[&format!("--screenshot={}", shot.display())],
+    );
+    assert!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+        "a screenshot"
+    );
+    server.handle.shutdown().expect("shutdown");
+}

@@ -15,6 +15,7 @@
 //! Every query and export is bounded in text, nesting, memory, time and
 //! concurrency ([`limits`], settings in `[access]`).
 
+pub mod account;
 pub mod audit;
 mod barrier;
 pub mod dictionary;

@@ -4,8 +4,10 @@
 //! access registry, a periodic one-line throughput summary in the log, and
 //! for principals (bearer token): `POST /sql` and `GET /export` through
 //! the Data Act policy (see [`crate::access`]), `POST /grants`,
-//! `DELETE /grants/{id}` for users to give and revoke grants, and
-//! `GET /dictionary`, the data dictionary, open to all.
+//! `DELETE /grants/{id}` for users to give and revoke grants, `GET /live`
+//! to follow their views as rows arrive, `GET /account` for a user's
+//! vehicles and grants, `GET /dictionary`, the data dictionary, and the
+//! user's web page, `GET /portal` ([`crate::ops::portal`]).
 //!
 //! It runs on its own thread with a single-threaded tokio runtime
 //! ([`crate::ops::served`]), so it
@@ -16,8 +18,8 @@
 //! ([`crate::ops::admin_token`]) as its bearer token: behind a reverse proxy
 //! on the same host every peer is loopback, so the token is what protects
 //! them, and a page in a browser (DNS rebinding) cannot send the header.
-//! `/metrics` and `/dictionary` have no authentication: they carry
-//! counters and descriptions only.
+//! `/metrics`, `/dictionary` and the portal's files have no
+//! authentication: they carry counters, descriptions and code only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,6 +121,10 @@ async fn serve(
         .route("/export", get(export))
         .route("/dictionary", get(dictionary))
         .route("/live", get(live))
+        .route("/account", get(account))
+        .route("/portal", get(crate::ops::portal::page))
+        .route("/portal/portal.js", get(crate::ops::portal::script))
+        .route("/portal/portal.css", get(crate::ops::portal::style))
         .merge(admin)
         .layer(axum::Extension(queries))
         .layer(axum::Extension(Stopping(stopping.clone())))
@@ -402,6 +408,24 @@ async fn export(
             .await?
             .to_json()
     };
+    match run_query(&queries, job).await {
+        Ok(document) => Json(document).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// The bearer user's account: vehicles held, grants given, last reads.
+async fn account(
+    State(state): State<Arc<AdminState>>,
+    axum::Extension(queries): axum::Extension<QueryRuntime>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match bearer(&state, &headers) {
+        Ok(user) => user,
+        Err(e) => return access_error(&e),
+    };
+    let access = Arc::clone(&state.access);
+    let job = async move { access.account(&user, crate::core::clock::now_ms()).await };
     match run_query(&queries, job).await {
         Ok(document) => Json(document).into_response(),
         Err(response) => response,
