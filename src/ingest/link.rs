@@ -12,7 +12,6 @@
 //! the marker comes back, every record acknowledged before shutdown began has
 //! been handed to a worker.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -275,13 +274,21 @@ fn run(
     }
 }
 
+/// The worker shard of a route: by a hash of the VIN (of the topic for a
+/// rejected publish) under keys drawn once per process, so that a
+/// vehicle's records stay in order within a run, and the shard stored with
+/// each row (`wal_app`) links a vehicle's rows of one run only, and only
+/// as one in N does.
 fn shard_of(route: &Route, shards: usize) -> usize {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    match route {
-        Route::Vehicle { vin, .. } => vin.hash(&mut hasher),
-        Route::Rejected { topic, .. } => topic.hash(&mut hasher),
-    }
-    (hasher.finish() % shards as u64) as usize
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(std::collections::hash_map::RandomState::new);
+    let hash = match route {
+        Route::Vehicle { vin, .. } => keys.hash_one(vin),
+        Route::Rejected { topic, .. } => keys.hash_one(topic),
+    };
+    (hash % shards as u64) as usize
 }
 
 #[cfg(test)]
