@@ -30,10 +30,11 @@ use crate::core::table::PartitionKey;
 /// The partition columns of every table, in SQL and in the Delta log.
 pub const PARTITION_COLUMNS: [&str; 2] = ["date", "hour"];
 
-/// Columns that carry per-file statistics in the Delta log: times only, so
-/// that no identifier, pseudonym or measured value is copied into the log,
-/// which outlives the files it describes (see `delta.logRetentionDuration`).
-const STATS_COLUMNS: &str = "ts,received_at";
+/// Columns that carry per-file statistics in the Delta log: times and the
+/// WAL entry only, so that no identifier, pseudonym or measured value is
+/// copied into the log, which outlives the files it describes (see
+/// `delta.logRetentionDuration`). Live streams skip files by `wal_entry`.
+const STATS_COLUMNS: &str = "ts,received_at,wal_entry";
 
 /// Table properties set when a table is created.
 fn table_properties() -> HashMap<String, Option<String>> {
@@ -304,9 +305,12 @@ pub fn partition_values(key: PartitionKey) -> (String, u8) {
     (date.format("%Y-%m-%d").to_string(), hour)
 }
 
+/// What every WAL shard's application id starts with.
+pub const WAL_APP_PREFIX: &str = "fleetgate-wal-";
+
 /// The application id under which commits record how far they hold a WAL shard.
 pub fn wal_app_id(shard: u16) -> String {
-    format!("fleetgate-wal-{shard}")
+    format!("{WAL_APP_PREFIX}{shard}")
 }
 
 /// The table `name` under `root`, at its latest version; `None` if none
@@ -359,7 +363,7 @@ pub async fn open_or_create(
     file_schema: &SchemaRef,
 ) -> Result<DeltaTable> {
     if let Some(table) = open(root, name).await? {
-        return Ok(table);
+        return with_wal_columns(table).await;
     }
     if let Some(dir) = root.table_dir(name) {
         fsio::create_dir_all(&dir).map_err(io_error(&dir))?;
@@ -384,6 +388,33 @@ pub async fn open_or_create(
             .ok_or_else(|| StoreError::Uri(format!("{root:?}{name}: created, then gone"))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// `table` with the [`WAL_COLUMNS`], added (with their statistics) if it
+/// was created before rows carried them: the Delta writer would drop
+/// them from every batch otherwise. Older rows hold NULL there.
+async fn with_wal_columns(table: DeltaTable) -> Result<DeltaTable> {
+    let schema = table.snapshot()?.schema();
+    if WAL_COLUMNS
+        .iter()
+        .all(|column| schema.field(column).is_some())
+    {
+        return Ok(table);
+    }
+    let wal = Arc::new(Schema::new(vec![
+        Field::new(WAL_COLUMNS[0], DataType::Utf8, true),
+        Field::new(WAL_COLUMNS[1], DataType::Int64, true),
+    ]));
+    let wal: StructType = wal.as_ref().try_into_kernel()?;
+    let table = table
+        .add_columns()
+        .with_fields(wal.fields().cloned().collect::<Vec<StructField>>())
+        .await?;
+    let stats = HashMap::from([(
+        "delta.dataSkippingStatsColumns".to_owned(),
+        STATS_COLUMNS.to_owned(),
+    )]);
+    Ok(table.set_tbl_properties().with_properties(stats).await?)
 }
 
 /// The tables under `root` that hold Parquet files but no Delta log: a
