@@ -21,6 +21,10 @@ use crate::store::delta::{PARTITION_COLUMNS, WAL_COLUMNS};
 /// Version of the dictionary's own layout, raised when a key changes meaning.
 pub const LAYOUT_VERSION: u32 = 1;
 
+/// Whether a table is offered live, and to whom.
+const LIVE: &str = "yes: GET /live, through the same view as SQL; not to licensees, \
+                    whose views are hourly aggregates";
+
 /// The dictionary of every table, as one JSON document.
 pub fn build(schemas: &Registry, retention: &Retention) -> Value {
     let mut tables: Vec<Value> = schemas
@@ -76,7 +80,7 @@ fn stream_entry(stream: &StreamSchema, retention: &Retention) -> Value {
         "kind": "stream",
         "schema_version": stream.version,
         "description": stream.description,
-        "live": true,
+        "live": LIVE,
         "fields": fields,
         "system_columns": columns,
         "consent_gates": gates,
@@ -151,12 +155,12 @@ fn common_columns() -> Vec<Value> {
         system_column(
             WAL_COLUMNS[0],
             "Utf8",
-            "Internal: the write-ahead log shard that held the row (never in a view)",
+            "Internal: the write-ahead log shard that held the row (in no view)",
         ),
         system_column(
             WAL_COLUMNS[1],
             "Int64",
-            "Internal: the write-ahead log entry that held the row (never in a view)",
+            "Internal: the write-ahead log entry that held the row (in no view)",
         ),
         system_column(
             PARTITION_COLUMNS[0],
@@ -187,7 +191,7 @@ fn dead_letters_entry(retention: &Retention) -> Value {
         "kind": "dead_letters",
         "description": "Records that could not be stored, with the reason; identifiers in \
                         the payload are pseudonymised or cut before it is written. Operator only.",
-        "live": true,
+        "live": LIVE,
         "columns": columns,
         "retention": rules_of(retention, DEAD_LETTERS),
     })

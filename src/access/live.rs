@@ -4,19 +4,23 @@
 //! A follower task reads each table's Delta log every `access.live_poll_ms`
 //! and publishes what it finds as [`Commits`]: each table at its newest
 //! version, with, per WAL shard, the last entry that version holds (the
-//! application transaction every writer commit records). Every stored row
-//! carries the shard and entry that held it (`wal_app`, `wal_entry`), and a
-//! shard's entries reach a table in order, so a subscriber's [`Position`]
-//! (per table and shard, the last entry it was given) names exactly the
-//! rows of any later version it has not seen: those with a higher entry.
-//! For every new version the subscriber's policy session is built again, as
-//! for a query, over that version's unseen rows only: a revoked grant, an
-//! ended tenure, an erasure or a retention rule applies from the next
-//! version on, and compaction or vacuum change nothing (rows keep their
-//! columns). A client that comes back with the last position it saw gets
-//! every row it missed that its view still holds, and none twice. The
-//! follower reads the shared tables, not the pipeline, so every node that
-//! reads the same store serves the same stream.
+//! application transaction every writer commit records, read from each new
+//! commit). Every stored row carries the shard and entry that held it
+//! (`wal_app`, `wal_entry`), and a shard's entries reach a table in order,
+//! so a subscriber's [`Position`] (per table and shard, the last entry it
+//! was given) names exactly the rows of any later version it has not seen:
+//! those with a higher entry. For every step the subscriber's policy
+//! session is built again, as for a query, over the newest version's unseen
+//! rows only: a revoked grant, an ended tenure, an erasure, a deletion
+//! request or a retention rule applies from the next step on, and rows
+//! keep their columns through compaction. A client that comes back with
+//! the last position it saw gets every row it missed that its view still
+//! holds, and none twice, in steps of bounded size; a position too far
+//! behind is refused (SQL reads history). Positions are sealed (encrypted
+//! and authenticated under a key derived from the root key, bound to the
+//! principal): they say nothing about other vehicles' activity, cannot be
+//! forged, and survive a restart. The follower reads the shared tables,
+//! not the pipeline.
 //!
 //! A licensee's views are aggregates over whole hours; they are not offered
 //! live (a stream of partial groups would not be k-anonymous).
@@ -25,107 +29,153 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use datafusion::datasource::TableProvider;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
+use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use super::policy::Treatment;
 use super::registry::Principal;
 use super::{AccessEnv, AccessError, Ending, Result, RunningQuery};
 use crate::core::table::Table;
+use crate::privacy::pseudo::Secret;
 use crate::store::StoreRoot;
 use crate::store::delta::{self, WAL_COLUMNS};
 
-/// Longest position a client may send back.
-const MAX_POSITION_BYTES: usize = 4096;
+/// Longest sealed position a client may send back.
+const MAX_POSITION_BYTES: usize = 16 * 1024;
+/// Most WAL entries per shard one step covers: a client that comes back
+/// behind gets what it missed in steps this size (smaller if a step's
+/// answer is over the query memory bound), not in one answer.
+const STEP_ENTRIES: i64 = 128;
+/// Most WAL entries a position may be behind on any shard to be resumed:
+/// beyond this, what was missed is read with SQL (`received_at`).
+const MAX_BEHIND_ENTRIES: i64 = 64 * STEP_ENTRIES;
+/// How often a stream with nothing to deliver tells its client where it
+/// stands (a position event), whatever the commits: their timing would
+/// tell other vehicles' activity.
+const POSITION_EVERY: Duration = Duration::from_secs(10);
+/// Nonce of a sealed position.
+const NONCE_BYTES: usize = 12;
 
 /// Where a subscriber stands: per table and WAL shard, the last entry whose
-/// rows it was given. Written `table.shard=entry,…`, the SSE event id.
+/// rows it was given. Handed to the client sealed, as the SSE event id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Position(BTreeMap<(String, u16), i64>);
+pub struct Position(BTreeMap<(Table, u16), i64>);
 
 impl Position {
-    /// A position as [`Position::encode`] wrote it; only tables of the
-    /// store, shard numbers and entries are accepted.
-    pub fn parse(text: &str) -> Result<Self> {
-        let invalid = |why: &str| AccessError::Invalid(format!("live position: {why}"));
-        if text.len() > MAX_POSITION_BYTES {
-            return Err(invalid("too long"));
+    /// The position sealed for `principal` under `key`: an opaque token.
+    fn seal(&self, key: &Secret, principal: &str) -> String {
+        let mut plain = Vec::with_capacity(self.0.len() * 11);
+        for (&(table, shard), &entry) in &self.0 {
+            plain.push(table.index() as u8);
+            plain.extend_from_slice(&shard.to_le_bytes());
+            plain.extend_from_slice(&entry.to_le_bytes());
         }
+        let mut nonce = [0u8; NONCE_BYTES];
+        if getrandom::fill(&mut nonce).is_err() {
+            // The clock stands in: a nonce must only never repeat under this key.
+            let now = crate::core::clock::now_ms().to_le_bytes();
+            nonce[..8].copy_from_slice(&now);
+        }
+        let cipher = ChaCha20Poly1305::new(Key::from_slice(&key.0));
+        let sealed = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: principal.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        hex::encode([nonce.as_slice(), &sealed].concat())
+    }
+
+    /// A position [`Position::seal`] gave `principal`; anything else is refused.
+    fn unseal(text: &str, key: &Secret, principal: &str) -> Result<Self> {
+        let invalid = || {
+            AccessError::Invalid(
+                "live position: not one this server gave this principal; follow from now".into(),
+            )
+        };
+        if text.len() > MAX_POSITION_BYTES {
+            return Err(invalid());
+        }
+        let bytes = hex::decode(text).map_err(|_| invalid())?;
+        if bytes.len() < NONCE_BYTES {
+            return Err(invalid());
+        }
+        let (nonce, sealed) = bytes.split_at(NONCE_BYTES);
+        let plain = ChaCha20Poly1305::new(Key::from_slice(&key.0))
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: principal.as_bytes(),
+                },
+            )
+            .map_err(|_| invalid())?;
         let mut through = BTreeMap::new();
-        for part in text.split(',').filter(|p| !p.is_empty()) {
-            let (key, entry) = part
-                .split_once('=')
-                .ok_or_else(|| invalid("expected table.shard=entry"))?;
-            let (table, shard) = key
-                .rsplit_once('.')
-                .ok_or_else(|| invalid("expected table.shard=entry"))?;
-            if !Table::all().any(|t| t.name() == table) {
-                return Err(invalid("unknown table"));
-            }
-            let shard: u16 = shard.parse().map_err(|_| invalid("bad shard"))?;
-            let entry: i64 = entry.parse().map_err(|_| invalid("bad entry"))?;
-            if entry < 0 {
-                return Err(invalid("bad entry"));
-            }
-            through.insert((table.to_owned(), shard), entry);
+        for item in plain.chunks(11) {
+            let [table, s0, s1, e @ ..] = item else {
+                return Err(invalid());
+            };
+            let table = Table::from_index(usize::from(*table)).ok_or_else(invalid)?;
+            let entry = i64::from_le_bytes(<[u8; 8]>::try_from(e).map_err(|_| invalid())?);
+            through.insert((table, u16::from_le_bytes([*s0, *s1])), entry);
         }
         Ok(Self(through))
     }
 
-    pub fn encode(&self) -> String {
-        let parts: Vec<String> = self
-            .0
-            .iter()
-            .map(|((table, shard), entry)| format!("{table}.{shard}={entry}"))
-            .collect();
-        parts.join(",")
-    }
-
     /// Where `commits` stand for `tables`: nothing of them unseen.
-    fn at(commits: &Commits, tables: &[String]) -> Self {
+    fn at(commits: &Commits, tables: &[Table]) -> Self {
         let mut position = Self::default();
-        for table in tables {
-            if let Some(committed) = commits.tables.get(table) {
-                for (&shard, &entry) in &committed.through {
-                    position.0.insert((table.clone(), shard), entry);
-                }
-            }
-        }
+        position.start_missing(commits, tables);
         position
     }
 
-    /// Takes `step`'s entries of `table`.
-    fn take_table(&mut self, step: &Position, table: &str) {
-        for ((t, shard), &entry) in &step.0 {
-            if t == table {
-                self.0.insert((t.clone(), *shard), entry);
+    /// Tables of `tables` this position has nothing of (a resumed position
+    /// that followed fewer) start where `commits` stand: from now.
+    fn start_missing(&mut self, commits: &Commits, tables: &[Table]) {
+        for &table in tables {
+            if self.0.keys().any(|(t, _)| *t == table) {
+                continue;
+            }
+            if let Some(committed) = commits.tables.get(&table) {
+                for (&shard, &entry) in &committed.through {
+                    self.0.insert((table, shard), entry);
+                }
             }
         }
     }
 
-    fn seen(&self, table: &str, shard: u16) -> i64 {
+    /// The last entry of `shard` in `table` this position has seen: its
+    /// own, or, for a shard the follower learned of after this position
+    /// was made, where the shard stood then.
+    fn seen(&self, table: Table, shard: u16, committed: &Committed) -> i64 {
         self.0
-            .get(&(table.to_owned(), shard))
+            .get(&(table, shard))
+            .or_else(|| committed.learned_at.get(&shard))
             .copied()
             .unwrap_or(-1)
     }
 
-    /// Where this position stands after one more step through `commits`:
-    /// per table and shard, at most [`CATCH_UP_ENTRIES`] entries further,
-    /// so that a client far behind catches up in bounded steps.
-    fn next_step(&self, commits: &Commits, tables: &[String]) -> Self {
+    /// Where this position stands after one more step of at most `size`
+    /// entries per table and shard through `commits`.
+    fn next_step(&self, commits: &Commits, tables: &[Table], size: i64) -> Self {
         let mut next = self.clone();
-        for table in tables {
-            let Some(committed) = commits.tables.get(table) else {
+        for &table in tables {
+            let Some(committed) = commits.tables.get(&table) else {
                 continue;
             };
             for (&shard, &through) in &committed.through {
-                let seen = self.seen(table, shard);
+                let seen = self.seen(table, shard, committed);
                 if seen < through {
-                    let step = through.min(seen.saturating_add(CATCH_UP_ENTRIES));
-                    next.0.insert((table.clone(), shard), step);
+                    let step = through.min(seen.saturating_add(size));
+                    next.0.insert((table, shard), step);
                 }
             }
         }
@@ -133,20 +183,51 @@ impl Position {
     }
 
     /// Whether `commits` hold rows of `tables` this position has not seen.
-    fn behind(&self, commits: &Commits, tables: &[String]) -> bool {
-        self.next_step(commits, tables) != *self
+    fn behind(&self, commits: &Commits, tables: &[Table]) -> bool {
+        self.next_step(commits, tables, 1) != *self
+    }
+
+    /// The table and the entries it is furthest behind `commits` by.
+    fn lag(&self, commits: &Commits, tables: &[Table]) -> Option<(Table, i64)> {
+        tables
+            .iter()
+            .filter_map(|&table| {
+                let committed = commits.tables.get(&table)?;
+                committed
+                    .through
+                    .iter()
+                    .map(|(&shard, &through)| through - self.seen(table, shard, committed))
+                    .max()
+                    .map(|lag| (table, lag))
+            })
+            .max_by_key(|(_, lag)| *lag)
+    }
+
+    /// Takes `step`'s entries of `table`.
+    fn take_table(&mut self, step: &Position, table: Table) {
+        for (&(t, shard), &entry) in &step.0 {
+            if t == table {
+                self.0.insert((t, shard), entry);
+            }
+        }
     }
 
     /// The rows of `table`, as `committed` holds it, that this position has
     /// not seen and `step` has, as SQL over the table's columns. Rows no
     /// shard committed (NULL `wal_app`: converted or appended outside a
     /// server) never are.
-    fn unseen_sql(&self, step: &Position, table: &str, committed: &Committed) -> String {
+    fn unseen_sql(&self, step: &Position, table: Table, committed: &Committed) -> String {
         let (app, entry) = (WAL_COLUMNS[0], WAL_COLUMNS[1]);
         let windows: Vec<(u16, i64, i64)> = committed
             .through
             .keys()
-            .map(|&shard| (shard, self.seen(table, shard), step.seen(table, shard)))
+            .map(|&shard| {
+                (
+                    shard,
+                    self.seen(table, shard, committed),
+                    step.seen(table, shard, committed),
+                )
+            })
             .filter(|(_, seen, upto)| seen < upto)
             .collect();
         let (Some(lowest), Some(highest)) = (
@@ -172,24 +253,22 @@ impl Position {
     }
 }
 
-/// Most WAL entries per shard one step of a live stream covers: a client
-/// that comes back far behind gets what it missed in steps this size,
-/// each within the query memory bound, instead of in one answer.
-const CATCH_UP_ENTRIES: i64 = 32;
-
 /// One table as the follower last read it.
 #[derive(Clone)]
 struct Committed {
     table: DeltaTable,
     /// Per WAL shard, the last entry this version holds.
     through: BTreeMap<u16, i64>,
+    /// Shards the follower learned of from a commit after it first read
+    /// the table, with the last entry they held before that commit.
+    learned_at: BTreeMap<u16, i64>,
 }
 
 /// Every table as one reading of the logs found it.
 #[derive(Clone, Default)]
 pub struct Commits {
-    tables: BTreeMap<String, Committed>,
-    /// Whether the logs were read yet.
+    tables: BTreeMap<Table, Committed>,
+    /// Whether every table's log was read once.
     read: bool,
 }
 
@@ -201,7 +280,7 @@ pub struct LiveTables<'a> {
     /// Where the position stands after this step.
     step: &'a Position,
     /// The tables followed; the others read as empty.
-    followed: &'a [String],
+    followed: &'a [Table],
 }
 
 impl LiveTables<'_> {
@@ -213,10 +292,10 @@ impl LiveTables<'_> {
         files: &SessionContext,
         run: &SessionContext,
     ) -> Result<Option<Arc<dyn TableProvider>>> {
-        if !self.followed.iter().any(|t| t == name) {
+        let Some(table) = self.followed.iter().find(|t| t.name() == name).copied() else {
             return Ok(None);
-        }
-        let Some(committed) = self.commits.tables.get(name) else {
+        };
+        let Some(committed) = self.commits.tables.get(&table) else {
             return Ok(None);
         };
         let provider = crate::query::provider(&committed.table, &[files, run]).await?;
@@ -225,21 +304,21 @@ impl LiveTables<'_> {
         let unseen = files
             .sql(&format!(
                 "SELECT * FROM {committed_name} WHERE {}",
-                self.position.unseen_sql(self.step, name, committed)
+                self.position.unseen_sql(self.step, table, committed)
             ))
             .await?;
         Ok(Some(unseen.into_view()))
     }
 }
 
-/// The follower's channel, shared by every live stream of the process; the
-/// follower runs while a stream listens.
+/// The follower of the process: a template receiver of its readings while
+/// it runs, shared by every live stream.
 #[derive(Default)]
-pub(crate) struct Follower(Mutex<Option<watch::Sender<Arc<Commits>>>>);
+pub(crate) struct Follower(Mutex<Option<watch::Receiver<Arc<Commits>>>>);
 
 impl Follower {
     /// A receiver of the follower's readings, starting the follower (on the
-    /// caller's runtime) if none runs.
+    /// caller's runtime) if none runs, or if the last one ended.
     fn subscribe(
         self: &Arc<Self>,
         store: &StoreRoot,
@@ -247,11 +326,13 @@ impl Follower {
         every: Duration,
     ) -> watch::Receiver<Arc<Commits>> {
         let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sender) = running.as_ref() {
-            return sender.subscribe();
+        if let Some(template) = running.as_ref()
+            && template.has_changed().is_ok()
+        {
+            return template.clone();
         }
         let (sender, receiver) = watch::channel(Arc::new(Commits::default()));
-        *running = Some(sender.clone());
+        *running = Some(receiver.clone());
         tokio::spawn(follow(
             Arc::clone(self),
             sender,
@@ -264,7 +345,8 @@ impl Follower {
 }
 
 /// Reads every table's log each `every` and publishes each change, until
-/// no stream listens.
+/// no stream listens (only the template receiver is left). If it ends any
+/// other way, every stream's receiver sees it.
 async fn follow(
     follower: Arc<Follower>,
     sender: watch::Sender<Arc<Commits>>,
@@ -281,65 +363,132 @@ async fn follow(
             // Decided under the lock that `subscribe` takes: a stream
             // arriving now either finds this follower or starts another.
             let mut running = follower.0.lock().unwrap_or_else(|p| p.into_inner());
-            if sender.receiver_count() == 0 {
+            if sender.receiver_count() <= 1 {
                 *running = None;
                 return;
             }
         }
-        let mut changed = !commits.read;
+        let mut changed = false;
+        let mut all_read = true;
         for table in Table::all() {
-            let name = table.name();
-            match read(&store, name, shards, commits.tables.get(name)).await {
-                Ok(Some(committed)) => {
-                    commits.tables.insert(name.to_owned(), committed);
+            let last = commits.tables.get(&table);
+            // delta-rs has panicked on odd logs: one table's reading must
+            // not end every stream.
+            let reading = std::panic::AssertUnwindSafe(read(&store, table, shards, last));
+            match reading.catch_unwind().await {
+                Ok(Ok(Some(committed))) => {
+                    commits.tables.insert(table, committed);
                     changed = true;
                 }
-                Ok(None) => {}
-                Err(error) => tracing::warn!(table = name, %error, "live: cannot read the log"),
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    all_read = false;
+                    tracing::warn!(table = table.name(), %error, "live: cannot read the log");
+                }
+                Err(_panic) => {
+                    all_read = false;
+                    tracing::error!(table = table.name(), "live: reading the log panicked");
+                }
             }
         }
-        commits.read = true;
-        if changed {
+        // Streams start once every table was read: a table missing from
+        // the first reading would later look wholly new to them.
+        if all_read && !commits.read {
+            commits.read = true;
+            changed = true;
+        }
+        if changed && commits.read {
             sender.send_replace(Arc::new(commits.clone()));
         }
     }
 }
 
-/// Table `name` at its newest version if it is newer than `last`.
+/// Table `table` at its newest version if it is newer than `last`.
 async fn read(
     store: &StoreRoot,
-    name: &str,
+    table: Table,
     shards: u16,
     last: Option<&Committed>,
 ) -> crate::store::Result<Option<Committed>> {
-    let table = match last {
-        Some(last) => {
-            let mut table = last.table.clone();
-            if table.update_incremental(None).await.is_err() {
-                // The log was cleaned up under it: read it again whole.
-                match delta::open(store, name).await? {
-                    Some(table) => table,
-                    None => return Ok(None),
-                }
-            } else {
-                table
-            }
-        }
-        None => match delta::open(store, name).await? {
-            Some(table) => table,
-            None => return Ok(None),
-        },
+    let Some(last) = last else {
+        let Some(opened) = delta::open(store, table.name()).await? else {
+            return Ok(None);
+        };
+        let through = through_of(&opened, 0..shards).await?;
+        return Ok(Some(Committed {
+            table: opened,
+            through,
+            learned_at: BTreeMap::new(),
+        }));
     };
-    if last.is_some_and(|last| last.table.version() == table.version()) {
+    let mut newer = last.table.clone();
+    if newer.update_incremental(None).await.is_err() {
+        // The log was cleaned up under it: read it again whole.
+        match delta::open(store, table.name()).await? {
+            Some(table) => newer = table,
+            None => return Ok(None),
+        }
+    }
+    let (Some(from), Some(to)) = (last.table.version(), newer.version()) else {
+        return Ok(None);
+    };
+    if to <= from {
         return Ok(None);
     }
+    let mut through = last.through.clone();
+    let mut learned_at = last.learned_at.clone();
+    for version in from + 1..=to {
+        let Some(commit) = newer.log_store().read_commit_entry(version).await? else {
+            // A commit the cleanup removed: ask the newest version instead.
+            let known: Vec<u16> = through.keys().copied().collect();
+            through.extend(through_of(&newer, known).await?);
+            continue;
+        };
+        for (shard, entry) in wal_transactions(&commit) {
+            if !through.contains_key(&shard) {
+                let before = delta::stored_through(&last.table, shard).await?;
+                let before = before.map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX));
+                learned_at.insert(shard, before);
+            }
+            let held = through.entry(shard).or_insert(entry);
+            *held = (*held).max(entry);
+        }
+    }
+    Ok(Some(Committed {
+        table: newer,
+        through,
+        learned_at,
+    }))
+}
+
+/// Per shard in `shards`, the last entry `table` holds.
+async fn through_of(
+    table: &DeltaTable,
+    shards: impl IntoIterator<Item = u16>,
+) -> crate::store::Result<BTreeMap<u16, i64>> {
     let mut through = BTreeMap::new();
-    for shard in 0..shards {
-        if let Some(entry) = delta::stored_through(&table, shard).await? {
+    for shard in shards {
+        if let Some(entry) = delta::stored_through(table, shard).await? {
             through.insert(shard, i64::try_from(entry).unwrap_or(i64::MAX));
         }
     }
-    Ok(Some(Committed { table, through }))
+    Ok(through)
+}
+
+/// The WAL shards and entries a commit file records (its `txn` actions).
+fn wal_transactions(commit: &[u8]) -> Vec<(u16, i64)> {
+    commit
+        .split(|&b| b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .filter_map(|action| {
+            let txn = action.get("txn")?;
+            let shard = txn
+                .get("appId")?
+                .as_str()?
+                .strip_prefix(delta::WAL_APP_PREFIX)?;
+            Some((shard.parse().ok()?, txn.get("version")?.as_i64()?))
+        })
+        .collect()
 }
 
 /// What a live stream hands its client.
@@ -358,7 +507,7 @@ pub enum LiveEvent {
         rows_json: String,
         position: String,
     },
-    /// New commits held nothing for this view; the position after them.
+    /// Where the stream stands, sent now and then while nothing comes.
     Moved { position: String },
     /// The stream ends, and why.
     Ended { reason: String },
@@ -369,17 +518,40 @@ pub struct LiveStream {
     request_id: String,
     principal: Principal,
     purpose: String,
-    tables: Vec<String>,
+    tables: Vec<Table>,
     treatments: String,
     position: Position,
+    /// Entries per shard of the next step.
+    step_entries: i64,
     commits: watch::Receiver<Arc<Commits>>,
+    key: Secret,
     rows: u64,
     _running: RunningQuery,
     _slot: OwnedSemaphorePermit,
 }
 
+impl LiveStream {
+    fn names(&self) -> Vec<String> {
+        self.tables.iter().map(|t| t.name().to_owned()).collect()
+    }
+
+    fn sealed_position(&self) -> String {
+        self.position.seal(&self.key, &self.principal.id)
+    }
+}
+
 /// Counts of the live streams open per principal.
 pub(crate) type LiveCounts = Arc<Mutex<HashMap<String, u32>>>;
+
+/// What admission gives a stream.
+struct Admitted {
+    position: Position,
+    treatments: String,
+    commits: watch::Receiver<Arc<Commits>>,
+    key: Secret,
+    running: RunningQuery,
+    slot: OwnedSemaphorePermit,
+}
 
 impl AccessEnv {
     /// Opens a live stream of `tables` for `principal` and `purpose`, from
@@ -395,65 +567,72 @@ impl AccessEnv {
         now_ms: i64,
     ) -> Result<LiveStream> {
         let request_id = super::request_id();
-        let opened = self
-            .admit_live(principal, purpose, tables, from, now_ms)
-            .await;
-        let decision = opened
-            .as_ref()
-            .map(|(_, treatments, ..)| treatments.clone());
+        let mut named: Vec<Table> = Table::all()
+            .filter(|t| tables.iter().any(|name| name == t.name()))
+            .collect();
+        named.dedup();
+        // Only names of the store's tables reach the audit.
+        let audited: Vec<String> = named.iter().map(|t| t.name().to_owned()).collect();
+        let admitted = match tables
+            .iter()
+            .find(|n| !named.iter().any(|t| t.name() == *n))
+        {
+            Some(_) => Err(AccessError::Invalid(
+                "live access follows the stored tables: teleservice, rtti, diagnostics, \
+                 charging, dead_letters"
+                    .into(),
+            )),
+            None => {
+                self.admit_live(principal, purpose, &named, from, now_ms)
+                    .await
+            }
+        };
         self.audit(
             &request_id,
             principal,
             purpose,
             "live",
-            tables,
-            decision,
+            &audited,
+            admitted.as_ref().map(|a| a.treatments.clone()),
             None,
             now_ms,
         )?;
-        let (position, treatments, commits, running, slot) = opened?;
+        let admitted = admitted?;
         Ok(LiveStream {
             request_id,
             principal: principal.clone(),
             purpose: purpose.to_owned(),
-            tables: tables.to_vec(),
-            treatments,
-            position,
-            commits,
+            tables: named,
+            treatments: admitted.treatments,
+            position: admitted.position,
+            step_entries: STEP_ENTRIES,
+            commits: admitted.commits,
+            key: admitted.key,
             rows: 0,
-            _running: running,
-            _slot: slot,
+            _running: admitted.running,
+            _slot: admitted.slot,
         })
     }
 
-    #[allow(clippy::type_complexity)]
     async fn admit_live(
         &self,
         principal: &Principal,
         purpose: &str,
-        tables: &[String],
+        tables: &[Table],
         from: Option<&str>,
         now_ms: i64,
-    ) -> Result<(
-        Position,
-        String,
-        watch::Receiver<Arc<Commits>>,
-        RunningQuery,
-        OwnedSemaphorePermit,
-    )> {
+    ) -> Result<Admitted> {
         if tables.is_empty() {
             return Err(AccessError::Invalid(
                 "name the tables to follow: ?tables=charging,diagnostics".into(),
             ));
         }
-        for table in tables {
-            if !Table::all().any(|t| t.name() == table) {
-                return Err(AccessError::Invalid(format!(
-                    "live access follows the stored tables; `{table}` is none"
-                )));
-            }
-        }
-        let from = from.map(Position::parse).transpose()?;
+        let privacy = self.privacy.as_ref().ok_or(AccessError::VaultNeeded)?;
+        let key = privacy.keys.live_position_key();
+        let from = from
+            .filter(|text| !text.is_empty())
+            .map(|text| Position::unseal(text, &key, &principal.id))
+            .transpose()?;
         let running = RunningQuery::start_as(
             &self.live_running,
             &principal.id,
@@ -480,20 +659,24 @@ impl AccessEnv {
             .await?;
         let mut treatments = Vec::new();
         for table in tables {
-            if let Some(reason) = session.hidden.get(table) {
-                return Err(AccessError::Refused(format!("table {table}: {reason}")));
+            let name = table.name();
+            if let Some(reason) = session.hidden.get(name) {
+                return Err(AccessError::Refused(format!("table {name}: {reason}")));
             }
-            let treatment = session.treatments.get(table).copied();
-            if treatment == Some(Treatment::Aggregate) {
-                return Err(AccessError::Refused(format!(
-                    "table {table}: a licensee's aggregates cover whole hours and are not \
-                     offered live; query them with SQL once an hour has closed"
-                )));
+            match session.treatments.get(name) {
+                Some(Treatment::Aggregate) => {
+                    return Err(AccessError::Refused(format!(
+                        "table {name}: a licensee's aggregates cover whole hours and are not \
+                         offered live; query them with SQL once an hour has closed"
+                    )));
+                }
+                Some(treatment) => treatments.push(format!("{name}:{}", treatment.name())),
+                None => {
+                    return Err(AccessError::Refused(format!(
+                        "table {name}: not among this principal's views"
+                    )));
+                }
             }
-            treatments.push(format!(
-                "{table}:{}",
-                treatment.map_or("allow", Treatment::name)
-            ));
         }
         let mut commits = self.follower.subscribe(
             &self.store,
@@ -503,26 +686,48 @@ impl AccessEnv {
         commits
             .wait_for(|c| c.read)
             .await
-            .map_err(|_| AccessError::Invalid("the live follower stopped".into()))?;
+            .map_err(|_| AccessError::Unavailable("the live follower stopped".into()))?;
+        let latest = Arc::clone(&commits.borrow_and_update());
         let position = match from {
-            Some(position) => position,
-            None => Position::at(&commits.borrow_and_update(), tables),
+            Some(mut position) => {
+                position.start_missing(&latest, tables);
+                if let Some((table, lag)) = position.lag(&latest, tables)
+                    && lag > MAX_BEHIND_ENTRIES
+                {
+                    return Err(AccessError::Invalid(format!(
+                        "this position is {lag} WAL entries behind on {}, more than live access \
+                         catches up ({MAX_BEHIND_ENTRIES}): read what was missed with SQL \
+                         (received_at) and follow from now",
+                        table.name()
+                    )));
+                }
+                position
+            }
+            None => Position::at(&latest, tables),
         };
-        Ok((position, treatments.join(","), commits, running, slot))
+        treatments.sort();
+        Ok(Admitted {
+            position,
+            treatments: treatments.join(","),
+            commits,
+            key,
+            running,
+            slot,
+        })
     }
 
-    /// Runs `stream` until its client goes (`events` closes), its policy
-    /// ends it, or it fails; then audits the rows it delivered (`delivered`).
+    /// Runs `stream` until its client goes (`events` closes or stops
+    /// reading), its policy ends it, or it fails; then audits the rows it
+    /// delivered (`delivered`).
     pub async fn run_live(&self, mut stream: LiveStream, events: mpsc::Sender<LiveEvent>) {
         let started = LiveEvent::Started {
             request_id: stream.request_id.clone(),
-            tables: stream.tables.clone(),
-            position: stream.position.encode(),
+            tables: stream.names(),
+            position: stream.sealed_position(),
         };
-        let ending = if events.send(started).await.is_err() {
-            Ending::ClientGone
-        } else {
-            self.deliver(&mut stream, &events).await
+        let ending = match self.send(&events, started).await {
+            Err(ending) => ending,
+            Ok(()) => self.deliver(&mut stream, &events).await,
         };
         // A live stream has no last row: the client leaving is how it ends.
         let ending = match ending {
@@ -540,7 +745,7 @@ impl AccessEnv {
                     "the live stream failed; reconnect with the last position".to_owned()
                 }
             };
-            let _ = events.send(LiveEvent::Ended { reason }).await;
+            let _ = self.send(&events, LiveEvent::Ended { reason }).await;
         }
         let outcome = super::ending_outcome(ending, &stream.treatments);
         if let Err(error) = self.audit(
@@ -548,7 +753,7 @@ impl AccessEnv {
             &stream.principal,
             &stream.purpose,
             "delivered",
-            &stream.tables,
+            &stream.names(),
             outcome.as_ref().map(String::clone),
             Some(stream.rows),
             crate::core::clock::now_ms(),
@@ -557,12 +762,31 @@ impl AccessEnv {
         }
     }
 
-    /// Hands `stream` the unseen rows of every new version until it ends.
+    /// Hands `event` to the client, which must take it within the query
+    /// time limit: a client that stops reading ends its stream.
+    async fn send(
+        &self,
+        events: &mpsc::Sender<LiveEvent>,
+        event: LiveEvent,
+    ) -> std::result::Result<(), Ending> {
+        let limit = Duration::from_millis(self.settings.query_timeout_ms);
+        match tokio::time::timeout(limit, events.send(event)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Ending::ClientGone),
+        }
+    }
+
+    /// Hands `stream` the unseen rows of the newest version, step by step,
+    /// until it ends.
     async fn deliver(&self, stream: &mut LiveStream, events: &mpsc::Sender<LiveEvent>) -> Ending {
-        // A resumed stream may be behind the commits already read.
-        let mut commits = Arc::clone(&stream.commits.borrow_and_update());
+        let mut told = tokio::time::Instant::now();
+        let mut moved = false;
         loop {
+            // Always the newest version: a row a deletion removed since the
+            // last step is not in it.
+            let commits = Arc::clone(&stream.commits.borrow_and_update());
             if !stream.position.behind(&commits, &stream.tables) {
+                let heartbeat = tokio::time::sleep_until(told + POSITION_EVERY);
                 tokio::select! {
                     () = events.closed() => return Ending::ClientGone,
                     changed = stream.commits.changed() => {
@@ -570,41 +794,50 @@ impl AccessEnv {
                             return Ending::Abandoned;
                         }
                     }
+                    () = heartbeat, if moved => {
+                        let position = stream.sealed_position();
+                        if let Err(ending) = self.send(events, LiveEvent::Moved { position }).await {
+                            return ending;
+                        }
+                        told = tokio::time::Instant::now();
+                        moved = false;
+                    }
                 }
-                commits = Arc::clone(&stream.commits.borrow_and_update());
                 continue;
             }
-            let step = stream.position.next_step(&commits, &stream.tables);
+            let step = stream
+                .position
+                .next_step(&commits, &stream.tables, stream.step_entries);
             let now_ms = crate::core::clock::now_ms();
             let unseen = match self
                 .bounded(self.unseen_rows(stream, &commits, &step, now_ms))
                 .await
             {
                 Ok(unseen) => unseen,
+                // Too much for one answer: smaller steps, down to one entry.
+                Err(AccessError::Limit(_)) if stream.step_entries > 1 => {
+                    stream.step_entries /= 2;
+                    continue;
+                }
                 Err(e) => return Ending::Failed(e),
             };
-            let mut sent_rows = false;
             for (table, rows, json) in unseen {
-                stream.position.take_table(&step, &table);
+                stream.position.take_table(&step, table);
+                moved = true;
                 if rows == 0 {
                     continue;
                 }
                 stream.rows += rows;
-                sent_rows = true;
                 let event = LiveEvent::Rows {
-                    table,
+                    table: table.name().to_owned(),
                     rows_json: json,
-                    position: stream.position.encode(),
+                    position: stream.sealed_position(),
                 };
-                if events.send(event).await.is_err() {
-                    return Ending::ClientGone;
+                if let Err(ending) = self.send(events, event).await {
+                    return ending;
                 }
-            }
-            if !sent_rows {
-                let position = stream.position.encode();
-                if events.send(LiveEvent::Moved { position }).await.is_err() {
-                    return Ending::ClientGone;
-                }
+                told = tokio::time::Instant::now();
+                moved = false;
             }
         }
     }
@@ -618,9 +851,15 @@ impl AccessEnv {
         commits: &Commits,
         step: &Position,
         now_ms: i64,
-    ) -> Result<Vec<(String, u64, String)>> {
-        // Removed principals and revoked tokens end the stream here.
+    ) -> Result<Vec<(Table, u64, String)>> {
+        // The same principal, or the stream ends: removed, or its id now
+        // names another token or kind.
         let principal = self.principal(&stream.principal.id)?;
+        if principal.token_sha256 != stream.principal.token_sha256
+            || principal.kind != stream.principal.kind
+        {
+            return Err(AccessError::UnknownPrincipal);
+        }
         let live = LiveTables {
             commits,
             position: &stream.position,
@@ -633,15 +872,16 @@ impl AccessEnv {
             .await?;
         let pool = Arc::clone(&session.ctx.runtime_env().memory_pool);
         let mut unseen = Vec::new();
-        for table in &stream.tables {
-            if let Some(reason) = session.hidden.get(table) {
-                return Err(AccessError::Refused(format!("table {table}: {reason}")));
+        for &table in &stream.tables {
+            let name = table.name();
+            if let Some(reason) = session.hidden.get(name) {
+                return Err(AccessError::Refused(format!("table {name}: {reason}")));
             }
-            let df = session.ctx.sql(&format!("SELECT * FROM {table}")).await?;
+            let df = session.ctx.sql(&format!("SELECT * FROM {name}")).await?;
             let (_, batches) = super::collect_bounded(df, &pool, principal.kind, memory_mb).await?;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             let json = crate::query::format(&batches, crate::query::OutputFormat::Json)?;
-            unseen.push((table.clone(), rows as u64, json));
+            unseen.push((table, rows as u64, json));
         }
         Ok(unseen)
     }
@@ -652,22 +892,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_position_reads_back_as_written_and_nothing_else_is_taken() {
-        let text = "charging.0=12,charging.1=7,diagnostics.0=3";
-        let position = Position::parse(text).expect("valid");
-        assert_eq!(position.encode(), text);
-        assert_eq!(Position::parse("").expect("empty"), Position::default());
-        for bad in [
-            "charging=1",
-            "charging.0",
-            "secrets.0=1",
-            "charging.x=1",
-            "charging.0=-1",
-            "charging.70000=1",
-            "charging.0=1;DROP",
-        ] {
-            assert!(Position::parse(bad).is_err(), "{bad}");
+    fn a_position_unseals_only_for_its_principal_and_untouched() {
+        let key = Secret([7; 32]);
+        let position = Position(BTreeMap::from([
+            ((Table::Stream(crate::core::table::Stream::Charging), 0), 12),
+            ((Table::Stream(crate::core::table::Stream::Charging), 1), 7),
+            ((Table::DeadLetters, 3), 0),
+        ]));
+        let sealed = position.seal(&key, "alice");
+        assert_eq!(
+            Position::unseal(&sealed, &key, "alice").expect("alice's"),
+            position
+        );
+        assert_ne!(
+            sealed,
+            position.seal(&key, "alice"),
+            "a fresh nonce each time"
+        );
+        // The first item in the clear (charging, shard 0, entry 12) is not in it.
+        let item = hex::encode([3, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(!sealed.contains(&item), "nothing readable: {sealed}");
+        assert!(Position::unseal(&sealed, &key, "mallory").is_err());
+        assert!(Position::unseal(&sealed, &Secret([8; 32]), "alice").is_err());
+        let mut tampered = hex::decode(&sealed).expect("hex");
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(Position::unseal(&hex::encode(tampered), &key, "alice").is_err());
+        for bad in ["", "zz", "00", &"ab".repeat(MAX_POSITION_BYTES)] {
+            assert!(Position::unseal(bad, &key, "alice").is_err(), "{bad:.10}");
         }
-        assert!(Position::parse(&"charging.0=1,".repeat(400)).is_err());
+    }
+
+    #[test]
+    fn a_commits_wal_transactions_are_read_from_its_txn_actions() {
+        let commit = br#"{"commitInfo":{"timestamp":1}}
+{"txn":{"appId":"fleetgate-wal-0","version":41,"lastUpdated":1}}
+{"txn":{"appId":"fleetgate-wal-12","version":7}}
+{"txn":{"appId":"someone-else","version":99}}
+{"add":{"path":"x.parquet"}}"#;
+        assert_eq!(wal_transactions(commit), vec![(0, 41), (12, 7)]);
     }
 }

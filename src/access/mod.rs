@@ -68,6 +68,9 @@ pub enum AccessError {
         "this principal's views need the vault, which the running server holds open: use POST /sql"
     )]
     VaultNeeded,
+    /// A part of the server a request needs is not running.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("query audit log {0}")]
     Audit(String),
     #[error(transparent)]
@@ -501,9 +504,10 @@ impl AccessEnv {
         })
     }
 
-    /// The data dictionary of every table, under the rules in force now.
+    /// The data dictionary of every table, under the rules in force (the
+    /// rules only: deletion requests and holds are no one's business here).
     pub fn dictionary(&self) -> Result<serde_json::Value> {
-        let retention = Retention::current(&self.retention, &self.schemas)?;
+        let retention = Retention::load(self.retention.rules_file.as_deref(), &self.schemas)?;
         Ok(dictionary::build(&self.schemas, &retention))
     }
 

@@ -45,6 +45,7 @@ use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
 };
+use crate::store::delta::PARTITION_COLUMNS;
 
 /// What a principal's view does to a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,8 +364,16 @@ impl<'a> ViewPlanner<'a> {
 
     fn operator_only(&self) -> View {
         if self.principal.kind == PrincipalKind::Operator {
+            // Every column but the WAL's: where a row came from in the log
+            // is the store's business, in no view.
+            let columns = dead_letter::arrow_schema()
+                .fields()
+                .iter()
+                .map(|f| sql_identifier(f.name()))
+                .chain(PARTITION_COLUMNS.map(str::to_owned))
+                .collect();
             View::Select {
-                columns: vec!["*".to_owned()],
+                columns,
                 filter: None,
                 group_by: Vec::new(),
                 having: None,

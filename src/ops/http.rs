@@ -272,6 +272,7 @@ fn access_error(e: &AccessError) -> Response {
         AccessError::Invalid(_) | AccessError::DataFusion(_) | AccessError::Limit(_) => {
             StatusCode::BAD_REQUEST
         }
+        AccessError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => {
             tracing::error!(error = %e, "access request failed");
             StatusCode::INTERNAL_SERVER_ERROR
@@ -438,7 +439,12 @@ async fn account(
 async fn dictionary(State(state): State<Arc<AdminState>>) -> Response {
     match state.access.dictionary() {
         Ok(document) => Json(document).into_response(),
-        Err(e) => access_error(&e),
+        Err(e) => {
+            // Anyone may ask: the reason (a path, say) goes to the log only.
+            tracing::error!(error = %e, "the data dictionary");
+            let body = serde_json::json!({ "error": "the data dictionary is unavailable" });
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+        }
     }
 }
 

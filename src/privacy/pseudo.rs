@@ -124,6 +124,12 @@ impl KeyRing {
         Secret(self.root.mac(&[b"vault-index"]))
     }
 
+    /// The key that seals live stream positions (`access::live`): they
+    /// stay readable across restarts, and only by this installation.
+    pub fn live_position_key(&self) -> Secret {
+        Secret(self.root.mac(&[b"live-position"]))
+    }
+
     /// The key of VIN-shaped tokens in dead-letter copies.
     pub fn redaction_key(&self) -> Secret {
         Secret(self.root.mac(&[b"dead-letter-redaction"]))

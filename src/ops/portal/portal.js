@@ -152,9 +152,14 @@ async function giveGrant(event) {
   }
 }
 
-// The chosen vehicle: its last day of charging from SQL, then live rows.
+// The chosen vehicle: live rows from now on and, meanwhile, its last day
+// of charging from SQL. Resolves once both are shown.
 async function showVehicle(vin) {
   if (!VIN.test(vin)) return;
+  points = [];
+  latest = [];
+  liveId = null;
+  const connected = new Promise((resolve) => follow(vin, resolve));
   const since = Date.now() - HISTORY_MS;
   const history = await call("POST", "/sql", {
     sql:
@@ -162,12 +167,13 @@ async function showVehicle(vin) {
       since + ") ORDER BY ts",
     purpose: PURPOSE,
   });
-  points = history.filter((r) => r.soc_pct !== undefined).map((r) => [Date.parse(r.ts), r.soc_pct]);
-  latest = history.slice(-LATEST_ROWS).reverse().map((r) => ({ table: "charging", row: r }));
+  const old = history.filter((r) => r.soc_pct !== undefined).map((r) => [Date.parse(r.ts), r.soc_pct]);
+  points = old.concat(points).sort((a, b) => a[0] - b[0]);
+  const older = history.reverse().map((r) => ({ table: "charging", row: r }));
+  latest = latest.concat(older).slice(0, LATEST_ROWS);
   drawChart();
   drawLatest();
-  liveId = null;
-  follow(vin);
+  await connected;
 }
 
 function drawChart() {
@@ -224,7 +230,9 @@ function drawLatest() {
 
 // Follows the user's live stream (Server-Sent Events over fetch, so that the
 // token travels in a header, not in the URL) and keeps the chosen vehicle's rows.
-async function follow(vin) {
+// `started` is called once the stream is open, or could not be.
+async function follow(vin, started) {
+  const opened = started || (() => {});
   if (live) live.abort();
   const stream = new AbortController();
   live = stream;
@@ -240,6 +248,7 @@ async function follow(vin) {
     if (!response.ok) {
       const answer = await response.json();
       status.textContent = "live: " + answer.error;
+      opened();
       return;
     }
     const reader = response.body.getReader();
@@ -262,9 +271,11 @@ async function follow(vin) {
         if (!event.data) continue;
         ended = ended || event.name === "end";
         handleLive(vin, event.name, JSON.parse(event.data), status);
+        if (event.name === "start") opened();
       }
     }
   } catch (e) {
+    opened();
     if (e.name === "AbortError") return;
     status.textContent = "live: " + e.message;
   }
