@@ -215,6 +215,34 @@ loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/flight-ingest
 wait "$ANALYSTS_PID"
 python3 scripts/flight_vs_http.py "127.0.0.1:$FL_FLIGHT" "127.0.0.1:$FL_ADMIN" \
   "$FL_DIR/keys/admin.token" 1000000 > "$OUT/flight_vs_http.json"
+
+echo "== 7. live access: followers beside half-rate ingest, and the portal in a browser"
+followers() {
+  "$LOADGEN" followers --admin-addr "127.0.0.1:$FL_ADMIN" \
+    --admin-token "$FL_DIR/keys/admin.token" --tables charging "$@"
+}
+for n in 1 16 64 256; do
+  followers --followers "$n" --duration 40 > "$OUT/followers.$n.json" &
+  FOLLOWERS_PID=$!
+  sleep 5
+  loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/live-ingest-$n"
+  wait "$FOLLOWERS_PID"
+done
+# A user holding the first vehicle of the e2e run (the store was copied from it).
+ADMIN_AUTH="Authorization: Bearer $(cat "$FL_DIR/keys/admin.token")"
+RUN_TAG=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['run_tag'])" \
+  "$OUT/e2e/report.json")
+USER_TOKEN=$(curl -s -X POST "http://127.0.0.1:$FL_ADMIN/admin/principals" -H "$ADMIN_AUTH" \
+  -H 'Content-Type: application/json' -d '{"id":"bench-user","kind":"user"}' \
+  | python3 -c "import json, sys; print(json.load(sys.stdin)['token'])")
+curl -s -X POST "http://127.0.0.1:$FL_ADMIN/admin/transfers" -H "$ADMIN_AUTH" \
+  -H 'Content-Type: application/json' \
+  -d "{\"user\":\"bench-user\",\"vin\":\"WMW${RUN_TAG}00000000\",\"at_ms\":$(( $(date +%s) * 1000 - 86400000 ))}" > /dev/null
+for i in 1 2 3 4 5; do
+  python3 scripts/portal_check.py "http://127.0.0.1:$FL_ADMIN/portal#token=$USER_TOKEN" \
+    | python3 -c "import json, sys; d = json.load(sys.stdin); print(json.dumps({'state': d['state'], 'ready_ms': d['ready_ms']}))" \
+    > "$OUT/portal.$i.json"
+done
 kill -TERM "$FL_PID"
 wait "$FL_PID"
 

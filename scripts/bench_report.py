@@ -160,4 +160,21 @@ fh = load("flight_vs_http.json")
 p(f"`{fh['sql']}`: Flight SQL (ADBC) {fh['flight_sql']['median_s']:.2f} s, "
   f"POST /sql as Arrow IPC {fh['http_arrow']['median_s']:.2f} s (median of 3; "
   f"{fh['flight_sql']['rows']:,} rows).")
+p("")
+p("Live access on that server (`loadgen followers`: N operator principals each following "
+  "`charging` over `GET /live`, beside half-rate ingest):")
+p("")
+p("| followers | rows delivered | receipt→delivered p50 (ms) | p99 (ms) | max (ms) | errors "
+  "| ingest PUBACK p99 (ms) | vs. no follower |")
+p("|---:|---:|---:|---:|---:|---:|---:|---:|")
+for n in [1, 16, 64, 256]:
+    f = load(f"followers.{n}.json")
+    ingest = load(f"live-ingest-{n}/report.json")["latency"]["p99_us"] / 1e3
+    p(f"| {n} | {f['rows']:,} | {f['p50_ms']:.0f} | {f['p99_ms']:.0f} | {f['max_ms']:.0f} | "
+      f"{f['errors']} | {ingest:.2f} | {ingest / pa - 1:+.0%} |")
+ready = sorted(load(f"portal.{i}.json")["ready_ms"] for i in range(1, 6))
+p("")
+p(f"The portal in headless Chromium (`scripts/portal_check.py`, a user holding one vehicle of "
+  f"the run): ready (signed in, history charted, live stream connected) {ready[2]:.0f} ms after "
+  f"navigation (median of 5; {ready[0]:.0f}–{ready[-1]:.0f} ms).")
 print("\n".join(lines))

@@ -195,7 +195,11 @@ fn histogram() -> Result<Histogram<u64>, AnalystsError> {
 }
 
 /// Registers an operator principal through the admin routes; its token.
-fn add_operator(addr: SocketAddr, admin_token: &str, id: &str) -> Result<String, AnalystsError> {
+pub(crate) fn add_operator(
+    addr: SocketAddr,
+    admin_token: &str,
+    id: &str,
+) -> Result<String, AnalystsError> {
     let failed = |reason: String| AnalystsError::Admin { addr, reason };
     let body = format!(r#"{{"id":"{id}","kind":"operator"}}"#);
     let request = format!(

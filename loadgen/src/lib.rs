@@ -9,11 +9,13 @@
 //! - [`report`]: text, JSON and SVG reports;
 //! - [`verify`]: the exactly-once check against the store;
 //! - [`queries`]: the SQL suite timed cold and hot;
-//! - [`analysts`]: the SQL suite as N concurrent principals over Flight SQL.
+//! - [`analysts`]: the SQL suite as N concurrent principals over Flight SQL;
+//! - [`followers`]: N principals following live streams, receipt → delivered.
 
 pub mod acks;
 pub mod analysts;
 pub mod fleet;
+pub mod followers;
 pub mod queries;
 pub mod report;
 pub mod run;

@@ -66,6 +66,26 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         duration: f64,
     },
+    /// Follow a running server's live streams as N principals for a while;
+    /// receipt → delivered latency of every row as JSON.
+    Followers {
+        /// The HTTP endpoint: admin routes and `GET /live`.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin_addr: std::net::SocketAddr,
+        #[arg(long, default_value = "./keys/admin.token")]
+        admin_token: PathBuf,
+        /// Tables each follower follows, comma-separated.
+        #[arg(long, default_value = "charging")]
+        tables: String,
+        #[arg(long, default_value = "operations")]
+        purpose: String,
+        /// Principals following at once, each on its own connection.
+        #[arg(long, default_value_t = 1)]
+        followers: usize,
+        /// Seconds to follow.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -211,6 +231,30 @@ fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs_f64(duration),
             };
             let report = runtime(2)?.block_on(loadgen::analysts::run(&analysts, &suite))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Followers {
+            admin_addr,
+            admin_token,
+            tables,
+            purpose,
+            followers,
+            duration,
+        } => {
+            let admin_token = std::fs::read_to_string(&admin_token)
+                .with_context(|| format!("reading {}", admin_token.display()))?
+                .trim()
+                .to_owned();
+            let followers = loadgen::followers::Followers {
+                admin_addr,
+                admin_token,
+                tables,
+                purpose,
+                followers: followers.max(1),
+                duration: Duration::from_secs_f64(duration),
+            };
+            let report = runtime(1)?.block_on(loadgen::followers::run(&followers))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -251,3 +251,42 @@ fn analysts_run_the_whole_suite_through_flight_sql() {
     );
     server.shutdown().expect("clean shutdown");
 }
+
+/// `loadgen followers` beside a run: every follower gets every charging
+/// record the run sent, once, with its receipt → delivered latency.
+#[test]
+fn followers_receive_every_row_of_their_tables_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = server_config(dir.path());
+    let server = fleetgate::ops::server::start(&config).expect("server starts");
+    let followers = loadgen::followers::Followers {
+        admin_addr: server.admin_addr(),
+        admin_token: std::fs::read_to_string(&config.admin.token_file)
+            .expect("admin token")
+            .trim()
+            .to_owned(),
+        tables: "charging".into(),
+        purpose: "operations".into(),
+        followers: 3,
+        duration: Duration::from_secs(10),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let following = rt.spawn(async move { loadgen::followers::run(&followers).await });
+    // The streams are open well before the first record is stored.
+    std::thread::sleep(Duration::from_secs(2));
+    let outcome = drive(&run_config(server.mqtt_addr().port(), Stop::Publishes(200)));
+    assert_eq!(outcome.publishes_acked, 200);
+    let report = rt
+        .block_on(following)
+        .expect("followers task")
+        .expect("followers");
+    let charging = outcome.sent_by_stream[Stream::Charging.index()].records;
+    assert!(charging > 0);
+    assert_eq!(report.errors, 0, "{:?}", report.first_error);
+    assert_eq!(report.rows, 3 * charging, "{report:?}");
+    assert!(
+        report.p99_ms >= report.p50_ms && report.max_ms > 0.0,
+        "{report:?}"
+    );
+    server.shutdown().expect("clean shutdown");
+}
