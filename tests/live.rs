@@ -429,7 +429,6 @@ fn live_streams_are_refused_and_bounded_like_queries() {
     let addr = server.handle.admin_addr();
     let admin = server.admin();
     let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
-    let licensee = admin.principal(r#"{"id":"maps","kind":"licensee"}"#);
     let open = |query: &str, token: &str, purpose: &str, from: Option<&str>| {
         LiveClient::open(addr, query, token, purpose, from).map(|_| ())
     };
@@ -467,12 +466,6 @@ fn live_streams_are_refused_and_bounded_like_queries() {
     assert_eq!(
         status(open("tables=rtti", &alice, "own_data_access", None)),
         Some(403)
-    );
-    let aggregates = LiveClient::open(addr, "tables=rtti", &licensee, "traffic_information", None);
-    assert!(
-        matches!(&aggregates, Err((403, body)) if body.contains("not offered live")),
-        "{:?}",
-        aggregates.err()
     );
     // One stream per principal here: a second is refused until the first closes.
     let first =
@@ -799,5 +792,72 @@ fn a_table_from_before_the_wal_columns_is_migrated_and_followed_live() {
     ));
     let (rows, _) = live.rows_of("charging", 1);
     assert_eq!(seqs(&rows), vec![1]);
+    server.handle.shutdown().expect("shutdown");
+}
+
+/// A licensee follows hourly aggregates: each hour's k-anonymous groups
+/// once the hour has closed, from the newest closed hour on; no row, no
+/// group under k, no hour still open.
+#[test]
+fn a_licensee_gets_each_closed_hours_aggregates() {
+    let server = TestServer::start_with(|c| c.access.min_group_vehicles = 3);
+    let now = fleetgate::core::clock::now_ms();
+    // The newest hour closed now (five minutes of grace after its end).
+    let closed = (now - 5 * 60_000).div_euclid(HOUR) * HOUR - HOUR;
+    let diagnostic = |vin: &str, seq: u32, ts: i64, severity: &str| {
+        let body = format!(
+            r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"ecu":"BMS","severity":"{severity}","battery_voltage_v":12.5}}"#
+        );
+        (format!("vehicles/{vin}/diagnostics"), body.into_bytes())
+    };
+    let vins = [
+        "WMW11DJ04N2T00011",
+        "WMW11DJ04N2T00012",
+        "WMW11DJ04N2T00013",
+    ];
+    let mut records: Vec<(String, Vec<u8>)> = vins
+        .iter()
+        .enumerate()
+        .map(|(i, vin)| diagnostic(vin, 1, closed + 600_000 + i as i64, "warning"))
+        .collect();
+    // Two vehicles only: under k, never shown.
+    records.push(diagnostic(vins[0], 2, closed + 700_000, "critical"));
+    records.push(diagnostic(vins[1], 2, closed + 700_000, "critical"));
+    // The hour still open: not yet.
+    records.push(diagnostic(vins[2], 3, now, "info"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(publish_all(server.handle.mqtt_addr(), &records));
+    wait_for(|| server.handle.metrics().totals().stored == 6);
+    let admin = server.admin();
+    let licensee = admin.principal(r#"{"id":"maps","kind":"licensee"}"#);
+    let addr = server.handle.admin_addr();
+    let mut live = LiveClient::open(
+        addr,
+        "tables=diagnostics",
+        &licensee,
+        "product_improvement",
+        None,
+    )
+    .expect("a licensee's stream");
+    assert_eq!(live.next().expect("start").event, "start");
+    let (groups, _) = live.rows_of("diagnostics", 1);
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let group = &groups[0];
+    assert_eq!(group["severity"], "warning");
+    assert_eq!(group["vehicles"], 3);
+    assert_eq!(group["records"], 3);
+    let start = chrono::DateTime::from_timestamp_millis(closed).expect("time");
+    assert_eq!(group["date"], start.format("%Y-%m-%d").to_string());
+    assert_eq!(
+        group["hour"],
+        start.format("%H").to_string().parse::<i64>().expect("hour")
+    );
+    assert!(
+        group.get("vehicle_id").is_none(),
+        "no identifier: {group:?}"
+    );
     server.handle.shutdown().expect("shutdown");
 }

@@ -22,8 +22,8 @@ use crate::store::delta::{PARTITION_COLUMNS, WAL_COLUMNS};
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// Whether a table is offered live, and to whom.
-const LIVE: &str = "yes: GET /live, through the same view as SQL; not to licensees, \
-                    whose views are hourly aggregates";
+const LIVE: &str = "yes: GET /live, through the same view as SQL; a licensee's hourly \
+                    aggregates once each hour has closed";
 
 /// The dictionary of every table, as one JSON document.
 pub fn build(schemas: &Registry, retention: &Retention) -> Value {

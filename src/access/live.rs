@@ -22,8 +22,9 @@
 //! forged, and survive a restart. The follower reads the shared tables,
 //! not the pipeline.
 //!
-//! A licensee's views are aggregates over whole hours; they are not offered
-//! live (a stream of partial groups would not be k-anonymous).
+//! A licensee's views are aggregates over whole hours, k-anonymous only
+//! whole: a licensee's stream gets each hour's aggregates once the hour
+//! has closed ([`HOUR_GRACE_MS`] after its end), never a partial group.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,15 @@ const MAX_BEHIND_ENTRIES: i64 = 64 * STEP_ENTRIES;
 const POSITION_EVERY: Duration = Duration::from_secs(10);
 /// Nonce of a sealed position.
 const NONCE_BYTES: usize = 12;
+/// An hour of a licensee's aggregates is delivered once it ended this long
+/// ago: records that arrive later (a vehicle offline) count in SQL only.
+const HOUR_GRACE_MS: i64 = 5 * 60 * 1000;
+const HOUR_MS: i64 = 3_600_000;
+/// Most closed hours a resumed aggregate stream catches up.
+const MAX_BEHIND_HOURS: i64 = 24;
+/// The key under which a position holds, for a table of hourly aggregates,
+/// the start of the last hour delivered (WAL shards never number this high).
+const HOURS: u16 = u16::MAX;
 
 /// Where a subscriber stands: per table and WAL shard, the last entry whose
 /// rows it was given. Handed to the client sealed, as the SSE event id.
@@ -201,6 +211,15 @@ impl Position {
                     .map(|lag| (table, lag))
             })
             .max_by_key(|(_, lag)| *lag)
+    }
+
+    /// The start of the last hour of `table`'s aggregates delivered.
+    fn last_hour(&self, table: Table) -> Option<i64> {
+        self.0.get(&(table, HOURS)).copied()
+    }
+
+    fn set_last_hour(&mut self, table: Table, start_ms: i64) {
+        self.0.insert((table, HOURS), start_ms);
     }
 
     /// Takes `step`'s entries of `table`.
@@ -491,6 +510,11 @@ fn wal_transactions(commit: &[u8]) -> Vec<(u16, i64)> {
         .collect()
 }
 
+/// The start of the newest hour closed at `now_ms`.
+fn newest_closed_hour(now_ms: i64) -> i64 {
+    (now_ms - HOUR_GRACE_MS).div_euclid(HOUR_MS) * HOUR_MS - HOUR_MS
+}
+
 /// What a live stream hands its client.
 #[derive(Debug)]
 pub enum LiveEvent {
@@ -519,6 +543,8 @@ pub struct LiveStream {
     principal: Principal,
     purpose: String,
     tables: Vec<Table>,
+    /// The tables of `tables` the principal sees as hourly aggregates.
+    hourly: Vec<Table>,
     treatments: String,
     position: Position,
     /// Entries per shard of the next step.
@@ -531,6 +557,25 @@ pub struct LiveStream {
 }
 
 impl LiveStream {
+    /// The tables followed row by row.
+    fn row_tables(&self) -> Vec<Table> {
+        self.tables
+            .iter()
+            .filter(|t| !self.hourly.contains(t))
+            .copied()
+            .collect()
+    }
+
+    /// An hourly table whose next hour has closed by `now_ms`, and that
+    /// hour's start.
+    fn hour_due(&self, now_ms: i64) -> Option<(Table, i64)> {
+        let closed = newest_closed_hour(now_ms);
+        self.hourly.iter().find_map(|&table| {
+            let next = self.position.last_hour(table)? + HOUR_MS;
+            (next <= closed).then_some((table, next))
+        })
+    }
+
     fn names(&self) -> Vec<String> {
         self.tables.iter().map(|t| t.name().to_owned()).collect()
     }
@@ -546,6 +591,7 @@ pub(crate) type LiveCounts = Arc<Mutex<HashMap<String, u32>>>;
 /// What admission gives a stream.
 struct Admitted {
     position: Position,
+    hourly: Vec<Table>,
     treatments: String,
     commits: watch::Receiver<Arc<Commits>>,
     key: Secret,
@@ -603,6 +649,7 @@ impl AccessEnv {
             principal: principal.clone(),
             purpose: purpose.to_owned(),
             tables: named,
+            hourly: admitted.hourly,
             treatments: admitted.treatments,
             position: admitted.position,
             step_entries: STEP_ENTRIES,
@@ -658,19 +705,19 @@ impl AccessEnv {
             .bounded(self.session(principal, purpose, now_ms, 1))
             .await?;
         let mut treatments = Vec::new();
-        for table in tables {
+        let mut hourly = Vec::new();
+        for &table in tables {
             let name = table.name();
             if let Some(reason) = session.hidden.get(name) {
                 return Err(AccessError::Refused(format!("table {name}: {reason}")));
             }
             match session.treatments.get(name) {
-                Some(Treatment::Aggregate) => {
-                    return Err(AccessError::Refused(format!(
-                        "table {name}: a licensee's aggregates cover whole hours and are not \
-                         offered live; query them with SQL once an hour has closed"
-                    )));
+                Some(treatment) => {
+                    if *treatment == Treatment::Aggregate {
+                        hourly.push(table);
+                    }
+                    treatments.push(format!("{name}:{}", treatment.name()));
                 }
-                Some(treatment) => treatments.push(format!("{name}:{}", treatment.name())),
                 None => {
                     return Err(AccessError::Refused(format!(
                         "table {name}: not among this principal's views"
@@ -688,10 +735,15 @@ impl AccessEnv {
             .await
             .map_err(|_| AccessError::Unavailable("the live follower stopped".into()))?;
         let latest = Arc::clone(&commits.borrow_and_update());
-        let position = match from {
+        let rows: Vec<Table> = tables
+            .iter()
+            .filter(|t| !hourly.contains(t))
+            .copied()
+            .collect();
+        let mut position = match from {
             Some(mut position) => {
-                position.start_missing(&latest, tables);
-                if let Some((table, lag)) = position.lag(&latest, tables)
+                position.start_missing(&latest, &rows);
+                if let Some((table, lag)) = position.lag(&latest, &rows)
                     && lag > MAX_BEHIND_ENTRIES
                 {
                     return Err(AccessError::Invalid(format!(
@@ -703,11 +755,27 @@ impl AccessEnv {
                 }
                 position
             }
-            None => Position::at(&latest, tables),
+            None => Position::at(&latest, &rows),
         };
+        // Hourly aggregates start with the newest closed hour.
+        let closed = newest_closed_hour(now_ms);
+        for &table in &hourly {
+            match position.last_hour(table) {
+                Some(last) if closed - last > MAX_BEHIND_HOURS * HOUR_MS => {
+                    return Err(AccessError::Invalid(format!(
+                        "this position is more than {MAX_BEHIND_HOURS} closed hours behind on \
+                         {}: query those hours with SQL and follow from now",
+                        table.name()
+                    )));
+                }
+                Some(_) => {}
+                None => position.set_last_hour(table, closed - HOUR_MS),
+            }
+        }
         treatments.sort();
         Ok(Admitted {
             position,
+            hourly,
             treatments: treatments.join(","),
             commits,
             key,
@@ -781,13 +849,46 @@ impl AccessEnv {
     async fn deliver(&self, stream: &mut LiveStream, events: &mpsc::Sender<LiveEvent>) -> Ending {
         let mut told = tokio::time::Instant::now();
         let mut moved = false;
+        let rows = stream.row_tables();
         loop {
+            let now_ms = crate::core::clock::now_ms();
+            if let Some((table, start_ms)) = stream.hour_due(now_ms) {
+                let hour = self
+                    .bounded(self.hour_of(stream, table, start_ms, now_ms))
+                    .await;
+                let (count, json) = match hour {
+                    Ok(hour) => hour,
+                    Err(e) => return Ending::Failed(e),
+                };
+                stream.position.set_last_hour(table, start_ms);
+                moved = true;
+                if count > 0 {
+                    stream.rows += count;
+                    let event = LiveEvent::Rows {
+                        table: table.name().to_owned(),
+                        rows_json: json,
+                        position: stream.sealed_position(),
+                    };
+                    if let Err(ending) = self.send(events, event).await {
+                        return ending;
+                    }
+                    told = tokio::time::Instant::now();
+                    moved = false;
+                }
+                continue;
+            }
             // Always the newest version: a row a deletion removed since the
             // last step is not in it.
             let commits = Arc::clone(&stream.commits.borrow_and_update());
-            if !stream.position.behind(&commits, &stream.tables) {
+            if !stream.position.behind(&commits, &rows) {
                 let heartbeat = tokio::time::sleep_until(told + POSITION_EVERY);
+                // The next hour of aggregates closes then.
+                let next_close_ms = newest_closed_hour(now_ms) + 2 * HOUR_MS + HOUR_GRACE_MS;
+                let wait_ms = u64::try_from(next_close_ms - now_ms).unwrap_or(0);
+                let hour_closes = tokio::time::sleep(Duration::from_millis(wait_ms));
+                let hourly = !stream.hourly.is_empty();
                 tokio::select! {
+                    () = hour_closes, if hourly => {}
                     () = events.closed() => return Ending::ClientGone,
                     changed = stream.commits.changed() => {
                         if changed.is_err() {
@@ -807,8 +908,7 @@ impl AccessEnv {
             }
             let step = stream
                 .position
-                .next_step(&commits, &stream.tables, stream.step_entries);
-            let now_ms = crate::core::clock::now_ms();
+                .next_step(&commits, &rows, stream.step_entries);
             let unseen = match self
                 .bounded(self.unseen_rows(stream, &commits, &step, now_ms))
                 .await
@@ -852,19 +952,13 @@ impl AccessEnv {
         step: &Position,
         now_ms: i64,
     ) -> Result<Vec<(Table, u64, String)>> {
-        // The same principal, or the stream ends: removed, or its id now
-        // names another token or kind.
-        let principal = self.principal(&stream.principal.id)?;
-        if principal.token_sha256 != stream.principal.token_sha256
-            || principal.kind != stream.principal.kind
-        {
-            return Err(AccessError::UnknownPrincipal);
-        }
+        let principal = self.same_principal(stream)?;
+        let followed = stream.row_tables();
         let live = LiveTables {
             commits,
             position: &stream.position,
             step,
-            followed: &stream.tables,
+            followed: &followed,
         };
         let memory_mb = self.settings.query_memory_mb;
         let session = self
@@ -872,7 +966,7 @@ impl AccessEnv {
             .await?;
         let pool = Arc::clone(&session.ctx.runtime_env().memory_pool);
         let mut unseen = Vec::new();
-        for &table in &stream.tables {
+        for table in stream.row_tables() {
             let name = table.name();
             if let Some(reason) = session.hidden.get(name) {
                 return Err(AccessError::Refused(format!("table {name}: {reason}")));
@@ -884,6 +978,53 @@ impl AccessEnv {
             unseen.push((table, rows as u64, json));
         }
         Ok(unseen)
+    }
+}
+
+impl AccessEnv {
+    /// The aggregates of `table` in the hour starting at `start_ms`, through
+    /// the principal's view as it stands at `now_ms`: the row count and JSON.
+    async fn hour_of(
+        &self,
+        stream: &LiveStream,
+        table: Table,
+        start_ms: i64,
+        now_ms: i64,
+    ) -> Result<(u64, String)> {
+        let principal = self.same_principal(stream)?;
+        let memory_mb = self.settings.query_memory_mb;
+        let session = self
+            .session(&principal, &stream.purpose, now_ms, memory_mb)
+            .await?;
+        let name = table.name();
+        if let Some(reason) = session.hidden.get(name) {
+            return Err(AccessError::Refused(format!("table {name}: {reason}")));
+        }
+        let start = chrono::DateTime::from_timestamp_millis(start_ms).unwrap_or_default();
+        let sql = format!(
+            "SELECT * FROM {name} WHERE date = DATE '{}' AND hour = {}",
+            start.format("%Y-%m-%d"),
+            start.format("%H").to_string().parse::<u32>().unwrap_or(0)
+        );
+        let df = session.ctx.sql(&sql).await?;
+        let pool = Arc::clone(&session.ctx.runtime_env().memory_pool);
+        let (_, batches) = super::collect_bounded(df, &pool, principal.kind, memory_mb).await?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let json = crate::query::format(&batches, crate::query::OutputFormat::Json)?;
+        Ok((rows as u64, json))
+    }
+
+    /// The stream's principal as the registry has it now, if it is still
+    /// the same: removed, or its id now naming another token or kind, ends
+    /// the stream.
+    fn same_principal(&self, stream: &LiveStream) -> Result<Principal> {
+        let principal = self.principal(&stream.principal.id)?;
+        if principal.token_sha256 != stream.principal.token_sha256
+            || principal.kind != stream.principal.kind
+        {
+            return Err(AccessError::UnknownPrincipal);
+        }
+        Ok(principal)
     }
 }
 
