@@ -173,6 +173,17 @@ impl LiveClient {
     }
 }
 
+/// Registers the user alice, holding `vin` since a day before `now`; her token.
+fn alice_holds(admin: &Admin, vin: &str, now: i64) -> String {
+    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
+    let (status, body) = admin.post(
+        "/admin/transfers",
+        &format!(r#"{{"user":"alice","vin":"{vin}","at_ms":{}}}"#, now - DAY),
+    );
+    assert_eq!(status, 200, "{body}");
+    alice
+}
+
 fn seqs(rows: &[Value]) -> Vec<i64> {
     rows.iter()
         .map(|r| r["seq"].as_i64().expect("seq"))
@@ -189,12 +200,7 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     let now = fleetgate::core::clock::now_ms();
     let addr = server.handle.admin_addr();
     let admin = server.admin();
-    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
-    let (status, body) = admin.post(
-        "/admin/transfers",
-        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
-    );
-    assert_eq!(status, 200, "{body}");
+    let alice = alice_holds(&admin, A, now);
     let mqtt = server.handle.mqtt_addr();
     let publish = |messages: &[(String, Vec<u8>)]| {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -643,12 +649,7 @@ fn the_portal_shows_a_users_vehicles_chart_and_grants_in_a_browser() {
     let now = fleetgate::core::clock::now_ms();
     let addr = server.handle.admin_addr();
     let admin = server.admin();
-    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
-    let (status, body) = admin.post(
-        "/admin/transfers",
-        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
-    );
-    assert_eq!(status, 200, "{body}");
+    let alice = alice_holds(&admin, A, now);
     let mut records: Vec<(String, Vec<u8>)> = (0..12)
         .map(|i| {
             charging_soc(
@@ -775,13 +776,7 @@ fn a_table_from_before_the_wal_columns_is_migrated_and_followed_live() {
         dir,
     };
     let now = fleetgate::core::clock::now_ms();
-    let admin = server.admin();
-    let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
-    let (status, body) = admin.post(
-        "/admin/transfers",
-        &format!(r#"{{"user":"alice","vin":"{A}","at_ms":{}}}"#, now - DAY),
-    );
-    assert_eq!(status, 200, "{body}");
+    let alice = alice_holds(&server.admin(), A, now);
     let addr = server.handle.admin_addr();
     let mut live =
         LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");

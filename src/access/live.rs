@@ -863,13 +863,7 @@ impl AccessEnv {
                 stream.position.set_last_hour(table, start_ms);
                 moved = true;
                 if count > 0 {
-                    stream.rows += count;
-                    let event = LiveEvent::Rows {
-                        table: table.name().to_owned(),
-                        rows_json: json,
-                        position: stream.sealed_position(),
-                    };
-                    if let Err(ending) = self.send(events, event).await {
+                    if let Err(ending) = self.hand_rows(stream, events, table, count, json).await {
                         return ending;
                     }
                     told = tokio::time::Instant::now();
@@ -927,19 +921,32 @@ impl AccessEnv {
                 if rows == 0 {
                     continue;
                 }
-                stream.rows += rows;
-                let event = LiveEvent::Rows {
-                    table: table.name().to_owned(),
-                    rows_json: json,
-                    position: stream.sealed_position(),
-                };
-                if let Err(ending) = self.send(events, event).await {
+                if let Err(ending) = self.hand_rows(stream, events, table, rows, json).await {
                     return ending;
                 }
                 told = tokio::time::Instant::now();
                 moved = false;
             }
         }
+    }
+
+    /// Hands the client `rows` rows of `table` (`json`) with the stream's
+    /// position after them, and counts them as delivered.
+    async fn hand_rows(
+        &self,
+        stream: &mut LiveStream,
+        events: &mpsc::Sender<LiveEvent>,
+        table: Table,
+        rows: u64,
+        json: String,
+    ) -> std::result::Result<(), Ending> {
+        stream.rows += rows;
+        let event = LiveEvent::Rows {
+            table: table.name().to_owned(),
+            rows_json: json,
+            position: stream.sealed_position(),
+        };
+        self.send(events, event).await
     }
 
     /// Per followed table: the rows of `commits` the stream has not seen
