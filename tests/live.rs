@@ -184,6 +184,23 @@ fn alice_holds(admin: &Admin, vin: &str, now: i64) -> String {
     alice
 }
 
+/// Registers the repair shop `repair` and has alice grant it her vehicle
+/// A's teleservice data from a day before `now`; its token and the grant id.
+fn alice_grants_repair(admin: &Admin, alice: &str, now: i64) -> (String, String) {
+    let repair = admin.principal(
+        r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
+    );
+    let given = format!(
+        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
+        now - DAY
+    );
+    let (status, body) = http_request(admin.addr, "POST", "/grants", Some(alice), &given);
+    assert_eq!(status, 200, "{body}");
+    let grant: Value = serde_json::from_str(&body).expect("json");
+    let grant = grant["grant"].as_str().expect("grant id").to_owned();
+    (repair, grant)
+}
+
 fn seqs(rows: &[Value]) -> Vec<i64> {
     rows.iter()
         .map(|r| r["seq"].as_i64().expect("seq"))
@@ -286,17 +303,7 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     drop(live);
 
     // A third party follows what alice's grant gives it, until she revokes it.
-    let repair = admin.principal(
-        r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
-    );
-    let given = format!(
-        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
-        now - DAY
-    );
-    let (status, body) = http_request(addr, "POST", "/grants", Some(&alice), &given);
-    assert_eq!(status, 200, "{body}");
-    let grant: Value = serde_json::from_str(&body).expect("json");
-    let grant = grant["grant"].as_str().expect("grant id").to_owned();
+    let (repair, grant) = alice_grants_repair(&admin, &alice, now);
     let borrowed = LiveClient::open(
         addr,
         "tables=teleservice",
@@ -667,15 +674,7 @@ fn the_portal_shows_a_users_vehicles_chart_and_grants_in_a_browser() {
         .expect("runtime");
     runtime.block_on(publish_all(server.handle.mqtt_addr(), &records));
     wait_for(|| server.handle.metrics().totals().stored == 13);
-    let repair = admin.principal(
-        r#"{"id":"repair","kind":"third_party","role":"independent_repair","eea":true}"#,
-    );
-    let given = format!(
-        r#"{{"recipient":"repair","vin":"{A}","streams":["teleservice"],"purpose":"repair_and_maintenance","from_ms":{}}}"#,
-        now - DAY
-    );
-    let (status, body) = http_request(addr, "POST", "/grants", Some(&alice), &given);
-    assert_eq!(status, 200, "{body}");
+    let (repair, _) = alice_grants_repair(&admin, &alice, now);
     let read =
         r#"{"sql":"SELECT count(*) AS n FROM teleservice","purpose":"repair_and_maintenance"}"#;
     let (status, body) = http_request(addr, "POST", "/sql", Some(&repair), read);

@@ -398,18 +398,32 @@ async fn export(
     axum::Extension(queries): axum::Extension<QueryRuntime>,
     headers: HeaderMap,
 ) -> Response {
-    let user = match bearer(&state, &headers) {
-        Ok(user) => user,
-        Err(e) => return access_error(&e),
-    };
-    let access = Arc::clone(&state.access);
-    let job = async move {
+    bearer_json(&state, &queries, &headers, |access, user| async move {
         access
             .export(&user, crate::core::clock::now_ms())
             .await?
             .to_json()
+    })
+    .await
+}
+
+/// Runs `work` for the bearer's principal on the query runtime; its JSON
+/// document, or the error's status and text.
+async fn bearer_json<F, Fut>(
+    state: &AdminState,
+    queries: &QueryRuntime,
+    headers: &HeaderMap,
+    work: F,
+) -> Response
+where
+    F: FnOnce(Arc<AccessEnv>, crate::access::registry::Principal) -> Fut,
+    Fut: std::future::Future<Output = Result<serde_json::Value, AccessError>> + Send + 'static,
+{
+    let principal = match bearer(state, headers) {
+        Ok(principal) => principal,
+        Err(e) => return access_error(&e),
     };
-    match run_query(&queries, job).await {
+    match run_query(queries, work(Arc::clone(&state.access), principal)).await {
         Ok(document) => Json(document).into_response(),
         Err(response) => response,
     }
@@ -421,16 +435,10 @@ async fn account(
     axum::Extension(queries): axum::Extension<QueryRuntime>,
     headers: HeaderMap,
 ) -> Response {
-    let user = match bearer(&state, &headers) {
-        Ok(user) => user,
-        Err(e) => return access_error(&e),
-    };
-    let access = Arc::clone(&state.access);
-    let job = async move { access.account(&user, crate::core::clock::now_ms()).await };
-    match run_query(&queries, job).await {
-        Ok(document) => Json(document).into_response(),
-        Err(response) => response,
-    }
+    bearer_json(&state, &queries, &headers, |access, user| async move {
+        access.account(&user, crate::core::clock::now_ms()).await
+    })
+    .await
 }
 
 /// The data dictionary: what each table holds, how it is treated, how
