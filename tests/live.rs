@@ -855,3 +855,75 @@ fn a_licensee_gets_each_closed_hours_aggregates() {
     );
     server.handle.shutdown().expect("shutdown");
 }
+
+/// A position stays good across a restart: the server that comes back (a
+/// new process would do the same: the key comes from the root key) takes
+/// it, and the stream goes on from there without a gap or a repeat.
+#[test]
+fn a_position_survives_a_restart() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let alice = alice_holds(&server.admin(), A, now);
+    let publish = |addr, messages: &[(String, Vec<u8>)]| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(publish_all(addr, messages));
+    };
+    let query = "tables=charging";
+    let mut live = LiveClient::open(
+        server.handle.admin_addr(),
+        query,
+        &alice,
+        "own_data_access",
+        None,
+    )
+    .expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+    publish(
+        server.handle.mqtt_addr(),
+        &[charging(A, 1, now - HOUR, "SE-A-1")],
+    );
+    let (rows, events) = live.rows_of("charging", 1);
+    assert_eq!(seqs(&rows), vec![1]);
+    let last_id = events.last().and_then(|e| e.id.clone()).expect("an id");
+    drop(live);
+    let TestServer {
+        handle,
+        config,
+        dir,
+    } = server;
+    handle.shutdown().expect("shutdown");
+    let handle = fleetgate::ops::server::start(&config).expect("restart");
+    let server = TestServer {
+        handle,
+        config,
+        dir,
+    };
+    publish(
+        server.handle.mqtt_addr(),
+        &[charging(A, 2, now - HOUR, "SE-A-2")],
+    );
+    wait_for(|| server.handle.metrics().totals().stored == 1);
+    let mut live = LiveClient::open(
+        server.handle.admin_addr(),
+        query,
+        &alice,
+        "own_data_access",
+        Some(&last_id),
+    )
+    .expect("the position of the run before");
+    assert_eq!(live.next().expect("start").event, "start");
+    publish(
+        server.handle.mqtt_addr(),
+        &[charging(A, 3, now - HOUR, "SE-A-3")],
+    );
+    let (rows, _) = live.rows_of("charging", 2);
+    assert_eq!(
+        seqs(&rows),
+        vec![2, 3],
+        "what came while away, then new; 1 not again"
+    );
+    server.handle.shutdown().expect("shutdown");
+}
