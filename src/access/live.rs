@@ -298,13 +298,19 @@ pub struct LiveTables<'a> {
     position: &'a Position,
     /// Where the position stands after this step.
     step: &'a Position,
-    /// The tables followed; the others read as empty.
+    /// The tables followed; the session has no other.
     followed: &'a [Table],
 }
 
 impl LiveTables<'_> {
+    /// Whether the step reads table `name`; a live session has no other.
+    pub(crate) fn follows(&self, name: &str) -> bool {
+        self.followed.iter().any(|t| t.name() == name)
+    }
+
     /// Table `name` for the private session `files` (and `run`, which runs
-    /// the plans): its unseen rows; `None` when it has no commit yet.
+    /// the plans): its unseen rows; `None` when it has no commit yet, or is
+    /// not followed.
     pub(crate) async fn table(
         &self,
         name: &str,

@@ -181,6 +181,10 @@ pub async fn session(
         None,
     )]);
     for (name, arrow_schema, stream) in tables {
+        // A live step reads the tables it follows and nothing else.
+        if inputs.live.is_some_and(|live| !live.follows(name)) {
+            continue;
+        }
         let view = match stream {
             Some(stream) => planner.stream_view(stream, &files)?,
             None => planner.operator_only(),
@@ -214,6 +218,8 @@ pub async fn session(
         treatments.insert(name.to_owned(), treatment);
     }
     match planner.operator_only() {
+        // A live step follows stored tables, never the audit log.
+        _ if inputs.live.is_some() => {}
         View::Hidden(reason) => {
             hidden_tables.insert(audit::TABLE.to_owned(), reason);
         }
