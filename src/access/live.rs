@@ -56,8 +56,8 @@ const STEP_ENTRIES: i64 = 128;
 /// beyond this, what was missed is read with SQL (`received_at`).
 const MAX_BEHIND_ENTRIES: i64 = 64 * STEP_ENTRIES;
 /// How often a stream with nothing to deliver tells its client where it
-/// stands (a position event), whatever the commits: their timing would
-/// tell other vehicles' activity.
+/// stands (a position event): on a clock, whatever the commits, whose
+/// timing would tell other vehicles' activity.
 const POSITION_EVERY: Duration = Duration::from_secs(10);
 /// Nonce of a sealed position.
 const NONCE_BYTES: usize = 12;
@@ -854,7 +854,6 @@ impl AccessEnv {
     /// until it ends.
     async fn deliver(&self, stream: &mut LiveStream, events: &mpsc::Sender<LiveEvent>) -> Ending {
         let mut told = tokio::time::Instant::now();
-        let mut moved = false;
         let rows = stream.row_tables();
         loop {
             let now_ms = crate::core::clock::now_ms();
@@ -867,13 +866,11 @@ impl AccessEnv {
                     Err(e) => return Ending::Failed(e),
                 };
                 stream.position.set_last_hour(table, start_ms);
-                moved = true;
                 if count > 0 {
                     if let Err(ending) = self.hand_rows(stream, events, table, count, json).await {
                         return ending;
                     }
                     told = tokio::time::Instant::now();
-                    moved = false;
                 }
                 continue;
             }
@@ -895,14 +892,13 @@ impl AccessEnv {
                             return Ending::Abandoned;
                         }
                     }
-                    () = heartbeat, if moved => {
+                    () = heartbeat => {
                         let position = stream.sealed_position();
                         if let Err(ending) = self.send(events, LiveEvent::Moved { position }).await {
                             return ending;
                         }
                         told = tokio::time::Instant::now();
-                        moved = false;
-                    }
+                        }
                 }
                 continue;
             }
@@ -923,7 +919,6 @@ impl AccessEnv {
             };
             for (table, rows, json) in unseen {
                 stream.position.take_table(&step, table);
-                moved = true;
                 if rows == 0 {
                     continue;
                 }
@@ -931,7 +926,6 @@ impl AccessEnv {
                     return ending;
                 }
                 told = tokio::time::Instant::now();
-                moved = false;
             }
         }
     }
