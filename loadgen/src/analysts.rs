@@ -53,10 +53,8 @@ pub struct AnalystsReport {
     pub errors: u64,
     /// The first error's text, to tell a refusal or a limit from a failure.
     pub first_error: Option<String>,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
+    #[serde(flatten)]
+    pub latency: crate::run::LatencySummary,
 }
 
 /// Runs the suite as `analysts.clients` principals at once.
@@ -99,7 +97,6 @@ pub async fn run(analysts: &Analysts, suite: &[Query]) -> Result<AnalystsReport,
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     Ok(AnalystsReport {
         clients: analysts.clients,
         seconds,
@@ -107,10 +104,7 @@ pub async fn run(analysts: &Analysts, suite: &[Query]) -> Result<AnalystsReport,
         queries_per_second: latencies.len() as f64 / seconds,
         errors,
         first_error,
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        max_ms: latencies.max() as f64 / 1000.0,
+        latency: (&latencies).into(),
     })
 }
 

@@ -54,10 +54,8 @@ pub struct FollowersReport {
     pub errors: u64,
     pub first_error: Option<String>,
     /// Receipt → delivered, per row.
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
+    #[serde(flatten)]
+    pub latency: crate::run::LatencySummary,
 }
 
 /// Runs `followers.followers` live streams until the time is up.
@@ -104,7 +102,6 @@ pub async fn run(followers: &Followers) -> Result<FollowersReport, FollowersErro
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     Ok(FollowersReport {
         followers: followers.followers,
         tables: followers.tables.clone(),
@@ -114,10 +111,7 @@ pub async fn run(followers: &Followers) -> Result<FollowersReport, FollowersErro
         events,
         errors,
         first_error,
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        max_ms: latencies.max() as f64 / 1000.0,
+        latency: (&latencies).into(),
     })
 }
 

@@ -226,6 +226,27 @@ impl Share {
     }
 }
 
+/// A latency histogram (µs) as the JSON reports give it, in milliseconds.
+#[derive(Debug, serde::Serialize)]
+pub struct LatencySummary {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl From<&Histogram<u64>> for LatencySummary {
+    fn from(micros: &Histogram<u64>) -> Self {
+        let ms = |q: f64| micros.value_at_quantile(q) as f64 / 1000.0;
+        Self {
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            max_ms: micros.max() as f64 / 1000.0,
+        }
+    }
+}
+
 pub(crate) fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
     // 1 µs to 10 minutes at 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3)

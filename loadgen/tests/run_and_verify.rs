@@ -285,7 +285,7 @@ fn followers_receive_every_row_of_their_tables_live() {
     assert_eq!(report.errors, 0, "{:?}", report.first_error);
     assert_eq!(report.rows, 3 * charging, "{report:?}");
     assert!(
-        report.p99_ms >= report.p50_ms && report.max_ms > 0.0,
+        report.latency.p99_ms >= report.latency.p50_ms && report.latency.max_ms > 0.0,
         "{report:?}"
     );
     server.shutdown().expect("clean shutdown");
