@@ -1,17 +1,23 @@
 //! Counters of what the pipeline received, stored and rejected, per stream.
 //!
 //! Counters are atomics, added to once per batch by the stage that owns the
-//! number, never per record under a lock. A snapshot is logged at shutdown and
-//! is what the later `/metrics` endpoint exposes.
+//! number, never per record under a lock. A snapshot is logged at shutdown;
+//! `/metrics` reads them at each scrape through [`Metrics`]'s
+//! `prometheus_client` collector: counters, gauges, and the latency
+//! histograms as Prometheus histograms (buckets add up across nodes, which
+//! quantiles do not).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
-
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use serde::Serialize;
 
 use crate::core::reject::RejectCode;
+use crate::core::table::Table;
 use crate::schema::Stream;
 
 /// Counts of one table's committed files.
@@ -234,10 +240,15 @@ pub struct StreamSnapshot {
 impl Metrics {
     /// The counters of a table by name: a stream's or the dead letters'.
     pub fn table(&self, name: &str) -> Option<&TableCounters> {
-        if name == crate::core::table::DEAD_LETTERS {
-            return Some(&self.dead_letters);
+        Table::from_name(name).map(|t| self.table_of(t))
+    }
+
+    /// The counters of a table.
+    pub fn table_of(&self, table: Table) -> &TableCounters {
+        match table {
+            Table::Stream(s) => &self.stream(s).table,
+            Table::DeadLetters => &self.dead_letters,
         }
-        Stream::from_name(name).map(|s| &self.stream(s).table)
     }
 
     pub fn stream(&self, stream: Stream) -> &StreamCounters {
@@ -245,12 +256,8 @@ impl Metrics {
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
-        let delayed = self
-            .streams
-            .iter()
-            .map(|s| &s.table)
-            .chain([&self.dead_letters])
-            .map(|t| t.rows_delayed_by_write_errors.load(Relaxed))
+        let delayed = Table::all()
+            .map(|t| self.table_of(t).rows_delayed_by_write_errors.load(Relaxed))
             .sum();
         MetricsSnapshot {
             streams: Stream::ALL
@@ -306,220 +313,6 @@ impl Metrics {
         t
     }
 
-    /// The counters in the Prometheus text exposition format. Names end in
-    /// their unit; labels are few (stream or table, reason, queue).
-    pub fn prometheus(&self, queues: &[(String, usize)]) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let per_stream = |f: &dyn Fn(&StreamCounters) -> u64| {
-            Stream::ALL
-                .iter()
-                .map(|s| {
-                    (
-                        format!("{{stream=\"{}\"}}", s.name()),
-                        f(self.stream(*s)) as f64,
-                    )
-                })
-                .collect()
-        };
-        family(
-            "fleetgate_records_received_total",
-            "counter",
-            "Records received, valid or not.",
-            per_stream(&|c| c.records_received.load(Relaxed)),
-        );
-        family(
-            "fleetgate_payload_bytes_received_total",
-            "counter",
-            "Payload bytes of the publishes received, valid or not.",
-            per_stream(&|c| c.bytes_received.load(Relaxed)),
-        );
-        family(
-            "fleetgate_mqtt_publish_rate_limited_total",
-            "counter",
-            "Seconds in which a connection hit broker.max_publishes_per_second and was held back.",
-            vec![(
-                String::new(),
-                self.publish_rate_limited.load(Relaxed) as f64,
-            )],
-        );
-        family(
-            "fleetgate_publishes_discarded_total",
-            "counter",
-            "Publishes discarded unread by the benchmark sink (pipeline.sink = \"discard\").",
-            vec![(String::new(), self.publishes_discarded.load(Relaxed) as f64)],
-        );
-        family(
-            "fleetgate_records_stored_total",
-            "counter",
-            "Rows in committed Parquet files.",
-            per_stream(&|c| c.table.rows_stored.load(Relaxed)),
-        );
-        let mut rejected = Vec::new();
-        for s in Stream::ALL {
-            for code in RejectCode::ALL {
-                let n = self.stream(s).rejected.0[code.index()].load(Relaxed);
-                rejected.push((
-                    format!("{{stream=\"{}\",reason=\"{}\"}}", s.name(), code.as_str()),
-                    n as f64,
-                ));
-            }
-        }
-        for code in RejectCode::ALL {
-            let n = self.unrouted.0[code.index()].load(Relaxed);
-            rejected.push((
-                format!("{{stream=\"none\",reason=\"{}\"}}", code.as_str()),
-                n as f64,
-            ));
-        }
-        family(
-            "fleetgate_records_rejected_total",
-            "counter",
-            "Records dead-lettered, by reason.",
-            rejected,
-        );
-        let mut dropped = Vec::new();
-        for s in Stream::ALL {
-            for r in PolicyDrop::ALL {
-                let n = self.stream(s).dropped_by_policy.get(r);
-                dropped.push((
-                    format!("{{stream=\"{}\",reason=\"{}\"}}", s.name(), r.as_str()),
-                    n as f64,
-                ));
-            }
-        }
-        family(
-            "fleetgate_records_dropped_by_policy_total",
-            "counter",
-            "Valid records not stored because a privacy policy says so.",
-            dropped,
-        );
-        let tables: Vec<(&str, &TableCounters)> = Stream::ALL
-            .iter()
-            .map(|s| (s.name(), &self.stream(*s).table))
-            .chain([(crate::core::table::DEAD_LETTERS, &self.dead_letters)])
-            .collect();
-        let per_table = |f: &dyn Fn(&TableCounters) -> u64| {
-            tables
-                .iter()
-                .map(|(name, t)| (format!("{{table=\"{name}\"}}"), f(t) as f64))
-                .collect()
-        };
-        family(
-            "fleetgate_parquet_files_total",
-            "counter",
-            "Parquet files committed.",
-            per_table(&|t| t.files_committed.load(Relaxed)),
-        );
-        family(
-            "fleetgate_parquet_bytes_total",
-            "counter",
-            "Bytes of Parquet files committed.",
-            per_table(&|t| t.bytes_committed.load(Relaxed)),
-        );
-        family(
-            "fleetgate_rows_expired_total",
-            "counter",
-            "Rows deleted from disk by the retention sweep.",
-            per_table(&|t| t.rows_expired.load(Relaxed)),
-        );
-        family(
-            "fleetgate_write_errors_rows_total",
-            "counter",
-            "Rows whose write failed and was retried.",
-            per_table(&|t| t.rows_delayed_by_write_errors.load(Relaxed)),
-        );
-        family(
-            "fleetgate_writer_held_bytes",
-            "gauge",
-            "Bytes of uncommitted rows a table writer holds.",
-            per_table(&|t| t.held_bytes.load(Relaxed)),
-        );
-        family(
-            "fleetgate_queue_depth",
-            "gauge",
-            "Items waiting in a pipeline queue.",
-            queues
-                .iter()
-                .map(|(q, n)| (format!("{{queue=\"{q}\"}}"), *n as f64))
-                .collect(),
-        );
-        family(
-            "fleetgate_wal_syncs_total",
-            "counter",
-            "WAL group commits (fsyncs).",
-            vec![(String::new(), self.wal.syncs.load(Relaxed) as f64)],
-        );
-        family(
-            "fleetgate_wal_bytes_total",
-            "counter",
-            "Bytes made durable in the WAL.",
-            vec![(String::new(), self.wal.bytes_synced.load(Relaxed) as f64)],
-        );
-        family(
-            "fleetgate_wal_errors_total",
-            "counter",
-            "Failed WAL appends and fsyncs.",
-            vec![(String::new(), self.wal.errors.load(Relaxed) as f64)],
-        );
-        family(
-            "fleetgate_wal_entries_replayed_total",
-            "counter",
-            "WAL entries written again at start-up.",
-            vec![(
-                String::new(),
-                self.wal.entries_replayed.load(Relaxed) as f64,
-            )],
-        );
-        let quantiles = |h: &Mutex<Histogram<u64>>, scale: f64| -> Vec<(String, f64)> {
-            let Ok(h) = h.lock() else { return Vec::new() };
-            let mut v: Vec<(String, f64)> = [0.5, 0.9, 0.99, 0.999]
-                .iter()
-                .map(|q| {
-                    (
-                        format!("{{quantile=\"{q}\"}}"),
-                        h.value_at_quantile(*q) as f64 * scale,
-                    )
-                })
-                .collect();
-            v.push(("_count".to_owned(), h.len() as f64));
-            v
-        };
-        let summary = |name: &str, help: &str, samples: Vec<(String, f64)>| {
-            let mut text = format!("# HELP {name} {help}\n# TYPE {name} summary\n");
-            for (labels, value) in samples {
-                if labels == "_count" {
-                    text.push_str(&format!("{name}_count {value}\n"));
-                } else {
-                    text.push_str(&format!("{name}{labels} {value}\n"));
-                }
-            }
-            text
-        };
-        out.push_str(&summary(
-            "fleetgate_wal_fsync_seconds",
-            "Duration of WAL fsyncs.",
-            quantiles(&self.wal.fsync_micros, 1e-6),
-        ));
-        out.push_str(&summary(
-            "fleetgate_receipt_to_durable_seconds",
-            "Time from receipt to the WAL fsync holding a row.",
-            quantiles(&self.wal.receipt_to_durable_ms, 1e-3),
-        ));
-        out.push_str(&summary(
-            "fleetgate_receipt_to_queryable_seconds",
-            "Time from receipt to the Parquet commit holding a row.",
-            quantiles(&self.wal.receipt_to_queryable_ms, 1e-3),
-        ));
-        out
-    }
-
     /// One info line per stream, fields first.
     pub fn log(&self) {
         let snap = self.snapshot();
@@ -552,6 +345,330 @@ impl Metrics {
             receipt_to_durable_ms = ?snap.receipt_to_durable_ms,
             receipt_to_queryable_ms = ?snap.receipt_to_queryable_ms,
             "write-ahead log totals"
+        );
+    }
+}
+
+/// One sample of a counter or gauge family: its labels and value.
+type Sample = (Vec<(&'static str, String)>, u64);
+
+/// Writes one counter or gauge family (`name` without `fleetgate_` and,
+/// for a counter, without `_total`, which the encoder adds).
+pub fn encode_family(
+    out: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = Sample>,
+) -> std::fmt::Result {
+    let mut family = out.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let mut sample = family.encode_family(&labels)?;
+        encode_value(&mut sample, kind, value)?;
+    }
+    Ok(())
+}
+
+/// One unlabelled sample.
+pub fn unlabelled(value: u64) -> [Sample; 1] {
+    [(Vec::new(), value)]
+}
+
+fn encode_value(sample: &mut MetricEncoder, kind: MetricType, value: u64) -> std::fmt::Result {
+    match kind {
+        MetricType::Counter => sample.encode_counter::<NoLabelSet, _, u64>(&value, None),
+        _ => sample.encode_gauge(&value),
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds: ten per decade
+/// (1, 1.25, 1.6, 2, 2.5, 3.2, 4, 5, 6.3, 8 × 10^e) from `10^from` to
+/// `10^to`, so that a quantile read from the buckets is within one step.
+fn bucket_bounds(from: i32, to: i32) -> Vec<f64> {
+    const STEPS: [&str; 10] = ["1", "1.25", "1.6", "2", "2.5", "3.2", "4", "5", "6.3", "8"];
+    // Parsed from decimal text, so that a bound prints as written (0.16,
+    // not the 0.16000000000000003 that 1.6 × 0.1 makes).
+    let bound = |m: &str, e: i32| format!("{m}e{e}").parse().unwrap_or(f64::INFINITY);
+    (from..to)
+        .flat_map(|e| STEPS.iter().map(move |m| bound(m, e)))
+        .chain([bound("1", to)])
+        .collect()
+}
+
+/// Writes an hdrhistogram of values in units of `unit_s` seconds as a
+/// Prometheus histogram over `bounds`; values above the last bound count in
+/// `+Inf` only. The sum is the histogram's mean times its count.
+fn encode_histogram(
+    out: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    histogram: &Mutex<Histogram<u64>>,
+    unit_s: f64,
+    bounds: &[f64],
+) -> std::fmt::Result {
+    let mut per_bucket = vec![0u64; bounds.len()];
+    let (sum, count) = match histogram.lock() {
+        Ok(h) => {
+            for value in h.iter_recorded() {
+                let seconds = value.value_iterated_to() as f64 * unit_s;
+                let bucket = bounds.partition_point(|&bound| bound < seconds);
+                if let Some(n) = per_bucket.get_mut(bucket) {
+                    *n += value.count_at_value();
+                }
+            }
+            (h.mean() * h.len() as f64 * unit_s, h.len())
+        }
+        // A panic while recording: the metric reads empty, not stale.
+        Err(_) => (0.0, 0),
+    };
+    let buckets: Vec<(f64, u64)> = bounds.iter().copied().zip(per_bucket).collect();
+    out.encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut out: DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let per_stream = |f: &dyn Fn(&StreamCounters) -> u64| -> Vec<Sample> {
+            Stream::ALL
+                .iter()
+                .map(|&s| (vec![("stream", s.name().to_owned())], f(self.stream(s))))
+                .collect()
+        };
+        let per_table = |f: &dyn Fn(&TableCounters) -> u64| -> Vec<Sample> {
+            Table::all()
+                .map(|t| (vec![("table", t.name().to_owned())], f(self.table_of(t))))
+                .collect()
+        };
+        let out = &mut out;
+        encode_family(
+            out,
+            "records_received",
+            "Records received, valid or not.",
+            Counter,
+            per_stream(&|c| c.records_received.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "payload_bytes_received",
+            "Payload bytes of the publishes received, valid or not.",
+            Counter,
+            per_stream(&|c| c.bytes_received.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "mqtt_publish_rate_limited",
+            "Seconds in which a connection hit broker.max_publishes_per_second and was held back.",
+            Counter,
+            unlabelled(self.publish_rate_limited.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "publishes_discarded",
+            "Publishes discarded unread by the benchmark sink (pipeline.sink = \"discard\").",
+            Counter,
+            unlabelled(self.publishes_discarded.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "records_stored",
+            "Rows in committed Parquet files.",
+            Counter,
+            per_stream(&|c| c.table.rows_stored.load(Relaxed)),
+        )?;
+        let stream_labels = Stream::ALL
+            .iter()
+            .map(|s| (s.name(), &self.stream(*s).rejected))
+            .chain([("none", &self.unrouted)]);
+        let rejected = stream_labels.flat_map(|(stream, counters)| {
+            RejectCode::ALL.iter().map(move |code| {
+                (
+                    vec![
+                        ("stream", stream.to_owned()),
+                        ("reason", code.as_str().to_owned()),
+                    ],
+                    counters.0[code.index()].load(Relaxed),
+                )
+            })
+        });
+        encode_family(
+            out,
+            "records_rejected",
+            "Records dead-lettered, by reason.",
+            Counter,
+            rejected,
+        )?;
+        let dropped = Stream::ALL.iter().flat_map(|&s| {
+            PolicyDrop::ALL.iter().map(move |&r| {
+                (
+                    vec![
+                        ("stream", s.name().to_owned()),
+                        ("reason", r.as_str().to_owned()),
+                    ],
+                    self.stream(s).dropped_by_policy.get(r),
+                )
+            })
+        });
+        encode_family(
+            out,
+            "records_dropped_by_policy",
+            "Valid records not stored because a privacy policy says so.",
+            Counter,
+            dropped,
+        )?;
+        encode_family(
+            out,
+            "parquet_files",
+            "Parquet files committed.",
+            Counter,
+            per_table(&|t| t.files_committed.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "parquet_bytes",
+            "Bytes of Parquet files committed.",
+            Counter,
+            per_table(&|t| t.bytes_committed.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "rows_expired",
+            "Rows deleted from disk by the retention sweep.",
+            Counter,
+            per_table(&|t| t.rows_expired.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "write_errors_rows",
+            "Rows whose write failed and was retried.",
+            Counter,
+            per_table(&|t| t.rows_delayed_by_write_errors.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "writer_held_bytes",
+            "Bytes of uncommitted rows a table writer holds.",
+            Gauge,
+            per_table(&|t| t.held_bytes.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "wal_syncs",
+            "WAL group commits (fsyncs).",
+            Counter,
+            unlabelled(self.wal.syncs.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "wal_bytes",
+            "Bytes made durable in the WAL.",
+            Counter,
+            unlabelled(self.wal.bytes_synced.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "wal_errors",
+            "Failed WAL appends and fsyncs.",
+            Counter,
+            unlabelled(self.wal.errors.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "wal_entries_replayed",
+            "WAL entries written again at start-up.",
+            Counter,
+            unlabelled(self.wal.entries_replayed.load(Relaxed)),
+        )?;
+        encode_histogram(
+            out,
+            "wal_fsync_seconds",
+            "Duration of WAL fsyncs.",
+            &self.wal.fsync_micros,
+            1e-6,
+            &bucket_bounds(-5, 1),
+        )?;
+        let latency_bounds = bucket_bounds(-3, 2);
+        encode_histogram(
+            out,
+            "receipt_to_durable_seconds",
+            "Time from receipt to the WAL fsync holding a row.",
+            &self.wal.receipt_to_durable_ms,
+            1e-3,
+            &latency_bounds,
+        )?;
+        encode_histogram(
+            out,
+            "receipt_to_queryable_seconds",
+            "Time from receipt to the Delta commit holding a row.",
+            &self.wal.receipt_to_queryable_ms,
+            1e-3,
+            &latency_bounds,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(metrics: Metrics) -> String {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("fleetgate");
+        registry.register_collector(Box::new(metrics));
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+            .expect("encodes");
+        text
+    }
+
+    #[test]
+    fn counters_carry_their_labels_and_total_suffix() {
+        let metrics = Metrics::default();
+        metrics
+            .stream(Stream::Rtti)
+            .table
+            .rows_stored
+            .fetch_add(7, Relaxed);
+        metrics.dead_letters.held_bytes.store(42, Relaxed);
+        let text = scrape(metrics);
+        assert!(
+            text.contains("# TYPE fleetgate_records_stored_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_records_stored_total{stream=\"rtti\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_writer_held_bytes{table=\"dead_letters\"} 42\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_latency_lands_in_the_first_bucket_that_holds_it() {
+        let metrics = Metrics::default();
+        if let Ok(mut h) = metrics.wal.receipt_to_durable_ms.lock() {
+            h.record(3).expect("in range");
+            h.record(3).expect("in range");
+            h.record(900_000).expect("in range");
+        }
+        let text = scrape(metrics);
+        let bucket = |le: &str| {
+            let line = format!("fleetgate_receipt_to_durable_seconds_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{text}"))
+                .to_owned()
+        };
+        // 3 ms is above 2.5 ms and within 3.2 ms; 900 s is past every bound.
+        assert_eq!(bucket("0.0025"), "0");
+        assert_eq!(bucket("0.0032"), "2");
+        assert_eq!(bucket("0.16"), "2");
+        assert_eq!(bucket("100"), "2");
+        assert_eq!(bucket("+Inf"), "3");
+        assert!(
+            text.contains("fleetgate_receipt_to_durable_seconds_count 3\n"),
+            "{text}"
         );
     }
 }

@@ -80,6 +80,10 @@ impl Table {
         Table::all().nth(index)
     }
 
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::all().find(|t| t.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Table::Stream(s) => s.name(),

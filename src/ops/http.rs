@@ -30,6 +30,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 
 use crate::access::registry::{GrantRequest, PrincipalKind, Role};
@@ -37,7 +41,7 @@ use crate::access::{AccessEnv, AccessError};
 use crate::config::RetentionConfig;
 use crate::ingest::auth::{AuthCounters, Credentials, Refusal};
 use crate::lifecycle::events::{self, EventError, EventRequest};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, encode_family, unlabelled};
 use crate::ops::admin_token::AdminToken;
 use crate::ops::queries::QueryRuntime;
 use crate::ops::served::{self, ServeError, Served};
@@ -55,10 +59,91 @@ pub struct Queue {
     pub depth: Box<dyn Fn() -> usize + Send + Sync>,
 }
 
+/// The pipeline's queues, as the `fleetgate_queue_depth` gauge.
+struct QueueDepths(Vec<Queue>);
+
+impl std::fmt::Debug for QueueDepths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|q| &q.name))
+            .finish()
+    }
+}
+
+impl Collector for QueueDepths {
+    fn encode(&self, mut out: DescriptorEncoder) -> std::fmt::Result {
+        let samples = self
+            .0
+            .iter()
+            .map(|q| (vec![("queue", q.name.clone())], (q.depth)() as u64));
+        encode_family(
+            &mut out,
+            "queue_depth",
+            "Items waiting in a pipeline queue.",
+            MetricType::Gauge,
+            samples,
+        )
+    }
+}
+
+/// The CONNECT counters of the password-checked listeners.
+struct ConnectCounters(Arc<Credentials>);
+
+impl std::fmt::Debug for ConnectCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectCounters")
+    }
+}
+
+impl Collector for ConnectCounters {
+    fn encode(&self, mut out: DescriptorEncoder) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters: &AuthCounters = &self.0.counters;
+        encode_family(
+            &mut out,
+            "mqtt_connects_accepted",
+            "CONNECTs whose password was right.",
+            MetricType::Counter,
+            unlabelled(counters.accepted.load(Relaxed)),
+        )?;
+        let refused = Refusal::ALL.iter().map(|&refusal| {
+            (
+                vec![("reason", refusal.as_str().to_owned())],
+                counters.refused[refusal as usize].load(Relaxed),
+            )
+        });
+        encode_family(
+            &mut out,
+            "mqtt_connects_refused",
+            "CONNECTs refused, by reason.",
+            MetricType::Counter,
+            refused,
+        )
+    }
+}
+
+/// What `/metrics` serves, read at each scrape: the pipeline's counters and
+/// latency histograms, its queues' depths, and the CONNECT counters when
+/// the plain listeners check passwords. Every name starts `fleetgate_`.
+pub fn exposition(
+    metrics: Arc<Metrics>,
+    queues: Vec<Queue>,
+    credentials: Option<Arc<Credentials>>,
+) -> Registry {
+    let mut registry = Registry::with_prefix("fleetgate");
+    registry.register_collector(Box::new(metrics));
+    registry.register_collector(Box::new(QueueDepths(queues)));
+    if let Some(credentials) = credentials {
+        registry.register_collector(Box::new(ConnectCounters(credentials)));
+    }
+    registry
+}
+
 /// What the endpoint reads.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    pub queues: Vec<Queue>,
+    /// What `/metrics` serves (see [`exposition`]).
+    pub exposition: Registry,
     /// The vault vehicle events change.
     pub privacy: Arc<PrivacyShared>,
     /// Where vehicle events are audited and deletion requests kept.
@@ -143,17 +228,16 @@ async fn serve(
 #[derive(Clone)]
 struct Stopping(futures::future::Shared<futures::future::BoxFuture<'static, ()>>);
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    let queues: Vec<(String, usize)> = state
-        .queues
-        .iter()
-        .map(|q| (q.name.clone(), (q.depth)()))
-        .collect();
-    let mut text = state.metrics.prometheus(&queues);
-    if let Some(credentials) = &state.credentials {
-        text.push_str(&auth_families(&credentials.counters));
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let mut text = String::new();
+    match prometheus_text::encode(&mut text, &state.exposition) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// Lets a request through to an admin route only from a loopback peer (403
@@ -191,34 +275,6 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-}
-
-/// The CONNECT counters of the password-checked listeners.
-fn auth_families(counters: &AuthCounters) -> String {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut out = String::from(
-        "# HELP fleetgate_mqtt_connects_accepted_total CONNECTs whose password was right.\n\
-         # TYPE fleetgate_mqtt_connects_accepted_total counter\n",
-    );
-    let _ = writeln!(
-        out,
-        "fleetgate_mqtt_connects_accepted_total {}",
-        counters.accepted.load(Relaxed)
-    );
-    out.push_str(
-        "# HELP fleetgate_mqtt_connects_refused_total CONNECTs refused, by reason.\n\
-         # TYPE fleetgate_mqtt_connects_refused_total counter\n",
-    );
-    for refusal in Refusal::ALL {
-        let _ = writeln!(
-            out,
-            "fleetgate_mqtt_connects_refused_total{{reason=\"{}\"}} {}",
-            refusal.as_str(),
-            counters.refused[refusal as usize].load(Relaxed)
-        );
-    }
-    out
 }
 
 /// Applies one vehicle event; 400 for a bad request, 501 for an event

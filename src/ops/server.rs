@@ -301,7 +301,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         config.admin.http_addr,
         AdminState {
             metrics: metrics.clone(),
-            queues,
+            exposition: http::exposition(metrics.clone(), queues, credentials.clone()),
             privacy: privacy.clone(),
             retention: config.retention.clone(),
             access: access.clone(),
