@@ -19,7 +19,6 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lifecycle::retention::{Retention, RetentionError};
-use crate::pipeline::dead_letter;
 use crate::schema::{Registry, SchemaError};
 use crate::store::{StoreError, StoreRoot, delta};
 
@@ -96,7 +95,7 @@ pub async fn session_on(
         .map(|s| (s.stream.name(), s.arrow.clone()))
         .chain([(
             crate::core::table::DEAD_LETTERS,
-            dead_letter::arrow_schema(),
+            crate::schema::dead_letter_arrow_schema(),
         )]);
     for (name, schema) in tables {
         let Some(stored) = stored_table(root, name, &[&files, &ctx]).await? else {

@@ -267,6 +267,22 @@ pub fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
+/// Arrow schema of the dead-letter table.
+pub fn dead_letter_arrow_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(RECEIVED_AT_COLUMN, timestamp_type(), false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("stream", DataType::Utf8, true),
+        Field::new("vehicle_id", DataType::Utf8, true),
+        Field::new("reason_code", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("record_index", DataType::Int64, true),
+        Field::new("payload", DataType::Utf8, false),
+        Field::new("payload_size", DataType::Int64, false),
+        Field::new("payload_truncated", DataType::Boolean, false),
+    ]))
+}
+
 /// A validated stream schema with its derived Arrow schema.
 #[derive(Debug)]
 pub struct StreamSchema {

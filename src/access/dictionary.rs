@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 
 use crate::core::table::DEAD_LETTERS;
 use crate::lifecycle::retention::{Retention, Rule};
-use crate::pipeline::dead_letter;
 use crate::schema::{
     FieldSpec, KEY_EPOCH_COLUMN, RECEIVED_AT_COLUMN, Registry, StreamSchema, Transform,
 };
@@ -180,7 +179,7 @@ fn system_column(name: &str, data_type: &str, description: &str) -> Value {
 }
 
 fn dead_letters_entry(retention: &Retention) -> Value {
-    let columns: Vec<Value> = dead_letter::arrow_schema()
+    let columns: Vec<Value> = crate::schema::dead_letter_arrow_schema()
         .fields()
         .iter()
         .map(|f| json!({ "column": f.name(), "type": f.data_type().to_string() }))

@@ -36,7 +36,6 @@ use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, ea
 use super::{AccessError, Result, audit};
 use crate::lifecycle::requests::{sql_identifier, sql_literal};
 use crate::lifecycle::retention::Retention;
-use crate::pipeline::dead_letter;
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
 use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
@@ -177,7 +176,7 @@ pub async fn session(
         .map(|s| (s.stream.name(), s.arrow.clone(), Some(s)));
     let tables = stream_tables.chain([(
         crate::core::table::DEAD_LETTERS,
-        dead_letter::arrow_schema(),
+        crate::schema::dead_letter_arrow_schema(),
         None,
     )]);
     for (name, arrow_schema, stream) in tables {
@@ -372,7 +371,7 @@ impl<'a> ViewPlanner<'a> {
         if self.principal.kind == PrincipalKind::Operator {
             // Every column but the WAL's: where a row came from in the log
             // is the store's business, in no view.
-            let columns = dead_letter::arrow_schema()
+            let columns = crate::schema::dead_letter_arrow_schema()
                 .fields()
                 .iter()
                 .map(|f| sql_identifier(f.name()))

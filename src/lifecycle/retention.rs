@@ -28,7 +28,6 @@ use crate::core::fsio;
 use crate::lifecycle::requests::{
     self, DeletionRequest, LegalHold, MatchValue, Selection, sql_identifier, sql_literal,
 };
-use crate::pipeline::dead_letter;
 use crate::schema::Registry;
 use crate::store::delta;
 use crate::store::{PartitionKey, StoreRoot};
@@ -161,7 +160,7 @@ impl Retention {
             .map(|s| (s.stream.name().to_owned(), s.arrow.clone()))
             .chain([(
                 crate::core::table::DEAD_LETTERS.to_owned(),
-                dead_letter::arrow_schema(),
+                crate::schema::dead_letter_arrow_schema(),
             )])
             .collect();
         let mut tables: BTreeMap<String, Vec<Rule>> = BTreeMap::new();

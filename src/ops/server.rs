@@ -30,7 +30,6 @@ use crate::ops::flight::{self, FlightSqlError};
 use crate::ops::http::{self, AdminState, HttpError, Queue};
 use crate::ops::queries::QueryPool;
 use crate::ops::served::Served;
-use crate::pipeline::dead_letter;
 use crate::pipeline::decode::Limits;
 use crate::pipeline::worker::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::stage::PrivacyShared;
@@ -195,7 +194,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     writers.push(spawn_writer(
         writer_settings(
             crate::core::table::DEAD_LETTERS,
-            dead_letter::arrow_schema(),
+            crate::schema::dead_letter_arrow_schema(),
             vec![(
                 "fleetgate.table".to_owned(),
                 crate::core::table::DEAD_LETTERS.to_owned(),

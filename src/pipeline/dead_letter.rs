@@ -13,10 +13,9 @@ use std::sync::Arc;
 use arrow::array::{
     ArrayRef, BooleanBuilder, Int64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::core::reject::Rejection;
-use crate::schema::{RECEIVED_AT_COLUMN, timestamp_type};
+use crate::schema::dead_letter_arrow_schema;
 
 /// One row of the dead-letter table. Holds no raw identifier.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,22 +32,6 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
     /// Size of the rejected bytes before cutting.
     pub payload_size: usize,
-}
-
-/// Arrow schema of the dead-letter table.
-pub fn arrow_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new(RECEIVED_AT_COLUMN, timestamp_type(), false),
-        Field::new("topic", DataType::Utf8, false),
-        Field::new("stream", DataType::Utf8, true),
-        Field::new("vehicle_id", DataType::Utf8, true),
-        Field::new("reason_code", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("record_index", DataType::Int64, true),
-        Field::new("payload", DataType::Utf8, false),
-        Field::new("payload_size", DataType::Int64, false),
-        Field::new("payload_truncated", DataType::Boolean, false),
-    ]))
 }
 
 /// Builds a record batch of dead letters.
@@ -87,7 +70,7 @@ pub fn to_batch(rows: &[DeadLetter]) -> Result<RecordBatch, arrow::error::ArrowE
         Arc::new(size.finish()),
         Arc::new(truncated.finish()),
     ];
-    RecordBatch::try_new(arrow_schema(), columns)
+    RecordBatch::try_new(dead_letter_arrow_schema(), columns)
 }
 
 #[cfg(test)]
