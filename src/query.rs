@@ -90,14 +90,8 @@ pub async fn session_on(
     let ctx = SessionContext::new_with_config(config.clone());
     // The files are registered here only, to plan the views.
     let files = SessionContext::new_with_config(config);
-    let tables = registry
-        .iter()
-        .map(|s| (s.stream.name(), s.arrow.clone()))
-        .chain([(
-            crate::core::table::DEAD_LETTERS,
-            crate::schema::dead_letter_arrow_schema(),
-        )]);
-    for (name, schema) in tables {
+    for (table, schema) in registry.tables() {
+        let name = table.name();
         let Some(stored) = stored_table(root, name, &[&files, &ctx]).await? else {
             ctx.register_table(name, empty_table(&schema)?)?;
             continue;

@@ -12,6 +12,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::Deserialize;
 
 pub use crate::core::table::Stream;
+use crate::core::table::Table;
 
 /// Errors in a schema file. Each names the stream and field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -511,6 +512,20 @@ impl Registry {
 
     pub fn iter(&self) -> impl Iterator<Item = &StreamSchema> {
         self.streams.iter()
+    }
+
+    /// Every table of the store with its Arrow schema, in [`Table::all`]
+    /// order: the streams, then the dead letters.
+    pub fn tables(&self) -> impl Iterator<Item = (Table, SchemaRef)> + '_ {
+        Table::all().map(|table| (table, self.table_schema(table)))
+    }
+
+    /// The Arrow schema of a table.
+    pub fn table_schema(&self, table: Table) -> SchemaRef {
+        match table {
+            Table::Stream(stream) => self.get(stream).arrow.clone(),
+            Table::DeadLetters => dead_letter_arrow_schema(),
+        }
     }
 
     /// The field tables of every stream in Markdown, as the README shows them.

@@ -34,6 +34,7 @@ use super::barrier::PolicyView;
 use super::purpose::Purpose;
 use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, earlier_end};
 use super::{AccessError, Result, audit};
+use crate::core::table::Table;
 use crate::lifecycle::requests::{sql_identifier, sql_literal};
 use crate::lifecycle::retention::Retention;
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
@@ -170,23 +171,15 @@ pub async fn session(
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
     let mut treatments = BTreeMap::new();
     let mut hidden_tables = BTreeMap::new();
-    let stream_tables = inputs
-        .schemas
-        .iter()
-        .map(|s| (s.stream.name(), s.arrow.clone(), Some(s)));
-    let tables = stream_tables.chain([(
-        crate::core::table::DEAD_LETTERS,
-        crate::schema::dead_letter_arrow_schema(),
-        None,
-    )]);
-    for (name, arrow_schema, stream) in tables {
+    for (table, arrow_schema) in inputs.schemas.tables() {
+        let name = table.name();
         // A live step reads the tables it follows and nothing else.
         if inputs.live.is_some_and(|live| !live.follows(name)) {
             continue;
         }
-        let view = match stream {
-            Some(stream) => planner.stream_view(stream, &files)?,
-            None => planner.operator_only(),
+        let view = match table {
+            Table::Stream(stream) => planner.stream_view(inputs.schemas.get(stream), &files)?,
+            Table::DeadLetters => planner.operator_only(),
         };
         let (sql, treatment) = match view {
             View::Hidden(reason) => {

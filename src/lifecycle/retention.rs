@@ -156,12 +156,8 @@ impl Retention {
         };
         let parsed: RulesFile = toml::from_str(&text).map_err(|e| error(e.to_string()))?;
         let schemas: BTreeMap<String, SchemaRef> = registry
-            .iter()
-            .map(|s| (s.stream.name().to_owned(), s.arrow.clone()))
-            .chain([(
-                crate::core::table::DEAD_LETTERS.to_owned(),
-                crate::schema::dead_letter_arrow_schema(),
-            )])
+            .tables()
+            .map(|(table, schema)| (table.name().to_owned(), schema))
             .collect();
         let mut tables: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
         for rule in parsed.rule {

@@ -34,7 +34,7 @@ use crate::pipeline::decode::Limits;
 use crate::pipeline::worker::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::stage::PrivacyShared;
 use crate::privacy::vault::VaultError;
-use crate::schema::{Registry, SchemaError, Stream};
+use crate::schema::{Registry, SchemaError};
 use crate::store::{
     StoreError, StoreRoot, Table, TableBatch, TableListener, WriterSettings, spawn_writer,
 };
@@ -166,44 +166,24 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
 
     let mut queues = Vec::new();
     let mut writers = Vec::new();
-    let mut stream_writers = Vec::new();
-    for stream in Stream::ALL {
-        let schema = registry.get(stream);
+    // One writer per table, its sender at the table's index.
+    let mut table_writers = Vec::new();
+    for (table, schema) in registry.tables() {
         let (tx, rx) = bounded(queue);
-        queues.push(depth(format!("writer-{stream}"), &rx));
-        let metadata = vec![
-            ("fleetgate.table".to_owned(), stream.name().to_owned()),
-            (
-                "fleetgate.schema_version".to_owned(),
-                schema.version.to_string(),
-            ),
-        ];
+        queues.push(depth(format!("writer-{}", table.name()), &rx));
+        let mut metadata = vec![("fleetgate.table".to_owned(), table.name().to_owned())];
+        if let Table::Stream(stream) = table {
+            let version = registry.get(stream).version;
+            metadata.push(("fleetgate.schema_version".to_owned(), version.to_string()));
+        }
         writers.push(spawn_writer(
-            writer_settings(stream.name(), schema.arrow.clone(), metadata),
+            writer_settings(table.name(), schema, metadata),
             rx,
-            TableListener::new(metrics.clone(), Some(stream)),
+            TableListener::new(metrics.clone(), table),
             tracker.clone(),
         )?);
-        stream_writers.push(tx);
+        table_writers.push(tx);
     }
-    let (dead_letter_writer, rx) = bounded(queue);
-    queues.push(depth(
-        format!("writer-{}", crate::core::table::DEAD_LETTERS),
-        &rx,
-    ));
-    writers.push(spawn_writer(
-        writer_settings(
-            crate::core::table::DEAD_LETTERS,
-            crate::schema::dead_letter_arrow_schema(),
-            vec![(
-                "fleetgate.table".to_owned(),
-                crate::core::table::DEAD_LETTERS.to_owned(),
-            )],
-        ),
-        rx,
-        TableListener::new(metrics.clone(), None),
-        tracker.clone(),
-    )?);
 
     // Recovery: whatever the log holds that no commit holds.
     if recovered.entry_count() > 0 {
@@ -214,12 +194,8 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
                 continue;
             }
             tracker.register(entry.id);
-            let writer = match entry.table {
-                Table::Stream(s) => &stream_writers[s.index()],
-                Table::DeadLetters => &dead_letter_writer,
-            };
             // The writers run already; a send fails only if one panicked.
-            let _ = writer.send(TableBatch {
+            let _ = table_writers[entry.table.index()].send(TableBatch {
                 partition: entry.partition,
                 batch: entry.batch.clone(),
                 wal: entry.id,
@@ -259,8 +235,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         dead_letter_payload_bytes: config.pipeline.dead_letter_payload_bytes,
         privacy: privacy.clone(),
         metrics: metrics.clone(),
-        stream_writers,
-        dead_letter_writer,
+        writers: table_writers,
         frontier: frontier.clone(),
         sync_immediately: config.broker.acknowledge == Acknowledge::Durable,
     };

@@ -62,9 +62,8 @@ pub struct WorkerContext {
     pub dead_letter_payload_bytes: usize,
     pub privacy: Arc<PrivacyShared>,
     pub metrics: Arc<Metrics>,
-    /// One sender per stream, in [`Stream::ALL`] order.
-    pub stream_writers: Vec<Sender<TableBatch>>,
-    pub dead_letter_writer: Sender<TableBatch>,
+    /// One sender per table, in [`Table::all`] order.
+    pub writers: Vec<Sender<TableBatch>>,
     /// Where each worker reports what its fsyncs made durable, which decides
     /// when the broker acknowledges a publish.
     pub frontier: Arc<DurableFrontier>,
@@ -396,7 +395,7 @@ impl Worker {
                 let wal = self.append_to_wal(Table::Stream(*stream), partition, &batch);
                 // Writers outlive workers; a closed writer means it panicked,
                 // and the batch stays in the WAL for the next start.
-                let _ = self.ctx.stream_writers[i].send(TableBatch {
+                let _ = self.ctx.writers[Table::Stream(*stream).index()].send(TableBatch {
                     partition,
                     batch,
                     wal,
@@ -413,7 +412,7 @@ impl Worker {
                 let batch = dead_letter::to_batch(group)?;
                 let partition = PartitionKey::from_millis(group[0].received_at_ms);
                 let wal = self.append_to_wal(Table::DeadLetters, partition, &batch);
-                let _ = self.ctx.dead_letter_writer.send(TableBatch {
+                let _ = self.ctx.writers[Table::DeadLetters.index()].send(TableBatch {
                     partition,
                     batch,
                     wal,

@@ -4,27 +4,23 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::core::table::Stream;
+use crate::core::table::Table;
 use crate::metrics::{Metrics, TableCounters};
 use crate::store::{Commit, CommitListener, StoreError, TableBatch};
 
 /// Feeds a table writer's commits into the counters of its table.
 pub struct TableListener {
     metrics: Arc<Metrics>,
-    table: Option<Stream>,
+    table: Table,
 }
 
 impl TableListener {
-    /// `None` is the dead-letter table.
-    pub fn new(metrics: Arc<Metrics>, table: Option<Stream>) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, table: Table) -> Arc<Self> {
         Arc::new(Self { metrics, table })
     }
 
     fn counters(&self) -> &TableCounters {
-        match self.table {
-            Some(s) => &self.metrics.stream(s).table,
-            None => &self.metrics.dead_letters,
-        }
+        self.metrics.table_of(self.table)
     }
 }
 
@@ -62,9 +58,7 @@ impl CommitListener for TableListener {
     }
 
     fn failed(&self, error: &StoreError, rows_delayed: usize) {
-        let table = self
-            .table
-            .map_or(crate::core::table::DEAD_LETTERS, Stream::name);
+        let table = self.table.name();
         tracing::error!(table, rows_delayed, %error, "write failed; will write these rows again");
         self.counters()
             .rows_delayed_by_write_errors
