@@ -117,7 +117,7 @@ fn unknown_config_key_is_refused_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_retention_lists_then_deletes_expired_partitions() {
     let server = TestServer::start();
-    let vin = "WMW11DJ04N2T00001";
+    let vin = A;
     let three_days_ago = fleetgate::core::clock::now_ms() - 3 * 86_400_000;
     let probe = rtti_probe(vin, three_days_ago);
     publish_all(server.handle.mqtt_addr(), &[probe]).await;
@@ -190,7 +190,7 @@ fn admin_events_change_the_vault_offline_and_are_audited() {
         all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
         fleetgate(dir.path(), &all)
     };
-    let vin = "WMW11DJ04N2T00001";
+    let vin = A;
     let out = admin(&["event", "--vin", vin, "--event", "sim-deactivated"]);
     assert!(out.contains("sim_active=false"), "{out}");
     let out = admin(&[
@@ -308,7 +308,7 @@ async fn a_sale_or_account_deletion_ends_the_old_holders_access() {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
         fleetgate(dir.path(), &args)
     };
-    let (sold, deleted) = ("WMW11DJ04N2T00001", "WMW21GD07P2S00002");
+    let (sold, deleted) = (A, B);
     for (user, vin, event) in [
         ("alice", sold, "vehicle-sold"),
         ("carol", deleted, "account-deleted"),
@@ -373,7 +373,7 @@ fn vehicle_credentials_are_issued_and_revoked() {
         "[broker]\ncredentials_file = \"keys/vehicle-credentials.json\"\n",
     )
     .expect("config");
-    let vin = "WMW11DJ04N2T00001";
+    let vin = A;
     let run = |action: &str| {
         let words = [
             "vehicle",

@@ -13,11 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
-const VINS: [&str; 3] = [
-    "WMW11DJ04N2T00001",
-    "WMW21GD07P2S00002",
-    "WMWXP7C05R2U00003",
-];
+const VINS: [&str; 3] = [A, B, "WMWXP7C05R2U00003"];
 /// More vehicles, one publisher each, for the crash test's load.
 const MORE_VINS: [&str; 3] = [
     "WMW31GD07P2S00004",

@@ -14,9 +14,6 @@ use common::*;
 use fleetgate::metrics::PolicyDrop;
 use fleetgate::schema::Stream;
 
-const A: &str = "WMW11DJ04N2T00001";
-const B: &str = "WMW21GD07P2S00002";
-
 fn event(admin: &Admin, body: &str) -> (u16, String) {
     admin.post("/admin/events", body)
 }
@@ -35,14 +32,9 @@ fn accepted(admin: &Admin, body: &str) -> String {
     answer
 }
 
-fn smart_maintenance_call(vin: &str, seq: u64) -> (String, Vec<u8>) {
-    (
-        format!("vehicles/{vin}/teleservice"),
-        format!(
-            r#"{{"vin":"{vin}","ts":{TEST_NOW_MS},"seq":{seq},"trigger":"smart_maintenance"}}"#
-        )
-        .into_bytes(),
-    )
+fn smart_maintenance_call(vin: &str, seq: u64) -> Message {
+    let fields = serde_json::json!({ "trigger": "smart_maintenance" });
+    record(vin, Stream::Teleservice, seq, TEST_NOW_MS, fields)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,11 +157,9 @@ async fn events_change_collection_erase_vehicles_and_are_audited() {
     assert!(!audit.contains(A) && !audit.contains(B), "{audit}");
 }
 
-fn record(stream: Stream, seq: u64, body: &str) -> (String, Vec<u8>) {
-    (
-        format!("vehicles/{A}/{}", stream.name()),
-        format!(r#"{{"vin":"{A}","ts":{TEST_NOW_MS},"seq":{seq},{body}}}"#).into_bytes(),
-    )
+/// Vehicle A's record on `stream`, stamped at the tests' clock.
+fn a_record(stream: Stream, seq: u64, fields: serde_json::Value) -> Message {
+    record(A, stream, seq, TEST_NOW_MS, fields)
 }
 
 /// The `seq` column of `table` as a session with `rules` sees it.
@@ -201,45 +191,52 @@ async fn seqs(
 async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
     use fleetgate::lifecycle::retention::{self, Retention};
     let server = TestServer::start();
-    let start = format!(r#""event":"start","started_at":{TEST_NOW_MS}"#);
     let messages = vec![
-        record(
+        a_record(
             Stream::Teleservice,
             1,
-            r#""trigger":"event","case_id":"CASE-1""#,
+            serde_json::json!({"trigger":"event","case_id":"CASE-1"}),
         ),
-        record(
+        a_record(
             Stream::Teleservice,
             2,
-            r#""trigger":"roadside","case_id":"CASE-1""#,
+            serde_json::json!({"trigger":"roadside","case_id":"CASE-1"}),
         ),
-        record(
+        a_record(
             Stream::Teleservice,
             3,
-            r#""trigger":"event","case_id":"CASE-2""#,
+            serde_json::json!({"trigger":"event","case_id":"CASE-2"}),
         ),
-        record(Stream::Teleservice, 4, r#""trigger":"monthly""#),
-        record(
+        a_record(
+            Stream::Teleservice,
+            4,
+            serde_json::json!({"trigger":"monthly"}),
+        ),
+        a_record(
             Stream::Charging,
             1,
-            &format!(r#""session_id":"S1",{start},"remote_managed":true"#),
+            serde_json::json!({"session_id": "S1", "event": "start", "started_at": TEST_NOW_MS, "remote_managed": true}),
         ),
-        record(
+        a_record(
             Stream::Charging,
             2,
-            &format!(r#""session_id":"S1",{start},"remote_managed":false"#),
+            serde_json::json!({"session_id": "S1", "event": "start", "started_at": TEST_NOW_MS, "remote_managed": false}),
         ),
-        record(
+        a_record(
             Stream::Charging,
             3,
-            &format!(r#""session_id":"S2",{start},"remote_managed":true"#),
+            serde_json::json!({"session_id": "S2", "event": "start", "started_at": TEST_NOW_MS, "remote_managed": true}),
         ),
-        record(
+        a_record(
             Stream::Diagnostics,
             1,
-            r#""ecu":"BMS","severity":"warning","analysis_id":"AN-1""#,
+            serde_json::json!({"ecu":"BMS","severity":"warning","analysis_id":"AN-1"}),
         ),
-        record(Stream::Diagnostics, 2, r#""ecu":"DME","severity":"info""#),
+        a_record(
+            Stream::Diagnostics,
+            2,
+            serde_json::json!({"ecu":"DME","severity":"info"}),
+        ),
     ];
     publish_all(server.handle.mqtt_addr(), &messages).await;
     let admin = &server.admin();
@@ -316,17 +313,25 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     use fleetgate::lifecycle::retention::{self, Retention};
     let server = TestServer::start();
     let messages = vec![
-        record(
+        a_record(
             Stream::Teleservice,
             1,
-            r#""trigger":"event","case_id":"CASE-9""#,
+            serde_json::json!({"trigger":"event","case_id":"CASE-9"}),
         ),
-        record(Stream::Teleservice, 2, r#""trigger":"monthly""#),
-        record(Stream::Diagnostics, 1, r#""ecu":"DME","severity":"info""#),
-        record(
+        a_record(
+            Stream::Teleservice,
+            2,
+            serde_json::json!({"trigger":"monthly"}),
+        ),
+        a_record(
+            Stream::Diagnostics,
+            1,
+            serde_json::json!({"ecu":"DME","severity":"info"}),
+        ),
+        a_record(
             Stream::Charging,
             1,
-            &format!(r#""session_id":"S9","event":"start","started_at":{TEST_NOW_MS}"#),
+            serde_json::json!({"session_id": "S9", "event": "start", "started_at": TEST_NOW_MS}),
         ),
     ];
     publish_all(server.handle.mqtt_addr(), &messages).await;

@@ -9,18 +9,6 @@ mod common;
 
 use common::*;
 
-const HOUR: i64 = 3_600_000;
-const DAY: i64 = 24 * HOUR;
-const A: &str = "WMW11DJ04N2T00001";
-const B: &str = "WMW21GD07P2S00002";
-
-fn charging(vin: &str, seq: u32, ts: i64, contract: &str) -> (String, Vec<u8>) {
-    let body = format!(
-        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"soc_pct":40.0,"charging_mode":"ac","remote_managed":false,"latitude":59.31,"longitude":18.02,"contract_number":"{contract}"}}"#
-    );
-    (format!("vehicles/{vin}/charging"), body.into_bytes())
-}
-
 /// Runs every client call; prints one JSON object of answers and errors.
 const CLIENTS: &str = r#"
 import json, sys

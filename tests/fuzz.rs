@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::examples;
+use common::{A, examples};
 use fleetgate::ingest::link::{Route, route};
 use fleetgate::pipeline::batch::StreamBatcher;
 use fleetgate::pipeline::decode::{self, Decoded, Limits};
@@ -25,7 +25,6 @@ use fleetgate::schema::{Registry, Stream};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-const VIN: &str = "WMW11DJ04N2T00001";
 const RECEIVED_MS: i64 = common::TEST_NOW_MS;
 
 fn cases() -> u32 {
@@ -195,7 +194,7 @@ fn mutated_examples_never_panic() {
             let (stream, bytes) = &corpus[index];
             let payload = apply(bytes.clone(), &mutations);
             path.borrow_mut()
-                .publish(&format!("vehicles/{VIN}/{stream}"), &payload);
+                .publish(&format!("vehicles/{A}/{stream}"), &payload);
             Ok(())
         })
         .expect("no panic on mutated examples");
@@ -212,7 +211,7 @@ fn arbitrary_bytes_never_panic() {
         .run(&strategy, |(stream, payload)| {
             let (stored, rejected) = path
                 .borrow_mut()
-                .publish(&format!("vehicles/{VIN}/{stream}"), &payload);
+                .publish(&format!("vehicles/{A}/{stream}"), &payload);
             prop_assert!(stored + rejected >= 1, "every payload has an outcome");
             Ok(())
         })
@@ -234,7 +233,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         "\\PC{0,300}".prop_map(Value::String),
         Just(json!("2026-11-24T12:00:00Z")),
         Just(json!("+275760-09-13T00:00:00Z")),
-        Just(json!(VIN)),
+        Just(json!(A)),
     ];
     leaf.prop_recursive(2, 24, 6, |inner| {
         prop_oneof![
@@ -272,7 +271,7 @@ fn schema_shaped_json_never_panics() {
         .run(&strategy, |(stream_index, values, copies)| {
             let (stream, names) = &fields[stream_index];
             let mut record = serde_json::Map::new();
-            record.insert("vin".into(), serde_json::json!(VIN));
+            record.insert("vin".into(), serde_json::json!(A));
             record.insert("ts".into(), serde_json::json!(RECEIVED_MS));
             record.insert("seq".into(), serde_json::json!(1));
             for (name, value) in values {
@@ -287,7 +286,7 @@ fn schema_shaped_json_never_panics() {
             let bytes = serde_json::to_vec(&payload).expect("json");
             let (stored, rejected) = path
                 .borrow_mut()
-                .publish(&format!("vehicles/{VIN}/{stream}"), &bytes);
+                .publish(&format!("vehicles/{A}/{stream}"), &bytes);
             prop_assert_eq!(
                 stored + rejected,
                 copies,

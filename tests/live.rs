@@ -14,36 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const HOUR: i64 = 3_600_000;
-const DAY: i64 = 24 * HOUR;
-const A: &str = "WMW11DJ04N2T00001";
-const B: &str = "WMW21GD07P2S00002";
-
-fn charging(vin: &str, seq: u32, ts: i64, contract: &str) -> (String, Vec<u8>) {
-    charging_session(vin, seq, ts, contract, false)
-}
-
-/// A charging record of session `S{seq}`, remote-managed or not.
-fn charging_session(
-    vin: &str,
-    seq: u32,
-    ts: i64,
-    contract: &str,
-    remote: bool,
-) -> (String, Vec<u8>) {
-    let body = format!(
-        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"soc_pct":40.0,"charging_mode":"ac","remote_managed":{remote},"latitude":59.31,"longitude":18.02,"contract_number":"{contract}"}}"#
-    );
-    (format!("vehicles/{vin}/charging"), body.into_bytes())
-}
-
-fn teleservice(vin: &str, seq: u32, ts: i64) -> (String, Vec<u8>) {
-    let body = format!(
-        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"trigger":"monthly","mileage_km":{seq}000,"service_needs":["oil"],"latitude":59.4,"longitude":17.9,"contact_phone":"+46700000007"}}"#
-    );
-    (format!("vehicles/{vin}/teleservice"), body.into_bytes())
-}
-
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
 struct SseEvent {
@@ -265,7 +235,7 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     publish(&[
         charging(A, 2, now - HOUR, "SE-A-2"),
         charging(B, 1, now - HOUR, "SE-B-1"),
-        teleservice(A, 3, now - HOUR),
+        teleservice(A, 3, now - HOUR, "monthly"),
     ]);
     let (rows, _) = live.rows_of("charging", 1);
     assert_eq!(seqs(&rows), vec![2]);
@@ -308,7 +278,10 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
         .map(|seq| charging(A, seq, now - HOUR, "SE-A"))
         .collect();
     publish(&missed);
-    publish(&[charging_session(A, 7, now - HOUR, "SE-A-7", true)]);
+    publish(&[with(
+        charging(A, 7, now - HOUR, "SE-A-7"),
+        serde_json::json!({ "remote_managed": true }),
+    )]);
     wait_for(|| server.handle.metrics().totals().stored == 89);
     let (status, body) = admin.post(
         "/admin/events",
@@ -359,7 +332,10 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     )
     .expect("granted");
     assert_eq!(followed.next().expect("start").event, "start");
-    publish(&[teleservice(A, 8, now - HOUR), teleservice(B, 9, now - HOUR)]);
+    publish(&[
+        teleservice(A, 8, now - HOUR, "monthly"),
+        teleservice(B, 9, now - HOUR, "monthly"),
+    ]);
     let (rows, _) = followed.rows_of("teleservice", 1);
     assert_eq!(seqs(&rows), vec![8]);
     assert!(rows[0].get("vin").is_none(), "pseudonymised: {:?}", rows[0]);
@@ -377,7 +353,7 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
         "",
     );
     assert_eq!(status, 200, "{body}");
-    publish(&[teleservice(A, 10, now - HOUR)]);
+    publish(&[teleservice(A, 10, now - HOUR, "monthly")]);
     let ended = loop {
         let event = followed.next().expect("an end event");
         assert_ne!(
@@ -662,13 +638,6 @@ fn browse(url: &str, screenshot: &std::path::Path) -> (String, f64) {
     (dom, page["ready_ms"].as_f64().unwrap_or(f64::NAN))
 }
 
-fn charging_soc(vin: &str, seq: u32, ts: i64, soc: f64) -> (String, Vec<u8>) {
-    let body = format!(
-        r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"progress","started_at":{ts},"soc_pct":{soc},"charging_mode":"ac","remote_managed":false,"latitude":59.31,"longitude":18.02,"contract_number":"SE-A"}}"#
-    );
-    (format!("vehicles/{vin}/charging"), body.into_bytes())
-}
-
 /// The portal in a real browser (headless Chromium), signed in by a link
 /// with the token in its fragment: the user's vehicles, a chart of their
 /// vehicle's state of charge, the live stream connected, and the grant
@@ -681,17 +650,25 @@ fn the_portal_shows_a_users_vehicles_chart_and_grants_in_a_browser() {
     let addr = server.handle.admin_addr();
     let admin = server.admin();
     let alice = alice_holds(&admin, A, now);
-    let mut records: Vec<(String, Vec<u8>)> = (0..12)
+    // One session's progress: the state of charge the chart draws.
+    let progress = |vin: &str, seq: u64, ts: i64, soc: f64| {
+        let record = charging(vin, seq, ts, "SE-A");
+        with(
+            record,
+            serde_json::json!({ "event": "progress", "soc_pct": soc }),
+        )
+    };
+    let mut records: Vec<Message> = (0..12u32)
         .map(|i| {
-            charging_soc(
+            progress(
                 A,
-                i + 1,
+                u64::from(i) + 1,
                 now - 6 * HOUR + i64::from(i) * 25 * 60_000,
                 20.0 + f64::from(i) * 6.5,
             )
         })
         .collect();
-    records.push(charging_soc(B, 1, now - HOUR, 77.0));
+    records.push(progress(B, 1, now - HOUR, 77.0));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -10,23 +10,9 @@ use common::*;
 use fleetgate::core::consent::Consent;
 use fleetgate::schema::Stream;
 
-const A: &str = "WMW11DJ04N2T00001";
-const B: &str = "WMW21GD07P2S00002";
 /// 2026-11-24T06:00:00Z and one key epoch (30 days) earlier.
 const NOW: i64 = 1_795_500_000_000;
 const EPOCH_EARLIER: i64 = NOW - 30 * 86_400_000;
-
-fn diagnostics(vin: &str, ts: i64, seq: u64) -> (String, Vec<u8>) {
-    let body = format!(r#"{{"vin":"{vin}","ts":{ts},"seq":{seq},"ecu":"BMS","severity":"info"}}"#);
-    (format!("vehicles/{vin}/diagnostics"), body.into_bytes())
-}
-
-fn teleservice(vin: &str, seq: u64, trigger: &str) -> (String, Vec<u8>) {
-    let body = format!(
-        r#"{{"vin":"{vin}","ts":{NOW},"seq":{seq},"trigger":"{trigger}","contact_phone":"+4670000{seq:04}"}}"#
-    );
-    (format!("vehicles/{vin}/teleservice"), body.into_bytes())
-}
 
 /// A stream's records dropped by policy, by reason, from the shutdown totals.
 fn dropped_by_policy(
@@ -71,10 +57,10 @@ async fn consent_and_sim_state_decide_what_is_stored() {
     publish_all(
         server.handle.mqtt_addr(),
         &[
-            teleservice(A, 1, "smart_maintenance"),
-            teleservice(A, 2, "monthly"),
-            teleservice(B, 3, "monthly"),
-            diagnostics(B, NOW, 4),
+            teleservice(A, 1, NOW, "smart_maintenance"),
+            teleservice(A, 2, NOW, "monthly"),
+            teleservice(B, 3, NOW, "monthly"),
+            diagnostics(B, 4, NOW),
         ],
     )
     .await;
@@ -102,7 +88,7 @@ async fn pseudonyms_rotate_with_the_key_epoch() {
     let server = TestServer::start();
     publish_all(
         server.handle.mqtt_addr(),
-        &[diagnostics(A, EPOCH_EARLIER, 1), diagnostics(A, NOW, 2)],
+        &[diagnostics(A, 1, EPOCH_EARLIER), diagnostics(A, 2, NOW)],
     )
     .await;
     let (data, key_file, vault_file) = (server.data_dir(), server.key_file(), server.vault_file());
@@ -135,7 +121,10 @@ async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
     let addr = server.handle.mqtt_addr();
     publish_all(
         addr,
-        &[teleservice(A, 1, "monthly"), teleservice(B, 2, "monthly")],
+        &[
+            teleservice(A, 1, NOW, "monthly"),
+            teleservice(B, 2, NOW, "monthly"),
+        ],
     )
     .await;
     let (data, key_file, vault_file) = (server.data_dir(), server.key_file(), server.vault_file());
@@ -151,7 +140,7 @@ async fn erasure_unlinks_a_vehicle_and_leaves_others_alone() {
     wait_for(|| stored() == 2);
     assert!(server.handle.privacy().erase(A).expect("erase"));
     // A publishes again after erasure: a new pseudonym, which no key links to the old one.
-    publish_all(addr, &[teleservice(A, 3, "monthly")]).await;
+    publish_all(addr, &[teleservice(A, 3, NOW, "monthly")]).await;
     server.handle.shutdown().expect("shutdown");
 
     let batches = query(
@@ -206,7 +195,10 @@ async fn an_erased_vehicles_keys_are_in_no_file() {
     let server = TestServer::start();
     publish_all(
         server.handle.mqtt_addr(),
-        &[teleservice(A, 1, "monthly"), teleservice(B, 2, "monthly")],
+        &[
+            teleservice(A, 1, NOW, "monthly"),
+            teleservice(B, 2, NOW, "monthly"),
+        ],
     )
     .await;
     let stored = || {
@@ -247,7 +239,11 @@ async fn an_erased_vehicles_keys_are_in_no_file() {
     assert_eq!(mode(&vault_file), 0o600, "the rewritten vault too");
     assert_eq!(privacy.vault.get(B).expect("read"), Some(b.clone()));
     // The running server keeps using the rewritten vault.
-    publish_all(server.handle.mqtt_addr(), &[teleservice(A, 3, "monthly")]).await;
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[teleservice(A, 3, NOW, "monthly")],
+    )
+    .await;
     wait_for(|| stored() == 3);
     drop(privacy);
     let key_file = server.key_file();

@@ -11,17 +11,12 @@ use common::*;
 use fleetgate::lifecycle::retention::{self, Retention};
 use fleetgate::schema::{Registry, Stream};
 
-const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
 /// Every record's vehicle timestamp: 2026-11-24T12:00:00Z, the start of an hour.
 const T: i64 = TEST_NOW_MS;
-const VIN: &str = "WMW11DJ04N2T00001";
 
-fn publish(stream: Stream, body: &str) -> (String, Vec<u8>) {
-    (
-        format!("vehicles/{VIN}/{}", stream.name()),
-        format!(r#"{{"vin":"{VIN}","ts":{T},{body}}}"#).into_bytes(),
-    )
+/// Vehicle A's record `seq` on `stream`, stamped `T`.
+fn publish(stream: Stream, seq: u64, fields: serde_json::Value) -> Message {
+    record(A, stream, seq, T, fields)
 }
 
 /// One record per rule, all at `T`, stored and committed.
@@ -30,32 +25,37 @@ async fn store_one_row_per_rule() -> TestServer {
     let messages = vec![
         publish(
             Stream::Teleservice,
-            r#""seq":1,"trigger":"hv_warn","hv_incident_id":"HV-1""#,
+            1,
+            serde_json::json!({"trigger": "hv_warn", "hv_incident_id": "HV-1"}),
         ),
         publish(
             Stream::Teleservice,
-            r#""seq":2,"trigger":"monthly","mileage_km":100"#,
+            2,
+            serde_json::json!({"trigger": "monthly", "mileage_km": 100}),
         ),
-        publish(Stream::Rtti, r#""seq":1,"latitude":59.3,"longitude":18.0"#),
+        publish(
+            Stream::Rtti,
+            1,
+            serde_json::json!({"latitude": 59.3, "longitude": 18.0}),
+        ),
         publish(
             Stream::Diagnostics,
-            r#""seq":1,"ecu":"DME","severity":"info""#,
+            1,
+            serde_json::json!({"ecu": "DME", "severity": "info"}),
         ),
         publish(
             Stream::Charging,
-            &format!(
-                r#""seq":1,"session_id":"S1","event":"start","started_at":{T},"remote_managed":true"#
-            ),
+            1,
+            serde_json::json!({"session_id": "S1", "event": "start", "started_at": T, "remote_managed": true}),
         ),
         publish(
             Stream::Charging,
-            &format!(
-                r#""seq":2,"session_id":"S2","event":"start","started_at":{T},"remote_managed":false"#
-            ),
+            2,
+            serde_json::json!({"session_id": "S2", "event": "start", "started_at": T, "remote_managed": false}),
         ),
         // Not JSON: dead letters, timed by their receipt.
-        (format!("vehicles/{VIN}/diagnostics"), b"not json".to_vec()),
-        (format!("vehicles/{VIN}/rtti"), b"not json".to_vec()),
+        (format!("vehicles/{A}/diagnostics"), b"not json".to_vec()),
+        (format!("vehicles/{A}/rtti"), b"not json".to_vec()),
     ];
     publish_all(server.handle.mqtt_addr(), &messages).await;
     server
@@ -165,7 +165,7 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
     let partition = data.join("rtti/date=2026-11-24/hour=12");
     assert!(!parquet_in(&partition).is_empty());
     // The partition holds 12:00-13:00; RTTI is kept 24 hours.
-    let all_expired = T + HOUR_MS + DAY_MS;
+    let all_expired = T + HOUR + DAY;
 
     let none = retention::sweep(&store(&data), &rules, run(all_expired - 1, false)).expect("sweep");
     assert!(none.iter().all(|d| d.table != "rtti"), "{none:?}");
@@ -208,7 +208,7 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
     assert_eq!(lines[0]["rows"], 1);
     assert_eq!(lines[0]["rules"], serde_json::json!(["rtti_probe_data"]));
     assert!(
-        !audit.contains(VIN) && !audit.contains("59.3"),
+        !audit.contains(A) && !audit.contains("59.3"),
         "no data in the audit: {audit}"
     );
 
@@ -223,12 +223,7 @@ async fn the_sweep_deletes_a_partition_once_all_its_rows_expired_and_audits_it()
     retention::sweep(&store(&data), &rules, run(T + keep_history - 1, false)).expect("sweep");
     assert!(!parquet_in(&charging).is_empty());
     assert_eq!(count_at(&data, "SELECT count(*) FROM charging", T).await, 1);
-    retention::sweep(
-        &store(&data),
-        &rules,
-        run(T + HOUR_MS + keep_history, false),
-    )
-    .expect("sweep");
+    retention::sweep(&store(&data), &rules, run(T + HOUR + keep_history, false)).expect("sweep");
     assert!(parquet_in(&charging).is_empty());
 }
 
@@ -237,7 +232,7 @@ async fn expired_rows_cannot_be_reached_by_any_statement() {
     let server = store_one_row_per_rule().await;
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
-    let later = T + 2 * DAY_MS;
+    let later = T + 2 * DAY;
     assert_eq!(visible(&data, "rtti", later).await, 0);
     // The Parquet files behind the views are not tables of the session.
     let base_tables = count_at(
@@ -291,8 +286,8 @@ async fn the_server_sweeps_expired_partitions_in_the_background() {
         c.access.query_timeout_ms = 1;
         c.storage.vacuum_grace_ms = 1;
     });
-    let three_days_ago = fleetgate::core::clock::now_ms() - 3 * DAY_MS;
-    let probe = rtti_probe(VIN, three_days_ago);
+    let three_days_ago = fleetgate::core::clock::now_ms() - 3 * DAY;
+    let probe = rtti_probe(A, three_days_ago);
     publish_all(server.handle.mqtt_addr(), &[probe]).await;
     let metrics = server.handle.metrics().clone();
     let relaxed = std::sync::atomic::Ordering::Relaxed;
@@ -327,12 +322,7 @@ async fn entries_of_swept_rows_still_count_as_stored() {
         "{before:?}"
     );
     // RTTI's partition has expired whole; the HV warn call is deleted from its file.
-    retention::sweep(
-        &store(&data),
-        &rules,
-        run(T + HOUR_MS + 200 * DAY_MS, false),
-    )
-    .expect("sweep");
+    retention::sweep(&store(&data), &rules, run(T + HOUR + 200 * DAY, false)).expect("sweep");
     assert!(parquet_in(&data.join("rtti")).is_empty());
     assert_eq!(
         stored(),
@@ -348,15 +338,13 @@ async fn entries_of_swept_rows_still_count_as_stored() {
 async fn a_late_back_dated_row_of_a_shorter_rule_goes_at_the_next_sweep() {
     let server = TestServer::start();
     let previous_sweep = fleetgate::core::clock::now_ms();
-    let ts = previous_sweep - 3 * DAY_MS;
-    let row = |seq: u32, remote: bool| {
-        (
-            format!("vehicles/{VIN}/charging"),
-            format!(
-                r#"{{"vin":"{VIN}","ts":{ts},"seq":{seq},"session_id":"S{seq}","event":"start","started_at":{ts},"remote_managed":{remote}}}"#
-            )
-            .into_bytes(),
-        )
+    let ts = previous_sweep - 3 * DAY;
+    let row = |seq: u64, remote: bool| {
+        let fields = serde_json::json!({
+            "session_id": format!("S{seq}"), "event": "start", "started_at": ts,
+            "remote_managed": remote,
+        });
+        record(A, Stream::Charging, seq, ts, fields)
     };
     publish_all(server.handle.mqtt_addr(), &[row(1, true), row(2, false)]).await;
     let data = server.data_dir();
@@ -387,14 +375,14 @@ async fn a_row_stamped_ahead_of_its_receipt_expires_by_its_receipt() {
     let received = fleetgate::core::clock::now_ms();
     publish_all(
         server.handle.mqtt_addr(),
-        &[rtti_probe(VIN, received + 20 * HOUR_MS)],
+        &[rtti_probe(A, received + 20 * HOUR)],
     )
     .await;
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
     let stored = fleetgate::core::clock::now_ms();
-    assert_eq!(visible(&data, "rtti", received + 23 * HOUR_MS).await, 1);
-    let past_its_rule = stored + DAY_MS + 60_000;
+    assert_eq!(visible(&data, "rtti", received + 23 * HOUR).await, 1);
+    let past_its_rule = stored + DAY + 60_000;
     assert_eq!(
         visible(&data, "rtti", past_its_rule).await,
         0,
@@ -489,7 +477,7 @@ async fn a_deletion_requests_selection_does_not_stay_in_the_log() {
     let rules = Retention::load(None, &Registry::load().expect("schemas"))
         .expect("rules")
         .with_requests(vec![request]);
-    let deleted = retention::sweep(&store(&data), &rules, run(T + HOUR_MS, false)).expect("sweep");
+    let deleted = retention::sweep(&store(&data), &rules, run(T + HOUR, false)).expect("sweep");
     assert!(
         deleted
             .iter()

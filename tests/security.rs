@@ -23,9 +23,6 @@ use common::*;
 use fleetgate::config::TlsListenerConfig;
 use fleetgate::schema::Stream;
 
-const A: &str = "WMW11DJ04N2T00001";
-const B: &str = "WMW21GD07P2S00002";
-
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -152,11 +149,11 @@ fn mosquitto_pub(pki: &Pki, port: u16, client: &str, topic: &str, payload: &str)
     out.status.success()
 }
 
-fn teleservice(vin: &str, seq: u32) -> String {
-    format!(
-        r#"{{"vin":"{vin}","ts":{},"seq":{seq},"trigger":"monthly"}}"#,
-        fleetgate::core::clock::now_ms()
-    )
+/// The payload of `vin`'s monthly teleservice call `seq`, stamped now.
+fn teleservice_now(vin: &str, seq: u32) -> String {
+    let now = fleetgate::core::clock::now_ms();
+    let (_, payload) = teleservice(vin, seq.into(), now, "monthly");
+    String::from_utf8(payload).expect("JSON is text")
 }
 
 fn rejected(server: &TestServer, stream: Stream, reason: &str) -> u64 {
@@ -217,12 +214,18 @@ fn tls_vehicles_publish_only_as_themselves() {
     let port = server.handle.tls_addr().expect("TLS listener").port();
 
     let own = format!("/tenants/{A}/vehicles/{A}/teleservice");
-    assert!(mosquitto_pub(&pki, port, "car-a", &own, &teleservice(A, 1)));
+    assert!(mosquitto_pub(
+        &pki,
+        port,
+        "car-a",
+        &own,
+        &teleservice_now(A, 1)
+    ));
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
 
     // Another vehicle's topic under its own prefix: refused by fleetgate, counted.
     let foreign = format!("/tenants/{A}/vehicles/{B}/teleservice");
-    mosquitto_pub(&pki, port, "car-a", &foreign, &teleservice(B, 1));
+    mosquitto_pub(&pki, port, "car-a", &foreign, &teleservice_now(B, 1));
     wait_for(|| rejected(&server, Stream::Teleservice, "foreign_topic") == 1);
     // Outside its prefix: rumqttd drops the publish and the connection.
     mosquitto_pub(
@@ -230,7 +233,7 @@ fn tls_vehicles_publish_only_as_themselves() {
         port,
         "car-a",
         &format!("vehicles/{B}/teleservice"),
-        &teleservice(B, 2),
+        &teleservice_now(B, 2),
     );
     // A certificate the vehicle CA did not sign: no TLS session at all.
     let rogue = format!("/tenants/{B}/vehicles/{B}/teleservice");
@@ -239,11 +242,17 @@ fn tls_vehicles_publish_only_as_themselves() {
         port,
         "rogue-b",
         &rogue,
-        &teleservice(B, 3)
+        &teleservice_now(B, 3)
     ));
 
     // A's own publish after the refusals still arrives: the listener is fine.
-    assert!(mosquitto_pub(&pki, port, "car-a", &own, &teleservice(A, 2)));
+    assert!(mosquitto_pub(
+        &pki,
+        port,
+        "car-a",
+        &own,
+        &teleservice_now(A, 2)
+    ));
     wait_for(|| stored(&server, Stream::Teleservice) == 2);
     std::thread::sleep(Duration::from_millis(500));
     let TestServer {
@@ -338,7 +347,7 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
             let topic = topic_of(to);
             async move {
                 let login = secret.as_deref().map(|p| (user, p));
-                publish_with(addr, client, login, &topic, teleservice(to, 1)).await
+                publish_with(addr, client, login, &topic, teleservice_now(to, 1)).await
             }
         };
     let right = || Some(password.clone());
@@ -460,7 +469,7 @@ async fn malformed_and_oversize_packets_close_only_their_connection() {
 
     // The listener still serves everyone else.
     let topic = format!("vehicles/{A}/teleservice");
-    publish_all(addr, &[(topic, teleservice(A, 1).into_bytes())]).await;
+    publish_all(addr, &[(topic, teleservice_now(A, 1).into_bytes())]).await;
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
     server.handle.shutdown().expect("shutdown");
 }
@@ -481,7 +490,7 @@ async fn a_flooding_client_does_not_starve_the_others() {
                 addr,
                 &[(
                     format!("vehicles/{A}/teleservice"),
-                    teleservice(A, seq).into_bytes(),
+                    teleservice_now(A, seq).into_bytes(),
                 )],
             )
             .await;
@@ -551,7 +560,7 @@ async fn a_refused_client_id_does_not_stop_the_listener() {
         raw_session(addr, &connect_packet("a/b"));
     }
     let topic = format!("vehicles/{A}/teleservice");
-    publish_all(addr, &[(topic, teleservice(A, 1).into_bytes())]).await;
+    publish_all(addr, &[(topic, teleservice_now(A, 1).into_bytes())]).await;
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
     server.handle.shutdown().expect("shutdown");
 }
@@ -579,7 +588,7 @@ async fn a_connection_over_its_publish_rate_is_held_back_and_counted() {
         .map(|seq| {
             (
                 format!("vehicles/{A}/teleservice"),
-                teleservice(A, seq).into_bytes(),
+                teleservice_now(A, seq).into_bytes(),
             )
         })
         .collect();
@@ -627,7 +636,7 @@ async fn a_client_that_subscribes_is_disconnected() {
     assert_eq!(outcome, "disconnected");
     // Publishing still works for everyone else.
     let topic = format!("vehicles/{A}/teleservice");
-    publish_all(addr, &[(topic, teleservice(A, 1).into_bytes())]).await;
+    publish_all(addr, &[(topic, teleservice_now(A, 1).into_bytes())]).await;
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
     server.handle.shutdown().expect("shutdown");
 }
@@ -672,7 +681,11 @@ async fn a_network_client_cannot_take_over_the_ingest_link() {
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         let topic = format!("vehicles/{A}/teleservice");
-        publish_all(addr, &[(topic, teleservice(A, round as u32).into_bytes())]).await;
+        publish_all(
+            addr,
+            &[(topic, teleservice_now(A, round as u32).into_bytes())],
+        )
+        .await;
         let seen = spy.await.expect("spy");
         assert!(
             seen.is_empty(),
@@ -705,7 +718,7 @@ async fn a_qos2_publish_is_refused_and_not_stored() {
             topic.as_str(),
             rumqttc::QoS::ExactlyOnce,
             false,
-            teleservice(B, 1),
+            teleservice_now(B, 1),
         )
         .await
         .expect("queued");
@@ -729,7 +742,12 @@ async fn a_qos2_publish_is_refused_and_not_stored() {
     let options = rumqttc::v5::MqttOptions::new("qos2-v5", addr5.ip().to_string(), addr5.port());
     let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
     client
-        .publish(topic.as_str(), QoS5::ExactlyOnce, false, teleservice(B, 2))
+        .publish(
+            topic.as_str(),
+            QoS5::ExactlyOnce,
+            false,
+            teleservice_now(B, 2),
+        )
         .await
         .expect("queued");
     let mut max_qos = None;
@@ -757,7 +775,7 @@ async fn a_qos2_publish_is_refused_and_not_stored() {
 
     // QoS 1 still works; nothing of B's is stored.
     let ok = format!("vehicles/{A}/teleservice");
-    publish_all(addr, &[(ok, teleservice(A, 1).into_bytes())]).await;
+    publish_all(addr, &[(ok, teleservice_now(A, 1).into_bytes())]).await;
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");

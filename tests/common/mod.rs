@@ -211,6 +211,86 @@ pub async fn publish_all(addr: std::net::SocketAddr, messages: &[(String, Vec<u8
 /// whatever today's date is. `tests/retention.rs` moves it on purpose.
 pub const TEST_NOW_MS: i64 = 1_795_521_600_000;
 
+/// One hour and one day in milliseconds.
+pub const HOUR: i64 = 3_600_000;
+pub const DAY: i64 = 24 * HOUR;
+/// The two vehicles most tests publish for: A and B.
+pub const A: &str = "WMW11DJ04N2T00001";
+pub const B: &str = "WMW21GD07P2S00002";
+
+/// A publish: its topic and payload.
+pub type Message = (String, Vec<u8>);
+
+/// `vin`'s publish on `stream` of one record: `fields` with the vehicle's
+/// `vin`, `ts` and `seq`.
+pub fn record(vin: &str, stream: Stream, seq: u64, ts: i64, fields: serde_json::Value) -> Message {
+    let mut body = serde_json::json!({ "vin": vin, "ts": ts, "seq": seq });
+    merge(&mut body, fields);
+    (
+        format!("vehicles/{vin}/{}", stream.name()),
+        body.to_string().into_bytes(),
+    )
+}
+
+/// `message` with `changes` set over its record's fields.
+pub fn with(message: Message, changes: serde_json::Value) -> Message {
+    let (topic, payload) = message;
+    let mut body: serde_json::Value = serde_json::from_slice(&payload).expect("a record");
+    merge(&mut body, changes);
+    (topic, body.to_string().into_bytes())
+}
+
+fn merge(body: &mut serde_json::Value, changes: serde_json::Value) {
+    if let (Some(body), serde_json::Value::Object(changes)) = (body.as_object_mut(), changes) {
+        body.extend(changes);
+    }
+}
+
+/// The start of charging session `S{seq}` at 40 % (AC, not remote-managed,
+/// at one place), billed to `contract`.
+pub fn charging(vin: &str, seq: u64, ts: i64, contract: &str) -> Message {
+    record(
+        vin,
+        Stream::Charging,
+        seq,
+        ts,
+        serde_json::json!({
+            "session_id": format!("S{seq}"), "event": "start", "started_at": ts,
+            "soc_pct": 40.0, "charging_mode": "ac", "remote_managed": false,
+            "latitude": 59.31, "longitude": 18.02, "contract_number": contract,
+        }),
+    )
+}
+
+/// A teleservice call of `trigger` at mileage `seq` × 1000 km, with the
+/// contact phone `+46700` and `seq` in six digits.
+pub fn teleservice(vin: &str, seq: u64, ts: i64, trigger: &str) -> Message {
+    record(
+        vin,
+        Stream::Teleservice,
+        seq,
+        ts,
+        serde_json::json!({
+            "trigger": trigger, "mileage_km": seq * 1000, "service_needs": ["oil"],
+            "latitude": 59.4, "longitude": 17.9, "contact_phone": format!("+46700{seq:06}"),
+        }),
+    )
+}
+
+/// A battery-management warning with one fault code.
+pub fn diagnostics(vin: &str, seq: u64, ts: i64) -> Message {
+    record(
+        vin,
+        Stream::Diagnostics,
+        seq,
+        ts,
+        serde_json::json!({
+            "ecu": "BMS", "severity": "warning", "fault_codes": ["P0A7F"],
+            "battery_voltage_v": 398.0,
+        }),
+    )
+}
+
 /// An RTTI probe of `vin` at `ts_ms`, as its topic and payload.
 pub fn rtti_probe(vin: &str, ts_ms: i64) -> (String, Vec<u8>) {
     (
