@@ -262,7 +262,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new("info,rumqttd=warn,buoyant_kernel=warn,deltalake_core=warn")
         }))
-        .with_writer(|| Redacting(std::io::stderr()))
+        .with_writer(|| fleetgate::privacy::log::Redacting(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -600,25 +600,6 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Log output with every VIN-shaped token replaced by `vin:redacted`.
-/// fleetgate's own lines name vehicles by pseudonym or tag only, but rumqttd
-/// puts client ids and, for a TLS vehicle, its certificate's organisation
-/// (the VIN) into its log spans; a VIN must never reach a log line. Each
-/// `write` gets one whole formatted event, so no token is split.
-struct Redacting<W: std::io::Write>(W);
-
-impl<W: std::io::Write> std::io::Write for Redacting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let clean = fleetgate::privacy::pseudo::redact_vins(buf, &mut |_| "redacted".to_owned());
-        self.0.write_all(&clean)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// SIGINT and SIGTERM, listened for from the moment this returns: before
 /// the server announces itself, so a signal right after the announcement
 /// still gets a clean shutdown instead of the default kill.
@@ -642,23 +623,5 @@ impl ShutdownSignals {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Write;
-
-    #[test]
-    fn log_lines_lose_their_vins() {
-        let mut log = super::Redacting(Vec::new());
-        log.write_all(b"remote_link{tenant_id=Some(\"WMW11DJ04N2T00001\") client_id=\"WMW11DJ04N2T00001.car\"} router-drop\n")
-            .expect("write");
-        let line = String::from_utf8(log.0).expect("utf8");
-        assert!(!line.contains("WMW11DJ04N2T00001"), "{line}");
-        assert!(
-            line.contains("vin:redacted.car") && line.contains("router-drop"),
-            "{line}"
-        );
     }
 }

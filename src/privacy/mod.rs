@@ -2,6 +2,7 @@
 //! (secrets, consent, crypto-shredding), and the per-worker stage that
 //! pseudonymises and encrypts records.
 
+pub mod log;
 pub mod pseudo;
 pub mod stage;
 pub mod vault;
