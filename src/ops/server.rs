@@ -2,13 +2,15 @@
 //! write-ahead logs) → table writers, started in that order's reverse and
 //! stopped in its order.
 //!
-//! [`start`] first recovers: it reads the WAL, asks the Parquet footers which
-//! entries are already stored, and hands the writers exactly the rest.
+//! [`start`] first recovers: it reads the WAL, asks the Delta tables which
+//! entries their commits hold (their WAL transactions), and hands the
+//! writers exactly the rest.
 //! [`ServerHandle::shutdown`] stops ingest at the drain barrier, lets every
 //! worker empty its queue and every writer commit its open files, then
 //! closes the logs, which leaves them empty. Nothing here decodes,
 //! validates or writes; it only connects the stages.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam::channel::bounded;
+use crossbeam::channel::{Sender, bounded};
 
 use crate::access::{AccessEnv, AccessError};
 use crate::config::{Acknowledge, Config, ConfigError, RetentionConfig, SinkKind};
@@ -111,6 +113,11 @@ struct Sweeper {
 }
 
 /// Starts every stage; returns once the broker accepts connections.
+///
+/// The steps, in order: open what holds state (schemas, rules, vault, the
+/// store), read what the WAL and the tables hold, start the table writers,
+/// hand them what only the WAL holds, start the worker shards, the query
+/// front-ends and the sweep, and last the broker with its ingest link.
 pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
     crate::core::fsio::restrict_new_files();
@@ -128,20 +135,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     if !unconverted.is_empty() {
         return Err(StoreError::NotConverted(unconverted).into());
     }
-    let storage = &config.storage;
-    let writer_settings = |table: &str, schema, metadata| WriterSettings {
-        table: table.to_owned(),
-        root: root.clone(),
-        schema,
-        roll_rows: storage.roll_rows,
-        roll_bytes: storage.roll_bytes,
-        roll_age: Duration::from_millis(storage.roll_age_ms),
-        max_open_files: storage.max_open_files,
-        memory_budget_bytes: storage.memory_budget_bytes / Table::COUNT,
-        zstd_level: storage.zstd_level,
-        metadata,
-    };
-    let queue = config.pipeline.queue_capacity;
+
     let wal_settings = WalSettings {
         dir: config.wal_dir(),
         segment_bytes: config.wal.segment_bytes,
@@ -149,113 +143,34 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         fsync_bytes: config.wal.fsync_bytes,
         max_segment_age: Duration::from_millis(config.wal.max_segment_age_ms),
     };
-    let mut recovered = wal::recover(&wal_settings.dir, config.wal.skip_corrupt)?;
-    // What the tables hold of every shard, read before any writer commits.
-    let shard_ids: Vec<u16> = (0..config.worker_count())
-        .filter_map(|i| u16::try_from(i).ok())
-        .chain(recovered.shards.keys().copied())
-        .collect();
-    let stored = crate::store::block_on(crate::store::stored_through(&root, &shard_ids))?;
-    // A shard numbers on past every entry a table holds, even when its log
-    // is gone (a new disk): a reused number would read as stored.
-    for (&(_, shard), &seq) in &stored {
-        let log = recovered.shards.entry(shard).or_default();
-        log.next_seq = log.next_seq.max(seq + 1);
-    }
+    let recovery = Recovery::read(config, &root, &wal_settings)?;
     let tracker = Arc::new(Tracker::default());
-
     let mut queues = Vec::new();
-    let mut writers = Vec::new();
-    // One writer per table, its sender at the table's index.
-    let mut table_writers = Vec::new();
-    for (table, schema) in registry.tables() {
-        let (tx, rx) = bounded(queue);
-        queues.push(depth(format!("writer-{}", table.name()), &rx));
-        let mut metadata = vec![("fleetgate.table".to_owned(), table.name().to_owned())];
-        if let Table::Stream(stream) = table {
-            let version = registry.get(stream).version;
-            metadata.push(("fleetgate.schema_version".to_owned(), version.to_string()));
-        }
-        writers.push(spawn_writer(
-            writer_settings(table.name(), schema, metadata),
-            rx,
-            TableListener::new(metrics.clone(), table),
-            tracker.clone(),
-        )?);
-        table_writers.push(tx);
-    }
-
-    // Recovery: whatever the log holds that no commit holds.
-    if recovered.entry_count() > 0 {
-        let mut replayed = 0u64;
-        for entry in recovered.shards.values().flat_map(|s| &s.entries) {
-            let stored_through = stored.get(&(entry.table, entry.id.shard));
-            if stored_through.is_some_and(|&seq| entry.id.seq <= seq) {
-                continue;
-            }
-            tracker.register(entry.id);
-            // The writers run already; a send fails only if one panicked.
-            let _ = table_writers[entry.table.index()].send(TableBatch {
-                partition: entry.partition,
-                batch: entry.batch.clone(),
-                wal: entry.id,
-            });
-            replayed += 1;
-        }
-        metrics
-            .wal
-            .entries_replayed
-            .fetch_add(replayed, Ordering::Relaxed);
-        tracing::warn!(
-            entries = recovered.entry_count(),
-            replayed,
-            already_stored = recovered.entry_count() as u64 - replayed,
-            "recovered the write-ahead log of an unclean stop"
-        );
-    }
-
-    // A log written by more workers than are configured now keeps its
-    // shards: each is owned by a worker until it holds no entry.
-    let recovered_shards = recovered
-        .shards
-        .iter()
-        .filter(|(_, s)| !s.entries.is_empty())
-        .map(|(shard, _)| usize::from(*shard) + 1)
-        .max()
-        .unwrap_or(0);
-    let shard_count = config.worker_count().max(recovered_shards);
-    let frontier = Arc::new(DurableFrontier::new(shard_count));
-    let context = WorkerContext {
-        registry,
-        limits: Limits {
-            max_payload_bytes: config.pipeline.max_payload_bytes,
-            max_records_per_publish: config.pipeline.max_records_per_publish,
-            max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
+    let writers = start_writers(config, &root, &registry, &metrics, &tracker, &mut queues)?;
+    recovery.replay(&tracker, &writers.senders, &metrics);
+    let shard_count = recovery.shard_count(config);
+    let workers = start_workers(
+        config,
+        WorkerContext {
+            registry,
+            limits: Limits {
+                max_payload_bytes: config.pipeline.max_payload_bytes,
+                max_records_per_publish: config.pipeline.max_records_per_publish,
+                max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
+            },
+            dead_letter_payload_bytes: config.pipeline.dead_letter_payload_bytes,
+            privacy: privacy.clone(),
+            metrics: metrics.clone(),
+            writers: writers.senders,
+            frontier: Arc::new(DurableFrontier::new(shard_count)),
+            sync_immediately: config.broker.acknowledge == Acknowledge::Durable,
         },
-        dead_letter_payload_bytes: config.pipeline.dead_letter_payload_bytes,
-        privacy: privacy.clone(),
-        metrics: metrics.clone(),
-        writers: table_writers,
-        frontier: frontier.clone(),
-        sync_immediately: config.broker.acknowledge == Acknowledge::Durable,
-    };
-    let mut shards = Vec::new();
-    let mut workers = Vec::new();
-    for index in 0..shard_count {
-        let shard = u16::try_from(index).unwrap_or(u16::MAX);
-        let log = ShardWal::open(
-            &wal_settings,
-            shard,
-            recovered.shards.get(&shard),
-            tracker.clone(),
-        )?;
-        let (tx, rx) = bounded(queue);
-        queues.push(depth(format!("worker-{index}"), &rx));
-        workers.push(spawn_worker(index, context.clone(), rx, log)?);
-        shards.push(tx);
-    }
-    // The workers now hold the only writer senders, so the writers stop when they do.
-    drop(context);
+        shard_count,
+        &recovery,
+        &wal_settings,
+        &tracker,
+        &mut queues,
+    )?;
 
     let access = Arc::new(AccessEnv::new(config, Some(privacy.clone()))?);
     let credentials = config
@@ -304,6 +219,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             metrics.clone(),
         )?),
     };
+
     // The patched broker reserves the link's client id for the in-process
     // link (vendor/rumqttd/PATCHED.md); it is random per run as well, so that
     // no client can even aim at it.
@@ -319,7 +235,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let sink = match config.pipeline.sink {
-        SinkKind::Store => ingest::Sink::Shards(shards),
+        SinkKind::Store => ingest::Sink::Shards(workers.senders),
         SinkKind::Discard => {
             tracing::warn!(
                 "pipeline.sink = \"discard\": publishes are counted and dropped, nothing is stored"
@@ -331,7 +247,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         embedded.link_tx,
         embedded.link_rx,
         sink,
-        frontier,
+        workers.frontier,
         stop.clone(),
     )?;
     tracing::info!(
@@ -340,7 +256,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         admin = %admin.addr,
         flight_sql = %flight_sql.addr,
         data_dir = %data_dir.display(),
-        workers = workers.len(),
+        workers = workers.handles.len(),
         "fleetgate is running"
     );
     Ok(ServerHandle {
@@ -351,8 +267,8 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         data_dir,
         stop,
         ingest,
-        workers,
-        writers,
+        workers: workers.handles,
+        writers: writers.handles,
         metrics,
         tracker,
         privacy,
@@ -360,6 +276,172 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         flight_sql,
         queries,
         retention,
+    })
+}
+
+/// What an unclean stop left: the WAL's entries, and how far each table
+/// holds each shard's entries (the Delta transactions of its commits).
+struct Recovery {
+    recovered: wal::Recovered,
+    stored: HashMap<(Table, u16), u64>,
+}
+
+impl Recovery {
+    /// Reads the WAL and the tables, before any writer commits.
+    fn read(config: &Config, root: &StoreRoot, settings: &WalSettings) -> Result<Self> {
+        let mut recovered = wal::recover(&settings.dir, config.wal.skip_corrupt)?;
+        let shard_ids: Vec<u16> = (0..config.worker_count())
+            .filter_map(|i| u16::try_from(i).ok())
+            .chain(recovered.shards.keys().copied())
+            .collect();
+        let stored = crate::store::block_on(crate::store::stored_through(root, &shard_ids))?;
+        // A shard numbers on past every entry a table holds, even when its log
+        // is gone (a new disk): a reused number would read as stored.
+        for (&(_, shard), &seq) in &stored {
+            let log = recovered.shards.entry(shard).or_default();
+            log.next_seq = log.next_seq.max(seq + 1);
+        }
+        Ok(Self { recovered, stored })
+    }
+
+    /// Hands the running writers whatever the log holds that no commit holds.
+    fn replay(&self, tracker: &Tracker, writers: &[Sender<TableBatch>], metrics: &Metrics) {
+        let entries = self.recovered.entry_count();
+        if entries == 0 {
+            return;
+        }
+        let mut replayed = 0u64;
+        for entry in self.recovered.shards.values().flat_map(|s| &s.entries) {
+            let stored_through = self.stored.get(&(entry.table, entry.id.shard));
+            if stored_through.is_some_and(|&seq| entry.id.seq <= seq) {
+                continue;
+            }
+            tracker.register(entry.id);
+            // The writers run already; a send fails only if one panicked.
+            let _ = writers[entry.table.index()].send(TableBatch {
+                partition: entry.partition,
+                batch: entry.batch.clone(),
+                wal: entry.id,
+            });
+            replayed += 1;
+        }
+        metrics
+            .wal
+            .entries_replayed
+            .fetch_add(replayed, Ordering::Relaxed);
+        tracing::warn!(
+            entries,
+            replayed,
+            already_stored = entries as u64 - replayed,
+            "recovered the write-ahead log of an unclean stop"
+        );
+    }
+
+    /// How many worker shards run: those configured, or more when a log
+    /// written by more workers still holds entries (each shard is owned by
+    /// a worker until it holds none).
+    fn shard_count(&self, config: &Config) -> usize {
+        let recovered_shards = self
+            .recovered
+            .shards
+            .iter()
+            .filter(|(_, s)| !s.entries.is_empty())
+            .map(|(shard, _)| usize::from(*shard) + 1)
+            .max()
+            .unwrap_or(0);
+        config.worker_count().max(recovered_shards)
+    }
+}
+
+/// The table writers: their threads, and their senders at each table's index.
+struct Writers {
+    handles: Vec<JoinHandle<()>>,
+    senders: Vec<Sender<TableBatch>>,
+}
+
+/// Starts one writer thread per table.
+fn start_writers(
+    config: &Config,
+    root: &StoreRoot,
+    registry: &Registry,
+    metrics: &Arc<Metrics>,
+    tracker: &Arc<Tracker>,
+    queues: &mut Vec<Queue>,
+) -> Result<Writers> {
+    let storage = &config.storage;
+    let mut handles = Vec::new();
+    let mut senders = Vec::new();
+    for (table, schema) in registry.tables() {
+        let (tx, rx) = bounded(config.pipeline.queue_capacity);
+        queues.push(depth(format!("writer-{}", table.name()), &rx));
+        let mut metadata = vec![("fleetgate.table".to_owned(), table.name().to_owned())];
+        if let Table::Stream(stream) = table {
+            let version = registry.get(stream).version;
+            metadata.push(("fleetgate.schema_version".to_owned(), version.to_string()));
+        }
+        let settings = WriterSettings {
+            table: table.name().to_owned(),
+            root: root.clone(),
+            schema,
+            roll_rows: storage.roll_rows,
+            roll_bytes: storage.roll_bytes,
+            roll_age: Duration::from_millis(storage.roll_age_ms),
+            max_open_files: storage.max_open_files,
+            memory_budget_bytes: storage.memory_budget_bytes / Table::COUNT,
+            zstd_level: storage.zstd_level,
+            metadata,
+        };
+        handles.push(spawn_writer(
+            settings,
+            rx,
+            TableListener::new(metrics.clone(), table),
+            tracker.clone(),
+        )?);
+        senders.push(tx);
+    }
+    Ok(Writers { handles, senders })
+}
+
+/// The worker shards: their threads, the senders ingest feeds them by, and
+/// the frontier they report durability to.
+struct Workers {
+    handles: Vec<JoinHandle<ShardWal>>,
+    senders: Vec<Sender<ingest::Inbound>>,
+    frontier: Arc<DurableFrontier>,
+}
+
+/// Starts `shard_count` workers, each with its shard's write-ahead log. The
+/// workers hold the only writer senders after this, so the writers stop
+/// when they do.
+fn start_workers(
+    config: &Config,
+    context: WorkerContext,
+    shard_count: usize,
+    recovery: &Recovery,
+    wal_settings: &WalSettings,
+    tracker: &Arc<Tracker>,
+    queues: &mut Vec<Queue>,
+) -> Result<Workers> {
+    let frontier = context.frontier.clone();
+    let mut handles = Vec::new();
+    let mut senders = Vec::new();
+    for index in 0..shard_count {
+        let shard = u16::try_from(index).unwrap_or(u16::MAX);
+        let log = ShardWal::open(
+            wal_settings,
+            shard,
+            recovery.recovered.shards.get(&shard),
+            tracker.clone(),
+        )?;
+        let (tx, rx) = bounded(config.pipeline.queue_capacity);
+        queues.push(depth(format!("worker-{index}"), &rx));
+        handles.push(spawn_worker(index, context.clone(), rx, log)?);
+        senders.push(tx);
+    }
+    Ok(Workers {
+        handles,
+        senders,
+        frontier,
     })
 }
 
