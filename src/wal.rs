@@ -163,6 +163,10 @@ pub struct ShardWal {
     next_seq: u64,
     unsynced_bytes: usize,
     first_unsynced: Option<Instant>,
+    /// A write or fsync of the active segment failed and no new segment
+    /// could be started yet: the next append starts one first, since the
+    /// failed file's page cache cannot be trusted.
+    retired: bool,
 }
 
 /// What a sync made durable, for the caller's measurements.
@@ -199,6 +203,7 @@ impl ShardWal {
             next_seq,
             unsynced_bytes: 0,
             first_unsynced: None,
+            retired: false,
         })
     }
 
@@ -216,6 +221,10 @@ impl ShardWal {
             seq: self.next_seq,
         };
         let frame = encode_frame(id.seq, table, partition, batch)?;
+        if self.retired {
+            self.rotate()?;
+            self.retired = false;
+        }
         if let Err(e) = self.active.write_all(&frame) {
             self.recover_from_write_error();
             return Err(io_err(&self.active_path)(e));
@@ -250,16 +259,24 @@ impl ShardWal {
     }
 
     /// fsyncs the active segment (group commit), then rotates it if it is full.
+    ///
+    /// After a failed fsync the entries since the last good one are not
+    /// durable here and never will be (the segment is closed, nothing is
+    /// synced again on it): they no longer count as unsynced, and the
+    /// caller vouches for them otherwise (the worker waits for the tables).
     pub fn sync(&mut self) -> Result<Option<Synced>> {
         if self.first_unsynced.is_none() {
             return Ok(None);
         }
         let start = Instant::now();
         if let Err(e) = self.active.sync_data() {
+            let error = io_err(&self.active_path)(e);
+            self.unsynced_bytes = 0;
+            self.first_unsynced = None;
             // After a failed fsync the page cache cannot be trusted: never
             // append to this file again.
-            self.rotate().ok();
-            return Err(io_err(&self.active_path)(e));
+            self.retire_active();
+            return Err(error);
         }
         let synced = Synced {
             bytes: self.unsynced_bytes,
@@ -349,7 +366,12 @@ impl ShardWal {
 
     fn recover_from_write_error(&mut self) {
         let _ = self.active.set_len(self.active_len);
-        let _ = self.rotate();
+        self.retire_active();
+    }
+
+    /// Starts a new segment now if it can, or else before the next append.
+    fn retire_active(&mut self) {
+        self.retired = self.rotate().is_err();
     }
 }
 

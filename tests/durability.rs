@@ -83,6 +83,51 @@ async fn what_the_wal_holds_survives_sigkill() {
     assert!(!log.contains("replayed=0"), "{log}");
 }
 
+/// A WAL fsync that fails (EIO, the unsynced bytes lost, as a writeback
+/// error leaves them) acknowledges nothing on its strength: each publish is
+/// acknowledged once a committed table file holds it, so a SIGKILL right
+/// after the last PUBACK loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wal_fsync_acknowledges_only_what_a_commit_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let failing = dir.path().join("fail-fsync");
+    let library = fail_fsync_library(dir.path());
+    // Commits every 500 ms; a PUBACK waits for one while the disk fails.
+    let config = "[storage]\nroll_age_ms = 500\n";
+    // As the process sees it (/proc/self/fd), whatever links the temp dir has.
+    let wal_dir = dir
+        .path()
+        .canonicalize()
+        .expect("temp dir")
+        .join("data/_wal");
+    let env = [
+        ("LD_PRELOAD", library.as_os_str()),
+        ("FAIL_FSYNC_UNDER", wal_dir.as_os_str()),
+        ("FAIL_FSYNC_WHILE", failing.as_os_str()),
+    ];
+    let server = ServeProcess::spawn_with_env(dir.path(), config, &env);
+    std::fs::write(&failing, b"").expect("the disk starts failing");
+    let messages: Vec<_> = (0..300).map(|seq| probe(VINS[2], seq)).collect();
+    publish_all(server.addr, &messages).await;
+    server.kill();
+    std::fs::remove_file(&failing).expect("the disk comes back");
+
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    assert!(
+        log.contains("WAL fsync failed"),
+        "the fault never fired:\n{log}"
+    );
+    let server = ServeProcess::spawn(dir.path(), config);
+    server.terminate();
+    assert_eq!(
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
+        300,
+        "every acknowledged record is stored"
+    );
+    assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 300);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_skips_what_parquet_already_holds() {
     let dir = tempfile::tempdir().expect("tempdir");

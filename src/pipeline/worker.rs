@@ -98,6 +98,9 @@ struct Worker {
     /// to it (a later successful fsync does not vouch for pages the failed
     /// one may have dropped).
     parquet_gate: Option<u64>,
+    /// Whether the last fsync failed: the error is logged once per episode
+    /// (each failure is counted), not once per batch of a failing disk.
+    fsync_failing: bool,
     /// `received_at` columns of batches appended since the last fsync.
     unsynced_receipts: Vec<ArrayRef>,
     batchers: Vec<StreamBatcher>,
@@ -117,6 +120,7 @@ impl Worker {
             wal,
             handled_offset: None,
             parquet_gate: None,
+            fsync_failing: false,
             unsynced_receipts: Vec::new(),
             batchers: Stream::ALL
                 .iter()
@@ -169,6 +173,9 @@ impl Worker {
             let wal = &self.ctx.metrics.wal;
             match self.wal.sync() {
                 Ok(Some(synced)) => {
+                    if std::mem::take(&mut self.fsync_failing) {
+                        tracing::warn!("WAL fsync works again");
+                    }
                     wal.syncs.fetch_add(1, Relaxed);
                     wal.bytes_synced.fetch_add(synced.bytes as u64, Relaxed);
                     if let Ok(mut h) = wal.fsync_micros.lock() {
@@ -192,7 +199,9 @@ impl Worker {
                     wal.errors.fetch_add(1, Relaxed);
                     self.unsynced_receipts.clear();
                     self.parquet_gate = self.wal.last_seq();
-                    tracing::error!(error = %e, "WAL fsync failed; the batches since the last fsync are durable, and acknowledged, only once written to Parquet");
+                    if !std::mem::replace(&mut self.fsync_failing, true) {
+                        tracing::error!(error = %e, "WAL fsync failed; the batches since the last good fsync are durable, and acknowledged, only once a table commit holds them");
+                    }
                 }
             }
             self.report_durable();

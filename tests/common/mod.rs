@@ -485,6 +485,11 @@ impl ServeProcess {
     /// be empty), its log going to `dir/serve.log` (appended), and waits for
     /// the line saying where it listens.
     pub fn spawn(dir: &Path, config: &str) -> Self {
+        Self::spawn_with_env(dir, config, &[])
+    }
+
+    /// [`ServeProcess::spawn`] with these environment variables set.
+    pub fn spawn_with_env(dir: &Path, config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         use std::io::BufRead;
         let config_path = dir.join("fleetgate.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -508,6 +513,7 @@ impl ServeProcess {
                 "--config",
             ])
             .arg(&config_path)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(log)
             .spawn()
@@ -562,6 +568,23 @@ impl Drop for ServeProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Builds `tests/faults/fail_fsync.c` into `dir`: a library that, loaded
+/// with `LD_PRELOAD`, makes `fdatasync` under `FAIL_FSYNC_UNDER` fail with
+/// EIO and lose the unsynced bytes while the file `FAIL_FSYNC_WHILE` exists.
+pub fn fail_fsync_library(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults/fail_fsync.c");
+    let library = dir.join("libfail_fsync.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .args(["-ldl", "-lpthread"])
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "cc could not build {}", source.display());
+    library
 }
 
 /// A single-number query result, as seen at [`TEST_NOW_MS`].
