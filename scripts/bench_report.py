@@ -31,7 +31,7 @@ def metric(text, name, labels=""):
 
 def histogram_quantile(text, name, quant):
     """A quantile of a Prometheus histogram, interpolated within its bucket
-    as PromQL's histogram_quantile does (the bounds are 25 % apart at most)."""
+    as PromQL's histogram_quantile does (the bounds are 25-28 % apart)."""
     buckets = sorted(
         (float(le), float(n))
         for le, n in re.findall(r"^" + re.escape(name) + r'_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
@@ -112,7 +112,7 @@ p(f"At half rate ({runs['half']['records_per_s']:,.0f} records/s offered): recei
   f"p99 {q(half_metrics, 'fleetgate_receipt_to_durable_seconds', '0.99'):.0f} ms; receipt→queryable "
   f"p50 {q(half_metrics, 'fleetgate_receipt_to_queryable_seconds', '0.5'):.0f} ms, "
   f"p99 {q(half_metrics, 'fleetgate_receipt_to_queryable_seconds', '0.99'):.0f} ms "
-  f"(from /metrics' histogram buckets, interpolated: within 25 %).")
+  f"(from /metrics' histogram buckets, interpolated: within 28 %).")
 syncs = metric(e2e_metrics, "fleetgate_wal_syncs_total")
 synced = metric(e2e_metrics, "fleetgate_wal_bytes_total")
 fsync_p50 = q(e2e_metrics, "fleetgate_wal_fsync_seconds", "0.5")

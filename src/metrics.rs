@@ -382,8 +382,9 @@ fn encode_value(sample: &mut MetricEncoder, kind: MetricType, value: u64) -> std
 }
 
 /// Upper bounds of the latency buckets, in seconds: ten per decade
-/// (1, 1.25, 1.6, 2, 2.5, 3.2, 4, 5, 6.3, 8 × 10^e) from `10^from` to
-/// `10^to`, so that a quantile read from the buckets is within one step.
+/// (1, 1.25, 1.6, 2, 2.5, 3.2, 4, 5, 6.3, 8 × 10^e, steps of 25-28 %) from
+/// `10^from` to `10^to`, so that a quantile read from the buckets is within
+/// one step.
 fn bucket_bounds(from: i32, to: i32) -> Vec<f64> {
     const STEPS: [&str; 10] = ["1", "1.25", "1.6", "2", "2.5", "3.2", "4", "5", "6.3", "8"];
     // Parsed from decimal text, so that a bound prints as written (0.16,
@@ -397,7 +398,9 @@ fn bucket_bounds(from: i32, to: i32) -> Vec<f64> {
 
 /// Writes an hdrhistogram of values in units of `unit_s` seconds as a
 /// Prometheus histogram over `bounds`; values above the last bound count in
-/// `+Inf` only. The sum is the histogram's mean times its count.
+/// `+Inf` only. Each recorded value counts as the lowest value it stands
+/// for (exact below 2,048 units, within 0.1 % above), in its bucket and in
+/// the sum, which is summed in integers so that it never goes down.
 fn encode_histogram(
     out: &mut DescriptorEncoder,
     name: &str,
@@ -409,14 +412,17 @@ fn encode_histogram(
     let mut per_bucket = vec![0u64; bounds.len()];
     let (sum, count) = match histogram.lock() {
         Ok(h) => {
+            let mut sum_units: u128 = 0;
             for value in h.iter_recorded() {
-                let seconds = value.value_iterated_to() as f64 * unit_s;
+                let units = h.lowest_equivalent(value.value_iterated_to());
+                sum_units += u128::from(units) * u128::from(value.count_at_value());
+                let seconds = units as f64 * unit_s;
                 let bucket = bounds.partition_point(|&bound| bound < seconds);
                 if let Some(n) = per_bucket.get_mut(bucket) {
                     *n += value.count_at_value();
                 }
             }
-            (h.mean() * h.len() as f64 * unit_s, h.len())
+            (sum_units as f64 * unit_s, h.len())
         }
         // A panic while recording: the metric reads empty, not stale.
         Err(_) => (0.0, 0),
