@@ -471,7 +471,8 @@ impl<'a> ViewPlanner<'a> {
         let role = self.principal.role.unwrap_or(Role::Other);
         if !role.streams().contains(&stream.stream) {
             return Ok(hidden(format!(
-                "a {role:?} recipient is never granted {table}"
+                "a recipient in role {} is never granted {table}",
+                role.name()
             )));
         }
         let privacy = self.inputs.privacy.ok_or(AccessError::VaultNeeded)?;

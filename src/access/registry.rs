@@ -63,6 +63,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role as the API and the CLI spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::IndependentRepair => "independent_repair",
+            Role::ServicePartner => "service_partner",
+            Role::RemoteChargeManagement => "remote_charge_management",
+            Role::Other => "other",
+        }
+    }
+
     /// The streams this role can be granted.
     pub fn streams(self) -> &'static [Stream] {
         match self {
@@ -485,7 +495,8 @@ impl AccessRegistry {
                 .ok_or_else(|| AccessError::Invalid(format!("no stream {stream}")))?;
             if !role.streams().contains(&known) {
                 return Err(AccessError::Refused(format!(
-                    "a {role:?} recipient cannot be granted {stream}"
+                    "a recipient in role {} cannot be granted {stream}",
+                    role.name()
                 )));
             }
         }
@@ -543,6 +554,45 @@ mod tests {
             r.add_principal(p).expect("add");
         }
         r
+    }
+
+    #[test]
+    fn a_refused_stream_names_the_role_as_the_api_spells_it() {
+        let mut r = registry();
+        let (rep, _) = new_principal(
+            "rep",
+            PrincipalKind::ThirdParty,
+            Some(Role::IndependentRepair),
+            true,
+            false,
+            0,
+        )
+        .expect("principal");
+        r.add_principal(rep).expect("add");
+        r.transfer("alice", VIN, 100).expect("alice buys");
+        let request = GrantRequest {
+            user: "alice".into(),
+            recipient: "rep".into(),
+            vin: VIN.into(),
+            streams: vec!["charging".into()],
+            purpose: "repair_and_maintenance".into(),
+            from_ms: Some(100),
+            until_ms: None,
+        };
+        let refusal = r.grant(request, |_| Ok(()), 150).expect_err("refused");
+        assert_eq!(
+            refusal.to_string(),
+            "refused: a recipient in role independent_repair cannot be granted charging"
+        );
+        for role in [
+            Role::IndependentRepair,
+            Role::ServicePartner,
+            Role::RemoteChargeManagement,
+            Role::Other,
+        ] {
+            let spelled = serde_json::to_value(role).expect("serialises");
+            assert_eq!(spelled, role.name(), "the name is serde's");
+        }
     }
 
     #[test]
