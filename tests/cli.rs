@@ -49,6 +49,23 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
     let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
     publish_all(server.addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
+    // The README's first publish: mosquitto_pub sends DISCONNECT and closes
+    // its socket at once, so the router hears of the end twice.
+    let (topic, probe) = rtti_probe(&vin, fleetgate::core::clock::now_ms());
+    let published = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.addr.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", &topic, "-m"])
+        .arg(String::from_utf8(probe).expect("JSON is text"))
+        .status()
+        .expect("mosquitto_pub runs (apt-get install mosquitto-clients)");
+    assert!(published.success());
     server.terminate();
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
     assert!(

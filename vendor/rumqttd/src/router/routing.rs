@@ -508,7 +508,8 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // fleetgate patch: the second of those is expected, not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
