@@ -104,6 +104,9 @@ pub struct AccessConfig {
     pub max_live_streams: u32,
     /// Live streams one principal may have open at once; one more is refused.
     pub max_live_per_principal: u32,
+    /// An open live stream that handed rows over writes a `delivered` audit
+    /// line for them at most this often, ms (and one when it ends).
+    pub live_audit_interval_ms: u64,
 }
 
 impl Default for AccessConfig {
@@ -123,6 +126,7 @@ impl Default for AccessConfig {
             live_poll_ms: 250,
             max_live_streams: 256,
             max_live_per_principal: 4,
+            live_audit_interval_ms: 60_000,
         }
     }
 }

@@ -423,6 +423,59 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     server.handle.shutdown().expect("shutdown");
 }
 
+/// An open stream that hands rows over writes `delivered` lines while it
+/// stays open (at most every `access.live_audit_interval_ms`), not only
+/// when it ends: a crash loses the count of one interval at most, and
+/// alice's last read is not stuck at the moment she connected.
+#[test]
+fn an_open_stream_audits_what_it_delivered_as_it_goes() {
+    let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 1);
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = alice_holds(&admin, A, now);
+    let mqtt = server.handle.mqtt_addr();
+    let publish = |messages: &[Message]| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(publish_all(mqtt, messages));
+    };
+    let mut live =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+    for seq in 1..=3 {
+        publish(&[charging(A, seq, now - HOUR, "SE-A")]);
+        let (rows, _) = live.rows_of("charging", 1);
+        assert_eq!(seqs(&rows), vec![i64::try_from(seq).expect("small")]);
+    }
+
+    // The stream is still open: its lines so far count what it handed over.
+    let operator = admin.principal(r#"{"id":"ops","kind":"operator"}"#);
+    let audit = r#"{"sql":"SELECT rows, decision FROM query_audit WHERE action = 'delivered' AND principal = 'alice' ORDER BY at","purpose":"operations"}"#;
+    let lines: Vec<Value> = wait_for_value(|| {
+        let (status, body) = http_request(addr, "POST", "/sql", Some(&operator), audit);
+        assert_eq!(status, 200, "{body}");
+        let lines: Vec<Value> = serde_json::from_str(&body).expect("rows");
+        let counted: i64 = lines.iter().filter_map(|l| l["rows"].as_i64()).sum();
+        (counted >= 2).then_some(lines)
+    });
+    assert!(
+        lines.iter().all(|l| l["decision"] == "charging:filter"),
+        "{lines:?}"
+    );
+    drop(live);
+    // Closed: every row counted once over all its lines.
+    wait_for_value(|| {
+        let (status, body) = http_request(addr, "POST", "/sql", Some(&operator), audit);
+        assert_eq!(status, 200, "{body}");
+        let lines: Vec<Value> = serde_json::from_str(&body).expect("rows");
+        let counted: i64 = lines.iter().filter_map(|l| l["rows"].as_i64()).sum();
+        (lines.len() > 1 && counted == 3).then_some(())
+    });
+}
+
 /// Retries `attempt` until it gives a value; panics past [`DEADLINE`].
 fn wait_for_value<T>(mut attempt: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();

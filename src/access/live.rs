@@ -557,7 +557,11 @@ pub struct LiveStream {
     step_entries: i64,
     commits: watch::Receiver<Arc<Commits>>,
     key: Secret,
+    /// Rows handed to the client, and how many of them a `delivered` line
+    /// already counts, written when.
     rows: u64,
+    rows_audited: u64,
+    audited_at: tokio::time::Instant,
     _running: RunningQuery,
     _slot: OwnedSemaphorePermit,
 }
@@ -662,6 +666,8 @@ impl AccessEnv {
             commits: admitted.commits,
             key: admitted.key,
             rows: 0,
+            rows_audited: 0,
+            audited_at: tokio::time::Instant::now(),
             _running: admitted.running,
             _slot: admitted.slot,
         })
@@ -792,7 +798,7 @@ impl AccessEnv {
 
     /// Runs `stream` until its client goes (`events` closes or stops
     /// reading), its policy ends it, or it fails; then audits the rows it
-    /// delivered (`delivered`).
+    /// delivered since its last `delivered` line (see [`Self::hand_rows`]).
     pub async fn run_live(&self, mut stream: LiveStream, events: mpsc::Sender<LiveEvent>) {
         let started = LiveEvent::Started {
             request_id: stream.request_id.clone(),
@@ -829,7 +835,7 @@ impl AccessEnv {
             "delivered",
             &stream.names(),
             outcome.as_ref().map(String::clone),
-            Some(stream.rows),
+            Some(stream.rows - stream.rows_audited),
             crate::core::clock::now_ms(),
         ) {
             tracing::error!(%error, "live stream: audit");
@@ -931,7 +937,11 @@ impl AccessEnv {
     }
 
     /// Hands the client `rows` rows of `table` (`json`) with the stream's
-    /// position after them, and counts them as delivered.
+    /// position after them, and counts them as delivered. Once
+    /// `access.live_audit_interval_ms` has passed since the stream's last
+    /// `delivered` line, the rows handed over since then get one, so that a
+    /// crash loses the count of one interval at most and the grant holder's
+    /// last read (`GET /account`) keeps up with an open stream.
     async fn hand_rows(
         &self,
         stream: &mut LiveStream,
@@ -946,7 +956,29 @@ impl AccessEnv {
             rows_json: json,
             position: stream.sealed_position(),
         };
-        self.send(events, event).await
+        self.send(events, event).await?;
+        let interval = Duration::from_millis(self.settings.live_audit_interval_ms);
+        if stream.audited_at.elapsed() >= interval {
+            let rows = stream.rows - stream.rows_audited;
+            let audited = self.audit(
+                &stream.request_id,
+                &stream.principal,
+                &stream.purpose,
+                "delivered",
+                &stream.names(),
+                Ok(stream.treatments.clone()),
+                Some(rows),
+                crate::core::clock::now_ms(),
+            );
+            match audited {
+                Ok(()) => {
+                    stream.rows_audited = stream.rows;
+                    stream.audited_at = tokio::time::Instant::now();
+                }
+                Err(error) => tracing::error!(%error, "live stream: audit"),
+            }
+        }
+        Ok(())
     }
 
     /// Per followed table: the rows of `commits` the stream has not seen
