@@ -556,8 +556,9 @@ mod tests {
         r
     }
 
-    #[test]
-    fn a_refused_stream_names_the_role_as_the_api_spells_it() {
+    /// The registry with the repair shop `rep` (independent repair, in the
+    /// EEA) and alice holding `VIN` since 100.
+    fn registry_with_repair() -> AccessRegistry {
         let mut r = registry();
         let (rep, _) = new_principal(
             "rep",
@@ -570,16 +571,28 @@ mod tests {
         .expect("principal");
         r.add_principal(rep).expect("add");
         r.transfer("alice", VIN, 100).expect("alice buys");
-        let request = GrantRequest {
+        r
+    }
+
+    /// Alice's grant of `VIN`'s `stream` to `rep` from 100.
+    fn repair_request(stream: &str) -> GrantRequest {
+        GrantRequest {
             user: "alice".into(),
             recipient: "rep".into(),
             vin: VIN.into(),
-            streams: vec!["charging".into()],
+            streams: vec![stream.into()],
             purpose: "repair_and_maintenance".into(),
             from_ms: Some(100),
             until_ms: None,
-        };
-        let refusal = r.grant(request, |_| Ok(()), 150).expect_err("refused");
+        }
+    }
+
+    #[test]
+    fn a_refused_stream_names_the_role_as_the_api_spells_it() {
+        let mut r = registry_with_repair();
+        let refusal = r
+            .grant(repair_request("charging"), |_| Ok(()), 150)
+            .expect_err("refused");
         assert_eq!(
             refusal.to_string(),
             "refused: a recipient in role independent_repair cannot be granted charging"
@@ -615,29 +628,10 @@ mod tests {
     #[test]
     fn a_sale_or_an_account_deletion_ends_tenures_and_their_grants() {
         const OTHER: &str = "WMW21GD07P2S00002";
-        let mut r = registry();
-        let (rep, _) = new_principal(
-            "rep",
-            PrincipalKind::ThirdParty,
-            Some(Role::IndependentRepair),
-            true,
-            false,
-            0,
-        )
-        .expect("principal");
-        r.add_principal(rep).expect("add");
-        r.transfer("alice", VIN, 100).expect("alice buys");
+        let mut r = registry_with_repair();
         r.transfer("alice", OTHER, 100).expect("alice buys another");
-        let request = GrantRequest {
-            user: "alice".into(),
-            recipient: "rep".into(),
-            vin: VIN.into(),
-            streams: vec!["teleservice".into()],
-            purpose: "repair_and_maintenance".into(),
-            from_ms: Some(100),
-            until_ms: None,
-        };
-        r.grant(request, |_| Ok(()), 150).expect("grant");
+        r.grant(repair_request("teleservice"), |_| Ok(()), 150)
+            .expect("grant");
 
         assert_eq!(
             r.end_holding(VIN, Ending::Sale, 500),
