@@ -213,13 +213,7 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     let admin = server.admin();
     let alice = alice_holds(&admin, A, now);
     let mqtt = server.handle.mqtt_addr();
-    let publish = |messages: &[(String, Vec<u8>)]| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(publish_all(mqtt, messages));
-    };
+    let publish = |messages: &[Message]| publish_blocking(mqtt, messages);
     // A row stored before the stream opens is not live news.
     publish(&[charging(A, 1, now - HOUR, "SE-A-1")]);
     wait_for(|| server.handle.metrics().totals().stored == 1);
@@ -435,13 +429,7 @@ fn an_open_stream_audits_what_it_delivered_as_it_goes() {
     let admin = server.admin();
     let alice = alice_holds(&admin, A, now);
     let mqtt = server.handle.mqtt_addr();
-    let publish = |messages: &[Message]| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(publish_all(mqtt, messages));
-    };
+    let publish = |messages: &[Message]| publish_blocking(mqtt, messages);
     let mut live =
         LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
     assert_eq!(live.next().expect("start").event, "start");
@@ -722,11 +710,7 @@ fn the_portal_shows_a_users_vehicles_chart_and_grants_in_a_browser() {
         })
         .collect();
     records.push(progress(B, 1, now - HOUR, 77.0));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(publish_all(server.handle.mqtt_addr(), &records));
+    publish_blocking(server.handle.mqtt_addr(), &records);
     wait_for(|| server.handle.metrics().totals().stored == 13);
     let (repair, _) = alice_grants_repair(&admin, &alice, now);
     let read =
@@ -873,11 +857,7 @@ fn a_licensee_gets_each_closed_hours_aggregates() {
     records.push(diagnostic(vins[1], 2, closed + 700_000, "critical"));
     // The hour still open: not yet.
     records.push(diagnostic(vins[2], 3, now, "info"));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(publish_all(server.handle.mqtt_addr(), &records));
+    publish_blocking(server.handle.mqtt_addr(), &records);
     wait_for(|| server.handle.metrics().totals().stored == 6);
     let admin = server.admin();
     let licensee = admin.principal(r#"{"id":"maps","kind":"licensee"}"#);
@@ -918,13 +898,6 @@ fn a_position_survives_a_restart() {
     let server = TestServer::start();
     let now = fleetgate::core::clock::now_ms();
     let alice = alice_holds(&server.admin(), A, now);
-    let publish = |addr, messages: &[(String, Vec<u8>)]| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(publish_all(addr, messages));
-    };
     let query = "tables=charging";
     let mut live = LiveClient::open(
         server.handle.admin_addr(),
@@ -935,7 +908,7 @@ fn a_position_survives_a_restart() {
     )
     .expect("open");
     assert_eq!(live.next().expect("start").event, "start");
-    publish(
+    publish_blocking(
         server.handle.mqtt_addr(),
         &[charging(A, 1, now - HOUR, "SE-A-1")],
     );
@@ -955,7 +928,7 @@ fn a_position_survives_a_restart() {
         config,
         dir,
     };
-    publish(
+    publish_blocking(
         server.handle.mqtt_addr(),
         &[charging(A, 2, now - HOUR, "SE-A-2")],
     );
@@ -969,7 +942,7 @@ fn a_position_survives_a_restart() {
     )
     .expect("the position of the run before");
     assert_eq!(live.next().expect("start").event, "start");
-    publish(
+    publish_blocking(
         server.handle.mqtt_addr(),
         &[charging(A, 3, now - HOUR, "SE-A-3")],
     );

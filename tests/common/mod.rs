@@ -211,6 +211,15 @@ pub async fn publish_all(addr: std::net::SocketAddr, messages: &[(String, Vec<u8
 /// whatever today's date is. `tests/retention.rs` moves it on purpose.
 pub const TEST_NOW_MS: i64 = 1_795_521_600_000;
 
+/// [`publish_all`] for a test without a runtime of its own.
+pub fn publish_blocking(addr: std::net::SocketAddr, messages: &[Message]) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(publish_all(addr, messages));
+}
+
 /// One hour and one day in milliseconds.
 pub const HOUR: i64 = 3_600_000;
 pub const DAY: i64 = 24 * HOUR;
