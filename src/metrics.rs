@@ -50,18 +50,30 @@ pub struct WalCounters {
     pub receipt_to_queryable_ms: Mutex<Histogram<u64>>,
 }
 
+/// The largest latency a histogram tells apart: a day, in its unit's
+/// smallest step (µs or ms). `saturating_record` clamps anything above to
+/// it and, unlike `record`, never grows the histogram: one made by
+/// `Histogram::new` would clamp every value past its first 2,048 units
+/// (2 s of ms, 2 ms of µs) down to 2.
+const HISTOGRAM_HIGHEST_MS: u64 = 86_400_000;
+const HISTOGRAM_HIGHEST_US: u64 = 86_400_000_000;
+
 impl Default for WalCounters {
     fn default() -> Self {
-        let histogram =
-            || Mutex::new(Histogram::new(3).expect("3 significant figures is in range"));
+        let histogram = |highest| {
+            Mutex::new(
+                Histogram::new_with_bounds(1, highest, 3)
+                    .expect("1 to a day at 3 significant figures is in range"),
+            )
+        };
         Self {
             bytes_synced: AtomicU64::default(),
             syncs: AtomicU64::default(),
             errors: AtomicU64::default(),
             entries_replayed: AtomicU64::default(),
-            fsync_micros: histogram(),
-            receipt_to_durable_ms: histogram(),
-            receipt_to_queryable_ms: histogram(),
+            fsync_micros: histogram(HISTOGRAM_HIGHEST_US),
+            receipt_to_durable_ms: histogram(HISTOGRAM_HIGHEST_MS),
+            receipt_to_queryable_ms: histogram(HISTOGRAM_HIGHEST_MS),
         }
     }
 }
@@ -654,9 +666,10 @@ mod tests {
     fn a_latency_lands_in_the_first_bucket_that_holds_it() {
         let metrics = Metrics::default();
         if let Ok(mut h) = metrics.wal.receipt_to_durable_ms.lock() {
-            h.record(3).expect("in range");
-            h.record(3).expect("in range");
-            h.record(900_000).expect("in range");
+            // As the pipeline records: saturating, never failing.
+            h.saturating_record(3);
+            h.saturating_record(3);
+            h.saturating_record(900_000);
         }
         let text = scrape(metrics);
         let bucket = |le: &str| {
