@@ -117,12 +117,7 @@ async fn fixture() -> Fixture {
     publish_all(server.handle.mqtt_addr(), &records).await;
     let stored = || server.handle.metrics().totals().stored;
     wait_for(|| stored() == records.len() as u64);
-    let TestServer {
-        handle,
-        config,
-        dir,
-    } = server;
-    handle.shutdown().expect("shutdown");
+    let (config, dir) = server.stop();
     let privacy = PrivacyShared::open(&config).expect("vault");
     let env = AccessEnv::new(&config, Some(privacy)).expect("access env");
     for user in ["alice", "bob", "carol"] {
@@ -1341,12 +1336,7 @@ async fn a_sale_ends_the_sellers_tenure_and_grants_at_the_event() {
 /// Flight SQL stream) holds at most `access.max_queries_per_principal`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_not_yet_dropped_count_against_the_principals_limit() {
-    let TestServer {
-        handle,
-        config,
-        dir: _dir,
-    } = TestServer::start();
-    handle.shutdown().expect("shutdown");
+    let (config, _dir) = TestServer::start().stop();
     let env = AccessEnv::new(&config, None).expect("access env");
     let operator = env.principal("operator").expect("operator");
     let ask = || env.query(&operator, "operations", "SELECT 1", NOW);

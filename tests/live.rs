@@ -916,18 +916,7 @@ fn a_position_survives_a_restart() {
     assert_eq!(seqs(&rows), vec![1]);
     let last_id = live.last_id.clone().expect("an id");
     drop(live);
-    let TestServer {
-        handle,
-        config,
-        dir,
-    } = server;
-    handle.shutdown().expect("shutdown");
-    let handle = fleetgate::ops::server::start(&config).expect("restart");
-    let server = TestServer {
-        handle,
-        config,
-        dir,
-    };
+    let server = server.restart();
     publish_blocking(
         server.handle.mqtt_addr(),
         &[charging(A, 2, now - HOUR, "SE-A-2")],

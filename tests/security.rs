@@ -255,12 +255,7 @@ fn tls_vehicles_publish_only_as_themselves() {
     ));
     wait_for(|| stored(&server, Stream::Teleservice) == 2);
     std::thread::sleep(Duration::from_millis(500));
-    let TestServer {
-        handle,
-        config,
-        dir: _dir,
-    } = server;
-    handle.shutdown().expect("shutdown");
+    let (config, _dir) = server.stop();
     let vehicles = futures_lite_block(count(
         &config.storage.data_dir,
         "SELECT count(DISTINCT vehicle_id) FROM teleservice",

@@ -67,6 +67,23 @@ impl TestServer {
     pub fn admin(&self) -> Admin {
         Admin::new(self.handle.admin_addr(), &self.config)
     }
+
+    /// Shuts the server down cleanly; its configuration and files stay.
+    pub fn stop(self) -> (Config, tempfile::TempDir) {
+        self.handle.shutdown().expect("shutdown");
+        (self.config, self.dir)
+    }
+
+    /// Shuts the server down cleanly and starts it again on the same files.
+    pub fn restart(self) -> Self {
+        let (config, dir) = self.stop();
+        let handle = fleetgate::ops::server::start(&config).expect("restart");
+        Self {
+            handle,
+            config,
+            dir,
+        }
+    }
 }
 
 /// A running server's HTTP endpoint and the admin token its `/admin` routes need.
