@@ -3,9 +3,11 @@
 //!
 //! A worker blocks for the first publish, drains up to [`DRAIN_MAX`] more
 //! without blocking, appends one record batch per (table, hour) to its own
-//! write-ahead log, and hands each batch to its table writer. It fsyncs the
-//! log when a group commit is due (`wal.fsync_interval_ms` / `fsync_bytes`)
-//! and deletes log segments once the writers have committed all they hold.
+//! write-ahead log, fsyncs the log when a group commit is due (at once when
+//! acknowledgements wait for it, else by `wal.fsync_interval_ms` /
+//! `fsync_bytes`), and only then hands the batches to their table writers,
+//! so a writer's full queue never delays an fsync. It deletes log segments
+//! once the writers have committed all they hold.
 //! Each worker owns its batchers, pseudonym cache and log, so no lock is
 //! taken per record. Rejected records become dead letters whose copy is
 //! redacted here, before anything is written.
@@ -101,6 +103,8 @@ struct Worker {
     /// Whether the last fsync failed: the error is logged once per episode
     /// (each failure is counted), not once per batch of a failing disk.
     fsync_failing: bool,
+    /// Batches appended to the WAL this round, not yet handed to a writer.
+    appended: Vec<(Table, TableBatch)>,
     /// `received_at` columns of batches appended since the last fsync.
     unsynced_receipts: Vec<ArrayRef>,
     batchers: Vec<StreamBatcher>,
@@ -121,6 +125,7 @@ impl Worker {
             handled_offset: None,
             parquet_gate: None,
             fsync_failing: false,
+            appended: Vec::new(),
             unsynced_receipts: Vec::new(),
             batchers: Stream::ALL
                 .iter()
@@ -160,6 +165,10 @@ impl Worker {
             // whatever arrived while the previous fsync ran is synced now, as
             // one. Otherwise when the interval or the bytes say so.
             self.sync_wal(self.ctx.sync_immediately);
+            // Only then to the writers, whose queues may be full: a slow
+            // table commit must not hold back an fsync, nor the PUBACKs
+            // waiting for it.
+            self.hand_over();
         }
         self.sync_wal(true);
         self.wal
@@ -383,7 +392,8 @@ impl Worker {
         self.decoded = decoded;
     }
 
-    /// Hands every buffered batch to its writer; blocks while a writer's queue is full.
+    /// Appends every buffered batch to the WAL, to be handed to its writer
+    /// by [`Self::hand_over`].
     fn flush(&mut self) -> Result<(), StoreError> {
         for (i, stream) in Stream::ALL.iter().enumerate() {
             if self.received[i] > 0 {
@@ -401,14 +411,14 @@ impl Worker {
                 continue;
             }
             for (partition, batch) in self.batchers[i].drain()? {
-                let wal = self.append_to_wal(Table::Stream(*stream), partition, &batch);
-                // Writers outlive workers; a closed writer means it panicked,
-                // and the batch stays in the WAL for the next start.
-                let _ = self.ctx.writers[Table::Stream(*stream).index()].send(TableBatch {
+                let table = Table::Stream(*stream);
+                let wal = self.append_to_wal(table, partition, &batch);
+                let table_batch = TableBatch {
                     partition,
                     batch,
                     wal,
-                });
+                };
+                self.appended.push((table, table_batch));
             }
         }
         if !self.dead_letters.is_empty() {
@@ -421,14 +431,25 @@ impl Worker {
                 let batch = dead_letter::to_batch(group)?;
                 let partition = PartitionKey::from_millis(group[0].received_at_ms);
                 let wal = self.append_to_wal(Table::DeadLetters, partition, &batch);
-                let _ = self.ctx.writers[Table::DeadLetters.index()].send(TableBatch {
+                let table_batch = TableBatch {
                     partition,
                     batch,
                     wal,
-                });
+                };
+                self.appended.push((Table::DeadLetters, table_batch));
             }
         }
         Ok(())
+    }
+
+    /// Hands every batch appended to the WAL to its table's writer; blocks
+    /// while a writer's queue is full.
+    fn hand_over(&mut self) {
+        for (table, table_batch) in self.appended.drain(..) {
+            // Writers outlive workers; a closed writer means it panicked,
+            // and the batch stays in the WAL for the next start.
+            let _ = self.ctx.writers[table.index()].send(table_batch);
+        }
     }
 
     /// The topic a dead letter keeps: only the levels fleetgate recognises
