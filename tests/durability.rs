@@ -92,7 +92,7 @@ async fn a_failed_wal_fsync_acknowledges_only_what_a_commit_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let failing = dir.path().join("fail-fsync");
-    let library = fail_fsync_library(dir.path());
+    let library = fault_library(dir.path(), "fail_fsync");
     // Commits every 500 ms; a PUBACK waits for one while the disk fails.
     let config = "[storage]\nroll_age_ms = 500\n";
     // As the process sees it (/proc/self/fd), whatever links the temp dir has.
@@ -126,6 +126,55 @@ async fn a_failed_wal_fsync_acknowledges_only_what_a_commit_holds() {
         "every acknowledged record is stored"
     );
     assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 300);
+}
+
+/// A table commit that hangs (its files' fsync does not return) holds back
+/// no acknowledgement: the WAL decides them, and the writer goes on taking
+/// batches while its commit waits. Before, a worker handed its batches to
+/// the writer before its fsync, and a writer did not receive while it
+/// committed, so a slow commit stalled the fsyncs and every PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_table_commit_holds_back_no_acknowledgement() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let stalled = dir.path().join("stall-fsync");
+    let library = fault_library(dir.path(), "stall_fsync");
+    // Commits every 100 ms; queues of 4 batches, which a hanging commit
+    // would fill at once if it held the pipeline.
+    let config = "[storage]\nroll_age_ms = 100\n[pipeline]\nqueue_capacity = 4\n";
+    let table_dir = dir
+        .path()
+        .canonicalize()
+        .expect("temp dir")
+        .join("data/diagnostics");
+    let env = [
+        ("LD_PRELOAD", library.as_os_str()),
+        ("STALL_FSYNC_UNDER", table_dir.as_os_str()),
+        ("STALL_FSYNC_WHILE", stalled.as_os_str()),
+    ];
+    std::fs::write(&stalled, b"").expect("the table's disk hangs");
+    let server = ServeProcess::spawn_with_env(dir.path(), config, &env);
+    let messages: Vec<_> = (0..1_000).map(|seq| probe(MORE_VINS[0], seq)).collect();
+    let (first, rest) = messages.split_at(10);
+    publish_all(server.addr, first).await;
+    wait_for(|| dir.path().join("stall-fsync.stalled").exists());
+    // Every PUBACK comes while the first commit still hangs.
+    publish_all(server.addr, rest).await;
+    assert!(stalled.exists());
+    server.kill();
+    std::fs::remove_file(&stalled).expect("the disk answers again");
+
+    let server = ServeProcess::spawn(dir.path(), config);
+    server.terminate();
+    assert_eq!(
+        count(&data, "SELECT count(DISTINCT seq) FROM diagnostics").await,
+        1_000,
+        "every acknowledged record is stored"
+    );
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM diagnostics").await,
+        1_000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,9 @@
-//! The writer of one table: a named thread that receives record batches,
-//! holds them, and commits them to the table's Delta log when they reach
-//! `roll_rows` rows, `roll_bytes` bytes, `max_open_files` hour partitions
-//! or `roll_age`.
+//! The writer of one table: two named threads. `writer-<table>` receives
+//! record batches and holds them until they reach `roll_rows` rows,
+//! `roll_bytes` bytes, `max_open_files` hour partitions or `roll_age`;
+//! `commit-<table>` then commits them to the table's Delta log while the
+//! first goes on receiving, so a commit never stalls the workers, whose WAL
+//! fsyncs decide the acknowledgements. Only the memory budget does.
 //!
 //! Commit = write one zstd Parquet file per hour partition held, fsync them
 //! (on local disk), commit them to the Delta log in one version that also
@@ -10,8 +12,9 @@
 //! write or commit loses nothing: the batches stay held and are written
 //! again after a back-off, until the store accepts them; a file a failed
 //! commit left behind is named by no version, so no reader sees it, and
-//! vacuum removes it. This thread never decodes or pseudonymises; it only
-//! stores what the workers built.
+//! vacuum removes it. Commits of one table run one at a time, in the order
+//! received. These threads never decode or pseudonymise; they only store
+//! what the workers built.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use crossbeam::channel::{Receiver, RecvTimeoutError};
+use crossbeam::channel::{Receiver, Sender, bounded};
 use deltalake::DeltaTable;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Transaction};
@@ -98,13 +101,41 @@ struct Held {
     since: Option<Instant>,
 }
 
+impl Held {
+    fn push(&mut self, table_batch: TableBatch) {
+        self.rows += table_batch.batch.num_rows();
+        self.bytes += table_batch.batch.get_array_memory_size();
+        self.partitions.insert(table_batch.partition);
+        self.since.get_or_insert_with(Instant::now);
+        self.batches.push(table_batch);
+    }
+}
+
+/// The receiving half of a table writer: takes batches from the workers
+/// and gathers them until a roll is due, then hands them to its committer.
+/// It keeps taking batches while a commit runs, so a slow Parquet encode or
+/// object store never stalls the workers (whose WAL fsyncs decide the
+/// acknowledgements); only the memory budget does.
 struct TableWriter {
+    settings: WriterSettings,
+    held: Held,
+    /// Bytes of the batches the committer holds; `None` while it is idle.
+    committing: Option<usize>,
+    to_committer: Sender<Held>,
+    committed: Receiver<()>,
+    listener: Arc<dyn CommitListener>,
+    tracker: Arc<Tracker>,
+}
+
+/// The committing half of a table writer, on its own thread: writes each
+/// set of held batches as one Delta commit, retrying with back-off until the
+/// store takes it, and only then takes the next.
+struct Committer {
     settings: WriterSettings,
     properties: WriterProperties,
     runtime: tokio::runtime::Runtime,
     /// The open table; `None` until opened, and again after a failed commit.
     table: Option<DeltaTable>,
-    held: Held,
     listener: Arc<dyn CommitListener>,
     tracker: Arc<Tracker>,
     failing: bool,
@@ -112,8 +143,9 @@ struct TableWriter {
     retry_at: Instant,
 }
 
-/// Starts the writer thread of one table. It runs until every sender of `rx`
-/// is dropped, then commits what it holds and returns.
+/// Starts the writer of one table: a thread that receives, and one that
+/// commits. It runs until every sender of `rx` is dropped, then commits
+/// what it holds and returns.
 pub fn spawn_writer(
     settings: WriterSettings,
     rx: Receiver<TableBatch>,
@@ -126,22 +158,42 @@ pub fn spawn_writer(
         .enable_all()
         .build()
         .map_err(io_error(std::path::Path::new("writer runtime")))?;
-    let name = format!("writer-{}", settings.table);
-    let mut writer = TableWriter {
-        settings,
+    let (to_committer, held_rx) = bounded::<Held>(1);
+    let (committed_tx, committed) = bounded::<()>(1);
+    let committer = Committer {
+        settings: settings.clone(),
         properties,
         runtime,
         table: None,
-        held: Held::default(),
-        listener,
-        tracker,
+        listener: listener.clone(),
+        tracker: tracker.clone(),
         failing: false,
         retry_delay: FIRST_RETRY_DELAY,
         retry_at: Instant::now(),
     };
+    let committer = std::thread::Builder::new()
+        .name(format!("commit-{}", settings.table))
+        .spawn(move || committer.run(held_rx, committed_tx))
+        .map_err(io_error(std::path::Path::new("commit thread")))?;
+    let name = format!("writer-{}", settings.table);
+    let mut writer = TableWriter {
+        settings,
+        held: Held::default(),
+        committing: None,
+        to_committer,
+        committed,
+        listener,
+        tracker,
+    };
     std::thread::Builder::new()
         .name(name)
-        .spawn(move || writer.run(rx))
+        .spawn(move || {
+            writer.run(rx);
+            drop(writer);
+            if committer.join().is_err() {
+                tracing::error!("a table's commit thread panicked");
+            }
+        })
         .map_err(io_error(std::path::Path::new("writer thread")))
 }
 
@@ -149,44 +201,63 @@ impl TableWriter {
     fn run(&mut self, rx: Receiver<TableBatch>) {
         let tick = (self.settings.roll_age / 4)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let committed = self.committed.clone();
         loop {
-            self.listener.holding(self.held.bytes);
-            if self.held.bytes > self.settings.memory_budget_bytes {
-                // Over budget: commit now; while commits fail, take nothing
-                // new, so the pipeline behind waits.
-                if self.failing {
-                    std::thread::sleep(
-                        self.retry_at
-                            .saturating_duration_since(Instant::now())
-                            .max(tick),
-                    );
+            self.listener.holding(self.bytes());
+            if self.bytes() > self.settings.memory_budget_bytes {
+                // Over budget: commit now, or, while a commit runs (or
+                // keeps failing), take nothing new, so the pipeline behind
+                // waits.
+                if self.committing.is_none() {
+                    self.hand_over();
+                } else if !self.wait_for_commit() {
+                    return;
                 }
-                self.commit();
                 continue;
             }
-            match rx.recv_timeout(tick) {
-                Ok(first) => {
-                    self.append(first);
-                    while self.held.bytes <= self.settings.memory_budget_bytes {
-                        match rx.try_recv() {
-                            Ok(next) => self.append(next),
-                            Err(_) => break,
+            crossbeam::select! {
+                recv(rx) -> batch => match batch {
+                    Ok(first) => {
+                        self.append(first);
+                        while self.bytes() <= self.settings.memory_budget_bytes {
+                            match rx.try_recv() {
+                                Ok(next) => self.append(next),
+                                Err(_) => break,
+                            }
                         }
                     }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                    Err(_) => break,
+                },
+                recv(committed) -> done => match done {
+                    Ok(()) => self.committing = None,
+                    Err(_) => return,
+                },
+                default(tick) => {}
             }
-            if self.roll_due() {
-                self.commit();
+            if self.committing.is_none() && self.roll_due() {
+                self.hand_over();
             }
         }
-        // Shutting down: commit everything, retrying until it succeeds, so
-        // nothing received is left behind.
-        while !self.held.batches.is_empty() {
-            std::thread::sleep(self.retry_at.saturating_duration_since(Instant::now()));
-            self.commit();
+        // Shutting down: the committer commits everything, retrying until
+        // it succeeds, so nothing received is left behind.
+        if !self.held.batches.is_empty() && self.wait_for_commit() {
+            self.hand_over();
         }
+    }
+
+    /// Bytes of uncommitted rows held here and by the committer.
+    fn bytes(&self) -> usize {
+        self.held.bytes + self.committing.unwrap_or(0)
+    }
+
+    /// Waits until the committer is idle; false if it is gone.
+    fn wait_for_commit(&mut self) -> bool {
+        if self.committing.is_some() && self.committed.recv().is_err() {
+            tracing::error!(table = %self.settings.table, "the table's commit thread is gone; its rows stay in the WAL");
+            return false;
+        }
+        self.committing = None;
+        true
     }
 
     fn roll_due(&self) -> bool {
@@ -194,25 +265,44 @@ impl TableWriter {
         let Some(since) = held.since else {
             return false;
         };
-        (!self.failing || Instant::now() >= self.retry_at)
-            && (held.rows >= self.settings.roll_rows
-                || held.bytes >= self.settings.roll_bytes
-                || held.partitions.len() > self.settings.max_open_files
-                || since.elapsed() >= self.settings.roll_age)
+        held.rows >= self.settings.roll_rows
+            || held.bytes >= self.settings.roll_bytes
+            || held.partitions.len() > self.settings.max_open_files
+            || since.elapsed() >= self.settings.roll_age
     }
 
     fn append(&mut self, table_batch: TableBatch) {
-        let rows = table_batch.batch.num_rows();
-        if rows == 0 {
+        if table_batch.batch.num_rows() == 0 {
             self.tracker.covered(&[table_batch.wal]);
             return;
         }
-        let held = &mut self.held;
-        held.rows += rows;
-        held.bytes += table_batch.batch.get_array_memory_size();
-        held.partitions.insert(table_batch.partition);
-        held.since.get_or_insert_with(Instant::now);
-        held.batches.push(table_batch);
+        self.held.push(table_batch);
+    }
+
+    /// Gives everything held to the (idle) committer.
+    fn hand_over(&mut self) {
+        if self.held.batches.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        let bytes = held.bytes;
+        if self.to_committer.send(held).is_ok() {
+            self.committing = Some(bytes);
+        }
+    }
+}
+
+impl Committer {
+    fn run(mut self, held: Receiver<Held>, committed: Sender<()>) {
+        for mut held in held {
+            while !held.batches.is_empty() {
+                std::thread::sleep(self.retry_at.saturating_duration_since(Instant::now()));
+                self.commit(&mut held);
+            }
+            if committed.send(()).is_err() {
+                return;
+            }
+        }
     }
 
     /// After a failed attempt: drops the held batches that a commit holds
@@ -221,9 +311,9 @@ impl TableWriter {
     /// cannot store them twice. A commit holds every batch of a shard up to
     /// its recorded entry. Returns false if the table could not be asked,
     /// which counts as another failed attempt.
-    fn drop_landed(&mut self) -> bool {
+    fn drop_landed(&mut self, held: &mut Held) -> bool {
         let shards: std::collections::BTreeSet<u16> =
-            self.held.batches.iter().map(|b| b.wal.shard).collect();
+            held.batches.iter().map(|b| b.wal.shard).collect();
         let settings = &self.settings;
         let asked = self.runtime.block_on(async {
             let mut through = BTreeMap::new();
@@ -239,24 +329,24 @@ impl TableWriter {
         let through = match asked {
             Ok(through) => through,
             Err(e) => {
-                self.back_off(&e);
+                self.back_off(&e, held.rows);
                 return false;
             }
         };
         let (landed, pending): (Vec<TableBatch>, Vec<TableBatch>) =
-            std::mem::take(&mut self.held.batches)
+            std::mem::take(&mut held.batches)
                 .into_iter()
                 .partition(|b| {
                     through
                         .get(&b.wal.shard)
                         .is_some_and(|&seq| b.wal.seq <= seq)
                 });
-        let since = self.held.since;
-        self.held = Held::default();
+        let since = held.since;
+        *held = Held::default();
         for batch in pending {
-            self.append(batch);
+            held.push(batch);
         }
-        self.held.since = since.or(self.held.since);
+        held.since = since.or(held.since);
         if !landed.is_empty() {
             tracing::warn!(table = %self.settings.table, batches = landed.len(), "a commit reported as failed had landed; its batches are not written again");
             let entries: Vec<EntryId> = landed.iter().map(|b| b.wal).collect();
@@ -272,27 +362,28 @@ impl TableWriter {
     }
 
     /// Counts a failed attempt and schedules the next.
-    fn back_off(&mut self, error: &StoreError) {
+    fn back_off(&mut self, error: &StoreError, rows_delayed: usize) {
         if self.failing {
             tracing::warn!(table = %self.settings.table, %error, "writing held batches again failed; backing off");
         }
-        self.listener.failed(error, self.held.rows);
+        self.listener.failed(error, rows_delayed);
         self.failing = true;
         self.retry_at = Instant::now() + self.retry_delay;
         self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
     }
 
-    /// Commits everything held; on failure keeps it for the next attempt.
-    fn commit(&mut self) {
-        if self.held.batches.is_empty() || (self.failing && Instant::now() < self.retry_at) {
+    /// Commits everything `held` holds and empties it; on failure keeps it
+    /// for the next attempt.
+    fn commit(&mut self, held: &mut Held) {
+        if self.failing && self.table.is_none() && !self.drop_landed(held) {
             return;
         }
-        if self.failing && self.table.is_none() && !self.drop_landed() {
+        if held.batches.is_empty() {
             return;
         }
         let table = self.table.take();
         let settings = &self.settings;
-        let batches = &self.held.batches;
+        let batches = &held.batches;
         let properties = &self.properties;
         let runtime = &self.runtime;
         // A panic inside the object store or Delta writer (seen: a buffered
@@ -322,7 +413,7 @@ impl TableWriter {
         match outcome {
             Ok((table, commit)) => {
                 self.table = Some(table);
-                let held = std::mem::take(&mut self.held);
+                let held = std::mem::take(held);
                 let entries: Vec<EntryId> = held.batches.iter().map(|b| b.wal).collect();
                 self.tracker.covered(&entries);
                 self.listener.committed(&commit, &held.batches);
@@ -338,7 +429,7 @@ impl TableWriter {
                     Ok(fresh) => self.runtime = fresh,
                     Err(error) => tracing::warn!(%error, "cannot renew the writer's runtime"),
                 }
-                self.back_off(&e);
+                self.back_off(&e, held.rows);
             }
         }
     }

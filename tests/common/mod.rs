@@ -596,12 +596,15 @@ impl Drop for ServeProcess {
     }
 }
 
-/// Builds `tests/faults/fail_fsync.c` into `dir`: a library that, loaded
-/// with `LD_PRELOAD`, makes `fdatasync` under `FAIL_FSYNC_UNDER` fail with
-/// EIO and lose the unsynced bytes while the file `FAIL_FSYNC_WHILE` exists.
-pub fn fail_fsync_library(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults/fail_fsync.c");
-    let library = dir.join("libfail_fsync.so");
+/// Builds the fault library `tests/faults/<name>.c` into `dir`, to be
+/// loaded into `fleetgate serve` with `LD_PRELOAD`: `fail_fsync` (while the
+/// file `FAIL_FSYNC_WHILE` exists, `fdatasync` under `FAIL_FSYNC_UNDER`
+/// fails with EIO and loses the unsynced bytes) or `stall_fsync` (while
+/// `STALL_FSYNC_WHILE` exists, `fsync` and `fdatasync` under
+/// `STALL_FSYNC_UNDER` wait).
+pub fn fault_library(dir: &Path, name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/faults/{name}.c"));
+    let library = dir.join(format!("lib{name}.so"));
     let status = std::process::Command::new("cc")
         .args(["-shared", "-fPIC", "-O1", "-o"])
         .arg(&library)
