@@ -463,13 +463,26 @@ async fn write_and_commit<'a>(
     parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch, Option<(u16, u64)>)>,
     transactions: Vec<Transaction>,
 ) -> Result<(DeltaTable, Commit)> {
-    let mut writer =
-        RecordBatchWriter::for_table(&table)?.with_writer_properties(properties.clone());
+    // One write per hour partition: the Delta writer validates and splits
+    // every batch it is given, which costs more than the copy that joins
+    // the many small batches of a roll.
+    let mut partitions: BTreeMap<PartitionKey, Vec<RecordBatch>> = BTreeMap::new();
     let mut rows = 0;
     for (partition, batch, wal) in parts {
         rows += batch.num_rows();
+        partitions
+            .entry(partition)
+            .or_default()
+            .push(delta::stored_rows(batch, partition, wal)?);
+    }
+    let mut writer =
+        RecordBatchWriter::for_table(&table)?.with_writer_properties(properties.clone());
+    for batches in partitions.into_values() {
+        let Some(first) = batches.first() else {
+            continue;
+        };
         writer
-            .write(delta::stored_rows(batch, partition, wal)?)
+            .write(arrow::compute::concat_batches(&first.schema(), &batches)?)
             .await?;
     }
     let adds = writer.flush().await?;
