@@ -103,6 +103,11 @@ struct Worker {
     /// Whether the last fsync failed: the error is logged once per episode
     /// (each failure is counted), not once per batch of a failing disk.
     fsync_failing: bool,
+    /// The publishes of the round being handled (kept for its capacity).
+    round: Vec<Inbound>,
+    /// Per stream, whether its records use the vehicle's keys (a pseudonym
+    /// or an encrypted field).
+    keyed: [bool; Stream::ALL.len()],
     /// Batches appended to the WAL this round, not yet handed to a writer.
     appended: Vec<(Table, TableBatch)>,
     /// `received_at` columns of batches appended since the last fsync.
@@ -125,6 +130,14 @@ impl Worker {
             handled_offset: None,
             parquet_gate: None,
             fsync_failing: false,
+            round: Vec::with_capacity(DRAIN_MAX),
+            keyed: Stream::ALL.map(|s| {
+                ctx.registry
+                    .get(s)
+                    .fields
+                    .iter()
+                    .any(|f| matches!(f.transform, Transform::Pseudonym | Transform::Encrypt))
+            }),
             appended: Vec::new(),
             unsynced_receipts: Vec::new(),
             batchers: Stream::ALL
@@ -150,10 +163,14 @@ impl Worker {
             match queue.recv_timeout(wait) {
                 Ok(first) => {
                     self.privacy.refresh();
-                    self.handle(first);
-                    for next in queue.try_iter().take(DRAIN_MAX - 1) {
-                        self.handle(next);
+                    let mut round = std::mem::take(&mut self.round);
+                    round.push(first);
+                    round.extend(queue.try_iter().take(DRAIN_MAX - 1));
+                    self.load_keys(&round);
+                    for inbound in round.drain(..) {
+                        self.handle(inbound);
                     }
+                    self.round = round;
                     if let Err(e) = self.flush() {
                         tracing::error!(error = %e, "cannot build a record batch");
                     }
@@ -239,6 +256,17 @@ impl Worker {
             self.ctx.frontier.durable(self.shard, offset);
             self.ctx.frontier.report();
         }
+    }
+
+    /// Loads the keys of the round's vehicles whose streams pseudonymise or
+    /// encrypt, at once (RTTI uses none: its vehicles get no keys).
+    fn load_keys(&mut self, round: &[Inbound]) {
+        let keyed = &self.keyed;
+        let vins = round.iter().filter_map(|inbound| match &inbound.route {
+            Route::Vehicle { vin, stream } if keyed[stream.index()] => Some(vin.as_str()),
+            _ => None,
+        });
+        self.privacy.load_keys(vins);
     }
 
     /// Appends to the log, retrying with back-off while the disk refuses:

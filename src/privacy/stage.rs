@@ -259,6 +259,33 @@ impl Privacy {
         &self.vehicles[vin]
     }
 
+    /// Loads the keys of every vehicle of `vins` not cached yet, creating
+    /// the missing ones in one vault transaction (one fsync for a round of
+    /// new vehicles, not one each). Skips vehicles whose SIM is deactivated,
+    /// whose records are not collected. On a vault error, each vehicle's
+    /// keys are fetched when first needed, with retries.
+    pub fn load_keys<'a>(&mut self, vins: impl IntoIterator<Item = &'a str>) {
+        let mut missing: Vec<&str> = Vec::new();
+        for vin in vins {
+            if !self.vehicles.contains_key(vin) && self.consent(vin).sim_active {
+                missing.push(vin);
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        match self.shared.vault.get_or_create_all(&missing) {
+            Ok(keys) => {
+                for (vin, keys) in missing.into_iter().zip(keys) {
+                    self.vehicles.insert(vin.to_owned(), keys);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot load a round's vehicle keys at once"),
+        }
+    }
+
     fn domain_key(&mut self, domain: &str, epoch: i32) -> Secret {
         let keys = &self.shared.keys;
         self.domain_keys
@@ -429,6 +456,29 @@ mod tests {
             privacy(tempfile::tempdir().expect("t").path(), 0).epoch(T0),
             0
         );
+    }
+
+    #[test]
+    fn a_rounds_new_vehicles_get_keys_at_once_but_not_one_whose_sim_is_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = privacy(dir.path(), 30);
+        let (other, silent) = ("WMW21GD07P2S00002", "WMW31GD07P2S00003");
+        let off = Consent {
+            sim_active: false,
+            ..Consent::default()
+        };
+        p.shared.vault.set_consent(silent, off).expect("consent");
+        p.load_keys([VIN, other, VIN, silent]);
+        let vault = &p.shared.vault;
+        assert!(vault.get(VIN).expect("get").is_some());
+        assert!(vault.get(other).expect("get").is_some());
+        assert_eq!(
+            vault.get(silent).expect("get"),
+            None,
+            "not collected: no key"
+        );
+        let created = vault.get(VIN).expect("get");
+        assert_eq!(created.as_ref(), Some(p.vehicle(VIN)), "cached as stored");
     }
 
     #[test]

@@ -186,25 +186,71 @@ impl Vault {
 
     /// The vehicle's keys, created (and durably committed) on first use.
     pub fn get_or_create(&self, vin: &str) -> Result<VehicleKeys> {
-        if let Some(keys) = self.get(vin)? {
-            return Ok(keys);
-        }
-        let (secret, data_key) = (Secret::random()?, Secret::random()?);
-        let index = self.index(vin);
-        let stored = self.write(|txn| {
-            let mut table = txn.open_table(VEHICLES)?;
-            // Checked again inside the write transaction: never replace a key.
-            if let Some(existing) = table.get(index.as_slice())? {
-                return Ok(existing.value().to_vec());
+        let mut keys = self.get_or_create_all(&[vin])?;
+        keys.pop().ok_or_else(|| VaultError::Malformed {
+            path: self.path.clone(),
+            len: 0,
+        })
+    }
+
+    /// The keys of each of `vins`, in order, creating those that have none
+    /// in one durably committed write transaction: a fleet's first contact
+    /// costs one commit per call, not one per vehicle.
+    pub fn get_or_create_all(&self, vins: &[&str]) -> Result<Vec<VehicleKeys>> {
+        let mut found = Vec::with_capacity(vins.len());
+        {
+            let db = self.db();
+            let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+            let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
+            for vin in vins {
+                let value = table
+                    .get(self.index(vin).as_slice())
+                    .map_err(|e| self.db_err(e))?;
+                found.push(value.map(|v| v.value().to_vec()));
             }
-            let mut value = Vec::with_capacity(VEHICLE_VALUE_BYTES);
-            value.extend_from_slice(&secret.0);
-            value.extend_from_slice(&data_key.0);
-            value.extend_from_slice(&crate::core::clock::now_ms().to_le_bytes());
-            table.insert(index.as_slice(), value.as_slice())?;
-            Ok(value)
-        })?;
-        self.decode(&stored)
+        }
+        if found.iter().any(Option::is_none) {
+            // Fresh secrets where none was found, drawn outside the
+            // transaction (the OS random source can fail; redb's errors
+            // cannot carry that).
+            let mut fresh = Vec::with_capacity(vins.len());
+            for value in &found {
+                fresh.push(match value {
+                    Some(_) => None,
+                    None => Some((Secret::random()?, Secret::random()?)),
+                });
+            }
+            let created_ms = crate::core::clock::now_ms();
+            found = self.write(|txn| {
+                let mut table = txn.open_table(VEHICLES)?;
+                let mut stored = Vec::with_capacity(vins.len());
+                for ((vin, value), fresh) in vins.iter().zip(found).zip(fresh) {
+                    let Some((secret, data_key)) = fresh else {
+                        stored.push(value);
+                        continue;
+                    };
+                    let index = self.index(vin);
+                    // Checked again inside the write transaction (and for
+                    // a VIN named twice): never replace a key.
+                    if let Some(existing) = table.get(index.as_slice())? {
+                        stored.push(Some(existing.value().to_vec()));
+                        continue;
+                    }
+                    let mut value = Vec::with_capacity(VEHICLE_VALUE_BYTES);
+                    value.extend_from_slice(&secret.0);
+                    value.extend_from_slice(&data_key.0);
+                    value.extend_from_slice(&created_ms.to_le_bytes());
+                    table.insert(index.as_slice(), value.as_slice())?;
+                    stored.push(Some(value));
+                }
+                Ok(stored)
+            })?;
+        }
+        found
+            .into_iter()
+            .flatten()
+            .map(|value| self.decode(&value))
+            .collect()
     }
 
     /// Erases the vehicle's keys and consent state; true if it had keys.
@@ -353,6 +399,32 @@ mod tests {
                 .expect("other")
                 .secret,
             first.secret
+        );
+    }
+
+    #[test]
+    fn many_vehicles_get_their_keys_in_one_call_and_keep_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = open(dir.path());
+        let a = vault.get_or_create("WMW11DJ04N2T00001").expect("a");
+        let vins = [
+            "WMW21GD07P2S00002",
+            "WMW11DJ04N2T00001",
+            "WMW21GD07P2S00002",
+        ];
+        let keys = vault.get_or_create_all(&vins).expect("all");
+        assert_eq!(keys.len(), 3, "one per VIN asked, in order");
+        assert_eq!(keys[1], a, "an existing key is kept");
+        assert_eq!(keys[0], keys[2], "a VIN named twice gets one key");
+        assert_ne!(keys[0].secret, a.secret);
+        let vault = {
+            drop(vault);
+            open(dir.path())
+        };
+        assert_eq!(
+            vault.get("WMW21GD07P2S00002").expect("get"),
+            Some(keys[0].clone()),
+            "created durably"
         );
     }
 
