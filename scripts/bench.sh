@@ -8,6 +8,7 @@
 #               its rate is acknowledged records over the time until all are stored;
 #               then stopped cleanly and verified record by record;
 # 3. half rate: fleetgate at half of e2e's rate, open loop, for latency;
+#               then the same with acknowledgements on receipt, to compare;
 # 4. mosquitto: the same loadgen against Mosquitto (Debian package) with a plain
 #               QoS 1 subscriber;
 # 5. queries:   scripts/queries.sql over e2e's store, fleetgate vs DuckDB, cold and hot;
@@ -51,13 +52,14 @@ wait_port() {
 peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
 
-# start_fleetgate NAME SINK: sets FG_PID, FG_PORT, FG_ADMIN, FG_DIR
+# start_fleetgate NAME SINK [TOML]: sets FG_PID, FG_PORT, FG_ADMIN, FG_DIR
 start_fleetgate() {
   FG_DIR=$WORK/$1
   mkdir -p "$FG_DIR"
   FG_PORT=$(free_port)
   FG_ADMIN=$(free_port)
   cat > "$FG_DIR/fleetgate.toml" <<TOML
+${3:-}
 [storage]
 data_dir = "$FG_DIR/data"
 key_file = "$FG_DIR/keys/root.key"
@@ -150,6 +152,13 @@ STARTED=$(date +%s.%N)
 loadgen --port "$FG_PORT" --rate "$HALF" --duration "$HALF_RATE_SECS" --out "$OUT/half"
 wait_stored half "$STARTED"
 stop_fleetgate half
+# The same with rumqttd's acknowledgement on receipt: what acknowledging
+# only durable records costs in latency.
+start_fleetgate half-received store $'[broker]\nacknowledge = "received"'
+STARTED=$(date +%s.%N)
+loadgen --port "$FG_PORT" --rate "$HALF" --duration "$HALF_RATE_SECS" --out "$OUT/half-received"
+wait_stored half-received "$STARTED"
+stop_fleetgate half-received
 
 echo "== 4. Mosquitto with a plain QoS 1 subscriber"
 MQ_PORT=$(free_port)

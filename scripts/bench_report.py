@@ -66,12 +66,13 @@ def mem_gib():
     return float("nan")
 
 
-runs = {name: load(f"{name}/report.json") for name in ["ceiling", "e2e", "half", "mosquitto"]}
-rss = {name: read(f"{name}.rss_mib").strip() for name in ["ceiling", "e2e", "half", "mosquitto"]}
+RUNS = ["ceiling", "e2e", "mosquitto", "half", "half-received"]
+runs = {name: load(f"{name}/report.json") for name in RUNS}
+rss = {name: read(f"{name}.rss_mib").strip() for name in RUNS}
 e2e_metrics = read("e2e.metrics.txt")
 half_metrics = read("half.metrics.txt")
 verify = load("e2e/verify.json")
-stored = {name: load(f"{name}.stored.json") for name in ["e2e", "half"]}
+stored = {name: load(f"{name}.stored.json") for name in ["e2e", "half", "half-received"]}
 
 lines = []
 p = lines.append
@@ -88,8 +89,9 @@ titles = {
     "e2e": "fleetgate end to end (WAL + pseudonymise + Parquet)",
     "mosquitto": "Mosquitto, plain QoS 1 subscriber",
     "half": "fleetgate at half the e2e rate (open loop)",
+    "half-received": "the same, acknowledged on receipt (`broker.acknowledge = \"received\"`)",
 }
-for name in ["ceiling", "e2e", "mosquitto", "half"]:
+for name in RUNS:
     r = runs[name]
     l = r["latency"]
     durable = f"{stored[name]['records_per_s']:,.0f}" if name in stored else "n/a"
