@@ -91,27 +91,15 @@ async fn what_the_wal_holds_survives_sigkill() {
 async fn a_failed_wal_fsync_acknowledges_only_what_a_commit_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let failing = dir.path().join("fail-fsync");
-    let library = fault_library(dir.path(), "fail_fsync");
+    let fault = FsyncFault::new(dir.path(), "fail", "data/_wal");
     // Commits every 500 ms; a PUBACK waits for one while the disk fails.
     let config = "[storage]\nroll_age_ms = 500\n";
-    // As the process sees it (/proc/self/fd), whatever links the temp dir has.
-    let wal_dir = dir
-        .path()
-        .canonicalize()
-        .expect("temp dir")
-        .join("data/_wal");
-    let env = [
-        ("LD_PRELOAD", library.as_os_str()),
-        ("FAIL_FSYNC_UNDER", wal_dir.as_os_str()),
-        ("FAIL_FSYNC_WHILE", failing.as_os_str()),
-    ];
-    let server = ServeProcess::spawn_with_env(dir.path(), config, &env);
-    std::fs::write(&failing, b"").expect("the disk starts failing");
+    let server = ServeProcess::spawn_with_env(dir.path(), config, &fault.env());
+    std::fs::write(&fault.flag, b"").expect("the disk starts failing");
     let messages: Vec<_> = (0..300).map(|seq| probe(VINS[2], seq)).collect();
     publish_all(server.addr, &messages).await;
     server.kill();
-    std::fs::remove_file(&failing).expect("the disk comes back");
+    std::fs::remove_file(&fault.flag).expect("the disk comes back");
 
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
     assert!(
@@ -137,32 +125,21 @@ async fn a_failed_wal_fsync_acknowledges_only_what_a_commit_holds() {
 async fn a_hanging_table_commit_holds_back_no_acknowledgement() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let stalled = dir.path().join("stall-fsync");
-    let library = fault_library(dir.path(), "stall_fsync");
+    let fault = FsyncFault::new(dir.path(), "stall", "data/diagnostics");
     // Commits every 100 ms; queues of 4 batches, which a hanging commit
     // would fill at once if it held the pipeline.
     let config = "[storage]\nroll_age_ms = 100\n[pipeline]\nqueue_capacity = 4\n";
-    let table_dir = dir
-        .path()
-        .canonicalize()
-        .expect("temp dir")
-        .join("data/diagnostics");
-    let env = [
-        ("LD_PRELOAD", library.as_os_str()),
-        ("STALL_FSYNC_UNDER", table_dir.as_os_str()),
-        ("STALL_FSYNC_WHILE", stalled.as_os_str()),
-    ];
-    std::fs::write(&stalled, b"").expect("the table's disk hangs");
-    let server = ServeProcess::spawn_with_env(dir.path(), config, &env);
+    std::fs::write(&fault.flag, b"").expect("the table's disk hangs");
+    let server = ServeProcess::spawn_with_env(dir.path(), config, &fault.env());
     let messages: Vec<_> = (0..1_000).map(|seq| probe(MORE_VINS[0], seq)).collect();
     let (first, rest) = messages.split_at(10);
     publish_all(server.addr, first).await;
-    wait_for(|| dir.path().join("stall-fsync.stalled").exists());
+    wait_for(|| fault.stalled());
     // Every PUBACK comes while the first commit still hangs.
     publish_all(server.addr, rest).await;
-    assert!(stalled.exists());
+    assert!(fault.flag.exists());
     server.kill();
-    std::fs::remove_file(&stalled).expect("the disk answers again");
+    std::fs::remove_file(&fault.flag).expect("the disk answers again");
 
     let server = ServeProcess::spawn(dir.path(), config);
     server.terminate();

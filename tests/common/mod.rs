@@ -596,24 +596,54 @@ impl Drop for ServeProcess {
     }
 }
 
-/// Builds the fault library `tests/faults/<name>.c` into `dir`, to be
-/// loaded into `fleetgate serve` with `LD_PRELOAD`: `fail_fsync` (while the
-/// file `FAIL_FSYNC_WHILE` exists, `fdatasync` under `FAIL_FSYNC_UNDER`
-/// fails with EIO and loses the unsynced bytes) or `stall_fsync` (while
-/// `STALL_FSYNC_WHILE` exists, `fsync` and `fdatasync` under
-/// `STALL_FSYNC_UNDER` wait).
-pub fn fault_library(dir: &Path, name: &str) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/faults/{name}.c"));
-    let library = dir.join(format!("lib{name}.so"));
-    let status = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .args(["-ldl", "-lpthread"])
-        .status()
-        .expect("cc runs");
-    assert!(status.success(), "cc could not build {}", source.display());
-    library
+/// A faulty disk under one directory for a `fleetgate serve` process:
+/// `tests/faults/fail_fsync.c`, built into the test's directory and loaded
+/// with `LD_PRELOAD`. While [`FsyncFault::flag`] exists, syncs of files
+/// under the directory fail (`"fail"`: `fdatasync` fails with EIO and the
+/// unsynced bytes are lost) or hang (`"stall"`: `fsync` and `fdatasync`
+/// wait until the flag is removed, and `<flag>.stalled` appears).
+pub struct FsyncFault {
+    pub flag: PathBuf,
+    env: Vec<(&'static str, std::ffi::OsString)>,
+}
+
+impl FsyncFault {
+    /// `mode` ("fail" or "stall") for files under `dir`/`under`, with its
+    /// library and flag file in `dir`.
+    pub fn new(dir: &Path, mode: &str, under: &str) -> Self {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults/fail_fsync.c");
+        let library = dir.join("libfsync_fault.so");
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1", "-o"])
+            .arg(&library)
+            .arg(&source)
+            .args(["-ldl", "-lpthread"])
+            .status()
+            .expect("cc runs");
+        assert!(status.success(), "cc could not build {}", source.display());
+        // As the process sees it (/proc/self/fd), whatever links the temp dir has.
+        let under = dir.canonicalize().expect("temp dir").join(under);
+        let flag = dir.join(format!("{mode}-fsync"));
+        let env = vec![
+            ("LD_PRELOAD", library.into_os_string()),
+            ("FSYNC_FAULT", mode.into()),
+            ("FSYNC_FAULT_UNDER", under.into_os_string()),
+            ("FSYNC_FAULT_WHILE", flag.clone().into_os_string()),
+        ];
+        Self { flag, env }
+    }
+
+    /// The environment that loads the fault into a process.
+    pub fn env(&self) -> Vec<(&'static str, &std::ffi::OsStr)> {
+        self.env.iter().map(|(k, v)| (*k, v.as_os_str())).collect()
+    }
+
+    /// Whether a sync has hung (mode "stall").
+    pub fn stalled(&self) -> bool {
+        let mut marker = self.flag.clone().into_os_string();
+        marker.push(".stalled");
+        Path::new(&marker).exists()
+    }
 }
 
 /// A single-number query result, as seen at [`TEST_NOW_MS`].
