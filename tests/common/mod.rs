@@ -597,7 +597,7 @@ impl Drop for ServeProcess {
 }
 
 /// A faulty disk under one directory for a `fleetgate serve` process:
-/// `tests/faults/fail_fsync.c`, built into the test's directory and loaded
+/// `tests/faults/fsync_fault.c`, built into the test's directory and loaded
 /// with `LD_PRELOAD`. While [`FsyncFault::flag`] exists, syncs of files
 /// under the directory fail (`"fail"`: `fdatasync` fails with EIO and the
 /// unsynced bytes are lost) or hang (`"stall"`: `fsync` and `fdatasync`
@@ -611,7 +611,7 @@ impl FsyncFault {
     /// `mode` ("fail" or "stall") for files under `dir`/`under`, with its
     /// library and flag file in `dir`.
     pub fn new(dir: &Path, mode: &str, under: &str) -> Self {
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults/fail_fsync.c");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults/fsync_fault.c");
         let library = dir.join("libfsync_fault.so");
         let status = std::process::Command::new("cc")
             .args(["-shared", "-fPIC", "-O1", "-o"])
