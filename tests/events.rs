@@ -37,6 +37,38 @@ fn smart_maintenance_call(vin: &str, seq: u64) -> Message {
     record(vin, Stream::Teleservice, seq, TEST_NOW_MS, fields)
 }
 
+/// A vehicle whose records are all refused by policy gets no key in the
+/// vault: nothing of it is stored that a key would pseudonymise, so the
+/// vault does not learn that it ever published. Its first stored record
+/// creates the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_whose_records_are_all_refused_gets_no_key() {
+    let server = TestServer::start();
+    let mqtt = server.handle.mqtt_addr();
+    let metrics = server.handle.metrics().clone();
+    let teleservice = || metrics.stream(Stream::Teleservice);
+    let vault = &server.handle.privacy().vault;
+
+    publish_all(mqtt, &[smart_maintenance_call(B, 1)]).await;
+    wait_for(|| {
+        teleservice()
+            .dropped_by_policy
+            .get(PolicyDrop::ConsentSmartMaintenance)
+            == 1
+    });
+    assert_eq!(vault.get(B).expect("vault"), None, "refused: no key");
+
+    let stored = record(
+        B,
+        Stream::Teleservice,
+        2,
+        TEST_NOW_MS,
+        serde_json::json!({}),
+    );
+    publish_all(mqtt, &[stored]).await;
+    wait_for(|| vault.get(B).expect("vault").is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_change_collection_erase_vehicles_and_are_audited() {
     let server = TestServer::start();

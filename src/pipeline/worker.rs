@@ -115,7 +115,8 @@ struct Worker {
     batchers: Vec<StreamBatcher>,
     dead_letters: Vec<DeadLetter>,
     privacy: Privacy,
-    decoded: Decoded,
+    /// The round's publishes decoded, one per publish (kept for capacity).
+    decoded: Vec<Decoded>,
     /// Records received per stream this round, added to the metrics per round.
     received: [u64; Stream::ALL.len()],
     received_bytes: [u64; Stream::ALL.len()],
@@ -146,7 +147,7 @@ impl Worker {
                 .collect(),
             dead_letters: Vec::new(),
             privacy: Privacy::new(ctx.privacy.clone()),
-            decoded: Decoded::default(),
+            decoded: Vec::with_capacity(DRAIN_MAX),
             received: [0; Stream::ALL.len()],
             received_bytes: [0; Stream::ALL.len()],
             ctx,
@@ -166,10 +167,12 @@ impl Worker {
                     let mut round = std::mem::take(&mut self.round);
                     round.push(first);
                     round.extend(queue.try_iter().take(DRAIN_MAX - 1));
-                    self.load_keys(&round);
-                    for inbound in round.drain(..) {
-                        self.handle(inbound);
+                    self.decode_round(&round);
+                    let mut decoded = std::mem::take(&mut self.decoded);
+                    for (inbound, decoded) in round.drain(..).zip(decoded.iter_mut()) {
+                        self.handle(inbound, decoded);
                     }
+                    self.decoded = decoded;
                     self.round = round;
                     if let Err(e) = self.flush() {
                         tracing::error!(error = %e, "cannot build a record batch");
@@ -258,15 +261,47 @@ impl Worker {
         }
     }
 
-    /// Loads the keys of the round's vehicles whose streams pseudonymise or
-    /// encrypt, at once (RTTI uses none: its vehicles get no keys).
-    fn load_keys(&mut self, round: &[Inbound]) {
-        let keyed = &self.keyed;
-        let vins = round.iter().filter_map(|inbound| match &inbound.route {
-            Route::Vehicle { vin, stream } if keyed[stream.index()] => Some(vin.as_str()),
-            _ => None,
-        });
-        self.privacy.load_keys(vins);
+    /// Decodes the round's publishes into `self.decoded` (one entry per
+    /// publish, in order), then loads, at once, the keys of the vehicles
+    /// whose records will use them: a stream that pseudonymises or
+    /// encrypts (RTTI does neither), and a record past the consent gates or
+    /// one rejected (its dead letter names the vehicle by pseudonym). A
+    /// vehicle whose records are all refused gets no key, as before.
+    fn decode_round(&mut self, round: &[Inbound]) {
+        if self.decoded.len() < round.len() {
+            self.decoded.resize_with(round.len(), Decoded::default);
+        }
+        let registry = self.ctx.registry.clone();
+        let mut keyed_vins = Vec::new();
+        for (inbound, decoded) in round.iter().zip(self.decoded.iter_mut()) {
+            decoded.clear();
+            let Route::Vehicle { vin, stream } = &inbound.route else {
+                continue;
+            };
+            let schema = registry.get(*stream);
+            decode::decode(
+                schema,
+                &self.ctx.limits,
+                vin,
+                &inbound.payload,
+                inbound.received_at_ms,
+                decoded,
+            );
+            if !self.keyed[stream.index()] {
+                continue;
+            }
+            let consent = self.privacy.consent(vin);
+            let stored = decoded.valid.iter().any(|record| {
+                !schema.consent_gates.iter().any(|g| {
+                    !consent.get(&g.consent)
+                        && record.get(schema, &g.field) == Some(g.equals.as_str())
+                })
+            });
+            if stored || !decoded.rejected.is_empty() {
+                keyed_vins.push(vin.as_str());
+            }
+        }
+        self.privacy.load_keys(keyed_vins);
     }
 
     /// Appends to the log, retrying with back-off while the disk refuses:
@@ -296,7 +331,8 @@ impl Worker {
         }
     }
 
-    fn handle(&mut self, inbound: Inbound) {
+    /// Stores one publish, `decoded` by [`Self::decode_round`].
+    fn handle(&mut self, inbound: Inbound, decoded: &mut Decoded) {
         let Inbound {
             route,
             payload,
@@ -341,16 +377,6 @@ impl Worker {
         };
         let registry = self.ctx.registry.clone();
         let schema = registry.get(stream);
-        self.decoded.clear();
-        decode::decode(
-            schema,
-            &self.ctx.limits,
-            &vin,
-            &payload,
-            received_at_ms,
-            &mut self.decoded,
-        );
-        let decoded = std::mem::take(&mut self.decoded);
         self.received[stream.index()] += (decoded.valid.len() + decoded.rejected.len()) as u64;
         self.received_bytes[stream.index()] += payload.len() as u64;
         let consent = self.privacy.consent(&vin);
@@ -417,7 +443,6 @@ impl Worker {
                 });
             }
         }
-        self.decoded = decoded;
     }
 
     /// Appends every buffered batch to the WAL, to be handed to its writer
