@@ -6,7 +6,8 @@
 //! write-ahead log, fsyncs the log when a group commit is due (at once when
 //! acknowledgements wait for it, else by `wal.fsync_interval_ms` /
 //! `fsync_bytes`), and only then hands the batches to their table writers,
-//! so a writer's full queue never delays an fsync. It deletes log segments
+//! so a writer's full queue never delays an fsync that acknowledgements
+//! wait for. It deletes log segments
 //! once the writers have committed all they hold.
 //! Each worker owns its batchers, pseudonym cache and log, so no lock is
 //! taken per record. Rejected records become dead letters whose copy is

@@ -58,8 +58,11 @@ pub struct WriterSettings {
     pub roll_age: Duration,
     /// Most hour partitions one commit writes (late records spread over many).
     pub max_open_files: usize,
-    /// Most bytes of uncommitted rows this writer holds before it commits
-    /// early or, when commits fail, stops taking batches.
+    /// Most bytes of uncommitted rows this writer holds (the roll being
+    /// committed and the one being gathered). At half of it a roll is due;
+    /// over it, the writer takes no batches until its commit is done. Rows
+    /// are counted as Arrow holds them: a commit briefly needs about as
+    /// much again to join and encode its roll.
     pub memory_budget_bytes: usize,
     pub zstd_level: i32,
     /// Key-value metadata written into every file's footer.
@@ -189,9 +192,14 @@ pub fn spawn_writer(
         .name(name)
         .spawn(move || {
             writer.run(rx);
+            let table = writer.settings.table.clone();
+            writer.listener.holding(0);
             drop(writer);
-            if committer.join().is_err() {
-                tracing::error!("a table's commit thread panicked");
+            if let Err(panic) = committer.join() {
+                // The writer's own join then reports it, as a panic of the
+                // writer thread always did: the server stops with an error.
+                tracing::error!(%table, "the table's commit thread panicked; its rows stay in the WAL");
+                std::panic::resume_unwind(panic);
             }
         })
         .map_err(io_error(std::path::Path::new("writer thread")))
@@ -204,10 +212,12 @@ impl TableWriter {
         let committed = self.committed.clone();
         loop {
             self.listener.holding(self.bytes());
-            if self.bytes() > self.settings.memory_budget_bytes {
-                // Over budget: commit now, or, while a commit runs (or
-                // keeps failing), take nothing new, so the pipeline behind
-                // waits.
+            let too_many_files = self.committing.is_some()
+                && self.held.partitions.len() > self.settings.max_open_files;
+            if self.bytes() > self.settings.memory_budget_bytes || too_many_files {
+                // Over budget (or over `max_open_files` while a commit
+                // runs): commit now, or, while a commit runs (or keeps
+                // failing), take nothing new, so the pipeline behind waits.
                 if self.committing.is_none() {
                     self.hand_over();
                 } else if !self.wait_for_commit() {
@@ -265,8 +275,10 @@ impl TableWriter {
         let Some(since) = held.since else {
             return false;
         };
+        // Half the budget: the next roll is gathered while this one commits.
         held.rows >= self.settings.roll_rows
             || held.bytes >= self.settings.roll_bytes
+            || held.bytes >= self.settings.memory_budget_bytes / 2
             || held.partitions.len() > self.settings.max_open_files
             || since.elapsed() >= self.settings.roll_age
     }
@@ -286,8 +298,11 @@ impl TableWriter {
         }
         let held = std::mem::take(&mut self.held);
         let bytes = held.bytes;
-        if self.to_committer.send(held).is_ok() {
-            self.committing = Some(bytes);
+        match self.to_committer.send(held) {
+            Ok(()) => self.committing = Some(bytes),
+            Err(_) => {
+                tracing::error!(table = %self.settings.table, "the table's commit thread is gone; its rows stay in the WAL");
+            }
         }
     }
 }
@@ -477,13 +492,13 @@ async fn write_and_commit<'a>(
     }
     let mut writer =
         RecordBatchWriter::for_table(&table)?.with_writer_properties(properties.clone());
-    for batches in partitions.into_values() {
-        let Some(first) = batches.first() else {
-            continue;
+    for mut batches in partitions.into_values() {
+        let joined = match batches.len() {
+            0 => continue,
+            1 => batches.swap_remove(0),
+            _ => arrow::compute::concat_batches(&batches[0].schema(), &batches)?,
         };
-        writer
-            .write(arrow::compute::concat_batches(&first.schema(), &batches)?)
-            .await?;
+        writer.write(joined).await?;
     }
     let adds = writer.flush().await?;
     let local_dir = table.table_url().to_file_path().ok();
