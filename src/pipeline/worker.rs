@@ -7,8 +7,8 @@
 //! acknowledgements wait for it, else by `wal.fsync_interval_ms` /
 //! `fsync_bytes`), and only then hands the batches to their table writers,
 //! so a writer's full queue never delays an fsync that acknowledgements
-//! wait for. It deletes log segments
-//! once the writers have committed all they hold.
+//! wait for. It deletes log segments once the writers have committed all
+//! they hold.
 //! Each worker owns its batchers, pseudonym cache and log, so no lock is
 //! taken per record. Rejected records become dead letters whose copy is
 //! redacted here, before anything is written.
@@ -22,16 +22,17 @@ use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 
+use crate::core::consent::Consent;
 use crate::ingest::durable::DurableFrontier;
 use crate::ingest::link::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
 use crate::pipeline::batch::StreamBatcher;
 use crate::pipeline::dead_letter::{self, DeadLetter};
-use crate::pipeline::decode::{self, Decoded, Limits, RejectedBytes};
+use crate::pipeline::decode::{self, Decoded, Limits, Record, RejectedBytes};
 use crate::privacy::pseudo::is_vin;
 use crate::privacy::stage::{Privacy, PrivacyShared};
 use crate::schema::{
-    INTERNAL_DOMAIN, RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform,
+    ConsentGate, INTERNAL_DOMAIN, RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform,
 };
 use crate::store::{PartitionKey, StoreError, Table, TableBatch};
 use crate::wal::{EntryId, ShardWal};
@@ -292,12 +293,10 @@ impl Worker {
                 continue;
             }
             let consent = self.privacy.consent(vin);
-            let stored = decoded.valid.iter().any(|record| {
-                !schema.consent_gates.iter().any(|g| {
-                    !consent.get(&g.consent)
-                        && record.get(schema, &g.field) == Some(g.equals.as_str())
-                })
-            });
+            let stored = decoded
+                .valid
+                .iter()
+                .any(|record| refusing_gate(schema, &consent, record).is_none());
             if stored || !decoded.rejected.is_empty() {
                 keyed_vins.push(vin.as_str());
             }
@@ -392,10 +391,7 @@ impl Worker {
                     dropped.add(PolicyDrop::SimDeactivated, 1);
                     continue;
                 }
-                if let Some(gate) = schema.consent_gates.iter().find(|g| {
-                    !consent.get(&g.consent)
-                        && record.get(schema, &g.field) == Some(g.equals.as_str())
-                }) {
+                if let Some(gate) = refusing_gate(schema, &consent, record) {
                     dropped.add(PolicyDrop::for_consent(&gate.consent), 1);
                     continue;
                 }
@@ -585,4 +581,16 @@ impl Worker {
         copy.truncate(self.ctx.dead_letter_payload_bytes);
         copy
     }
+}
+
+/// The consent gate that refuses `record` under `consent`, if any: a record
+/// that needs a consent the vehicle has not given is not collected.
+fn refusing_gate<'s>(
+    schema: &'s StreamSchema,
+    consent: &Consent,
+    record: &Record,
+) -> Option<&'s ConsentGate> {
+    schema.consent_gates.iter().find(|g| {
+        !consent.get(&g.consent) && record.get(schema, &g.field) == Some(g.equals.as_str())
+    })
 }
