@@ -41,6 +41,35 @@ pub struct Config {
     pub admin: AdminConfig,
     pub retention: RetentionConfig,
     pub access: AccessConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Several nodes sharing one store and one control plane (`src/control`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name, unique among the nodes sharing the tables: its
+    /// WAL shards commit to Delta under `<node_id>/<shard>`, and it holds the
+    /// maintenance lease under it. Empty = the single node of embedded mode.
+    pub node_id: String,
+    /// PostgreSQL connection string of the shared control plane (vault,
+    /// maintenance lease), e.g. `host=/run/postgresql dbname=fleetgate`; empty
+    /// = embedded (the redb vault of `storage.vault_file`).
+    pub control_plane: String,
+    /// How long the maintenance lease lasts unless its holder renews it:
+    /// the longest another node waits before it takes over a dead holder's
+    /// retention sweep and compaction, seconds.
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            control_plane: String::new(),
+            lease_secs: 30,
+        }
+    }
 }
 
 /// Retention rules and the background sweep.
@@ -473,6 +502,28 @@ impl Config {
                  query may still read the files a deletion removed"
                     .into(),
             );
+        }
+        let c = &self.cluster;
+        if !c.node_id.is_empty()
+            && !c
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return invalid(format!(
+                "cluster.node_id {:?} may hold only letters, digits, '-' and '_'",
+                c.node_id
+            ));
+        }
+        if !c.control_plane.is_empty() && c.node_id.is_empty() {
+            return invalid(
+                "cluster.control_plane is set but cluster.node_id is not: every node sharing \
+                 the control plane needs a name of its own"
+                    .into(),
+            );
+        }
+        if c.lease_secs == 0 {
+            return invalid("cluster.lease_secs must be > 0".into());
         }
         if s.compact_target_bytes == 0 {
             return invalid("storage.compact_target_bytes must be > 0".into());

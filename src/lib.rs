@@ -4,6 +4,7 @@
 //! ones listed before it:
 //! - [`core`]: the leaf: clock, tables and partitions, consent, reject codes, durable files;
 //! - [`config`]: the configuration file and its defaults;
+//! - [`control`]: the control plane a cluster's nodes share in PostgreSQL (vault, leases);
 //! - [`schema`]: the stream schemas in `schemas/`, the single source of truth;
 //! - [`privacy`]: key ring ([`privacy::pseudo`]), each vehicle's secrets and consent
 //!   ([`privacy::vault`]), the per-worker pseudonymising stage ([`privacy::stage`]);
@@ -27,6 +28,8 @@
 pub mod core;
 
 pub mod config;
+
+pub mod control;
 
 pub mod schema;
 

@@ -209,6 +209,8 @@ pub struct Metrics {
     /// Seconds in which one connection hit `broker.max_publishes_per_second`
     /// (counted by the patched broker).
     pub publish_rate_limited: Arc<AtomicU64>,
+    /// 1 while this node holds the maintenance lease (always, alone).
+    pub maintenance_lease_held: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -479,6 +481,13 @@ impl Collector for Metrics {
             "Seconds in which a connection hit broker.max_publishes_per_second and was held back.",
             Counter,
             unlabelled(self.publish_rate_limited.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "maintenance_lease_held",
+            "1 while this node holds the lease of the retention sweep and compaction.",
+            Gauge,
+            unlabelled(self.maintenance_lease_held.load(Relaxed)),
         )?;
         encode_family(
             out,

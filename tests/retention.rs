@@ -313,7 +313,7 @@ async fn entries_of_swept_rows_still_count_as_stored() {
     server.handle.shutdown().expect("shutdown");
     let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
     let stored = || {
-        fleetgate::store::block_on(fleetgate::store::stored_through(&store(&data), &[0, 1]))
+        fleetgate::store::block_on(fleetgate::store::stored_through(&store(&data), "", &[0, 1]))
             .expect("stored through")
     };
     let before = stored();

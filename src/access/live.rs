@@ -44,7 +44,7 @@ use super::{AccessEnv, AccessError, Ending, Result, RunningQuery};
 use crate::core::table::Table;
 use crate::privacy::pseudo::Secret;
 use crate::store::StoreRoot;
-use crate::store::delta::{self, WAL_COLUMNS};
+use crate::store::delta::{self, NodeShards, WAL_COLUMNS};
 
 /// Longest sealed position a client may send back.
 const MAX_POSITION_BYTES: usize = 16 * 1024;
@@ -235,7 +235,13 @@ impl Position {
     /// not seen and `step` has, as SQL over the table's columns. Rows no
     /// shard committed (NULL `wal_app`: converted or appended outside a
     /// server) never are.
-    fn unseen_sql(&self, step: &Position, table: Table, committed: &Committed) -> String {
+    fn unseen_sql(
+        &self,
+        step: &Position,
+        table: Table,
+        committed: &Committed,
+        shards: &NodeShards,
+    ) -> String {
         let (app, entry) = (WAL_COLUMNS[0], WAL_COLUMNS[1]);
         let windows: Vec<(u16, i64, i64)> = committed
             .through
@@ -260,7 +266,7 @@ impl Position {
             .map(|(shard, seen, upto)| {
                 format!(
                     "({app} = '{}' AND {entry} > {seen} AND {entry} <= {upto})",
-                    delta::wal_app_id(*shard),
+                    shards.app(*shard),
                 )
             })
             .collect();
@@ -286,6 +292,8 @@ struct Committed {
 /// Every table as one reading of the logs found it.
 #[derive(Clone, Default)]
 pub struct Commits {
+    /// The WAL shards followed: this node's.
+    shards: NodeShards,
     tables: BTreeMap<Table, Committed>,
     /// Whether every table's log was read once.
     read: bool,
@@ -329,7 +337,8 @@ impl LiveTables<'_> {
         let unseen = files
             .sql(&format!(
                 "SELECT * FROM {committed_name} WHERE {}",
-                self.position.unseen_sql(self.step, table, committed)
+                self.position
+                    .unseen_sql(self.step, table, committed, &self.commits.shards)
             ))
             .await?;
         Ok(Some(unseen.into_view()))
@@ -347,7 +356,7 @@ impl Follower {
     fn subscribe(
         self: &Arc<Self>,
         store: &StoreRoot,
-        shards: u16,
+        shards: &NodeShards,
         every: Duration,
     ) -> watch::Receiver<Arc<Commits>> {
         let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -362,7 +371,7 @@ impl Follower {
             Arc::clone(self),
             sender,
             store.clone(),
-            shards,
+            shards.clone(),
             every,
         ));
         receiver
@@ -376,10 +385,13 @@ async fn follow(
     follower: Arc<Follower>,
     sender: watch::Sender<Arc<Commits>>,
     store: StoreRoot,
-    shards: u16,
+    shards: NodeShards,
     every: Duration,
 ) {
-    let mut commits = Commits::default();
+    let mut commits = Commits {
+        shards,
+        ..Commits::default()
+    };
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -399,7 +411,7 @@ async fn follow(
             let last = commits.tables.get(&table);
             // delta-rs has panicked on odd logs: one table's reading must
             // not end every stream.
-            let reading = std::panic::AssertUnwindSafe(read(&store, table, shards, last));
+            let reading = std::panic::AssertUnwindSafe(read(&store, table, &commits.shards, last));
             match reading.catch_unwind().await {
                 Ok(Ok(Some(committed))) => {
                     commits.tables.insert(table, committed);
@@ -432,14 +444,14 @@ async fn follow(
 async fn read(
     store: &StoreRoot,
     table: Table,
-    shards: u16,
+    shards: &NodeShards,
     last: Option<&Committed>,
 ) -> crate::store::Result<Option<Committed>> {
     let Some(last) = last else {
         let Some(opened) = delta::open(store, table.name()).await? else {
             return Ok(None);
         };
-        let through = through_of(&opened, 0..shards).await?;
+        let through = through_of(&opened, shards, 0..shards.count).await?;
         return Ok(Some(Committed {
             table: opened,
             through,
@@ -466,12 +478,12 @@ async fn read(
         let Some(commit) = newer.log_store().read_commit_entry(version).await? else {
             // A commit the cleanup removed: ask the newest version instead.
             let known: Vec<u16> = through.keys().copied().collect();
-            through.extend(through_of(&newer, known).await?);
+            through.extend(through_of(&newer, shards, known).await?);
             continue;
         };
-        for (shard, entry) in wal_transactions(&commit) {
+        for (shard, entry) in wal_transactions(&commit, shards) {
             if !through.contains_key(&shard) {
-                let before = delta::stored_through(&last.table, shard).await?;
+                let before = delta::stored_through(&last.table, &shards.app(shard)).await?;
                 let before = before.map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX));
                 learned_at.insert(shard, before);
             }
@@ -489,29 +501,28 @@ async fn read(
 /// Per shard in `shards`, the last entry `table` holds.
 async fn through_of(
     table: &DeltaTable,
+    node: &NodeShards,
     shards: impl IntoIterator<Item = u16>,
 ) -> crate::store::Result<BTreeMap<u16, i64>> {
     let mut through = BTreeMap::new();
     for shard in shards {
-        if let Some(entry) = delta::stored_through(table, shard).await? {
+        if let Some(entry) = delta::stored_through(table, &node.app(shard)).await? {
             through.insert(shard, i64::try_from(entry).unwrap_or(i64::MAX));
         }
     }
     Ok(through)
 }
 
-/// The WAL shards and entries a commit file records (its `txn` actions).
-fn wal_transactions(commit: &[u8]) -> Vec<(u16, i64)> {
+/// The WAL shards of `shards`' node and their entries that a commit file
+/// records (its `txn` actions).
+fn wal_transactions(commit: &[u8], shards: &NodeShards) -> Vec<(u16, i64)> {
     commit
         .split(|&b| b == b'\n')
         .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
         .filter_map(|action| {
             let txn = action.get("txn")?;
-            let shard = txn
-                .get("appId")?
-                .as_str()?
-                .strip_prefix(delta::WAL_APP_PREFIX)?;
-            Some((shard.parse().ok()?, txn.get("version")?.as_i64()?))
+            let shard = shards.shard_of(txn.get("appId")?.as_str()?)?;
+            Some((shard, txn.get("version")?.as_i64()?))
         })
         .collect()
 }
@@ -739,7 +750,7 @@ impl AccessEnv {
         }
         let mut commits = self.follower.subscribe(
             &self.store,
-            self.wal_shards,
+            &self.wal_shards,
             Duration::from_millis(self.settings.live_poll_ms),
         );
         commits
@@ -1109,7 +1120,17 @@ mod tests {
 {"txn":{"appId":"fleetgate-wal-0","version":41,"lastUpdated":1}}
 {"txn":{"appId":"fleetgate-wal-12","version":7}}
 {"txn":{"appId":"someone-else","version":99}}
+{"txn":{"appId":"fleetgate-wal-node-2-3","version":5}}
 {"add":{"path":"x.parquet"}}"#;
-        assert_eq!(wal_transactions(commit), vec![(0, 41), (12, 7)]);
+        let alone = NodeShards {
+            node: String::new(),
+            count: 16,
+        };
+        assert_eq!(wal_transactions(commit, &alone), vec![(0, 41), (12, 7)]);
+        let node_2 = NodeShards {
+            node: "node-2".into(),
+            count: 16,
+        };
+        assert_eq!(wal_transactions(commit, &node_2), vec![(3, 5)]);
     }
 }

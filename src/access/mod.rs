@@ -111,8 +111,8 @@ pub struct AccessEnv {
     live_slots: Arc<tokio::sync::Semaphore>,
     /// The task that reads the tables' logs for live streams.
     follower: Arc<live::Follower>,
-    /// WAL shards whose commits live streams follow (the pipeline's workers).
-    wal_shards: u16,
+    /// WAL shards whose commits live streams follow (this node's workers).
+    wal_shards: crate::store::delta::NodeShards,
 }
 
 /// A query's answer as it is computed; see [`AccessEnv::query_stream`].
@@ -348,7 +348,10 @@ impl AccessEnv {
                 config.access.max_live_streams as usize,
             )),
             follower: Arc::default(),
-            wal_shards: u16::try_from(config.worker_count()).unwrap_or(u16::MAX),
+            wal_shards: crate::store::delta::NodeShards {
+                node: config.cluster.node_id.clone(),
+                count: u16::try_from(config.worker_count()).unwrap_or(u16::MAX),
+            },
         })
     }
 

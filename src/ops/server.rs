@@ -16,12 +16,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Sender, bounded};
 
 use crate::access::{AccessEnv, AccessError};
 use crate::config::{Acknowledge, Config, ConfigError, RetentionConfig, SinkKind};
+use crate::control::ControlPlane;
+use crate::control::lease::{self, Lease};
 use crate::ingest::auth::Credentials;
 use crate::ingest::durable::DurableFrontier;
 use crate::ingest::{broker, link as ingest};
@@ -60,6 +62,8 @@ pub enum ServerError {
     Wal(#[from] WalError),
     #[error(transparent)]
     Vault(#[from] VaultError),
+    #[error(transparent)]
+    ControlPlane(#[from] crate::control::ControlError),
     #[error(transparent)]
     Http(#[from] HttpError),
     #[error(transparent)]
@@ -215,6 +219,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
                 },
                 max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
                 every: Duration::from_secs(secs),
+                lease: maintenance_lease(config)?,
             },
             metrics.clone(),
         )?),
@@ -294,7 +299,11 @@ impl Recovery {
             .filter_map(|i| u16::try_from(i).ok())
             .chain(recovered.shards.keys().copied())
             .collect();
-        let stored = crate::store::block_on(crate::store::stored_through(root, &shard_ids))?;
+        let stored = crate::store::block_on(crate::store::stored_through(
+            root,
+            &config.cluster.node_id,
+            &shard_ids,
+        ))?;
         // A shard numbers on past every entry a table holds, even when its log
         // is gone (a new disk): a reused number would read as stored.
         for (&(_, shard), &seq) in &stored {
@@ -381,6 +390,7 @@ fn start_writers(
         }
         let settings = WriterSettings {
             table: table.name().to_owned(),
+            node: config.cluster.node_id.clone(),
             root: root.clone(),
             schema,
             roll_rows: storage.roll_rows,
@@ -445,6 +455,19 @@ fn start_workers(
     })
 }
 
+/// This node's claim on the maintenance lease, when it shares the tables
+/// through a control plane.
+fn maintenance_lease(config: &Config) -> Result<Option<(Lease, Duration)>> {
+    let cluster = &config.cluster;
+    if cluster.control_plane.is_empty() {
+        return Ok(None);
+    }
+    let plane = Arc::new(ControlPlane::connect(&cluster.control_plane)?);
+    let term = Duration::from_secs(cluster.lease_secs);
+    let lease = Lease::new(plane, lease::MAINTENANCE, &cluster.node_id, term);
+    Ok(Some((lease, term)))
+}
+
 /// Where and how often the background sweep runs.
 struct SweepSettings {
     root: StoreRoot,
@@ -453,11 +476,14 @@ struct SweepSettings {
     compaction: crate::store::Compaction,
     max_clock_skew_ms: i64,
     every: Duration,
+    /// In a cluster: this node's claim on the maintenance lease, and its term.
+    lease: Option<(Lease, Duration)>,
 }
 
 /// Every `every`, with the real clock: deletes what has expired, auditing
-/// each deletion and counting its rows; compacts the closed hour partitions;
-/// expires query audit files.
+/// each deletion and counting its rows, and compacts the closed hour
+/// partitions, while this node holds the maintenance lease (always, alone);
+/// expires this node's query audit files.
 fn spawn_sweeper(
     retention: Retention,
     access: Arc<AccessEnv>,
@@ -472,51 +498,110 @@ fn spawn_sweeper(
         compaction,
         max_clock_skew_ms,
         every,
+        lease,
     } = settings;
+    // A holder renews its lease well within its term.
+    let tick = lease
+        .as_ref()
+        .map_or(every, |(_, term)| every.min(*term / 3));
     let thread = std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || {
-            while let Err(crossbeam::channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                let now_ms = crate::core::clock::now_ms();
-                let run = retention::SweepRun {
-                    now_ms,
-                    max_clock_skew_ms,
-                    vacuum_grace_ms,
-                    dry_run: false,
+            let mut held = false;
+            let mut next_sweep = Instant::now() + every;
+            while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(tick)
+            {
+                let holds = match &lease {
+                    None => true,
+                    Some((lease, _)) => lease.hold().unwrap_or_else(|error| {
+                        tracing::warn!(%error, "cannot renew the maintenance lease");
+                        false
+                    }),
                 };
-                let swept = retention
-                    .clone()
-                    .with_state(&files)
-                    .and_then(|rules| retention::sweep_and_record(&root, &rules, &files, run));
-                match swept {
-                    Ok(deletions) => {
-                        for d in &deletions {
-                            if let Some(counters) = metrics.table(&d.table) {
-                                counters.rows_expired.fetch_add(d.rows, Ordering::Relaxed);
-                            }
-                            tracing::info!(table = %d.table, partition = %d.partition, action = d.action, rows = d.rows, "expired rows deleted");
-                        }
+                if holds != held {
+                    held = holds;
+                    metrics
+                        .maintenance_lease_held
+                        .store(u64::from(held), Ordering::Relaxed);
+                    if lease.is_some() {
+                        tracing::info!(held, "maintenance lease (retention sweep, compaction)");
                     }
-                    Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
                 }
-                match crate::store::compact(&root, now_ms, compaction) {
-                    Ok(files) if files > 0 => {
-                        tracing::info!(files, "small files of closed hour partitions compacted");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "compaction failed; will try again"),
+                if Instant::now() < next_sweep {
+                    continue;
+                }
+                next_sweep = Instant::now() + every;
+                let now_ms = crate::core::clock::now_ms();
+                if held {
+                    maintain(
+                        &retention,
+                        &root,
+                        &files,
+                        &metrics,
+                        (now_ms, max_clock_skew_ms, vacuum_grace_ms),
+                        compaction,
+                    );
                 }
                 match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {
                         tracing::info!(files = files.len(), "expired query audit files deleted");
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "query audit expiry failed; will try again"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "query audit expiry failed; will try again")
+                    }
                 }
+            }
+            if held
+                && let Some((lease, _)) = &lease
+                && let Err(error) = lease.release()
+            {
+                tracing::warn!(%error, "cannot release the maintenance lease; it lapses");
             }
         })
         .map_err(ServerError::RetentionThread)?;
     Ok(Sweeper { stop, thread })
+}
+
+/// One run of the shared tables' maintenance: the retention sweep, then
+/// compaction of the closed hour partitions.
+fn maintain(
+    retention: &Retention,
+    root: &StoreRoot,
+    files: &RetentionConfig,
+    metrics: &Metrics,
+    (now_ms, max_clock_skew_ms, vacuum_grace_ms): (i64, i64, i64),
+    compaction: crate::store::Compaction,
+) {
+    let run = retention::SweepRun {
+        now_ms,
+        max_clock_skew_ms,
+        vacuum_grace_ms,
+        dry_run: false,
+    };
+    let swept = retention
+        .clone()
+        .with_state(files)
+        .and_then(|rules| retention::sweep_and_record(root, &rules, files, run));
+    match swept {
+        Ok(deletions) => {
+            for d in &deletions {
+                if let Some(counters) = metrics.table(&d.table) {
+                    counters.rows_expired.fetch_add(d.rows, Ordering::Relaxed);
+                }
+                tracing::info!(table = %d.table, partition = %d.partition, action = d.action, rows = d.rows, "expired rows deleted");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
+    }
+    match crate::store::compact(root, now_ms, compaction) {
+        Ok(files) if files > 0 => {
+            tracing::info!(files, "small files of closed hour partitions compacted");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "compaction failed; will try again"),
+    }
 }
 
 /// A queue-depth gauge reading a clone of the queue's receiving end.

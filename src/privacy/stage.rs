@@ -30,6 +30,7 @@ use std::time::Duration;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
+use crate::control::ControlPlane;
 use crate::core::consent::Consent;
 use crate::privacy::pseudo::{self, KeyRing, Secret};
 use crate::privacy::vault::{Vault, VaultError, VehicleKeys};
@@ -146,15 +147,22 @@ impl PrivacyShared {
     /// them on first use). Only one process at a time can hold the vault.
     pub fn open(config: &crate::config::Config) -> Result<Arc<Self>, VaultError> {
         let keys = KeyRing::load_or_create(&config.storage.key_file)?;
-        let vault = Vault::open(&config.storage.vault_file, &keys)?;
-        Ok(Self::new(
+        let vault = match config.cluster.control_plane.as_str() {
+            "" => Vault::open(&config.storage.vault_file, &keys)?,
+            url => Vault::shared(Arc::new(ControlPlane::connect(url)?), &keys),
+        };
+        let shared = Self::new(
             keys,
             vault,
             PrivacySettings {
                 key_epoch_days: config.privacy.key_epoch_days,
                 max_trip: Duration::from_secs(u64::from(config.privacy.max_trip_minutes) * 60),
             },
-        ))
+        );
+        if shared.vault.shared_changes().is_some() {
+            watch_shared_changes(&shared).map_err(VaultError::Thread)?;
+        }
+        Ok(shared)
     }
 
     /// Erases a vehicle's secrets (crypto-shredding); true if it had any.
@@ -208,6 +216,41 @@ pub struct Privacy {
     domain_keys: HashMap<(String, i32), Secret>,
     vehicle_ids: HashMap<(String, i32), String>,
     trips: HashMap<String, Trip>,
+}
+
+/// How often a node asks the shared vault whether another node changed it.
+const SHARED_CHANGES_POLL: Duration = Duration::from_millis(200);
+
+/// Follows the shared vault's change count: when another node erased a
+/// vehicle or changed its consent, every worker here drops its caches at
+/// its next round, as after a change made here. The thread ends with the
+/// last user of `shared`.
+fn watch_shared_changes(shared: &Arc<PrivacyShared>) -> std::io::Result<()> {
+    let shared = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("vault-changes".into())
+        .spawn(move || {
+            let mut seen = None;
+            while let Some(shared) = shared.upgrade() {
+                match shared.vault.shared_changes() {
+                    Some(Ok(changes)) => {
+                        if seen.is_some_and(|seen| seen != changes) {
+                            shared.generation.fetch_add(1, Ordering::SeqCst);
+                        }
+                        seen = Some(changes);
+                    }
+                    Some(Err(error)) => {
+                        // Unknown whether anything changed: assume it did.
+                        tracing::warn!(%error, "cannot read the shared vault's changes");
+                        shared.generation.fetch_add(1, Ordering::SeqCst);
+                    }
+                    None => return,
+                }
+                drop(shared);
+                std::thread::sleep(SHARED_CHANGES_POLL);
+            }
+        })
+        .map(drop)
 }
 
 impl Privacy {

@@ -1,8 +1,10 @@
 //! The vault: each vehicle's random secret and data key, and its consent
 //! state, in an embedded redb database next to the root key (outside the
-//! data directory).
+//! data directory), or, for a cluster, in the control plane's PostgreSQL
+//! database (`cluster.control_plane`, [`crate::control::vault`]), with the
+//! same values under the same keys.
 //!
-//! Format (redb 4, one file, `storage.vault_file`):
+//! Embedded format (redb 4, one file, `storage.vault_file`):
 //! - table `vehicles`: key = HMAC(vault index key, VIN) (32 bytes; the vault
 //!   holds no VIN), value = vehicle secret (32 bytes) ‖ data key (32 bytes) ‖
 //!   created at (i64 ms, little-endian);
@@ -24,10 +26,11 @@
 //! removed at the next open.
 
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::control::ControlPlane;
 use crate::core::consent::Consent;
 use crate::core::fsio;
 use crate::privacy::pseudo::{KEY_BYTES, KeyRing, Secret};
@@ -45,8 +48,12 @@ pub enum VaultError {
         path: PathBuf,
         source: Box<redb::Error>,
     },
-    #[error("vault {path}: an entry of {len} bytes is malformed")]
-    Malformed { path: PathBuf, len: usize },
+    #[error("vault in {home}: an entry of {len} bytes is malformed")]
+    Malformed { home: String, len: usize },
+    #[error("vault: {0}")]
+    Control(#[from] crate::control::ControlError),
+    #[error("vault: cannot start the thread that follows the shared vault's changes: {0}")]
+    Thread(std::io::Error),
     #[error(transparent)]
     Key(#[from] crate::privacy::pseudo::PseudoError),
 }
@@ -67,19 +74,36 @@ pub struct VehicleKeys {
     pub created_ms: i64,
 }
 
-/// The open vault. One process at a time: redb locks the file.
+/// The open vault, in one of its two homes.
 pub struct Vault {
+    store: Store,
+    index_key: Secret,
+}
+
+enum Store {
+    /// The redb file of `storage.vault_file`: one process at a time (redb
+    /// locks the file).
+    Embedded(Embedded),
+    /// The control plane's PostgreSQL database, shared by the nodes of a
+    /// cluster (`cluster.control_plane`, see [`crate::control::vault`]).
+    Shared(Arc<ControlPlane>),
+}
+
+struct Embedded {
     /// Behind a lock only so that an erasure can swap in the rewritten file;
     /// every other method holds the read guard for its whole transaction.
     db: RwLock<Database>,
     path: PathBuf,
-    index_key: Secret,
 }
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let home = match &self.store {
+            Store::Embedded(embedded) => embedded.path.display().to_string(),
+            Store::Shared(_) => "the control plane".to_owned(),
+        };
         f.debug_struct("Vault")
-            .field("path", &self.path)
+            .field("home", &home)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +124,168 @@ fn private_file(path: &Path) -> std::io::Result<()> {
 impl Vault {
     /// Opens the vault at `path`, creating it (owner-only) if absent.
     pub fn open(path: &Path, keys: &KeyRing) -> Result<Self> {
+        Ok(Self {
+            store: Store::Embedded(Embedded::open(path)?),
+            index_key: keys.vault_index_key(),
+        })
+    }
+
+    /// The vault in the control plane's database, shared with every node
+    /// that uses the same database and root key.
+    pub fn shared(plane: Arc<ControlPlane>, keys: &KeyRing) -> Self {
+        Self {
+            store: Store::Shared(plane),
+            index_key: keys.vault_index_key(),
+        }
+    }
+
+    /// The shared vault's change count (see
+    /// [`ControlPlane::vault_changes`]); `None` for the embedded vault,
+    /// which only this process changes.
+    pub fn shared_changes(&self) -> Option<Result<u64>> {
+        match &self.store {
+            Store::Embedded(_) => None,
+            Store::Shared(plane) => Some(plane.vault_changes().map_err(VaultError::from)),
+        }
+    }
+
+    fn index(&self, vin: &str) -> [u8; 32] {
+        self.index_key.mac(&[vin.as_bytes()])
+    }
+
+    /// The vehicle's keys, if it has any.
+    pub fn get(&self, vin: &str) -> Result<Option<VehicleKeys>> {
+        let index = self.index(vin);
+        let value = match &self.store {
+            Store::Embedded(embedded) => embedded.get(&[index])?.pop().flatten(),
+            Store::Shared(plane) => plane.keys(&[index])?.pop().flatten(),
+        };
+        value.map(|v| self.decode(&v)).transpose()
+    }
+
+    /// Every vehicle's keys: for a service purpose that reads the encrypted
+    /// fields of rows that name their vehicle only by pseudonym.
+    pub fn all_keys(&self) -> Result<Vec<VehicleKeys>> {
+        let values = match &self.store {
+            Store::Embedded(embedded) => embedded.all()?,
+            Store::Shared(plane) => plane.all_keys()?,
+        };
+        values.iter().map(|v| self.decode(v)).collect()
+    }
+
+    /// The vehicle's keys, created (and durably committed) on first use.
+    pub fn get_or_create(&self, vin: &str) -> Result<VehicleKeys> {
+        let mut keys = self.get_or_create_all(&[vin])?;
+        keys.pop().ok_or_else(|| self.malformed(0))
+    }
+
+    /// The keys of each of `vins`, in order, creating those that have none
+    /// in one durably committed write transaction: a fleet's first contact
+    /// costs one commit per call, not one per vehicle.
+    pub fn get_or_create_all(&self, vins: &[&str]) -> Result<Vec<VehicleKeys>> {
+        let indexes: Vec<[u8; 32]> = vins.iter().map(|vin| self.index(vin)).collect();
+        let mut found = match &self.store {
+            Store::Embedded(embedded) => embedded.get(&indexes)?,
+            Store::Shared(plane) => plane.keys(&indexes)?,
+        };
+        if found.iter().any(Option::is_none) {
+            // Fresh secrets where none was found, drawn outside the
+            // transaction (the OS random source can fail; redb's errors
+            // cannot carry that). Only the ones whose index has none yet
+            // are stored: never replace a key.
+            let created_ms = crate::core::clock::now_ms();
+            let mut fresh = Vec::with_capacity(vins.len());
+            for value in &found {
+                fresh.push(match value {
+                    Some(_) => Vec::new(),
+                    None => encode(&Secret::random()?, &Secret::random()?, created_ms),
+                });
+            }
+            let (indexes, fresh): (Vec<[u8; 32]>, Vec<Vec<u8>>) = indexes
+                .into_iter()
+                .zip(fresh)
+                .filter(|(_, value)| !value.is_empty())
+                .unzip();
+            let stored = match &self.store {
+                Store::Embedded(embedded) => embedded.get_or_insert(&indexes, &fresh)?,
+                Store::Shared(plane) => plane.keys_or_insert(&indexes, &fresh)?,
+            };
+            let mut stored = stored.into_iter();
+            for value in found.iter_mut().filter(|v| v.is_none()) {
+                *value = stored.next().flatten();
+            }
+        }
+        found
+            .into_iter()
+            .map(|value| self.decode(&value.ok_or_else(|| self.malformed(0))?))
+            .collect()
+    }
+
+    /// Erases the vehicle's keys and consent state; true if it had keys.
+    /// Both homes rewrite their storage without them (see the module
+    /// documentation), which blocks every other vault access meanwhile:
+    /// O(vehicles), and erasures are rare.
+    pub fn erase(&self, vin: &str) -> Result<bool> {
+        let index = self.index(vin);
+        match &self.store {
+            Store::Embedded(embedded) => embedded.erase(&index),
+            Store::Shared(plane) => Ok(plane.erase(&index)?),
+        }
+    }
+
+    pub fn consent(&self, vin: &str) -> Result<Consent> {
+        let index = self.index(vin);
+        let flags = match &self.store {
+            Store::Embedded(embedded) => embedded.consent(&index)?,
+            Store::Shared(plane) => plane.consent(&index)?,
+        };
+        Ok(flags.map_or_else(Consent::default, Consent::from_flags))
+    }
+
+    pub fn set_consent(&self, vin: &str, consent: Consent) -> Result<()> {
+        let index = self.index(vin);
+        match &self.store {
+            Store::Embedded(embedded) => embedded.set_consent(&index, consent.to_flags()),
+            Store::Shared(plane) => Ok(plane.set_consent(&index, consent.to_flags())?),
+        }
+    }
+
+    fn malformed(&self, len: usize) -> VaultError {
+        let home = match &self.store {
+            Store::Embedded(embedded) => embedded.path.display().to_string(),
+            Store::Shared(_) => "the control plane".to_owned(),
+        };
+        VaultError::Malformed { home, len }
+    }
+
+    fn decode(&self, value: &[u8]) -> Result<VehicleKeys> {
+        let malformed = || self.malformed(value.len());
+        if value.len() != VEHICLE_VALUE_BYTES {
+            return Err(malformed());
+        }
+        let key = |range: std::ops::Range<usize>| -> Result<Secret> {
+            Ok(Secret(value[range].try_into().map_err(|_| malformed())?))
+        };
+        let created: [u8; 8] = value[2 * KEY_BYTES..].try_into().map_err(|_| malformed())?;
+        Ok(VehicleKeys {
+            secret: key(0..KEY_BYTES)?,
+            data_key: key(KEY_BYTES..2 * KEY_BYTES)?,
+            created_ms: i64::from_le_bytes(created),
+        })
+    }
+}
+
+/// A vehicle's stored keys: secret ‖ data key ‖ created at (ms, little-endian).
+fn encode(secret: &Secret, data_key: &Secret, created_ms: i64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(VEHICLE_VALUE_BYTES);
+    value.extend_from_slice(&secret.0);
+    value.extend_from_slice(&data_key.0);
+    value.extend_from_slice(&created_ms.to_le_bytes());
+    value
+}
+
+impl Embedded {
+    fn open(path: &Path) -> Result<Self> {
         let err = |e: redb::Error| VaultError::Db {
             path: path.to_owned(),
             source: Box::new(e),
@@ -116,22 +302,17 @@ impl Vault {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
-        let vault = Self {
+        let embedded = Self {
             db: RwLock::new(db),
             path: path.to_owned(),
-            index_key: keys.vault_index_key(),
         };
         // Create both tables, so that readers never meet a missing one.
-        vault.write(|txn| {
+        embedded.write(|txn| {
             txn.open_table(VEHICLES)?;
             txn.open_table(CONSENT)?;
             Ok(())
         })?;
-        Ok(vault)
-    }
-
-    fn index(&self, vin: &str) -> [u8; 32] {
-        self.index_key.mac(&[vin.as_bytes()])
+        Ok(embedded)
     }
 
     fn db_err(&self, e: impl Into<redb::Error>) -> VaultError {
@@ -159,116 +340,65 @@ impl Vault {
         Ok(out)
     }
 
-    /// The vehicle's keys, if it has any.
-    pub fn get(&self, vin: &str) -> Result<Option<VehicleKeys>> {
+    fn get(&self, indexes: &[[u8; 32]]) -> Result<Vec<Option<Vec<u8>>>> {
         let db = self.db();
         let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
-        let value = table
-            .get(self.index(vin).as_slice())
-            .map_err(|e| self.db_err(e))?;
-        value.map(|v| self.decode(v.value())).transpose()
+        let mut found = Vec::with_capacity(indexes.len());
+        for index in indexes {
+            let value = table.get(index.as_slice()).map_err(|e| self.db_err(e))?;
+            found.push(value.map(|v| v.value().to_vec()));
+        }
+        Ok(found)
     }
 
-    /// Every vehicle's keys: for a service purpose that reads the encrypted
-    /// fields of rows that name their vehicle only by pseudonym.
-    pub fn all_keys(&self) -> Result<Vec<VehicleKeys>> {
+    fn all(&self) -> Result<Vec<Vec<u8>>> {
         let db = self.db();
         let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
-        let mut keys = Vec::new();
+        let mut values = Vec::new();
         for entry in table.iter().map_err(|e| self.db_err(e))? {
             let (_, value) = entry.map_err(|e| self.db_err(e))?;
-            keys.push(self.decode(value.value())?);
+            values.push(value.value().to_vec());
         }
-        Ok(keys)
+        Ok(values)
     }
 
-    /// The vehicle's keys, created (and durably committed) on first use.
-    pub fn get_or_create(&self, vin: &str) -> Result<VehicleKeys> {
-        let mut keys = self.get_or_create_all(&[vin])?;
-        keys.pop().ok_or_else(|| VaultError::Malformed {
-            path: self.path.clone(),
-            len: 0,
+    /// Stores `fresh[i]` under `indexes[i]` where nothing is stored yet, in
+    /// one durable transaction, and returns what each index holds now.
+    fn get_or_insert(
+        &self,
+        indexes: &[[u8; 32]],
+        fresh: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        self.write(|txn| {
+            let mut table = txn.open_table(VEHICLES)?;
+            let mut stored = Vec::with_capacity(indexes.len());
+            for (index, value) in indexes.iter().zip(fresh) {
+                // Checked again inside the write transaction (and for an
+                // index named twice): never replace a key.
+                if let Some(existing) = table.get(index.as_slice())? {
+                    stored.push(Some(existing.value().to_vec()));
+                    continue;
+                }
+                table.insert(index.as_slice(), value.as_slice())?;
+                stored.push(Some(value.clone()));
+            }
+            Ok(stored)
         })
     }
 
-    /// The keys of each of `vins`, in order, creating those that have none
-    /// in one durably committed write transaction: a fleet's first contact
-    /// costs one commit per call, not one per vehicle.
-    pub fn get_or_create_all(&self, vins: &[&str]) -> Result<Vec<VehicleKeys>> {
-        let mut found = Vec::with_capacity(vins.len());
-        {
-            let db = self.db();
-            let txn = db.begin_read().map_err(|e| self.db_err(e))?;
-            let table = txn.open_table(VEHICLES).map_err(|e| self.db_err(e))?;
-            for vin in vins {
-                let value = table
-                    .get(self.index(vin).as_slice())
-                    .map_err(|e| self.db_err(e))?;
-                found.push(value.map(|v| v.value().to_vec()));
-            }
-        }
-        if found.iter().any(Option::is_none) {
-            // Fresh secrets where none was found, drawn outside the
-            // transaction (the OS random source can fail; redb's errors
-            // cannot carry that).
-            let mut fresh = Vec::with_capacity(vins.len());
-            for value in &found {
-                fresh.push(match value {
-                    Some(_) => None,
-                    None => Some((Secret::random()?, Secret::random()?)),
-                });
-            }
-            let created_ms = crate::core::clock::now_ms();
-            found = self.write(|txn| {
-                let mut table = txn.open_table(VEHICLES)?;
-                let mut stored = Vec::with_capacity(vins.len());
-                for ((vin, value), fresh) in vins.iter().zip(found).zip(fresh) {
-                    let Some((secret, data_key)) = fresh else {
-                        stored.push(value);
-                        continue;
-                    };
-                    let index = self.index(vin);
-                    // Checked again inside the write transaction (and for
-                    // a VIN named twice): never replace a key.
-                    if let Some(existing) = table.get(index.as_slice())? {
-                        stored.push(Some(existing.value().to_vec()));
-                        continue;
-                    }
-                    let mut value = Vec::with_capacity(VEHICLE_VALUE_BYTES);
-                    value.extend_from_slice(&secret.0);
-                    value.extend_from_slice(&data_key.0);
-                    value.extend_from_slice(&created_ms.to_le_bytes());
-                    table.insert(index.as_slice(), value.as_slice())?;
-                    stored.push(Some(value));
-                }
-                Ok(stored)
-            })?;
-        }
-        found
-            .into_iter()
-            .flatten()
-            .map(|value| self.decode(&value))
-            .collect()
-    }
-
-    /// Erases the vehicle's keys and consent state; true if it had keys.
-    /// The vault is rewritten without them (see the module documentation),
-    /// which blocks every other vault access meanwhile: O(vehicles), and
-    /// erasures are rare.
-    pub fn erase(&self, vin: &str) -> Result<bool> {
-        let index = self.index(vin);
+    fn erase(&self, index: &[u8; 32]) -> Result<bool> {
         let mut db = self
             .db
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (had_keys, had_consent) = entries_of(&db, &index).map_err(|e| self.db_err(e))?;
+        let (had_keys, had_consent) = entries_of(&db, index).map_err(|e| self.db_err(e))?;
         if !had_keys && !had_consent {
             return Ok(false);
         }
         let fresh = erasing_path(&self.path);
-        copy_without(&db, &fresh, &index).map_err(|e| self.db_err(e))?;
+        copy_without(&db, &fresh, index).map_err(|e| self.db_err(e))?;
         let io = |e: std::io::Error| self.db_err(redb::StorageError::Io(e));
         fsio::rename_durably(&fresh, &self.path).map_err(io)?;
         // The old handle holds (and locks) the now unlinked file: open the
@@ -278,41 +408,18 @@ impl Vault {
         Ok(had_keys)
     }
 
-    pub fn consent(&self, vin: &str) -> Result<Consent> {
+    fn consent(&self, index: &[u8; 32]) -> Result<Option<u8>> {
         let db = self.db();
         let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(CONSENT).map_err(|e| self.db_err(e))?;
-        let flags = table
-            .get(self.index(vin).as_slice())
-            .map_err(|e| self.db_err(e))?;
-        Ok(flags.map_or_else(Consent::default, |f| Consent::from_flags(f.value())))
+        let flags = table.get(index.as_slice()).map_err(|e| self.db_err(e))?;
+        Ok(flags.map(|f| f.value()))
     }
 
-    pub fn set_consent(&self, vin: &str, consent: Consent) -> Result<()> {
-        let index = self.index(vin);
+    fn set_consent(&self, index: &[u8; 32], flags: u8) -> Result<()> {
         self.write(|txn| {
-            txn.open_table(CONSENT)?
-                .insert(index.as_slice(), consent.to_flags())?;
+            txn.open_table(CONSENT)?.insert(index.as_slice(), flags)?;
             Ok(())
-        })
-    }
-
-    fn decode(&self, value: &[u8]) -> Result<VehicleKeys> {
-        let malformed = || VaultError::Malformed {
-            path: self.path.clone(),
-            len: value.len(),
-        };
-        if value.len() != VEHICLE_VALUE_BYTES {
-            return Err(malformed());
-        }
-        let key = |range: std::ops::Range<usize>| -> Result<Secret> {
-            Ok(Secret(value[range].try_into().map_err(|_| malformed())?))
-        };
-        let created: [u8; 8] = value[2 * KEY_BYTES..].try_into().map_err(|_| malformed())?;
-        Ok(VehicleKeys {
-            secret: key(0..KEY_BYTES)?,
-            data_key: key(KEY_BYTES..2 * KEY_BYTES)?,
-            created_ms: i64::from_le_bytes(created),
         })
     }
 }

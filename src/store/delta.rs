@@ -102,9 +102,13 @@ impl StoreRoot {
                 "holds credentials: they belong in [storage.s3] or the environment".into(),
             ));
         }
+        if url.scheme() == "file" {
+            // A directory every node mounts (one disk, or a shared file system).
+            return Self::local(Path::new(url.path()));
+        }
         if url.scheme() != "s3" {
             return Err(StoreError::Uri(format!(
-                "{uri}: only s3:// is supported (or no uri: local disk)"
+                "{uri}: only s3:// and file:// are supported (or no uri: under data_dir)"
             )));
         }
         let bucket = url
@@ -268,22 +272,20 @@ pub fn table_schema(file_schema: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// `batch` as the table stores it: with the WAL entry that held it (shard
-/// and sequence number, if any) and its partition's `date` and `hour`
-/// columns appended, as the Delta writer splits and names files by them.
+/// `batch` as the table stores it: with the WAL entry that held it (its
+/// shard's application id and its sequence number, if any) and its
+/// partition's `date` and `hour` columns appended, as the Delta writer
+/// splits and names files by them.
 pub fn stored_rows(
     batch: &RecordBatch,
     partition: PartitionKey,
-    wal: Option<(u16, u64)>,
+    wal: Option<(&str, u64)>,
 ) -> Result<RecordBatch> {
     let (days, hour) = partition.to_parts();
     let rows = batch.num_rows();
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     let (app, entry) = match wal {
-        Some((shard, seq)) => (
-            Some(wal_app_id(shard)),
-            Some(i64::try_from(seq).unwrap_or(i64::MAX)),
-        ),
+        Some((app, seq)) => (Some(app), Some(i64::try_from(seq).unwrap_or(i64::MAX))),
         None => (None, None),
     };
     columns.push(Arc::new(StringArray::from(vec![app; rows])));
@@ -306,11 +308,42 @@ pub fn partition_values(key: PartitionKey) -> (String, u8) {
 }
 
 /// What every WAL shard's application id starts with.
-pub const WAL_APP_PREFIX: &str = "fleetgate-wal-";
+const WAL_APP_PREFIX: &str = "fleetgate-wal-";
 
-/// The application id under which commits record how far they hold a WAL shard.
-pub fn wal_app_id(shard: u16) -> String {
-    format!("{WAL_APP_PREFIX}{shard}")
+/// What the application ids of `node`'s WAL shards start with: one node on
+/// its own has the empty name; each node of a cluster its own
+/// (`cluster.node_id`), so that two nodes' shard 0 are never taken for one.
+pub fn wal_app_prefix(node: &str) -> String {
+    if node.is_empty() {
+        WAL_APP_PREFIX.to_owned()
+    } else {
+        format!("{WAL_APP_PREFIX}{node}-")
+    }
+}
+
+/// The WAL shards of one node: its name and how many it runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeShards {
+    pub node: String,
+    pub count: u16,
+}
+
+impl NodeShards {
+    /// The application id of shard `shard`.
+    pub fn app(&self, shard: u16) -> String {
+        wal_app_id(&self.node, shard)
+    }
+
+    /// The shard whose application id is `app`, if it is one of this node's.
+    pub fn shard_of(&self, app: &str) -> Option<u16> {
+        app.strip_prefix(&wal_app_prefix(&self.node))?.parse().ok()
+    }
+}
+
+/// The application id under which commits record how far they hold a WAL
+/// shard of `node`.
+pub fn wal_app_id(node: &str, shard: u16) -> String {
+    format!("{}{shard}", wal_app_prefix(node))
 }
 
 /// The table `name` under `root`, at its latest version; `None` if none
@@ -526,11 +559,12 @@ pub fn sync_tree(dir: &Path, since_ms: i64) -> Result<()> {
     fsio::sync_dir(dir).map_err(io_error(dir))
 }
 
-/// The last WAL entry of `shard` that a commit to `table` holds, if any.
-pub async fn stored_through(table: &DeltaTable, shard: u16) -> Result<Option<u64>> {
+/// The last WAL entry of the shard whose application id is `app` that a
+/// commit to `table` holds, if any.
+pub async fn stored_through(table: &DeltaTable, app: &str) -> Result<Option<u64>> {
     let version = table
         .snapshot()?
-        .transaction_version(table.log_store().as_ref(), wal_app_id(shard))
+        .transaction_version(table.log_store().as_ref(), app)
         .await?;
     Ok(version.and_then(|v| u64::try_from(v).ok()))
 }

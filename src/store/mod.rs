@@ -62,11 +62,12 @@ impl From<deltalake::DeltaTableError> for StoreError {
     }
 }
 
-/// For every table and every shard in `shards`: the last WAL entry of that
-/// shard a commit to the table holds. An entry at or below it is stored;
+/// For every table and every shard of `node` in `shards`: the last WAL
+/// entry of that shard a commit to the table holds. An entry at or below it is stored;
 /// recovery writes exactly the others again, so none is stored twice.
 pub async fn stored_through(
     root: &StoreRoot,
+    node: &str,
     shards: &[u16],
 ) -> Result<HashMap<(Table, u16), u64>> {
     let mut through = HashMap::new();
@@ -75,7 +76,8 @@ pub async fn stored_through(
             continue;
         };
         for &shard in shards {
-            if let Some(seq) = delta::stored_through(&delta_table, shard).await? {
+            let app = delta::wal_app_id(node, shard);
+            if let Some(seq) = delta::stored_through(&delta_table, &app).await? {
                 through.insert((table, shard), seq);
             }
         }

@@ -50,6 +50,8 @@ pub struct TableBatch {
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
     pub table: String,
+    /// The node whose WAL shards this writer commits (`cluster.node_id`).
+    pub node: String,
     pub root: StoreRoot,
     /// The columns of the table's files (the partition columns come on top).
     pub schema: SchemaRef,
@@ -334,7 +336,8 @@ impl Committer {
             let mut through = BTreeMap::new();
             if let Some(table) = delta::open(&settings.root, &settings.table).await? {
                 for shard in shards {
-                    if let Some(seq) = delta::stored_through(&table, shard).await? {
+                    let app = delta::wal_app_id(&settings.node, shard);
+                    if let Some(seq) = delta::stored_through(&table, &app).await? {
                         through.insert(shard, seq);
                     }
                 }
@@ -413,10 +416,15 @@ impl Committer {
                             .await?
                     }
                 };
-                let parts = batches
+                let apps: BTreeMap<u16, String> = batches
                     .iter()
-                    .map(|b| (b.partition, &b.batch, Some((b.wal.shard, b.wal.seq))));
-                write_and_commit(table, properties, parts, wal_transactions(batches)).await
+                    .map(|b| (b.wal.shard, delta::wal_app_id(&settings.node, b.wal.shard)))
+                    .collect();
+                let parts = batches.iter().map(|b| {
+                    let app = apps.get(&b.wal.shard).map(String::as_str);
+                    (b.partition, &b.batch, app.map(|app| (app, b.wal.seq)))
+                });
+                write_and_commit(table, properties, parts, wal_transactions(&apps, batches)).await
             };
             runtime.block_on(async { tokio::time::timeout(COMMIT_TIMEOUT, attempt).await })
         }));
@@ -451,8 +459,8 @@ impl Committer {
 }
 
 /// Per WAL shard, the last entry `batches` hold, as Delta application
-/// transactions.
-fn wal_transactions(batches: &[TableBatch]) -> Vec<Transaction> {
+/// transactions under the shards' application ids `apps`.
+fn wal_transactions(apps: &BTreeMap<u16, String>, batches: &[TableBatch]) -> Vec<Transaction> {
     let mut through: BTreeMap<u16, u64> = BTreeMap::new();
     for b in batches {
         let seq = through.entry(b.wal.shard).or_default();
@@ -462,7 +470,7 @@ fn wal_transactions(batches: &[TableBatch]) -> Vec<Transaction> {
         .into_iter()
         .map(|(shard, seq)| {
             Transaction::new(
-                delta::wal_app_id(shard),
+                apps.get(&shard).cloned().unwrap_or_default(),
                 i64::try_from(seq).unwrap_or(i64::MAX),
             )
         })
@@ -475,7 +483,7 @@ fn wal_transactions(batches: &[TableBatch]) -> Vec<Transaction> {
 async fn write_and_commit<'a>(
     mut table: DeltaTable,
     properties: &WriterProperties,
-    parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch, Option<(u16, u64)>)>,
+    parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch, Option<(&'a str, u64)>)>,
     transactions: Vec<Transaction>,
 ) -> Result<(DeltaTable, Commit)> {
     // One write per hour partition: the Delta writer validates and splits

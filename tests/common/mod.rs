@@ -681,3 +681,133 @@ pub fn is_data_file(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "parquet")
         && !path.components().any(|c| c.as_os_str() == "_delta_log")
 }
+
+/// A PostgreSQL server of its own for a test (Debian's `postgresql`
+/// package): a fresh cluster in a temp dir, listening only on a Unix socket
+/// in that dir (no TCP port to collide on), stopped when dropped.
+/// PostgreSQL refuses to run as root: as root, it runs as the `postgres` user.
+pub struct Postgres {
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (apt-get install postgresql)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("pg_ctl").exists())
+            .max()
+            .expect("a PostgreSQL version with pg_ctl");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let postgres = Self { dir, bin };
+        std::fs::create_dir(postgres.socket_dir()).expect("socket dir");
+        if rustix::process::geteuid().is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(postgres.dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        postgres.run(
+            "initdb",
+            &[
+                "-A",
+                "trust",
+                "-U",
+                "fleetgate",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ],
+            &[postgres.data_dir().as_os_str()],
+        );
+        let options = format!(
+            "-c listen_addresses='' -c unix_socket_directories='{}' -c wal_recycle=off",
+            postgres.socket_dir().display()
+        );
+        let log = postgres.dir.path().join("server.log");
+        postgres.run(
+            "pg_ctl",
+            &["-w", "-o", &options, "-l"],
+            &[
+                log.as_os_str(),
+                "-D".as_ref(),
+                postgres.data_dir().as_os_str(),
+                "start".as_ref(),
+            ],
+        );
+        postgres
+    }
+
+    /// The connection string fleetgate's `cluster.control_plane` takes.
+    pub fn url(&self) -> String {
+        format!(
+            "host={} user=fleetgate dbname=postgres",
+            self.socket_dir().display()
+        )
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("socket")
+    }
+
+    /// `sql` through psql; its output, unaligned, tuples only.
+    pub fn psql(&self, sql: &str) -> String {
+        let output = std::process::Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-h"])
+            .arg(self.socket_dir())
+            .args(["-U", "fleetgate", "-d", "postgres", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            output.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn run(&self, program: &str, args: &[&str], more: &[&std::ffi::OsStr]) {
+        let path = self.bin.join(program);
+        let mut command = if rustix::process::geteuid().is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            std::process::Command::new(path)
+        };
+        let output = command.args(args).args(more).output().expect(program);
+        assert!(
+            output.status.success(),
+            "{program}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.data_dir();
+        let path = self.bin.join("pg_ctl");
+        let mut command = if rustix::process::geteuid().is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            std::process::Command::new(path)
+        };
+        let _ = command
+            .args(["-m", "immediate", "-D"])
+            .arg(data)
+            .arg("stop")
+            .output();
+    }
+}

@@ -1,0 +1,248 @@
+//! Several nodes sharing a PostgreSQL control plane (`cluster.control_plane`)
+//! and one set of tables: a vehicle gets one secret whichever node meets it
+//! first (also when they meet it at once), an erasure on one node is in
+//! force on the others, an erased secret leaves the database's table files,
+//! the nodes' WAL shards never pass for one another in the tables' log, and
+//! the maintenance lease has one holder and moves when it stops renewing.
+//! Each test starts its own PostgreSQL (`common::Postgres`).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use fleetgate::control::ControlPlane;
+use fleetgate::control::lease::{self, Lease};
+use fleetgate::privacy::pseudo::KeyRing;
+use fleetgate::privacy::vault::Vault;
+use fleetgate::schema::Stream;
+
+const A: &str = "WMW11DJ04N2T00001";
+const B: &str = "WMW21GD07P2S00002";
+/// 2026-11-24T06:00:00Z.
+const NOW: i64 = 1_795_500_000_000;
+
+fn vins(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("WMW11DJ04N2T{i:05}")).collect()
+}
+
+/// A node's vault in the control plane, with its own connections.
+fn shared_vault(postgres: &Postgres, keys: &KeyRing) -> Vault {
+    let plane = ControlPlane::connect(&postgres.url()).expect("control plane");
+    Vault::shared(Arc::new(plane), keys)
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            std::fs::read(path)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn nodes_meeting_new_vehicles_at_once_give_each_one_secret() {
+    let postgres = Postgres::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = KeyRing::load_or_create(&dir.path().join("root.key")).expect("keys");
+    let vins = vins(300);
+    // Four callers on two "nodes", each asking for every vehicle at once,
+    // in its own order: each vehicle must end with one secret for all.
+    let answers: Vec<Vec<(String, [u8; 32])>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|caller| {
+                let vault = shared_vault(&postgres, &keys);
+                let mut order: Vec<&str> = vins.iter().map(String::as_str).collect();
+                if caller % 2 == 1 {
+                    order.reverse();
+                }
+                scope.spawn(move || {
+                    let got = vault.get_or_create_all(&order).expect("keys");
+                    order
+                        .iter()
+                        .zip(got)
+                        .map(|(vin, keys)| ((*vin).to_owned(), keys.secret.0))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("caller"))
+            .collect()
+    });
+    let first: std::collections::HashMap<_, _> = answers[0].iter().cloned().collect();
+    assert_eq!(first.len(), vins.len());
+    for answer in &answers[1..] {
+        for (vin, secret) in answer {
+            assert_eq!(&first[vin], secret, "{vin} got two secrets");
+        }
+    }
+    let count = postgres.psql("SELECT count(*) FROM fleetgate_vehicles");
+    assert_eq!(count.trim(), "300");
+}
+
+#[test]
+fn an_erasure_on_one_node_is_in_force_on_the_other_and_leaves_the_table_files() {
+    let postgres = Postgres::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = KeyRing::load_or_create(&dir.path().join("root.key")).expect("keys");
+    let (one, two) = (
+        shared_vault(&postgres, &keys),
+        shared_vault(&postgres, &keys),
+    );
+    let a = one.get_or_create(A).expect("A");
+    let b = one.get_or_create(B).expect("B");
+    assert_eq!(two.get(A).expect("get"), Some(a.clone()));
+    // Written to the table files: the scan below can see a secret there.
+    postgres.psql("CHECKPOINT");
+    let base = postgres.data_dir().join("base");
+    assert!(
+        !files_holding(&base, &a.secret.0).is_empty(),
+        "the scan finds a stored secret"
+    );
+    // No VIN anywhere in the database, its WAL included: rows are keyed by
+    // a keyed hash of the VIN.
+    for vin in [A, B] {
+        assert!(files_holding(&postgres.data_dir(), vin.as_bytes()).is_empty());
+    }
+
+    assert!(two.erase(A).expect("erase on node two"));
+    assert_eq!(one.get(A).expect("get"), None, "gone for node one too");
+    assert_eq!(one.get(B).expect("get"), Some(b.clone()), "B untouched");
+    postgres.psql("CHECKPOINT");
+    for secret in [&a.secret.0, &a.data_key.0] {
+        assert_eq!(
+            files_holding(&base, secret),
+            Vec::<std::path::PathBuf>::new()
+        );
+    }
+    assert!(!files_holding(&base, &b.secret.0).is_empty());
+    // A returns: a new secret, never the old one.
+    let again = one.get_or_create(A).expect("A again");
+    assert_ne!(again.secret, a.secret);
+    assert_eq!(two.get(A).expect("get"), Some(again));
+}
+
+#[test]
+fn the_maintenance_lease_has_one_holder_and_moves_when_it_lapses() {
+    let postgres = Postgres::start();
+    let plane = |_| Arc::new(ControlPlane::connect(&postgres.url()).expect("control plane"));
+    let term = Duration::from_secs(2);
+    let first = Lease::new(plane(1), lease::MAINTENANCE, "node-1", term);
+    let second = Lease::new(plane(2), lease::MAINTENANCE, "node-2", term);
+    assert!(first.hold().expect("hold"));
+    assert!(!second.hold().expect("hold"), "one holder at a time");
+    assert!(first.hold().expect("renew"), "the holder renews");
+    assert_eq!(second.holder().expect("holder").as_deref(), Some("node-1"));
+    // node-1 stops renewing (killed): node-2 gets it once the term ran out.
+    std::thread::sleep(term + Duration::from_millis(500));
+    assert!(second.hold().expect("hold"), "the lapsed lease moves");
+    assert!(
+        !first.hold().expect("hold"),
+        "and the old holder has lost it"
+    );
+    // A clean stop hands it over at once.
+    second.release().expect("release");
+    assert!(first.hold().expect("hold"));
+}
+
+/// A node of a two-node cluster: its own data dir, WAL and listeners; the
+/// tables, the control plane and the root key shared.
+fn node(postgres: &Postgres, tables: &Path, root_key: &Path, id: &str) -> TestServer {
+    let url = postgres.url();
+    let tables = format!("file://{}", tables.display());
+    TestServer::start_with(|c| {
+        c.cluster.node_id = id.to_owned();
+        c.cluster.control_plane = url;
+        c.cluster.lease_secs = 3;
+        c.retention.sweep_interval_secs = 1;
+        c.storage.uri = Some(tables);
+        fleetgate::core::fsio::create_dir_all(c.storage.key_file.parent().expect("keys dir"))
+            .expect("keys dir");
+        std::fs::copy(root_key, &c.storage.key_file).expect("the cluster's root key");
+    })
+}
+
+fn lease_held(server: &TestServer) -> bool {
+    server
+        .handle
+        .metrics()
+        .maintenance_lease_held
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_store_one_vehicle_under_one_pseudonym_and_share_its_erasure() {
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = shared.path().join("tables");
+    let one = node(&postgres, &tables, &root_key, "node-1");
+    let two = node(&postgres, &tables, &root_key, "node-2");
+    let stored = |server: &TestServer| {
+        server
+            .handle
+            .metrics()
+            .stream(Stream::Teleservice)
+            .table
+            .rows_stored
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The vehicle reaches node 1, then (a failover) node 2.
+    publish_all(one.handle.mqtt_addr(), &[teleservice(A, 1, NOW, "monthly")]).await;
+    publish_all(two.handle.mqtt_addr(), &[teleservice(A, 2, NOW, "monthly")]).await;
+    wait_for(|| stored(&one) == 1 && stored(&two) == 1);
+    let ids = |batches: &[arrow::array::RecordBatch]| -> Vec<String> {
+        let mut ids = Vec::new();
+        for batch in batches {
+            let column = arrow::array::cast::AsArray::as_string::<i32>(batch.column(0));
+            ids.extend(column.iter().map(|v| v.expect("vehicle_id").to_owned()));
+        }
+        ids
+    };
+    let rows = query(&tables, "SELECT vehicle_id FROM teleservice ORDER BY seq").await;
+    let before = ids(&rows);
+    assert_eq!(before.len(), 2, "both nodes' rows in the shared table");
+    assert_eq!(
+        before[0], before[1],
+        "one vehicle, one pseudonym, whichever node"
+    );
+
+    // Each node's shard commits under its own name in the tables' log.
+    let log = files_under(&tables.join("teleservice/_delta_log"))
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<String>();
+    assert!(log.contains("fleetgate-wal-node-1-"), "node 1's shards");
+    assert!(log.contains("fleetgate-wal-node-2-"), "node 2's shards");
+
+    // Erased through node 1; node 2 has the vehicle's keys cached from its
+    // own rows, and must drop them: A's next row there gets a new pseudonym.
+    assert!(one.handle.privacy().erase(A).expect("erase"));
+    std::thread::sleep(Duration::from_secs(1));
+    publish_all(two.handle.mqtt_addr(), &[teleservice(A, 3, NOW, "monthly")]).await;
+    wait_for(|| stored(&two) == 2);
+    let after = ids(&query(&tables, "SELECT vehicle_id FROM teleservice ORDER BY seq").await);
+    assert_eq!(after.len(), 3);
+    assert_ne!(after[2], before[0], "node 2 did not use the erased secret");
+
+    // One node holds the maintenance lease; when it stops, the other takes it.
+    wait_for(|| lease_held(&one) != lease_held(&two));
+    let (holder, other) = if lease_held(&one) {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    holder.handle.shutdown().expect("shutdown");
+    wait_for(|| lease_held(&other));
+    other.handle.shutdown().expect("shutdown");
+}
