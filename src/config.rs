@@ -53,8 +53,9 @@ pub struct ClusterConfig {
     /// maintenance lease under it. Empty = the single node of embedded mode.
     pub node_id: String,
     /// PostgreSQL connection string of the shared control plane (vault,
-    /// maintenance lease), e.g. `host=/run/postgresql dbname=fleetgate`; empty
-    /// = embedded (the redb vault of `storage.vault_file`).
+    /// registry, deletion requests, holds, credentials, maintenance lease),
+    /// e.g. `host=/run/postgresql dbname=fleetgate`; empty = embedded (the
+    /// redb vault of `storage.vault_file` and the files named elsewhere).
     pub control_plane: String,
     /// How long the maintenance lease lasts unless its holder renews it:
     /// the longest another node waits before it takes over a dead holder's

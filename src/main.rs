@@ -49,6 +49,9 @@ enum Command {
         /// and stores nothing (overrides pipeline.sink).
         #[arg(long, value_enum)]
         sink: Option<SinkKind>,
+        /// This node's name in a cluster (overrides cluster.node_id).
+        #[arg(long)]
+        node_id: Option<String>,
     },
     /// Run one SQL statement over the store as a principal, for a purpose,
     /// under the Data Act policy, and print the result.
@@ -277,6 +280,7 @@ fn main() -> anyhow::Result<()> {
             admin_addr,
             flight_sql_addr,
             sink,
+            node_id,
         } => {
             let mut config = common.load()?;
             if let Some(addr) = mqtt_addr {
@@ -293,6 +297,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(sink) = sink {
                 config.pipeline.sink = sink;
+            }
+            if let Some(node_id) = node_id {
+                config.cluster.node_id = node_id;
             }
             let signals = ShutdownSignals::listen(&runtime)?;
             let server = fleetgate::ops::server::start(&config)?;
@@ -371,6 +378,12 @@ fn main() -> anyhow::Result<()> {
                 .credentials_file
                 .clone()
                 .context("broker.credentials_file is not set in the configuration")?;
+            let plane = fleetgate::control::ControlPlane::from_config(&config)?;
+            let store = fleetgate::control::documents::Document::at(
+                plane.as_ref(),
+                fleetgate::ingest::auth::CREDENTIALS,
+                path,
+            );
             let keys =
                 fleetgate::privacy::pseudo::KeyRing::load_or_create(&config.storage.key_file)?;
             let tag_key = keys.redaction_key();
@@ -379,11 +392,11 @@ fn main() -> anyhow::Result<()> {
                     let now = fleetgate::core::clock::now_ms();
                     println!(
                         "{}",
-                        fleetgate::ingest::auth::issue(&path, &tag_key, &vin, now)?
+                        fleetgate::ingest::auth::issue(&store, &tag_key, &vin, now)?
                     );
                 }
                 VehicleAction::Revoke { vin } => {
-                    let revoked = fleetgate::ingest::auth::revoke(&path, &tag_key, &vin)?;
+                    let revoked = fleetgate::ingest::auth::revoke(&store, &tag_key, &vin)?;
                     println!(
                         "{}",
                         if revoked {
@@ -515,7 +528,8 @@ fn admin(config: &Config, action: AdminAction) -> anyhow::Result<()> {
                     now,
                 )?;
             }
-            let effect = events::apply(&privacy, &config.retention, &request, now)?;
+            let state = fleetgate::lifecycle::requests::LifecycleState::open(config)?;
+            let effect = events::apply(&privacy, &state, &request, now)?;
             println!("{}: {effect}", request.event.name());
         }
         None => println!("{:?}", privacy.vault.consent(&vin)?),
@@ -570,7 +584,8 @@ fn convert(config: &Config) -> anyhow::Result<()> {
 fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     use fleetgate::lifecycle::retention::{self, Retention};
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
-    let rules = Retention::current(&config.retention, &registry)?;
+    let state = fleetgate::lifecycle::requests::LifecycleState::open(config)?;
+    let rules = Retention::current(config.retention.rules_file.as_deref(), &state, &registry)?;
     let run = retention::SweepRun {
         now_ms: fleetgate::core::clock::now_ms(),
         max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
@@ -578,7 +593,7 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
         dry_run,
     };
     let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
-    let deletions = retention::sweep_and_record(&root, &rules, &config.retention, run)?;
+    let deletions = retention::sweep_and_record(&root, &rules, &state, run)?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {
         println!(

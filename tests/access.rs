@@ -1209,7 +1209,7 @@ async fn held_rows_past_their_rule_reach_the_operator_only() {
         id: Some("LH-1".into()),
         case_id: None,
     };
-    events::apply(&privacy, &f.config.retention, &hold, NOW).expect("hold");
+    events::apply(&privacy, &f.env.lifecycle, &hold, NOW).expect("hold");
     // A's remote-managed session (seq 2, NOW - 6 h) is past its one-day rule.
     let later = NOW + 2 * DAY;
     let ask = |who: &'static str, purpose: &'static str| {

@@ -1,7 +1,8 @@
 //! Several nodes sharing a PostgreSQL control plane (`cluster.control_plane`)
 //! and one set of tables: a vehicle gets one secret whichever node meets it
 //! first (also when they meet it at once), an erasure on one node is in
-//! force on the others, an erased secret leaves the database's table files,
+//! force on the others, a principal or a legal hold made through one node
+//! holds on the others, an erased secret leaves the database's table files,
 //! the nodes' WAL shards never pass for one another in the tables' log, and
 //! the maintenance lease has one holder and moves when it stops renewing.
 //! Each test starts its own PostgreSQL (`common::Postgres`).
@@ -224,6 +225,32 @@ async fn two_nodes_store_one_vehicle_under_one_pseudonym_and_share_its_erasure()
         .collect::<String>();
     assert!(log.contains("fleetgate-wal-node-1-"), "node 1's shards");
     assert!(log.contains("fleetgate-wal-node-2-"), "node 2's shards");
+
+    // A principal registered through node 1 is known to node 2: the access
+    // registry is one document in the control plane.
+    let operator = one.admin().principal(r#"{"id":"ops","kind":"operator"}"#);
+    let count = r#"{"sql":"SELECT count(*) AS n FROM teleservice","purpose":"operations"}"#;
+    for server in [&one, &two] {
+        let (status, body) = http_request(
+            server.handle.admin_addr(),
+            "POST",
+            "/sql",
+            Some(&operator),
+            count,
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, r#"[{"n":2}]"#, "the same answer on every node");
+    }
+    // A legal hold placed through node 2 refuses an erasure asked of node 1.
+    let hold = format!(r#"{{"event":"legal_hold_placed","vin":"{A}","id":"LH-1"}}"#);
+    let (status, body) = two.admin().post("/admin/events", &hold);
+    assert_eq!(status, 200, "{body}");
+    let erase = format!(r#"{{"event":"erasure_requested","vin":"{A}"}}"#);
+    let (status, body) = one.admin().post("/admin/events", &erase);
+    assert_eq!(status, 409, "held on node 2, so refused on node 1: {body}");
+    let release = format!(r#"{{"event":"legal_hold_released","vin":"{A}","id":"LH-1"}}"#);
+    let (status, body) = one.admin().post("/admin/events", &release);
+    assert_eq!(status, 200, "{body}");
 
     // Erased through node 1; node 2 has the vehicle's keys cached from its
     // own rows, and must drop them: A's next row there gets a new pseudonym.

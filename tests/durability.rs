@@ -200,6 +200,7 @@ async fn replay_skips_what_parquet_already_holds() {
 /// deletion request that removed it has been retired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
+    use fleetgate::control::documents::Document;
     use fleetgate::lifecycle::requests::{self, DeletionRequest, MatchValue, Selection};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -222,7 +223,7 @@ async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
     wait_for(|| parquet_files(&data.join("charging")) == 1);
     // What `charging_session_ended` records (the admin API writes the same file).
     requests::add(
-        &dir.path().join("audit/deletion-requests.json"),
+        &Document::File(dir.path().join("audit/deletion-requests.json")),
         DeletionRequest {
             rows: Selection {
                 table: "charging".into(),
@@ -240,7 +241,10 @@ async fn a_row_the_sweep_deleted_is_not_replayed_after_sigkill() {
     let audit = dir.path().join("audit/deletions.jsonl");
     wait_for(|| std::fs::read_to_string(&audit).is_ok_and(|a| a.contains("delete_rows")));
     wait_for(|| {
-        requests::load(&dir.path().join("audit/deletion-requests.json")).is_ok_and(|r| r.is_empty())
+        requests::load(&Document::File(
+            dir.path().join("audit/deletion-requests.json"),
+        ))
+        .is_ok_and(|r| r.is_empty())
     });
     wait_for(|| parquet_files(&data.join("charging")) == 0);
     assert!(

@@ -281,13 +281,13 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
         let answer = accepted(admin, body);
         assert!(answer.contains("hidden now"), "{answer}");
     }
-    let files = server.config.retention.clone();
+    let files = fleetgate::lifecycle::requests::LifecycleState::new(&server.config.retention, None);
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
 
     let registry = fleetgate::schema::Registry::load().expect("schemas");
     let rules = Retention::load(None, &registry).expect("rules");
-    let pending = fleetgate::lifecycle::requests::load(&files.requests_file).expect("requests");
+    let pending = fleetgate::lifecycle::requests::load(&files.requests).expect("requests");
     assert_eq!(pending.len(), 3, "a request recorded twice is kept once");
     let with_requests = rules.clone().with_requests(pending);
     // Hidden from the moment the event was recorded; rows with no case,
@@ -311,7 +311,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
     )
     .expect("sweep");
     retention::audit(&files.audit_file, TEST_NOW_MS, &deleted).expect("audit");
-    fleetgate::lifecycle::requests::retire(&files.requests_file, with_requests.requests())
+    fleetgate::lifecycle::requests::retire(&files.requests, with_requests.requests())
         .expect("retire");
     let reasons: Vec<(String, u64)> = deleted
         .iter()
@@ -334,7 +334,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
     assert_eq!(seqs(&data, "charging", &rules).await, vec![2, 3]);
     assert_eq!(seqs(&data, "diagnostics", &rules).await, vec![2]);
     assert!(
-        fleetgate::lifecycle::requests::load(&files.requests_file)
+        fleetgate::lifecycle::requests::load(&files.requests)
             .expect("requests")
             .is_empty()
     );
@@ -391,17 +391,13 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     let data = server.data_dir();
     server.handle.shutdown().expect("shutdown");
 
-    let files = &config.retention;
+    let files = &fleetgate::lifecycle::requests::LifecycleState::new(&config.retention, None);
     let rules = || {
         let registry = fleetgate::schema::Registry::load().expect("schemas");
         Retention::load(None, &registry)
             .expect("rules")
-            .with_requests(
-                fleetgate::lifecycle::requests::load(&files.requests_file).expect("requests"),
-            )
-            .with_holds(
-                &fleetgate::lifecycle::requests::load_holds(&files.holds_file).expect("holds"),
-            )
+            .with_requests(fleetgate::lifecycle::requests::load(&files.requests).expect("requests"))
+            .with_holds(&fleetgate::lifecycle::requests::load_holds(&files.holds).expect("holds"))
     };
     let sweep = |rules: &Retention, now_ms: i64| {
         let run = retention::SweepRun {
@@ -416,7 +412,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
             run,
         )
         .expect("sweep");
-        fleetgate::lifecycle::requests::retire(&files.requests_file, &rules.completed_by_sweep())
+        fleetgate::lifecycle::requests::retire(&files.requests, &rules.completed_by_sweep())
             .expect("retire");
         deleted
     };
@@ -440,7 +436,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     let deleted = sweep(&held, later);
     assert!(deleted.is_empty(), "nothing held is deleted: {deleted:?}");
     assert_eq!(
-        fleetgate::lifecycle::requests::load(&files.requests_file)
+        fleetgate::lifecycle::requests::load(&files.requests)
             .expect("requests")
             .len(),
         2,
@@ -465,7 +461,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
     let deleted = sweep(&free, later);
     assert!(!deleted.is_empty());
     assert!(
-        fleetgate::lifecycle::requests::load(&files.requests_file)
+        fleetgate::lifecycle::requests::load(&files.requests)
             .expect("requests")
             .is_empty()
     );

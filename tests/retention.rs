@@ -509,11 +509,11 @@ async fn a_deletion_request_stays_active_until_rows_before_it_have_landed() {
     use fleetgate::lifecycle::requests::{self, DeletionRequest, MatchValue, Selection};
     let server = store_one_row_per_rule().await;
     let data = server.data_dir();
-    let files = server.config.retention.clone();
+    let files = requests::LifecycleState::new(&server.config.retention, None);
     server.handle.shutdown().expect("shutdown");
     let requested_ms = fleetgate::core::clock::now_ms();
     requests::add(
-        &files.requests_file,
+        &files.requests,
         DeletionRequest {
             rows: Selection {
                 table: "charging".into(),
@@ -524,16 +524,13 @@ async fn a_deletion_request_stays_active_until_rows_before_it_have_landed() {
         },
     )
     .expect("request");
-    let rules = || Retention::current(&files, &Registry::load().expect("schemas")).expect("rules");
+    let rules =
+        || Retention::current(None, &files, &Registry::load().expect("schemas")).expect("rules");
     let sweep_at = |now_ms: i64| {
         retention::sweep_and_record(&store(&data), &rules(), &files, run(now_ms, false))
             .expect("sweep")
     };
-    let pending = || {
-        requests::load(&files.requests_file)
-            .expect("requests")
-            .len()
-    };
+    let pending = || requests::load(&files.requests).expect("requests").len();
 
     let first = sweep_at(requested_ms + 60_000);
     assert!(first.iter().any(|d| d.table == "charging"), "{first:?}");

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use common::*;
 use fleetgate::config::TlsListenerConfig;
+use fleetgate::control::documents::Document;
 use fleetgate::schema::Stream;
 
 fn run(cmd: &mut Command) {
@@ -334,7 +335,8 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
     let server = TestServer::start_with(move |c| c.broker.credentials_file = Some(file));
     let tag_key = server.handle.privacy().keys.redaction_key();
     let password =
-        fleetgate::ingest::auth::issue(&credentials_file, &tag_key, A, 0).expect("issue");
+        fleetgate::ingest::auth::issue(&Document::File(credentials_file.clone()), &tag_key, A, 0)
+            .expect("issue");
     let addr = server.handle.mqtt_addr();
     let topic_of = |vin: &str| format!("vehicles/{vin}/teleservice");
     let publish =
@@ -382,7 +384,10 @@ async fn passwords_are_checked_at_connect_and_refusals_counted() {
         assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
     }
     // Revoked: the next CONNECT is refused.
-    assert!(fleetgate::ingest::auth::revoke(&credentials_file, &tag_key, A).expect("revoke"));
+    assert!(
+        fleetgate::ingest::auth::revoke(&Document::File(credentials_file.clone()), &tag_key, A)
+            .expect("revoke")
+    );
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(publish(A, A, right(), A).await, Outcome::BadLogin);
     let data = server.data_dir();
@@ -854,7 +859,7 @@ async fn every_file_fleetgate_creates_is_owner_only() {
         assert!(!export.write_dir(&out, format).expect("written").is_empty());
     }
     fleetgate::ingest::auth::issue(
-        &server.dir.path().join("keys/vehicle-credentials.json"),
+        &Document::File(server.dir.path().join("keys/vehicle-credentials.json")),
         &server.handle.privacy().keys.redaction_key(),
         A,
         now,

@@ -45,6 +45,9 @@ use datafusion::prelude::DataFrame;
 use futures::StreamExt;
 
 use crate::config::{AccessConfig, Config, RetentionConfig};
+use crate::control::ControlPlane;
+use crate::control::documents::Document;
+use crate::lifecycle::requests::LifecycleState;
 use crate::lifecycle::retention::{Retention, RetentionError};
 use crate::privacy::stage::PrivacyShared;
 use crate::schema::{Registry, SchemaError};
@@ -74,7 +77,7 @@ pub enum AccessError {
     #[error("query audit log {0}")]
     Audit(String),
     #[error(transparent)]
-    Registry(#[from] crate::core::fsio::FsError),
+    Registry(#[from] crate::control::ControlError),
     #[error(transparent)]
     Vault(#[from] crate::privacy::vault::VaultError),
     #[error(transparent)]
@@ -97,6 +100,11 @@ pub struct AccessEnv {
     pub store: crate::store::StoreRoot,
     pub schemas: Arc<Registry>,
     pub retention: RetentionConfig,
+    /// Deletion requests and legal holds: every query leaves out their rows.
+    pub lifecycle: LifecycleState,
+    /// Principals, tenures and grants: this node's file, or the control
+    /// plane's document that every node of a cluster reads.
+    registry: Document,
     pub settings: AccessConfig,
     pub purposes: Purposes,
     /// The vault and keys: users' and third parties' views need them.
@@ -331,7 +339,14 @@ pub struct Answer {
 
 impl AccessEnv {
     pub fn new(config: &Config, privacy: Option<Arc<PrivacyShared>>) -> Result<Self> {
+        let plane = ControlPlane::from_config(config)?;
         Ok(Self {
+            lifecycle: LifecycleState::new(&config.retention, plane.as_ref()),
+            registry: Document::at(
+                plane.as_ref(),
+                "access-registry",
+                config.access.registry_file.clone(),
+            ),
             store: crate::store::StoreRoot::from_config(&config.storage)
                 .map_err(crate::query::QueryError::from)?,
             schemas: Registry::load_from(config.storage.schema_dir.as_deref())?,
@@ -356,19 +371,19 @@ impl AccessEnv {
     }
 
     pub fn registry(&self) -> Result<AccessRegistry> {
-        Ok(crate::core::fsio::load_json(&self.settings.registry_file)?)
+        Ok(self.registry.load()?)
     }
 
     /// Applies `change` to the registry durably and audits it (with the
     /// VIN's keyed tag when `vin` is given, never the VIN).
-    fn change<R>(
+    fn change<R: Send>(
         &self,
         what: &str,
         vin: Option<&str>,
         now_ms: i64,
-        change: impl FnOnce(&mut AccessRegistry) -> Result<R>,
+        change: impl FnOnce(&mut AccessRegistry) -> Result<R> + Send,
     ) -> Result<R> {
-        let outcome = crate::core::fsio::update_json(&self.settings.registry_file, change)??;
+        let outcome = self.registry.update(change)??;
         let tag = match (vin, &self.privacy) {
             (Some(vin), Some(privacy)) => Some(crate::privacy::pseudo::vin_tag(
                 &privacy.keys.redaction_key(),
@@ -554,7 +569,11 @@ impl AccessEnv {
     ) -> Result<PolicySession> {
         let purpose = self.purposes.check(purpose, principal.kind)?;
         let registry = self.registry()?;
-        let retention = Retention::current(&self.retention, &self.schemas)?;
+        let retention = Retention::current(
+            self.retention.rules_file.as_deref(),
+            &self.lifecycle,
+            &self.schemas,
+        )?;
         let inputs = PolicyInputs {
             store: &self.store,
             schemas: &self.schemas,

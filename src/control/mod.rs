@@ -1,9 +1,10 @@
 //! The control plane in PostgreSQL: the state that several fleetgate nodes
 //! must share besides the tables, when `cluster.control_plane` names a
-//! database. Today that is the vault of vehicle secrets and consent
-//! ([`vault`]) and the maintenance lease ([`lease`]); the access registry,
-//! deletion requests, legal holds, vehicle credentials and the audit logs
-//! still live in each node's files (README, "Cluster").
+//! database: the vault of vehicle secrets and consent ([`vault`]); the
+//! access registry, deletion requests, legal holds and vehicle credentials
+//! ([`documents`]); the maintenance lease ([`lease`]). The audit logs stay
+//! with the node that wrote them (README, "Cluster"). Without a control
+//! plane, the same [`documents`] are files of the node's own.
 //!
 //! PostgreSQL does what a home-made coordinator would get wrong: a write-once
 //! key is an `INSERT … ON CONFLICT DO NOTHING` inside a transaction, so two
@@ -18,10 +19,11 @@
 //! therefore runs each call on a short-lived thread of its own when the caller
 //! is inside a runtime, and on the caller's thread otherwise.
 
+pub mod documents;
 pub mod lease;
 pub mod vault;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use postgres::{Client, NoTls};
 
@@ -34,6 +36,8 @@ pub enum ControlError {
     Panicked,
     #[error("control plane (PostgreSQL): {0}")]
     Malformed(String),
+    #[error(transparent)]
+    File(#[from] crate::core::fsio::FsError),
 }
 
 pub type Result<T, E = ControlError> = std::result::Result<T, E>;
@@ -55,6 +59,11 @@ const SCHEMA: &str = "
         changes bigint NOT NULL
     );
     INSERT INTO fleetgate_vault_changes VALUES (1, 0) ON CONFLICT DO NOTHING;
+    CREATE TABLE IF NOT EXISTS fleetgate_documents (
+        name text PRIMARY KEY,
+        body text NOT NULL,
+        version bigint NOT NULL
+    );
     CREATE TABLE IF NOT EXISTS fleetgate_leases (
         name text PRIMARY KEY,
         holder text NOT NULL,
@@ -95,10 +104,31 @@ impl Drop for ControlPlane {
 }
 
 impl ControlPlane {
+    /// The control plane `config` names (`cluster.control_plane`),
+    /// connected; `None` when it names none (one node, embedded state).
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Arc<Self>>> {
+        match config.cluster.control_plane.as_str() {
+            "" => Ok(None),
+            url => Ok(Some(Arc::new(Self::connect(url)?))),
+        }
+    }
+
     /// Connects to the database `url` names (a libpq connection string or
     /// `postgresql://` URL) and creates the control plane's tables if absent.
     pub fn connect(url: &str) -> Result<Self> {
         let config: postgres::Config = url.parse()?;
+        // The vault's secrets cross this connection, and this build has no
+        // TLS client for PostgreSQL: only a Unix socket or loopback.
+        for host in config.get_hosts() {
+            if let postgres::config::Host::Tcp(name) = host
+                && !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1")
+            {
+                return Err(ControlError::Malformed(format!(
+                    "host {name}: the control plane carries every vehicle's secrets and this \
+                     build has no TLS for PostgreSQL; connect through a Unix socket or loopback"
+                )));
+            }
+        }
         let plane = Self {
             config,
             idle: Mutex::new(Vec::new()),
@@ -148,5 +178,22 @@ impl ControlPlane {
                 .push(client);
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_control_plane_beyond_this_host_is_refused_without_connecting() {
+        for url in [
+            "host=db.example.com dbname=fleetgate",
+            "postgresql://fleetgate@10.0.0.7/fleetgate",
+            "host=/run/postgresql,db.example.com dbname=fleetgate",
+        ] {
+            let error = ControlPlane::connect(url).expect_err(url).to_string();
+            assert!(error.contains("no TLS"), "{url}: {error}");
+        }
     }
 }

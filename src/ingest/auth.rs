@@ -15,14 +15,13 @@
 //! log spans; the process's log writer replaces every VIN-shaped token.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::control::documents::{Document, Stamp};
 use crate::privacy::pseudo::{Secret, is_vin, vin_tag};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +29,7 @@ pub enum AuthError {
     #[error("not a VIN")]
     InvalidVin,
     #[error(transparent)]
-    Store(#[from] crate::core::fsio::FsError),
+    Store(#[from] crate::control::ControlError),
     #[error("cannot make a password: {0}")]
     Random(String),
 }
@@ -83,12 +82,16 @@ pub struct AuthCounters {
     pub refused: [AtomicU64; Refusal::ALL.len()],
 }
 
-/// The store as the broker reads it: reloaded when the file changes, so a
-/// credential issued while the server runs works at the vehicle's next CONNECT.
+/// The name of the credential store in a cluster's control plane.
+pub const CREDENTIALS: &str = "vehicle-credentials";
+
+/// The store as the broker reads it: reloaded when it changes, so a
+/// credential issued while the server runs (on any node sharing the store)
+/// works at the vehicle's next CONNECT.
 pub struct Credentials {
-    path: PathBuf,
+    store: Document,
     tag_key: Secret,
-    cached: Mutex<(Option<SystemTime>, CredentialFile)>,
+    cached: Mutex<(Option<Stamp>, CredentialFile)>,
     pub counters: AuthCounters,
 }
 
@@ -97,9 +100,9 @@ fn hash(salt: &str, password: &str) -> String {
 }
 
 impl Credentials {
-    pub fn new(path: PathBuf, tag_key: Secret) -> Self {
+    pub fn new(store: Document, tag_key: Secret) -> Self {
         Self {
-            path,
+            store,
             tag_key,
             cached: Mutex::new((None, CredentialFile::new())),
             counters: AuthCounters::default(),
@@ -133,14 +136,13 @@ impl Credentials {
         }
         let tag = vin_tag(&self.tag_key, username);
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified != cached.0 {
-            match crate::core::fsio::load_json::<CredentialFile>(&self.path) {
-                Ok(file) => *cached = (modified, file),
+        match self.store.stamp() {
+            Ok(stamp) if Some(stamp) == cached.0 => {}
+            Ok(stamp) => match self.store.load::<CredentialFile>() {
+                Ok(file) => *cached = (Some(stamp), file),
                 Err(e) => tracing::error!(error = %e, "cannot read the credential store"),
-            }
+            },
+            Err(e) => tracing::error!(error = %e, "cannot read the credential store"),
         }
         let credential = cached.1.get(&tag).ok_or(Refusal::UnknownVehicle)?;
         let presented = hash(&credential.salt, password);
@@ -160,7 +162,12 @@ impl Credentials {
 }
 
 /// Issues `vin` a new password (replacing any previous one) and returns it.
-pub fn issue(path: &Path, tag_key: &Secret, vin: &str, now_ms: i64) -> Result<String, AuthError> {
+pub fn issue(
+    store: &Document,
+    tag_key: &Secret,
+    vin: &str,
+    now_ms: i64,
+) -> Result<String, AuthError> {
     if !is_vin(vin) {
         return Err(AuthError::InvalidVin);
     }
@@ -177,19 +184,16 @@ pub fn issue(path: &Path, tag_key: &Secret, vin: &str, now_ms: i64) -> Result<St
         issued_ms: now_ms,
     };
     let tag = vin_tag(tag_key, vin);
-    crate::core::fsio::update_json(path, |file: &mut CredentialFile| {
+    store.update(|file: &mut CredentialFile| {
         file.insert(tag, credential);
     })?;
     Ok(password)
 }
 
 /// Revokes `vin`'s password; true if it had one.
-pub fn revoke(path: &Path, tag_key: &Secret, vin: &str) -> Result<bool, AuthError> {
+pub fn revoke(store: &Document, tag_key: &Secret, vin: &str) -> Result<bool, AuthError> {
     let tag = vin_tag(tag_key, &vin.to_ascii_uppercase());
-    Ok(crate::core::fsio::update_json(
-        path,
-        |file: &mut CredentialFile| file.remove(&tag).is_some(),
-    )?)
+    Ok(store.update(|file: &mut CredentialFile| file.remove(&tag).is_some())?)
 }
 
 #[cfg(test)]
@@ -202,26 +206,27 @@ mod tests {
     fn issued_passwords_are_checked_and_revoked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("credentials.json");
+        let store = || Document::File(path.clone());
         let key = Secret([7; 32]);
-        let password = issue(&path, &key, VIN, 1).expect("issue");
-        let store = Credentials::new(path.clone(), key.clone());
-        assert!(store.check(VIN, VIN, &password));
-        assert!(!store.check(VIN, VIN, "guess"));
+        let password = issue(&store(), &key, VIN, 1).expect("issue");
+        let credentials = Credentials::new(store(), key.clone());
+        assert!(credentials.check(VIN, VIN, &password));
+        assert!(!credentials.check(VIN, VIN, "guess"));
         assert!(
-            !store.check("car-1", VIN, &password),
+            !credentials.check("car-1", VIN, &password),
             "the client id must be the VIN"
         );
         let other = "WMW21GD07P2S00002";
-        assert!(!store.check(other, other, &password));
-        assert!(!store.check("admin", "admin", &password));
+        assert!(!credentials.check(other, other, &password));
+        assert!(!credentials.check("admin", "admin", &password));
         let text = std::fs::read_to_string(&path).expect("store");
         assert!(!text.contains(VIN) && !text.contains(&password));
-        assert!(revoke(&path, &key, VIN).expect("revoke"));
+        assert!(revoke(&store(), &key, VIN).expect("revoke"));
         // The store is reloaded when it changes (mtime granularity permitting).
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let store = Credentials::new(path, key);
-        assert!(!store.check(VIN, VIN, &password));
-        let refused: Vec<u64> = store
+        let credentials = Credentials::new(store(), key);
+        assert!(!credentials.check(VIN, VIN, &password));
+        let refused: Vec<u64> = credentials
             .counters
             .refused
             .iter()

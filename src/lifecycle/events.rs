@@ -18,8 +18,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RetentionConfig;
 use crate::core::consent::Consent;
+use crate::lifecycle::requests::LifecycleState;
 use crate::lifecycle::requests::{self, DeletionRequest, LegalHold, MatchValue, Selection};
 use crate::privacy::pseudo::{is_vin, vin_tag};
 use crate::privacy::stage::PrivacyShared;
@@ -37,7 +37,7 @@ pub enum EventError {
     #[error("the vehicle is under legal hold {0}: its erasure waits for the hold's release")]
     LegalHold(String),
     #[error(transparent)]
-    Request(#[from] crate::core::fsio::FsError),
+    Request(#[from] crate::control::ControlError),
     #[error(transparent)]
     Vault(#[from] VaultError),
     #[error("audit log {path}: {source}")]
@@ -155,11 +155,11 @@ fn selection(table: &str, matches: Vec<(&str, MatchValue)>) -> Selection {
 /// Applies `request`, audits it, and says what it changed.
 pub fn apply(
     privacy: &PrivacyShared,
-    files: &RetentionConfig,
+    state: &LifecycleState,
     request: &EventRequest,
     now_ms: i64,
 ) -> Result<String> {
-    let audit_file = files.audit_file.as_path();
+    let audit_file = state.audit_file.as_path();
     if !is_vin(&request.vin) {
         return Err(EventError::InvalidVin);
     }
@@ -190,7 +190,7 @@ pub fn apply(
         VehicleEvent::VehicleSold
         | VehicleEvent::AccountDeleted
         | VehicleEvent::ErasureRequested => {
-            if let Some(hold) = requests::load_holds(&files.holds_file)?
+            if let Some(hold) = requests::load_holds(&state.holds)?
                 .into_iter()
                 .find(|h| h.vehicle_tag == tag)
             {
@@ -244,7 +244,7 @@ pub fn apply(
             };
             let table = rows.table.clone();
             requests::add(
-                &files.requests_file,
+                &state.requests,
                 DeletionRequest {
                     rows,
                     event: event.name().to_owned(),
@@ -278,14 +278,14 @@ pub fn apply(
                 covers,
                 placed_ms: now_ms,
             };
-            if requests::place_hold(&files.holds_file, hold)? {
+            if requests::place_hold(&state.holds, hold)? {
                 "legal hold placed".to_owned()
             } else {
                 "legal hold replaced".to_owned()
             }
         }
         VehicleEvent::LegalHoldReleased => {
-            if requests::release_hold(&files.holds_file, &id()?)? {
+            if requests::release_hold(&state.holds, &id()?)? {
                 "legal hold released".to_owned()
             } else {
                 "no legal hold of that name".to_owned()

@@ -11,19 +11,51 @@
 //! retention or a deletion request says, and blocks the vehicle's erasure,
 //! until it is released.
 //!
-//! Each lives in one small JSON file (`[retention] requests_file`,
-//! `holds_file`), replaced atomically (write, fsync, rename, fsync the
-//! directory) under an exclusive file lock, so the server's admin API, its
-//! sweep and the CLI can all change it without losing an entry.
+//! Each is one small JSON document ([`crate::control::documents`]): a file
+//! (`[retention] requests_file`, `holds_file`) replaced atomically under an
+//! exclusive lock, or, for the nodes of a cluster, a row of the control
+//! plane changed in a transaction; so the server's admin API, its sweep and
+//! the CLI, on any node, can all change it without losing an entry.
 
-use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use serde::{Deserialize, Serialize};
 
-use crate::core::fsio::{FsError, load_json, update_json};
+use crate::config::{Config, RetentionConfig};
+use crate::control::documents::Document;
+use crate::control::{ControlError, ControlPlane};
 
-pub type Result<T, E = FsError> = std::result::Result<T, E>;
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+/// Where the lifecycle keeps its state: the pending deletion requests and
+/// the legal holds (shared by a cluster's nodes through its control plane,
+/// else files of this node's), and this node's own deletion audit.
+#[derive(Debug, Clone)]
+pub struct LifecycleState {
+    /// Every deletion, as JSON lines (never the data itself).
+    pub audit_file: PathBuf,
+    pub requests: Document,
+    pub holds: Document,
+}
+
+impl LifecycleState {
+    /// The state in `plane` if given, else in the files `config` names.
+    pub fn new(config: &RetentionConfig, plane: Option<&Arc<ControlPlane>>) -> Self {
+        Self {
+            audit_file: config.audit_file.clone(),
+            requests: Document::at(plane, "deletion-requests", config.requests_file.clone()),
+            holds: Document::at(plane, "legal-holds", config.holds_file.clone()),
+        }
+    }
+
+    /// The state where `config` keeps it: in its control plane if it has one.
+    pub fn open(config: &Config) -> Result<Self> {
+        let plane = ControlPlane::from_config(config)?;
+        Ok(Self::new(&config.retention, plane.as_ref()))
+    }
+}
 
 /// A value a selection matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,19 +173,19 @@ pub fn sql_literal(value: &MatchValue) -> String {
     }
 }
 
-/// The pending requests; none when the file does not exist yet.
-pub fn load(path: &Path) -> Result<Vec<DeletionRequest>> {
-    load_json(path)
+/// The pending requests; none before the first.
+pub fn load(requests: &Document) -> Result<Vec<DeletionRequest>> {
+    requests.load()
 }
 
-/// The legal holds in force; none when the file does not exist yet.
-pub fn load_holds(path: &Path) -> Result<Vec<LegalHold>> {
-    load_json(path)
+/// The legal holds in force; none before the first.
+pub fn load_holds(holds: &Document) -> Result<Vec<LegalHold>> {
+    holds.load()
 }
 
 /// Records `request` durably; recording the same rows twice keeps one.
-pub fn add(path: &Path, request: DeletionRequest) -> Result<()> {
-    update_json(path, |requests: &mut Vec<DeletionRequest>| {
+pub fn add(requests: &Document, request: DeletionRequest) -> Result<()> {
+    requests.update(|requests: &mut Vec<DeletionRequest>| {
         if !requests.iter().any(|r| r.rows == request.rows) {
             requests.push(request);
         }
@@ -161,34 +193,30 @@ pub fn add(path: &Path, request: DeletionRequest) -> Result<()> {
 }
 
 /// Places `hold`, replacing one of the same name; returns whether it is new.
-pub fn place_hold(path: &Path, hold: LegalHold) -> Result<bool> {
-    let mut new = true;
-    update_json(path, |holds: &mut Vec<LegalHold>| {
-        new = !holds.iter().any(|h| h.name == hold.name);
+pub fn place_hold(holds: &Document, hold: LegalHold) -> Result<bool> {
+    holds.update(|holds: &mut Vec<LegalHold>| {
+        let new = !holds.iter().any(|h| h.name == hold.name);
         holds.retain(|h| h.name != hold.name);
         holds.push(hold);
-    })?;
-    Ok(new)
+        new
+    })
 }
 
 /// Releases the hold named `name`; returns whether there was one.
-pub fn release_hold(path: &Path, name: &str) -> Result<bool> {
-    let mut found = false;
-    update_json(path, |holds: &mut Vec<LegalHold>| {
-        found = holds.iter().any(|h| h.name == name);
+pub fn release_hold(holds: &Document, name: &str) -> Result<bool> {
+    holds.update(|holds: &mut Vec<LegalHold>| {
+        let found = holds.iter().any(|h| h.name == name);
         holds.retain(|h| h.name != name);
-    })?;
-    Ok(found)
+        found
+    })
 }
 
 /// Retires requests whose rows are gone from disk.
-pub fn retire(path: &Path, done: &[DeletionRequest]) -> Result<()> {
+pub fn retire(requests: &Document, done: &[DeletionRequest]) -> Result<()> {
     if done.is_empty() {
         return Ok(());
     }
-    update_json(path, |requests: &mut Vec<DeletionRequest>| {
-        requests.retain(|r| !done.contains(r))
-    })
+    requests.update(|requests: &mut Vec<DeletionRequest>| requests.retain(|r| !done.contains(r)))
 }
 
 #[cfg(test)]
@@ -209,7 +237,7 @@ mod tests {
     #[test]
     fn requests_are_kept_once_and_retired() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("requests.json");
+        let path = Document::File(dir.path().join("requests.json"));
         assert!(load(&path).expect("empty").is_empty());
         add(&path, case("A")).expect("add");
         add(&path, case("A")).expect("add again");
@@ -241,7 +269,7 @@ mod tests {
     #[test]
     fn holds_are_placed_by_name_and_released() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("holds.json");
+        let path = Document::File(dir.path().join("holds.json"));
         let hold = LegalHold {
             name: "LH-1".into(),
             vehicle_tag: "tag".into(),

@@ -23,8 +23,8 @@ use deltalake::DeltaTable;
 use deltalake::operations::vacuum::VacuumMode;
 use serde::{Deserialize, Serialize};
 
-use crate::config::RetentionConfig;
 use crate::core::fsio;
+use crate::lifecycle::requests::LifecycleState;
 use crate::lifecycle::requests::{
     self, DeletionRequest, LegalHold, MatchValue, Selection, sql_identifier, sql_literal,
 };
@@ -52,7 +52,7 @@ pub enum RetentionError {
     #[error("query: {0}")]
     Query(#[from] datafusion::error::DataFusionError),
     #[error(transparent)]
-    Requests(#[from] crate::core::fsio::FsError),
+    Requests(#[from] crate::control::ControlError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -222,15 +222,19 @@ impl Retention {
 
     /// The rules as configured, with the deletion requests and legal holds
     /// in force now: what a query or a sweep must apply.
-    pub fn current(config: &RetentionConfig, registry: &Registry) -> Result<Self> {
-        Self::load(config.rules_file.as_deref(), registry)?.with_state(config)
+    pub fn current(
+        rules_file: Option<&Path>,
+        state: &LifecycleState,
+        registry: &Registry,
+    ) -> Result<Self> {
+        Self::load(rules_file, registry)?.with_state(state)
     }
 
     /// The same rules, with the deletion requests and legal holds in force now.
-    pub fn with_state(self, config: &RetentionConfig) -> Result<Self> {
+    pub fn with_state(self, state: &LifecycleState) -> Result<Self> {
         Ok(self
-            .with_requests(requests::load(&config.requests_file)?)
-            .with_holds(&requests::load_holds(&config.holds_file)?))
+            .with_requests(requests::load(&state.requests)?)
+            .with_holds(&requests::load_holds(&state.holds)?))
     }
 
     /// The same rules, also deleting the rows of `requests`.
@@ -583,14 +587,14 @@ fn partition_name_of(days: i32, hour: i32) -> String {
 pub fn sweep_and_record(
     root: &StoreRoot,
     retention: &Retention,
-    config: &RetentionConfig,
+    state: &LifecycleState,
     run: SweepRun,
 ) -> Result<Vec<Deletion>> {
     if run.dry_run {
         return sweep(root, retention, run);
     }
     let swept = sweep_each(root, retention, run);
-    audit(&config.audit_file, run.now_ms, &swept.deletions)?;
+    audit(&state.audit_file, run.now_ms, &swept.deletions)?;
     let failed: Vec<&str> = swept.failed.iter().map(|(t, _)| t.as_str()).collect();
     // A request made moments ago may have rows still on their way to the
     // table (held by a writer, in the WAL): it stays active, and is carried
@@ -601,7 +605,7 @@ pub fn sweep_and_record(
         .filter(|r| !failed.contains(&r.rows.table.as_str()))
         .filter(|r| r.requested_ms <= run.now_ms - REQUEST_SETTLE_MS)
         .collect();
-    requests::retire(&config.requests_file, &completed)?;
+    requests::retire(&state.requests, &completed)?;
     match swept.failed.into_iter().next() {
         Some((table, error)) => {
             tracing::error!(%table, %error, "retention sweep of a table failed; the others went on");

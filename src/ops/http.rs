@@ -38,7 +38,6 @@ use tokio::sync::oneshot;
 
 use crate::access::registry::{GrantRequest, PrincipalKind, Role};
 use crate::access::{AccessEnv, AccessError};
-use crate::config::RetentionConfig;
 use crate::ingest::auth::{AuthCounters, Credentials, Refusal};
 use crate::lifecycle::events::{self, EventError, EventRequest};
 use crate::metrics::{Metrics, encode_family, unlabelled};
@@ -147,7 +146,7 @@ pub struct AdminState {
     /// The vault vehicle events change.
     pub privacy: Arc<PrivacyShared>,
     /// Where vehicle events are audited and deletion requests kept.
-    pub retention: RetentionConfig,
+    pub lifecycle: crate::lifecycle::requests::LifecycleState,
     /// Principals, grants and the policy `/sql` and `/export` run under.
     pub access: Arc<AccessEnv>,
     /// The vehicle credential store, when the plain listeners need passwords.
@@ -296,7 +295,7 @@ async fn vehicle_event(
             Json(serde_json::json!({ "error": e.to_string() })),
         );
     }
-    let outcome = events::apply(&state.privacy, &state.retention, &request, now);
+    let outcome = events::apply(&state.privacy, &state.lifecycle, &request, now);
     match outcome {
         Ok(effect) => (
             StatusCode::OK,

@@ -21,12 +21,14 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{Sender, bounded};
 
 use crate::access::{AccessEnv, AccessError};
-use crate::config::{Acknowledge, Config, ConfigError, RetentionConfig, SinkKind};
+use crate::config::{Acknowledge, Config, ConfigError, SinkKind};
 use crate::control::ControlPlane;
+use crate::control::documents::Document;
 use crate::control::lease::{self, Lease};
-use crate::ingest::auth::Credentials;
+use crate::ingest::auth::{CREDENTIALS, Credentials};
 use crate::ingest::durable::DurableFrontier;
 use crate::ingest::{broker, link as ingest};
+use crate::lifecycle::requests::LifecycleState;
 use crate::lifecycle::retention::{self, Retention, RetentionError};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::ops::admin_token::{AdminToken, AdminTokenError};
@@ -177,11 +179,17 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     )?;
 
     let access = Arc::new(AccessEnv::new(config, Some(privacy.clone()))?);
-    let credentials = config
-        .broker
-        .credentials_file
-        .as_ref()
-        .map(|path| Arc::new(Credentials::new(path.clone(), privacy.keys.redaction_key())));
+    let credentials = match &config.broker.credentials_file {
+        Some(path) => {
+            let plane = ControlPlane::from_config(config)?;
+            let store = Document::at(plane.as_ref(), CREDENTIALS, path.clone());
+            Some(Arc::new(Credentials::new(
+                store,
+                privacy.keys.redaction_key(),
+            )))
+        }
+        None => None,
+    };
     let admin_token = AdminToken::load_or_create(&config.admin.token_file)?;
     let queries =
         QueryPool::start(config.access.query_threads).map_err(ServerError::QueryRuntime)?;
@@ -196,7 +204,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             metrics: metrics.clone(),
             exposition: http::exposition(metrics.clone(), queues, credentials.clone()),
             privacy: privacy.clone(),
-            retention: config.retention.clone(),
+            lifecycle: access.lifecycle.clone(),
             access: access.clone(),
             credentials: credentials.clone(),
             admin_token,
@@ -204,6 +212,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         queries.handle(),
         Duration::from_secs(config.admin.summary_interval_secs),
     )?;
+    let lifecycle = access.lifecycle.clone();
     let retention = match config.retention.sweep_interval_secs {
         0 => None,
         secs => Some(spawn_sweeper(
@@ -211,7 +220,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
             access,
             SweepSettings {
                 root: root.clone(),
-                files: config.retention.clone(),
+                lifecycle,
                 vacuum_grace_ms: config.storage.vacuum_grace_ms,
                 compaction: crate::store::Compaction {
                     target_bytes: config.storage.compact_target_bytes,
@@ -459,10 +468,9 @@ fn start_workers(
 /// through a control plane.
 fn maintenance_lease(config: &Config) -> Result<Option<(Lease, Duration)>> {
     let cluster = &config.cluster;
-    if cluster.control_plane.is_empty() {
+    let Some(plane) = ControlPlane::from_config(config)? else {
         return Ok(None);
-    }
-    let plane = Arc::new(ControlPlane::connect(&cluster.control_plane)?);
+    };
     let term = Duration::from_secs(cluster.lease_secs);
     let lease = Lease::new(plane, lease::MAINTENANCE, &cluster.node_id, term);
     Ok(Some((lease, term)))
@@ -471,7 +479,7 @@ fn maintenance_lease(config: &Config) -> Result<Option<(Lease, Duration)>> {
 /// Where and how often the background sweep runs.
 struct SweepSettings {
     root: StoreRoot,
-    files: RetentionConfig,
+    lifecycle: LifecycleState,
     vacuum_grace_ms: i64,
     compaction: crate::store::Compaction,
     max_clock_skew_ms: i64,
@@ -493,7 +501,7 @@ fn spawn_sweeper(
     let (stop, stopped) = bounded::<()>(0);
     let SweepSettings {
         root,
-        files,
+        lifecycle,
         vacuum_grace_ms,
         compaction,
         max_clock_skew_ms,
@@ -537,7 +545,7 @@ fn spawn_sweeper(
                     maintain(
                         &retention,
                         &root,
-                        &files,
+                        &lifecycle,
                         &metrics,
                         (now_ms, max_clock_skew_ms, vacuum_grace_ms),
                         compaction,
@@ -569,7 +577,7 @@ fn spawn_sweeper(
 fn maintain(
     retention: &Retention,
     root: &StoreRoot,
-    files: &RetentionConfig,
+    lifecycle: &LifecycleState,
     metrics: &Metrics,
     (now_ms, max_clock_skew_ms, vacuum_grace_ms): (i64, i64, i64),
     compaction: crate::store::Compaction,
@@ -582,8 +590,8 @@ fn maintain(
     };
     let swept = retention
         .clone()
-        .with_state(files)
-        .and_then(|rules| retention::sweep_and_record(root, &rules, files, run));
+        .with_state(lifecycle)
+        .and_then(|rules| retention::sweep_and_record(root, &rules, lifecycle, run));
     match swept {
         Ok(deletions) => {
             for d in &deletions {
