@@ -94,21 +94,23 @@ impl ControlPlane {
         Ok(had_keys)
     }
 
-    /// A vehicle's consent flags, if any were set.
-    pub fn consent(&self, vehicle: &[u8; 32]) -> Result<Option<u8>> {
-        let index = vehicle.as_slice();
+    /// Each of `vehicles`' consent flags, in order, if any were set.
+    pub fn consents(&self, vehicles: &[[u8; 32]]) -> Result<Vec<Option<u8>>> {
+        let indexes: Vec<&[u8]> = vehicles.iter().map(|v| v.as_slice()).collect();
         self.run(|client| {
-            let row = client.query_opt(
-                "SELECT flags FROM fleetgate_consent WHERE vehicle = $1",
-                &[&index],
+            let rows = client.query(
+                "SELECT vehicle, flags FROM fleetgate_consent WHERE vehicle = ANY($1)",
+                &[&indexes],
             )?;
-            row.map(|row| {
-                let flags: i16 = row.try_get(0)?;
-                u8::try_from(flags).map_err(|_| {
+            let mut found = std::collections::HashMap::with_capacity(rows.len());
+            for row in rows {
+                let flags: i16 = row.try_get(1)?;
+                let flags = u8::try_from(flags).map_err(|_| {
                     super::ControlError::Malformed(format!("consent flags {flags} out of range"))
-                })
-            })
-            .transpose()
+                })?;
+                found.insert(row.try_get::<_, Vec<u8>>(0)?, flags);
+            }
+            Ok(indexes.iter().map(|v| found.remove(*v)).collect())
         })
     }
 

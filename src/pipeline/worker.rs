@@ -274,24 +274,35 @@ impl Worker {
             self.decoded.resize_with(round.len(), Decoded::default);
         }
         let registry = self.ctx.registry.clone();
-        let mut keyed_vins = Vec::new();
+        let mut vins = Vec::new();
         for (inbound, decoded) in round.iter().zip(self.decoded.iter_mut()) {
             decoded.clear();
             let Route::Vehicle { vin, stream } = &inbound.route else {
                 continue;
             };
-            let schema = registry.get(*stream);
             decode::decode(
-                schema,
+                registry.get(*stream),
                 &self.ctx.limits,
                 vin,
                 &inbound.payload,
                 inbound.received_at_ms,
                 decoded,
             );
+            vins.push(vin.as_str());
+        }
+        // The round's consent in one vault read: one round trip to a shared vault.
+        vins.sort_unstable();
+        vins.dedup();
+        self.privacy.load_consents(&vins);
+        let mut keyed_vins = Vec::new();
+        for (inbound, decoded) in round.iter().zip(self.decoded.iter()) {
+            let Route::Vehicle { vin, stream } = &inbound.route else {
+                continue;
+            };
             if !self.keyed[stream.index()] {
                 continue;
             }
+            let schema = registry.get(*stream);
             let consent = self.privacy.consent(vin);
             let stored = decoded
                 .valid

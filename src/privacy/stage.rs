@@ -147,9 +147,9 @@ impl PrivacyShared {
     /// them on first use). Only one process at a time can hold the vault.
     pub fn open(config: &crate::config::Config) -> Result<Arc<Self>, VaultError> {
         let keys = KeyRing::load_or_create(&config.storage.key_file)?;
-        let vault = match config.cluster.control_plane.as_str() {
-            "" => Vault::open(&config.storage.vault_file, &keys)?,
-            url => Vault::shared(Arc::new(ControlPlane::connect(url)?), &keys),
+        let vault = match ControlPlane::from_config(config)? {
+            None => Vault::open(&config.storage.vault_file, &keys)?,
+            Some(plane) => Vault::shared(plane, &keys),
         };
         let shared = Self::new(
             keys,
@@ -308,17 +308,22 @@ impl Privacy {
     /// whose records are not collected. On a vault error, each vehicle's
     /// keys are fetched when first needed, with retries.
     pub fn load_keys<'a>(&mut self, vins: impl IntoIterator<Item = &'a str>) {
+        let mut unknown: Vec<&str> = vins
+            .into_iter()
+            .filter(|vin| !self.vehicles.contains_key(*vin))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        self.load_consents(&unknown);
         let mut missing: Vec<&str> = Vec::new();
-        for vin in vins {
-            if !self.vehicles.contains_key(vin) && self.consent(vin).sim_active {
+        for vin in unknown {
+            if self.consent(vin).sim_active {
                 missing.push(vin);
             }
         }
         if missing.is_empty() {
             return;
         }
-        missing.sort_unstable();
-        missing.dedup();
         match self.shared.vault.get_or_create_all(&missing) {
             Ok(keys) => {
                 for (vin, keys) in missing.into_iter().zip(keys) {
@@ -422,6 +427,28 @@ impl Privacy {
             },
         );
         id
+    }
+
+    /// Reads the consent state of every vehicle of `vins` not cached yet,
+    /// in one vault read (one round trip to a shared vault); on an error,
+    /// each is read when first needed.
+    pub fn load_consents(&mut self, vins: &[&str]) {
+        let unread: Vec<&str> = vins
+            .iter()
+            .copied()
+            .filter(|vin| !self.consents.contains_key(*vin))
+            .collect();
+        if unread.is_empty() {
+            return;
+        }
+        match self.shared.vault.consents(&unread) {
+            Ok(consents) => {
+                for (vin, consent) in unread.into_iter().zip(consents) {
+                    self.consents.insert(vin.to_owned(), consent);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read a round's consent at once"),
+        }
     }
 
     /// The vehicle's consent state, from the vault (defaults if unreadable:

@@ -234,12 +234,21 @@ impl Vault {
     }
 
     pub fn consent(&self, vin: &str) -> Result<Consent> {
-        let index = self.index(vin);
+        let mut consents = self.consents(&[vin])?;
+        consents.pop().ok_or_else(|| self.malformed(0))
+    }
+
+    /// The consent state of each of `vins`, in order, in one read.
+    pub fn consents(&self, vins: &[&str]) -> Result<Vec<Consent>> {
+        let indexes: Vec<[u8; 32]> = vins.iter().map(|vin| self.index(vin)).collect();
         let flags = match &self.store {
-            Store::Embedded(embedded) => embedded.consent(&index)?,
-            Store::Shared(plane) => plane.consent(&index)?,
+            Store::Embedded(embedded) => embedded.consents(&indexes)?,
+            Store::Shared(plane) => plane.consents(&indexes)?,
         };
-        Ok(flags.map_or_else(Consent::default, Consent::from_flags))
+        Ok(flags
+            .into_iter()
+            .map(|f| f.map_or_else(Consent::default, Consent::from_flags))
+            .collect())
     }
 
     pub fn set_consent(&self, vin: &str, consent: Consent) -> Result<()> {
@@ -408,12 +417,16 @@ impl Embedded {
         Ok(had_keys)
     }
 
-    fn consent(&self, index: &[u8; 32]) -> Result<Option<u8>> {
+    fn consents(&self, indexes: &[[u8; 32]]) -> Result<Vec<Option<u8>>> {
         let db = self.db();
         let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(CONSENT).map_err(|e| self.db_err(e))?;
-        let flags = table.get(index.as_slice()).map_err(|e| self.db_err(e))?;
-        Ok(flags.map(|f| f.value()))
+        let mut found = Vec::with_capacity(indexes.len());
+        for index in indexes {
+            let flags = table.get(index.as_slice()).map_err(|e| self.db_err(e))?;
+            found.push(flags.map(|f| f.value()));
+        }
+        Ok(found)
     }
 
     fn set_consent(&self, index: &[u8; 32], flags: u8) -> Result<()> {
