@@ -273,3 +273,194 @@ async fn two_nodes_store_one_vehicle_under_one_pseudonym_and_share_its_erasure()
     wait_for(|| lease_held(&other));
     other.handle.shutdown().expect("shutdown");
 }
+
+/// `deploy/haproxy.cfg` as shipped, listening on `listen` and sending to
+/// `nodes` instead of the example addresses, running until dropped.
+struct Haproxy {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(listen: std::net::SocketAddr, nodes: &[std::net::SocketAddr]) -> Self {
+        let shipped = include_str!("../deploy/haproxy.cfg");
+        let mut config = String::new();
+        for line in shipped.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with("bind ") {
+                config.push_str(&format!("    bind {listen}\n"));
+            } else if trimmed.starts_with("server ") {
+                continue;
+            } else {
+                config.push_str(line);
+                config.push('\n');
+            }
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            config.push_str(&format!("    server node-{} {node}\n", i + 1));
+        }
+        assert_eq!(
+            shipped
+                .lines()
+                .filter(|l| l.trim_start().starts_with("bind "))
+                .count(),
+            1,
+            "the shipped file binds once"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("config");
+        let child = std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy (apt-get install haproxy)");
+        wait_for(|| std::net::TcpStream::connect(listen).is_ok());
+        Self { child, _dir: dir }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A vehicle as a fleet runs it: its own connection, its VIN as client id;
+/// publishes `message` at QoS 1 and waits for the PUBACK, connecting again
+/// (as a vehicle does) while the connection fails.
+async fn vehicle_publishes(addr: std::net::SocketAddr, vin: &str, message: &Message) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "{vin}: no PUBACK");
+        let options = MqttOptions::new(vin, addr.ip().to_string(), addr.port());
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
+        client
+            .publish(
+                message.0.clone(),
+                QoS::AtLeastOnce,
+                false,
+                message.1.clone(),
+            )
+            .await
+            .expect("queued");
+        let acked = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if acked {
+            // Sent once the event loop handles the request.
+            client.disconnect().await.ok();
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(event) = eventloop.poll().await {
+                    if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `fleetgate serve` as node `id` of a cluster, in `dir` (its data, WAL
+/// and keys; the root key copied in on first start).
+fn node_process(
+    postgres: &Postgres,
+    tables: &Path,
+    root_key: &Path,
+    id: &str,
+    dir: &Path,
+) -> ServeProcess {
+    let key = dir.join("keys/root.key");
+    if !key.exists() {
+        fleetgate::core::fsio::create_dir_all(&dir.join("keys")).expect("keys dir");
+        std::fs::copy(root_key, &key).expect("the cluster's root key");
+    }
+    let config = format!(
+        "[storage]\nuri = \"file://{}\"\nroll_age_ms = 200\n\
+         [pipeline]\nworkers = 2\n\
+         [cluster]\nnode_id = \"{id}\"\ncontrol_plane = \"{}\"\nlease_secs = 3\n",
+        tables.display(),
+        postgres.url()
+    );
+    ServeProcess::spawn(dir, &config)
+}
+
+/// Vehicles each on a connection of their own, through the shipped HAProxy
+/// configuration to two `fleetgate serve` processes: each vehicle keeps to
+/// one node; once that node is killed (SIGKILL, right after acknowledging
+/// a round), its vehicles reconnect and reach the other; once it restarts,
+/// every acknowledged record is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vehicles_reach_one_node_through_haproxy_and_another_when_it_is_killed() {
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = shared.path().join("tables");
+    let (dir_one, dir_two) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let one = node_process(&postgres, &tables, &root_key, "node-1", dir_one.path());
+    let two = node_process(&postgres, &tables, &root_key, "node-2", dir_two.path());
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        probe.local_addr().expect("addr")
+    };
+    let _haproxy = Haproxy::start(listen, &[one.addr, two.addr]);
+    let fleet = vins(20);
+    let round = |seq: u64| {
+        let fleet = fleet.clone();
+        async move {
+            for vin in &fleet {
+                vehicle_publishes(listen, vin, &diagnostics(vin, seq, NOW)).await;
+            }
+        }
+    };
+    let stored = |node: &ServeProcess| node.rows_stored("diagnostics");
+    round(1).await;
+    wait_for(|| stored(&one) + stored(&two) == 20);
+    let (first_one, first_two) = (stored(&one), stored(&two));
+    assert!(
+        first_one > 0 && first_two > 0,
+        "both nodes take vehicles: {first_one} + {first_two}"
+    );
+    // Each vehicle comes back to the node it reached before.
+    round(2).await;
+    wait_for(|| stored(&one) + stored(&two) == 40);
+    assert_eq!((stored(&one), stored(&two)), (2 * first_one, 2 * first_two));
+
+    // Node 1 is killed right after acknowledging round 3 (some of it may be
+    // in its WAL only); its vehicles reconnect through HAProxy to node 2.
+    round(3).await;
+    one.kill();
+    round(4).await;
+    wait_for(|| stored(&two) == 4 * first_two + first_one);
+    // Node 1 restarts on its disk and stores what its WAL holds.
+    let one = node_process(&postgres, &tables, &root_key, "node-1", dir_one.path());
+    let all = || count(&tables, "SELECT count(*) FROM diagnostics");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while all().await < 80 {
+        assert!(std::time::Instant::now() < deadline, "not all 80 stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    one.terminate();
+    two.terminate();
+    assert_eq!(all().await, 80, "every acknowledged record stored, once");
+}

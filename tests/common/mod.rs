@@ -502,6 +502,8 @@ pub fn wait_for(mut done: impl FnMut() -> bool) {
 pub struct ServeProcess {
     pub child: std::process::Child,
     pub addr: std::net::SocketAddr,
+    /// Where its `/metrics` and admin routes answer.
+    pub admin: std::net::SocketAddr,
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
@@ -561,7 +563,24 @@ impl ServeProcess {
             })
             .parse()
             .expect("socket address");
-        Self { child, addr }
+        let admin = banner
+            .split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.parse().ok())
+            .expect("the admin address in the banner");
+        Self { child, addr, admin }
+    }
+
+    /// Rows of `stream` this process stored, from its `/metrics`.
+    pub fn rows_stored(&self, stream: &str) -> u64 {
+        let (status, text) = http_request(self.admin, "GET", "/metrics", None, "");
+        assert_eq!(status, 200);
+        let prefix = format!("fleetgate_records_stored_total{{stream=\"{stream}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .map_or(0, |value| value as u64)
     }
 
     /// SIGTERM, and the exit status must be success.
