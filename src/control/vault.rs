@@ -5,9 +5,10 @@
 //! A vehicle's keys are written once: [`ControlPlane::keys_or_insert`]
 //! inserts with `ON CONFLICT DO NOTHING` and then reads what is stored, so
 //! two nodes creating the same vehicle's keys at once both get the winner's.
-//! Every change to keys or consent increments one counter in the same
+//! Every erasure and consent change increments one counter in the same
 //! transaction ([`ControlPlane::vault_changes`]), by which every node learns
-//! that the entries it has cached may be stale.
+//! that the entries it has cached may be stale (new keys need no count:
+//! they replace nothing a node could hold).
 
 use super::{ControlPlane, Result};
 
@@ -38,18 +39,15 @@ impl ControlPlane {
     ) -> Result<Vec<Option<Vec<u8>>>> {
         let indexes: Vec<&[u8]> = vehicles.iter().map(|v| v.as_slice()).collect();
         let values: Vec<&[u8]> = fresh.iter().map(Vec::as_slice).collect();
+        // One statement, committed on its own. No change is counted: keys
+        // are written once, so no node holds a stale copy of new ones.
         self.run(|client| {
-            let mut txn = client.transaction()?;
-            let inserted = txn.execute(
+            client.execute(
                 "INSERT INTO fleetgate_vehicles (vehicle, keys)
                  SELECT * FROM unnest($1::bytea[], $2::bytea[])
                  ON CONFLICT (vehicle) DO NOTHING",
                 &[&indexes, &values],
             )?;
-            if inserted > 0 {
-                count_change(&mut txn)?;
-            }
-            txn.commit()?;
             Ok(())
         })?;
         self.keys(vehicles)
