@@ -59,9 +59,49 @@ pub enum WalError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("the WAL tracker's lock is poisoned: no segment is deleted until restart")]
     TrackerPoisoned,
+    #[error(
+        "WAL {path} holds entries written as node {recorded:?}, and this start is node \
+         {configured:?}: they would be stored again under the new name. Start once more as \
+         {recorded:?} and stop cleanly (which stores everything the WAL holds), then change \
+         cluster.node_id"
+    )]
+    OtherNode {
+        path: PathBuf,
+        recorded: String,
+        configured: String,
+    },
 }
 
 pub type Result<T, E = WalError> = std::result::Result<T, E>;
+
+/// The file in the WAL directory naming the node (`cluster.node_id`) its
+/// entries were written as; absent: the unnamed node of a single server.
+const NODE_FILE: &str = "node-id";
+
+/// Claims the WAL directory `dir` for `node`. The tables record how far
+/// they hold each shard under the node's name, so entries written as one
+/// node and replayed as another would all look unstored: refused while
+/// `recovered` holds any entry and the name differs.
+pub fn claim_for_node(dir: &Path, node: &str, recovered: &Recovered) -> Result<()> {
+    let path = dir.join(NODE_FILE);
+    let recorded = match fs::read_to_string(&path) {
+        Ok(text) => text.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    if recorded == node {
+        return Ok(());
+    }
+    if recovered.entry_count() > 0 {
+        return Err(WalError::OtherNode {
+            path: dir.to_owned(),
+            recorded,
+            configured: node.to_owned(),
+        });
+    }
+    fsio::create_dir_all(dir).map_err(io_err(dir))?;
+    fsio::replace(&path, node.as_bytes()).map_err(io_err(&path))
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
     move |source| WalError::Io {

@@ -304,6 +304,7 @@ impl Recovery {
     /// Reads the WAL and the tables, before any writer commits.
     fn read(config: &Config, root: &StoreRoot, settings: &WalSettings) -> Result<Self> {
         let mut recovered = wal::recover(&settings.dir, config.wal.skip_corrupt)?;
+        wal::claim_for_node(&settings.dir, &config.cluster.node_id, &recovered)?;
         let shard_ids: Vec<u16> = (0..config.worker_count())
             .filter_map(|i| u16::try_from(i).ok())
             .chain(recovered.shards.keys().copied())
