@@ -49,7 +49,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// This node's name, unique among the nodes sharing the tables: its
-    /// WAL shards commit to Delta under `<node_id>/<shard>`, and it holds the
+    /// WAL shards commit to Delta under `fleetgate-wal-<node_id>-<shard>`, and it holds the
     /// maintenance lease under it. Empty = the single node of embedded mode.
     pub node_id: String,
     /// PostgreSQL connection string of the shared control plane (vault,

@@ -32,7 +32,7 @@ fn vins(n: usize) -> Vec<String> {
 /// A node's vault in the control plane, with its own connections.
 fn shared_vault(postgres: &Postgres, keys: &KeyRing) -> Vault {
     let plane = ControlPlane::connect(&postgres.url()).expect("control plane");
-    Vault::shared(Arc::new(plane), keys)
+    Vault::shared(Arc::new(plane), keys).expect("the cluster's root key")
 }
 
 /// Every file under `dir` whose bytes contain `needle`.
@@ -87,6 +87,12 @@ fn nodes_meeting_new_vehicles_at_once_give_each_one_secret() {
     }
     let count = postgres.psql("SELECT count(*) FROM fleetgate_vehicles");
     assert_eq!(count.trim(), "300");
+    // A node started with a root key of its own would index every vehicle
+    // anew (a second secret each): refused.
+    let stranger = KeyRing::load_or_create(&dir.path().join("other.key")).expect("keys");
+    let plane = ControlPlane::connect(&postgres.url()).expect("control plane");
+    let refused = Vault::shared(Arc::new(plane), &stranger).expect_err("another root key");
+    assert!(refused.to_string().contains("root key"), "{refused}");
 }
 
 #[test]
@@ -463,4 +469,74 @@ async fn vehicles_reach_one_node_through_haproxy_and_another_when_it_is_killed()
     one.terminate();
     two.terminate();
     assert_eq!(all().await, 80, "every acknowledged record stored, once");
+}
+
+/// A node's WAL entries are stored under its name: renaming a node
+/// (`cluster.node_id`) while its WAL holds entries would store them again.
+/// fleetgate refuses that start, naming both names; under its old name it
+/// stores them, and after that clean stop the rename is safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_written_as_one_node_is_not_replayed_under_another_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Rows stay in the WAL only until a roll, a minute away.
+    let plain = "[storage]\nroll_age_ms = 60000\n";
+    let renamed = format!("{plain}[cluster]\nnode_id = \"node-1\"\n");
+    let server = ServeProcess::spawn(dir.path(), plain);
+    publish_all(
+        server.addr,
+        &[diagnostics(A, 1, NOW), diagnostics(A, 2, NOW)],
+    )
+    .await;
+    server.kill();
+
+    let config = dir.path().join("renamed.toml");
+    std::fs::write(&config, &renamed).expect("config");
+    let mut renamed_start = std::process::Command::new(BIN)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--mqtt5-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--flight-sql-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fleetgate serve");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = renamed_start.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            renamed_start.kill().ok();
+            panic!("fleetgate started under another name with entries in its WAL");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(
+        &mut renamed_start.stderr.take().expect("stderr"),
+        &mut stderr,
+    )
+    .expect("stderr");
+    assert!(
+        stderr.contains(r#"written as node """#) && stderr.contains(r#"node "node-1""#),
+        "{stderr}"
+    );
+
+    ServeProcess::spawn(dir.path(), plain).terminate();
+    ServeProcess::spawn(dir.path(), &renamed).terminate();
+    let data = dir.path().join("data");
+    assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 2);
 }

@@ -5,10 +5,11 @@
 //! Taking and renewing are one conditional upsert, judged by the database's
 //! clock: a node gets the lease if nobody holds it, if it holds it already,
 //! or if the holder's term has run out. A holder that stops (killed, cut
-//! off) keeps it at most `term` longer. The lease bounds who starts work; a
-//! holder still running when its lease lapses can overlap its successor
-//! for that one run, which the Delta tables' optimistic concurrency makes
-//! safe (a conflicting commit fails and is retried on the next run).
+//! off) keeps it at most `term` longer. The lease decides who starts a run;
+//! it is renewed between runs, not during one, so a run longer than the
+//! term can overlap the next holder's. Two conflicting Delta commits then
+//! fail one of them; the deletion audit and the retiring of requests are
+//! not fenced (README, "Cluster").
 
 use std::sync::Arc;
 use std::time::Duration;

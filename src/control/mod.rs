@@ -36,6 +36,11 @@ pub enum ControlError {
     Panicked,
     #[error("control plane (PostgreSQL): {0}")]
     Malformed(String),
+    #[error(
+        "control plane (PostgreSQL): this node's root key is not the one the cluster's vault \
+         was made with; copy storage.key_file from a node of the cluster before starting"
+    )]
+    OtherRootKey,
     #[error(transparent)]
     File(#[from] crate::core::fsio::FsError),
 }
@@ -63,6 +68,10 @@ const SCHEMA: &str = "
         name text PRIMARY KEY,
         body text NOT NULL,
         version bigint NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS fleetgate_cluster (
+        name text PRIMARY KEY,
+        value bytea NOT NULL
     );
     CREATE TABLE IF NOT EXISTS fleetgate_leases (
         name text PRIMARY KEY,
@@ -118,16 +127,25 @@ impl ControlPlane {
     pub fn connect(url: &str) -> Result<Self> {
         let config: postgres::Config = url.parse()?;
         // The vault's secrets cross this connection, and this build has no
-        // TLS client for PostgreSQL: only a Unix socket or loopback.
+        // TLS client for PostgreSQL: only a Unix socket or loopback, named
+        // by a path or an address (a host name could resolve anywhere).
+        let beyond = |what: String| {
+            ControlError::Malformed(format!(
+                "{what}: the control plane carries every vehicle's secrets and this build has \
+                 no TLS for PostgreSQL; connect through a Unix socket or a loopback address"
+            ))
+        };
         for host in config.get_hosts() {
             if let postgres::config::Host::Tcp(name) = host
-                && !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1")
+                && !name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
             {
-                return Err(ControlError::Malformed(format!(
-                    "host {name}: the control plane carries every vehicle's secrets and this \
-                     build has no TLS for PostgreSQL; connect through a Unix socket or loopback"
-                )));
+                return Err(beyond(format!("host {name}")));
             }
+        }
+        if let Some(addr) = config.get_hostaddrs().iter().find(|a| !a.is_loopback()) {
+            return Err(beyond(format!("hostaddr {addr}")));
         }
         let plane = Self {
             config,
@@ -191,6 +209,8 @@ mod tests {
             "host=db.example.com dbname=fleetgate",
             "postgresql://fleetgate@10.0.0.7/fleetgate",
             "host=/run/postgresql,db.example.com dbname=fleetgate",
+            "host=localhost hostaddr=10.0.0.7 dbname=fleetgate",
+            "host=/run/postgresql hostaddr=10.0.0.7 dbname=fleetgate",
         ] {
             let error = ControlPlane::connect(url).expect_err(url).to_string();
             assert!(error.contains("no TLS"), "{url}: {error}");

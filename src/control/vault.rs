@@ -13,6 +13,30 @@
 use super::{ControlPlane, Result};
 
 impl ControlPlane {
+    /// Records `fingerprint` (of the root key) as the vault's if it has
+    /// none, and refuses a different one: a node with another root key
+    /// would index every vehicle anew, giving it a second secret, and an
+    /// erasure through it would miss the first.
+    pub fn claim_root_key(&self, fingerprint: &[u8; 32]) -> Result<()> {
+        let fingerprint = fingerprint.as_slice();
+        let stored: Vec<u8> = self.run(|client| {
+            client.execute(
+                "INSERT INTO fleetgate_cluster (name, value) VALUES ('root-key', $1)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&fingerprint],
+            )?;
+            let row = client.query_one(
+                "SELECT value FROM fleetgate_cluster WHERE name = 'root-key'",
+                &[],
+            )?;
+            Ok(row.try_get(0)?)
+        })?;
+        if stored != fingerprint {
+            return Err(super::ControlError::OtherRootKey);
+        }
+        Ok(())
+    }
+
     /// The stored keys of each of `vehicles`, in order.
     pub fn keys(&self, vehicles: &[[u8; 32]]) -> Result<Vec<Option<Vec<u8>>>> {
         let indexes: Vec<&[u8]> = vehicles.iter().map(|v| v.as_slice()).collect();

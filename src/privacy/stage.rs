@@ -144,12 +144,13 @@ impl PrivacyShared {
     }
 
     /// Opens the key ring and the vault the configuration names (creating
-    /// them on first use). Only one process at a time can hold the vault.
+    /// them on first use). Only one process at a time can hold an embedded
+    /// vault; a shared one, every node of the cluster.
     pub fn open(config: &crate::config::Config) -> Result<Arc<Self>, VaultError> {
         let keys = KeyRing::load_or_create(&config.storage.key_file)?;
         let vault = match ControlPlane::from_config(config)? {
             None => Vault::open(&config.storage.vault_file, &keys)?,
-            Some(plane) => Vault::shared(plane, &keys),
+            Some(plane) => Vault::shared(plane, &keys)?,
         };
         let shared = Self::new(
             keys,
@@ -240,9 +241,10 @@ fn watch_shared_changes(shared: &Arc<PrivacyShared>) -> std::io::Result<()> {
                         seen = Some(changes);
                     }
                     Some(Err(error)) => {
-                        // Unknown whether anything changed: assume it did.
+                        // Nothing can change the vault while it cannot be
+                        // reached; the next poll that reaches it compares
+                        // with the count last seen. Caches stay.
                         tracing::warn!(%error, "cannot read the shared vault's changes");
-                        shared.generation.fetch_add(1, Ordering::SeqCst);
                     }
                     None => return,
                 }
@@ -451,16 +453,25 @@ impl Privacy {
         }
     }
 
-    /// The vehicle's consent state, from the vault (defaults if unreadable:
-    /// opt-in functions off, which stores less, never more).
+    /// The vehicle's consent state, from the vault. Retries while the vault
+    /// cannot be read, holding the batch: a guess would be wrong either way
+    /// (the defaults collect from a vehicle whose SIM was switched off;
+    /// refusing drops records already acknowledged).
     pub fn consent(&mut self, vin: &str) -> Consent {
         if let Some(c) = self.consents.get(vin) {
             return *c;
         }
-        let consent = self.shared.vault.consent(vin).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read consent; applying the defaults");
-            Consent::default()
-        });
+        let mut delay = Duration::from_millis(50);
+        let consent = loop {
+            match self.shared.vault.consent(vin) {
+                Ok(consent) => break consent,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?delay, "vault unavailable; holding the batch");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_VAULT_RETRY_DELAY);
+                }
+            }
+        };
         self.consents.insert(vin.to_owned(), consent);
         consent
     }

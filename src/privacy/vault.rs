@@ -131,12 +131,15 @@ impl Vault {
     }
 
     /// The vault in the control plane's database, shared with every node
-    /// that uses the same database and root key.
-    pub fn shared(plane: Arc<ControlPlane>, keys: &KeyRing) -> Self {
-        Self {
+    /// that uses the same database and root key; refused if the vault was
+    /// made with another root key.
+    pub fn shared(plane: Arc<ControlPlane>, keys: &KeyRing) -> Result<Self> {
+        let index_key = keys.vault_index_key();
+        plane.claim_root_key(&index_key.mac(&[b"root key fingerprint"]))?;
+        Ok(Self {
             store: Store::Shared(plane),
-            index_key: keys.vault_index_key(),
-        }
+            index_key,
+        })
     }
 
     /// The shared vault's change count (see
