@@ -793,16 +793,25 @@ impl Postgres {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    fn run(&self, program: &str, args: &[&str], more: &[&std::ffi::OsStr]) {
+    /// `program` of this PostgreSQL, run as the `postgres` user when we are root.
+    fn command(&self, program: &str) -> std::process::Command {
         let path = self.bin.join(program);
-        let mut command = if rustix::process::geteuid().is_root() {
+        if rustix::process::geteuid().is_root() {
             let mut command = std::process::Command::new("runuser");
             command.args(["-u", "postgres", "--"]).arg(path);
             command
         } else {
             std::process::Command::new(path)
-        };
-        let output = command.args(args).args(more).output().expect(program);
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str], more: &[&std::ffi::OsStr]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .args(more)
+            .output()
+            .expect(program);
         assert!(
             output.status.success(),
             "{program}: {}{}",
@@ -815,15 +824,8 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.data_dir();
-        let path = self.bin.join("pg_ctl");
-        let mut command = if rustix::process::geteuid().is_root() {
-            let mut command = std::process::Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(path);
-            command
-        } else {
-            std::process::Command::new(path)
-        };
-        let _ = command
+        let _ = self
+            .command("pg_ctl")
             .args(["-m", "immediate", "-D"])
             .arg(data)
             .arg("stop")
