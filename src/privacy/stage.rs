@@ -219,6 +219,23 @@ pub struct Privacy {
     trips: HashMap<String, Trip>,
 }
 
+/// What `read` returns once it succeeds: retried with a growing delay
+/// (at most [`MAX_VAULT_RETRY_DELAY`]) while the vault cannot be reached,
+/// which holds the worker's batch and, through the queues, ingest.
+fn until_readable<T>(mut read: impl FnMut() -> Result<T, VaultError>) -> T {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match read() {
+            Ok(value) => return value,
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?delay, "vault unavailable; holding the batch");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_VAULT_RETRY_DELAY);
+            }
+        }
+    }
+}
+
 /// How often a node asks the shared vault whether another node changed it.
 const SHARED_CHANGES_POLL: Duration = Duration::from_millis(200);
 
@@ -288,17 +305,7 @@ impl Privacy {
     /// the vault cannot be written: no row may use a key that is not durable.
     fn vehicle(&mut self, vin: &str) -> &VehicleKeys {
         if !self.vehicles.contains_key(vin) {
-            let mut delay = Duration::from_millis(50);
-            let keys = loop {
-                match self.shared.vault.get_or_create(vin) {
-                    Ok(keys) => break keys,
-                    Err(e) => {
-                        tracing::error!(error = %e, retry_in = ?delay, "vault unavailable; holding the batch");
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(MAX_VAULT_RETRY_DELAY);
-                    }
-                }
-            };
+            let keys = until_readable(|| self.shared.vault.get_or_create(vin));
             self.vehicles.insert(vin.to_owned(), keys);
         }
         &self.vehicles[vin]
@@ -461,17 +468,7 @@ impl Privacy {
         if let Some(c) = self.consents.get(vin) {
             return *c;
         }
-        let mut delay = Duration::from_millis(50);
-        let consent = loop {
-            match self.shared.vault.consent(vin) {
-                Ok(consent) => break consent,
-                Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?delay, "vault unavailable; holding the batch");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(MAX_VAULT_RETRY_DELAY);
-                }
-            }
-        };
+        let consent = until_readable(|| self.shared.vault.consent(vin));
         self.consents.insert(vin.to_owned(), consent);
         consent
     }
