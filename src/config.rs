@@ -57,10 +57,17 @@ pub struct ClusterConfig {
     /// e.g. `host=/run/postgresql dbname=fleetgate`; empty = embedded (the
     /// redb vault of `storage.vault_file` and the files named elsewhere).
     pub control_plane: String,
-    /// How long the maintenance lease lasts unless its holder renews it:
-    /// the longest another node waits before it takes over a dead holder's
-    /// retention sweep and compaction, seconds.
+    /// How long a lease lasts unless its holder renews it, seconds: the
+    /// maintenance lease (the longest another node waits before it takes
+    /// over a dead holder's retention sweep and compaction), and each node's
+    /// lease on its name (how long after a node died its WAL copies wait
+    /// before another node stores them; a node stops committing a third of
+    /// this before its lease can lapse).
     pub lease_secs: u64,
+    /// With a control plane: copy each WAL group commit to the store
+    /// (`<storage.uri>/_fleetgate_wal/`) before acknowledging it, so that
+    /// what was acknowledged survives the loss of the node and its disk.
+    pub copy_wal: bool,
 }
 
 impl Default for ClusterConfig {
@@ -69,6 +76,7 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             control_plane: String::new(),
             lease_secs: 30,
+            copy_wal: true,
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct WalCounters {
     pub entries_replayed: AtomicU64,
     /// Duration of each fsync, in microseconds.
     pub fsync_micros: Mutex<Histogram<u64>>,
+    /// Duration of each copy of a group commit to the store (cluster), in microseconds.
+    pub copy_micros: Mutex<Histogram<u64>>,
     /// Time of receipt to the fsync that made a row durable, in milliseconds, per row.
     pub receipt_to_durable_ms: Mutex<Histogram<u64>>,
     /// Time of receipt to the Parquet commit that made a row queryable, in ms, per row.
@@ -72,6 +74,7 @@ impl Default for WalCounters {
             errors: AtomicU64::default(),
             entries_replayed: AtomicU64::default(),
             fsync_micros: histogram(HISTOGRAM_HIGHEST_US),
+            copy_micros: histogram(HISTOGRAM_HIGHEST_US),
             receipt_to_durable_ms: histogram(HISTOGRAM_HIGHEST_MS),
             receipt_to_queryable_ms: histogram(HISTOGRAM_HIGHEST_MS),
         }
@@ -211,6 +214,9 @@ pub struct Metrics {
     pub publish_rate_limited: Arc<AtomicU64>,
     /// 1 while this node holds the maintenance lease (always, alone).
     pub maintenance_lease_held: AtomicU64,
+    /// In a cluster: 1 while this node can trust it holds the lease on its
+    /// name, without which its writers do not commit.
+    pub node_lease_held: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -491,6 +497,13 @@ impl Collector for Metrics {
         )?;
         encode_family(
             out,
+            "node_lease_held",
+            "In a cluster: 1 while this node holds the lease on its node_id (its table commits wait otherwise).",
+            Gauge,
+            unlabelled(self.node_lease_held.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
             "publishes_discarded",
             "Publishes discarded unread by the benchmark sink (pipeline.sink = \"discard\").",
             Counter,
@@ -611,6 +624,14 @@ impl Collector for Metrics {
             "wal_fsync_seconds",
             "Duration of WAL fsyncs.",
             &self.wal.fsync_micros,
+            1e-6,
+            &bucket_bounds(-5, 1),
+        )?;
+        encode_histogram(
+            out,
+            "wal_copy_seconds",
+            "Duration of copying a WAL group commit to the shared store (cluster mode).",
+            &self.wal.copy_micros,
             1e-6,
             &bucket_bounds(-5, 1),
         )?;

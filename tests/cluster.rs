@@ -392,19 +392,143 @@ fn node_process(
     id: &str,
     dir: &Path,
 ) -> ServeProcess {
+    ServeProcess::spawn(dir, &node_config(postgres, tables, root_key, id, dir, 200))
+}
+
+/// The configuration of node `id`, its rows committed every `roll_age_ms`.
+fn node_config(
+    postgres: &Postgres,
+    tables: &Path,
+    root_key: &Path,
+    id: &str,
+    dir: &Path,
+    roll_age_ms: u64,
+) -> String {
     let key = dir.join("keys/root.key");
     if !key.exists() {
         fleetgate::core::fsio::create_dir_all(&dir.join("keys")).expect("keys dir");
         std::fs::copy(root_key, &key).expect("the cluster's root key");
     }
-    let config = format!(
-        "[storage]\nuri = \"file://{}\"\nroll_age_ms = 200\n\
+    format!(
+        "[storage]\nuri = \"file://{}\"\nroll_age_ms = {roll_age_ms}\n\
          [pipeline]\nworkers = 2\n\
          [cluster]\nnode_id = \"{id}\"\ncontrol_plane = \"{}\"\nlease_secs = 3\n",
         tables.display(),
         postgres.url()
+    )
+}
+
+/// Whether a `fleetgate serve` process holds the maintenance lease.
+fn holds_maintenance(node: &ServeProcess) -> bool {
+    let (_, text) = http_request(node.admin, "GET", "/metrics", None, "");
+    text.lines()
+        .any(|line| line == "fleetgate_maintenance_lease_held 1")
+}
+
+/// Rows of the diagnostics table under `tables` (0 before its first commit).
+async fn diagnostics_stored(tables: &Path) -> i64 {
+    match tables.join("diagnostics/_delta_log").exists() {
+        true => count(tables, "SELECT count(*) FROM diagnostics").await,
+        false => 0,
+    }
+}
+
+/// A node killed with its disk lost (nothing of its data directory left):
+/// what it had acknowledged, and no table held yet, is in its WAL copies in
+/// the shared store. Once its lease lapsed, the node holding the
+/// maintenance lease stores it, each record once; the copies are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_node_acknowledged_survives_the_node_and_its_disk() {
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = shared.path().join("tables");
+    let dir_two = tempfile::tempdir().expect("dir");
+    let two = node_process(&postgres, &tables, &root_key, "node-2", dir_two.path());
+    wait_for(|| holds_maintenance(&two));
+
+    // Node 1 commits to the tables only once a minute: what it acknowledges
+    // stays in its WAL, on its disk and in its copies.
+    let dir_one = tempfile::tempdir().expect("dir");
+    let config = node_config(
+        &postgres,
+        &tables,
+        &root_key,
+        "node-1",
+        dir_one.path(),
+        60_000,
     );
-    ServeProcess::spawn(dir, &config)
+    let one = ServeProcess::spawn(dir_one.path(), &config);
+    let fleet = vins(25);
+    let records: Vec<Message> = fleet
+        .iter()
+        .flat_map(|vin| (1..=2).map(|seq| diagnostics(vin, seq, NOW)))
+        .collect();
+    publish_all(one.addr, &records).await;
+    assert_eq!(one.rows_stored("diagnostics"), 0, "nothing committed yet");
+    one.kill();
+    drop(dir_one);
+
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while diagnostics_stored(&tables).await < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1's acknowledged records were not stored from its copies"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for(|| !holds_files(&tables.join("_fleetgate_wal")));
+    two.terminate();
+    assert_eq!(
+        diagnostics_stored(&tables).await,
+        50,
+        "each acknowledged record once"
+    );
+    assert_eq!(
+        count(
+            &tables,
+            "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, seq FROM diagnostics)"
+        )
+        .await,
+        50
+    );
+}
+
+/// Whether any file is left below `dir`.
+fn holds_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let path = e.path();
+            !path.is_dir() || holds_files(&path)
+        })
+    })
+}
+
+/// Two processes under one `cluster.node_id` would commit under the same
+/// Delta transaction ids and skip each other's rows: the second is refused
+/// while the first keeps its lease, naming the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_a_running_node_s_name_is_refused() {
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = shared.path().join("tables");
+    let (dir_one, dir_two) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let one = node_process(&postgres, &tables, &root_key, "node-1", dir_one.path());
+    let twin = node_config(&postgres, &tables, &root_key, "node-1", dir_two.path(), 200);
+    let stderr = ServeProcess::refused(dir_two.path(), &twin);
+    assert!(
+        stderr.contains(r#"cluster.node_id "node-1" is in use"#),
+        "{stderr}"
+    );
+    // The first runs on, and restarts on its own disk at once.
+    one.terminate();
+    node_process(&postgres, &tables, &root_key, "node-1", dir_one.path()).terminate();
 }
 
 /// Vehicles each on a connection of their own, through the shipped HAProxy
@@ -489,47 +613,7 @@ async fn a_wal_written_as_one_node_is_not_replayed_under_another_name() {
     .await;
     server.kill();
 
-    let config = dir.path().join("renamed.toml");
-    std::fs::write(&config, &renamed).expect("config");
-    let mut renamed_start = std::process::Command::new(BIN)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--mqtt-addr",
-            "127.0.0.1:0",
-            "--mqtt5-addr",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--flight-sql-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("fleetgate serve");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = renamed_start.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            renamed_start.kill().ok();
-            panic!("fleetgate started under another name with entries in its WAL");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(
-        &mut renamed_start.stderr.take().expect("stderr"),
-        &mut stderr,
-    )
-    .expect("stderr");
+    let stderr = ServeProcess::refused(dir.path(), &renamed);
     assert!(
         stderr.contains(r#"written as node """#) && stderr.contains(r#"node "node-1""#),
         "{stderr}"
@@ -539,4 +623,66 @@ async fn a_wal_written_as_one_node_is_not_replayed_under_another_name() {
     ServeProcess::spawn(dir.path(), &renamed).terminate();
     let data = dir.path().join("data");
     assert_eq!(count(&data, "SELECT count(*) FROM diagnostics").await, 2);
+}
+
+/// A gauge of a `fleetgate serve` process's `/metrics`, by its full name.
+fn gauge(node: &ServeProcess, name: &str) -> Option<u64> {
+    let (_, text) = http_request(node.admin, "GET", "/metrics", None, "");
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+}
+
+/// Once a node can no longer trust that it holds the lease on its name
+/// (here another holder took it: a partition from PostgreSQL looks the same
+/// to the node), another node may be storing its WAL, so its writers commit
+/// nothing; it goes on acknowledging into its WAL and copies. With the lease
+/// back, it stores what it held, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back() {
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = shared.path().join("tables");
+    let dir = tempfile::tempdir().expect("dir");
+    let one = node_process(&postgres, &tables, &root_key, "node-1", dir.path());
+    let first: Vec<Message> = vins(10).iter().map(|v| diagnostics(v, 1, NOW)).collect();
+    publish_all(one.addr, &first).await;
+    wait_for(|| one.rows_stored("diagnostics") == 10);
+    assert_eq!(gauge(&one, "fleetgate_node_lease_held"), Some(1));
+
+    let plane = ControlPlane::connect(&postgres.url()).expect("control plane");
+    let set_holder = |sql: &'static str| {
+        plane
+            .run(|client| Ok(client.execute(sql, &[])?))
+            .expect("lease row")
+    };
+    set_holder(
+        "UPDATE fleetgate_leases SET holder = 'an-impostor', \
+         expires_at = now() + interval '1 hour' WHERE name = 'node:node-1'",
+    );
+    wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(0));
+    let second: Vec<Message> = vins(10).iter().map(|v| diagnostics(v, 2, NOW)).collect();
+    publish_all(one.addr, &second).await;
+    wait_for(|| {
+        gauge(
+            &one,
+            "fleetgate_write_errors_rows_total{table=\"diagnostics\"}",
+        ) > Some(0)
+    });
+    assert_eq!(
+        one.rows_stored("diagnostics"),
+        10,
+        "a fenced node commits nothing"
+    );
+    assert_eq!(diagnostics_stored(&tables).await, 10);
+
+    set_holder("DELETE FROM fleetgate_leases WHERE name = 'node:node-1'");
+    wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(1));
+    wait_for(|| one.rows_stored("diagnostics") == 20);
+    one.terminate();
+    assert_eq!(diagnostics_stored(&tables).await, 20);
 }

@@ -166,3 +166,62 @@ async fn a_stalled_s3_server_delays_rows_and_loses_none() {
     server.handle.shutdown().expect("shutdown");
     assert_eq!(count(&config, "rtti", TEST_NOW_MS).await, 6);
 }
+
+/// In a cluster on S3, each WAL group commit is copied into the bucket
+/// (`<prefix>/_fleetgate_wal/<node>/…`) before it counts as durable; read
+/// back from there, the entries are whole; once committed, the copies go.
+#[test]
+fn wal_copies_live_in_the_bucket_until_committed() {
+    use fleetgate::core::table::{PartitionKey, Table};
+    use fleetgate::wal::copies::Copies;
+    use fleetgate::wal::{ShardWal, Tracker, WalSettings};
+
+    let s3 = S3Server::start();
+    let mut config = Config::default();
+    on_s3(&mut config, &s3);
+    let root = StoreRoot::from_config(&config.storage).expect("root");
+    let copies = Copies::new(root.wal_copies().expect("copies"), "node-1");
+    let disk = tempfile::tempdir().expect("tempdir");
+    let tracker = std::sync::Arc::new(Tracker::default());
+    let settings = WalSettings {
+        dir: disk.path().to_owned(),
+        segment_bytes: 1 << 30,
+        fsync_interval: Duration::from_millis(5),
+        fsync_bytes: 1 << 20,
+        max_segment_age: Duration::from_secs(3600),
+        copies: Some(copies.clone()),
+    };
+    let mut wal = ShardWal::open(&settings, 1, None, tracker.clone()).expect("open");
+    let batch = arrow::array::RecordBatch::try_from_iter([(
+        "seq",
+        std::sync::Arc::new(arrow::array::Int64Array::from(vec![7, 8])) as _,
+    )])
+    .expect("batch");
+    let partition = PartitionKey::from_millis(TEST_NOW_MS);
+    let ids: Vec<_> = (0..3)
+        .map(|_| {
+            let id = wal
+                .append(Table::DeadLetters, partition, &batch)
+                .expect("append");
+            wal.sync().expect("sync and copy");
+            id
+        })
+        .collect();
+
+    let recovered = copies.read().expect("read from the bucket");
+    let entries = &recovered.shards[&1].entries;
+    assert_eq!(entries.len(), 3);
+    assert!(entries.iter().all(|e| e.batch == batch));
+    let (status, listing) =
+        http_request(s3.addr, "GET", &format!("/{BUCKET}?list-type=2"), None, "");
+    assert_eq!(status, 200);
+    assert!(
+        listing.contains("fleet/_fleetgate_wal/node-1/shard-001/"),
+        "{listing}"
+    );
+
+    tracker.covered(&ids);
+    wal.truncate_covered().expect("delete the copies");
+    assert!(copies.read().expect("read").shards.is_empty());
+    assert!(copies.nodes().expect("nodes").is_empty());
+}

@@ -2,6 +2,10 @@
 //! maintenance of the shared tables) at a time, and when its holder stops
 //! renewing it, another node takes it over once it lapses.
 //!
+//! A running cluster node also holds a lease on its own name ([`node`],
+//! [`Claim`]), which fences its table commits and tells the others when its
+//! WAL copies are theirs to store.
+//!
 //! Taking and renewing are one conditional upsert, judged by the database's
 //! clock: a node gets the lease if nobody holds it, if it holds it already,
 //! or if the holder's term has run out. A holder that stops (killed, cut
@@ -11,8 +15,8 @@
 //! fail one of them; the deletion audit and the retiring of requests are
 //! not fenced (README, "Cluster").
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{ControlPlane, Result};
 
@@ -78,5 +82,83 @@ impl Lease {
             )?;
             Ok(())
         })
+    }
+}
+
+impl Lease {
+    /// Takes the lease over from `previous`, whatever its term: for a node
+    /// that knows `previous` was its own earlier run, now gone.
+    pub fn take_from(&self, previous: &str) -> Result<bool> {
+        let term_secs = self.term.as_secs_f64();
+        self.plane.run(|client| {
+            let updated = client.execute(
+                "UPDATE fleetgate_leases
+                    SET holder = $3, expires_at = now() + make_interval(secs => $4)
+                  WHERE name = $1 AND holder = $2",
+                &[&self.name, &previous, &self.holder, &term_secs],
+            )?;
+            Ok(updated == 1)
+        })
+    }
+
+    pub fn term(&self) -> Duration {
+        self.term
+    }
+}
+
+/// The name of the lease a running node holds on its `cluster.node_id`.
+pub fn node(node_id: &str) -> String {
+    format!("node:{node_id}")
+}
+
+/// A lease its holder can trust without asking the database: for two thirds
+/// of a term after the start of its last successful renewal. The database
+/// gives the lease to another node only a whole term after that renewal, so
+/// the last third is the margin for a clock that runs slow, or a commit
+/// already on its way.
+#[derive(Debug)]
+pub struct Claim {
+    lease: Lease,
+    trusted_until: Mutex<Option<Instant>>,
+}
+
+impl Claim {
+    pub fn new(lease: Lease) -> Self {
+        Self {
+            lease,
+            trusted_until: Mutex::new(None),
+        }
+    }
+
+    /// Takes or renews the lease; true if held now. A failed call changes
+    /// nothing: the claim runs out on its own.
+    pub fn renew(&self) -> Result<bool> {
+        let start = Instant::now();
+        let held = self.lease.hold()?;
+        self.trust(held.then(|| start + self.lease.term * 2 / 3));
+        Ok(held)
+    }
+
+    /// Counts a lease taken by other means ([`Lease::take_from`]) as held
+    /// from `since`.
+    pub fn trust_from(&self, since: Instant) {
+        self.trust(Some(since + self.lease.term * 2 / 3));
+    }
+
+    fn trust(&self, until: Option<Instant>) {
+        if let Ok(mut trusted) = self.trusted_until.lock() {
+            *trusted = until;
+        }
+    }
+
+    /// Whether this holder may still act on the lease.
+    pub fn holds(&self) -> bool {
+        self.trusted_until
+            .lock()
+            .is_ok_and(|t| t.is_some_and(|until| Instant::now() < until))
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 }

@@ -10,3 +10,4 @@ mod portal;
 pub mod queries;
 pub mod served;
 pub mod server;
+mod takeover;

@@ -36,14 +36,16 @@ use crate::ops::flight::{self, FlightSqlError};
 use crate::ops::http::{self, AdminState, HttpError, Queue};
 use crate::ops::queries::QueryPool;
 use crate::ops::served::Served;
+use crate::ops::takeover::{NodeClaim, Takeover};
 use crate::pipeline::decode::Limits;
 use crate::pipeline::worker::{PipelineError, WorkerContext, spawn_worker};
 use crate::privacy::stage::PrivacyShared;
 use crate::privacy::vault::VaultError;
 use crate::schema::{Registry, SchemaError};
 use crate::store::{
-    StoreError, StoreRoot, Table, TableBatch, TableListener, WriterSettings, spawn_writer,
+    Fence, StoreError, StoreRoot, Table, TableBatch, TableListener, WriterSettings, spawn_writer,
 };
+use crate::wal::copies::Copies;
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,18 @@ pub enum ServerError {
     RetentionThread(std::io::Error),
     #[error("thread {0} panicked")]
     Panicked(String),
+    #[error("WAL directory {path}: {source}")]
+    WalDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("WAL directory {path} is in use by another fleetgate process")]
+    WalInUse { path: PathBuf },
+    #[error(
+        "cluster.node_id {node:?} is in use: its lease is renewed by {holder:?}, another \
+         running process (every node needs a name of its own)"
+    )]
+    NodeInUse { node: String, holder: String },
 }
 
 pub type Result<T, E = ServerError> = std::result::Result<T, E>;
@@ -110,6 +124,8 @@ pub struct ServerHandle {
     /// Dropped after both front-ends stopped.
     queries: QueryPool,
     retention: Option<Sweeper>,
+    /// In a cluster: the lease on this node's name, released last.
+    node_claim: Option<NodeClaim>,
 }
 
 /// The background retention sweep; dropping `stop` ends it.
@@ -142,17 +158,43 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         return Err(StoreError::NotConverted(unconverted).into());
     }
 
+    // In a cluster: this node's name is its own before its WAL is read.
+    let plane = ControlPlane::from_config(config)?;
+    let node_claim = match &plane {
+        Some(plane) => Some(NodeClaim::take(config, plane.clone(), metrics.clone())?),
+        None => None,
+    };
+    let copies = match (&plane, config.cluster.copy_wal) {
+        (Some(_), true) => Some(Copies::new(
+            root.wal_copies().map_err(|source| ServerError::WalDir {
+                path: PathBuf::from("_fleetgate_wal"),
+                source,
+            })?,
+            &config.cluster.node_id,
+        )),
+        _ => None,
+    };
     let wal_settings = WalSettings {
         dir: config.wal_dir(),
         segment_bytes: config.wal.segment_bytes,
         fsync_interval: Duration::from_millis(config.wal.fsync_interval_ms),
         fsync_bytes: config.wal.fsync_bytes,
         max_segment_age: Duration::from_millis(config.wal.max_segment_age_ms),
+        copies: copies.clone(),
     };
     let recovery = Recovery::read(config, &root, &wal_settings)?;
     let tracker = Arc::new(Tracker::default());
     let mut queues = Vec::new();
-    let writers = start_writers(config, &root, &registry, &metrics, &tracker, &mut queues)?;
+    let fence = node_claim.as_ref().map(NodeClaim::fence);
+    let writers = start_writers(
+        config,
+        &root,
+        &registry,
+        &metrics,
+        &tracker,
+        &mut queues,
+        fence,
+    )?;
     recovery.replay(&tracker, &writers.senders, &metrics);
     let shard_count = recovery.shard_count(config);
     let workers = start_workers(
@@ -229,6 +271,16 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
                 max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
                 every: Duration::from_secs(secs),
                 lease: maintenance_lease(config)?,
+                takeover: match (&plane, &copies) {
+                    (Some(plane), Some(copies)) => Some(Takeover::new(
+                        config,
+                        root.clone(),
+                        copies.clone(),
+                        plane.clone(),
+                        metrics.clone(),
+                    )),
+                    _ => None,
+                },
             },
             metrics.clone(),
         )?),
@@ -290,21 +342,37 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         flight_sql,
         queries,
         retention,
+        node_claim,
     })
 }
 
 /// What an unclean stop left: the WAL's entries, and how far each table
 /// holds each shard's entries (the Delta transactions of its commits).
-struct Recovery {
-    recovered: wal::Recovered,
+pub(super) struct Recovery {
+    pub(super) recovered: wal::Recovered,
     stored: HashMap<(Table, u16), u64>,
 }
 
 impl Recovery {
-    /// Reads the WAL and the tables, before any writer commits.
+    /// Reads the WAL (and in a cluster its copies in the store) and the
+    /// tables, before any writer commits.
     fn read(config: &Config, root: &StoreRoot, settings: &WalSettings) -> Result<Self> {
         let mut recovered = wal::recover(&settings.dir, config.wal.skip_corrupt)?;
         wal::claim_for_node(&settings.dir, &config.cluster.node_id, &recovered)?;
+        if let Some(copies) = &settings.copies {
+            // What this node acknowledged before its disk was lost.
+            recovered.merge_copies(copies.read()?);
+        }
+        Self::of(config, root, recovered)
+    }
+
+    /// What `recovered` holds that the tables do not, for the node
+    /// `config.cluster.node_id`.
+    pub(super) fn of(
+        config: &Config,
+        root: &StoreRoot,
+        mut recovered: wal::Recovered,
+    ) -> Result<Self> {
         let shard_ids: Vec<u16> = (0..config.worker_count())
             .filter_map(|i| u16::try_from(i).ok())
             .chain(recovered.shards.keys().copied())
@@ -324,7 +392,12 @@ impl Recovery {
     }
 
     /// Hands the running writers whatever the log holds that no commit holds.
-    fn replay(&self, tracker: &Tracker, writers: &[Sender<TableBatch>], metrics: &Metrics) {
+    pub(super) fn replay(
+        &self,
+        tracker: &Tracker,
+        writers: &[Sender<TableBatch>],
+        metrics: &Metrics,
+    ) {
         let entries = self.recovered.entry_count();
         if entries == 0 {
             return;
@@ -373,19 +446,21 @@ impl Recovery {
 }
 
 /// The table writers: their threads, and their senders at each table's index.
-struct Writers {
-    handles: Vec<JoinHandle<()>>,
-    senders: Vec<Sender<TableBatch>>,
+pub(super) struct Writers {
+    pub(super) handles: Vec<JoinHandle<()>>,
+    pub(super) senders: Vec<Sender<TableBatch>>,
 }
 
-/// Starts one writer thread per table.
-fn start_writers(
+/// Starts one writer thread per table, committing as the node
+/// `config.cluster.node_id` while `fence` (in a cluster) holds.
+pub(super) fn start_writers(
     config: &Config,
     root: &StoreRoot,
     registry: &Registry,
     metrics: &Arc<Metrics>,
     tracker: &Arc<Tracker>,
     queues: &mut Vec<Queue>,
+    fence: Option<Arc<dyn Fence>>,
 ) -> Result<Writers> {
     let storage = &config.storage;
     let mut handles = Vec::new();
@@ -410,6 +485,7 @@ fn start_writers(
             memory_budget_bytes: storage.memory_budget_bytes / Table::COUNT,
             zstd_level: storage.zstd_level,
             metadata,
+            fence: fence.clone(),
         };
         handles.push(spawn_writer(
             settings,
@@ -487,6 +563,8 @@ struct SweepSettings {
     every: Duration,
     /// In a cluster: this node's claim on the maintenance lease, and its term.
     lease: Option<(Lease, Duration)>,
+    /// In a cluster with WAL copies: storing those of dead nodes.
+    takeover: Option<Takeover>,
 }
 
 /// Every `every`, with the real clock: deletes what has expired, auditing
@@ -508,6 +586,7 @@ fn spawn_sweeper(
         max_clock_skew_ms,
         every,
         lease,
+        takeover,
     } = settings;
     // A holder renews its lease well within its term.
     let tick = lease
@@ -536,6 +615,9 @@ fn spawn_sweeper(
                     if lease.is_some() {
                         tracing::info!(held, "maintenance lease (retention sweep, compaction)");
                     }
+                }
+                if held && let Some(takeover) = &takeover {
+                    takeover.run();
                 }
                 if Instant::now() < next_sweep {
                     continue;
@@ -697,6 +779,9 @@ impl ServerHandle {
                 entries = pending,
                 "WAL entries not in Parquet at shutdown; kept for the next start"
             );
+        }
+        if let Some(claim) = self.node_claim {
+            claim.release();
         }
         self.metrics.log();
         Ok(self.metrics.snapshot())

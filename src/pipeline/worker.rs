@@ -205,12 +205,17 @@ impl Worker {
             match self.wal.sync() {
                 Ok(Some(synced)) => {
                     if std::mem::take(&mut self.fsync_failing) {
-                        tracing::warn!("WAL fsync works again");
+                        tracing::warn!("WAL group commits work again");
                     }
                     wal.syncs.fetch_add(1, Relaxed);
                     wal.bytes_synced.fetch_add(synced.bytes as u64, Relaxed);
                     if let Ok(mut h) = wal.fsync_micros.lock() {
                         h.saturating_record(synced.took.as_micros() as u64);
+                    }
+                    if let Some(took) = synced.copy_took
+                        && let Ok(mut h) = wal.copy_micros.lock()
+                    {
+                        h.saturating_record(took.as_micros() as u64);
                     }
                     let now = crate::core::clock::now_ms();
                     if let Ok(mut h) = wal.receipt_to_durable_ms.lock() {
@@ -231,7 +236,7 @@ impl Worker {
                     self.unsynced_receipts.clear();
                     self.parquet_gate = self.wal.last_seq();
                     if !std::mem::replace(&mut self.fsync_failing, true) {
-                        tracing::error!(error = %e, "WAL fsync failed; the batches since the last good fsync are durable, and acknowledged, only once a table commit holds them");
+                        tracing::error!(error = %e, "WAL group commit failed (its fsync, or its copy to the store); the batches since the last good one are durable, and acknowledged, only once a table commit holds them");
                     }
                 }
             }

@@ -166,6 +166,25 @@ impl StoreRoot {
         })
     }
 
+    /// The root directory, on local disk; `None` on an object store.
+    pub fn local_dir(&self) -> Option<&Path> {
+        match &self.location {
+            Location::Local(dir) => Some(dir),
+            Location::ObjectStore { .. } => None,
+        }
+    }
+
+    /// The bucket's store and the key prefix of the root (`""` or
+    /// `"some/prefix/"`); `None` on local disk.
+    pub fn object_store(&self) -> Option<(Arc<dyn ObjectStore>, String)> {
+        match &self.location {
+            Location::Local(_) => None,
+            Location::ObjectStore { url, store } => {
+                Some((store.clone(), url.path().trim_start_matches('/').to_owned()))
+            }
+        }
+    }
+
     /// The directory of a table on local disk; `None` on an object store.
     pub fn table_dir(&self, table: &str) -> Option<PathBuf> {
         match &self.location {

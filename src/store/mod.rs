@@ -10,6 +10,7 @@
 mod compact;
 mod counters;
 pub mod delta;
+mod wal_copies;
 mod writer;
 
 pub use compact::{Compaction, compact};
@@ -22,7 +23,8 @@ pub use crate::core::table::{PartitionKey, Table};
 pub use delta::StoreRoot;
 
 pub use writer::{
-    Commit, CommitListener, TableBatch, WriterSettings, append, spawn_writer, writer_properties,
+    Commit, CommitListener, Fence, TableBatch, WriterSettings, append, spawn_writer,
+    writer_properties,
 };
 
 /// Errors of building batches and writing files.
@@ -49,6 +51,11 @@ pub enum StoreError {
     NotConverted(Vec<String>),
     #[error("a store thread panicked")]
     Panicked,
+    #[error(
+        "this node no longer holds the lease on its name (cluster.lease_secs): not committing \
+         until it does, since another node may be storing its WAL"
+    )]
+    Fenced,
     #[error("the store did not answer within {0:?}")]
     TimedOut(std::time::Duration),
 }

@@ -69,6 +69,17 @@ pub struct WriterSettings {
     pub zstd_level: i32,
     /// Key-value metadata written into every file's footer.
     pub metadata: Vec<(String, String)>,
+    /// In a cluster: asked just before each commit, which is refused (and
+    /// retried later) unless it holds.
+    pub fence: Option<Arc<dyn Fence>>,
+}
+
+/// Whether a writer may commit now: in a cluster, whether its node still
+/// holds the lease on its name, so that once another node may be storing
+/// its WAL for it, it adds nothing to the tables itself (an entry stored
+/// meanwhile is found by its next attempt and not written twice).
+pub trait Fence: Send + Sync + std::fmt::Debug {
+    fn holds(&self) -> bool;
 }
 
 /// Reported to the caller after each commit.
@@ -424,7 +435,9 @@ impl Committer {
                     let app = apps.get(&b.wal.shard).map(String::as_str);
                     (b.partition, &b.batch, app.map(|app| (app, b.wal.seq)))
                 });
-                write_and_commit(table, properties, parts, wal_transactions(&apps, batches)).await
+                let transactions = wal_transactions(&apps, batches);
+                let fence = settings.fence.as_deref();
+                write_and_commit(table, properties, parts, transactions, fence).await
             };
             runtime.block_on(async { tokio::time::timeout(COMMIT_TIMEOUT, attempt).await })
         }));
@@ -485,6 +498,7 @@ async fn write_and_commit<'a>(
     properties: &WriterProperties,
     parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch, Option<(&'a str, u64)>)>,
     transactions: Vec<Transaction>,
+    fence: Option<&dyn Fence>,
 ) -> Result<(DeltaTable, Commit)> {
     // One write per hour partition: the Delta writer validates and splits
     // every batch it is given, which costs more than the copy that joins
@@ -524,6 +538,9 @@ async fn write_and_commit<'a>(
     // The newest version, just before committing the next: never one a
     // log cleanup may have removed (see `delta::HISTORY_KEPT_MS`).
     table.update_incremental(None).await?;
+    if fence.is_some_and(|fence| !fence.holds()) {
+        return Err(StoreError::Fenced);
+    }
     let operation = DeltaOperation::Write {
         mode: SaveMode::Append,
         partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
@@ -558,7 +575,7 @@ pub fn append(
     super::block_on(async {
         let table = delta::open_or_create(root, name, schema).await?;
         let parts = parts.iter().map(|(p, b)| (*p, b, None));
-        let (_, commit) = write_and_commit(table, &properties, parts, Vec::new()).await?;
+        let (_, commit) = write_and_commit(table, &properties, parts, Vec::new(), None).await?;
         Ok(commit)
     })
 }

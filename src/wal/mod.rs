@@ -16,6 +16,11 @@
 //! A torn or corrupt tail of the newest segment is cut off with a warning
 //! naming the offset; corruption anywhere else stops start-up unless
 //! `wal.skip_corrupt` is set.
+//!
+//! In a cluster each group commit is also copied to the shared store before
+//! it counts as durable ([`copies`]).
+
+pub mod copies;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +35,7 @@ use arrow::ipc::writer::StreamWriter;
 
 use crate::core::fsio;
 use crate::core::table::{PartitionKey, Table};
+use copies::{Copies, KeptCopy};
 
 const MAGIC: &[u8; 8] = b"FGWAL001";
 const HEADER_BYTES: usize = 16;
@@ -70,6 +76,10 @@ pub enum WalError {
         recorded: String,
         configured: String,
     },
+    #[error("WAL copy in the store ({key}): {source}")]
+    Copy { key: String, source: std::io::Error },
+    #[error("WAL copy in the store ({key}) is damaged: {reason}")]
+    CopyCorrupt { key: String, reason: String },
 }
 
 pub type Result<T, E = WalError> = std::result::Result<T, E>;
@@ -135,6 +145,9 @@ pub struct WalSettings {
     pub fsync_bytes: usize,
     /// See [`ShardWal::rotate_if_old`].
     pub max_segment_age: Duration,
+    /// In a cluster: where each group commit is copied before it counts as
+    /// durable ([`copies`]).
+    pub copies: Option<Copies>,
 }
 
 /// Which entries are appended but not yet in a committed Parquet file, per shard.
@@ -207,13 +220,27 @@ pub struct ShardWal {
     /// could be started yet: the next append starts one first, since the
     /// failed file's page cache cannot be trusted.
     retired: bool,
+    /// In a cluster: the copies of this shard's group commits.
+    copies: Option<ShardCopies>,
+}
+
+/// The copies of one shard's group commits: the frames appended since the
+/// last sync, and the copies written and not yet deleted.
+struct ShardCopies {
+    copies: Copies,
+    frames: Vec<u8>,
+    first_seq: Option<u64>,
+    kept: Vec<KeptCopy>,
 }
 
 /// What a sync made durable, for the caller's measurements.
 #[derive(Debug, Clone, Copy)]
 pub struct Synced {
     pub bytes: usize,
+    /// The fsync and, in a cluster, the copy.
     pub took: Duration,
+    /// The copy to the store alone, when there is one.
+    pub copy_took: Option<Duration>,
 }
 
 impl ShardWal {
@@ -244,6 +271,12 @@ impl ShardWal {
             unsynced_bytes: 0,
             first_unsynced: None,
             retired: false,
+            copies: settings.copies.clone().map(|copies| ShardCopies {
+                copies,
+                frames: Vec::new(),
+                first_seq: None,
+                kept: recovered.map(|r| r.copies.clone()).unwrap_or_default(),
+            }),
         })
     }
 
@@ -268,6 +301,10 @@ impl ShardWal {
         if let Err(e) = self.active.write_all(&frame) {
             self.recover_from_write_error();
             return Err(io_err(&self.active_path)(e));
+        }
+        if let Some(copies) = &mut self.copies {
+            copies.frames.extend_from_slice(&frame);
+            copies.first_seq.get_or_insert(id.seq);
         }
         self.next_seq += 1;
         self.active_len += frame.len() as u64;
@@ -298,36 +335,62 @@ impl ShardWal {
             })
     }
 
-    /// fsyncs the active segment (group commit), then rotates it if it is full.
+    /// fsyncs the active segment (group commit), copies what it made
+    /// durable to the store (in a cluster), then rotates the segment if it
+    /// is full.
     ///
-    /// After a failed fsync the entries since the last good one are not
-    /// durable here and never will be (the segment is closed, nothing is
-    /// synced again on it): they no longer count as unsynced, and the
-    /// caller vouches for them otherwise (the worker waits for the tables).
+    /// After a failed fsync or copy the entries since the last good one are
+    /// not durable as promised and never will be (the segment is closed,
+    /// nothing is synced again on it; the copy is not tried again): they no
+    /// longer count as unsynced, and the caller vouches for them otherwise
+    /// (the worker waits for the tables).
     pub fn sync(&mut self) -> Result<Option<Synced>> {
         if self.first_unsynced.is_none() {
             return Ok(None);
         }
         let start = Instant::now();
-        if let Err(e) = self.active.sync_data() {
-            let error = io_err(&self.active_path)(e);
-            self.unsynced_bytes = 0;
-            self.first_unsynced = None;
+        let fsynced = self.active.sync_data();
+        let copied = match fsynced {
+            Ok(()) => self.copy_synced(),
+            Err(_) => Ok(None),
+        };
+        if let Some(copies) = &mut self.copies {
+            copies.frames.clear();
+            copies.first_seq = None;
+        }
+        let bytes = std::mem::take(&mut self.unsynced_bytes);
+        self.first_unsynced = None;
+        if let Err(e) = fsynced {
             // After a failed fsync the page cache cannot be trusted: never
             // append to this file again.
             self.retire_active();
-            return Err(error);
+            return Err(io_err(&self.active_path)(e));
         }
+        let copy_took = copied?;
         let synced = Synced {
-            bytes: self.unsynced_bytes,
+            bytes,
             took: start.elapsed(),
+            copy_took,
         };
-        self.unsynced_bytes = 0;
-        self.first_unsynced = None;
         if self.active_len >= self.settings.segment_bytes {
             self.rotate()?;
         }
         Ok(Some(synced))
+    }
+
+    /// Writes the frames of the last group commit to the store, when this
+    /// log keeps copies; returns how long that took.
+    fn copy_synced(&mut self) -> Result<Option<Duration>> {
+        let Some(copies) = &mut self.copies else {
+            return Ok(None);
+        };
+        let (Some(first), Some(last)) = (copies.first_seq, self.next_seq.checked_sub(1)) else {
+            return Ok(None);
+        };
+        let start = Instant::now();
+        let kept = copies.copies.put(self.shard, first, last, &copies.frames)?;
+        copies.kept.push(kept);
+        Ok(Some(start.elapsed()))
     }
 
     /// Seals the active segment once it is `max_segment_age` old, holds an
@@ -361,6 +424,17 @@ impl ShardWal {
         }
         if removed > 0 {
             sync_dir(&self.dir)?;
+        }
+        if let Some(copies) = &mut self.copies {
+            let covered = copies
+                .kept
+                .iter()
+                .take_while(|c| c.last_seq < watermark)
+                .count();
+            if covered > 0 {
+                copies.copies.delete(&copies.kept[..covered])?;
+                copies.kept.drain(..covered);
+            }
         }
         Ok(removed)
     }
@@ -499,6 +573,8 @@ fn decode_body(
 pub struct RecoveredShard {
     pub entries: Vec<Entry>,
     segments: Vec<Segment>,
+    /// Copies of the entries in the store, not yet deleted (in a cluster).
+    copies: Vec<KeptCopy>,
     pub next_seq: u64,
     /// Creation time of the oldest segment holding an entry, in ms since the epoch.
     pub oldest_ms: Option<i64>,
@@ -719,6 +795,7 @@ mod tests {
             fsync_interval: Duration::from_millis(5),
             fsync_bytes: 1 << 20,
             max_segment_age: Duration::from_secs(3600),
+            copies: None,
         }
     }
 

@@ -572,6 +572,39 @@ impl ServeProcess {
         Self { child, addr, admin }
     }
 
+    /// Starts `fleetgate serve` in `dir` with `config`, which must refuse to
+    /// start (exit unsuccessfully within the deadline); returns its stderr.
+    pub fn refused(dir: &Path, config: &str) -> String {
+        let config_path = dir.join("refused.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut start = std::process::Command::new(BIN)
+            .current_dir(dir)
+            .args(["serve", "--mqtt-addr", "127.0.0.1:0", "--mqtt5-addr"])
+            .args(["127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--flight-sql-addr", "127.0.0.1:0", "--config"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("fleetgate serve");
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = start.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                start.kill().ok();
+                panic!("fleetgate started where it must refuse to");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut start.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        stderr
+    }
+
     /// Rows of `stream` this process stored, from its `/metrics`.
     pub fn rows_stored(&self, stream: &str) -> u64 {
         let (status, text) = http_request(self.admin, "GET", "/metrics", None, "");
