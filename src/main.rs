@@ -586,13 +586,24 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let registry = fleetgate::schema::Registry::load_from(config.storage.schema_dir.as_deref())?;
     let state = fleetgate::lifecycle::requests::LifecycleState::open(config)?;
     let rules = Retention::current(config.retention.rules_file.as_deref(), &state, &registry)?;
+    let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
+    // In a cluster, requests stay active while nodes' WAL copies older
+    // than them wait to be stored (as in the server's sweep).
+    let unstored_since_ms =
+        match !config.cluster.control_plane.is_empty() && config.cluster.copy_wal {
+            true => {
+                let copies = fleetgate::wal::copies::Copies::new(root.wal_copies()?, "");
+                Some(copies.oldest_ms()?.unwrap_or(i64::MAX))
+            }
+            false => None,
+        };
     let run = retention::SweepRun {
         now_ms: fleetgate::core::clock::now_ms(),
         max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
         vacuum_grace_ms: config.storage.vacuum_grace_ms,
         dry_run,
+        unstored_since_ms,
     };
-    let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
     let deletions = retention::sweep_and_record(&root, &rules, &state, run)?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for d in &deletions {

@@ -303,6 +303,7 @@ async fn closing_events_hide_their_rows_at_once_and_the_sweep_deletes_them() {
         vacuum_grace_ms: 60_000,
         max_clock_skew_ms: 86_400_000,
         dry_run: false,
+        unstored_since_ms: None,
     };
     let deleted = retention::sweep(
         &fleetgate::store::StoreRoot::local(&data).expect("root"),
@@ -405,6 +406,7 @@ async fn a_legal_hold_keeps_rows_and_blocks_erasure_until_released() {
             vacuum_grace_ms: 60_000,
             max_clock_skew_ms: 86_400_000,
             dry_run: false,
+            unstored_since_ms: None,
         };
         let deleted = retention::sweep(
             &fleetgate::store::StoreRoot::local(&data).expect("root"),

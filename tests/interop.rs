@@ -107,6 +107,7 @@ async fn outside_readers_read_the_same_rows_and_none_that_were_deleted() {
         max_clock_skew_ms: 86_400_000,
         vacuum_grace_ms: 60_000,
         dry_run: false,
+        unstored_since_ms: None,
     };
     let root = fleetgate::store::StoreRoot::local(&data_dir).expect("root");
     let deleted = retention::sweep(&root, &rules, run).expect("sweep");

@@ -134,6 +134,7 @@ async fn tables_live_in_the_bucket_and_retention_deletes_there() {
         max_clock_skew_ms: 86_400_000,
         vacuum_grace_ms: 0,
         dry_run: false,
+        unstored_since_ms: None,
     };
     let root = StoreRoot::from_config(&config.storage).expect("root");
     let deleted = retention::sweep(&root, &rules, run).expect("sweep");

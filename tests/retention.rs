@@ -259,6 +259,7 @@ fn run(now_ms: i64, dry_run: bool) -> retention::SweepRun {
         // No grace: the files a deletion removed go from disk in the same sweep.
         vacuum_grace_ms: 0,
         dry_run,
+        unstored_since_ms: None,
     }
 }
 
@@ -535,6 +536,16 @@ async fn a_deletion_request_stays_active_until_rows_before_it_have_landed() {
     let first = sweep_at(requested_ms + 60_000);
     assert!(first.iter().any(|d| d.table == "charging"), "{first:?}");
     assert_eq!(pending(), 1, "a minute on, the request is still active");
+    // In a cluster: a node's WAL copy written just before the request, not
+    // yet stored (the node is down), keeps it active however old it is.
+    let mut behind = run(requested_ms + 10 * retention::REQUEST_SETTLE_MS, false);
+    behind.unstored_since_ms = Some(requested_ms - 1_000);
+    retention::sweep_and_record(&store(&data), &rules(), &files, behind).expect("sweep");
+    assert_eq!(
+        pending(),
+        1,
+        "rows acknowledged before it are not stored yet"
+    );
     sweep_at(requested_ms + retention::REQUEST_SETTLE_MS);
     assert_eq!(
         pending(),

@@ -362,6 +362,11 @@ pub struct SweepRun {
     pub vacuum_grace_ms: i64,
     /// List what would be deleted; delete nothing.
     pub dry_run: bool,
+    /// In a cluster: when the oldest WAL copy still in the store was
+    /// written (rows a node acknowledged and no table holds yet, perhaps of
+    /// a node that is down). A deletion request made after it stays active
+    /// until those rows are stored, so that they are deleted too.
+    pub unstored_since_ms: Option<i64>,
 }
 
 /// Deletes what has expired at `run.now_ms`, table by table, as Delta
@@ -598,12 +603,17 @@ pub fn sweep_and_record(
     let failed: Vec<&str> = swept.failed.iter().map(|(t, _)| t.as_str()).collect();
     // A request made moments ago may have rows still on their way to the
     // table (held by a writer, in the WAL): it stays active, and is carried
-    // out again, until it is REQUEST_SETTLE_MS old.
+    // out again, until it is REQUEST_SETTLE_MS old, and in a cluster until
+    // no WAL copy written before it (and as long again after) is left.
+    let settled_before = match run.unstored_since_ms {
+        Some(oldest) => run.now_ms.min(oldest).saturating_sub(REQUEST_SETTLE_MS),
+        None => run.now_ms.saturating_sub(REQUEST_SETTLE_MS),
+    };
     let completed: Vec<DeletionRequest> = retention
         .completed_by_sweep()
         .into_iter()
         .filter(|r| !failed.contains(&r.rows.table.as_str()))
-        .filter(|r| r.requested_ms <= run.now_ms - REQUEST_SETTLE_MS)
+        .filter(|r| r.requested_ms <= settled_before)
         .collect();
     requests::retire(&state.requests, &completed)?;
     match swept.failed.into_iter().next() {

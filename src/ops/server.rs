@@ -625,14 +625,14 @@ fn spawn_sweeper(
                 next_sweep = Instant::now() + every;
                 let now_ms = crate::core::clock::now_ms();
                 if held {
-                    maintain(
-                        &retention,
-                        &root,
-                        &lifecycle,
-                        &metrics,
-                        (now_ms, max_clock_skew_ms, vacuum_grace_ms),
-                        compaction,
-                    );
+                    let run = retention::SweepRun {
+                        now_ms,
+                        max_clock_skew_ms,
+                        vacuum_grace_ms,
+                        dry_run: false,
+                        unstored_since_ms: takeover.as_ref().map(Takeover::oldest_copy_ms),
+                    };
+                    maintain(&retention, &root, &lifecycle, &metrics, run, compaction);
                 }
                 match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {
@@ -662,15 +662,9 @@ fn maintain(
     root: &StoreRoot,
     lifecycle: &LifecycleState,
     metrics: &Metrics,
-    (now_ms, max_clock_skew_ms, vacuum_grace_ms): (i64, i64, i64),
+    run: retention::SweepRun,
     compaction: crate::store::Compaction,
 ) {
-    let run = retention::SweepRun {
-        now_ms,
-        max_clock_skew_ms,
-        vacuum_grace_ms,
-        dry_run: false,
-    };
     let swept = retention
         .clone()
         .with_state(lifecycle)
@@ -686,7 +680,7 @@ fn maintain(
         }
         Err(e) => tracing::error!(error = %e, "retention sweep failed; will try again"),
     }
-    match crate::store::compact(root, now_ms, compaction) {
+    match crate::store::compact(root, run.now_ms, compaction) {
         Ok(files) if files > 0 => {
             tracing::info!(files, "small files of closed hour partitions compacted");
         }

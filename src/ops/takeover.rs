@@ -217,6 +217,18 @@ impl Takeover {
         }
     }
 
+    /// When the oldest WAL copy in the store was written; when the store
+    /// cannot say, as if at the dawn of time (no deletion request retires).
+    pub(super) fn oldest_copy_ms(&self) -> i64 {
+        match self.copies.oldest_ms() {
+            Ok(oldest) => oldest.unwrap_or(i64::MAX),
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the WAL copies; deletion requests stay active");
+                i64::MIN
+            }
+        }
+    }
+
     /// Stores the WAL copies of every node whose lease lapsed.
     pub(super) fn run(&self) {
         let nodes = match self.copies.nodes() {

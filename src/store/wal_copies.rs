@@ -65,7 +65,7 @@ impl CopyStore for LocalCopies {
         Ok(())
     }
 
-    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<(String, i64)>> {
         let mut keys = Vec::new();
         list_files(&self.dir, &self.dir.join(prefix), &mut keys)?;
         Ok(keys)
@@ -92,8 +92,8 @@ impl CopyStore for LocalCopies {
 }
 
 /// Every finished copy below `dir` (a temporary file of an unfinished
-/// write is not one), as keys relative to `root`.
-fn list_files(root: &Path, dir: &Path, keys: &mut Vec<String>) -> std::io::Result<()> {
+/// write is not one), as keys relative to `root`, with its mtime.
+fn list_files(root: &Path, dir: &Path, keys: &mut Vec<(String, i64)>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -106,7 +106,11 @@ fn list_files(root: &Path, dir: &Path, keys: &mut Vec<String>) -> std::io::Resul
         } else if path.extension().is_some_and(|x| x == "wal")
             && let Some(key) = path.strip_prefix(root).ok().and_then(Path::to_str)
         {
-            keys.push(key.to_owned());
+            let written = std::fs::metadata(&path)?.modified()?;
+            let written_ms = written
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            keys.push((key.to_owned(), written_ms));
         }
     }
     Ok(())
@@ -148,17 +152,15 @@ impl CopyStore for RemoteCopies {
             .map_err(std::io::Error::other)
     }
 
-    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<(String, i64)>> {
         let path = self.path(prefix);
         let strip = self.prefix.clone();
         self.run(async {
             self.store
                 .list(Some(&path))
                 .map_ok(|meta| {
-                    meta.location
-                        .as_ref()
-                        .strip_prefix(strip.as_str())
-                        .map(str::to_owned)
+                    let key = meta.location.as_ref().strip_prefix(strip.as_str())?;
+                    Some((key.to_owned(), meta.last_modified.timestamp_millis()))
                 })
                 .try_collect::<Vec<_>>()
                 .await

@@ -28,8 +28,9 @@ use crate::core::table::Table;
 pub trait CopyStore: Send + Sync {
     /// Stores `bytes` under `key`, whole and durably, before returning.
     fn put(&self, key: &str, bytes: Vec<u8>) -> std::io::Result<()>;
-    /// Every key below `prefix` (a `/`-terminated path, or empty for all).
-    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>>;
+    /// Every key below `prefix` (a `/`-terminated path, or empty for all),
+    /// with the time it was written, in ms since the epoch.
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<(String, i64)>>;
     fn get(&self, key: &str) -> std::io::Result<Vec<u8>>;
     /// Deletes `keys`; a key already gone is no error.
     fn delete(&self, keys: &[String]) -> std::io::Result<()>;
@@ -77,8 +78,15 @@ impl Copies {
         let keys = self.store.list("").map_err(copy_err("(listing)"))?;
         Ok(keys
             .iter()
-            .filter_map(|key| key.split_once('/').map(|(node, _)| node.to_owned()))
+            .filter_map(|(key, _)| key.split_once('/').map(|(node, _)| node.to_owned()))
             .collect())
+    }
+
+    /// When the oldest copy of any node still in the store was written:
+    /// what some node acknowledged and no table holds yet is no older.
+    pub fn oldest_ms(&self) -> Result<Option<i64>> {
+        let keys = self.store.list("").map_err(copy_err("(listing)"))?;
+        Ok(keys.iter().map(|(_, written_ms)| *written_ms).min())
     }
 
     /// Writes the frames of entries `first..=last` of `shard` as one copy.
@@ -121,7 +129,13 @@ impl Copies {
     /// any damage in one is an error, never a torn tail.
     pub fn read(&self) -> Result<Recovered> {
         let prefix = format!("{}/", self.node);
-        let mut keys = self.store.list(&prefix).map_err(copy_err(&self.node))?;
+        let mut keys: Vec<String> = self
+            .store
+            .list(&prefix)
+            .map_err(copy_err(&self.node))?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
         keys.sort();
         let mut recovered = Recovered::default();
         for key in keys {
@@ -249,12 +263,12 @@ mod tests {
                 .insert(key.to_owned(), bytes);
             Ok(())
         }
-        fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        fn list(&self, prefix: &str) -> std::io::Result<Vec<(String, i64)>> {
             let objects = self.objects.lock().expect("store lock");
             Ok(objects
                 .keys()
                 .filter(|k| k.starts_with(prefix))
-                .cloned()
+                .map(|k| (k.clone(), 0))
                 .collect())
         }
         fn get(&self, key: &str) -> std::io::Result<Vec<u8>> {
