@@ -64,11 +64,16 @@ impl ControlPlane {
         let indexes: Vec<&[u8]> = vehicles.iter().map(|v| v.as_slice()).collect();
         let values: Vec<&[u8]> = fresh.iter().map(Vec::as_slice).collect();
         // One statement, committed on its own. No change is counted: keys
-        // are written once, so no node holds a stale copy of new ones.
+        // are written once, so no node holds a stale copy of new ones. Rows
+        // go in in index order: two nodes inserting the same new vehicles
+        // each wait for the other's uncommitted row, and in different
+        // orders they would wait for each other (a deadlock PostgreSQL
+        // breaks by failing one of them).
         self.run(|client| {
             client.execute(
                 "INSERT INTO fleetgate_vehicles (vehicle, keys)
-                 SELECT * FROM unnest($1::bytea[], $2::bytea[])
+                 SELECT * FROM unnest($1::bytea[], $2::bytea[]) AS fresh (vehicle, keys)
+                 ORDER BY vehicle
                  ON CONFLICT (vehicle) DO NOTHING",
                 &[&indexes, &values],
             )?;
