@@ -163,9 +163,21 @@ fn the_maintenance_lease_has_one_holder_and_moves_when_it_lapses() {
 /// A node of a two-node cluster: its own data dir, WAL and listeners; the
 /// tables, the control plane and the root key shared.
 fn node(postgres: &Postgres, tables: &Path, root_key: &Path, id: &str) -> TestServer {
+    node_with(postgres, tables, root_key, id, |_| {})
+}
+
+/// [`node`], with `more` changing its configuration.
+fn node_with(
+    postgres: &Postgres,
+    tables: &Path,
+    root_key: &Path,
+    id: &str,
+    more: impl FnOnce(&mut fleetgate::config::Config),
+) -> TestServer {
     let url = postgres.url();
     let tables = format!("file://{}", tables.display());
     TestServer::start_with(|c| {
+        more(c);
         c.cluster.node_id = id.to_owned();
         c.cluster.control_plane = url;
         c.cluster.lease_secs = 3;
@@ -685,4 +697,64 @@ async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back
     wait_for(|| one.rows_stored("diagnostics") == 20);
     one.terminate();
     assert_eq!(diagnostics_stored(&tables).await, 20);
+}
+
+/// Whether `addr` accepts an MQTT login as `vin` with `password`.
+async fn logs_in(addr: std::net::SocketAddr, vin: &str, password: &str) -> bool {
+    let mut options = rumqttc::MqttOptions::new(vin, addr.ip().to_string(), addr.port());
+    options.set_credentials(vin, password);
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let answer = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    answer.await.expect("a CONNACK or a refusal")
+}
+
+/// A vehicle credential issued through the shared store works on every
+/// node, and once revoked, keeps the vehicle out of every node (each looks
+/// at the store at most once a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_credential_and_its_revocation_hold_on_every_node() {
+    use fleetgate::control::documents::Document;
+    use fleetgate::ingest::auth;
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    let keys = KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = shared.path().join("tables");
+    let with_logins = |c: &mut fleetgate::config::Config| {
+        c.broker.credentials_file = Some(c.storage.key_file.with_file_name("credentials.json"));
+    };
+    let one = node_with(&postgres, &tables, &root_key, "node-1", with_logins);
+    let two = node_with(&postgres, &tables, &root_key, "node-2", with_logins);
+    let plane = Arc::new(ControlPlane::connect(&postgres.url()).expect("control plane"));
+    let store = Document::at(Some(&plane), auth::CREDENTIALS, "unused".into());
+    let vin = &vins(1)[0];
+    let password = auth::issue(&store, &keys.redaction_key(), vin, NOW).expect("issue");
+
+    for node in [&one, &two] {
+        let addr = node.handle.mqtt_addr();
+        assert!(
+            logs_in(addr, vin, &password).await,
+            "the credential works on every node"
+        );
+        assert!(!logs_in(addr, vin, "a-guess").await);
+    }
+    assert!(auth::revoke(&store, &keys.redaction_key(), vin).expect("revoke"));
+    let deadline = std::time::Instant::now() + DEADLINE;
+    for node in [&one, &two] {
+        while logs_in(node.handle.mqtt_addr(), vin, &password).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "revoked, still let in"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
