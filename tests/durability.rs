@@ -103,7 +103,7 @@ async fn a_failed_wal_fsync_acknowledges_only_what_a_commit_holds() {
 
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
     assert!(
-        log.contains("WAL fsync failed"),
+        log.contains("WAL group commit failed"),
         "the fault never fired:\n{log}"
     );
     let server = ServeProcess::spawn(dir.path(), config);
