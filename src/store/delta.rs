@@ -434,11 +434,14 @@ pub async fn open_or_create(
         .await;
     match table {
         Ok(table) => Ok(table),
-        // Another process created it first: open what it created.
-        Err(DeltaTableError::VersionAlreadyExists(_)) => open(root, name)
-            .await?
-            .ok_or_else(|| StoreError::Uri(format!("{root:?}{name}: created, then gone"))),
-        Err(e) => Err(e.into()),
+        // Another process (a node of the cluster) created it first, between
+        // the open above and this create: open what it created. delta-rs
+        // says so with VersionAlreadyExists, or with a generic "already
+        // exists" when it saw the other's commit before writing its own.
+        Err(e) => match open(root, name).await? {
+            Some(table) => with_wal_columns(table).await,
+            None => Err(e.into()),
+        },
     }
 }
 
@@ -616,4 +619,34 @@ pub fn sync_log(table_dir: &Path, version: u64) -> Result<()> {
     fsio::sync_file(&commit).map_err(io_error(&commit))?;
     fsio::sync_dir(&log_dir).map_err(io_error(&log_dir))?;
     fsio::sync_dir(table_dir).map_err(io_error(table_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes starting together each find no table and create it: every
+    /// one of them ends up with the one table, none with an error.
+    #[test]
+    fn writers_creating_one_table_at_once_all_get_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = StoreRoot::local(dir.path()).expect("root");
+        let schema = Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        let barrier = std::sync::Barrier::new(6);
+        std::thread::scope(|scope| {
+            let creating: Vec<_> = (0..6)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        super::super::block_on(open_or_create(&root, "charging", &schema))
+                            .map(|table| table.version())
+                    })
+                })
+                .collect();
+            for thread in creating {
+                let version = thread.join().expect("thread").expect("the table");
+                assert!(version.is_some());
+            }
+        });
+    }
 }
