@@ -160,6 +160,33 @@ fn the_maintenance_lease_has_one_holder_and_moves_when_it_lapses() {
     assert!(first.hold().expect("hold"));
 }
 
+/// What the nodes of a test cluster share: a PostgreSQL of its own, the
+/// tables' directory and the root key every node starts with.
+struct Cluster {
+    postgres: Postgres,
+    root_key: std::path::PathBuf,
+    keys: KeyRing,
+    tables: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let postgres = Postgres::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root_key = dir.path().join("root.key");
+        let keys = KeyRing::load_or_create(&root_key).expect("root key");
+        let tables = dir.path().join("tables");
+        Self {
+            postgres,
+            root_key,
+            keys,
+            tables,
+            _dir: dir,
+        }
+    }
+}
+
 /// A node of a two-node cluster: its own data dir, WAL and listeners; the
 /// tables, the control plane and the root key shared.
 fn node(postgres: &Postgres, tables: &Path, root_key: &Path, id: &str) -> TestServer {
@@ -200,13 +227,10 @@ fn lease_held(server: &TestServer) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_store_one_vehicle_under_one_pseudonym_and_share_its_erasure() {
-    let postgres = Postgres::start();
-    let shared = tempfile::tempdir().expect("tempdir");
-    let root_key = shared.path().join("root.key");
-    KeyRing::load_or_create(&root_key).expect("root key");
-    let tables = shared.path().join("tables");
-    let one = node(&postgres, &tables, &root_key, "node-1");
-    let two = node(&postgres, &tables, &root_key, "node-2");
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
+    let one = node(postgres, tables, root_key, "node-1");
+    let two = node(postgres, tables, root_key, "node-2");
     let stored = |server: &TestServer| {
         server
             .handle
@@ -228,7 +252,7 @@ async fn two_nodes_store_one_vehicle_under_one_pseudonym_and_share_its_erasure()
         }
         ids
     };
-    let rows = query(&tables, "SELECT vehicle_id FROM teleservice ORDER BY seq").await;
+    let rows = query(tables, "SELECT vehicle_id FROM teleservice ORDER BY seq").await;
     let before = ids(&rows);
     assert_eq!(before.len(), 2, "both nodes' rows in the shared table");
     assert_eq!(
@@ -276,7 +300,7 @@ async fn two_nodes_store_one_vehicle_under_one_pseudonym_and_share_its_erasure()
     std::thread::sleep(Duration::from_secs(1));
     publish_all(two.handle.mqtt_addr(), &[teleservice(A, 3, NOW, "monthly")]).await;
     wait_for(|| stored(&two) == 2);
-    let after = ids(&query(&tables, "SELECT vehicle_id FROM teleservice ORDER BY seq").await);
+    let after = ids(&query(tables, "SELECT vehicle_id FROM teleservice ORDER BY seq").await);
     assert_eq!(after.len(), 3);
     assert_ne!(after[2], before[0], "node 2 did not use the erased secret");
 
@@ -432,9 +456,7 @@ fn node_config(
 
 /// Whether a `fleetgate serve` process holds the maintenance lease.
 fn holds_maintenance(node: &ServeProcess) -> bool {
-    let (_, text) = http_request(node.admin, "GET", "/metrics", None, "");
-    text.lines()
-        .any(|line| line == "fleetgate_maintenance_lease_held 1")
+    gauge(node, "fleetgate_maintenance_lease_held") == Some(1)
 }
 
 /// Rows of the diagnostics table under `tables` (0 before its first commit).
@@ -451,26 +473,16 @@ async fn diagnostics_stored(tables: &Path) -> i64 {
 /// maintenance lease stores it, each record once; the copies are deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_node_acknowledged_survives_the_node_and_its_disk() {
-    let postgres = Postgres::start();
-    let shared = tempfile::tempdir().expect("tempdir");
-    let root_key = shared.path().join("root.key");
-    KeyRing::load_or_create(&root_key).expect("root key");
-    let tables = shared.path().join("tables");
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
     let dir_two = tempfile::tempdir().expect("dir");
-    let two = node_process(&postgres, &tables, &root_key, "node-2", dir_two.path());
+    let two = node_process(postgres, tables, root_key, "node-2", dir_two.path());
     wait_for(|| holds_maintenance(&two));
 
     // Node 1 commits to the tables only once a minute: what it acknowledges
     // stays in its WAL, on its disk and in its copies.
     let dir_one = tempfile::tempdir().expect("dir");
-    let config = node_config(
-        &postgres,
-        &tables,
-        &root_key,
-        "node-1",
-        dir_one.path(),
-        60_000,
-    );
+    let config = node_config(postgres, tables, root_key, "node-1", dir_one.path(), 60_000);
     let one = ServeProcess::spawn(dir_one.path(), &config);
     let fleet = vins(25);
     let records: Vec<Message> = fleet
@@ -483,7 +495,7 @@ async fn what_a_node_acknowledged_survives_the_node_and_its_disk() {
     drop(dir_one);
 
     let deadline = std::time::Instant::now() + DEADLINE;
-    while diagnostics_stored(&tables).await < 50 {
+    while diagnostics_stored(tables).await < 50 {
         assert!(
             std::time::Instant::now() < deadline,
             "node 1's acknowledged records were not stored from its copies"
@@ -493,13 +505,13 @@ async fn what_a_node_acknowledged_survives_the_node_and_its_disk() {
     wait_for(|| !holds_files(&tables.join("_fleetgate_wal")));
     two.terminate();
     assert_eq!(
-        diagnostics_stored(&tables).await,
+        diagnostics_stored(tables).await,
         50,
         "each acknowledged record once"
     );
     assert_eq!(
         count(
-            &tables,
+            tables,
             "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, seq FROM diagnostics)"
         )
         .await,
@@ -522,17 +534,14 @@ fn holds_files(dir: &Path) -> bool {
 /// while the first keeps its lease, naming the name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_under_a_running_node_s_name_is_refused() {
-    let postgres = Postgres::start();
-    let shared = tempfile::tempdir().expect("tempdir");
-    let root_key = shared.path().join("root.key");
-    KeyRing::load_or_create(&root_key).expect("root key");
-    let tables = shared.path().join("tables");
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
     let (dir_one, dir_two) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let one = node_process(&postgres, &tables, &root_key, "node-1", dir_one.path());
-    let twin = node_config(&postgres, &tables, &root_key, "node-1", dir_two.path(), 200);
+    let one = node_process(postgres, tables, root_key, "node-1", dir_one.path());
+    let twin = node_config(postgres, tables, root_key, "node-1", dir_two.path(), 200);
     let stderr = ServeProcess::refused(dir_two.path(), &twin);
     assert!(
         stderr.contains(r#"cluster.node_id "node-1" is in use"#),
@@ -540,7 +549,7 @@ async fn a_second_process_under_a_running_node_s_name_is_refused() {
     );
     // The first runs on, and restarts on its own disk at once.
     one.terminate();
-    node_process(&postgres, &tables, &root_key, "node-1", dir_one.path()).terminate();
+    node_process(postgres, tables, root_key, "node-1", dir_one.path()).terminate();
 }
 
 /// Vehicles each on a connection of their own, through the shipped HAProxy
@@ -550,17 +559,14 @@ async fn a_second_process_under_a_running_node_s_name_is_refused() {
 /// every acknowledged record is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vehicles_reach_one_node_through_haproxy_and_another_when_it_is_killed() {
-    let postgres = Postgres::start();
-    let shared = tempfile::tempdir().expect("tempdir");
-    let root_key = shared.path().join("root.key");
-    KeyRing::load_or_create(&root_key).expect("root key");
-    let tables = shared.path().join("tables");
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
     let (dir_one, dir_two) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let one = node_process(&postgres, &tables, &root_key, "node-1", dir_one.path());
-    let two = node_process(&postgres, &tables, &root_key, "node-2", dir_two.path());
+    let one = node_process(postgres, tables, root_key, "node-1", dir_one.path());
+    let two = node_process(postgres, tables, root_key, "node-2", dir_two.path());
     let listen = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         probe.local_addr().expect("addr")
@@ -595,8 +601,8 @@ async fn vehicles_reach_one_node_through_haproxy_and_another_when_it_is_killed()
     round(4).await;
     wait_for(|| stored(&two) == 4 * first_two + first_one);
     // Node 1 restarts on its disk and stores what its WAL holds.
-    let one = node_process(&postgres, &tables, &root_key, "node-1", dir_one.path());
-    let all = || count(&tables, "SELECT count(*) FROM diagnostics");
+    let one = node_process(postgres, tables, root_key, "node-1", dir_one.path());
+    let all = || count(tables, "SELECT count(*) FROM diagnostics");
     let deadline = std::time::Instant::now() + DEADLINE;
     while all().await < 80 {
         assert!(std::time::Instant::now() < deadline, "not all 80 stored");
@@ -654,13 +660,10 @@ fn gauge(node: &ServeProcess, name: &str) -> Option<u64> {
 /// back, it stores what it held, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back() {
-    let postgres = Postgres::start();
-    let shared = tempfile::tempdir().expect("tempdir");
-    let root_key = shared.path().join("root.key");
-    KeyRing::load_or_create(&root_key).expect("root key");
-    let tables = shared.path().join("tables");
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
     let dir = tempfile::tempdir().expect("dir");
-    let one = node_process(&postgres, &tables, &root_key, "node-1", dir.path());
+    let one = node_process(postgres, tables, root_key, "node-1", dir.path());
     let first: Vec<Message> = vins(10).iter().map(|v| diagnostics(v, 1, NOW)).collect();
     publish_all(one.addr, &first).await;
     wait_for(|| one.rows_stored("diagnostics") == 10);
@@ -690,13 +693,13 @@ async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back
         10,
         "a fenced node commits nothing"
     );
-    assert_eq!(diagnostics_stored(&tables).await, 10);
+    assert_eq!(diagnostics_stored(tables).await, 10);
 
     set_holder("DELETE FROM fleetgate_leases WHERE name = 'node:node-1'");
     wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(1));
     wait_for(|| one.rows_stored("diagnostics") == 20);
     one.terminate();
-    assert_eq!(diagnostics_stored(&tables).await, 20);
+    assert_eq!(diagnostics_stored(tables).await, 20);
 }
 
 /// Whether `addr` accepts an MQTT login as `vin` with `password`.
@@ -723,16 +726,14 @@ async fn logs_in(addr: std::net::SocketAddr, vin: &str, password: &str) -> bool 
 async fn a_vehicle_credential_and_its_revocation_hold_on_every_node() {
     use fleetgate::control::documents::Document;
     use fleetgate::ingest::auth;
-    let postgres = Postgres::start();
-    let shared = tempfile::tempdir().expect("tempdir");
-    let root_key = shared.path().join("root.key");
-    let keys = KeyRing::load_or_create(&root_key).expect("root key");
-    let tables = shared.path().join("tables");
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
+    let keys = &cluster.keys;
     let with_logins = |c: &mut fleetgate::config::Config| {
         c.broker.credentials_file = Some(c.storage.key_file.with_file_name("credentials.json"));
     };
-    let one = node_with(&postgres, &tables, &root_key, "node-1", with_logins);
-    let two = node_with(&postgres, &tables, &root_key, "node-2", with_logins);
+    let one = node_with(postgres, tables, root_key, "node-1", with_logins);
+    let two = node_with(postgres, tables, root_key, "node-2", with_logins);
     let plane = Arc::new(ControlPlane::connect(&postgres.url()).expect("control plane"));
     let store = Document::at(Some(&plane), auth::CREDENTIALS, "unused".into());
     let vin = &vins(1)[0];
