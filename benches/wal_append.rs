@@ -41,6 +41,7 @@ fn wal_append(c: &mut Criterion) {
         fsync_bytes: 1 << 20,
         max_segment_age: Duration::from_secs(3600),
         copies: None,
+        fence: None,
     };
     let mut wal = ShardWal::open(&settings, 0, None, tracker.clone()).expect("wal");
     let mut group = c.benchmark_group("wal_append");

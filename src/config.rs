@@ -531,8 +531,8 @@ impl Config {
                     .into(),
             );
         }
-        if c.lease_secs == 0 {
-            return invalid("cluster.lease_secs must be > 0".into());
+        if c.lease_secs == 0 || c.lease_secs > 86_400 {
+            return invalid("cluster.lease_secs must be between 1 and 86400 (a day)".into());
         }
         if s.compact_target_bytes == 0 {
             return invalid("storage.compact_target_bytes must be > 0".into());

@@ -654,10 +654,10 @@ fn gauge(node: &ServeProcess, name: &str) -> Option<u64> {
 }
 
 /// Once a node can no longer trust that it holds the lease on its name
-/// (here another holder took it: a partition from PostgreSQL looks the same
-/// to the node), another node may be storing its WAL, so its writers commit
-/// nothing; it goes on acknowledging into its WAL and copies. With the lease
-/// back, it stores what it held, once.
+/// (here a node storing its WAL for it took it; a partition from PostgreSQL
+/// looks the same to the node), it commits nothing and acknowledges
+/// nothing: its publishes wait in its WAL. With the lease back, it copies,
+/// acknowledges and stores them, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back() {
     let cluster = Cluster::start();
@@ -676,18 +676,23 @@ async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back
             .expect("lease row")
     };
     set_holder(
-        "UPDATE fleetgate_leases SET holder = 'an-impostor', \
+        "UPDATE fleetgate_leases SET holder = 'storing-for-a-dead-node:node-2', \
          expires_at = now() + interval '1 hour' WHERE name = 'node:node-1'",
     );
     wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(0));
     let second: Vec<Message> = vins(10).iter().map(|v| diagnostics(v, 2, NOW)).collect();
-    publish_all(one.addr, &second).await;
+    let addr = one.addr;
+    let publishing = tokio::spawn(async move { publish_all(addr, &second).await });
     wait_for(|| {
         gauge(
             &one,
             "fleetgate_write_errors_rows_total{table=\"diagnostics\"}",
         ) > Some(0)
     });
+    assert!(
+        !publishing.is_finished(),
+        "a fenced node acknowledges nothing"
+    );
     assert_eq!(
         one.rows_stored("diagnostics"),
         10,
@@ -697,6 +702,9 @@ async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back
 
     set_holder("DELETE FROM fleetgate_leases WHERE name = 'node:node-1'");
     wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(1));
+    publishing
+        .await
+        .expect("every PUBACK once the lease is back");
     wait_for(|| one.rows_stored("diagnostics") == 20);
     one.terminate();
     assert_eq!(diagnostics_stored(tables).await, 20);
@@ -758,4 +766,34 @@ async fn a_vehicle_credential_and_its_revocation_hold_on_every_node() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// A node cut off from PostgreSQL while another run of it was started
+/// elsewhere and took its name: once it sees that, it stops (status 75),
+/// for both would number their WAL entries alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_name_another_run_took_stops() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
+    let mut one = node_process(postgres, tables, root_key, "node-1", dir.path());
+    let plane = ControlPlane::connect(&postgres.url()).expect("control plane");
+    plane
+        .run(|client| {
+            Ok(client.execute(
+                "UPDATE fleetgate_leases SET holder = 'node-1/1-0000beef', \
+                 expires_at = now() + interval '1 hour' WHERE name = 'node:node-1'",
+                &[],
+            )?)
+        })
+        .expect("lease row");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = one.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the node ran on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(75));
 }

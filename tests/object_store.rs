@@ -191,6 +191,7 @@ fn wal_copies_live_in_the_bucket_until_committed() {
         fsync_bytes: 1 << 20,
         max_segment_age: Duration::from_secs(3600),
         copies: Some(copies.clone()),
+        fence: None,
     };
     let mut wal = ShardWal::open(&settings, 1, None, tracker.clone()).expect("open");
     let batch = arrow::array::RecordBatch::try_from_iter([(
@@ -209,7 +210,7 @@ fn wal_copies_live_in_the_bucket_until_committed() {
         })
         .collect();
 
-    let recovered = copies.read().expect("read from the bucket");
+    let recovered = copies.read(false).expect("read from the bucket");
     let entries = &recovered.shards[&1].entries;
     assert_eq!(entries.len(), 3);
     assert!(entries.iter().all(|e| e.batch == batch));
@@ -223,6 +224,6 @@ fn wal_copies_live_in_the_bucket_until_committed() {
 
     tracker.covered(&ids);
     wal.truncate_covered().expect("delete the copies");
-    assert!(copies.read().expect("read").shards.is_empty());
+    assert!(copies.read(false).expect("read").shards.is_empty());
     assert!(copies.nodes().expect("nodes").is_empty());
 }

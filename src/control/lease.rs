@@ -15,6 +15,7 @@
 //! fail one of them; the deletion audit and the retiring of requests are
 //! not fenced (README, "Cluster").
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,6 +121,10 @@ pub fn node(node_id: &str) -> String {
 pub struct Claim {
     lease: Lease,
     trusted_until: Mutex<Option<Instant>>,
+    /// How many times the claim was taken while not trusted (the first
+    /// time included): it moved whenever someone else may have acted on
+    /// the lease in between.
+    epoch: AtomicU64,
 }
 
 impl Claim {
@@ -127,6 +132,7 @@ impl Claim {
         Self {
             lease,
             trusted_until: Mutex::new(None),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -147,8 +153,17 @@ impl Claim {
 
     fn trust(&self, until: Option<Instant>) {
         if let Ok(mut trusted) = self.trusted_until.lock() {
+            let was_trusted = trusted.is_some_and(|t| Instant::now() < t);
+            if until.is_some() && !was_trusted {
+                self.epoch.fetch_add(1, Ordering::SeqCst);
+            }
             *trusted = until;
         }
+    }
+
+    /// See [`crate::core::fence::Fence::epoch`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// Whether this holder may still act on the lease.

@@ -1,10 +1,12 @@
 //! The leaf of the crate: small items every stage shares, importing nothing of
 //! ours. The clock and random ids, the tables of the store and their hour
-//! partitions, the consent flags, the reasons a record is rejected, and the
-//! one way a file is written durably with an owner-only mode.
+//! partitions, the consent flags, the reasons a record is rejected, the one
+//! way a file is written durably with an owner-only mode, and a cluster
+//! node's fence.
 
 pub mod clock;
 pub mod consent;
+pub mod fence;
 pub mod fsio;
 pub mod reject;
 pub mod table;

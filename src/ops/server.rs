@@ -25,6 +25,7 @@ use crate::config::{Acknowledge, Config, ConfigError, SinkKind};
 use crate::control::ControlPlane;
 use crate::control::documents::Document;
 use crate::control::lease::{self, Lease};
+use crate::core::fence::Fence;
 use crate::ingest::auth::{CREDENTIALS, Credentials};
 use crate::ingest::durable::DurableFrontier;
 use crate::ingest::{broker, link as ingest};
@@ -43,7 +44,7 @@ use crate::privacy::stage::PrivacyShared;
 use crate::privacy::vault::VaultError;
 use crate::schema::{Registry, SchemaError};
 use crate::store::{
-    Fence, StoreError, StoreRoot, Table, TableBatch, TableListener, WriterSettings, spawn_writer,
+    StoreError, StoreRoot, Table, TableBatch, TableListener, WriterSettings, spawn_writer,
 };
 use crate::wal::copies::Copies;
 use crate::wal::{self, ShardWal, Tracker, WalError, WalSettings};
@@ -164,28 +165,32 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         Some(plane) => Some(NodeClaim::take(config, plane.clone(), metrics.clone())?),
         None => None,
     };
-    let copies = match (&plane, config.cluster.copy_wal) {
-        (Some(_), true) => Some(Copies::new(
+    // Every node of a cluster reads the copies (to store a dead node's, and
+    // so that no deletion request retires while they wait); only those
+    // with `copy_wal` write their own.
+    let all_copies = match &plane {
+        Some(_) => Some(Copies::new(
             root.wal_copies().map_err(|source| ServerError::WalDir {
                 path: PathBuf::from("_fleetgate_wal"),
                 source,
             })?,
             &config.cluster.node_id,
         )),
-        _ => None,
+        None => None,
     };
+    let fence = node_claim.as_ref().map(NodeClaim::fence);
     let wal_settings = WalSettings {
         dir: config.wal_dir(),
         segment_bytes: config.wal.segment_bytes,
         fsync_interval: Duration::from_millis(config.wal.fsync_interval_ms),
         fsync_bytes: config.wal.fsync_bytes,
         max_segment_age: Duration::from_millis(config.wal.max_segment_age_ms),
-        copies: copies.clone(),
+        copies: all_copies.clone().filter(|_| config.cluster.copy_wal),
+        fence: fence.clone(),
     };
     let recovery = Recovery::read(config, &root, &wal_settings)?;
     let tracker = Arc::new(Tracker::default());
     let mut queues = Vec::new();
-    let fence = node_claim.as_ref().map(NodeClaim::fence);
     let writers = start_writers(
         config,
         &root,
@@ -271,7 +276,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
                 max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
                 every: Duration::from_secs(secs),
                 lease: maintenance_lease(config)?,
-                takeover: match (&plane, &copies) {
+                takeover: match (&plane, &all_copies) {
                     (Some(plane), Some(copies)) => Some(Takeover::new(
                         config,
                         root.clone(),
@@ -361,7 +366,7 @@ impl Recovery {
         wal::claim_for_node(&settings.dir, &config.cluster.node_id, &recovered)?;
         if let Some(copies) = &settings.copies {
             // What this node acknowledged before its disk was lost.
-            recovered.merge_copies(copies.read()?);
+            recovered.merge_copies(copies.read(config.wal.skip_corrupt)?);
         }
         Self::of(config, root, recovered)
     }

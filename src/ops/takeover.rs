@@ -30,10 +30,11 @@ use super::server::{Recovery, Result, ServerError, start_writers};
 use crate::config::Config;
 use crate::control::ControlPlane;
 use crate::control::lease::{self, Claim, Lease};
+use crate::core::fence::Fence;
 use crate::core::fsio;
 use crate::metrics::Metrics;
 use crate::schema::Registry;
-use crate::store::{Fence, StoreRoot};
+use crate::store::StoreRoot;
 use crate::wal::Tracker;
 use crate::wal::copies::Copies;
 
@@ -47,6 +48,10 @@ const STORING_FOR: &str = "storing-for-a-dead-node:";
 impl Fence for Claim {
     fn holds(&self) -> bool {
         Claim::holds(self)
+    }
+
+    fn epoch(&self) -> u64 {
+        Claim::epoch(self)
     }
 }
 
@@ -122,6 +127,8 @@ impl NodeClaim {
         metrics.node_lease_held.store(1, Ordering::Relaxed);
         let (stop, stopped) = bounded::<()>(0);
         let renewing = claim.clone();
+        let own_prefix = format!("{node}/");
+        let own_holder = holder.clone();
         let thread = std::thread::Builder::new()
             .name("node-lease".into())
             .spawn(move || {
@@ -137,9 +144,12 @@ impl NodeClaim {
                         held = now;
                         metrics.node_lease_held.store(u64::from(held), Ordering::Relaxed);
                         match held {
-                            false => tracing::error!("this node lost the lease on its name: its tables commits wait, and another node may store its WAL copies"),
+                            false => tracing::error!("this node lost the lease on its name: it acknowledges and commits nothing until it has it back, and another node may store its WAL copies"),
                             true => tracing::warn!("this node holds the lease on its name again"),
                         }
+                    }
+                    if !held {
+                        stop_if_replaced(&renewing, &own_prefix, &own_holder);
                     }
                 }
                 if let Err(error) = renewing.lease().release() {
@@ -169,6 +179,25 @@ impl NodeClaim {
         }
     }
 }
+
+/// Ends the process when another run of this node holds its lease (it was
+/// started elsewhere while this one was cut off): it would number its WAL
+/// entries as this one does. Nothing is lost: what this run acknowledged is
+/// in its WAL and copies, and it acknowledged nothing since it lost the
+/// lease; its vehicles reconnect to a node that runs.
+fn stop_if_replaced(claim: &Claim, own_prefix: &str, own_holder: &str) {
+    if let Ok(Some(holder)) = claim.lease().holder()
+        && holder.starts_with(own_prefix)
+        && holder != own_holder
+        && !claim.holds()
+    {
+        tracing::error!(%holder, "another run of this node holds the lease on its name; stopping");
+        std::process::exit(EXIT_REPLACED);
+    }
+}
+
+/// The exit status of a node that found another run of itself.
+const EXIT_REPLACED: i32 = 75;
 
 /// Locks `dir` for this process, or refuses: two processes on one WAL.
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
@@ -276,7 +305,7 @@ impl Takeover {
     /// returns the number of entries the copies held.
     fn store_for(&self, node: &str, claim: &Arc<Claim>) -> Result<usize> {
         let copies = self.copies.of(node);
-        let recovered = copies.read()?;
+        let recovered = copies.read(self.config.wal.skip_corrupt)?;
         let entries = recovered.entry_count();
         if entries == 0 {
             copies.forget(&recovered)?;
@@ -299,18 +328,23 @@ impl Takeover {
         recovery.replay(&tracker, &writers.senders, &self.metrics);
         drop(writers.senders);
         let term = Duration::from_secs(self.config.cluster.lease_secs);
-        for handle in writers.handles {
-            // The writers commit all they were given, then end; the lease
-            // on the dead node's name is renewed meanwhile.
-            while !handle.is_finished() {
-                std::thread::sleep(term / 6);
-                if let Err(error) = claim.renew() {
-                    tracing::warn!(%error, "cannot renew a dead node's lease");
-                }
+        // The writers commit all they were given, then end; the lease on
+        // the dead node's name is renewed meanwhile. Every one is waited for
+        // (the lease is released only when none can commit any more).
+        while writers.handles.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(term / 6);
+            if let Err(error) = claim.renew() {
+                tracing::warn!(%error, "cannot renew a dead node's lease");
             }
-            if handle.join().is_err() {
-                return Err(ServerError::Panicked("writer".into()));
-            }
+        }
+        let panicked = writers
+            .handles
+            .into_iter()
+            .map(std::thread::JoinHandle::join)
+            .filter(Result::is_err)
+            .count();
+        if panicked > 0 {
+            return Err(ServerError::Panicked("writer".into()));
         }
         if tracker.pending_count() == 0 {
             copies.forget(&recovery.recovered)?;

@@ -35,7 +35,7 @@ use crate::schema::{
     ConsentGate, INTERNAL_DOMAIN, RECEIVED_AT_COLUMN, Registry, Stream, StreamSchema, Transform,
 };
 use crate::store::{PartitionKey, StoreError, Table, TableBatch};
-use crate::wal::{EntryId, ShardWal};
+use crate::wal::{EntryId, ShardWal, WalError};
 
 /// Most publishes a worker takes per round before handing its batches on.
 pub const DRAIN_MAX: usize = 512;
@@ -231,12 +231,20 @@ impl Worker {
                     }
                 }
                 Ok(None) => {}
+                Err(e @ WalError::Copy { .. }) => {
+                    // The copy stays due and is tried again: nothing since
+                    // the last good copy is acknowledged until it is made.
+                    wal.errors.fetch_add(1, Relaxed);
+                    if !std::mem::replace(&mut self.fsync_failing, true) {
+                        tracing::error!(error = %e, "WAL copy to the store failed; publishes wait for their acknowledgement until a copy is made");
+                    }
+                }
                 Err(e) => {
                     wal.errors.fetch_add(1, Relaxed);
                     self.unsynced_receipts.clear();
                     self.parquet_gate = self.wal.last_seq();
                     if !std::mem::replace(&mut self.fsync_failing, true) {
-                        tracing::error!(error = %e, "WAL group commit failed (its fsync, or its copy to the store); the batches since the last good one are durable, and acknowledged, only once a table commit holds them");
+                        tracing::error!(error = %e, "WAL group commit failed; the batches since the last good one are durable, and acknowledged, only once a table commit holds them");
                     }
                 }
             }

@@ -23,8 +23,7 @@ pub use crate::core::table::{PartitionKey, Table};
 pub use delta::StoreRoot;
 
 pub use writer::{
-    Commit, CommitListener, Fence, TableBatch, WriterSettings, append, spawn_writer,
-    writer_properties,
+    Commit, CommitListener, TableBatch, WriterSettings, append, spawn_writer, writer_properties,
 };
 
 /// Errors of building batches and writing files.

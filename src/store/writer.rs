@@ -35,6 +35,7 @@ use parquet::file::properties::WriterProperties;
 
 use super::delta::{self, PARTITION_COLUMNS, StoreRoot};
 use super::{PartitionKey, Result, StoreError, io_error};
+use crate::core::fence::Fence;
 use crate::wal::{EntryId, Tracker};
 
 /// Rows of one hour partition on their way to a table writer, with the WAL
@@ -70,16 +71,9 @@ pub struct WriterSettings {
     /// Key-value metadata written into every file's footer.
     pub metadata: Vec<(String, String)>,
     /// In a cluster: asked just before each commit, which is refused (and
-    /// retried later) unless it holds.
+    /// retried later) unless it holds; when its epoch moved since the last
+    /// commit, what another node stored meanwhile is dropped first.
     pub fence: Option<Arc<dyn Fence>>,
-}
-
-/// Whether a writer may commit now: in a cluster, whether its node still
-/// holds the lease on its name, so that once another node may be storing
-/// its WAL for it, it adds nothing to the tables itself (an entry stored
-/// meanwhile is found by its next attempt and not written twice).
-pub trait Fence: Send + Sync + std::fmt::Debug {
-    fn holds(&self) -> bool;
 }
 
 /// Reported to the caller after each commit.
@@ -157,6 +151,8 @@ struct Committer {
     failing: bool,
     retry_delay: Duration,
     retry_at: Instant,
+    /// The fence's epoch at the last commit (`None`: none yet).
+    fence_epoch: Option<u64>,
 }
 
 /// Starts the writer of one table: a thread that receives, and one that
@@ -186,6 +182,7 @@ pub fn spawn_writer(
         failing: false,
         retry_delay: FIRST_RETRY_DELAY,
         retry_at: Instant::now(),
+        fence_epoch: None,
     };
     let committer = std::thread::Builder::new()
         .name(format!("commit-{}", settings.table))
@@ -404,7 +401,13 @@ impl Committer {
     /// Commits everything `held` holds and empties it; on failure keeps it
     /// for the next attempt.
     fn commit(&mut self, held: &mut Held) {
-        if self.failing && self.table.is_none() && !self.drop_landed(held) {
+        // After a failed attempt, or once the node took its name back after
+        // losing it (another node may have stored these entries meanwhile):
+        // first drop what the table holds already.
+        let epoch = self.settings.fence.as_ref().map(|fence| fence.epoch());
+        let fence_moved = epoch.is_some() && epoch != self.fence_epoch;
+        let recheck = (self.failing && self.table.is_none()) || fence_moved;
+        if recheck && !self.drop_landed(held) {
             return;
         }
         if held.batches.is_empty() {
@@ -436,7 +439,7 @@ impl Committer {
                     (b.partition, &b.batch, app.map(|app| (app, b.wal.seq)))
                 });
                 let transactions = wal_transactions(&apps, batches);
-                let fence = settings.fence.as_deref();
+                let fence = settings.fence.as_deref().zip(epoch);
                 write_and_commit(table, properties, parts, transactions, fence).await
             };
             runtime.block_on(async { tokio::time::timeout(COMMIT_TIMEOUT, attempt).await })
@@ -449,6 +452,7 @@ impl Committer {
         match outcome {
             Ok((table, commit)) => {
                 self.table = Some(table);
+                self.fence_epoch = epoch;
                 let held = std::mem::take(held);
                 let entries: Vec<EntryId> = held.batches.iter().map(|b| b.wal).collect();
                 self.tracker.covered(&entries);
@@ -498,7 +502,7 @@ async fn write_and_commit<'a>(
     properties: &WriterProperties,
     parts: impl Iterator<Item = (PartitionKey, &'a RecordBatch, Option<(&'a str, u64)>)>,
     transactions: Vec<Transaction>,
-    fence: Option<&dyn Fence>,
+    fence: Option<(&dyn Fence, u64)>,
 ) -> Result<(DeltaTable, Commit)> {
     // One write per hour partition: the Delta writer validates and splits
     // every batch it is given, which costs more than the copy that joins
@@ -538,7 +542,9 @@ async fn write_and_commit<'a>(
     // The newest version, just before committing the next: never one a
     // log cleanup may have removed (see `delta::HISTORY_KEPT_MS`).
     table.update_incremental(None).await?;
-    if fence.is_some_and(|fence| !fence.holds()) {
+    // The lease still held, and not lost and taken back since the batches
+    // were checked against the table (another node may have stored them).
+    if fence.is_some_and(|(fence, epoch)| !fence.holds() || fence.epoch() != epoch) {
         return Err(StoreError::Fenced);
     }
     let operation = DeltaOperation::Write {
@@ -600,4 +606,154 @@ pub fn writer_properties(
                 .collect(),
         ))
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    /// A fence that always holds, with an epoch the test moves.
+    #[derive(Debug, Default)]
+    struct Epoch(AtomicU64);
+
+    impl Fence for Epoch {
+        fn holds(&self) -> bool {
+            true
+        }
+        fn epoch(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Counts committed rows.
+    #[derive(Default)]
+    struct Rows(AtomicUsize);
+
+    impl CommitListener for Rows {
+        fn committed(&self, commit: &Commit, _: &[TableBatch]) {
+            self.0.fetch_add(commit.rows, Ordering::SeqCst);
+        }
+        fn failed(&self, _: &StoreError, _: usize) {}
+        fn holding(&self, _: usize) {}
+    }
+
+    fn settings(
+        root: &StoreRoot,
+        roll_rows: usize,
+        fence: Option<Arc<dyn Fence>>,
+    ) -> WriterSettings {
+        WriterSettings {
+            table: "charging".into(),
+            node: "node-1".into(),
+            root: root.clone(),
+            schema: Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)])),
+            roll_rows,
+            roll_bytes: 1 << 30,
+            roll_age: Duration::from_secs(3600),
+            max_open_files: 8,
+            memory_budget_bytes: 1 << 30,
+            zstd_level: 1,
+            metadata: Vec::new(),
+            fence,
+        }
+    }
+
+    fn entry(seq: u64) -> TableBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        let rows = Int64Array::from(vec![i64::try_from(seq).expect("seq")]);
+        TableBatch {
+            partition: PartitionKey::from_millis(1_795_506_305_000),
+            batch: RecordBatch::try_new(schema, vec![Arc::new(rows)]).expect("batch"),
+            wal: EntryId { shard: 0, seq },
+        }
+    }
+
+    fn wait_for_rows(rows: &Rows, n: usize) {
+        for _ in 0..3000 {
+            if rows.0.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{n} rows never committed");
+    }
+
+    /// Rows in the table's current files.
+    fn rows_in(root: &StoreRoot) -> i64 {
+        let table = crate::store::block_on(async {
+            delta::open(root, "charging")
+                .await?
+                .ok_or(StoreError::Panicked)
+        })
+        .expect("table");
+        table
+            .get_file_uris()
+            .expect("files")
+            .map(|uri| {
+                let path = url::Url::parse(&uri)
+                    .ok()
+                    .and_then(|u| u.to_file_path().ok())
+                    .unwrap_or_else(|| uri.into());
+                let file = std::fs::File::open(path).expect("file");
+                SerializedFileReader::new(file)
+                    .expect("parquet")
+                    .metadata()
+                    .file_metadata()
+                    .num_rows()
+            })
+            .sum()
+    }
+
+    /// A node held an entry, waiting for its roll, when it lost the lease on
+    /// its name; another node stored the entry from its copies; the node
+    /// took its name back and its roll came due. Its commit must not store
+    /// the entry again, although its own last commit went fine (nothing
+    /// failed that would have made it look).
+    #[test]
+    fn a_writer_that_took_its_name_back_drops_what_another_node_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = StoreRoot::local(dir.path()).expect("root");
+        let fence = Arc::new(Epoch(AtomicU64::new(1)));
+        let (to_node, node_rx) = crossbeam::channel::bounded(16);
+        let rows = Arc::new(Rows::default());
+        let tracker = Arc::new(Tracker::default());
+        let node = spawn_writer(
+            settings(&root, 2, Some(fence.clone())),
+            node_rx,
+            rows.clone(),
+            tracker.clone(),
+        )
+        .expect("writer");
+        for seq in [0, 1] {
+            to_node.send(entry(seq)).expect("send");
+        }
+        wait_for_rows(&rows, 2);
+        to_node.send(entry(2)).expect("send");
+
+        // Another node stores entry 2 under this node's name.
+        let (to_other, other_rx) = crossbeam::channel::bounded(16);
+        let other = spawn_writer(
+            settings(&root, 1, None),
+            other_rx,
+            Arc::new(Rows::default()),
+            Arc::default(),
+        )
+        .expect("writer");
+        to_other.send(entry(2)).expect("send");
+        drop(to_other);
+        other.join().expect("other writer");
+        assert_eq!(rows_in(&root), 3);
+
+        fence.0.store(2, Ordering::SeqCst);
+        to_node.send(entry(3)).expect("send");
+        drop(to_node);
+        node.join().expect("writer");
+        assert_eq!(rows_in(&root), 4, "entries 0 to 3, each once");
+    }
 }

@@ -89,18 +89,26 @@ impl Copies {
         Ok(keys.iter().map(|(_, written_ms)| *written_ms).min())
     }
 
-    /// Writes the frames of entries `first..=last` of `shard` as one copy.
-    pub(super) fn put(&self, shard: u16, first: u64, last: u64, frames: &[u8]) -> Result<KeptCopy> {
+    /// Writes the frames of entries `first..=last` of `shard` as one copy;
+    /// returns its key whether or not the write succeeded.
+    pub(super) fn put(
+        &self,
+        shard: u16,
+        first: u64,
+        last: u64,
+        frames: &[u8],
+    ) -> (KeptCopy, Result<()>) {
         let key = format!("{}/shard-{shard:03}/{first:020}-{last:020}.wal", self.node);
         let mut bytes = Vec::with_capacity(HEADER_BYTES + frames.len());
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&crate::core::clock::now_ms().to_le_bytes());
         bytes.extend_from_slice(frames);
-        self.store.put(&key, bytes).map_err(copy_err(&key))?;
-        Ok(KeptCopy {
+        let written = self.store.put(&key, bytes).map_err(copy_err(&key));
+        let kept = KeptCopy {
             key,
             last_seq: last,
-        })
+        };
+        (kept, written)
     }
 
     pub(super) fn delete(&self, copies: &[KeptCopy]) -> Result<()> {
@@ -126,8 +134,10 @@ impl Copies {
 
     /// Every entry of every copy of this node, per shard, in order, with
     /// the copies they came from. A copy is written whole or not at all, so
-    /// any damage in one is an error, never a torn tail.
-    pub fn read(&self) -> Result<Recovered> {
+    /// any damage in one is an error, never a torn tail; with
+    /// `skip_corrupt` (`wal.skip_corrupt`) a damaged copy is logged and left
+    /// out instead, and kept in the store for inspection.
+    pub fn read(&self, skip_corrupt: bool) -> Result<Recovered> {
         let prefix = format!("{}/", self.node);
         let mut keys: Vec<String> = self
             .store
@@ -143,11 +153,14 @@ impl Copies {
                 continue;
             };
             let bytes = self.store.get(&key).map_err(copy_err(&key))?;
-            let (created_ms, entries) =
-                decode_copy(&bytes, shard).map_err(|reason| WalError::CopyCorrupt {
-                    key: key.clone(),
-                    reason,
-                })?;
+            let (created_ms, entries) = match decode_copy(&bytes, shard) {
+                Ok(decoded) => decoded,
+                Err(reason) if skip_corrupt => {
+                    tracing::error!(%key, %reason, "skipping a damaged WAL copy");
+                    continue;
+                }
+                Err(reason) => return Err(WalError::CopyCorrupt { key, reason }),
+            };
             let log = recovered.shards.entry(shard).or_default();
             log.next_seq = log.next_seq.max(last + 1);
             if !entries.is_empty() {
@@ -293,6 +306,7 @@ mod tests {
             fsync_bytes: 1 << 20,
             max_segment_age: Duration::from_secs(3600),
             copies: Some(copies.clone()),
+            fence: None,
         }
     }
 
@@ -336,21 +350,29 @@ mod tests {
             copies.nodes().expect("nodes"),
             BTreeSet::from(["node-1".to_owned()])
         );
-        let recovered = copies.read().expect("read");
+        let recovered = copies.read(false).expect("read");
         let shard = &recovered.shards[&3];
         assert_eq!(shard.next_seq, 3);
         let seqs: Vec<u64> = shard.entries.iter().map(|e| e.id.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);
         assert_eq!(shard.entries[2].batch, batch(12));
         assert_eq!(shard.entries[2].id.shard, 3);
-        assert!(copies.of("node-2").read().expect("read").shards.is_empty());
+        assert!(
+            copies
+                .of("node-2")
+                .read(false)
+                .expect("read")
+                .shards
+                .is_empty()
+        );
     }
 
     /// A copy is deleted once the tables hold all its entries, as a segment
-    /// is; a copy not written fails the sync, so that nothing in it is
-    /// acknowledged as durable.
+    /// is. A copy not written fails the sync and stays due: the entries in
+    /// it count as unsynced (nothing is acknowledged) until a later copy
+    /// holds them, with what came after, so the copies never skip one.
     #[test]
-    fn copies_go_once_committed_and_a_failed_copy_fails_the_sync() {
+    fn copies_go_once_committed_and_a_failed_copy_is_made_again() {
         let store = Arc::new(Memory::default());
         let copies = Copies::new(store.clone(), "node-1");
         let disk = tempfile::tempdir().expect("tempdir");
@@ -375,20 +397,68 @@ mod tests {
         store.failing.store(true, Ordering::Relaxed);
         append(&mut wal, 3);
         assert!(matches!(wal.sync(), Err(WalError::Copy { .. })));
+        assert!(
+            wal.has_unsynced(),
+            "not durable as promised: not acknowledged"
+        );
         store.failing.store(false, Ordering::Relaxed);
-        assert!(store.list("").expect("list").is_empty());
         append(&mut wal, 4);
-        wal.sync().expect("sync");
-        let seqs: Vec<u64> = copies.read().expect("read").shards[&0]
+        sync_until_copied(&mut wal);
+        let seqs: Vec<u64> = copies.read(false).expect("read").shards[&0]
             .entries
             .iter()
             .map(|e| e.id.seq)
             .collect();
-        assert_eq!(
-            seqs,
-            [3],
-            "the next copy holds what came after the failed one"
-        );
+        assert_eq!(seqs, [2, 3], "the failed entry is copied with the next");
+    }
+
+    /// Syncs until every entry is copied (a failed copy waits out its back-off).
+    fn sync_until_copied(wal: &mut ShardWal) {
+        for _ in 0..500 {
+            if !wal.has_unsynced() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            let _ = wal.sync();
+        }
+        panic!("the copy was never made");
+    }
+
+    /// A fence that a test holds or drops.
+    #[derive(Debug, Default)]
+    struct Switch(AtomicBool);
+
+    impl crate::core::fence::Fence for Switch {
+        fn holds(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+        fn epoch(&self) -> u64 {
+            0
+        }
+    }
+
+    /// While the node may not act under its name, its log writes no copy,
+    /// so it acknowledges nothing; once it may, one copy holds all it took.
+    #[test]
+    fn a_fenced_log_copies_nothing_until_its_fence_holds() {
+        let store = Arc::new(Memory::default());
+        let copies = Copies::new(store.clone(), "node-1");
+        let disk = tempfile::tempdir().expect("tempdir");
+        let fence = Arc::new(Switch::default());
+        let mut settings = settings(disk.path(), &copies);
+        settings.fence = Some(fence.clone());
+        let mut wal = ShardWal::open(&settings, 0, None, Arc::default()).expect("open");
+        append(&mut wal, 1);
+        wal.sync().expect("fsync");
+        append(&mut wal, 2);
+        wal.sync().expect("fsync");
+        assert!(store.list("").expect("list").is_empty());
+        assert!(wal.has_unsynced());
+        fence.0.store(true, Ordering::Relaxed);
+        wal.sync().expect("sync");
+        assert!(!wal.has_unsynced());
+        assert_eq!(store.list("").expect("list").len(), 1);
+        assert_eq!(copies.read(false).expect("read").entry_count(), 2);
     }
 
     /// A disk that survived and its copies hold the same entries: merged,
@@ -406,7 +476,7 @@ mod tests {
         }
         drop(wal);
         let mut recovered = recover(disk.path(), false).expect("recover");
-        recovered.merge_copies(copies.read().expect("read"));
+        recovered.merge_copies(copies.read(false).expect("read"));
         let shard = &recovered.shards[&0];
         let seqs: Vec<u64> = shard.entries.iter().map(|e| e.id.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);

@@ -33,6 +33,7 @@ use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 
+use crate::core::fence::Fence;
 use crate::core::fsio;
 use crate::core::table::{PartitionKey, Table};
 use copies::{Copies, KeptCopy};
@@ -78,7 +79,10 @@ pub enum WalError {
     },
     #[error("WAL copy in the store ({key}): {source}")]
     Copy { key: String, source: std::io::Error },
-    #[error("WAL copy in the store ({key}) is damaged: {reason}")]
+    #[error(
+        "WAL copy in the store ({key}) is damaged: {reason} (set wal.skip_corrupt = true to \
+         leave it out)"
+    )]
     CopyCorrupt { key: String, reason: String },
 }
 
@@ -148,6 +152,9 @@ pub struct WalSettings {
     /// In a cluster: where each group commit is copied before it counts as
     /// durable ([`copies`]).
     pub copies: Option<Copies>,
+    /// In a cluster: no copy is written, so nothing is acknowledged, while
+    /// the node may not act under its name (another may be storing its WAL).
+    pub fence: Option<Arc<dyn Fence>>,
 }
 
 /// Which entries are appended but not yet in a committed Parquet file, per shard.
@@ -225,13 +232,20 @@ pub struct ShardWal {
 }
 
 /// The copies of one shard's group commits: the frames appended since the
-/// last sync, and the copies written and not yet deleted.
+/// last copy, and the copies written (or tried) and not yet deleted.
 struct ShardCopies {
     copies: Copies,
     frames: Vec<u8>,
     first_seq: Option<u64>,
     kept: Vec<KeptCopy>,
+    /// After a failed copy: not tried again before this.
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
 }
+
+/// The first wait before a failed copy is tried again; it doubles up to the most.
+const COPY_RETRY_FIRST: Duration = Duration::from_millis(100);
+const COPY_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a sync made durable, for the caller's measurements.
 #[derive(Debug, Clone, Copy)]
@@ -276,6 +290,8 @@ impl ShardWal {
                 frames: Vec::new(),
                 first_seq: None,
                 kept: recovered.map(|r| r.copies.clone()).unwrap_or_default(),
+                retry_at: None,
+                retry_delay: COPY_RETRY_FIRST,
             }),
         })
     }
@@ -321,10 +337,17 @@ impl ShardWal {
             || self
                 .first_unsynced
                 .is_some_and(|t| t.elapsed() >= self.settings.fsync_interval)
+            || self.copy_pending()
     }
 
+    /// Whether appended entries are not yet durable as promised: not
+    /// fsync'd, or (in a cluster) not yet copied to the store.
     pub fn has_unsynced(&self) -> bool {
-        self.first_unsynced.is_some()
+        self.first_unsynced.is_some() || self.copy_pending()
+    }
+
+    fn copy_pending(&self) -> bool {
+        self.copies.as_ref().is_some_and(|c| c.first_seq.is_some())
     }
 
     /// How long until a sync is due, for the worker's wait.
@@ -335,31 +358,33 @@ impl ShardWal {
             })
     }
 
-    /// fsyncs the active segment (group commit), copies what it made
-    /// durable to the store (in a cluster), then rotates the segment if it
-    /// is full.
+    /// fsyncs the active segment (group commit), copies the entries not
+    /// yet copied to the store (in a cluster), then rotates the segment if
+    /// it is full.
     ///
-    /// After a failed fsync or copy the entries since the last good one are
-    /// not durable as promised and never will be (the segment is closed,
-    /// nothing is synced again on it; the copy is not tried again): they no
-    /// longer count as unsynced, and the caller vouches for them otherwise
-    /// (the worker waits for the tables).
+    /// After a failed fsync the entries since the last good one are not
+    /// durable here and never will be (the segment is closed, nothing is
+    /// synced again on it): they no longer count as unsynced, and the
+    /// caller vouches for them otherwise (the worker waits for the tables).
+    ///
+    /// A copy is made whatever the fsync did, and one that fails (or may
+    /// not be made: the node's fence does not hold) stays due, with all
+    /// that is appended meanwhile, and is tried again after a back-off: the
+    /// copies of a shard never skip an entry, so whoever stores them can
+    /// trust that they hold every entry up to their last. Until it is made,
+    /// [`Self::has_unsynced`] stays true.
     pub fn sync(&mut self) -> Result<Option<Synced>> {
-        if self.first_unsynced.is_none() {
+        if !self.has_unsynced() {
             return Ok(None);
         }
         let start = Instant::now();
-        let fsynced = self.active.sync_data();
-        let copied = match fsynced {
-            Ok(()) => self.copy_synced(),
-            Err(_) => Ok(None),
+        let fsynced = match self.first_unsynced {
+            Some(_) => self.active.sync_data(),
+            None => Ok(()),
         };
-        if let Some(copies) = &mut self.copies {
-            copies.frames.clear();
-            copies.first_seq = None;
-        }
         let bytes = std::mem::take(&mut self.unsynced_bytes);
         self.first_unsynced = None;
+        let copied = self.copy_unsynced();
         if let Err(e) = fsynced {
             // After a failed fsync the page cache cannot be trusted: never
             // append to this file again.
@@ -378,18 +403,34 @@ impl ShardWal {
         Ok(Some(synced))
     }
 
-    /// Writes the frames of the last group commit to the store, when this
-    /// log keeps copies; returns how long that took.
-    fn copy_synced(&mut self) -> Result<Option<Duration>> {
+    /// Writes every entry not yet copied to the store as one copy, when
+    /// this log keeps copies, its fence holds and no back-off runs; returns
+    /// how long that took.
+    fn copy_unsynced(&mut self) -> Result<Option<Duration>> {
         let Some(copies) = &mut self.copies else {
             return Ok(None);
         };
         let (Some(first), Some(last)) = (copies.first_seq, self.next_seq.checked_sub(1)) else {
             return Ok(None);
         };
+        let fenced = self.settings.fence.as_ref().is_some_and(|f| !f.holds());
+        if fenced || copies.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(None);
+        }
         let start = Instant::now();
-        let kept = copies.copies.put(self.shard, first, last, &copies.frames)?;
+        let (kept, written) = copies.copies.put(self.shard, first, last, &copies.frames);
+        // Kept even when the write failed: it may have landed all the same
+        // (an answer lost), and deleting a copy that is not there is no error.
         copies.kept.push(kept);
+        if let Err(e) = written {
+            copies.retry_at = Some(Instant::now() + copies.retry_delay);
+            copies.retry_delay = (copies.retry_delay * 2).min(COPY_RETRY_MAX);
+            return Err(e);
+        }
+        copies.retry_at = None;
+        copies.retry_delay = COPY_RETRY_FIRST;
+        copies.frames.clear();
+        copies.first_seq = None;
         Ok(Some(start.elapsed()))
     }
 
@@ -796,6 +837,7 @@ mod tests {
             fsync_bytes: 1 << 20,
             max_segment_age: Duration::from_secs(3600),
             copies: None,
+            fence: None,
         }
     }
 
