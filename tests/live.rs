@@ -943,3 +943,61 @@ fn a_position_survives_a_restart() {
     );
     server.handle.shutdown().expect("shutdown");
 }
+
+/// In a cluster a live stream follows every node's commits in the shared
+/// tables: a user following her vehicle through node 2 gets the rows it
+/// published to node 1, and only hers.
+#[test]
+fn a_stream_on_one_node_follows_rows_another_node_stored() {
+    let postgres = Postgres::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let root_key = shared.path().join("root.key");
+    fleetgate::privacy::pseudo::KeyRing::load_or_create(&root_key).expect("root key");
+    let tables = format!("file://{}", shared.path().join("tables").display());
+    let node = |id: &str| {
+        TestServer::start_with(|c| {
+            c.cluster.node_id = id.to_owned();
+            c.cluster.control_plane = postgres.url();
+            c.cluster.lease_secs = 3;
+            c.storage.uri = Some(tables.clone());
+            fleetgate::core::fsio::create_dir_all(c.storage.key_file.parent().expect("keys"))
+                .expect("keys dir");
+            std::fs::copy(&root_key, &c.storage.key_file).expect("the cluster's root key");
+        })
+    };
+    let one = node("node-1");
+    let two = node("node-2");
+    let now = fleetgate::core::clock::now_ms();
+    let alice = alice_holds(&two.admin(), A, now);
+    let mut live = LiveClient::open(
+        two.handle.admin_addr(),
+        "tables=charging",
+        &alice,
+        "own_data_access",
+        None,
+    )
+    .expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+    publish_blocking(
+        one.handle.mqtt_addr(),
+        &[
+            charging(A, 1, now - HOUR, "SE-A-1"),
+            charging(B, 1, now - HOUR, "SE-B-1"),
+        ],
+    );
+    let (rows, _) = live.rows_of("charging", 1);
+    assert_eq!(seqs(&rows), vec![1]);
+    assert_eq!(rows[0]["vin"], A);
+    publish_blocking(
+        one.handle.mqtt_addr(),
+        &[charging(A, 2, now - HOUR, "SE-A-2")],
+    );
+    publish_blocking(
+        two.handle.mqtt_addr(),
+        &[charging(A, 3, now - HOUR, "SE-A-3")],
+    );
+    let (rows, _) = live.rows_of("charging", 2);
+    let mut got = seqs(&rows);
+    got.sort();
+    assert_eq!(got, vec![2, 3], "from both nodes, once each");
+}

@@ -9,7 +9,11 @@
 //! (`wal_app`, `wal_entry`), and a shard's entries reach a table in order,
 //! so a subscriber's [`Position`] (per table and shard, the last entry it
 //! was given) names exactly the rows of any later version it has not seen:
-//! those with a higher entry. For every step the subscriber's policy
+//! those with a higher entry. A shard is named by its application id, which
+//! names its node: in a cluster a stream follows every node's shards (this
+//! node's from the start, another's from the first commit of it the
+//! follower reads), so it sees the rows of vehicles on other nodes too, and
+//! its position is good on any node. For every step the subscriber's policy
 //! session is built again, as for a query, over the newest version's unseen
 //! rows only: a revoked grant, an ended tenure, an erasure, a deletion
 //! request or a retention rule applies from the next step on, and rows
@@ -68,21 +72,26 @@ const HOUR_MS: i64 = 3_600_000;
 /// Most closed hours a resumed aggregate stream catches up.
 const MAX_BEHIND_HOURS: i64 = 24;
 /// The key under which a position holds, for a table of hourly aggregates,
-/// the start of the last hour delivered (WAL shards never number this high).
-const HOURS: u16 = u16::MAX;
+/// the start of the last hour delivered (no shard's application id is empty).
+const HOURS: &str = "";
+/// Longest application id a position holds (`fleetgate-wal-<node>-<shard>`).
+const MAX_APP_BYTES: usize = 255;
 
-/// Where a subscriber stands: per table and WAL shard, the last entry whose
-/// rows it was given. Handed to the client sealed, as the SSE event id.
+/// Where a subscriber stands: per table and WAL shard (by its application
+/// id), the last entry whose rows it was given. Handed to the client
+/// sealed, as the SSE event id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Position(BTreeMap<(Table, u16), i64>);
+pub struct Position(BTreeMap<(Table, String), i64>);
 
 impl Position {
     /// The position sealed for `principal` under `key`: an opaque token.
     fn seal(&self, key: &Secret, principal: &str) -> String {
-        let mut plain = Vec::with_capacity(self.0.len() * 11);
-        for (&(table, shard), &entry) in &self.0 {
+        let mut plain = Vec::with_capacity(self.0.len() * 40);
+        for ((table, app), &entry) in &self.0 {
+            let app = &app.as_bytes()[..app.len().min(MAX_APP_BYTES)];
             plain.push(table.index() as u8);
-            plain.extend_from_slice(&shard.to_le_bytes());
+            plain.push(app.len() as u8);
+            plain.extend_from_slice(app);
             plain.extend_from_slice(&entry.to_le_bytes());
         }
         let mut nonce = [0u8; NONCE_BYTES];
@@ -129,13 +138,22 @@ impl Position {
             )
             .map_err(|_| invalid())?;
         let mut through = BTreeMap::new();
-        for item in plain.chunks(11) {
-            let [table, s0, s1, e @ ..] = item else {
-                return Err(invalid());
-            };
+        let mut rest = plain.as_slice();
+        while let [table, len, after @ ..] = rest {
             let table = Table::from_index(usize::from(*table)).ok_or_else(invalid)?;
-            let entry = i64::from_le_bytes(<[u8; 8]>::try_from(e).map_err(|_| invalid())?);
-            through.insert((table, u16::from_le_bytes([*s0, *s1])), entry);
+            let len = usize::from(*len);
+            if after.len() < len + 8 {
+                return Err(invalid());
+            }
+            let (app, after) = after.split_at(len);
+            let (entry, after) = after.split_at(8);
+            let app = std::str::from_utf8(app).map_err(|_| invalid())?;
+            let entry = i64::from_le_bytes(<[u8; 8]>::try_from(entry).map_err(|_| invalid())?);
+            through.insert((table, app.to_owned()), entry);
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return Err(invalid());
         }
         Ok(Self(through))
     }
@@ -155,8 +173,8 @@ impl Position {
                 continue;
             }
             if let Some(committed) = commits.tables.get(&table) {
-                for (&shard, &entry) in &committed.through {
-                    self.0.insert((table, shard), entry);
+                for (app, &entry) in &committed.through {
+                    self.0.insert((table, app.clone()), entry);
                 }
             }
         }
@@ -165,10 +183,10 @@ impl Position {
     /// The last entry of `shard` in `table` this position has seen: its
     /// own, or, for a shard the follower learned of after this position
     /// was made, where the shard stood then.
-    fn seen(&self, table: Table, shard: u16, committed: &Committed) -> i64 {
+    fn seen(&self, table: Table, app: &str, committed: &Committed) -> i64 {
         self.0
-            .get(&(table, shard))
-            .or_else(|| committed.learned_at.get(&shard))
+            .get(&(table, app.to_owned()))
+            .or_else(|| committed.learned_at.get(app))
             .copied()
             .unwrap_or(-1)
     }
@@ -181,11 +199,11 @@ impl Position {
             let Some(committed) = commits.tables.get(&table) else {
                 continue;
             };
-            for (&shard, &through) in &committed.through {
-                let seen = self.seen(table, shard, committed);
+            for (app, &through) in &committed.through {
+                let seen = self.seen(table, app, committed);
                 if seen < through {
                     let step = through.min(seen.saturating_add(size));
-                    next.0.insert((table, shard), step);
+                    next.0.insert((table, app.clone()), step);
                 }
             }
         }
@@ -206,7 +224,7 @@ impl Position {
                 committed
                     .through
                     .iter()
-                    .map(|(&shard, &through)| through - self.seen(table, shard, committed))
+                    .map(|(app, &through)| through - self.seen(table, app, committed))
                     .max()
                     .map(|lag| (table, lag))
             })
@@ -215,18 +233,18 @@ impl Position {
 
     /// The start of the last hour of `table`'s aggregates delivered.
     fn last_hour(&self, table: Table) -> Option<i64> {
-        self.0.get(&(table, HOURS)).copied()
+        self.0.get(&(table, HOURS.to_owned())).copied()
     }
 
     fn set_last_hour(&mut self, table: Table, start_ms: i64) {
-        self.0.insert((table, HOURS), start_ms);
+        self.0.insert((table, HOURS.to_owned()), start_ms);
     }
 
     /// Takes `step`'s entries of `table`.
     fn take_table(&mut self, step: &Position, table: Table) {
-        for (&(t, shard), &entry) in &step.0 {
-            if t == table {
-                self.0.insert((t, shard), entry);
+        for ((t, app), &entry) in &step.0 {
+            if *t == table {
+                self.0.insert((*t, app.clone()), entry);
             }
         }
     }
@@ -235,20 +253,14 @@ impl Position {
     /// not seen and `step` has, as SQL over the table's columns. Rows no
     /// shard committed (NULL `wal_app`: converted or appended outside a
     /// server) never are.
-    fn unseen_sql(
-        &self,
-        step: &Position,
-        table: Table,
-        committed: &Committed,
-        shards: &NodeShards,
-    ) -> String {
+    fn unseen_sql(&self, step: &Position, table: Table, committed: &Committed) -> String {
         let (app, entry) = (WAL_COLUMNS[0], WAL_COLUMNS[1]);
-        let windows: Vec<(u16, i64, i64)> = committed
+        let windows: Vec<(&str, i64, i64)> = committed
             .through
             .keys()
-            .map(|&shard| {
+            .map(|shard| {
                 (
-                    shard,
+                    shard.as_str(),
                     self.seen(table, shard, committed),
                     step.seen(table, shard, committed),
                 )
@@ -264,10 +276,7 @@ impl Position {
         let per_shard: Vec<String> = windows
             .iter()
             .map(|(shard, seen, upto)| {
-                format!(
-                    "({app} = '{}' AND {entry} > {seen} AND {entry} <= {upto})",
-                    shards.app(*shard),
-                )
+                format!("({app} = '{shard}' AND {entry} > {seen} AND {entry} <= {upto})")
             })
             .collect();
         // The range alone lets the scan skip files by their statistics.
@@ -282,17 +291,18 @@ impl Position {
 #[derive(Clone)]
 struct Committed {
     table: DeltaTable,
-    /// Per WAL shard, the last entry this version holds.
-    through: BTreeMap<u16, i64>,
+    /// Per WAL shard (application id), the last entry this version holds.
+    through: BTreeMap<String, i64>,
     /// Shards the follower learned of from a commit after it first read
     /// the table, with the last entry they held before that commit.
-    learned_at: BTreeMap<u16, i64>,
+    learned_at: BTreeMap<String, i64>,
 }
 
 /// Every table as one reading of the logs found it.
 #[derive(Clone, Default)]
 pub struct Commits {
-    /// The WAL shards followed: this node's.
+    /// This node's WAL shards, followed from the first reading; other
+    /// nodes' from their first commit read.
     shards: NodeShards,
     tables: BTreeMap<Table, Committed>,
     /// Whether every table's log was read once.
@@ -337,8 +347,7 @@ impl LiveTables<'_> {
         let unseen = files
             .sql(&format!(
                 "SELECT * FROM {committed_name} WHERE {}",
-                self.position
-                    .unseen_sql(self.step, table, committed, &self.commits.shards)
+                self.position.unseen_sql(self.step, table, committed)
             ))
             .await?;
         Ok(Some(unseen.into_view()))
@@ -411,7 +420,9 @@ async fn follow(
             let last = commits.tables.get(&table);
             // delta-rs has panicked on odd logs: one table's reading must
             // not end every stream.
-            let reading = std::panic::AssertUnwindSafe(read(&store, table, &commits.shards, last));
+            let appeared = commits.read;
+            let reading =
+                std::panic::AssertUnwindSafe(read(&store, table, &commits.shards, last, appeared));
             match reading.catch_unwind().await {
                 Ok(Ok(Some(committed))) => {
                     commits.tables.insert(table, committed);
@@ -440,22 +451,44 @@ async fn follow(
     }
 }
 
-/// Table `table` at its newest version if it is newer than `last`.
+/// Most commits of a table that appeared while streams follow read to
+/// learn its shards; an older table's other nodes are learned as they commit.
+const MAX_FIRST_COMMITS: u64 = 1_000;
+
+/// Table `table` at its newest version if it is newer than `last`. A table
+/// read for the first time has this node's shards; one that `appeared`
+/// since a complete reading (created while streams follow) has every node's
+/// shards in its first commits, all of it news.
 async fn read(
     store: &StoreRoot,
     table: Table,
     shards: &NodeShards,
     last: Option<&Committed>,
+    appeared: bool,
 ) -> crate::store::Result<Option<Committed>> {
     let Some(last) = last else {
         let Some(opened) = delta::open(store, table.name()).await? else {
             return Ok(None);
         };
-        let through = through_of(&opened, shards, 0..shards.count).await?;
+        let own = (0..shards.count).map(|shard| shards.app(shard));
+        let mut through = through_of(&opened, own).await?;
+        let mut learned_at = BTreeMap::new();
+        if appeared && let Some(to) = opened.version() {
+            for version in 0..=to.min(MAX_FIRST_COMMITS) {
+                let Some(commit) = opened.log_store().read_commit_entry(version).await? else {
+                    continue;
+                };
+                for (app, entry) in wal_transactions(&commit) {
+                    learned_at.entry(app.clone()).or_insert(-1);
+                    let held = through.entry(app).or_insert(entry);
+                    *held = (*held).max(entry);
+                }
+            }
+        }
         return Ok(Some(Committed {
             table: opened,
             through,
-            learned_at: BTreeMap::new(),
+            learned_at,
         }));
     };
     let mut newer = last.table.clone();
@@ -477,17 +510,17 @@ async fn read(
     for version in from + 1..=to {
         let Some(commit) = newer.log_store().read_commit_entry(version).await? else {
             // A commit the cleanup removed: ask the newest version instead.
-            let known: Vec<u16> = through.keys().copied().collect();
-            through.extend(through_of(&newer, shards, known).await?);
+            let known: Vec<String> = through.keys().cloned().collect();
+            through.extend(through_of(&newer, known).await?);
             continue;
         };
-        for (shard, entry) in wal_transactions(&commit, shards) {
-            if !through.contains_key(&shard) {
-                let before = delta::stored_through(&last.table, &shards.app(shard)).await?;
+        for (app, entry) in wal_transactions(&commit) {
+            if !through.contains_key(&app) {
+                let before = delta::stored_through(&last.table, &app).await?;
                 let before = before.map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX));
-                learned_at.insert(shard, before);
+                learned_at.insert(app.clone(), before);
             }
-            let held = through.entry(shard).or_insert(entry);
+            let held = through.entry(app).or_insert(entry);
             *held = (*held).max(entry);
         }
     }
@@ -498,31 +531,36 @@ async fn read(
     }))
 }
 
-/// Per shard in `shards`, the last entry `table` holds.
+/// Per shard of `apps` (application ids), the last entry `table` holds.
 async fn through_of(
     table: &DeltaTable,
-    node: &NodeShards,
-    shards: impl IntoIterator<Item = u16>,
-) -> crate::store::Result<BTreeMap<u16, i64>> {
+    apps: impl IntoIterator<Item = String>,
+) -> crate::store::Result<BTreeMap<String, i64>> {
     let mut through = BTreeMap::new();
-    for shard in shards {
-        if let Some(entry) = delta::stored_through(table, &node.app(shard)).await? {
-            through.insert(shard, i64::try_from(entry).unwrap_or(i64::MAX));
+    for app in apps {
+        if let Some(entry) = delta::stored_through(table, &app).await? {
+            through.insert(app, i64::try_from(entry).unwrap_or(i64::MAX));
         }
     }
     Ok(through)
 }
 
-/// The WAL shards of `shards`' node and their entries that a commit file
-/// records (its `txn` actions).
-fn wal_transactions(commit: &[u8], shards: &NodeShards) -> Vec<(u16, i64)> {
+/// The WAL shards, of any node, and their entries that a commit file
+/// records (its `txn` actions). An application id that is not a shard's,
+/// or holds anything but the letters, digits, '-' and '_' of a node name,
+/// is not one (it goes into SQL).
+fn wal_transactions(commit: &[u8]) -> Vec<(String, i64)> {
     commit
         .split(|&b| b == b'\n')
         .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
         .filter_map(|action| {
             let txn = action.get("txn")?;
-            let shard = shards.shard_of(txn.get("appId")?.as_str()?)?;
-            Some((shard, txn.get("version")?.as_i64()?))
+            let app = txn.get("appId")?.as_str()?;
+            let shard = app.strip_prefix(delta::wal_app_prefix("").as_str())?;
+            let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+            (!shard.is_empty() && shard.chars().all(plain) && app.len() <= MAX_APP_BYTES)
+                .then_some(())?;
+            Some((app.to_owned(), txn.get("version")?.as_i64()?))
         })
         .collect()
 }
@@ -1085,10 +1123,12 @@ mod tests {
     #[test]
     fn a_position_unseals_only_for_its_principal_and_untouched() {
         let key = Secret([7; 32]);
+        let charging = Table::Stream(crate::core::table::Stream::Charging);
         let position = Position(BTreeMap::from([
-            ((Table::Stream(crate::core::table::Stream::Charging), 0), 12),
-            ((Table::Stream(crate::core::table::Stream::Charging), 1), 7),
-            ((Table::DeadLetters, 3), 0),
+            ((charging, "fleetgate-wal-0".to_owned()), 12),
+            ((charging, "fleetgate-wal-node-2-1".to_owned()), 7),
+            ((charging, HOURS.to_owned()), 1_795_503_600_000),
+            ((Table::DeadLetters, "fleetgate-wal-3".to_owned()), 0),
         ]));
         let sealed = position.seal(&key, "alice");
         assert_eq!(
@@ -1100,9 +1140,9 @@ mod tests {
             position.seal(&key, "alice"),
             "a fresh nonce each time"
         );
-        // The first item in the clear (charging, shard 0, entry 12) is not in it.
-        let item = hex::encode([3, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(!sealed.contains(&item), "nothing readable: {sealed}");
+        // No application id in the clear.
+        let app = hex::encode("fleetgate-wal");
+        assert!(!sealed.contains(&app), "nothing readable: {sealed}");
         assert!(Position::unseal(&sealed, &key, "mallory").is_err());
         assert!(Position::unseal(&sealed, &Secret([8; 32]), "alice").is_err());
         let mut tampered = hex::decode(&sealed).expect("hex");
@@ -1122,15 +1162,24 @@ mod tests {
 {"txn":{"appId":"someone-else","version":99}}
 {"txn":{"appId":"fleetgate-wal-node-2-3","version":5}}
 {"add":{"path":"x.parquet"}}"#;
-        let alone = NodeShards {
-            node: String::new(),
-            count: 16,
-        };
-        assert_eq!(wal_transactions(commit, &alone), vec![(0, 41), (12, 7)]);
-        let node_2 = NodeShards {
-            node: "node-2".into(),
-            count: 16,
-        };
-        assert_eq!(wal_transactions(commit, &node_2), vec![(3, 5)]);
+        let transactions = wal_transactions(commit);
+        let found: Vec<(&str, i64)> = transactions
+            .iter()
+            .map(|(app, entry)| (app.as_str(), *entry))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("fleetgate-wal-0", 41),
+                ("fleetgate-wal-12", 7),
+                ("fleetgate-wal-node-2-3", 5)
+            ],
+            "every node's shards, nothing else"
+        );
+        let quoted = br#"{"txn":{"appId":"fleetgate-wal-x' OR 1=1 --","version":1}}"#;
+        assert!(
+            wal_transactions(quoted).is_empty(),
+            "nothing that could leave its quotes"
+        );
     }
 }
