@@ -514,13 +514,14 @@ impl Config {
         }
         let c = &self.cluster;
         if !c.node_id.is_empty()
-            && !c
-                .node_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && (c.node_id.len() > 64
+                || !c
+                    .node_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
         {
             return invalid(format!(
-                "cluster.node_id {:?} may hold only letters, digits, '-' and '_'",
+                "cluster.node_id {:?} may hold only letters, digits, '-' and '_', at most 64",
                 c.node_id
             ));
         }

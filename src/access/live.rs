@@ -77,6 +77,17 @@ const HOURS: &str = "";
 /// Longest application id a position holds (`fleetgate-wal-<node>-<shard>`).
 const MAX_APP_BYTES: usize = 255;
 
+/// What a sealed position is bound to: its format and its principal, so
+/// that a position of another principal, or of the earlier format (shards
+/// by number), is refused, never misread.
+fn position_aad(principal: &str) -> Vec<u8> {
+    [
+        b"fleetgate-live-position-v2\0".as_slice(),
+        principal.as_bytes(),
+    ]
+    .concat()
+}
+
 /// Where a subscriber stands: per table and WAL shard (by its application
 /// id), the last entry whose rows it was given. Handed to the client
 /// sealed, as the SSE event id.
@@ -106,7 +117,7 @@ impl Position {
                 Nonce::from_slice(&nonce),
                 Payload {
                     msg: &plain,
-                    aad: principal.as_bytes(),
+                    aad: &position_aad(principal),
                 },
             )
             .unwrap_or_default();
@@ -133,7 +144,7 @@ impl Position {
                 Nonce::from_slice(nonce),
                 Payload {
                     msg: sealed,
-                    aad: principal.as_bytes(),
+                    aad: &position_aad(principal),
                 },
             )
             .map_err(|_| invalid())?;
@@ -474,7 +485,7 @@ async fn read(
         let mut through = through_of(&opened, own).await?;
         let mut learned_at = BTreeMap::new();
         if appeared && let Some(to) = opened.version() {
-            for version in 0..=to.min(MAX_FIRST_COMMITS) {
+            for version in 0..=to.min(MAX_FIRST_COMMITS - 1) {
                 let Some(commit) = opened.log_store().read_commit_entry(version).await? else {
                     continue;
                 };

@@ -102,6 +102,11 @@ pub enum ServerError {
          running process (every node needs a name of its own)"
     )]
     NodeInUse { node: String, holder: String },
+    #[error(
+        "gave up storing node {0:?}'s WAL copies: the lease on its name was not held for a \
+         whole term (it came back, or the control plane is unreachable); its writers stay fenced"
+    )]
+    TakeoverAbandoned(String),
 }
 
 pub type Result<T, E = ServerError> = std::result::Result<T, E>;

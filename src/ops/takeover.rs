@@ -20,7 +20,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -316,25 +316,66 @@ impl Takeover {
         let recovery = Recovery::of(&config, &self.root, recovered)?;
         let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
         let tracker = Arc::new(Tracker::default());
+        let term = Duration::from_secs(self.config.cluster.lease_secs);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // The dead node's lease is renewed for as long as this runs: a
+            // replay can wait on writers that wait on their commits.
+            scope.spawn(|| {
+                let mut renewed = Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if renewed.elapsed() >= term / 6 {
+                        renewed = Instant::now();
+                        if let Err(error) = claim.renew() {
+                            tracing::warn!(%error, "cannot renew a dead node's lease");
+                        }
+                    }
+                }
+            });
+            let stored = self.replay_with(&config, &recovery, &registry, &tracker, claim, term);
+            done.store(true, Ordering::Relaxed);
+            stored
+        })?;
+        if tracker.pending_count() == 0 {
+            copies.forget(&recovery.recovered)?;
+        }
+        Ok(entries)
+    }
+
+    /// Hands `recovery`'s entries to writers committing as the dead node
+    /// and waits until every one has committed all and ended. Gives up,
+    /// leaving them fenced, once the lease on that node's name was not held
+    /// for a whole term (the node came back, or the control plane is gone).
+    fn replay_with(
+        &self,
+        config: &Config,
+        recovery: &Recovery,
+        registry: &Registry,
+        tracker: &Arc<Tracker>,
+        claim: &Arc<Claim>,
+        term: Duration,
+    ) -> Result<()> {
         let writers = start_writers(
-            &config,
+            config,
             &self.root,
-            &registry,
+            registry,
             &self.metrics,
-            &tracker,
+            tracker,
             &mut Vec::new(),
             Some(claim.clone()),
         )?;
-        recovery.replay(&tracker, &writers.senders, &self.metrics);
+        recovery.replay(tracker, &writers.senders, &self.metrics);
         drop(writers.senders);
-        let term = Duration::from_secs(self.config.cluster.lease_secs);
-        // The writers commit all they were given, then end; the lease on
-        // the dead node's name is renewed meanwhile. Every one is waited for
-        // (the lease is released only when none can commit any more).
+        let mut lost_since: Option<Instant> = None;
         while writers.handles.iter().any(|h| !h.is_finished()) {
-            std::thread::sleep(term / 6);
-            if let Err(error) = claim.renew() {
-                tracing::warn!(%error, "cannot renew a dead node's lease");
+            std::thread::sleep(Duration::from_millis(100));
+            if claim.holds() {
+                lost_since = None;
+            } else if lost_since.get_or_insert_with(Instant::now).elapsed() > term {
+                return Err(ServerError::TakeoverAbandoned(
+                    config.cluster.node_id.clone(),
+                ));
             }
         }
         let panicked = writers
@@ -346,9 +387,6 @@ impl Takeover {
         if panicked > 0 {
             return Err(ServerError::Panicked("writer".into()));
         }
-        if tracker.pending_count() == 0 {
-            copies.forget(&recovery.recovered)?;
-        }
-        Ok(entries)
+        Ok(())
     }
 }

@@ -78,6 +78,10 @@ pub struct WorkerContext {
 
 /// Starts worker `index`, which runs until its queue is closed and drained,
 /// then returns its log for the server to close once the writers are done.
+/// Most bytes of WAL entries a shard holds waiting for their copy to the
+/// store before it stops taking publishes.
+const MAX_COPY_BACKLOG_BYTES: usize = 64 << 20;
+
 pub fn spawn_worker(
     index: usize,
     context: WorkerContext,
@@ -158,6 +162,15 @@ impl Worker {
 
     fn run(mut self, queue: Receiver<Inbound>) -> ShardWal {
         loop {
+            if self.wal.copy_backlog_bytes() > MAX_COPY_BACKLOG_BYTES {
+                // The store takes no copies (or the node is fenced): take no
+                // more publishes until it does, so ingest backs up behind
+                // this queue rather than the backlog growing (QoS 0
+                // publishes wait for no acknowledgement).
+                std::thread::sleep(IDLE_TICK.min(Duration::from_millis(50)));
+                self.sync_wal(true);
+                continue;
+            }
             let wait = if self.wal.has_unsynced() {
                 self.wal.until_sync_due()
             } else {
@@ -204,7 +217,7 @@ impl Worker {
             let wal = &self.ctx.metrics.wal;
             match self.wal.sync() {
                 Ok(Some(synced)) => {
-                    if std::mem::take(&mut self.fsync_failing) {
+                    if !synced.pending && std::mem::take(&mut self.fsync_failing) {
                         tracing::warn!("WAL group commits work again");
                     }
                     wal.syncs.fetch_add(1, Relaxed);
@@ -218,7 +231,10 @@ impl Worker {
                         h.saturating_record(took.as_micros() as u64);
                     }
                     let now = crate::core::clock::now_ms();
-                    if let Ok(mut h) = wal.receipt_to_durable_ms.lock() {
+                    // Fsync'd with its copy still due: not yet durable as promised.
+                    if !synced.pending
+                        && let Ok(mut h) = wal.receipt_to_durable_ms.lock()
+                    {
                         for column in self.unsynced_receipts.drain(..) {
                             if let Some(times) =
                                 column.as_any().downcast_ref::<TimestampMillisecondArray>()

@@ -172,6 +172,12 @@ impl Copies {
                 last_seq: last,
             });
         }
+        // A copy reported failed may have landed all the same, and the one
+        // made again holds its entries too: each entry once.
+        for log in recovered.shards.values_mut() {
+            log.entries.sort_by_key(|e| e.id.seq);
+            log.entries.dedup_by_key(|e| e.id.seq);
+        }
         Ok(recovered)
     }
 }
@@ -263,12 +269,19 @@ mod tests {
     struct Memory {
         objects: Mutex<BTreeMap<String, Vec<u8>>>,
         failing: AtomicBool,
+        /// Writes land, and are reported failed (an answer lost).
+        landing: AtomicBool,
     }
 
     impl CopyStore for Memory {
         fn put(&self, key: &str, bytes: Vec<u8>) -> std::io::Result<()> {
             if self.failing.load(Ordering::Relaxed) {
                 return Err(std::io::Error::other("store unreachable"));
+            }
+            if self.landing.load(Ordering::Relaxed) {
+                let mut objects = self.objects.lock().expect("store lock");
+                objects.insert(key.to_owned(), bytes);
+                return Err(std::io::Error::other("answer lost"));
             }
             self.objects
                 .lock()
@@ -412,6 +425,30 @@ mod tests {
         assert_eq!(seqs, [2, 3], "the failed entry is copied with the next");
     }
 
+    /// A copy reported failed that landed all the same, and the one made
+    /// again with the next entries: read back, each entry once.
+    #[test]
+    fn a_copy_that_landed_although_it_failed_is_read_once() {
+        let store = Arc::new(Memory::default());
+        let copies = Copies::new(store.clone(), "node-1");
+        let disk = tempfile::tempdir().expect("tempdir");
+        let mut wal =
+            ShardWal::open(&settings(disk.path(), &copies), 0, None, Arc::default()).expect("open");
+        store.landing.store(true, Ordering::Relaxed);
+        append(&mut wal, 1);
+        assert!(wal.sync().is_err());
+        store.landing.store(false, Ordering::Relaxed);
+        append(&mut wal, 2);
+        sync_until_copied(&mut wal);
+        assert_eq!(store.list("").expect("list").len(), 2);
+        let seqs: Vec<u64> = copies.read(false).expect("read").shards[&0]
+            .entries
+            .iter()
+            .map(|e| e.id.seq)
+            .collect();
+        assert_eq!(seqs, [0, 1]);
+    }
+
     /// Syncs until every entry is copied (a failed copy waits out its back-off).
     fn sync_until_copied(wal: &mut ShardWal) {
         for _ in 0..500 {
@@ -459,6 +496,24 @@ mod tests {
         assert!(!wal.has_unsynced());
         assert_eq!(store.list("").expect("list").len(), 1);
         assert_eq!(copies.read(false).expect("read").entry_count(), 2);
+    }
+
+    /// Without copies too, a node that may not act under its name
+    /// acknowledges nothing: its entries count as unsynced until it may.
+    #[test]
+    fn a_fenced_log_without_copies_acknowledges_nothing() {
+        let disk = tempfile::tempdir().expect("tempdir");
+        let fence = Arc::new(Switch::default());
+        let copies = Copies::new(Arc::new(Memory::default()), "node-1");
+        let mut settings = settings(disk.path(), &copies);
+        settings.copies = None;
+        settings.fence = Some(fence.clone());
+        let mut wal = ShardWal::open(&settings, 0, None, Arc::default()).expect("open");
+        append(&mut wal, 1);
+        wal.sync().expect("fsync");
+        assert!(wal.has_unsynced());
+        fence.0.store(true, Ordering::Relaxed);
+        assert!(!wal.has_unsynced());
     }
 
     /// A disk that survived and its copies hold the same entries: merged,

@@ -255,6 +255,9 @@ pub struct Synced {
     pub took: Duration,
     /// The copy to the store alone, when there is one.
     pub copy_took: Option<Duration>,
+    /// Entries are still not durable as promised (their copy is due): the
+    /// fsync happened, the acknowledgement waits.
+    pub pending: bool,
 }
 
 impl ShardWal {
@@ -341,9 +344,20 @@ impl ShardWal {
     }
 
     /// Whether appended entries are not yet durable as promised: not
-    /// fsync'd, or (in a cluster) not yet copied to the store.
+    /// fsync'd, or (in a cluster) not yet copied to the store, or the node
+    /// may not act under its name just now (then nothing is acknowledged,
+    /// copies or not).
     pub fn has_unsynced(&self) -> bool {
-        self.first_unsynced.is_some() || self.copy_pending()
+        self.first_unsynced.is_some() || self.copy_pending() || self.fenced()
+    }
+
+    /// Bytes of entries waiting for their copy to the store.
+    pub fn copy_backlog_bytes(&self) -> usize {
+        self.copies.as_ref().map_or(0, |c| c.frames.len())
+    }
+
+    fn fenced(&self) -> bool {
+        self.settings.fence.as_ref().is_some_and(|f| !f.holds())
     }
 
     fn copy_pending(&self) -> bool {
@@ -377,10 +391,15 @@ impl ShardWal {
         if !self.has_unsynced() {
             return Ok(None);
         }
+        if self.first_unsynced.is_none() && !self.copy_pending() {
+            // Fenced with nothing appended: nothing to do.
+            return Ok(None);
+        }
+        let fsyncing = self.first_unsynced.is_some();
         let start = Instant::now();
-        let fsynced = match self.first_unsynced {
-            Some(_) => self.active.sync_data(),
-            None => Ok(()),
+        let fsynced = match fsyncing {
+            true => self.active.sync_data(),
+            false => Ok(()),
         };
         let bytes = std::mem::take(&mut self.unsynced_bytes);
         self.first_unsynced = None;
@@ -392,10 +411,15 @@ impl ShardWal {
             return Err(io_err(&self.active_path)(e));
         }
         let copy_took = copied?;
+        if !fsyncing && copy_took.is_none() {
+            // A copy still due (back-off, or fenced): nothing happened.
+            return Ok(None);
+        }
         let synced = Synced {
             bytes,
             took: start.elapsed(),
             copy_took,
+            pending: self.has_unsynced(),
         };
         if self.active_len >= self.settings.segment_bytes {
             self.rotate()?;
@@ -413,7 +437,9 @@ impl ShardWal {
         let (Some(first), Some(last)) = (copies.first_seq, self.next_seq.checked_sub(1)) else {
             return Ok(None);
         };
-        let fenced = self.settings.fence.as_ref().is_some_and(|f| !f.holds());
+        let fence = self.settings.fence.as_ref();
+        let epoch = fence.map(|f| f.epoch());
+        let fenced = fence.is_some_and(|f| !f.holds());
         if fenced || copies.retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(None);
         }
@@ -426,6 +452,11 @@ impl ShardWal {
             copies.retry_at = Some(Instant::now() + copies.retry_delay);
             copies.retry_delay = (copies.retry_delay * 2).min(COPY_RETRY_MAX);
             return Err(e);
+        }
+        // A write that took so long that the node lost its name meanwhile
+        // (another may have acted for it) does not count: made again later.
+        if fence.is_some_and(|f| !f.holds() || Some(f.epoch()) != epoch) {
+            return Ok(None);
         }
         copies.retry_at = None;
         copies.retry_delay = COPY_RETRY_FIRST;
