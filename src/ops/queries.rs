@@ -62,9 +62,14 @@ impl QueryPool {
 
 impl Drop for QueryPool {
     fn drop(&mut self) {
-        // Queries still running are dropped, not awaited.
+        // Queries still running are dropped, not awaited to their end;
+        // outside a runtime (which may not block), until they are dropped,
+        // so that nothing they hold (the vault's file) outlives the server.
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+            match tokio::runtime::Handle::try_current() {
+                Ok(_) => runtime.shutdown_background(),
+                Err(_) => runtime.shutdown_timeout(std::time::Duration::from_secs(5)),
+            }
         }
     }
 }
