@@ -7,7 +7,7 @@
 //! histograms as Prometheus histograms (buckets add up across nodes, which
 //! quantiles do not).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
@@ -217,6 +217,9 @@ pub struct Metrics {
     /// In a cluster: 1 while this node can trust it holds the lease on its
     /// name, without which its writers do not commit.
     pub node_lease_held: AtomicU64,
+    /// In a cluster: true while the node may not act under its name
+    /// (`/health` answers 503).
+    pub fenced: AtomicBool,
 }
 
 /// A point-in-time copy of the counters.

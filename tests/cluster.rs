@@ -324,7 +324,12 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    fn start(listen: std::net::SocketAddr, nodes: &[std::net::SocketAddr]) -> Self {
+    /// HAProxy on `listen` in front of `nodes` (MQTT address, HTTP address
+    /// for the health check).
+    fn start(
+        listen: std::net::SocketAddr,
+        nodes: &[(std::net::SocketAddr, std::net::SocketAddr)],
+    ) -> Self {
         let shipped = include_str!("../deploy/haproxy.cfg");
         let mut config = String::new();
         for line in shipped.lines() {
@@ -338,8 +343,12 @@ impl Haproxy {
                 config.push('\n');
             }
         }
-        for (i, node) in nodes.iter().enumerate() {
-            config.push_str(&format!("    server node-{} {node}\n", i + 1));
+        for (i, (mqtt, http)) in nodes.iter().enumerate() {
+            config.push_str(&format!(
+                "    server node-{} {mqtt} check port {}\n",
+                i + 1,
+                http.port()
+            ));
         }
         assert_eq!(
             shipped
@@ -571,7 +580,7 @@ async fn vehicles_reach_one_node_through_haproxy_and_another_when_it_is_killed()
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         probe.local_addr().expect("addr")
     };
-    let _haproxy = Haproxy::start(listen, &[one.addr, two.addr]);
+    let _haproxy = Haproxy::start(listen, &[(one.addr, one.admin), (two.addr, two.admin)]);
     let fleet = vins(20);
     let round = |seq: u64| {
         let fleet = fleet.clone();
@@ -680,6 +689,12 @@ async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back
          expires_at = now() + interval '1 hour' WHERE name = 'node:node-1'",
     );
     wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(0));
+    let health = || http_request(one.admin, "GET", "/health", None, "").0;
+    assert_eq!(
+        health(),
+        503,
+        "a load balancer sends its vehicles elsewhere"
+    );
     let second: Vec<Message> = vins(10).iter().map(|v| diagnostics(v, 2, NOW)).collect();
     let addr = one.addr;
     let publishing = tokio::spawn(async move { publish_all(addr, &second).await });
@@ -702,6 +717,7 @@ async fn a_node_that_lost_the_lease_on_its_name_commits_nothing_until_it_is_back
 
     set_holder("DELETE FROM fleetgate_leases WHERE name = 'node:node-1'");
     wait_for(|| gauge(&one, "fleetgate_node_lease_held") == Some(1));
+    assert_eq!(health(), 200);
     publishing
         .await
         .expect("every PUBACK once the lease is back");

@@ -199,6 +199,7 @@ async fn serve(
         ));
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/health", get(health))
         .route("/grants", post(user_grant))
         .route("/grants/{id}", delete(user_revoke))
         .route("/sql", post(sql))
@@ -226,6 +227,25 @@ async fn serve(
 /// graceful shutdown does not wait for them.
 #[derive(Clone)]
 struct Stopping(futures::future::Shared<futures::future::BoxFuture<'static, ()>>);
+
+/// For a load balancer's health check: 200 while this node takes
+/// publishes and acknowledges them; 503 while, in a cluster, it may not act
+/// under its name (it would hold its vehicles' publishes unacknowledged), so
+/// that their next connections go to another node.
+async fn health(State(state): State<Arc<AdminState>>) -> Response {
+    match state
+        .metrics
+        .fenced
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        false => (StatusCode::OK, "ok\n").into_response(),
+        true => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fenced: this node lost the lease on its name\n",
+        )
+            .into_response(),
+    }
+}
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let mut text = String::new();

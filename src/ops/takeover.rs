@@ -142,6 +142,7 @@ impl NodeClaim {
                     });
                     if now != held {
                         held = now;
+                        metrics.fenced.store(!held, Ordering::Relaxed);
                         metrics.node_lease_held.store(u64::from(held), Ordering::Relaxed);
                         match held {
                             false => tracing::error!("this node lost the lease on its name: it acknowledges and commits nothing until it has it back, and another node may store its WAL copies"),
