@@ -233,7 +233,6 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     let access = Arc::new(AccessEnv::new(config, Some(privacy.clone()))?);
     let credentials = match &config.broker.credentials_file {
         Some(path) => {
-            let plane = ControlPlane::from_config(config)?;
             let store = Document::at(plane.as_ref(), CREDENTIALS, path.clone());
             Some(Arc::new(Credentials::new(
                 store,
@@ -280,7 +279,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
                 },
                 max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
                 every: Duration::from_secs(secs),
-                lease: maintenance_lease(config)?,
+                lease: maintenance_lease(config, plane.as_ref()),
                 takeover: match (&plane, &all_copies) {
                     (Some(plane), Some(copies)) => Some(Takeover::new(
                         config,
@@ -552,15 +551,15 @@ fn start_workers(
 }
 
 /// This node's claim on the maintenance lease, when it shares the tables
-/// through a control plane.
-fn maintenance_lease(config: &Config) -> Result<Option<(Lease, Duration)>> {
+/// through the control plane `plane`.
+fn maintenance_lease(
+    config: &Config,
+    plane: Option<&Arc<ControlPlane>>,
+) -> Option<(Lease, Duration)> {
     let cluster = &config.cluster;
-    let Some(plane) = ControlPlane::from_config(config)? else {
-        return Ok(None);
-    };
     let term = Duration::from_secs(cluster.lease_secs);
-    let lease = Lease::new(plane, lease::MAINTENANCE, &cluster.node_id, term);
-    Ok(Some((lease, term)))
+    let lease = Lease::new(plane?.clone(), lease::MAINTENANCE, &cluster.node_id, term);
+    Some((lease, term))
 }
 
 /// Where and how often the background sweep runs.
