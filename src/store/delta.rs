@@ -185,6 +185,21 @@ impl StoreRoot {
         }
     }
 
+    /// The bucket's URL (`s3://bucket`) and store, for a DataFusion
+    /// runtime that reads the tables' files; `None` on local disk, which
+    /// every runtime reads already.
+    pub fn object_store_url(&self) -> Result<Option<(Url, Arc<dyn ObjectStore>)>> {
+        match &self.location {
+            Location::Local(_) => Ok(None),
+            Location::ObjectStore { url, store } => {
+                let bucket = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+                let bucket =
+                    Url::parse(&bucket).map_err(|e| StoreError::Uri(format!("{bucket}: {e}")))?;
+                Ok(Some((bucket, Arc::clone(store))))
+            }
+        }
+    }
+
     /// The directory of a table on local disk; `None` on an object store.
     pub fn table_dir(&self, table: &str) -> Option<PathBuf> {
         match &self.location {

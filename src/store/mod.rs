@@ -10,11 +10,13 @@
 mod compact;
 mod counters;
 pub mod delta;
+mod files;
 mod wal_copies;
 mod writer;
 
 pub use compact::{Compaction, compact};
 pub use counters::TableListener;
+pub use files::TableFiles;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
