@@ -82,6 +82,7 @@ fn policy(c: &mut Criterion) {
         now_ms,
         memory_limit: 256 << 20,
         live: None,
+        distributed: false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -145,6 +145,9 @@ pub struct AccessConfig {
     /// An open live stream that handed rows over writes a `delivered` audit
     /// line for them at most this often, ms (and one when it ends).
     pub live_audit_interval_ms: u64,
+    /// The Ballista scheduler (`df://host:port`) that queries asking for
+    /// `engine = "ballista"` run on; none: such queries are refused.
+    pub ballista_scheduler: Option<String>,
 }
 
 impl Default for AccessConfig {
@@ -165,6 +168,7 @@ impl Default for AccessConfig {
             max_live_streams: 256,
             max_live_per_principal: 4,
             live_audit_interval_ms: 60_000,
+            ballista_scheduler: None,
         }
     }
 }

@@ -20,7 +20,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lifecycle::retention::{Retention, RetentionError};
 use crate::schema::{Registry, SchemaError};
-use crate::store::{StoreError, StoreRoot, delta};
+use crate::store::{StoreError, StoreRoot, TableFiles, delta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -127,6 +127,20 @@ pub(crate) async fn stored_table(
         return Ok(None);
     };
     Ok(Some(provider(&table, sessions).await?))
+}
+
+/// [`stored_table`] as the Parquet files its latest version names
+/// ([`TableFiles`]), for a plan another process runs; planned in `session`.
+pub(crate) async fn portable_table(
+    root: &StoreRoot,
+    name: &str,
+    session: &SessionContext,
+) -> Result<Option<Arc<dyn TableProvider>>> {
+    let Some(table) = delta::open(root, name).await? else {
+        return Ok(None);
+    };
+    let schema = provider(&table, &[session]).await?.schema();
+    Ok(Some(Arc::new(TableFiles::new(root, name, &table, schema)?)))
 }
 
 /// `table`, at the version it was loaded at, as a provider for the

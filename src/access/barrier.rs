@@ -80,6 +80,20 @@ impl PolicyView {
         }
     }
 
+    /// The view's plan and the columns it passes through, for a plan codec.
+    pub(crate) fn parts(&self) -> (&LogicalPlan, &HashSet<String>) {
+        (&self.plan, &self.passed_through)
+    }
+
+    /// The view [`PolicyView::parts`] described, decoded in another process.
+    pub(crate) fn from_parts(plan: LogicalPlan, passed_through: HashSet<String>) -> Self {
+        Self {
+            schema: Arc::new(plan.schema().as_arrow().clone()),
+            plan,
+            passed_through,
+        }
+    }
+
     /// The type of `column` if the view passes it through unchanged.
     fn passed_through_type(&self, column: &Column) -> Option<&DataType> {
         if !self.passed_through.contains(&column.name) {
@@ -245,13 +259,13 @@ fn flat(data_type: &DataType) -> bool {
 /// statistics) is left at its refusing default, and its properties claim no
 /// ordering, equivalence or partitioning of its input.
 #[derive(Debug)]
-struct BarrierExec {
+pub(crate) struct BarrierExec {
     input: Arc<dyn ExecutionPlan>,
     properties: Arc<PlanProperties>,
 }
 
 impl BarrierExec {
-    fn new(input: Arc<dyn ExecutionPlan>) -> Self {
+    pub(crate) fn new(input: Arc<dyn ExecutionPlan>) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(input.schema()),
             Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),

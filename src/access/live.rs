@@ -1061,7 +1061,14 @@ impl AccessEnv {
         };
         let memory_mb = self.settings.query_memory_mb;
         let session = self
-            .session_with(&principal, &stream.purpose, now_ms, memory_mb, Some(&live))
+            .session_with(
+                &principal,
+                &stream.purpose,
+                now_ms,
+                memory_mb,
+                Some(&live),
+                super::Engine::Local,
+            )
             .await?;
         let pool = Arc::clone(&session.ctx.runtime_env().memory_pool);
         let mut unseen = Vec::new();

@@ -19,6 +19,7 @@ pub mod account;
 pub mod audit;
 mod barrier;
 pub mod dictionary;
+pub mod distributed;
 pub mod export;
 pub(crate) mod limits;
 pub mod live;
@@ -95,6 +96,18 @@ pub enum AccessError {
 pub type Result<T, E = AccessError> = std::result::Result<T, E>;
 
 /// Everything a query or an access change needs.
+/// Where a principal's query runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// On this node's query threads.
+    #[default]
+    Local,
+    /// On the Ballista cluster `access.ballista_scheduler` names, over
+    /// the same views (see [`distributed`]).
+    Ballista,
+}
+
 pub struct AccessEnv {
     /// Where the tables live.
     pub store: crate::store::StoreRoot,
@@ -553,7 +566,7 @@ impl AccessEnv {
         now_ms: i64,
         memory_mb: u32,
     ) -> Result<PolicySession> {
-        self.session_with(principal, purpose, now_ms, memory_mb, None)
+        self.session_with(principal, purpose, now_ms, memory_mb, None, Engine::Local)
             .await
     }
 
@@ -566,6 +579,7 @@ impl AccessEnv {
         now_ms: i64,
         memory_mb: u32,
         live: Option<&live::LiveTables<'_>>,
+        engine: Engine,
     ) -> Result<PolicySession> {
         let purpose = self.purposes.check(purpose, principal.kind)?;
         let registry = self.registry()?;
@@ -586,6 +600,7 @@ impl AccessEnv {
             now_ms,
             memory_limit: memory_mb as usize * 1024 * 1024,
             live,
+            distributed: engine == Engine::Ballista,
         };
         policy::session(&inputs, principal, purpose).await
     }
@@ -598,11 +613,24 @@ impl AccessEnv {
         sql: &str,
         now_ms: i64,
     ) -> Result<Answer> {
+        self.query_on(Engine::Local, principal, purpose, sql, now_ms)
+            .await
+    }
+
+    /// [`Self::query`], run by `engine`.
+    pub async fn query_on(
+        &self,
+        engine: Engine,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        now_ms: i64,
+    ) -> Result<Answer> {
         let request_id = request_id();
         let mut tables = Vec::new();
         let outcome = match self.start(principal) {
             Ok(running) => self
-                .bounded(self.run(principal, purpose, sql, now_ms, &mut tables))
+                .bounded(self.run(engine, principal, purpose, sql, now_ms, &mut tables))
                 .await
                 .map(|(schema, batches, decision)| (schema, batches, decision, running)),
             Err(e) => Err(e),
@@ -720,15 +748,37 @@ impl AccessEnv {
 
     async fn run(
         &self,
+        engine: Engine,
         principal: &Principal,
         purpose: &str,
         sql: &str,
         now_ms: i64,
         tables: &mut Vec<String>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>, String)> {
-        let planned = self
-            .plan(principal, purpose, sql, Parameters::None, now_ms, tables)
+        let scheduler = match engine {
+            Engine::Local => None,
+            Engine::Ballista => {
+                Some(self.settings.ballista_scheduler.as_deref().ok_or_else(|| {
+                    AccessError::Invalid(
+                        "engine ballista: this node has no access.ballista_scheduler".into(),
+                    )
+                })?)
+            }
+        };
+        let mut planned = self
+            .plan_on(
+                engine,
+                principal,
+                purpose,
+                sql,
+                Parameters::None,
+                now_ms,
+                tables,
+            )
             .await?;
+        if let Some(scheduler) = scheduler {
+            planned.state = distributed::on_cluster(planned.state, scheduler)?;
+        }
         let pool = Arc::clone(&planned.state.runtime_env().memory_pool);
         let (schema, batches) = collect_bounded(
             DataFrame::new(planned.state, planned.plan),
@@ -752,9 +802,34 @@ impl AccessEnv {
         now_ms: i64,
         tables: &mut Vec<String>,
     ) -> Result<Planned> {
+        self.plan_on(
+            Engine::Local,
+            principal,
+            purpose,
+            sql,
+            parameters,
+            now_ms,
+            tables,
+        )
+        .await
+    }
+
+    /// [`Self::plan`], with the views planned for `engine`.
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_on(
+        &self,
+        engine: Engine,
+        principal: &Principal,
+        purpose: &str,
+        sql: &str,
+        parameters: Parameters,
+        now_ms: i64,
+        tables: &mut Vec<String>,
+    ) -> Result<Planned> {
         limits::check_text(sql, self.settings.max_statement_bytes)?;
+        let memory_mb = self.settings.query_memory_mb;
         let session = self
-            .session(principal, purpose, now_ms, self.settings.query_memory_mb)
+            .session_with(principal, purpose, now_ms, memory_mb, None, engine)
             .await?;
         let state = session.ctx.state();
         let statement = state.sql_to_statement(sql, &Dialect::Generic)?;

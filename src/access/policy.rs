@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, AsArray, StringBuilder};
 use arrow::datatypes::{DataType, Int32Type};
+use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -40,12 +41,12 @@ use crate::lifecycle::retention::Retention;
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
 use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
-use crate::query::{empty_table, stored_table};
+use crate::query::{empty_table, portable_table, stored_table};
 use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
 };
-use crate::store::delta::PARTITION_COLUMNS;
+use crate::store::delta::{self, PARTITION_COLUMNS};
 
 /// What a principal's view does to a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +103,10 @@ pub struct PolicyInputs<'a> {
     /// For a live stream: the versions it follows and the rows it has not
     /// seen, read instead of the stored tables.
     pub live: Option<&'a super::live::LiveTables<'a>>,
+    /// The views are planned for a Ballista cluster (see
+    /// [`super::distributed`]): over the tables' files, without the
+    /// query audit, and only for principals whose views are plain SQL.
+    pub distributed: bool,
 }
 
 /// A principal's session: the views it may query, and why the others are hidden.
@@ -165,6 +170,9 @@ pub async fn session(
     principal: &Principal,
     purpose: &Purpose,
 ) -> Result<PolicySession> {
+    if inputs.distributed {
+        distributable(principal, purpose)?;
+    }
     let ctx = principal_context(inputs.memory_limit)?;
     let files = SessionContext::new_with_config(SessionConfig::new());
     let root = inputs.store;
@@ -200,10 +208,15 @@ pub async fn session(
         };
         let stored = match inputs.live {
             Some(live) => live.table(name, &files, &ctx).await?,
+            None if inputs.distributed => portable_table(root, name, &files).await?,
             None => stored_table(root, name, &[&files, &ctx]).await?,
         };
         match stored {
             Some(stored) => files.register_table(name, stored)?,
+            None if inputs.distributed => files.register_table(
+                name,
+                Arc::new(EmptyTable::new(delta::table_schema(&arrow_schema))),
+            )?,
             None => files.register_table(name, empty_table(&arrow_schema)?)?,
         };
         install(&files, &ctx, name, &sql).await?;
@@ -212,6 +225,13 @@ pub async fn session(
     match planner.operator_only() {
         // A live step follows stored tables, never the audit log.
         _ if inputs.live.is_some() => {}
+        // The audit's files are on this node only.
+        View::Select { .. } if inputs.distributed => {
+            hidden_tables.insert(
+                audit::TABLE.to_owned(),
+                "the query audit is read on the node that keeps it, not on the cluster".into(),
+            );
+        }
         View::Hidden(reason) => {
             hidden_tables.insert(audit::TABLE.to_owned(), reason);
         }
@@ -231,6 +251,31 @@ pub async fn session(
         treatments,
         hidden: hidden_tables,
     })
+}
+
+/// Whether `principal`'s views for `purpose` can be planned on a cluster:
+/// the operator's and a licensee's are SQL over the tables; a user's and a
+/// third party's name VINs and pseudonyms of their own, and a revealing
+/// purpose's decrypt with keys that stay on this node.
+fn distributable(principal: &Principal, purpose: &Purpose) -> Result<()> {
+    if !matches!(
+        principal.kind,
+        PrincipalKind::Operator | PrincipalKind::Licensee
+    ) {
+        return Err(AccessError::Refused(format!(
+            "distributed queries are for the operator and licensees; a {}'s views name its \
+             vehicles and stay on this node: query without engine = ballista",
+            principal.kind.name()
+        )));
+    }
+    if !purpose.reveals.is_empty() {
+        return Err(AccessError::Refused(format!(
+            "purpose {} decrypts fields with keys that stay on this node: query it without \
+             engine = ballista",
+            purpose.name
+        )));
+    }
+    Ok(())
 }
 
 /// Functions no principal's session has: table functions make rows out of

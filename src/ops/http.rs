@@ -372,6 +372,10 @@ struct SqlRequest {
     purpose: String,
     #[serde(default)]
     format: ResultFormat,
+    /// `local` (the default) or `ballista`: the cluster
+    /// `access.ballista_scheduler` names.
+    #[serde(default)]
+    engine: crate::access::Engine,
 }
 
 /// How `POST /sql` answers.
@@ -416,11 +420,13 @@ async fn sql(
         sql,
         purpose,
         format,
+        engine,
     } = request;
     let access = Arc::clone(&state.access);
     let job = async move {
+        let now_ms = crate::core::clock::now_ms();
         access
-            .query(&principal, &purpose, &sql, crate::core::clock::now_ms())
+            .query_on(engine, &principal, &purpose, &sql, now_ms)
             .await
     };
     let answer = match run_query(&queries, job).await {
