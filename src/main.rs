@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetgate::access::AccessEnv;
 use fleetgate::access::export::ExportFormat;
 use fleetgate::access::registry::{self, PrincipalKind, Role};
+use fleetgate::access::{AccessEnv, Engine};
 use fleetgate::config::{Config, SinkKind};
 use fleetgate::lifecycle::events::{self, ConsentKind, EventRequest, VehicleEvent};
+use fleetgate::ops::ballista;
 use fleetgate::privacy::stage::PrivacyShared;
 use fleetgate::query::{self, OutputFormat};
 use tracing_subscriber::EnvFilter;
@@ -67,8 +68,23 @@ enum Command {
         /// The purpose of the query (schemas/purposes.toml).
         #[arg(long, default_value = "operations")]
         purpose: String,
+        /// Where it runs: here, or on the Ballista cluster whose scheduler
+        /// access.ballista_scheduler (or --scheduler) names.
+        #[arg(long, value_enum, default_value = "local")]
+        engine: EngineArg,
+        /// The Ballista scheduler, df://host:port (overrides access.ballista_scheduler).
+        #[arg(long)]
+        scheduler: Option<String>,
         /// The SQL statement, e.g. "SELECT count(*) FROM rtti".
         statement: String,
+    },
+    /// Run a Ballista scheduler or executor for distributed queries
+    /// (`engine = ballista`), until SIGINT or SIGTERM.
+    Ballista {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        role: BallistaRole,
     },
     /// Write all of a user's data (Data Act Art. 4) with a metadata file.
     Export {
@@ -110,6 +126,40 @@ enum Command {
         common: CommonArgs,
         #[command(subcommand)]
         action: AdminAction,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    Local,
+    Ballista,
+}
+
+#[derive(Subcommand)]
+enum BallistaRole {
+    /// Plans queries into stages and hands their tasks to executors.
+    Scheduler {
+        /// Where it listens (gRPC); port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: SocketAddr,
+    },
+    /// Runs tasks, reading the store the configuration names.
+    Executor {
+        /// The scheduler's address.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: SocketAddr,
+        /// Where it serves results and shuffle data (Arrow Flight).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: SocketAddr,
+        /// Its gRPC port, on the same address.
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Tasks it runs at once.
+        #[arg(long, default_value_t = 2)]
+        cores: usize,
+        /// Where its shuffle files go.
+        #[arg(long, default_value = "./ballista")]
+        work_dir: PathBuf,
     },
 }
 
@@ -258,13 +308,19 @@ impl CommonArgs {
     }
 }
 
+/// What is logged unless RUST_LOG says otherwise. Ballista's scheduler and
+/// executors log every plan they run, with its literals, at info.
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,buoyant_kernel=warn,deltalake_core=warn,\
+     ballista_scheduler=warn,ballista_executor=warn,ballista_core=warn";
+
 fn main() -> anyhow::Result<()> {
     fleetgate::core::fsio::restrict_new_files();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            EnvFilter::new("info,rumqttd=warn,buoyant_kernel=warn,deltalake_core=warn")
-        }))
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+        )
         .with_writer(|| fleetgate::privacy::log::Redacting(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -326,9 +382,18 @@ fn main() -> anyhow::Result<()> {
             format,
             principal,
             purpose,
+            engine,
+            scheduler,
             statement,
         } => {
-            let config = common.load()?;
+            let mut config = common.load()?;
+            if scheduler.is_some() {
+                config.access.ballista_scheduler = scheduler;
+            }
+            let engine = match engine {
+                EngineArg::Local => Engine::Local,
+                EngineArg::Ballista => Engine::Ballista,
+            };
             let env = AccessEnv::new(&config, None)?;
             let as_principal = env.principal(&principal)?;
             let needs_vault = as_principal.kind != PrincipalKind::Operator
@@ -343,7 +408,8 @@ fn main() -> anyhow::Result<()> {
             };
             let text = runtime.block_on(async {
                 let answer = env
-                    .query(
+                    .query_on(
+                        engine,
                         &as_principal,
                         &purpose,
                         &statement,
@@ -354,6 +420,42 @@ fn main() -> anyhow::Result<()> {
             })?;
             println!("{text}");
             Ok(())
+        }
+        Command::Ballista { common, role } => {
+            let config = common.load()?;
+            let signals = ShutdownSignals::listen(&runtime)?;
+            let run = async {
+                match role {
+                    BallistaRole::Scheduler { bind } => {
+                        ballista::run_scheduler(bind, |addr| {
+                            println!("ballista scheduler listening on df://{addr}")
+                        })
+                        .await
+                    }
+                    BallistaRole::Executor {
+                        scheduler,
+                        bind,
+                        grpc_port,
+                        cores,
+                        work_dir,
+                    } => {
+                        let settings = ballista::ExecutorSettings {
+                            scheduler,
+                            bind,
+                            grpc_port,
+                            cores,
+                            work_dir,
+                        };
+                        ballista::run_executor(&config, settings).await
+                    }
+                }
+            };
+            runtime.block_on(async {
+                tokio::select! {
+                    outcome = run => outcome.map_err(anyhow::Error::from),
+                    () = signals.recv() => Ok(()),
+                }
+            })
         }
         Command::Export {
             common,

@@ -4,6 +4,7 @@
 //! admin token.
 
 pub mod admin_token;
+pub mod ballista;
 pub mod flight;
 pub mod http;
 mod portal;
