@@ -553,3 +553,117 @@ async fn a_deletion_request_stays_active_until_rows_before_it_have_landed() {
         "retired once rows before it have had time to land"
     );
 }
+
+/// The number in the first column of the first row of `sql`'s answer.
+async fn count_at(data: &std::path::Path, sql: &str, now_ms: i64) -> i64 {
+    let batches = query_at(data, sql, now_ms).await;
+    batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("a count")
+        .value(0)
+}
+
+/// A vehicle re-sends a record that got no PUBACK (to the node it
+/// reconnects to, or the same one): it is stored twice, until compaction
+/// rewrites its closed hour sorted by vehicle, time and sequence number and
+/// keeps one row of each record. A record with the same `seq` at another
+/// time is another record; RTTI, which stores neither vehicle nor `seq`,
+/// is only binned. A partition a rewrite made is not rewritten again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    // An hour that closed two hours ago.
+    let t0 = (now - 3 * HOUR) / HOUR * HOUR;
+    let rounds = [
+        vec![diagnostics(B, 1, t0 + 500), diagnostics(A, 2, t0 + 1_000)],
+        vec![diagnostics(A, 1, t0), rtti_probe(A, t0)],
+        // The re-sent record, and what only looks like it.
+        vec![diagnostics(A, 1, t0), rtti_probe(A, t0)],
+        vec![diagnostics(A, 1, t0 + 2_000)],
+    ];
+    let mut sent = 0;
+    for round in rounds {
+        sent += round.len() as u64;
+        publish_all(server.handle.mqtt_addr(), &round).await;
+        wait_for(|| server.handle.metrics().totals().stored == sent);
+    }
+    let data = server.data_dir();
+    let (config, _dir) = server.stop();
+    let all = "SELECT count(*) FROM diagnostics";
+    assert_eq!(count_at(&data, all, now).await, 5, "stored as received");
+    let settings = fleetgate::store::Compaction {
+        target_bytes: config.storage.compact_target_bytes,
+        zstd_level: config.storage.zstd_level,
+    };
+    let root = store(&data);
+    let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction");
+    assert!(
+        replaced >= 4,
+        "the partitions' files were replaced: {replaced}"
+    );
+
+    assert_eq!(count_at(&data, all, now).await, 4, "one row per record");
+    let once = "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, ts, seq FROM diagnostics)";
+    assert_eq!(count_at(&data, once, now).await, 4);
+    let probes = "SELECT count(*) FROM rtti";
+    assert_eq!(
+        count_at(&data, probes, now).await,
+        2,
+        "RTTI is not deduplicated"
+    );
+
+    // The partition is one file, its rows in record order.
+    let table = fleetgate::store::delta::open(&root, "diagnostics")
+        .await
+        .expect("open")
+        .expect("a table");
+    let files: Vec<String> = table
+        .snapshot()
+        .expect("snapshot")
+        .log_data()
+        .iter()
+        .map(|f| f.path().to_string())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = std::fs::File::open(data.join("diagnostics").join(&files[0])).expect("file");
+    let rows: Vec<(String, i64, i64)> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
+            .expect("parquet")
+            .flat_map(|batch| record_keys(&batch.expect("batch")))
+            .collect();
+    assert_eq!(rows.len(), 4);
+    let mut sorted = rows.clone();
+    sorted.sort();
+    assert_eq!(rows, sorted, "sorted by vehicle, time and sequence number");
+    assert_eq!(
+        fleetgate::store::compact(&root, now, settings).expect("compaction"),
+        0,
+        "a rewritten partition is left alone"
+    );
+}
+
+/// `(vehicle_id, ts, seq)` of each row of `batch`.
+fn record_keys(batch: &arrow::array::RecordBatch) -> Vec<(String, i64, i64)> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, Int64Type};
+    let as_i64 = |name: &str| {
+        let column = batch.column_by_name(name).expect(name);
+        arrow::compute::cast(column, &DataType::Int64).expect("cast")
+    };
+    let (ts, seq) = (as_i64("ts"), as_i64("seq"));
+    let ids = batch.column_by_name("vehicle_id").expect("vehicle_id");
+    let ids = arrow::compute::cast(ids, &DataType::Utf8).expect("cast");
+    (0..batch.num_rows())
+        .map(|i| {
+            assert!(!ids.is_null(i));
+            (
+                ids.as_string::<i32>().value(i).to_owned(),
+                ts.as_primitive::<Int64Type>().value(i),
+                seq.as_primitive::<Int64Type>().value(i),
+            )
+        })
+        .collect()
+}

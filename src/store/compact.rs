@@ -1,17 +1,35 @@
 //! Compaction: once an hour partition is closed (its hour is over and the
 //! writers' roll age has passed), its small files, one per writer roll, are
-//! rewritten into few large ones by Delta's OPTIMIZE, in a commit that
-//! removes the small files from the table as it adds the large one. A
-//! reader sees either version, never both or neither; the removed files
-//! stay on disk for queries already reading them until VACUUM (see the
-//! retention sweep).
+//! rewritten into few large ones, in a commit that removes the small files
+//! from the table as it adds the large ones. A reader sees either version,
+//! never both or neither; the removed files stay on disk for queries
+//! already reading them until VACUUM (see the retention sweep).
+//!
+//! The vehicle streams that carry a per-vehicle sequence number
+//! (`vehicle_id` and `seq` columns: teleservice, diagnostics, charging) are
+//! rewritten sorted by vehicle, time and sequence number, and keep one row
+//! of each vehicle's `(ts, seq)`, the first received: a record a vehicle
+//! sent twice (it re-sends what got no PUBACK, to the node it reconnects
+//! to, which may be another) is stored once from then on. Each file such a
+//! rewrite adds is tagged, so a partition is rewritten again only when new
+//! files reach it. RTTI (no vehicle, no sequence number stored) and the dead
+//! letters are binned by Delta's OPTIMIZE, unsorted.
 
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
+use std::sync::Arc;
 
-use deltalake::{FilterValue, filter_literal};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, LogicalFileView};
+use deltalake::protocol::DeltaOperation;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, FilterValue, filter_literal};
+use futures::StreamExt;
 
 use super::delta::{self, StoreRoot};
-use super::{PartitionKey, Result, Table, writer_properties};
+use super::{PartitionKey, Result, StoreError, Table, TableFiles, writer_properties};
 
 /// How compaction writes.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +42,16 @@ pub struct Compaction {
 /// commit what they hold within their roll age, far less than this.
 const CLOSED_AFTER_MS: i64 = 5 * 60 * 1000;
 
+/// The tag on a file a sorting rewrite added (Delta `add.tags`).
+const REWRITTEN_TAG: &str = "fleetgate.sorted";
+
+/// The columns a record is known by, when a table has them all: one row is
+/// kept of those that agree on every one.
+const RECORD_KEY: [&str; 3] = ["vehicle_id", "ts", "seq"];
+
+/// Memory a sorting rewrite may hold before it spills to temporary files.
+const REWRITE_MEMORY_BYTES: usize = 256 << 20;
+
 /// Compacts the closed hour partitions of every table at `now_ms`; returns
 /// how many small files were replaced.
 pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u64> {
@@ -31,30 +59,18 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
     super::block_on(async {
         let mut replaced = 0;
         // The partition still open: its hour, or the one before within the margin.
-        let open = PartitionKey::from_millis(now_ms - CLOSED_AFTER_MS);
-        let (date, hour) = delta::partition_values(open);
-        let hour = hour.to_string();
-        let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
-        let target = NonZeroU64::new(settings.target_bytes).unwrap_or(NonZeroU64::MIN);
+        let open = delta::partition_values(PartitionKey::from_millis(now_ms - CLOSED_AFTER_MS));
         for table in Table::all() {
-            let Some(mut delta_table) = delta::open(root, table.name()).await? else {
+            let Some(delta_table) = delta::open(root, table.name()).await? else {
                 continue;
             };
-            let earlier_days = [filter_literal("date", "<", FilterValue::Scalar(&date))?];
-            let earlier_hours = [
-                filter_literal("date", "=", FilterValue::Scalar(&date))?,
-                filter_literal("hour", "<", FilterValue::Scalar(&hour))?,
-            ];
-            for filters in [&earlier_days[..], &earlier_hours[..]] {
-                let (after, metrics) = delta_table
-                    .optimize()
-                    .with_filters(filters)
-                    .with_target_size(target)
-                    .with_writer_properties(properties.clone())
-                    .await?;
-                delta_table = after;
-                replaced += metrics.num_files_removed;
-            }
+            let schema = delta_table.snapshot()?.snapshot().arrow_schema();
+            let keyed = RECORD_KEY.iter().all(|c| schema.field_with_name(c).is_ok());
+            replaced += if keyed {
+                rewrite_closed(root, table.name(), delta_table, &open, settings).await?
+            } else {
+                optimize_closed(delta_table, &open, settings).await?
+            };
             // The rewritten files and their commits, on local disk.
             if let Some(dir) = root.table_dir(table.name()) {
                 delta::sync_tree(&dir, started_ms - 2_000)?;
@@ -62,4 +78,152 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
         }
         Ok(replaced)
     })
+}
+
+/// Bins the small files of the partitions before `open` with OPTIMIZE.
+async fn optimize_closed(
+    mut delta_table: DeltaTable,
+    open: &(String, u8),
+    settings: Compaction,
+) -> Result<u64> {
+    let (date, hour) = (&open.0, open.1.to_string());
+    let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
+    let target = NonZeroU64::new(settings.target_bytes).unwrap_or(NonZeroU64::MIN);
+    let earlier_days = [filter_literal("date", "<", FilterValue::Scalar(date))?];
+    let earlier_hours = [
+        filter_literal("date", "=", FilterValue::Scalar(date))?,
+        filter_literal("hour", "<", FilterValue::Scalar(&hour))?,
+    ];
+    let mut replaced = 0;
+    for filters in [&earlier_days[..], &earlier_hours[..]] {
+        let (after, metrics) = delta_table
+            .optimize()
+            .with_filters(filters)
+            .with_target_size(target)
+            .with_writer_properties(properties.clone())
+            .await?;
+        delta_table = after;
+        replaced += metrics.num_files_removed;
+    }
+    Ok(replaced)
+}
+
+/// Rewrites, sorted and with one row per record, every partition before
+/// `open` that holds a file no rewrite made; one commit per partition.
+async fn rewrite_closed(
+    root: &StoreRoot,
+    name: &str,
+    delta_table: DeltaTable,
+    open: &(String, u8),
+    settings: Compaction,
+) -> Result<u64> {
+    let mut partitions: BTreeMap<(String, u8), Vec<LogicalFileView>> = BTreeMap::new();
+    for file in delta_table.snapshot()?.log_data().iter() {
+        let values = file.partition_values_map();
+        let date = values.get("date").cloned().flatten().unwrap_or_default();
+        let hour = values
+            .get("hour")
+            .cloned()
+            .flatten()
+            .and_then(|h| h.parse().ok())
+            .unwrap_or_default();
+        if (date.as_str(), hour) < (open.0.as_str(), open.1) {
+            partitions.entry((date, hour)).or_default().push(file);
+        }
+    }
+    let mut replaced = 0;
+    for ((date, hour), files) in partitions {
+        // Tags are read through the Add action: the file view has no
+        // accessor for them.
+        #[allow(deprecated)]
+        let rewritten = |f: &LogicalFileView| {
+            f.add_action()
+                .tags
+                .is_some_and(|tags| tags.contains_key(REWRITTEN_TAG))
+        };
+        if files.iter().all(rewritten) {
+            continue;
+        }
+        let removed = files.len() as u64;
+        let predicate = format!("date = '{date}' AND hour = {hour}");
+        rewrite_partition(root, name, &delta_table, files, predicate, settings).await?;
+        replaced += removed;
+    }
+    Ok(replaced)
+}
+
+/// Replaces `files` (one partition's) by their rows sorted by the record
+/// key, one row per record, in one commit that changes no data.
+async fn rewrite_partition(
+    root: &StoreRoot,
+    name: &str,
+    delta_table: &DeltaTable,
+    files: Vec<LogicalFileView>,
+    predicate: String,
+    settings: Compaction,
+) -> Result<()> {
+    let snapshot = delta_table.snapshot()?;
+    let schema = snapshot.snapshot().arrow_schema();
+    let removes: Vec<Action> = files
+        .iter()
+        .map(|f| Action::Remove(f.remove_action(false)))
+        .collect();
+    let part = TableFiles::with_files(root, name, Arc::clone(&schema), files.into_iter())?;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(REWRITE_MEMORY_BYTES, 1.0)
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+    ctx.register_table("part", Arc::new(part))?;
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| identifier(f.name()))
+        .collect();
+    let key = RECORD_KEY.map(identifier).join(", ");
+    let sql = format!(
+        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {key} \
+         ORDER BY received_at, wal_app, wal_entry) AS fleetgate_copy FROM part) \
+         WHERE fleetgate_copy = 1 ORDER BY {key}",
+        columns = columns.join(", ")
+    );
+    let mut rows = ctx.sql(&sql).await?.execute_stream().await?;
+    let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
+    let mut writer = RecordBatchWriter::for_table(delta_table)?.with_writer_properties(properties);
+    while let Some(batch) = rows.next().await {
+        writer.write(batch?).await?;
+    }
+    let tag: HashMap<String, Option<String>> =
+        HashMap::from([(REWRITTEN_TAG.to_owned(), Some("true".to_owned()))]);
+    let adds = writer.flush().await?;
+    let local_dir = delta_table.table_url().to_file_path().ok();
+    if let Some(dir) = &local_dir {
+        delta::sync_files(dir, &adds)?;
+    }
+    let mut actions: Vec<Action> = adds
+        .into_iter()
+        .map(|mut add| {
+            add.data_change = false;
+            add.tags = Some(tag.clone());
+            Action::Add(add)
+        })
+        .collect();
+    actions.extend(removes);
+    let operation = DeltaOperation::Optimize {
+        predicate: Some(predicate),
+        target_size: i64::try_from(settings.target_bytes).unwrap_or(i64::MAX),
+    };
+    let finalized = CommitBuilder::from(CommitProperties::default())
+        .with_actions(actions)
+        .build(Some(snapshot), delta_table.log_store(), operation)
+        .await
+        .map_err(StoreError::from)?;
+    if let Some(dir) = &local_dir {
+        delta::sync_log(dir, finalized.version())?;
+    }
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+fn identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -27,6 +27,7 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use deltalake::DeltaTable;
+use deltalake::kernel::LogicalFileView;
 use object_store::ObjectMeta;
 use object_store::path::Path as ObjectPath;
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,16 @@ impl TableFiles {
         table: &DeltaTable,
         schema: SchemaRef,
     ) -> StoreResult<Self> {
+        Self::with_files(root, name, schema, table.snapshot()?.log_data().iter())
+    }
+
+    /// [`TableFiles::new`] of only `files`, some of the table's.
+    pub fn with_files(
+        root: &StoreRoot,
+        name: &str,
+        schema: SchemaRef,
+        files: impl Iterator<Item = LogicalFileView>,
+    ) -> StoreResult<Self> {
         let partitioned = schema.fields().len() >= PARTITION_COLUMNS.len()
             && schema.fields()[schema.fields().len() - PARTITION_COLUMNS.len()..]
                 .iter()
@@ -89,10 +100,7 @@ impl TableFiles {
         };
         let base = ObjectPath::from_url_path(&base)
             .map_err(|e| StoreError::Uri(format!("table {name}: {e}")))?;
-        let snapshot = table.snapshot()?;
-        let files = snapshot
-            .log_data()
-            .iter()
+        let files = files
             .map(|file| {
                 let values = file.partition_values_map();
                 File {
