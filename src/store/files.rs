@@ -70,7 +70,20 @@ impl TableFiles {
         table: &DeltaTable,
         schema: SchemaRef,
     ) -> StoreResult<Self> {
-        Self::with_files(root, name, schema, table.snapshot()?.log_data().iter())
+        let snapshot = table.snapshot()?;
+        // Column mapping names a file's columns apart from the table's.
+        let mapped = snapshot.schema().fields().any(|f| {
+            f.metadata()
+                .keys()
+                .any(|k| k.starts_with("delta.columnMapping"))
+        });
+        if mapped {
+            return Err(not_plain(
+                name,
+                "its columns are mapped (delta.columnMapping)",
+            ));
+        }
+        Self::with_files(root, name, schema, snapshot.log_data().iter())
     }
 
     /// [`TableFiles::new`] of only `files`, some of the table's.
@@ -86,9 +99,10 @@ impl TableFiles {
                 .map(|f| f.name().as_str())
                 .eq(PARTITION_COLUMNS);
         if !partitioned {
-            return Err(StoreError::Uri(format!(
-                "table {name}: its columns do not end with {PARTITION_COLUMNS:?}"
-            )));
+            return Err(not_plain(
+                name,
+                &format!("its columns do not end with {PARTITION_COLUMNS:?}"),
+            ));
         }
         let url = root.table_url(name)?;
         let (store, base) = match url.scheme() {
@@ -102,21 +116,27 @@ impl TableFiles {
             .map_err(|e| StoreError::Uri(format!("table {name}: {e}")))?;
         let files = files
             .map(|file| {
+                // A deletion vector hides rows the file still holds.
+                if file.deletion_vector_descriptor().is_some() {
+                    return Err(not_plain(name, "a file has a deletion vector"));
+                }
+                let size = u64::try_from(file.size())
+                    .map_err(|_| not_plain(name, "the log gives a file a negative size"))?;
                 let values = file.partition_values_map();
-                File {
+                Ok(File {
                     path: base
                         .parts()
                         .chain(file.object_store_path().parts())
                         .collect::<ObjectPath>()
                         .to_string(),
-                    size: u64::try_from(file.size()).unwrap_or_default(),
+                    size,
                     partition: PARTITION_COLUMNS
                         .iter()
                         .map(|c| values.get(*c).cloned().flatten())
                         .collect(),
-                }
+                })
             })
-            .collect();
+            .collect::<StoreResult<_>>()?;
         Ok(Self {
             schema,
             listing: Listing { store, files },
@@ -130,8 +150,23 @@ impl TableFiles {
 
     /// The provider [`TableFiles::encode`] wrote, with the columns `schema`.
     pub fn decode(bytes: &[u8], schema: SchemaRef) -> Result<Self> {
-        let listing =
+        let listing: Listing =
             serde_json::from_slice(bytes).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let fields = schema.fields();
+        let partitioned = fields.len() >= PARTITION_COLUMNS.len()
+            && fields[fields.len() - PARTITION_COLUMNS.len()..]
+                .iter()
+                .map(|f| f.name().as_str())
+                .eq(PARTITION_COLUMNS);
+        let complete = listing
+            .files
+            .iter()
+            .all(|f| f.partition.len() == PARTITION_COLUMNS.len());
+        if !partitioned || !complete {
+            return Err(DataFusionError::Plan(
+                "a table's files arrived without their partition columns".into(),
+            ));
+        }
         Ok(Self { schema, listing })
     }
 
@@ -230,4 +265,8 @@ impl TableProvider for TableFiles {
         .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+fn not_plain(table: &str, reason: &str) -> StoreError {
+    StoreError::NotPlainFiles(format!("table {table}: {reason}"))
 }

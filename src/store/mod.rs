@@ -57,6 +57,8 @@ pub enum StoreError {
          until it does, since another node may be storing its WAL"
     )]
     Fenced,
+    #[error("{0}: it cannot be read as plain Parquet files")]
+    NotPlainFiles(String),
     #[error("reading the table to rewrite it: {0}")]
     Query(#[from] datafusion::error::DataFusionError),
     #[error("the store did not answer within {0:?}")]
