@@ -154,10 +154,17 @@ enum BallistaRole {
         /// Its gRPC port, on the same address.
         #[arg(long, default_value_t = 50052)]
         grpc_port: u16,
+        /// The host others reach it at (default: --bind's address).
+        #[arg(long)]
+        advertise: Option<String>,
         /// Tasks it runs at once.
         #[arg(long, default_value_t = 2)]
         cores: usize,
-        /// Where its shuffle files go.
+        /// Memory its tasks share before they spill to --work-dir, MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory_mb: u64,
+        /// Where its shuffle and spill files go (on a volume of its own: a
+        /// query can fill it).
         #[arg(long, default_value = "./ballista")]
         work_dir: PathBuf,
     },
@@ -423,39 +430,42 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Ballista { common, role } => {
             let config = common.load()?;
-            let signals = ShutdownSignals::listen(&runtime)?;
-            let run = async {
-                match role {
-                    BallistaRole::Scheduler { bind } => {
-                        ballista::run_scheduler(bind, |addr| {
-                            println!("ballista scheduler listening on df://{addr}")
-                        })
-                        .await
-                    }
-                    BallistaRole::Executor {
+            match role {
+                BallistaRole::Scheduler { bind } => {
+                    let signals = ShutdownSignals::listen(&runtime)?;
+                    let run = ballista::run_scheduler(bind, |addr| {
+                        println!("ballista scheduler listening on df://{addr}")
+                    });
+                    runtime.block_on(async {
+                        tokio::select! {
+                            outcome = run => outcome.map_err(anyhow::Error::from),
+                            () = signals.recv() => Ok(()),
+                        }
+                    })
+                }
+                // The executor stops on SIGINT or SIGTERM itself: it tells
+                // the scheduler and deletes its shuffle files first.
+                BallistaRole::Executor {
+                    scheduler,
+                    bind,
+                    grpc_port,
+                    advertise,
+                    cores,
+                    memory_mb,
+                    work_dir,
+                } => {
+                    let settings = ballista::ExecutorSettings {
                         scheduler,
                         bind,
                         grpc_port,
+                        advertise,
                         cores,
+                        memory_mb,
                         work_dir,
-                    } => {
-                        let settings = ballista::ExecutorSettings {
-                            scheduler,
-                            bind,
-                            grpc_port,
-                            cores,
-                            work_dir,
-                        };
-                        ballista::run_executor(&config, settings).await
-                    }
+                    };
+                    Ok(runtime.block_on(ballista::run_executor(&config, settings))?)
                 }
-            };
-            runtime.block_on(async {
-                tokio::select! {
-                    outcome = run => outcome.map_err(anyhow::Error::from),
-                    () = signals.recv() => Ok(()),
-                }
-            })
+            }
         }
         Command::Export {
             common,

@@ -3,6 +3,11 @@
 //! [`crate::access::distributed`]), so that principals' queries over the
 //! policy views run on a cluster, over the same tables.
 //!
+//! Ballista authenticates nothing: whoever reaches a scheduler's or an
+//! executor's port can run any plan, and an executor reads any file its
+//! process can. They listen on loopback by default; on several hosts, put
+//! them on a network only the nodes and executors reach.
+//!
 //! The scheduler plans each query (a principal's plan over its views, as
 //! a node sent it) into stages; the executors run their tasks, reading
 //! the tables' Parquet files from the store (`storage.uri`: a directory
@@ -36,13 +41,21 @@ pub enum BallistaError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}: {1}")]
     WorkDir(PathBuf, std::io::Error),
+    #[error("an executor bound to {0} needs --advertise: the host others reach it at")]
+    Unreachable(SocketAddr),
 }
 
 pub type Result<T, E = BallistaError> = std::result::Result<T, E>;
 
-/// Seconds an executor keeps a finished job's shuffle files: they hold
-/// rows of the tables (pseudonymised, as the views read them).
-const JOB_DATA_KEEP_SECS: u64 = 60;
+/// Seconds after a job finished that the scheduler has its executors
+/// delete its shuffle files: they hold rows of the tables (pseudonymised,
+/// as the views read them).
+const FINISHED_JOB_DATA_SECS: u64 = 60;
+/// Seconds an executor keeps a job directory nothing was written to, for
+/// jobs the scheduler never reported finished (it died, the executor was
+/// cut off). Longer than any query may run: a running job's earlier stages
+/// are read by its later ones.
+const ORPHANED_JOB_DATA_SECS: u64 = 3_600;
 
 /// Runs a scheduler on `bind` (port 0 picks a free port) until the process
 /// stops; `ready` is told the address it listens on.
@@ -59,7 +72,7 @@ pub async fn run_scheduler(bind: SocketAddr, ready: impl FnOnce(SocketAddr)) -> 
         bind_port: addr.port(),
         override_logical_codec: Some(Arc::new(PlanCodec::default())),
         override_physical_codec: Some(Arc::new(ExecCodec::default())),
-        finished_job_data_clean_up_interval_seconds: JOB_DATA_KEEP_SECS,
+        finished_job_data_clean_up_interval_seconds: FINISHED_JOB_DATA_SECS,
         ..SchedulerConfig::default()
     };
     let cluster = BallistaCluster::new_from_config(&config).await?;
@@ -75,13 +88,18 @@ pub async fn run_scheduler(bind: SocketAddr, ready: impl FnOnce(SocketAddr)) -> 
 pub struct ExecutorSettings {
     /// The scheduler's address.
     pub scheduler: SocketAddr,
-    /// The address others reach this executor at (its Arrow Flight port;
-    /// its gRPC port is `grpc_port`).
+    /// Where it listens: its Arrow Flight port (results, shuffle data);
+    /// its gRPC port is `grpc_port`, on the same address.
     pub bind: SocketAddr,
     pub grpc_port: u16,
+    /// The host the scheduler, the nodes and the other executors reach it
+    /// at; `bind`'s address if none (which must then be a specific one).
+    pub advertise: Option<String>,
     /// Tasks it runs at once.
     pub cores: usize,
-    /// Where its shuffle files go.
+    /// Memory its tasks share before they spill to `work_dir`, MiB.
+    pub memory_mb: u64,
+    /// Where its shuffle and spill files go.
     pub work_dir: PathBuf,
 }
 
@@ -90,11 +108,21 @@ pub struct ExecutorSettings {
 pub async fn run_executor(config: &Config, settings: ExecutorSettings) -> Result<()> {
     std::fs::create_dir_all(&settings.work_dir)
         .map_err(|e| BallistaError::WorkDir(settings.work_dir.clone(), e))?;
+    let advertise = match &settings.advertise {
+        Some(host) => host.clone(),
+        None if settings.bind.ip().is_unspecified() => {
+            return Err(BallistaError::Unreachable(settings.bind));
+        }
+        None => settings.bind.ip().to_string(),
+    };
     let root = StoreRoot::from_config(&config.storage)?;
     let store = root.object_store_url()?;
+    let spill_dir = settings.work_dir.clone();
     let runtime = Arc::new(
         move |_: &SessionConfig| -> datafusion::error::Result<Arc<RuntimeEnv>> {
-            let runtime = RuntimeEnvBuilder::new().build()?;
+            let runtime = RuntimeEnvBuilder::new()
+                .with_temp_file_path(&spill_dir)
+                .build()?;
             if let Some((url, store)) = &store {
                 runtime.register_object_store(url, Arc::clone(store));
             }
@@ -103,15 +131,16 @@ pub async fn run_executor(config: &Config, settings: ExecutorSettings) -> Result
     );
     let process = ExecutorProcessConfig {
         bind_host: settings.bind.ip().to_string(),
-        external_host: Some(settings.bind.ip().to_string()),
+        external_host: Some(advertise),
         port: settings.bind.port(),
         grpc_port: settings.grpc_port,
         scheduler_host: settings.scheduler.ip().to_string(),
         scheduler_port: settings.scheduler.port(),
         vcores: settings.cores,
         work_dir: Some(settings.work_dir.to_string_lossy().into_owned()),
-        job_data_ttl_seconds: JOB_DATA_KEEP_SECS,
-        job_data_clean_up_interval_seconds: JOB_DATA_KEEP_SECS,
+        job_data_ttl_seconds: ORPHANED_JOB_DATA_SECS,
+        job_data_clean_up_interval_seconds: FINISHED_JOB_DATA_SECS,
+        memory_pool_size: Some(settings.memory_mb << 20),
         executor_heartbeat_interval_seconds: 5,
         override_logical_codec: Some(Arc::new(PlanCodec::default())),
         override_physical_codec: Some(Arc::new(ExecCodec::default())),
