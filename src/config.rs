@@ -516,6 +516,17 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(scheduler) = &a.ballista_scheduler {
+            let url = url::Url::parse(scheduler).ok();
+            let usable = url.as_ref().is_some_and(|u| {
+                u.scheme() == "df" && u.host_str().is_some() && u.port().is_some()
+            });
+            if !usable {
+                return invalid(format!(
+                    "access.ballista_scheduler {scheduler:?} is not df://host:port"
+                ));
+            }
+        }
         let c = &self.cluster;
         if !c.node_id.is_empty()
             && (c.node_id.len() > 64
@@ -688,6 +699,20 @@ mod tests {
         let cfg = Config::from_toml("[storage]\nroll_rows = 5\n").expect("parses");
         assert_eq!(cfg.storage.roll_rows, 5);
         assert_eq!(cfg.broker, BrokerConfig::default());
+    }
+
+    #[test]
+    fn a_ballista_scheduler_is_a_df_url_with_host_and_port() {
+        let with = |scheduler: &str| {
+            let mut cfg = Config::default();
+            cfg.access.ballista_scheduler = Some(scheduler.to_owned());
+            cfg.validate()
+        };
+        assert!(with("df://10.0.0.9:50050").is_ok());
+        for wrong in ["http://10.0.0.9:50050", "df://10.0.0.9", "10.0.0.9:50050", "df://"] {
+            let error = with(wrong).expect_err(wrong).to_string();
+            assert!(error.contains("df://host:port"), "{wrong}: {error}");
+        }
     }
 
     #[test]

@@ -100,6 +100,14 @@ async fn ballista_answers_as_the_node_does_under_the_same_policy() {
         }
         messages.push(rtti_probe(vin, now - HOUR));
     }
+    // One car alone in a cell: a group the licensee never sees.
+    messages.push(record(
+        &vins[0],
+        fleetgate::schema::Stream::Rtti,
+        2,
+        now - HOUR,
+        serde_json::json!({"latitude": 55.6, "longitude": 13.0}),
+    ));
     let total = messages.len() as u64;
     publish_all(server.handle.mqtt_addr(), &messages).await;
     wait_for(|| server.handle.metrics().totals().stored == total);
@@ -147,6 +155,19 @@ async fn ballista_answers_as_the_node_does_under_the_same_policy() {
         ask(&licensee, "traffic_information", cells, "ballista"),
         local
     );
+    // An expression that fails on a hidden row runs on none, here as there.
+    let probe = |condition: &str| {
+        format!(
+            "SELECT count(*) AS n FROM rtti \
+             WHERE 1 / (CASE WHEN {condition} THEN 0 ELSE 1 END) = 1"
+        )
+    };
+    let hidden = probe("latitude_cell < 58");
+    let hidden = ask(&licensee, "traffic_information", &hidden, "ballista");
+    let no_row = probe("latitude_cell > 90");
+    let no_row = ask(&licensee, "traffic_information", &no_row, "ballista");
+    assert_eq!(hidden, (200, r#"[{"n":1}]"#.to_owned()));
+    assert_eq!(no_row, hidden);
     for sql in [
         "SELECT vehicle_id FROM charging",
         "SELECT latitude FROM rtti",

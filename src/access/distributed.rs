@@ -191,7 +191,9 @@ impl PhysicalExtensionCodec for ExecCodec {
 
 /// `state` (a principal's session, views planned over [`TableFiles`]) with
 /// its plans sent to the Ballista scheduler at `scheduler` (`df://host:port`)
-/// instead of run here.
+/// instead of run here. Only for a plan already made: Ballista's state has
+/// every built-in function again, including those a principal's session
+/// leaves out.
 pub fn on_cluster(state: SessionState, scheduler: &str) -> Result<SessionState> {
     let config = state
         .config()

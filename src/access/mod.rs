@@ -95,7 +95,6 @@ pub enum AccessError {
 
 pub type Result<T, E = AccessError> = std::result::Result<T, E>;
 
-/// Everything a query or an access change needs.
 /// Where a principal's query runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,6 +107,7 @@ pub enum Engine {
     Ballista,
 }
 
+/// Everything a query or an access change needs.
 pub struct AccessEnv {
     /// Where the tables live.
     pub store: crate::store::StoreRoot,
@@ -776,7 +776,13 @@ impl AccessEnv {
                 tables,
             )
             .await?;
-        if let Some(scheduler) = scheduler {
+        // A plan the optimizer found empty is answered here: Ballista's
+        // planner would answer it without its columns.
+        let empty = matches!(
+            planned.state.optimize(&planned.plan)?,
+            LogicalPlan::EmptyRelation(_)
+        );
+        if let Some(scheduler) = scheduler.filter(|_| !empty) {
             planned.state = distributed::on_cluster(planned.state, scheduler)?;
         }
         let pool = Arc::clone(&planned.state.runtime_env().memory_pool);
