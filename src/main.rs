@@ -81,8 +81,6 @@ enum Command {
     /// Run a Ballista scheduler or executor for distributed queries
     /// (`engine = ballista`), until SIGINT or SIGTERM.
     Ballista {
-        #[command(flatten)]
-        common: CommonArgs,
         #[command(subcommand)]
         role: BallistaRole,
     },
@@ -145,28 +143,10 @@ enum BallistaRole {
     },
     /// Runs tasks, reading the store the configuration names.
     Executor {
-        /// The scheduler's address.
-        #[arg(long, default_value = "127.0.0.1:50050")]
-        scheduler: SocketAddr,
-        /// Where it serves results and shuffle data (Arrow Flight).
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        bind: SocketAddr,
-        /// Its gRPC port, on the same address.
-        #[arg(long, default_value_t = 50052)]
-        grpc_port: u16,
-        /// The host others reach it at (default: --bind's address).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Tasks it runs at once.
-        #[arg(long, default_value_t = 2)]
-        cores: usize,
-        /// Memory its tasks share before they spill to --work-dir, MiB.
-        #[arg(long, default_value_t = 1024)]
-        memory_mb: u64,
-        /// Where its shuffle and spill files go (on a volume of its own: a
-        /// query can fill it).
-        #[arg(long, default_value = "./ballista")]
-        work_dir: PathBuf,
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        settings: ballista::ExecutorSettings,
     },
 }
 
@@ -428,8 +408,7 @@ fn main() -> anyhow::Result<()> {
             println!("{text}");
             Ok(())
         }
-        Command::Ballista { common, role } => {
-            let config = common.load()?;
+        Command::Ballista { role } => {
             match role {
                 BallistaRole::Scheduler { bind } => {
                     let signals = ShutdownSignals::listen(&runtime)?;
@@ -445,24 +424,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 // The executor stops on SIGINT or SIGTERM itself: it tells
                 // the scheduler and deletes its shuffle files first.
-                BallistaRole::Executor {
-                    scheduler,
-                    bind,
-                    grpc_port,
-                    advertise,
-                    cores,
-                    memory_mb,
-                    work_dir,
-                } => {
-                    let settings = ballista::ExecutorSettings {
-                        scheduler,
-                        bind,
-                        grpc_port,
-                        advertise,
-                        cores,
-                        memory_mb,
-                        work_dir,
-                    };
+                BallistaRole::Executor { common, settings } => {
+                    let config = common.load()?;
                     Ok(runtime.block_on(ballista::run_executor(&config, settings))?)
                 }
             }

@@ -83,23 +83,31 @@ pub async fn run_scheduler(bind: SocketAddr, ready: impl FnOnce(SocketAddr)) -> 
     Ok(())
 }
 
-/// Where an executor listens and whom it serves.
-#[derive(Debug, Clone)]
+/// Where an executor listens and whom it serves (`fleetgate ballista executor`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ExecutorSettings {
     /// The scheduler's address.
+    #[arg(long, default_value = "127.0.0.1:50050")]
     pub scheduler: SocketAddr,
     /// Where it listens: its Arrow Flight port (results, shuffle data);
-    /// its gRPC port is `grpc_port`, on the same address.
+    /// its gRPC port is --grpc-port, on the same address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     pub bind: SocketAddr,
+    #[arg(long, default_value_t = 50052)]
     pub grpc_port: u16,
     /// The host the scheduler, the nodes and the other executors reach it
-    /// at; `bind`'s address if none (which must then be a specific one).
+    /// at (default: --bind's address, which must then be a specific one).
+    #[arg(long)]
     pub advertise: Option<String>,
     /// Tasks it runs at once.
+    #[arg(long, default_value_t = 2)]
     pub cores: usize,
-    /// Memory its tasks share before they spill to `work_dir`, MiB.
+    /// Memory its tasks share before they spill to --work-dir, MiB.
+    #[arg(long, default_value_t = 1024)]
     pub memory_mb: u64,
-    /// Where its shuffle and spill files go.
+    /// Where its shuffle and spill files go (on a volume of its own: a
+    /// query can fill it).
+    #[arg(long, default_value = "./ballista")]
     pub work_dir: PathBuf,
 }
 
