@@ -813,3 +813,138 @@ async fn a_node_whose_name_another_run_took_stops() {
     };
     assert_eq!(status.code(), Some(75));
 }
+
+/// Three nodes behind HAProxy and thirty vehicles publishing at once, each
+/// on its own connection and re-sending what got no PUBACK, as vehicles do.
+/// In the middle of it the node holding the maintenance lease is SIGKILLed:
+/// its vehicles go on through the other two, the lease moves to one of
+/// them, and the node, restarted on its disk, stores what it acknowledged.
+/// The same query through every node gives the same answer; once compaction
+/// closes the hour, every acknowledged record is in the table exactly once
+/// (a record the dead node had made durable and its vehicle re-sent to
+/// another node is stored twice until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_lose_the_maintenance_holder_mid_run_and_keep_every_record_once() {
+    const RECORDS: u64 = 10;
+    let cluster = Cluster::start();
+    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let start = |i: usize| {
+        node_process(
+            postgres,
+            tables,
+            root_key,
+            &format!("node-{}", i + 1),
+            dirs[i].path(),
+        )
+    };
+    let mut nodes: Vec<Option<ServeProcess>> = (0..3).map(|i| Some(start(i))).collect();
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        probe.local_addr().expect("addr")
+    };
+    let backends: Vec<_> = nodes.iter().flatten().map(|n| (n.addr, n.admin)).collect();
+    let _haproxy = Haproxy::start(listen, &backends);
+    let holder = |nodes: &[Option<ServeProcess>]| {
+        nodes
+            .iter()
+            .position(|n| n.as_ref().is_some_and(holds_maintenance))
+    };
+    wait_for(|| holder(&nodes).is_some());
+    let killed = holder(&nodes).expect("a holder");
+
+    let fleet = vins(30);
+    let sending: Vec<_> = fleet
+        .iter()
+        .map(|vin| {
+            let vin = vin.clone();
+            tokio::spawn(async move {
+                for seq in 1..=RECORDS {
+                    let record = diagnostics(&vin, seq, NOW + seq as i64 * 1_000);
+                    vehicle_publishes(listen, &vin, &record).await;
+                }
+            })
+        })
+        .collect();
+    let stored = |nodes: &[Option<ServeProcess>]| -> u64 {
+        nodes
+            .iter()
+            .flatten()
+            .map(|n| n.rows_stored("diagnostics"))
+            .sum()
+    };
+    wait_for(|| stored(&nodes) >= 100);
+    nodes[killed].take().expect("the holder").kill();
+    for vehicle in sending {
+        vehicle
+            .await
+            .expect("every record of the vehicle acknowledged");
+    }
+    wait_for(|| holder(&nodes).is_some_and(|i| i != killed));
+
+    nodes[killed] = Some(start(killed));
+    let records = "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, seq FROM diagnostics)";
+    let total = (fleet.len() as u64 * RECORDS) as i64;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while diagnostics_stored(tables).await == 0 || count(tables, records).await < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every record stored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every node answers the operator alike (the registry is shared).
+    let admin_token = |i: usize| {
+        std::fs::read_to_string(dirs[i].path().join("keys/admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_owned()
+    };
+    let first = nodes[0].as_ref().expect("node 1");
+    let (status, body) = http_request(
+        first.admin,
+        "POST",
+        "/admin/principals",
+        Some(&admin_token(0)),
+        r#"{"id":"ops","kind":"operator"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let operator = answer["token"].as_str().expect("token").to_owned();
+    let sql = serde_json::json!({
+        "sql": "SELECT vehicle_id, count(DISTINCT seq) AS records, max(seq) AS last \
+                FROM diagnostics GROUP BY vehicle_id ORDER BY vehicle_id",
+        "purpose": "operations",
+    })
+    .to_string();
+    let answers: Vec<(u16, String)> = nodes
+        .iter()
+        .flatten()
+        .map(|n| http_request(n.admin, "POST", "/sql", Some(&operator), &sql))
+        .collect();
+    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&answers[0].1).expect("rows");
+    assert_eq!(rows.len(), fleet.len());
+    assert!(
+        rows.iter()
+            .all(|r| r["records"] == RECORDS && r["last"] == RECORDS)
+    );
+
+    for node in nodes.into_iter().flatten() {
+        node.terminate();
+    }
+    let settings = fleetgate::store::Compaction {
+        target_bytes: 128 << 20,
+        zstd_level: 3,
+    };
+    let root = fleetgate::store::StoreRoot::local(tables).expect("store");
+    let closed = fleetgate::core::clock::now_ms() + 2 * 3_600_000;
+    fleetgate::store::compact(&root, closed, settings).expect("compaction");
+    assert_eq!(
+        count(tables, "SELECT count(*) FROM diagnostics").await,
+        total,
+        "every acknowledged record once"
+    );
+}
