@@ -709,7 +709,12 @@ mod tests {
             cfg.validate()
         };
         assert!(with("df://10.0.0.9:50050").is_ok());
-        for wrong in ["http://10.0.0.9:50050", "df://10.0.0.9", "10.0.0.9:50050", "df://"] {
+        for wrong in [
+            "http://10.0.0.9:50050",
+            "df://10.0.0.9",
+            "10.0.0.9:50050",
+            "df://",
+        ] {
             let error = with(wrong).expect_err(wrong).to_string();
             assert!(error.contains("df://host:port"), "{wrong}: {error}");
         }
