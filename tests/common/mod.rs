@@ -865,3 +865,67 @@ impl Drop for Postgres {
             .output();
     }
 }
+
+/// The bucket [`S3Server`] creates.
+pub const BUCKET: &str = "fleetgate-test";
+
+/// A moto S3 server on 127.0.0.1 with one bucket; killed when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("moto_server must be installed (pip install 'moto[server]'; see .ci/run)");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("moto_server printed its address")
+                .expect("line");
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                break digits.parse::<u16>().expect("port");
+            }
+        };
+        // Keep reading its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let (status, body) = http_request(addr, "PUT", &format!("/{BUCKET}"), None, "");
+        assert_eq!(status, 200, "create bucket: {body}");
+        Self { child, addr }
+    }
+
+    /// Stops answering (SIGSTOP): connections hang until clients time out.
+    pub fn pause(&self) {
+        signal(&self.child, "STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(&self.child, "CONT");
+    }
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
