@@ -49,6 +49,40 @@ fn valid_examples(stream: Stream) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Compaction rewrites a closed hour in the bucket: the record a vehicle
+/// sent twice is stored once, and nothing else is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_rewrites_an_hour_in_the_bucket() {
+    let s3 = S3Server::start();
+    let server = TestServer::start_with(|c| on_s3(c, &s3));
+    let now = fleetgate::core::clock::now_ms();
+    let hour_ago = now - 3 * 3_600_000;
+    let mut sent = 0;
+    for round in [
+        vec![diagnostics(A, 1, hour_ago), diagnostics(B, 1, hour_ago)],
+        vec![
+            diagnostics(A, 1, hour_ago),
+            diagnostics(A, 2, hour_ago + 1_000),
+        ],
+    ] {
+        sent += round.len() as u64;
+        publish_all(server.handle.mqtt_addr(), &round).await;
+        wait_for(|| server.handle.metrics().totals().stored == sent);
+    }
+    let config = server.config.clone();
+    server.handle.shutdown().expect("shutdown");
+    assert_eq!(count(&config, "diagnostics", now).await, 4);
+
+    let root = StoreRoot::from_config(&config.storage).expect("root");
+    let settings = fleetgate::store::Compaction {
+        target_bytes: config.storage.compact_target_bytes,
+        zstd_level: config.storage.zstd_level,
+    };
+    let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction on S3");
+    assert!(replaced >= 2, "{replaced}");
+    assert_eq!(count(&config, "diagnostics", now).await, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_live_in_the_bucket_and_retention_deletes_there() {
     let s3 = S3Server::start();

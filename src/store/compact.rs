@@ -173,6 +173,9 @@ async fn rewrite_partition(
         .with_memory_limit(REWRITE_MEMORY_BYTES, 1.0)
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+    if let Some((bucket, store)) = root.object_store_url()? {
+        ctx.register_object_store(&bucket, store);
+    }
     ctx.register_table("part", Arc::new(part))?;
     let columns: Vec<String> = schema
         .fields()
