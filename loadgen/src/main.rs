@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fleetgate::store::StoreRoot;
 use loadgen::fleet::{self, Mix};
 use loadgen::report::{self, Report};
 use loadgen::run::{self, Progress, RunConfig, Stop};
-use loadgen::verify::{self, Manifest, StoreLocation, Verdict};
+use loadgen::verify::{self, Manifest, StoreLocation, VaultLocation, Verdict};
 use rumqttc::QoS;
 
 #[derive(Parser)]
@@ -145,6 +146,11 @@ struct RunArgs {
 /// Where the server keeps its data and keys (as in its config).
 #[derive(clap::Args)]
 struct StoreArgs {
+    /// A node's configuration file (its tables, key file, and vault or
+    /// control plane); relative paths in it are read from the current
+    /// directory, as the node reads them. Overrides the three below.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
     #[arg(long, default_value = "./keys/root.key")]
@@ -154,12 +160,24 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn location(&self) -> StoreLocation {
-        StoreLocation {
-            data_dir: self.data_dir.clone(),
-            key_file: self.key_file.clone(),
-            vault_file: self.vault_file.clone(),
-        }
+    fn location(&self) -> anyhow::Result<StoreLocation> {
+        let Some(path) = &self.config else {
+            return Ok(StoreLocation {
+                store: StoreRoot::local(&self.data_dir)?,
+                key_file: self.key_file.clone(),
+                vault: VaultLocation::File(self.vault_file.clone()),
+            });
+        };
+        let config = fleetgate::config::Config::from_file(path)?;
+        let vault = match config.cluster.control_plane.as_str() {
+            "" => VaultLocation::File(config.storage.vault_file.clone()),
+            url => VaultLocation::ControlPlane(url.to_owned()),
+        };
+        Ok(StoreLocation {
+            store: StoreRoot::from_config(&config.storage)?,
+            key_file: config.storage.key_file.clone(),
+            vault,
+        })
     }
 }
 
@@ -185,7 +203,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run_command(args),
         Command::Verify { manifest, store } => {
             let manifest = verify::load_manifest(&manifest)?;
-            let verdict = runtime(1)?.block_on(verify::verify(&manifest, &store.location()))?;
+            let verdict = runtime(1)?.block_on(verify::verify(&manifest, &store.location()?))?;
             println!("{}", serde_json::to_string_pretty(&verdict)?);
             anyhow::ensure!(
                 verdict.ok,
@@ -326,7 +344,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     if args.verify {
         let verdict = rt.block_on(verify_when_stopped(
             &manifest,
-            &args.store.location(),
+            &args.store.location()?,
             args.verify_wait,
         ))?;
         report.verify = Some(verdict);

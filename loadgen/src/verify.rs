@@ -3,9 +3,11 @@
 //! Reads the store through fleetgate's own SQL layer. Stored rows name a
 //! vehicle only by its pseudonym, so the check rebuilds each simulated
 //! vehicle's pseudonym from the key file and the vault, for every key epoch
-//! the rows carry, exactly as fleetgate derives it. The vault is an
-//! exclusively locked redb file: verification runs once the server has
-//! stopped (a clean stop stores everything it received).
+//! the rows carry, exactly as fleetgate derives it. On one node the vault
+//! is an exclusively locked redb file: verification runs once the server
+//! has stopped (a clean stop stores everything it received). In a cluster
+//! it is the control plane's, and the tables may be on S3: a node's
+//! configuration file names both.
 //!
 //! Streams that keep a pseudonymous vehicle id and the sequence number are
 //! checked record by record: missing, duplicated, and stored although never
@@ -15,13 +17,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int32Type, Int64Type};
+use fleetgate::control::ControlPlane;
 use fleetgate::lifecycle::retention::Retention;
 use fleetgate::privacy::pseudo::{self, KeyRing};
 use fleetgate::privacy::vault::Vault;
 use fleetgate::schema::{INTERNAL_DOMAIN, Registry, Stream, StreamSchema, Transform};
+use fleetgate::store::StoreRoot;
 use serde::{Deserialize, Serialize};
 
 use crate::acks::Acks;
@@ -44,6 +49,10 @@ pub enum VerifyError {
     Query(#[from] fleetgate::query::QueryError),
     #[error(transparent)]
     Retention(#[from] fleetgate::lifecycle::retention::RetentionError),
+    #[error(transparent)]
+    ControlPlane(#[from] fleetgate::control::ControlError),
+    #[error(transparent)]
+    Store(#[from] fleetgate::store::StoreError),
     #[error("unexpected column type in {stream}.{column}")]
     Column {
         stream: &'static str,
@@ -65,9 +74,18 @@ pub struct Manifest {
 /// Where the store and its keys are.
 #[derive(Debug, Clone)]
 pub struct StoreLocation {
-    pub data_dir: PathBuf,
+    pub store: StoreRoot,
     pub key_file: PathBuf,
-    pub vault_file: PathBuf,
+    pub vault: VaultLocation,
+}
+
+/// Where the vehicles' secrets are.
+#[derive(Debug, Clone)]
+pub enum VaultLocation {
+    /// One node's redb file.
+    File(PathBuf),
+    /// A cluster's control plane (a PostgreSQL connection string).
+    ControlPlane(String),
 }
 
 /// The verdict for one stream.
@@ -97,16 +115,22 @@ pub struct Verdict {
 
 /// Checks the store against the manifest.
 pub async fn verify(manifest: &Manifest, store: &StoreLocation) -> Result<Verdict, VerifyError> {
-    for file in [&store.key_file, &store.vault_file] {
-        if !file.is_file() {
-            return Err(VerifyError::NoKeyStore(file.clone()));
-        }
+    if !store.key_file.is_file() {
+        return Err(VerifyError::NoKeyStore(store.key_file.clone()));
     }
     let keys = KeyRing::load_or_create(&store.key_file)?;
-    let vault = Vault::open(&store.vault_file, &keys)?;
+    let vault = match &store.vault {
+        VaultLocation::File(file) if !file.is_file() => {
+            return Err(VerifyError::NoKeyStore(file.clone()));
+        }
+        VaultLocation::File(file) => Vault::open(file, &keys)?,
+        VaultLocation::ControlPlane(url) => {
+            Vault::shared(Arc::new(ControlPlane::connect(url)?), &keys)?
+        }
+    };
     let registry = Registry::load()?;
-    let ctx = fleetgate::query::session_at(
-        &store.data_dir,
+    let ctx = fleetgate::query::session_on(
+        &store.store,
         &registry,
         &Retention::load(None, &registry)?,
         fleetgate::core::clock::now_ms(),

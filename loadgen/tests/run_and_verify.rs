@@ -64,9 +64,9 @@ fn manifest(config: &RunConfig, outcome: &Outcome) -> Manifest {
 
 fn check(manifest: &Manifest, config: &Config) -> verify::Verdict {
     let store = StoreLocation {
-        data_dir: config.storage.data_dir.clone(),
+        store: fleetgate::store::StoreRoot::local(&config.storage.data_dir).expect("store"),
         key_file: config.storage.key_file.clone(),
-        vault_file: config.storage.vault_file.clone(),
+        vault: verify::VaultLocation::File(config.storage.vault_file.clone()),
     };
     tokio::runtime::Runtime::new()
         .expect("runtime")
