@@ -449,11 +449,7 @@ fn node_config(
     dir: &Path,
     roll_age_ms: u64,
 ) -> String {
-    let key = dir.join("keys/root.key");
-    if !key.exists() {
-        fleetgate::core::fsio::create_dir_all(&dir.join("keys")).expect("keys dir");
-        std::fs::copy(root_key, &key).expect("the cluster's root key");
-    }
+    copy_root_key(root_key, dir);
     format!(
         "[storage]\nuri = \"file://{}\"\nroll_age_ms = {roll_age_ms}\n\
          [pipeline]\nworkers = 2\n\
@@ -461,6 +457,50 @@ fn node_config(
         tables.display(),
         postgres.url()
     )
+}
+
+/// The cluster's root key into node `dir`, on its first start.
+fn copy_root_key(root_key: &Path, dir: &Path) {
+    let key = dir.join("keys/root.key");
+    if !key.exists() {
+        fleetgate::core::fsio::create_dir_all(&dir.join("keys")).expect("keys dir");
+        std::fs::copy(root_key, &key).expect("the cluster's root key");
+    }
+}
+
+/// The configuration of node `id` with the tables in `s3`'s bucket.
+fn s3_node_config(
+    postgres: &Postgres,
+    s3: &S3Server,
+    root_key: &Path,
+    id: &str,
+    dir: &Path,
+) -> String {
+    copy_root_key(root_key, dir);
+    format!(
+        "[storage]\nuri = \"s3://{BUCKET}/fleet\"\nroll_age_ms = 200\n\
+         [storage.s3]\nendpoint = \"http://{}\"\nallow_http = true\n\
+         access_key_id = \"test\"\nsecret_access_key = \"test\"\n\
+         request_timeout_ms = 5000\nmax_retries = 3\n\
+         [pipeline]\nworkers = 2\n\
+         [cluster]\nnode_id = \"{id}\"\ncontrol_plane = \"{}\"\nlease_secs = 3\n",
+        s3.addr,
+        postgres.url()
+    )
+}
+
+/// The number in the first row of `sql`'s answer over the tables of `root`.
+async fn count_on(root: &fleetgate::store::StoreRoot, sql: &str) -> i64 {
+    let registry = fleetgate::schema::Registry::load().expect("schemas");
+    let rules = fleetgate::lifecycle::retention::Retention::load(None, &registry).expect("rules");
+    let now = fleetgate::core::clock::now_ms();
+    match fleetgate::query::session_on(root, &registry, &rules, now).await {
+        Ok(ctx) => match fleetgate::query::run(&ctx, sql).await {
+            Ok(batches) => first_integer(&batches),
+            Err(_) => 0,
+        },
+        Err(_) => 0,
+    }
 }
 
 /// Whether a `fleetgate serve` process holds the maintenance lease.
@@ -814,29 +854,30 @@ async fn a_node_whose_name_another_run_took_stops() {
     assert_eq!(status.code(), Some(75));
 }
 
-/// Three nodes behind HAProxy and thirty vehicles publishing at once, each
-/// on its own connection and re-sending what got no PUBACK, as vehicles do.
-/// In the middle of it the node holding the maintenance lease is SIGKILLed:
-/// its vehicles go on through the other two, the lease moves to one of
-/// them, and the node, restarted on its disk, stores what it acknowledged.
-/// The same query through every node gives the same answer; once compaction
-/// closes the hour, every acknowledged record is in the table exactly once
-/// (a record the dead node had made durable and its vehicle re-sent to
-/// another node is stored twice until then).
+/// PostgreSQL, an S3 server (moto), three nodes and HAProxy on one
+/// machine. Thirty vehicles publish at once through HAProxy, each on its
+/// own connection and re-sending what got no PUBACK, as vehicles do, while
+/// loadgen adds a fleet of its own. In the middle of it the node holding
+/// the maintenance lease is SIGKILLed: its vehicles go on through the
+/// other two, the lease moves to one of them, and the node, restarted on
+/// its disk, stores what it acknowledged. The same query through every
+/// node gives the same answer; loadgen's verification finds each record it
+/// had acknowledged stored exactly once; and once compaction closes the
+/// hour, each of the vehicles' records is in the table exactly once (one
+/// the dead node had made durable and its vehicle re-sent to another node
+/// is stored twice until then).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_lose_the_maintenance_holder_mid_run_and_keep_every_record_once() {
+    use loadgen::run::{Progress, RunConfig, Stop};
     const RECORDS: u64 = 10;
     let cluster = Cluster::start();
-    let (postgres, tables, root_key) = (&cluster.postgres, &cluster.tables, &cluster.root_key);
+    let (postgres, root_key) = (&cluster.postgres, &cluster.root_key);
+    let s3 = S3Server::start();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
     let start = |i: usize| {
-        node_process(
-            postgres,
-            tables,
-            root_key,
-            &format!("node-{}", i + 1),
-            dirs[i].path(),
-        )
+        let id = format!("node-{}", i + 1);
+        let config = s3_node_config(postgres, &s3, root_key, &id, dirs[i].path());
+        ServeProcess::spawn(dirs[i].path(), &config)
     };
     let mut nodes: Vec<Option<ServeProcess>> = (0..3).map(|i| Some(start(i))).collect();
     let listen = {
@@ -853,6 +894,33 @@ async fn three_nodes_lose_the_maintenance_holder_mid_run_and_keep_every_record_o
     wait_for(|| holder(&nodes).is_some());
     let killed = holder(&nodes).expect("a holder");
 
+    let load = RunConfig {
+        host: "127.0.0.1".into(),
+        port: listen.port(),
+        vehicles: 60,
+        // HAProxy hashes these nine client ids over all three nodes.
+        connections: 9,
+        qos: rumqttc::QoS::AtLeastOnce,
+        // Running on well past the kill.
+        stop: Stop::Duration(Duration::from_secs(15)),
+        rate: Some(100.0),
+        records_per_publish: 1,
+        inflight: 20,
+        mix: loadgen::fleet::Mix {
+            rtti: 2,
+            diagnostics: 2,
+            charging: 1,
+            teleservice: 1,
+        },
+        seed: 5,
+        drain_timeout: DEADLINE,
+    };
+    let loadgen = {
+        let load = load.clone();
+        tokio::spawn(async move {
+            loadgen::run::run(&load, "CLUSTR", Arc::new(Progress::default())).await
+        })
+    };
     let fleet = vins(30);
     let sending: Vec<_> = fleet
         .iter()
@@ -880,13 +948,27 @@ async fn three_nodes_lose_the_maintenance_holder_mid_run_and_keep_every_record_o
             .await
             .expect("every record of the vehicle acknowledged");
     }
+    let outcome = loadgen.await.expect("loadgen").expect("loadgen run");
     wait_for(|| holder(&nodes).is_some_and(|i| i != killed));
 
     nodes[killed] = Some(start(killed));
-    let records = "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, seq FROM diagnostics)";
+    let root = {
+        let mut config = fleetgate::config::Config::default();
+        config.storage.uri = Some(format!("s3://{BUCKET}/fleet"));
+        config.storage.s3.endpoint = Some(format!("http://{}", s3.addr));
+        config.storage.s3.allow_http = true;
+        config.storage.s3.access_key_id = Some("test".into());
+        config.storage.s3.secret_access_key = Some("test".into());
+        fleetgate::store::StoreRoot::from_config(&config.storage).expect("store")
+    };
+    let ours = format!(
+        "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, seq FROM diagnostics \
+         WHERE ts >= to_timestamp_millis({NOW}) AND ts <= to_timestamp_millis({}))",
+        NOW + RECORDS as i64 * 1_000
+    );
     let total = (fleet.len() as u64 * RECORDS) as i64;
     let deadline = std::time::Instant::now() + DEADLINE;
-    while diagnostics_stored(tables).await == 0 || count(tables, records).await < total {
+    while count_on(&root, &ours).await < total {
         assert!(
             std::time::Instant::now() < deadline,
             "not every record stored"
@@ -913,8 +995,12 @@ async fn three_nodes_lose_the_maintenance_holder_mid_run_and_keep_every_record_o
     let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
     let operator = answer["token"].as_str().expect("token").to_owned();
     let sql = serde_json::json!({
-        "sql": "SELECT vehicle_id, count(DISTINCT seq) AS records, max(seq) AS last \
-                FROM diagnostics GROUP BY vehicle_id ORDER BY vehicle_id",
+        "sql": format!(
+            "SELECT vehicle_id, count(DISTINCT seq) AS records, max(seq) AS last \
+             FROM diagnostics WHERE ts <= to_timestamp_millis({}) \
+             GROUP BY vehicle_id ORDER BY vehicle_id",
+            NOW + RECORDS as i64 * 1_000
+        ),
         "purpose": "operations",
     })
     .to_string();
@@ -935,15 +1021,39 @@ async fn three_nodes_lose_the_maintenance_holder_mid_run_and_keep_every_record_o
     for node in nodes.into_iter().flatten() {
         node.terminate();
     }
+    // loadgen's run: every record it had acknowledged, once.
+    let manifest = loadgen::verify::Manifest {
+        run_tag: outcome.run_tag.clone(),
+        vehicles: load.vehicles,
+        started_ms: outcome.started_ms,
+        finished_ms: outcome.finished_ms,
+        sent_by_stream: outcome.sent_by_stream,
+        acks: outcome.acks.clone(),
+    };
+    let store = loadgen::verify::StoreLocation {
+        store: root.clone(),
+        key_file: root_key.clone(),
+        vault: loadgen::verify::VaultLocation::ControlPlane(postgres.url()),
+    };
+    let verdict = loadgen::verify::verify(&manifest, &store)
+        .await
+        .expect("verify");
+    let acked: u64 = verdict.streams.iter().map(|s| s.acked).sum();
+    assert!(verdict.ok && acked > 0, "{verdict:?}");
+
     let settings = fleetgate::store::Compaction {
         target_bytes: 128 << 20,
         zstd_level: 3,
     };
-    let root = fleetgate::store::StoreRoot::local(tables).expect("store");
     let closed = fleetgate::core::clock::now_ms() + 2 * 3_600_000;
     fleetgate::store::compact(&root, closed, settings).expect("compaction");
+    let rows = format!(
+        "SELECT count(*) FROM diagnostics WHERE ts >= to_timestamp_millis({NOW}) \
+         AND ts <= to_timestamp_millis({})",
+        NOW + RECORDS as i64 * 1_000
+    );
     assert_eq!(
-        count(tables, "SELECT count(*) FROM diagnostics").await,
+        count_on(&root, &rows).await,
         total,
         "every acknowledged record once"
     );
