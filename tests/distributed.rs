@@ -194,6 +194,23 @@ async fn ballista_answers_as_the_node_does_under_the_same_policy() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("query audit"), "{body}");
 
+    // The audit says where each query ran.
+    let audit = "SELECT action, count(*) AS n FROM query_audit \
+                 WHERE principal = 'lic' AND decision <> 'refuse' GROUP BY action ORDER BY action";
+    let (status, body) = ask(&operator, "operations", audit, "local");
+    assert_eq!(status, 200, "{body}");
+    let actions: Vec<serde_json::Value> = serde_json::from_str(&body).expect("rows");
+    let ran = |action: &str| {
+        actions
+            .iter()
+            .find(|r| r["action"] == action)
+            .and_then(|r| r["n"].as_u64())
+    };
+    assert!(
+        ran("query").is_some() && ran("query_ballista").is_some(),
+        "{body}"
+    );
+
     // The executors ran the jobs: their shuffle files, readable by no one else.
     let written: Vec<PathBuf> = executors
         .iter()

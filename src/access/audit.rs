@@ -31,8 +31,9 @@ pub struct AuditRecord {
     pub principal: String,
     pub principal_kind: String,
     pub purpose: String,
-    /// `query`, `export`, `list` (a refused Flight SQL listing) or
-    /// `delivered` (a streamed answer's end: the rows handed over).
+    /// `query`, `query_ballista` (run on the Ballista cluster), `export`,
+    /// `list` (a refused Flight SQL listing) or `delivered` (a streamed
+    /// answer's end: the rows handed over).
     pub action: String,
     /// The tables the statement names, comma-separated.
     pub tables: String,

@@ -642,11 +642,15 @@ impl AccessEnv {
             ),
             Err(_) => (String::new(), None),
         };
+        let action = match engine {
+            Engine::Local => "query",
+            Engine::Ballista => "query_ballista",
+        };
         self.audit(
             &request_id,
             principal,
             purpose,
-            "query",
+            action,
             &tables,
             outcome.as_ref().map(|_| decision),
             rows,
