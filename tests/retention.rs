@@ -569,7 +569,8 @@ async fn count_at(data: &std::path::Path, sql: &str, now_ms: i64) -> i64 {
 /// reconnects to, or the same one): it is stored twice, until compaction
 /// rewrites its closed hour sorted by vehicle, time and sequence number and
 /// keeps one row of each record. A record with the same `seq` at another
-/// time is another record; RTTI, which stores neither vehicle nor `seq`,
+/// time is another record, and so is another reading under the same `seq`
+/// and time; RTTI, which stores neither vehicle nor `seq`,
 /// is only binned. A partition a rewrite made is not rewritten again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
@@ -580,9 +581,16 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
     let rounds = [
         vec![diagnostics(B, 1, t0 + 500), diagnostics(A, 2, t0 + 1_000)],
         vec![diagnostics(A, 1, t0), rtti_probe(A, t0)],
-        // The re-sent record, and what only looks like it.
+        // The re-sent record, and what only looks like it: the same seq at
+        // another time, and another reading under the same seq and time.
         vec![diagnostics(A, 1, t0), rtti_probe(A, t0)],
-        vec![diagnostics(A, 1, t0 + 2_000)],
+        vec![
+            diagnostics(A, 1, t0 + 2_000),
+            with(
+                diagnostics(A, 1, t0),
+                serde_json::json!({"severity": "critical"}),
+            ),
+        ],
     ];
     let mut sent = 0;
     for round in rounds {
@@ -593,7 +601,7 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
     let data = server.data_dir();
     let (config, _dir) = server.stop();
     let all = "SELECT count(*) FROM diagnostics";
-    assert_eq!(count_at(&data, all, now).await, 5, "stored as received");
+    assert_eq!(count_at(&data, all, now).await, 6, "stored as received");
     let settings = fleetgate::store::Compaction {
         target_bytes: config.storage.compact_target_bytes,
         zstd_level: config.storage.zstd_level,
@@ -605,9 +613,10 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
         "the partitions' files were replaced: {replaced}"
     );
 
-    assert_eq!(count_at(&data, all, now).await, 4, "one row per record");
-    let once = "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, ts, seq FROM diagnostics)";
-    assert_eq!(count_at(&data, once, now).await, 4);
+    assert_eq!(count_at(&data, all, now).await, 5, "one row per record");
+    let once =
+        "SELECT count(*) FROM (SELECT DISTINCT vehicle_id, ts, seq, severity FROM diagnostics)";
+    assert_eq!(count_at(&data, once, now).await, 5);
     let probes = "SELECT count(*) FROM rtti";
     assert_eq!(
         count_at(&data, probes, now).await,
@@ -634,7 +643,7 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
             .expect("parquet")
             .flat_map(|batch| record_keys(&batch.expect("batch")))
             .collect();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 5);
     let mut sorted = rows.clone();
     sorted.sort();
     assert_eq!(rows, sorted, "sorted by vehicle, time and sequence number");

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
+use arrow::datatypes::DataType;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
@@ -45,9 +46,13 @@ const CLOSED_AFTER_MS: i64 = 5 * 60 * 1000;
 /// The tag on a file a sorting rewrite added (Delta `add.tags`).
 const REWRITTEN_TAG: &str = "fleetgate.sorted";
 
-/// The columns a record is known by, when a table has them all: one row is
-/// kept of those that agree on every one.
+/// The columns a record is known by, when a table has them all: the order
+/// a rewrite sorts by.
 const RECORD_KEY: [&str; 3] = ["vehicle_id", "ts", "seq"];
+
+/// Columns that differ between two copies of one record: when and through
+/// which WAL entry each copy was received.
+const COPY_COLUMNS: [&str; 3] = ["received_at", "wal_app", "wal_entry"];
 
 /// Memory a sorting rewrite may hold before it spills to temporary files.
 const REWRITE_MEMORY_BYTES: usize = 256 << 20;
@@ -182,12 +187,23 @@ async fn rewrite_partition(
         .iter()
         .map(|f| identifier(f.name()))
         .collect();
+    // One record: rows equal in every column but those of the copy and the
+    // encrypted ones (sealed with a nonce of their own per copy). Two
+    // records a vehicle sent under one (ts, seq) differ elsewhere and stay.
+    let same: Vec<String> = schema
+        .fields()
+        .iter()
+        .filter(|f| !COPY_COLUMNS.contains(&f.name().as_str()))
+        .filter(|f| !matches!(f.data_type(), DataType::Binary | DataType::LargeBinary))
+        .map(|f| identifier(f.name()))
+        .collect();
     let key = RECORD_KEY.map(identifier).join(", ");
     let sql = format!(
-        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {key} \
+        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {same} \
          ORDER BY received_at, wal_app, wal_entry) AS fleetgate_copy FROM part) \
          WHERE fleetgate_copy = 1 ORDER BY {key}",
-        columns = columns.join(", ")
+        columns = columns.join(", "),
+        same = same.join(", ")
     );
     let mut rows = ctx.sql(&sql).await?.execute_stream().await?;
     let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
