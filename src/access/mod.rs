@@ -780,14 +780,16 @@ impl AccessEnv {
                 tables,
             )
             .await?;
-        // A plan the optimizer found empty is answered here: Ballista's
-        // planner would answer it without its columns.
-        let empty = matches!(
-            planned.state.optimize(&planned.plan)?,
-            LogicalPlan::EmptyRelation(_)
-        );
-        if let Some(scheduler) = scheduler.filter(|_| !empty) {
-            planned.state = distributed::on_cluster(planned.state, scheduler)?;
+        if let Some(scheduler) = scheduler {
+            // A plan the optimizer found empty is answered here: Ballista's
+            // planner would answer it without its columns.
+            let empty = matches!(
+                planned.state.optimize(&planned.plan)?,
+                LogicalPlan::EmptyRelation(_)
+            );
+            if !empty {
+                planned.state = distributed::on_cluster(planned.state, scheduler)?;
+            }
         }
         let pool = Arc::clone(&planned.state.runtime_env().memory_pool);
         let (schema, batches) = collect_bounded(
