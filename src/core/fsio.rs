@@ -80,6 +80,21 @@ pub fn restrict_new_files() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
+/// Raises this process's soft limit on open files to its hard limit (a
+/// vehicle connection is a descriptor; the usual soft limit of 1,024 would
+/// refuse a fleet past a thousand vehicles) and returns the limit now in
+/// force, `None` when unlimited.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        // Refused only if the hard limit fell meanwhile; what holds is read below.
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 /// Makes the contents of a file another writer wrote durable.
 pub fn sync_file(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()

@@ -140,6 +140,27 @@ struct Sweeper {
     thread: JoinHandle<()>,
 }
 
+/// Descriptors kept for files, the HTTP and query front-ends, beside the
+/// broker's connections.
+const DESCRIPTORS_BESIDES_CONNECTIONS: u64 = 512;
+
+/// Raises the open-file limit as far as the system allows, and says so
+/// when it still cannot hold `broker.max_connections` vehicles.
+fn warn_if_too_few_descriptors(config: &Config) {
+    let Some(limit) = crate::core::fsio::raise_open_file_limit() else {
+        return;
+    };
+    let wanted = config.broker.max_connections as u64 + DESCRIPTORS_BESIDES_CONNECTIONS;
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            max_connections = config.broker.max_connections,
+            "the open-file limit is below broker.max_connections + {DESCRIPTORS_BESIDES_CONNECTIONS}: \
+             connections past it are refused; raise the hard limit (LimitNOFILE= or ulimit -Hn)"
+        );
+    }
+}
+
 /// Starts every stage; returns once the broker accepts connections.
 ///
 /// The steps, in order: open what holds state (schemas, rules, vault, the
@@ -149,6 +170,7 @@ struct Sweeper {
 pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
     crate::core::fsio::restrict_new_files();
+    warn_if_too_few_descriptors(config);
     let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
     let retention = Retention::load(config.retention.rules_file.as_deref(), &registry)?;
     let privacy = PrivacyShared::open(config)?;
