@@ -10,10 +10,12 @@
 //! - [`verify`]: the exactly-once check against the store;
 //! - [`queries`]: the SQL suite timed cold and hot;
 //! - [`analysts`]: the SQL suite as N concurrent principals over Flight SQL;
-//! - [`followers`]: N principals following live streams, receipt → delivered.
+//! - [`followers`]: N principals following live streams, receipt → delivered;
+//! - [`connections`]: one connection per vehicle, accept rate and memory.
 
 pub mod acks;
 pub mod analysts;
+pub mod connections;
 pub mod fleet;
 pub mod followers;
 pub mod queries;

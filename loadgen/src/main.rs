@@ -87,6 +87,38 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         duration: f64,
     },
+    /// Connect N vehicles one connection each, from as many loopback
+    /// addresses, hold them (idle or publishing now and then), and report
+    /// the accept rate and the server's memory per connection as JSON.
+    Connections {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        server: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u32,
+        /// CONNECTs in flight at once.
+        #[arg(long, default_value_t = 256)]
+        parallel: usize,
+        /// Seconds to hold the connections once all have answered.
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
+        /// Each vehicle publishes one QoS 1 record every this many seconds
+        /// (0: idle, keep-alive pings only).
+        #[arg(long, default_value_t = 0.0)]
+        every: f64,
+        #[arg(long, default_value_t = 60)]
+        keep_alive: u16,
+        /// The broker's process id, to report its resident set per connection.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// A file written once every vehicle has answered (connect figures, JSON).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Relative weights of rtti, diagnostics, charging, teleservice publishes.
+        #[arg(long, default_value = "90,5,3,2", value_parser = parse_mix)]
+        mix: Mix,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -273,6 +305,34 @@ fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs_f64(duration),
             };
             let report = runtime(1)?.block_on(loadgen::followers::run(&followers))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Connections {
+            server,
+            vehicles,
+            parallel,
+            hold,
+            every,
+            keep_alive,
+            server_pid,
+            ready_file,
+            mix,
+            seed,
+        } => {
+            let connections = loadgen::connections::Connections {
+                server,
+                vehicles,
+                parallel,
+                hold: Duration::from_secs_f64(hold.max(0.0)),
+                every: (every > 0.0).then(|| Duration::from_secs_f64(every)),
+                keep_alive_secs: keep_alive,
+                server_pid,
+                ready_file,
+                mix,
+                seed: seed.unwrap_or_else(|| fastrand::u64(..)),
+            };
+            let report = runtime(1)?.block_on(loadgen::connections::run(&connections))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
