@@ -373,7 +373,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // fleetgate patch: grown on use; a network client's link never
+            // uses it (it exchanges its buffer with the router's).
+            cache: VecDeque::new(),
         }
     }
 

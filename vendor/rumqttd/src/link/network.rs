@@ -22,6 +22,11 @@ pub enum Error {
     KeepAlive(#[from] Elapsed),
 }
 
+/// fleetgate patch: the least room made for a socket read, and the most a
+/// busy connection's reads grow to.
+const MIN_READ_ROOM: usize = 512;
+const MAX_READ_ROOM: usize = 64 * 1024;
+
 /// Network transforms packets <-> frames efficiently. It takes
 /// advantage of pre-allocation, buffering and vectorization when
 /// appropriate to achieve performance
@@ -32,6 +37,9 @@ pub struct Network<P> {
     read: BytesMut,
     /// Buffered writes
     write: BytesMut,
+    /// fleetgate patch: room made in `read` before each socket read; grows
+    /// while reads fill it (a busy connection), up to MAX_READ_ROOM.
+    read_room: usize,
     /// Maximum packet size
     max_incoming_size: usize,
     /// Maximum connection buffer count. TODO: Change this to use bytes for deterministicness
@@ -51,8 +59,12 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // fleetgate patch: both buffers start empty and grow with the
+            // traffic. Upstream reserved 10 KiB each per connection, which
+            // an idle vehicle (most of a fleet, most of the time) never uses.
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            read_room: MIN_READ_ROOM,
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -73,7 +85,16 @@ impl<P: Protocol> Network<P> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
         loop {
+            // fleetgate patch: make room adapted to this connection's traffic
+            // (upstream: a fixed 10 KiB buffer, then 64 bytes at a time).
+            if self.read.capacity() - self.read.len() < MIN_READ_ROOM {
+                self.read.reserve(self.read_room);
+            }
+            let room = self.read.capacity() - self.read.len();
             let read = self.socket.read_buf(&mut self.read).await?;
+            if read == room {
+                self.read_room = (self.read_room * 2).min(MAX_READ_ROOM);
+            }
             if 0 == read {
                 let error = if self.read.is_empty() {
                     io::Error::new(ErrorKind::ConnectionAborted, "connection closed by peer")

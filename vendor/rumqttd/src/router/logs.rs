@@ -380,8 +380,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // fleetgate patch: grown on use, not reserved per connection.
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

@@ -152,7 +152,7 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
+            cache: Some(VecDeque::new()),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             held_back: VecDeque::new(),
@@ -1139,6 +1139,10 @@ impl Router {
         }
         // Upstream dropped what followed a disconnecting publish.
         packets.clear();
+        // fleetgate patch: this buffer goes to the next connection that
+        // sends; shrunk, so that a busy connection's large buffer does not
+        // end up held by an idle vehicle.
+        packets.shrink_to(MAX_CHANNEL_CAPACITY);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
