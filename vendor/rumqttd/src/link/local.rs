@@ -108,6 +108,27 @@ impl<'a> LinkBuilder<'a> {
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (router_tx, event, pending) = self.connect_event();
+        router_tx.send((0, event))?;
+        pending.link_rx.recv()?;
+        pending.finish(router_tx)
+    }
+
+    /// fleetgate patch: `build` for a task on an async runtime. Upstream's
+    /// network links called `build`, whose blocking wait for the router's
+    /// answer held a runtime worker thread per CONNECT: every other
+    /// connection on that worker stalled meanwhile, and a fleet
+    /// (re)connecting was accepted one round trip to the router at a time.
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (router_tx, event, pending) = self.connect_event();
+        router_tx.send_async((0, event)).await?;
+        pending.link_rx.recv_async().await?;
+        pending.finish(router_tx)
+    }
+
+    /// The router's connect event, and what the link keeps to wait for
+    /// its answer.
+    fn connect_event(self) -> (Sender<(ConnectionId, Event)>, Event, PendingLink) {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -131,11 +152,33 @@ impl<'a> LinkBuilder<'a> {
             incoming,
             outgoing,
         };
+        let pending = PendingLink {
+            link_rx,
+            outgoing_data_buffer,
+            incoming_data_buffer,
+        };
+        (self.router_tx, event, pending)
+    }
+}
 
-        self.router_tx.send((0, event))?;
+/// A link whose connect event went to the router, waiting for its answer.
+struct PendingLink {
+    link_rx: Receiver<()>,
+    outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+}
 
-        link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+impl PendingLink {
+    /// The link, once the router answered (`link_rx` woke).
+    fn finish(
+        self,
+        router_tx: Sender<(ConnectionId, Event)>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let notification = self
+            .outgoing_data_buffer
+            .lock()
+            .pop_front()
+            .ok_or(LinkError::NotConnectionAck)?;
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -144,8 +187,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, router_tx.clone(), self.incoming_data_buffer);
+        let rx = LinkRx::new(id, router_tx, self.link_rx, self.outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
 }

@@ -101,7 +101,9 @@ impl<P: Protocol> RemoteLink<P> {
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             .remote(true)
-            .build()?;
+            // fleetgate patch: without blocking the runtime (see build_async).
+            .build_async()
+            .await?;
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);

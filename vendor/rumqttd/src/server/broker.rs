@@ -461,7 +461,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 ),
             };
 
-            time::sleep(delay).await;
+            // fleetgate patch: no sleep when there is no delay. A zero
+            // sleep still waits for the timer's next tick (1 ms), which
+            // held the listener to under 1,000 accepts a second.
+            if !delay.is_zero() {
+                time::sleep(delay).await;
+            }
         }
     }
 }
@@ -604,7 +609,8 @@ async fn remote<P: Protocol>(
     if send_disconnect {
         let disconnect = Event::Disconnect;
         let message = (connection_id, disconnect);
-        router_tx.send(message).ok();
+        // fleetgate patch: awaited, not a blocking send (see build_async).
+        router_tx.send_async(message).await.ok();
     }
 
     // this is important to stop the connection
@@ -632,6 +638,6 @@ async fn remote<P: Protocol>(
         // might be using this connection ID!
         // It won't matter in this case as we don't use it
         // but might affect logs?
-        router_tx.send((connection_id, message)).ok();
+        router_tx.send_async((connection_id, message)).await.ok();
     }
 }
