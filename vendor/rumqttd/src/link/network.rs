@@ -86,7 +86,12 @@ impl<P: Protocol> Network<P> {
         let mut total_read = 0;
         loop {
             // fleetgate patch: make room adapted to this connection's traffic
-            // (upstream: a fixed 10 KiB buffer, then 64 bytes at a time).
+            // (upstream: a fixed 10 KiB buffer, then 64 bytes at a time). A
+            // buffer left over from a burst or a large packet is let go once
+            // all it held was framed, so a quiet connection does not keep it.
+            if self.read.is_empty() && self.read.capacity() > 2 * self.read_room {
+                self.read = BytesMut::new();
+            }
             if self.read.capacity() - self.read.len() < MIN_READ_ROOM {
                 self.read.reserve(self.read_room);
             }
@@ -94,6 +99,8 @@ impl<P: Protocol> Network<P> {
             let read = self.socket.read_buf(&mut self.read).await?;
             if read == room {
                 self.read_room = (self.read_room * 2).min(MAX_READ_ROOM);
+            } else if read < room / 4 {
+                self.read_room = (self.read_room / 2).max(MIN_READ_ROOM);
             }
             if 0 == read {
                 let error = if self.read.is_empty() {

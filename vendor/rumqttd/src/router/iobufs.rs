@@ -44,12 +44,6 @@ impl Incoming {
     pub(crate) fn buffer(&self) -> Arc<Mutex<VecDeque<Packet>>> {
         self.buffer.clone()
     }
-
-    #[inline]
-    pub(crate) fn exchange(&mut self, mut v: VecDeque<Packet>) -> VecDeque<Packet> {
-        std::mem::swap(&mut v, &mut self.buffer.lock());
-        v
-    }
 }
 
 #[derive(Debug)]

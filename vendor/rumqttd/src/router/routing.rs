@@ -718,8 +718,12 @@ impl Router {
         let span = tracing::error_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
-        // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        // fleetgate patch: the packets are moved into the router's own
+        // buffer, not exchanged with it. Exchanged, the buffers went round
+        // the connections: a busy connection's large one ended up held by
+        // whichever idle vehicle sent next (a PINGREQ is enough).
+        let mut packets = self.cache.take().unwrap_or_default();
+        packets.extend(incoming.buffer.lock().drain(..));
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -1139,10 +1143,6 @@ impl Router {
         }
         // Upstream dropped what followed a disconnecting publish.
         packets.clear();
-        // fleetgate patch: this buffer goes to the next connection that
-        // sends; shrunk, so that a busy connection's large buffer does not
-        // end up held by an idle vehicle.
-        packets.shrink_to(MAX_CHANNEL_CAPACITY);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
