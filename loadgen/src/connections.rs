@@ -34,6 +34,8 @@ const RESERVED_FDS: u64 = 64;
 const MAX_INCOMING: usize = 1024;
 /// How long a released vehicle waits for its last publish's PUBACK.
 const DRAIN: Duration = Duration::from_secs(10);
+/// How long a vehicle waits for the TCP connection and its CONNACK.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionsError {
@@ -83,10 +85,12 @@ pub struct ConnectPhase {
     pub connected: u64,
     /// Answered with a CONNACK code other than success.
     pub refused: u64,
-    /// No CONNACK: the connection failed or was closed.
+    /// No CONNACK: the connection failed, timed out or was closed (rumqttd
+    /// closes a connection it has no room for without a CONNACK).
     pub failed: u64,
     pub first_error: Option<String>,
-    /// From the first connect to the last CONNACK.
+    /// From the first connect to the last vehicle's answer (CONNACK or
+    /// failure).
     pub seconds: f64,
     pub accepted_per_second: f64,
     pub server_rss_before_kib: Option<u64>,
@@ -108,7 +112,11 @@ pub struct ConnectionsReport {
     pub publishes_acked: u64,
     /// Publish → PUBACK, when vehicles published.
     pub puback: Option<crate::run::LatencySummary>,
+    /// At the end of the hold, before the vehicles leave.
     pub server_rss_end_kib: Option<u64>,
+    /// (end − before) / connected: the same after the vehicles' pings and
+    /// whatever else the server did meanwhile.
+    pub server_kib_per_connection_end: Option<f64>,
 }
 
 /// How one vehicle's connection went.
@@ -192,12 +200,7 @@ pub async fn run(config: &Connections) -> Result<ConnectionsReport, ConnectionsE
         },
         server_rss_before_kib: rss_before,
         server_rss_connected_kib: rss_connected,
-        server_kib_per_connection: match (rss_before, rss_connected) {
-            (Some(before), Some(after)) if connected > 0 => {
-                Some((after as f64 - before as f64) / connected as f64)
-            }
-            _ => None,
-        },
+        server_kib_per_connection: per_connection(rss_before, rss_connected, connected),
     };
     eprintln!(
         "connected {connected} of {} vehicles in {seconds:.1} s",
@@ -233,7 +236,18 @@ pub async fn run(config: &Connections) -> Result<ConnectionsReport, ConnectionsE
         publishes_acked: tally.acked.load(Relaxed),
         puback: latency.as_ref().map(Into::into),
         server_rss_end_kib: rss_end,
+        server_kib_per_connection_end: per_connection(rss_before, rss_end, connected),
     })
+}
+
+/// How much a resident set grew per connection.
+fn per_connection(before: Option<u64>, after: Option<u64>, connections: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(before), Some(after)) if connections > 0 => {
+            Some((after as f64 - before as f64) / connections as f64)
+        }
+        _ => None,
+    }
 }
 
 /// The loopback address vehicle `index` connects from: one per vehicle,
@@ -258,7 +272,9 @@ async fn one_vehicle(
     let Ok(permit) = handshakes.acquire_owned().await else {
         return;
     };
-    let handshake = connect(&config, &vehicle).await;
+    let handshake = tokio::time::timeout(CONNECT_TIMEOUT, connect(&config, &vehicle))
+        .await
+        .unwrap_or_else(|_| Err(format!("no CONNACK within {CONNECT_TIMEOUT:?}")));
     drop(permit);
     let (mut stream, mut buffer) = match handshake {
         Ok(Ok(connected)) => {
@@ -309,7 +325,16 @@ async fn one_vehicle(
                     tally.dropped.fetch_add(1, Relaxed);
                     return;
                 }
-                while let Ok(packet) = Packet::read(&mut buffer, MAX_INCOMING) {
+                loop {
+                    let packet = match Packet::read(&mut buffer, MAX_INCOMING) {
+                        Ok(packet) => packet,
+                        Err(rumqttc::Error::InsufficientBytes(_)) => break,
+                        // Not MQTT from the broker: this connection is done.
+                        Err(_) => {
+                            tally.dropped.fetch_add(1, Relaxed);
+                            return;
+                        }
+                    };
                     if let (Packet::PubAck(ack), Some((id, sent))) = (&packet, waiting) {
                         if ack.pkid == id {
                             waiting = None;

@@ -118,6 +118,9 @@ enum Command {
         mix: Mix,
         #[arg(long)]
         seed: Option<u64>,
+        /// Threads of the client runtime.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
 }
 
@@ -319,6 +322,7 @@ fn main() -> anyhow::Result<()> {
             ready_file,
             mix,
             seed,
+            threads,
         } => {
             let connections = loadgen::connections::Connections {
                 server,
@@ -332,7 +336,7 @@ fn main() -> anyhow::Result<()> {
                 mix,
                 seed: seed.unwrap_or_else(|| fastrand::u64(..)),
             };
-            let report = runtime(1)?.block_on(loadgen::connections::run(&connections))?;
+            let report = runtime(threads)?.block_on(loadgen::connections::run(&connections))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
