@@ -80,15 +80,24 @@ pub fn restrict_new_files() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
+/// The most open files [`raise_open_file_limit`] asks for: a million
+/// vehicle connections and then some.
+pub const MAX_OPEN_FILES: u64 = 1 << 20;
+
 /// Raises this process's soft limit on open files to its hard limit (a
 /// vehicle connection is a descriptor; the usual soft limit of 1,024 would
 /// refuse a fleet past a thousand vehicles) and returns the limit now in
-/// force, `None` when unlimited.
+/// force, `None` when unlimited. The soft limit goes no higher than
+/// [`MAX_OPEN_FILES`], whatever the hard limit (some systems refuse an
+/// unlimited soft limit, and none needs more).
 pub fn raise_open_file_limit() -> Option<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
-    if limit.current.is_some() && limit.current != limit.maximum {
-        limit.current = limit.maximum;
+    let wanted = limit
+        .maximum
+        .map_or(MAX_OPEN_FILES, |m| m.min(MAX_OPEN_FILES));
+    if limit.current.is_some_and(|current| current < wanted) {
+        limit.current = Some(wanted);
         // Refused only if the hard limit fell meanwhile; what holds is read below.
         let _ = setrlimit(Resource::Nofile, limit);
     }
