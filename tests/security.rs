@@ -112,9 +112,12 @@ impl Pki {
     }
 }
 
-/// Publishes one message with mosquitto_pub over TLS; true if it reports success.
+/// Publishes one message with mosquitto_pub over TLS; true if it reports
+/// success within 30 s (mosquitto_pub itself waits for ever on a listener
+/// that never answers).
 fn mosquitto_pub(pki: &Pki, port: u16, client: &str, topic: &str, payload: &str) -> bool {
-    let out = Command::new("mosquitto_pub")
+    let out = Command::new("timeout")
+        .args(["30", "mosquitto_pub"])
         // By name: rumqttd's rustls refuses an IP address as TLS server name (SNI).
         .args([
             "-h",
@@ -179,12 +182,11 @@ fn stored(server: &TestServer, stream: Stream) -> u64 {
         .load(Relaxed)
 }
 
-#[test]
-fn tls_vehicles_publish_only_as_themselves() {
-    let certs = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(certs.path());
+/// A vehicle CA, a server certificate for `localhost`, and car A's
+/// certificate (O = its VIN).
+fn vehicle_pki(dir: &Path) -> Pki {
+    let pki = Pki::new(dir);
     pki.ca("vehicle-ca");
-    pki.ca("rogue-ca");
     pki.sign(
         "vehicle-ca",
         "server",
@@ -197,6 +199,45 @@ fn tls_vehicles_publish_only_as_themselves() {
         &format!("/O={A}/CN=car-a"),
         "extendedKeyUsage=clientAuth\n",
     );
+    pki
+}
+
+fn tls_server(pki: &Pki) -> TestServer {
+    TestServer::start_with(|c| {
+        c.broker.tls = Some(TlsListenerConfig {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            cert_file: pki.path("server.pem"),
+            key_file: pki.path("server.key"),
+            client_ca_file: pki.path("vehicle-ca.pem"),
+        });
+    })
+}
+
+/// The TLS handshake used to run in the listener's accept loop with no time
+/// limit: one client that opened a socket and said nothing stopped every
+/// vehicle after it. Now each handshake runs in its connection's task,
+/// within `broker.connect_timeout_ms`.
+#[test]
+fn a_silent_client_does_not_stop_the_tls_listener() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = vehicle_pki(certs.path());
+    let server = tls_server(&pki);
+    let addr = server.handle.tls_addr().expect("TLS listener");
+
+    let _silent = std::net::TcpStream::connect(addr).expect("a socket, and then nothing");
+    let own = format!("/tenants/{A}/vehicles/{A}/teleservice");
+    assert!(
+        mosquitto_pub(&pki, addr.port(), "car-a", &own, &teleservice_now(A, 1)),
+        "a vehicle after the silent client is served"
+    );
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
+}
+
+#[test]
+fn tls_vehicles_publish_only_as_themselves() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = vehicle_pki(certs.path());
+    pki.ca("rogue-ca");
     pki.sign(
         "rogue-ca",
         "rogue-b",
@@ -204,14 +245,7 @@ fn tls_vehicles_publish_only_as_themselves() {
         "extendedKeyUsage=clientAuth\n",
     );
 
-    let server = TestServer::start_with(|c| {
-        c.broker.tls = Some(TlsListenerConfig {
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            cert_file: pki.path("server.pem"),
-            key_file: pki.path("server.key"),
-            client_ca_file: pki.path("vehicle-ca.pem"),
-        });
-    });
+    let server = tls_server(&pki);
     let port = server.handle.tls_addr().expect("TLS listener").port();
 
     let own = format!("/tenants/{A}/vehicles/{A}/teleservice");

@@ -365,20 +365,6 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         }
     }
 
-    // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
-        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-        match &self.config.tls {
-            Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
-            }
-            None => Ok((Box::new(stream), None)),
-        }
-        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
-    }
-
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
@@ -400,66 +386,64 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
-                }
-            };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
+            info!(name=?self.config.name, ?addr, count, "accept");
 
             let config = config.clone();
             let router_tx = self.router_tx.clone();
             count += 1;
 
             let protocol = self.protocol.clone();
-            match link_type {
-                #[cfg(feature = "websocket")]
-                LinkType::Websocket => {
-                    let stream = match accept_hdr_async(network, WSCallback).await {
-                        Ok(s) => Box::new(WsStream::new(s)),
-                        Err(e) => {
-                            error!(error=?e, "Websocket failed handshake");
-                            continue;
-                        }
-                    };
-                    task::spawn(
-                        remote(
-                            config,
-                            tenant_id.clone(),
-                            router_tx,
-                            stream,
-                            protocol,
-                            self.awaiting_will_handler.clone(),
-                        )
-                        .instrument(tracing::info_span!(
-                            "websocket_link",
+            let tls = self.config.tls.clone();
+            let will_handlers = self.awaiting_will_handler.clone();
+            // fleetgate patch: the TLS handshake runs in the connection's own
+            // task, within connection_timeout_ms. Upstream ran it here, in the
+            // accept loop, without a limit: one client that opened a socket
+            // and sent no ClientHello stopped every later TLS connection.
+            task::spawn(async move {
+                let limit = Duration::from_millis(config.connection_timeout_ms.into());
+                let (network, tenant_id) = match time::timeout(limit, tls_accept(tls, stream)).await
+                {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => {
+                        error!(error=?e, "Tls accept error");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(?addr, "no TLS handshake within the connection timeout");
+                        return;
+                    }
+                };
+                match link_type {
+                    #[cfg(feature = "websocket")]
+                    LinkType::Websocket => {
+                        let stream = match accept_hdr_async(network, WSCallback).await {
+                            Ok(s) => Box::new(WsStream::new(s)),
+                            Err(e) => {
+                                error!(error=?e, "Websocket failed handshake");
+                                return;
+                            }
+                        };
+                        remote(config, tenant_id, router_tx, stream, protocol, will_handlers)
+                            .instrument(tracing::info_span!(
+                                "websocket_link",
+                                client_id = field::Empty,
+                                connection_id = field::Empty
+                            ))
+                            .await
+                    }
+                    LinkType::Remote => {
+                        let span = tracing::error_span!(
+                            "remote_link",
+                            ?tenant_id,
                             client_id = field::Empty,
-                            connection_id = field::Empty
-                        )),
-                    )
+                            connection_id = field::Empty,
+                        );
+                        remote(config, tenant_id, router_tx, network, protocol, will_handlers)
+                            .instrument(span)
+                            .await
+                    }
                 }
-                LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
-            };
+            });
 
             // fleetgate patch: no sleep when there is no delay. A zero
             // sleep still waits for the timer's next tick (1 ms), which
@@ -468,6 +452,26 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 time::sleep(delay).await;
             }
         }
+    }
+}
+
+// Depending on TLS or not create a new Network
+async fn tls_accept(
+    tls: Option<crate::TlsConfig>,
+    stream: TcpStream,
+) -> Result<(Box<dyn N>, Option<String>), Error> {
+    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+    match &tls {
+        Some(c) => {
+            let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+            Ok((network, tenant_id))
+        }
+        None => Ok((Box::new(stream), None)),
+    }
+    #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+    {
+        let _ = tls;
+        Ok((Box::new(stream), None))
     }
 }
 
