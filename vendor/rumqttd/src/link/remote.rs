@@ -3,7 +3,7 @@ use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
-use crate::router::{Event, Notification};
+use crate::router::{Event, Notification, SMALL_QUEUE};
 use crate::{ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
@@ -167,6 +167,11 @@ impl<P: Protocol> RemoteLink<P> {
                             unscheduled = true;
                         }
 
+                    }
+                    // fleetgate patch: a small queue is let go once written,
+                    // so that an idle connection holds none between packets.
+                    if self.notifications.capacity() <= SMALL_QUEUE {
+                        self.notifications.shrink_to_fit();
                     }
                     self.network.writev(packets).await?;
                     if unscheduled {

@@ -32,6 +32,10 @@ pub use waiters::Waiters;
 
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
 pub const MAX_CHANNEL_CAPACITY: usize = 200;
+/// fleetgate patch: queues of at most this many entries are let go once
+/// empty (acks in `ack_device_data`, notifications in `RemoteLink::start`),
+/// so that an idle connection holds none; a busy one keeps its larger ones.
+pub(crate) const SMALL_QUEUE: usize = 16;
 
 pub(crate) type FilterIdx = usize;
 

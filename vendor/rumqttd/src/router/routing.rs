@@ -26,7 +26,7 @@ use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
     packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
-    ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
+    ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS, SMALL_QUEUE,
 };
 
 #[derive(Error, Debug)]
@@ -1654,6 +1654,11 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
         let message = Notification::DeviceAck(ack);
         buffer.push_back(message);
         count += 1;
+    }
+    // fleetgate patch: a small queue is let go once sent, so that an idle
+    // connection holds none between its acks; a busy one keeps its own.
+    if acks.capacity() <= SMALL_QUEUE {
+        acks.shrink_to_fit();
     }
 
     debug!(acks_count = count, "Acks sent to device");
