@@ -14,7 +14,11 @@
 # 5. queries:   scripts/queries.sql over e2e's store, fleetgate vs DuckDB, cold and hot;
 # 6. Flight SQL: the suite as 1, 8 and 32 concurrent principals over e2e's store;
 #               half-rate ingest alone and beside 32 of them; a 1,000,000-row
-#               answer over Flight SQL (ADBC) and over POST /sql (Arrow IPC).
+#               answer over Flight SQL (ADBC) and over POST /sql (Arrow IPC);
+# 7. live:      live followers beside half-rate ingest, the portal in a browser;
+# 8. fleet:     one connection per vehicle, fleetgate and Mosquitto
+#               (scripts/fleet_shape.sh: accept rate, memory per idle connection,
+#               ingest with the fleet connected).
 # Results land in $BENCH_OUT (default target/bench/<timestamp>): every loadgen
 # report, /metrics scrapes, server logs, and results.md, which is also printed.
 # Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb,
@@ -254,5 +258,8 @@ for i in 1 2 3 4 5; do
 done
 kill -TERM "$FL_PID"
 wait "$FL_PID"
+
+echo "== 8. fleet shape: one connection per vehicle"
+CARGO_TARGET_DIR=$TARGET scripts/fleet_shape.sh "$OUT"
 
 python3 scripts/bench_report.py "$OUT" "scripts/bench.sh $PUBLISHES" | tee "$OUT/results.md"
