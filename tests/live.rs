@@ -421,6 +421,70 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
 /// stays open (at most every `access.live_audit_interval_ms`), not only
 /// when it ends: a crash loses the count of one interval at most, and
 /// alice's last read is not stuck at the moment she connected.
+/// Streams that keep up read the same window of each new commit, which the
+/// server scans once for all of them; each still gets only what its own
+/// principal's view holds: two users their own vehicle's rows, the
+/// operator both, without the VIN.
+#[test]
+fn streams_at_one_position_each_get_their_own_view() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = alice_holds(&admin, A, now);
+    let bob = admin.principal(r#"{"id":"bob","kind":"user"}"#);
+    let (status, body) = admin.post(
+        "/admin/transfers",
+        &format!(r#"{{"user":"bob","vin":"{B}","at_ms":{}}}"#, now - DAY),
+    );
+    assert_eq!(status, 200, "{body}");
+    let operator = admin.principal(r#"{"id":"ops","kind":"operator"}"#);
+    let open = |token: &str, purpose: &str| {
+        let mut live =
+            LiveClient::open(addr, "tables=charging", token, purpose, None).expect("open");
+        assert_eq!(live.next().expect("start").event, "start");
+        live
+    };
+    let mut alices = open(&alice, "own_data_access");
+    let mut bobs = open(&bob, "own_data_access");
+    let mut operators = open(&operator, "operations");
+
+    let mqtt = server.handle.mqtt_addr();
+    for round in 0..2u64 {
+        let seq = 10 * round + 1;
+        let (a, b) = (seq as i64, seq as i64 + 1);
+        publish_blocking(
+            mqtt,
+            &[
+                charging(A, seq, now - HOUR, "SE-A"),
+                charging(B, seq + 1, now - HOUR, "SE-B"),
+            ],
+        );
+        let (rows, _) = alices.rows_of("charging", 1);
+        assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![a], &Value::from(A)));
+        let (rows, _) = bobs.rows_of("charging", 1);
+        assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![b], &Value::from(B)));
+        let (rows, _) = operators.rows_of("charging", 2);
+        let mut got = seqs(&rows);
+        got.sort_unstable();
+        assert_eq!(got, vec![a, b]);
+        assert!(
+            rows.iter().all(|r| r.get("vin").is_none_or(Value::is_null)),
+            "the operator's view has no VIN: {rows:?}"
+        );
+    }
+    // Neither user got the other's row meanwhile: their streams hold
+    // nothing more once everything is stored and delivered.
+    wait_for(|| server.handle.metrics().totals().stored == 4);
+    for (name, live) in [("alice", &mut alices), ("bob", &mut bobs)] {
+        assert!(
+            live.stash.iter().all(|e| e.data["table"] != "charging"),
+            "{name}: {:?}",
+            live.stash
+        );
+    }
+}
+
 #[test]
 fn an_open_stream_audits_what_it_delivered_as_it_goes() {
     let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 1);

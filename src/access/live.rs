@@ -17,7 +17,10 @@
 //! session is built again, as for a query, over the newest version's unseen
 //! rows only: a revoked grant, an ended tenure, an erasure, a deletion
 //! request or a retention rule applies from the next step on, and rows
-//! keep their columns through compaction. A client that comes back with
+//! keep their columns through compaction. The unseen rows of a window are
+//! scanned once per reading for all the streams whose steps read that
+//! window (streams that keep up do), and each applies its own views to
+//! them. A client that comes back with
 //! the last position it saw gets every row it missed that its view still
 //! holds, and none twice, in steps of bounded size; a position too far
 //! behind is refused (SQL reads history). Positions are sealed (encrypted
@@ -36,14 +39,14 @@ use std::time::Duration;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-use datafusion::datasource::TableProvider;
+use datafusion::datasource::{MemTable, TableProvider};
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
 use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use super::policy::Treatment;
-use super::registry::Principal;
+use super::registry::{Principal, PrincipalKind};
 use super::{AccessEnv, AccessError, Ending, Result, RunningQuery};
 use crate::core::table::Table;
 use crate::privacy::pseudo::Secret;
@@ -318,6 +321,27 @@ pub struct Commits {
     tables: BTreeMap<Table, Committed>,
     /// Whether every table's log was read once.
     read: bool,
+    /// The unseen rows the streams of this reading have read, each once.
+    scans: SharedScans,
+}
+
+/// The rows of a table's version in a window of WAL entries (a step's
+/// `unseen_sql`), read once per reading for every stream whose step reads
+/// the same window: streams that keep up read the same windows, and each
+/// would otherwise plan and scan the table on its own. Raw stored rows, as
+/// the Delta scan gives them; every stream applies its own principal's
+/// views to them. A new reading starts empty, so a deletion committed
+/// since is in the next step's rows.
+#[derive(Clone, Default)]
+struct SharedScans(Arc<Mutex<HashMap<(Table, String), Arc<tokio::sync::OnceCell<Arc<MemTable>>>>>>);
+
+impl SharedScans {
+    /// The cell of `table`'s rows in `window`, filled by the first step
+    /// that reads it.
+    fn cell(&self, table: Table, window: &str) -> Arc<tokio::sync::OnceCell<Arc<MemTable>>> {
+        let mut scans = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(scans.entry((table, window.to_owned())).or_default())
+    }
 }
 
 /// The tables a live session reads: each at the version the follower
@@ -329,6 +353,9 @@ pub struct LiveTables<'a> {
     step: &'a Position,
     /// The tables followed; the session has no other.
     followed: &'a [Table],
+    /// Who reads, and the memory bound of a scan made for them.
+    kind: PrincipalKind,
+    memory_mb: u32,
 }
 
 impl LiveTables<'_> {
@@ -352,16 +379,25 @@ impl LiveTables<'_> {
         let Some(committed) = self.commits.tables.get(&table) else {
             return Ok(None);
         };
-        let provider = crate::query::provider(&committed.table, &[files, run]).await?;
-        let committed_name = format!("{name}_committed");
-        files.register_table(&committed_name, provider)?;
-        let unseen = files
-            .sql(&format!(
-                "SELECT * FROM {committed_name} WHERE {}",
-                self.position.unseen_sql(self.step, table, committed)
-            ))
+        let window = self.position.unseen_sql(self.step, table, committed);
+        let cell = self.commits.scans.cell(table, &window);
+        let rows = cell
+            .get_or_try_init(|| async {
+                let provider = crate::query::provider(&committed.table, &[files, run]).await?;
+                let committed_name = format!("{name}_committed");
+                files.register_table(&committed_name, provider)?;
+                let unseen = files
+                    .sql(&format!("SELECT * FROM {committed_name} WHERE {window}"))
+                    .await?;
+                // Bounded by the first reader's pool: too much for it, and
+                // its step is halved (a new window, read anew).
+                let pool = Arc::clone(&files.runtime_env().memory_pool);
+                let (schema, batches) =
+                    super::collect_bounded(unseen, &pool, self.kind, self.memory_mb).await?;
+                Ok::<_, AccessError>(Arc::new(MemTable::try_new(schema, vec![batches])?))
+            })
             .await?;
-        Ok(Some(unseen.into_view()))
+        Ok(Some(Arc::clone(rows) as Arc<dyn TableProvider>))
     }
 }
 
@@ -457,7 +493,10 @@ async fn follow(
             changed = true;
         }
         if changed && commits.read {
-            sender.send_replace(Arc::new(commits.clone()));
+            sender.send_replace(Arc::new(Commits {
+                scans: SharedScans::default(),
+                ..commits.clone()
+            }));
         }
     }
 }
@@ -1053,13 +1092,15 @@ impl AccessEnv {
     ) -> Result<Vec<(Table, u64, String)>> {
         let principal = self.same_principal(stream)?;
         let followed = stream.row_tables();
+        let memory_mb = self.settings.query_memory_mb;
         let live = LiveTables {
             commits,
             position: &stream.position,
             step,
             followed: &followed,
+            kind: principal.kind,
+            memory_mb,
         };
-        let memory_mb = self.settings.query_memory_mb;
         let session = self
             .session_with(
                 &principal,
