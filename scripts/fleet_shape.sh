@@ -31,21 +31,7 @@ RUN_SECS=${RUN_SECS:-20}
 TARGET=${CARGO_TARGET_DIR:-target}
 FLEETGATE=$TARGET/release/fleetgate
 LOADGEN=$TARGET/release/loadgen
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do
-    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
+. scripts/bench_common.sh
 wait_file() {
   while [ ! -s "$1" ]; do
     kill -0 "$2" 2>/dev/null || { echo "loadgen connections stopped early" >&2; return 1; }
