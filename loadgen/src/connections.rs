@@ -335,16 +335,16 @@ async fn one_vehicle(
                             return;
                         }
                     };
-                    if let (Packet::PubAck(ack), Some((id, sent))) = (&packet, waiting) {
-                        if ack.pkid == id {
-                            waiting = None;
-                            tally.acked.fetch_add(1, Relaxed);
-                            let micros = sent.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
-                            if let Ok(mut guard) = tally.puback_us.lock() {
-                                if let Some(h) = guard.as_mut() {
-                                    h.saturating_record(micros);
-                                }
-                            }
+                    if let (Packet::PubAck(ack), Some((id, sent))) = (&packet, waiting)
+                        && ack.pkid == id
+                    {
+                        waiting = None;
+                        tally.acked.fetch_add(1, Relaxed);
+                        let micros = sent.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+                        if let Ok(mut guard) = tally.puback_us.lock()
+                            && let Some(h) = guard.as_mut()
+                        {
+                            h.saturating_record(micros);
                         }
                     }
                 }

@@ -333,12 +333,17 @@ pub struct Commits {
 /// views to them. A new reading starts empty, so a deletion committed
 /// since is in the next step's rows.
 #[derive(Clone, Default)]
-struct SharedScans(Arc<Mutex<HashMap<(Table, String), Arc<tokio::sync::OnceCell<Arc<MemTable>>>>>>);
+struct SharedScans(Arc<Mutex<HashMap<Window, Arc<ScanCell>>>>);
+
+/// A table and a window of its WAL entries (a step's `unseen_sql`).
+type Window = (Table, String);
+/// One window's rows, read by the first step that needs them.
+type ScanCell = tokio::sync::OnceCell<Arc<MemTable>>;
 
 impl SharedScans {
     /// The cell of `table`'s rows in `window`, filled by the first step
     /// that reads it.
-    fn cell(&self, table: Table, window: &str) -> Arc<tokio::sync::OnceCell<Arc<MemTable>>> {
+    fn cell(&self, table: Table, window: &str) -> Arc<ScanCell> {
         let mut scans = self.0.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(scans.entry((table, window.to_owned())).or_default())
     }
