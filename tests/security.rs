@@ -599,6 +599,33 @@ async fn a_refused_client_id_does_not_stop_the_listener() {
     server.handle.shutdown().expect("shutdown");
 }
 
+/// A client that sends CONNECT and resets the connection before its CONNACK
+/// is written used to keep its place in the router for ever (rumqttd
+/// returned without telling the router it was gone): a few of them, and
+/// every vehicle was refused at `broker.max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_reset_before_their_connack_do_not_use_up_the_connections() {
+    use tokio::io::AsyncWriteExt;
+    // One place is the ingest link's.
+    let server = TestServer::start_with(|c| c.broker.max_connections = 4);
+    let addr = server.handle.mqtt_addr();
+    for i in 0..50 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_zero_linger().expect("SO_LINGER 0");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        stream
+            .write_all(&connect_packet(&format!("reset-{i}")))
+            .await
+            .expect("CONNECT");
+        // Closed with a reset (linger 0), not a FIN.
+        drop(stream);
+    }
+    let topic = format!("vehicles/{A}/teleservice");
+    publish_all(addr, &[(topic, teleservice_now(A, 1).into_bytes())]).await;
+    wait_for(|| stored(&server, Stream::Teleservice) == 1);
+    server.handle.shutdown().expect("shutdown");
+}
+
 /// `broker.max_publishes_per_second`: a connection publishing faster is held
 /// back (no PUBACK, no reads) until the next second, counted, and loses
 /// nothing; another vehicle's publishes still go through.

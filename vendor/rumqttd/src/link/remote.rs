@@ -93,6 +93,7 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
+        let router = router_tx.clone();
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
@@ -113,7 +114,14 @@ impl<P: Protocol> RemoteLink<P> {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
                 *props = Some(new_props);
-                network.write(packet).await?;
+                // fleetgate patch: the router holds this connection from here
+                // on; a client gone before its CONNACK (a reset) must be
+                // removed, or its place is kept for ever and enough of them
+                // fill max_connections.
+                if let Err(e) = network.write(packet).await {
+                    let _ = router.send_async((id, Event::Disconnect)).await;
+                    return Err(e.into());
+                }
             }
         }
 
