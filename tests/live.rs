@@ -485,6 +485,31 @@ fn streams_at_one_position_each_get_their_own_view() {
     }
 }
 
+/// Under a tiny query memory bound, with thousands of another vehicle's rows
+/// committed beside hers, a user still gets her row: whether a step fits
+/// must not depend on rows she cannot see (a window too large to share is
+/// read through her own view; steps that are too large are halved).
+#[test]
+fn a_window_too_large_to_share_is_read_through_the_streams_own_view() {
+    let server = TestServer::start_with(|c| c.access.query_memory_mb = 1);
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = alice_holds(&admin, A, now);
+    let mut live =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+
+    // Over a MiB of another vehicle's rows in the same commits as hers.
+    let mut messages: Vec<Message> = (0..6000)
+        .map(|seq| charging(B, seq, now - HOUR, "SE-B-0000000000000000000000000000"))
+        .collect();
+    messages.push(charging(A, 1, now - HOUR, "SE-A-1"));
+    publish_blocking(server.handle.mqtt_addr(), &messages);
+    let (rows, _) = live.rows_of("charging", 1);
+    assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![1], &Value::from(A)));
+}
+
 #[test]
 fn an_open_stream_audits_what_it_delivered_as_it_goes() {
     let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 1);

@@ -331,14 +331,18 @@ pub struct Commits {
 /// would otherwise plan and scan the table on its own. Raw stored rows, as
 /// the Delta scan gives them; every stream applies its own principal's
 /// views to them. A new reading starts empty, so a deletion committed
-/// since is in the next step's rows.
+/// since is in the next step's rows. A window whose rows are over the query
+/// memory bound is not shared: each stream then reads it through its own
+/// views as before, so that whether a step fits never depends on rows the
+/// principal cannot see.
 #[derive(Clone, Default)]
 struct SharedScans(Arc<Mutex<HashMap<Window, Arc<ScanCell>>>>);
 
 /// A table and a window of its WAL entries (a step's `unseen_sql`).
 type Window = (Table, String);
-/// One window's rows, read by the first step that needs them.
-type ScanCell = tokio::sync::OnceCell<Arc<MemTable>>;
+/// One window's rows, read by the first step that needs them; `None` when
+/// they were too many to hold.
+type ScanCell = tokio::sync::OnceCell<Option<Arc<MemTable>>>;
 
 impl SharedScans {
     /// The cell of `table`'s rows in `window`, filled by the first step
@@ -385,24 +389,35 @@ impl LiveTables<'_> {
             return Ok(None);
         };
         let window = self.position.unseen_sql(self.step, table, committed);
+        let unseen = || async {
+            let provider = crate::query::provider(&committed.table, &[files, run]).await?;
+            let committed_name = format!("{name}_committed");
+            files.register_table(&committed_name, provider)?;
+            files
+                .sql(&format!("SELECT * FROM {committed_name} WHERE {window}"))
+                .await
+                .map_err(AccessError::from)
+        };
         let cell = self.commits.scans.cell(table, &window);
-        let rows = cell
+        let shared = cell
             .get_or_try_init(|| async {
-                let provider = crate::query::provider(&committed.table, &[files, run]).await?;
-                let committed_name = format!("{name}_committed");
-                files.register_table(&committed_name, provider)?;
-                let unseen = files
-                    .sql(&format!("SELECT * FROM {committed_name} WHERE {window}"))
-                    .await?;
-                // Bounded by the first reader's pool: too much for it, and
-                // its step is halved (a new window, read anew).
                 let pool = Arc::clone(&files.runtime_env().memory_pool);
-                let (schema, batches) =
-                    super::collect_bounded(unseen, &pool, self.kind, self.memory_mb).await?;
-                Ok::<_, AccessError>(Arc::new(MemTable::try_new(schema, vec![batches])?))
+                match super::collect_bounded(unseen().await?, &pool, self.kind, self.memory_mb)
+                    .await
+                {
+                    Ok((schema, batches)) => {
+                        Ok(Some(Arc::new(MemTable::try_new(schema, vec![batches])?)))
+                    }
+                    Err(AccessError::Limit(_)) => Ok(None),
+                    Err(e) => Err(e),
+                }
             })
             .await?;
-        Ok(Some(Arc::clone(rows) as Arc<dyn TableProvider>))
+        Ok(Some(match shared {
+            Some(rows) => Arc::clone(rows) as Arc<dyn TableProvider>,
+            // Too many to share: this stream's own views read the window.
+            None => unseen().await?.into_view(),
+        }))
     }
 }
 
