@@ -465,6 +465,17 @@ fn raw_session(addr: std::net::SocketAddr, bytes: &[u8]) {
     let _ = stream.read_to_end(&mut rest);
 }
 
+/// The return code of the CONNACK a CONNECT for `client_id` gets, if any.
+fn connack_code(addr: std::net::SocketAddr, client_id: &str) -> Option<u8> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(&connect_packet(client_id)).ok()?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).ok()?;
+    Some(connack[3])
+}
+
 /// An MQTT 3.1.1 CONNECT for `client_id`, keep-alive 10 s.
 fn connect_packet(client_id: &str) -> Vec<u8> {
     let mut variable = b"\x00\x04MQTT\x04\x02\x00\x0a".to_vec();
@@ -620,6 +631,9 @@ async fn clients_that_reset_before_their_connack_do_not_use_up_the_connections()
         // Closed with a reset (linger 0), not a FIN.
         drop(stream);
     }
+    // The resets reach the router as their links fail: wait until a place
+    // is free again (before the fix, none ever was).
+    wait_for(|| connack_code(addr, "probe") == Some(0));
     let topic = format!("vehicles/{A}/teleservice");
     publish_all(addr, &[(topic, teleservice_now(A, 1).into_bytes())]).await;
     wait_for(|| stored(&server, Stream::Teleservice) == 1);
