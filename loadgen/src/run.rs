@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use fleetgate::schema::Stream;
 use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 
 use crate::acks::Acks;
 use crate::fleet::{Mix, Vehicle};
@@ -338,7 +338,17 @@ async fn connection(
     let mut written = 0u64;
     let mut drain_deadline: Option<Instant> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(50));
-    loop {
+    // rumqttc's `poll` is not cancel-safe while it connects: dropped by the
+    // select below after its CONNECT went out (the ticker fires every 50 ms;
+    // a loaded broker answers later), the next poll connects again under
+    // the same client id, and the broker drops one of the two connections.
+    // So the connection is made first, with nothing racing it.
+    let connection = connected(&mut eventloop).await;
+    if let Err(e) = &connection {
+        outcome.error = Some(format!("connection failed: {e}"));
+        progress.errors.fetch_add(1, Relaxed);
+    }
+    while connection.is_ok() {
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -396,6 +406,16 @@ async fn connection(
     outcome.publishes_sent = sent;
     outcome.records_sent = sent_by_stream.iter().map(|t| t.records).sum();
     Ok(outcome)
+}
+
+/// Polls until the broker accepted the connection (its CONNACK) or it
+/// failed; rumqttc's own connection timeout bounds the wait.
+async fn connected(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+            return Ok(());
+        }
+    }
 }
 
 fn record(histogram: &mut Histogram<u64>, latency: Duration) {

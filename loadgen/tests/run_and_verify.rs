@@ -169,7 +169,7 @@ fn open_loop_and_qos0_runs_stop_by_themselves_and_write_their_reports() {
     let mut run = run_config(server.mqtt_addr().port(), Stop::Publishes(300));
     run.rate = Some(1_000.0);
     let outcome = drive(&run);
-    assert_eq!(outcome.publishes_acked, 300);
+    assert_eq!(outcome.publishes_acked, 300, "{:?}", outcome.errors);
     assert_eq!(outcome.latency_us.len(), 300);
 
     let report = Report::new(&run, &outcome);
@@ -222,7 +222,7 @@ fn analysts_run_the_whole_suite_through_flight_sql() {
     let config = server_config(dir.path());
     let server = fleetgate::ops::server::start(&config).expect("server starts");
     let outcome = drive(&run_config(server.mqtt_addr().port(), Stop::Publishes(200)));
-    assert_eq!(outcome.publishes_acked, 200);
+    assert_eq!(outcome.publishes_acked, 200, "{:?}", outcome.errors);
     let suite_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/queries.sql");
     let suite = loadgen::queries::parse_suite(&std::fs::read_to_string(suite_file).expect("suite"));
     assert!(suite.len() >= 12, "{} statements", suite.len());
@@ -275,7 +275,7 @@ fn followers_receive_every_row_of_their_tables_live() {
     // The streams are open well before the first record is stored.
     std::thread::sleep(Duration::from_secs(2));
     let outcome = drive(&run_config(server.mqtt_addr().port(), Stop::Publishes(200)));
-    assert_eq!(outcome.publishes_acked, 200);
+    assert_eq!(outcome.publishes_acked, 200, "{:?}", outcome.errors);
     let report = rt
         .block_on(following)
         .expect("followers task")
