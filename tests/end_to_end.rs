@@ -477,3 +477,26 @@ async fn mqtt5_clients_publish_too() {
         .value(0);
     assert_eq!(n as usize, records(&bytes).len());
 }
+
+/// A port another broker already serves is an error at start-up, naming
+/// the port; before, the embedded broker's bind failed on its own thread,
+/// the readiness probe was answered by the other broker, and fleetgate
+/// reported itself running while its vehicles' records went elsewhere.
+#[test]
+fn a_server_refuses_to_start_on_an_mqtt_port_already_served() {
+    let first = TestServer::start();
+    let taken = first.handle.mqtt_addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.broker.mqtt_addr = taken;
+    let error = match fleetgate::ops::server::start(&config) {
+        Ok(second) => {
+            let reported = second.mqtt_addr();
+            let _ = second.shutdown();
+            panic!("a second server started, reporting {reported}");
+        }
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains(&taken.to_string()), "{error}");
+    first.handle.shutdown().expect("shutdown");
+}

@@ -4,11 +4,12 @@
 //! `credentials_file` is set), and a TLS listener for vehicles with client
 //! certificates, whose topics rumqttd confines to `/tenants/{VIN}/`.
 //!
-//! fleetgate consumes through rumqttd's local link (no second TCP hop). Two
-//! properties of rumqttd 0.20 shape this module: it binds inside its server
-//! thread without reporting the bound address, so port 0 is resolved here
-//! by reserving a free port first; and it has no shutdown, so its threads
-//! end with the process (the pipeline drains separately, see `ingest`).
+//! fleetgate consumes through rumqttd's local link (no second TCP hop).
+//! Each listener is bound here, before the broker starts, and handed to it
+//! (`Broker::serve_on`, vendor/rumqttd/PATCHED.md 18): port 0 resolves to a
+//! port that is fleetgate's from then on, and a port in use is an error at
+//! start-up. rumqttd 0.20 has no shutdown, so its threads end with the
+//! process (the pipeline drains separately, see `ingest`).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -25,8 +26,8 @@ use crate::ingest::auth::Credentials;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot reserve a free port on {addr}: {source}")]
-    Reserve {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -34,7 +35,7 @@ pub enum BrokerError {
     Link(Box<rumqttd::local::LinkError>),
     #[error("cannot start the broker thread: {0}")]
     Thread(std::io::Error),
-    #[error("the broker did not start listening on {addr} (is the port in use? see the log)")]
+    #[error("the broker did not start listening on {addr} (see the log)")]
     NotListening { addr: SocketAddr },
     #[error("broker.tls: cert_file, key_file or client_ca_file does not exist")]
     TlsFiles,
@@ -80,8 +81,12 @@ pub fn start(
     credentials: Option<Arc<Credentials>>,
     rate_limited: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<EmbeddedBroker> {
-    let mqtt_addr = resolve_port(config.mqtt_addr)?;
-    let mqtt5_addr = resolve_port(config.mqtt5_addr)?;
+    let (mqtt_listener, mqtt_addr) = bind(config.mqtt_addr)?;
+    let (mqtt5_listener, mqtt5_addr) = bind(config.mqtt5_addr)?;
+    let mut listeners = vec![
+        (MQTT_V4_SERVER, mqtt_listener),
+        (MQTT_V5_SERVER, mqtt5_listener),
+    ];
     let mut connections = ConnectionSettings {
         connection_timeout_ms: config.connect_timeout_ms,
         max_payload_size: config.max_packet_bytes,
@@ -113,10 +118,9 @@ pub fn start(
                 },
             )
         };
-    let mut v4 = HashMap::from([settings("mqtt-v4", mqtt_addr, None, &connections)]);
+    let mut v4 = HashMap::from([settings(MQTT_V4_SERVER, mqtt_addr, None, &connections)]);
     let tls_addr = match &config.tls {
         Some(tls) => {
-            let addr = resolve_port(tls.addr)?;
             let path = |p: &std::path::Path| p.display().to_string();
             let rustls = TlsConfig::Rustls {
                 capath: Some(path(&tls.client_ca_file)),
@@ -126,9 +130,11 @@ pub fn start(
             if !rustls.validate_paths() {
                 return Err(BrokerError::TlsFiles);
             }
+            let (listener, addr) = bind(tls.addr)?;
+            listeners.push((MQTT_TLS_SERVER, listener));
             // Certificates identify these clients; no password on top.
             v4.extend([settings(
-                "mqtt-v4-tls",
+                MQTT_TLS_SERVER,
                 addr,
                 Some(rustls),
                 &certificate_connections,
@@ -170,7 +176,7 @@ pub fn start(
         },
         v4: Some(v4),
         v5: Some(HashMap::from([settings(
-            "mqtt-v5",
+            MQTT_V5_SERVER,
             mqtt5_addr,
             None,
             &connections,
@@ -178,6 +184,9 @@ pub fn start(
         ..rumqttd::Config::default()
     };
     let mut broker = Broker::new(rumqttd_config);
+    for (server, listener) in listeners {
+        broker.serve_on(server, listener);
+    }
     let (link_tx, link_rx) = broker.link(link_name)?;
     let thread = std::thread::Builder::new()
         .name("broker".into())
@@ -202,16 +211,18 @@ pub fn start(
     })
 }
 
-/// Port 0 means "any free port": reserve one now so its number is known.
-/// The port is free again between this call and rumqttd's bind; if another
-/// process takes it in that moment, start-up fails with `NotListening`.
-fn resolve_port(addr: SocketAddr) -> Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    TcpListener::bind(addr)
-        .and_then(|l| l.local_addr())
-        .map_err(|source| BrokerError::Reserve { addr, source })
+/// rumqttd's names of the listeners, which `Broker::serve_on` goes by.
+const MQTT_V4_SERVER: &str = "mqtt-v4";
+const MQTT_V5_SERVER: &str = "mqtt-v5";
+const MQTT_TLS_SERVER: &str = "mqtt-v4-tls";
+
+/// Binds a listener for the broker, and the address it got (port 0: any
+/// free port).
+fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let failed = |source| BrokerError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// MQTT protocol levels of the two listeners.

@@ -67,6 +67,8 @@ pub enum Error {
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
+    /// fleetgate patch: listeners the caller bound, by server name.
+    listeners: HashMap<String, std::net::TcpListener>,
 }
 
 impl Broker {
@@ -87,11 +89,19 @@ impl Broker {
                 // Start router first and then cluster in the background
                 let router_tx = router.spawn();
                 // cluster.spawn();
-                Broker { config, router_tx }
+                Broker {
+                    config,
+                    router_tx,
+                    listeners: HashMap::new(),
+                }
             }
             None => {
                 let router_tx = router.spawn();
-                Broker { config, router_tx }
+                Broker {
+                    config,
+                    router_tx,
+                    listeners: HashMap::new(),
+                }
             }
         }
     }
@@ -155,6 +165,15 @@ impl Broker {
         Ok((link_tx, link_rx))
     }
 
+    /// fleetgate patch: the server named `server` accepts on `listener`,
+    /// bound by the caller, instead of binding its `listen` address when it
+    /// starts. The caller knows the port (port 0 included) and that it is
+    /// its own before the broker runs; binding inside the server thread, a
+    /// port in use was only logged there.
+    pub fn serve_on(&mut self, server: &str, listener: std::net::TcpListener) {
+        self.listeners.insert(server.to_owned(), listener);
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
@@ -205,7 +224,9 @@ impl Broker {
         if let Some(v4_config) = &self.config.v4 {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let listener = self.listeners.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.listener = listener;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -223,7 +244,9 @@ impl Broker {
         if let Some(v5_config) = &self.config.v5 {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let listener = self.listeners.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V5);
+                server.listener = listener;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -349,6 +372,8 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    /// fleetgate patch: a listener bound by the caller (`Broker::serve_on`).
+    listener: Option<std::net::TcpListener>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,11 +387,18 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            listener: None,
         }
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        let listener = match self.listener.take() {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
