@@ -55,7 +55,7 @@ data_dir = "$FG_DIR/data"
 key_file = "$FG_DIR/keys/root.key"
 vault_file = "$FG_DIR/keys/vault.redb"
 TOML
-  RUST_LOG=info "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \
+  "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \
     --mqtt-addr "127.0.0.1:$FG_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FG_ADMIN" --flight-sql-addr 127.0.0.1:0 \
     > "$OUT/$1.serve.log" 2>&1 &
   FG_PID=$!
@@ -193,7 +193,7 @@ audit_file = "$FL_DIR/audit/deletions.jsonl"
 requests_file = "$FL_DIR/audit/deletion-requests.json"
 holds_file = "$FL_DIR/audit/legal-holds.json"
 TOML
-RUST_LOG=info "$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
+"$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
   --mqtt-addr "127.0.0.1:$FL_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FL_ADMIN" \
   --flight-sql-addr "127.0.0.1:$FL_FLIGHT" > "$OUT/flight.serve.log" 2>&1 &
 FL_PID=$!
