@@ -7,8 +7,18 @@
 //! a [`RejectedRecord`] carrying its own reason. Messages name the schema's
 //! field and the problem, with sizes and positions; they never quote a value
 //! or a name the sender chose, since any of them could identify a person.
+//!
+//! Two readings of one payload: the common case, every record valid, in one
+//! pass that puts each field's value straight into its schema slot; and,
+//! when that pass meets anything else, the payload read again as a JSON
+//! tree, record by record, which words each rejection and keeps what the
+//! dead letter needs. Both judge a value with the same [`convert`], so they
+//! accept exactly the same records.
+
+use std::fmt;
 
 use chrono::DateTime;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value as Json;
 
 use crate::core::reject::{RejectCode, Rejection};
@@ -104,13 +114,8 @@ pub fn decode(
     received_at_ms: i64,
     out: &mut Decoded,
 ) {
-    let whole = |code, message: String| RejectedRecord {
-        index: None,
-        rejection: Rejection::new(code, message),
-        bytes: RejectedBytes::Payload,
-    };
     if payload.len() > limits.max_payload_bytes {
-        out.rejected.push(whole(
+        out.rejected.push(whole_payload(
             RejectCode::Oversize,
             format!(
                 "payload of {} bytes exceeds the limit of {} bytes",
@@ -120,10 +125,38 @@ pub fn decode(
         ));
         return;
     }
+    let checker = Checker {
+        schema,
+        topic_vin,
+        max_ts_ms: received_at_ms.saturating_add(limits.max_clock_skew_ms),
+    };
+    let valid_before = out.valid.len();
+    if checker
+        .all_valid(payload, limits.max_records_per_publish, &mut out.valid)
+        .is_ok()
+    {
+        return;
+    }
+    out.valid.truncate(valid_before);
+    decode_tree(&checker, limits, payload, out);
+}
+
+/// A rejection of the whole payload.
+fn whole_payload(code: RejectCode, message: String) -> RejectedRecord {
+    RejectedRecord {
+        index: None,
+        rejection: Rejection::new(code, message),
+        bytes: RejectedBytes::Payload,
+    }
+}
+
+/// The slow way: the payload as a JSON tree, each record judged and every
+/// rejection worded.
+fn decode_tree(checker: &Checker, limits: &Limits, payload: &[u8], out: &mut Decoded) {
     let parsed: Json = match serde_json::from_slice(payload) {
         Ok(v) => v,
         Err(e) => {
-            out.rejected.push(whole(
+            out.rejected.push(whole_payload(
                 RejectCode::NotJson,
                 format!(
                     "payload is not JSON ({:?} error at line {}, column {})",
@@ -135,20 +168,15 @@ pub fn decode(
             return;
         }
     };
-    let checker = Checker {
-        schema,
-        topic_vin,
-        max_ts_ms: received_at_ms.saturating_add(limits.max_clock_skew_ms),
-    };
     match parsed {
         Json::Array(items) if items.is_empty() => {
-            out.rejected.push(whole(
+            out.rejected.push(whole_payload(
                 RejectCode::Empty,
                 "payload is an empty array".to_owned(),
             ));
         }
         Json::Array(items) if items.len() > limits.max_records_per_publish => {
-            out.rejected.push(whole(
+            out.rejected.push(whole_payload(
                 RejectCode::TooManyRecords,
                 format!(
                     "payload holds {} records, more than the limit of {}",
@@ -218,7 +246,12 @@ impl Checker<'_> {
                 ),
             ));
         }
-        if values[self.schema.vin_index] != Value::Str(self.topic_vin.to_owned()) {
+        self.finish(values)
+    }
+
+    /// The checks across fields, once each field's value is known.
+    fn finish(&self, values: Vec<Value>) -> Result<Record, Rejection> {
+        if !matches!(&values[self.schema.vin_index], Value::Str(vin) if vin == self.topic_vin) {
             return Err(Rejection::new(
                 RejectCode::VinMismatch,
                 "the record's vin differs from the VIN in the topic",
@@ -233,6 +266,149 @@ impl Checker<'_> {
             ));
         }
         Ok(record)
+    }
+
+    /// The common case in one pass: appends the payload's records to
+    /// `valid` if every one of them is valid, reading each field's value
+    /// into its schema slot without a JSON tree of the record. `Err` at the
+    /// first thing out of the ordinary (not JSON, an empty or too long
+    /// array, an unknown, repeated or missing field, a value [`convert`]
+    /// refuses), with `valid` holding some of the records: the caller reads
+    /// the payload again the slow way, which words the rejection.
+    fn all_valid(
+        &self,
+        payload: &[u8],
+        max_records: usize,
+        valid: &mut Vec<Record>,
+    ) -> Result<(), serde_json::Error> {
+        let mut json = serde_json::Deserializer::from_slice(payload);
+        PayloadSeed {
+            checker: self,
+            max_records,
+            valid,
+        }
+        .deserialize(&mut json)?;
+        json.end()
+    }
+}
+
+/// The one-pass reading gives up; the slow one says why.
+fn give_up<E: serde::de::Error>() -> E {
+    E::custom("not a payload of valid records only")
+}
+
+/// A payload: one record or an array of them.
+struct PayloadSeed<'c, 's> {
+    checker: &'c Checker<'s>,
+    max_records: usize,
+    valid: &'c mut Vec<Record>,
+}
+
+impl<'de> DeserializeSeed<'de> for PayloadSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PayloadSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a record or an array of records")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let record = RecordSeed(self.checker).visit_map(map)?;
+        self.valid.push(record);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut records = 0;
+        while let Some(record) = seq.next_element_seed(RecordSeed(self.checker))? {
+            records += 1;
+            if records > self.max_records {
+                return Err(give_up());
+            }
+            self.valid.push(record);
+        }
+        if records == 0 {
+            return Err(give_up());
+        }
+        Ok(())
+    }
+}
+
+/// One record, its fields read into their schema slots.
+struct RecordSeed<'c, 's>(&'c Checker<'s>);
+
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_, '_> {
+    type Value = Record;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Record, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordSeed<'_, '_> {
+    type Value = Record;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a record")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Record, A::Error> {
+        let fields = &self.0.schema.fields;
+        let mut slots: Vec<Option<Value>> = vec![None; fields.len()];
+        while let Some(index) = map.next_key_seed(FieldSeed(fields))? {
+            let field = &fields[index];
+            let value = match map.next_value::<Json>()? {
+                Json::Null if field.required => return Err(give_up()),
+                Json::Null => Value::Null,
+                json => convert(field, &json).map_err(|_| give_up())?,
+            };
+            if slots[index].replace(value).is_some() {
+                return Err(give_up());
+            }
+        }
+        let values = slots
+            .into_iter()
+            .zip(fields)
+            .map(|(slot, field)| match slot {
+                Some(value) => Ok(value),
+                None if field.required => Err(give_up()),
+                None => Ok(Value::Null),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.0.finish(values).map_err(|_| give_up())
+    }
+}
+
+/// A record's key: the index of its schema field.
+struct FieldSeed<'c>(&'c [FieldSpec]);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = usize;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<usize, E> {
+        self.0
+            .iter()
+            .position(|field| field.name == name)
+            .ok_or_else(give_up)
     }
 }
 
@@ -540,5 +716,87 @@ mod tests {
         assert!(!message.contains("12345"), "{message}");
         let out = decode_one(Stream::Charging, "WMW21GD07P2S00002", payload);
         assert_eq!(out.rejected[0].rejection.code, RejectCode::WrongType);
+    }
+
+    /// The one-pass reading accepts a payload only when the JSON tree
+    /// accepts every record of it, as the same records; and it is the
+    /// reading that valid payloads take.
+    #[test]
+    fn the_one_pass_reading_accepts_what_the_tree_accepts() {
+        let registry = Registry::load().expect("schemas");
+        let agree = |stream: Stream, vin: &str, payload: &[u8]| -> bool {
+            let checker = Checker {
+                schema: registry.get(stream),
+                topic_vin: vin,
+                max_ts_ms: RECEIVED_AT_MS + limits().max_clock_skew_ms,
+            };
+            let mut one_pass = Vec::new();
+            let accepted = checker
+                .all_valid(payload, limits().max_records_per_publish, &mut one_pass)
+                .is_ok();
+            let mut tree = Decoded::default();
+            decode_tree(&checker, &limits(), payload, &mut tree);
+            if accepted {
+                assert!(tree.rejected.is_empty(), "{:?}", tree.rejected);
+                assert_eq!(one_pass, tree.valid);
+            }
+            accepted
+        };
+        for stream in Stream::ALL {
+            for (name, bytes) in examples(stream, "valid") {
+                let json: Json = serde_json::from_slice(&bytes).expect("valid example is JSON");
+                let first = json.as_array().map_or(&json, |records| &records[0]);
+                let vin = first["vin"].as_str().expect("vin");
+                assert!(agree(stream, vin, &bytes), "{stream}/{name} takes one pass");
+            }
+            for (name, bytes) in examples(stream, "invalid") {
+                assert!(
+                    !agree(stream, TOPIC_VIN_OF_INVALID, &bytes),
+                    "{stream}/{name} is not read in one pass"
+                );
+            }
+        }
+        const VIN: &str = "WMW11DJ04N2T00001";
+        let record = |body: &str| format!(r#"{{"vin":"{VIN}","ts":1795536000000,{body}}}"#);
+        let cases = [
+            (record(r#""seq":1,"ecu":"DME","severity":"info""#), true),
+            (record(r#""severity":"info","ecu":"DME","seq":1"#), true),
+            (
+                record(r#""seq":1,"ecu":"DME","severity":"info","anomaly":null"#),
+                true,
+            ),
+            (
+                record(r#""s\u0065q":1,"ecu":"DME","severity":"info""#),
+                true,
+            ),
+            (
+                format!(
+                    " [{}] \n",
+                    record(r#""seq":1,"ecu":"DME","severity":"info""#)
+                ),
+                true,
+            ),
+            // The tree takes the last of a repeated field; one pass leaves it to the tree.
+            (
+                record(r#""seq":1,"seq":2,"ecu":"DME","severity":"info""#),
+                false,
+            ),
+            (record(r#""seq":1.0,"ecu":"DME","severity":"info""#), false),
+            (record(r#""seq":1,"ecu":"DME","severity":"info"} {"#), false),
+            (
+                record(r#""seq":1,"ecu":"DME","severity":"info","extra":1"#),
+                false,
+            ),
+            (record(r#""seq":1,"ecu":"DME","severity":null"#), false),
+            ("[]".to_owned(), false),
+            ("7".to_owned(), false),
+        ];
+        for (payload, one_pass) in cases {
+            assert_eq!(
+                agree(Stream::Diagnostics, VIN, payload.as_bytes()),
+                one_pass,
+                "{payload}"
+            );
+        }
     }
 }
