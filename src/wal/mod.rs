@@ -229,6 +229,9 @@ pub struct ShardWal {
     retired: bool,
     /// In a cluster: the copies of this shard's group commits.
     copies: Option<ShardCopies>,
+    /// One zstd context for every frame: made per frame, its set-up cost
+    /// more than compressing a frame of a few dozen rows.
+    compressor: zstd::bulk::Compressor<'static>,
 }
 
 /// The copies of one shard's group commits: the frames appended since the
@@ -273,7 +276,10 @@ impl ShardWal {
         let sealed = recovered.map(|r| r.segments.clone()).unwrap_or_default();
         let next_seq = recovered.map_or(0, |r| r.next_seq);
         let (active, active_path) = new_segment(&dir, next_seq)?;
+        let compressor =
+            zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(io_err(Path::new("zstd")))?;
         Ok(Self {
+            compressor,
             shard,
             dir,
             settings: settings.clone(),
@@ -312,7 +318,7 @@ impl ShardWal {
             shard: self.shard,
             seq: self.next_seq,
         };
-        let frame = encode_frame(id.seq, table, partition, batch)?;
+        let frame = encode_frame(&mut self.compressor, id.seq, table, partition, batch)?;
         if self.retired {
             self.rotate()?;
             self.retired = false;
@@ -595,6 +601,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 fn encode_frame(
+    compressor: &mut zstd::bulk::Compressor,
     seq: u64,
     table: Table,
     partition: PartitionKey,
@@ -606,7 +613,9 @@ fn encode_frame(
         writer.write(batch)?;
         writer.finish()?;
     }
-    let compressed = zstd::bulk::compress(&ipc, ZSTD_LEVEL).map_err(io_err(Path::new("zstd")))?;
+    let compressed = compressor
+        .compress(&ipc)
+        .map_err(io_err(Path::new("zstd")))?;
     let (days, hour) = partition.to_parts();
     let mut body = Vec::with_capacity(BODY_HEADER_BYTES + compressed.len());
     body.extend_from_slice(&seq.to_le_bytes());
@@ -944,6 +953,7 @@ mod tests {
         let path = only_segment(dir.path());
         let good_len = fs::metadata(&path).expect("stat").len();
         let frame = encode_frame(
+            &mut zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd"),
             2,
             Table::DeadLetters,
             PartitionKey::from_millis(PARTITION_MS),
