@@ -295,6 +295,11 @@ impl CommonArgs {
     }
 }
 
+/// mimalloc: per-thread free lists, where glibc's malloc and free took
+/// 14 % of the server's CPU under load (perf, flat-out ingest).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// What is logged unless RUST_LOG says otherwise. Ballista's scheduler and
 /// executors log every plan they run, with its literals, at info.
 const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,buoyant_kernel=warn,deltalake_core=warn,\
