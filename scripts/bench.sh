@@ -18,7 +18,9 @@
 # 7. live:      live followers beside half-rate ingest, the portal in a browser;
 # 8. fleet:     one connection per vehicle, fleetgate and Mosquitto
 #               (scripts/fleet_shape.sh: accept rate, memory per idle connection,
-#               ingest with the fleet connected).
+#               ingest with the fleet connected);
+# 9. batched:   steps 1, 2 and 4 again with 10 records per publish, a tenth of
+#               the publishes (scripts/batched.sh).
 # Results land in $BENCH_OUT (default target/bench/<timestamp>): every loadgen
 # report, /metrics scrapes, server logs, and results.md, which is also printed.
 # Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb,
@@ -125,7 +127,7 @@ audit_file = "$FL_DIR/audit/deletions.jsonl"
 requests_file = "$FL_DIR/audit/deletion-requests.json"
 holds_file = "$FL_DIR/audit/legal-holds.json"
 TOML
-"$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
+env -u RUST_LOG "$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
   --mqtt-addr "127.0.0.1:$FL_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FL_ADMIN" \
   --flight-sql-addr "127.0.0.1:$FL_FLIGHT" > "$OUT/flight.serve.log" 2>&1 &
 FL_PID=$!
@@ -179,5 +181,9 @@ wait "$FL_PID"
 
 echo "== 8. fleet shape: one connection per vehicle"
 CARGO_TARGET_DIR=$TARGET scripts/fleet_shape.sh "$OUT"
+
+echo "== 9. batched: 10 records per publish"
+CARGO_TARGET_DIR=$TARGET VEHICLES=$VEHICLES CONNECTIONS=$CONNECTIONS \
+  scripts/batched.sh "$OUT" $(( PUBLISHES / 10 )) 10
 
 python3 scripts/bench_report.py "$OUT" "scripts/bench.sh $PUBLISHES" | tee "$OUT/results.md"

@@ -1,5 +1,5 @@
-# Shared by scripts/bench.sh and scripts/fleet_shape.sh (sourced): a work
-# directory and the processes to stop on exit, and ports.
+# Shared by scripts/bench.sh, scripts/fleet_shape.sh and scripts/batched.sh
+# (sourced): a work directory and the processes to stop on exit, and ports.
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -36,7 +36,8 @@ data_dir = "$FG_DIR/data"
 key_file = "$FG_DIR/keys/root.key"
 vault_file = "$FG_DIR/keys/vault.redb"
 TOML
-  "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \
+  # Its default log filter, whatever the caller's shell exports.
+  env -u RUST_LOG "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \
     --mqtt-addr "127.0.0.1:$FG_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FG_ADMIN" --flight-sql-addr 127.0.0.1:0 \
     > "$OUT/$1.serve.log" 2>&1 &
   FG_PID=$!

@@ -199,7 +199,8 @@ p("")
 p(f"The portal in headless Chromium (`scripts/portal_check.py`, a user holding one vehicle of "
   f"the run): ready (signed in, history charted, live stream connected) {ready[2]:.0f} ms after "
   f"navigation (median of 5; {ready[0]:.0f}–{ready[-1]:.0f} ms).")
-if os.path.exists(os.path.join(out, "fleet.md")):
-    p("")
-    p(read("fleet.md").rstrip())
+for part in ("fleet.md", "batched.md"):
+    if os.path.exists(os.path.join(out, part)):
+        p("")
+        p(read(part).rstrip())
 print("\n".join(lines))

@@ -49,7 +49,7 @@ data_dir = "$WORK/data"
 key_file = "$WORK/keys/root.key"
 vault_file = "$WORK/keys/vault.redb"
 TOML
-"$FLEETGATE" serve --config "$WORK/fleetgate.toml" --mqtt-addr "127.0.0.1:$PORT" \
+env -u RUST_LOG "$FLEETGATE" serve --config "$WORK/fleetgate.toml" --mqtt-addr "127.0.0.1:$PORT" \
   --mqtt5-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --flight-sql-addr 127.0.0.1:0 \
   > "$OUT/fleet.serve.log" 2>&1 &
 FG_PID=$!
