@@ -71,22 +71,42 @@ pub struct EmbeddedBroker {
     _thread: JoinHandle<()>,
 }
 
-/// Starts rumqttd and waits until it accepts MQTT connections. With
+/// The broker's listeners, bound by fleetgate before anything else starts,
+/// so that a port in use stops start-up before it has done anything, and
+/// handed to rumqttd (`Broker::serve_on`). Connections made before the
+/// broker runs wait in the listeners' backlog.
+pub struct Listeners {
+    mqtt: (TcpListener, SocketAddr),
+    mqtt5: (TcpListener, SocketAddr),
+    tls: Option<(TcpListener, SocketAddr)>,
+}
+
+impl Listeners {
+    /// Binds `mqtt_addr`, `mqtt5_addr` and, if configured, the TLS address
+    /// (port 0: any free port).
+    pub fn bind(config: &BrokerConfig) -> Result<Self> {
+        Ok(Self {
+            mqtt: bind(config.mqtt_addr)?,
+            mqtt5: bind(config.mqtt5_addr)?,
+            tls: config.tls.as_ref().map(|tls| bind(tls.addr)).transpose()?,
+        })
+    }
+}
+
+/// Starts rumqttd on `listeners` and waits until it answers MQTT CONNECTs. With
 /// `credentials`, every CONNECT on the plain listeners must log in (see
 /// [`crate::ingest::auth`]); `rate_limited` counts the seconds in which a
 /// connection hit `max_publishes_per_second`.
 pub fn start(
     config: &BrokerConfig,
+    listeners: Listeners,
     link_name: &str,
     credentials: Option<Arc<Credentials>>,
     rate_limited: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<EmbeddedBroker> {
-    let (mqtt_listener, mqtt_addr) = bind(config.mqtt_addr)?;
-    let (mqtt5_listener, mqtt5_addr) = bind(config.mqtt5_addr)?;
-    let mut listeners = vec![
-        (MQTT_V4_SERVER, mqtt_listener),
-        (MQTT_V5_SERVER, mqtt5_listener),
-    ];
+    let Listeners { mqtt, mqtt5, tls } = listeners;
+    let (mqtt_addr, mqtt5_addr) = (mqtt.1, mqtt5.1);
+    let mut handed = vec![(MQTT_V4_SERVER, mqtt.0), (MQTT_V5_SERVER, mqtt5.0)];
     let mut connections = ConnectionSettings {
         connection_timeout_ms: config.connect_timeout_ms,
         max_payload_size: config.max_packet_bytes,
@@ -119,8 +139,8 @@ pub fn start(
             )
         };
     let mut v4 = HashMap::from([settings(MQTT_V4_SERVER, mqtt_addr, None, &connections)]);
-    let tls_addr = match &config.tls {
-        Some(tls) => {
+    let tls_addr = match (&config.tls, tls) {
+        (Some(tls), Some((listener, addr))) => {
             let path = |p: &std::path::Path| p.display().to_string();
             let rustls = TlsConfig::Rustls {
                 capath: Some(path(&tls.client_ca_file)),
@@ -130,8 +150,7 @@ pub fn start(
             if !rustls.validate_paths() {
                 return Err(BrokerError::TlsFiles);
             }
-            let (listener, addr) = bind(tls.addr)?;
-            listeners.push((MQTT_TLS_SERVER, listener));
+            handed.push((MQTT_TLS_SERVER, listener));
             // Certificates identify these clients; no password on top.
             v4.extend([settings(
                 MQTT_TLS_SERVER,
@@ -141,7 +160,7 @@ pub fn start(
             )]);
             Some(addr)
         }
-        None => None,
+        _ => None,
     };
     let rumqttd_config = rumqttd::Config {
         id: 0,
@@ -184,7 +203,7 @@ pub fn start(
         ..rumqttd::Config::default()
     };
     let mut broker = Broker::new(rumqttd_config);
-    for (server, listener) in listeners {
+    for (server, listener) in handed {
         broker.serve_on(server, listener);
     }
     let (link_tx, link_rx) = broker.link(link_name)?;
@@ -196,11 +215,10 @@ pub fn start(
             }
         })
         .map_err(BrokerError::Thread)?;
+    // The TLS listener is not probed: a handshake needs a client
+    // certificate. It is bound, and the broker runs once the plain ones answer.
     wait_until_listening(mqtt_addr, MQTT_V4, &thread)?;
     wait_until_listening(mqtt5_addr, MQTT_V5, &thread)?;
-    if let Some(addr) = tls_addr {
-        wait_until_bound(addr, &thread)?;
-    }
     Ok(EmbeddedBroker {
         mqtt_addr,
         mqtt5_addr,
@@ -231,33 +249,23 @@ const MQTT_V5: u8 = 5;
 
 /// Waits for the broker to answer an MQTT CONNECT with a CONNACK (any return
 /// code: the broker is up even if it refuses this anonymous probe), or to
-/// close it unanswered, as upstream rumqttd does with a refused login.
+/// close it unanswered, as upstream rumqttd does with a refused login. The
+/// listener is bound, so the probe connects at once and its CONNECT waits in
+/// the backlog until the broker runs: one probe waits for the whole
+/// start-up rather than leaving unanswered ones behind for the broker to
+/// find later.
 fn wait_until_listening(addr: SocketAddr, level: u8, broker_thread: &JoinHandle<()>) -> Result<()> {
-    wait_until(addr, broker_thread, || probe(addr, level).is_ok())
-}
-
-/// Waits until the TLS listener accepts TCP connections (a TLS handshake
-/// would need a client certificate; rumqttd logs the aborted one).
-fn wait_until_bound(addr: SocketAddr, broker_thread: &JoinHandle<()>) -> Result<()> {
-    wait_until(addr, broker_thread, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
-}
-
-/// Polls `ready` until it holds, the broker thread ends, or time runs out.
-fn wait_until(
-    addr: SocketAddr,
-    broker_thread: &JoinHandle<()>,
-    ready: impl Fn() -> bool,
-) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    while Instant::now() < deadline && !broker_thread.is_finished() {
-        if ready() {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || broker_thread.is_finished() {
+            return Err(BrokerError::NotListening { addr });
+        }
+        if probe(addr, level, left).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Err(BrokerError::NotListening { addr })
 }
 
 /// One CONNECT / CONNACK / DISCONNECT exchange, waiting for the broker to
@@ -265,7 +273,7 @@ fn wait_until(
 /// client id: rumqttd 0.20 panics, and poisons its listener for good, when a
 /// client id whose previous connection failed during set-up connects again
 /// (`will_handlers` in its server/broker.rs).
-fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
+fn probe(addr: SocketAddr, level: u8, wait: Duration) -> std::io::Result<()> {
     let client_id = format!(
         "fleetgate-probe-{:016x}",
         crate::core::clock::random_nonce()
@@ -283,7 +291,7 @@ fn probe(addr: SocketAddr, level: u8) -> std::io::Result<()> {
     connect.extend_from_slice(&variable);
 
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.set_read_timeout(Some(wait))?;
     stream.write_all(&connect)?;
     let mut connack = [0u8; 4];
     match stream.read_exact(&mut connack) {

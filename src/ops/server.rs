@@ -169,6 +169,8 @@ fn warn_if_too_few_descriptors(config: &Config) {
 /// front-ends and the sweep, and last the broker with its ingest link.
 pub fn start(config: &Config) -> Result<ServerHandle> {
     config.validate()?;
+    // First, so that a port in use stops start-up before it does anything.
+    let listeners = broker::Listeners::bind(&config.broker)?;
     crate::core::fsio::restrict_new_files();
     warn_if_too_few_descriptors(config);
     let registry = Registry::load_from(config.storage.schema_dir.as_deref())?;
@@ -326,6 +328,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
     );
     let embedded = broker::start(
         &config.broker,
+        listeners,
         &link_client_id,
         credentials.clone(),
         metrics.publish_rate_limited.clone(),
