@@ -13,7 +13,8 @@
 //! when that pass meets anything else, the payload read again as a JSON
 //! tree, record by record, which words each rejection and keeps what the
 //! dead letter needs. Both judge a value with the same [`convert`], so they
-//! accept exactly the same records.
+//! accept exactly the same records. A payload with a rejected record is read
+//! twice, at most twice the work of one reading.
 
 use std::fmt;
 
@@ -693,6 +694,25 @@ mod tests {
         assert_eq!(out.rejected.len(), 1);
         assert_eq!(out.rejected[0].index, Some(1));
         assert_eq!(out.rejected[0].rejection.code, RejectCode::OutOfRange);
+
+        // Nor the records of the payloads decoded before it into the same outcomes.
+        let registry = Registry::load().expect("schemas");
+        let mut out = Decoded::default();
+        let good = br#"{"vin":"WMW11DJ04N2T00001","ts":1795536000000,"seq":9,"ecu":"DME","severity":"info"}"#;
+        for payload in [&good[..], &payload[..]] {
+            let schema = registry.get(Stream::Diagnostics);
+            decode(
+                schema,
+                &limits(),
+                "WMW11DJ04N2T00001",
+                payload,
+                RECEIVED_AT_MS,
+                &mut out,
+            );
+        }
+        let seqs: Vec<_> = out.valid.iter().map(|r| r.values[2].clone()).collect();
+        assert_eq!(seqs, [Value::Int(9), Value::Int(1), Value::Int(3)]);
+        assert_eq!(out.rejected.len(), 1);
     }
 
     #[test]
