@@ -40,20 +40,7 @@ wait_stored batched-e2e "$STARTED"
 stop_fleetgate batched-e2e
 
 echo "== batched: Mosquitto with a plain QoS 1 subscriber"
-MQ_PORT=$(free_port)
-cat > "$WORK/mosquitto.conf" <<CONF
-listener $MQ_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-max_queued_messages 100000
-CONF
-mosquitto -c "$WORK/mosquitto.conf" > "$OUT/batched-mosquitto.log" 2>&1 &
-MQ_PID=$!
-PIDS+=("$MQ_PID")
-wait_port "$MQ_PORT"
-mosquitto_sub -p "$MQ_PORT" -q 1 -t 'vehicles/#' > /dev/null &
-PIDS+=("$!")
-sleep 0.5
+start_mosquitto batched-mosquitto
 loadgen --port "$MQ_PORT" --count "$PUBLISHES" --records-per-publish "$RECORDS" \
   --out "$OUT/batched-mosquitto"
 kill "$MQ_PID"

@@ -85,20 +85,7 @@ wait_stored half-received "$STARTED"
 stop_fleetgate half-received
 
 echo "== 4. Mosquitto with a plain QoS 1 subscriber"
-MQ_PORT=$(free_port)
-cat > "$WORK/mosquitto.conf" <<CONF
-listener $MQ_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-max_queued_messages 100000
-CONF
-mosquitto -c "$WORK/mosquitto.conf" > "$OUT/mosquitto.log" 2>&1 &
-MQ_PID=$!
-PIDS+=("$MQ_PID")
-wait_port "$MQ_PORT"
-mosquitto_sub -p "$MQ_PORT" -q 1 -t 'vehicles/#' > /dev/null &
-PIDS+=("$!")
-sleep 0.5
+start_mosquitto mosquitto
 loadgen --port "$MQ_PORT" --count "$PUBLISHES" --out "$OUT/mosquitto"
 peak_rss_mib "$MQ_PID" > "$OUT/mosquitto.rss_mib"
 kill "$MQ_PID"

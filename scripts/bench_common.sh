@@ -88,3 +88,22 @@ print(json.dumps({"records": report["records_acked"], "received": received, "sto
                   "records_per_s": done / seconds}))
 PY
 }
+
+# start_mosquitto NAME: Mosquitto 2 on a free port, logging to OUT/NAME.log,
+# with a plain QoS 1 subscriber of every vehicle topic; sets MQ_PORT, MQ_PID.
+start_mosquitto() {
+  MQ_PORT=$(free_port)
+  cat > "$WORK/mosquitto.conf" <<CONF
+listener $MQ_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 100000
+CONF
+  mosquitto -c "$WORK/mosquitto.conf" > "$OUT/$1.log" 2>&1 &
+  MQ_PID=$!
+  PIDS+=("$MQ_PID")
+  wait_port "$MQ_PORT"
+  mosquitto_sub -p "$MQ_PORT" -q 1 -t 'vehicles/#' > /dev/null &
+  PIDS+=("$!")
+  sleep 0.5
+}
