@@ -417,10 +417,6 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     server.handle.shutdown().expect("shutdown");
 }
 
-/// An open stream that hands rows over writes `delivered` lines while it
-/// stays open (at most every `access.live_audit_interval_ms`), not only
-/// when it ends: a crash loses the count of one interval at most, and
-/// alice's last read is not stuck at the moment she connected.
 /// Streams that keep up read the same window of each new commit, which the
 /// server scans once for all of them; each still gets only what its own
 /// principal's view holds: two users their own vehicle's rows, the
@@ -510,6 +506,10 @@ fn a_window_too_large_to_share_is_read_through_the_streams_own_view() {
     assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![1], &Value::from(A)));
 }
 
+/// An open stream that hands rows over writes `delivered` lines while it
+/// stays open (at most every `access.live_audit_interval_ms`), not only
+/// when it ends: a crash loses the count of one interval at most, and
+/// alice's last read is not stuck at the moment she connected.
 #[test]
 fn an_open_stream_audits_what_it_delivered_as_it_goes() {
     let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 1);
