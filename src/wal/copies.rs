@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{
-    EntryId, HEADER_BYTES, MAGIC, Recovered, RecoveredShard, Result, WalError, decode_body,
+    Codec, EntryId, HEADER_BYTES, MAGIC, Recovered, RecoveredShard, Result, WalError, decode_body,
     read_frame,
 };
 use crate::core::table::Table;
@@ -220,9 +220,10 @@ fn parse_key(rest: &str) -> Option<(u16, u64)> {
 }
 
 fn decode_copy(bytes: &[u8], shard: u16) -> std::result::Result<(i64, Vec<super::Entry>), String> {
-    if bytes.len() < HEADER_BYTES || &bytes[..MAGIC.len()] != MAGIC {
-        return Err("not a fleetgate WAL copy".into());
-    }
+    let codec = match Codec::of_segment(bytes) {
+        Some(codec) if bytes.len() >= HEADER_BYTES => codec,
+        _ => return Err("not a fleetgate WAL copy".into()),
+    };
     let created_ms = i64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "header")?);
     let mut entries = Vec::new();
     let mut offset = HEADER_BYTES;
@@ -230,7 +231,7 @@ fn decode_copy(bytes: &[u8], shard: u16) -> std::result::Result<(i64, Vec<super:
         let (len, body) =
             read_frame(&bytes[offset..]).map_err(|reason| format!("offset {offset}: {reason}"))?;
         let (seq, table, partition, batch): (u64, Table, _, _) =
-            decode_body(body).map_err(|reason| format!("offset {offset}: {reason}"))?;
+            decode_body(body, codec).map_err(|reason| format!("offset {offset}: {reason}"))?;
         entries.push(super::Entry {
             id: EntryId { shard, seq },
             table,

@@ -6,8 +6,13 @@
 //! a raw identifier. A segment is a header (magic, creation time) and frames:
 //!
 //! ```text
-//! len u32 LE | crc32 u32 LE (of body) | body: seq u64 | table u8 | days i32 | hour u8 | zstd(Arrow IPC stream)
+//! len u32 LE | crc32 u32 LE (of body) | body: seq u64 | table u8 | days i32 | hour u8 | lz4(Arrow IPC stream)
 //! ```
+//!
+//! The body is an LZ4 block with its length before it. LZ4 costs a fraction
+//! of zstd's CPU on a frame of a few dozen rows, and the log is short-lived,
+//! so the bytes it saves do not matter. Segments written before (magic
+//! `FGWAL001`) hold zstd bodies and are still read.
 //!
 //! Each commit to a Delta table records, per shard, the last entry it holds
 //! (see [`crate::store::delta`]); recovery replays every entry no commit
@@ -38,14 +43,51 @@ use crate::core::fsio;
 use crate::core::table::{PartitionKey, Table};
 use copies::{Copies, KeptCopy};
 
-const MAGIC: &[u8; 8] = b"FGWAL001";
+const MAGIC: &[u8; 8] = b"FGWAL002";
+/// Segments and copies of the releases that compressed bodies with zstd.
+const MAGIC_ZSTD: &[u8; 8] = b"FGWAL001";
 const HEADER_BYTES: usize = 16;
 const FRAME_HEADER_BYTES: usize = 8;
 const BODY_HEADER_BYTES: usize = 8 + 1 + 4 + 1;
 /// Largest frame accepted when reading: anything larger is corruption.
 const MAX_FRAME_BYTES: usize = 1 << 30;
-/// zstd level of WAL entries: fast, the log is short-lived.
-const ZSTD_LEVEL: i32 = 1;
+
+/// How the bodies of a segment are compressed, from its magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Lz4,
+    /// Read only: segments left by an older release.
+    Zstd,
+}
+
+impl Codec {
+    fn of_segment(bytes: &[u8]) -> Option<Self> {
+        match bytes.get(..MAGIC.len())? {
+            m if m == MAGIC => Some(Self::Lz4),
+            m if m == MAGIC_ZSTD => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+
+    fn decompress(self, compressed: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        match self {
+            Self::Lz4 => {
+                let (size, block) =
+                    lz4_flex::block::uncompressed_size(compressed).map_err(|e| e.to_string())?;
+                // LZ4 expands at most 255-fold: a larger claim is corruption,
+                // and must not become an allocation.
+                if size > block.len().saturating_mul(255) {
+                    return Err(format!(
+                        "LZ4 block claims {size} bytes from {}",
+                        block.len()
+                    ));
+                }
+                lz4_flex::block::decompress(block, size).map_err(|e| e.to_string())
+            }
+            Self::Zstd => zstd::stream::decode_all(compressed).map_err(|e| e.to_string()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -229,9 +271,6 @@ pub struct ShardWal {
     retired: bool,
     /// In a cluster: the copies of this shard's group commits.
     copies: Option<ShardCopies>,
-    /// One zstd context for every frame: made per frame, its set-up cost
-    /// more than compressing a frame of a few dozen rows.
-    compressor: zstd::bulk::Compressor<'static>,
 }
 
 /// The copies of one shard's group commits: the frames appended since the
@@ -276,10 +315,7 @@ impl ShardWal {
         let sealed = recovered.map(|r| r.segments.clone()).unwrap_or_default();
         let next_seq = recovered.map_or(0, |r| r.next_seq);
         let (active, active_path) = new_segment(&dir, next_seq)?;
-        let compressor =
-            zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(io_err(Path::new("zstd")))?;
         Ok(Self {
-            compressor,
             shard,
             dir,
             settings: settings.clone(),
@@ -318,7 +354,7 @@ impl ShardWal {
             shard: self.shard,
             seq: self.next_seq,
         };
-        let frame = encode_frame(&mut self.compressor, id.seq, table, partition, batch)?;
+        let frame = encode_frame(id.seq, table, partition, batch)?;
         if self.retired {
             self.rotate()?;
             self.retired = false;
@@ -601,7 +637,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 fn encode_frame(
-    compressor: &mut zstd::bulk::Compressor,
     seq: u64,
     table: Table,
     partition: PartitionKey,
@@ -613,9 +648,7 @@ fn encode_frame(
         writer.write(batch)?;
         writer.finish()?;
     }
-    let compressed = compressor
-        .compress(&ipc)
-        .map_err(io_err(Path::new("zstd")))?;
+    let compressed = lz4_flex::block::compress_prepend_size(&ipc);
     let (days, hour) = partition.to_parts();
     let mut body = Vec::with_capacity(BODY_HEADER_BYTES + compressed.len());
     body.extend_from_slice(&seq.to_le_bytes());
@@ -632,6 +665,7 @@ fn encode_frame(
 
 fn decode_body(
     body: &[u8],
+    codec: Codec,
 ) -> std::result::Result<(u64, Table, PartitionKey, RecordBatch), String> {
     if body.len() < BODY_HEADER_BYTES {
         return Err("frame body too short".into());
@@ -640,7 +674,7 @@ fn decode_body(
     let table = Table::from_index(body[8].into()).ok_or("unknown table")?;
     let days = i32::from_le_bytes(body[9..13].try_into().map_err(|_| "days")?);
     let partition = PartitionKey::from_parts(days, body[13]).ok_or("bad partition")?;
-    let ipc = zstd::stream::decode_all(&body[BODY_HEADER_BYTES..]).map_err(|e| e.to_string())?;
+    let ipc = codec.decompress(&body[BODY_HEADER_BYTES..])?;
     let mut reader = StreamReader::try_new(ipc.as_slice(), None).map_err(|e| e.to_string())?;
     let batch = reader
         .next()
@@ -776,19 +810,19 @@ fn read_segment(
         fs::remove_file(path).map_err(io_err(path))?;
         return Ok((None, Vec::new()));
     }
-    if &bytes[..8] != MAGIC {
+    let Some(codec) = Codec::of_segment(&bytes) else {
         return Err(WalError::Corrupt {
             path: path.to_owned(),
             offset: 0,
             reason: "not a fleetgate WAL segment".into(),
         });
-    }
+    };
     let created_ms = i64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
     let mut entries = Vec::new();
     let mut offset = HEADER_BYTES;
     while offset < bytes.len() {
         match read_frame(&bytes[offset..]) {
-            Ok((len, body)) => match decode_body(body) {
+            Ok((len, body)) => match decode_body(body, codec) {
                 Err(_) if matches!(mode, Mode::Inspect) => break,
                 Ok((seq, table, partition, batch)) => {
                     entries.push(Entry {
@@ -946,6 +980,49 @@ mod tests {
         }
     }
 
+    /// A segment as the releases before LZ4 wrote it: `FGWAL001`, zstd bodies.
+    fn as_zstd_segment(lz4_segment: &[u8]) -> Vec<u8> {
+        let mut out = MAGIC_ZSTD.to_vec();
+        out.extend_from_slice(&lz4_segment[MAGIC.len()..HEADER_BYTES]);
+        let mut offset = HEADER_BYTES;
+        while offset < lz4_segment.len() {
+            let (len, body) = read_frame(&lz4_segment[offset..]).expect("frame");
+            let ipc = Codec::Lz4
+                .decompress(&body[BODY_HEADER_BYTES..])
+                .expect("lz4");
+            let mut zstd_body = body[..BODY_HEADER_BYTES].to_vec();
+            zstd_body.extend_from_slice(&zstd::bulk::compress(&ipc, 1).expect("zstd"));
+            out.extend_from_slice(&(zstd_body.len() as u32).to_le_bytes());
+            out.extend_from_slice(&crc32fast::hash(&zstd_body).to_le_bytes());
+            out.extend_from_slice(&zstd_body);
+            offset += len;
+        }
+        out
+    }
+
+    #[test]
+    fn a_segment_of_an_older_release_with_zstd_bodies_is_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(write(dir.path(), 3, 1 << 30, Arc::default()));
+        let path = only_segment(dir.path());
+        let old = as_zstd_segment(&fs::read(&path).expect("read"));
+        fs::write(&path, old).expect("write the old segment");
+        let recovered = recover(dir.path(), false).expect("recover");
+        let shard = &recovered.shards[&0];
+        assert_eq!(shard.entries.len(), 3);
+        for (i, entry) in shard.entries.iter().enumerate() {
+            assert_eq!(entry.batch, batch(i as i64 * 10));
+        }
+    }
+
+    #[test]
+    fn an_lz4_body_claiming_more_than_lz4_can_expand_is_corrupt_not_an_allocation() {
+        let mut block = (u32::MAX).to_le_bytes().to_vec();
+        block.extend_from_slice(&[0x10, b'x']);
+        let error = Codec::Lz4.decompress(&block).expect_err("refused");
+        assert!(error.contains("claims 4294967295 bytes"), "{error}");
+    }
+
     #[test]
     fn a_torn_tail_is_cut_off_and_the_rest_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -953,7 +1030,6 @@ mod tests {
         let path = only_segment(dir.path());
         let good_len = fs::metadata(&path).expect("stat").len();
         let frame = encode_frame(
-            &mut zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd"),
             2,
             Table::DeadLetters,
             PartitionKey::from_millis(PARTITION_MS),
