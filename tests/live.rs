@@ -265,8 +265,7 @@ fn live_rows_follow_the_view_and_resume_without_gap_or_repeat() {
     assert!(!last_id.contains("charging"), "{last_id}");
     drop(live);
 
-    // Far behind: more entries than one step covers come in several steps,
-    // each row once. A remote-managed session that ended meanwhile is
+    // Behind by 80 entries: every missed row, once. A remote-managed session that ended meanwhile is
     // hidden at once (L1085-1087), live as in SQL.
     let missed: Vec<(String, Vec<u8>)> = (100..180)
         .map(|seq| charging(A, seq, now - HOUR, "SE-A"))

@@ -55,13 +55,19 @@ use crate::store::delta::{self, NodeShards, WAL_COLUMNS};
 
 /// Longest sealed position a client may send back.
 const MAX_POSITION_BYTES: usize = 16 * 1024;
-/// Most WAL entries per shard one step covers: a client that comes back
-/// behind gets what it missed in steps this size (smaller if a step's
-/// answer is over the query memory bound), not in one answer.
-const STEP_ENTRIES: i64 = 128;
+/// Most WAL entries per shard one step covers. A shard appends an entry
+/// per table and hour for every group commit, a thousand a second and more
+/// under load, so a step must span many: one step costs a policy session
+/// and a plan whatever its rows.
+const MAX_STEP_ENTRIES: i64 = 8192;
+/// Rows a step aims to hand over: a step that handed over more halves the
+/// next one's entries, one that handed over fewer than a quarter of this
+/// doubles them, so a client that comes back behind gets what it missed in
+/// answers of about this size, and one that keeps up in one step per commit.
+const STEP_ROWS: u64 = 20_000;
 /// Most WAL entries a position may be behind on any shard to be resumed:
 /// beyond this, what was missed is read with SQL (`received_at`).
-const MAX_BEHIND_ENTRIES: i64 = 64 * STEP_ENTRIES;
+const MAX_BEHIND_ENTRIES: i64 = 8 * MAX_STEP_ENTRIES;
 /// How often a stream with nothing to deliver tells its client where it
 /// stands (a position event): on a clock, whatever the commits, whose
 /// timing would tell other vehicles' activity.
@@ -662,6 +668,19 @@ pub enum LiveEvent {
     Ended { reason: String },
 }
 
+/// Entries per shard of the step after one of `entries` that handed over
+/// `rows`: fewer after a large answer, more after a small one, within
+/// 1..=[`MAX_STEP_ENTRIES`].
+fn next_step_entries(entries: i64, rows: u64) -> i64 {
+    if rows > STEP_ROWS {
+        (entries / 2).max(1)
+    } else if rows < STEP_ROWS / 4 {
+        entries.saturating_mul(2).min(MAX_STEP_ENTRIES)
+    } else {
+        entries
+    }
+}
+
 /// A live stream admitted for one principal, purpose and set of tables.
 pub struct LiveStream {
     request_id: String,
@@ -781,7 +800,7 @@ impl AccessEnv {
             hourly: admitted.hourly,
             treatments: admitted.treatments,
             position: admitted.position,
-            step_entries: STEP_ENTRIES,
+            step_entries: MAX_STEP_ENTRIES,
             commits: admitted.commits,
             key: admitted.key,
             rows: 0,
@@ -1042,6 +1061,8 @@ impl AccessEnv {
                 }
                 Err(e) => return Ending::Failed(e),
             };
+            let handed: u64 = unseen.iter().map(|(_, rows, _)| rows).sum();
+            stream.step_entries = next_step_entries(stream.step_entries, handed);
             for (table, rows, json) in unseen {
                 stream.position.take_table(&step, table);
                 if rows == 0 {
@@ -1198,6 +1219,23 @@ impl AccessEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_shrinks_after_a_large_answer_and_grows_back_after_small_ones() {
+        let mut entries = MAX_STEP_ENTRIES;
+        entries = next_step_entries(entries, 4 * STEP_ROWS);
+        assert_eq!(entries, MAX_STEP_ENTRIES / 2);
+        assert_eq!(next_step_entries(1, 4 * STEP_ROWS), 1, "never below one");
+        assert_eq!(
+            next_step_entries(entries, STEP_ROWS),
+            entries,
+            "about right"
+        );
+        for _ in 0..20 {
+            entries = next_step_entries(entries, 0);
+        }
+        assert_eq!(entries, MAX_STEP_ENTRIES, "never above the most");
+    }
 
     #[test]
     fn a_position_unseals_only_for_its_principal_and_untouched() {
