@@ -6,7 +6,8 @@
 # 1. ceiling:   fleetgate's embedded broker with the discard sink, loadgen flat out;
 # 2. e2e:       fleetgate end to end (WAL, pseudonymised, Parquet), loadgen flat out;
 #               its rate is acknowledged records over the time until all are stored;
-#               then stopped cleanly and verified record by record;
+#               then stopped cleanly and verified record by record; compacted,
+#               and on a copy a retention DELETE of 1 % of the charging table;
 # 3. half rate: fleetgate at half of e2e's rate, open loop, for latency;
 #               then the same with acknowledgements on receipt, to compare;
 # 4. mosquitto: the same loadgen against Mosquitto (Debian package) with a plain
@@ -68,6 +69,33 @@ sed -i 's/^\[storage\]$/[storage]\nvacuum_grace_ms = 1/' "$FG_DIR/fleetgate.toml
 "$FLEETGATE" admin --config "$FG_DIR/fleetgate.toml" retention > /dev/null
 du -sb "$FG_DIR"/data/{rtti,diagnostics,charging,teleservice} > "$OUT/e2e.disk.compacted.txt"
 E2E_DATA=$FG_DIR/data
+python3 scripts/delta_rewrites.py "$E2E_DATA" OPTIMIZE > "$OUT/compact.rewrites.json"
+# A retention DELETE of 1 % of a table, on a copy of the compacted store:
+# charge history switched off for every hundredth vehicle, whose charging
+# rows the next sweep deletes (a Delta DELETE, then VACUUM of what it replaced).
+DEL_DIR=$WORK/delete
+mkdir -p "$DEL_DIR"
+cp -a "$FG_DIR/data" "$FG_DIR/keys" "$DEL_DIR/"
+cat > "$DEL_DIR/fleetgate.toml" <<TOML
+[storage]
+data_dir = "$DEL_DIR/data"
+key_file = "$DEL_DIR/keys/root.key"
+vault_file = "$DEL_DIR/keys/vault.redb"
+vacuum_grace_ms = 1
+[retention]
+audit_file = "$DEL_DIR/audit/deletions.jsonl"
+requests_file = "$DEL_DIR/audit/deletion-requests.json"
+holds_file = "$DEL_DIR/audit/legal-holds.json"
+TOML
+E2E_TAG=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['run_tag'])" "$OUT/e2e/report.json")
+for i in $(seq 0 100 $((VEHICLES - 1))); do
+  "$FLEETGATE" admin --config "$DEL_DIR/fleetgate.toml" event --event charge-history-off \
+    --vin "$(printf 'WMW%s%08d' "$E2E_TAG" "$i")" > /dev/null
+done
+/usr/bin/time -f "%e s, %M KiB peak" -o "$OUT/delete.time" \
+  "$FLEETGATE" admin --config "$DEL_DIR/fleetgate.toml" retention > "$OUT/delete.txt"
+python3 scripts/delta_rewrites.py "$DEL_DIR/data" DELETE charging > "$OUT/delete.rewrites.json"
+rm -rf "$DEL_DIR"
 
 echo "== 3. half of the end-to-end (stored) rate, open loop"
 HALF=$(python3 -c "import json; print(int(json.load(open('$OUT/e2e.stored.json'))['records_per_s'] / 2))")

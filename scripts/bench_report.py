@@ -143,7 +143,18 @@ for s in ["rtti", "diagnostics", "charging", "teleservice"]:
     received = metric(e2e_metrics, "fleetgate_payload_bytes_received_total", f'{{stream="{s}"}}')
     p(f"| {s} | {received:,.0f} | {disk.get(s, 0):,} | {compacted.get(s, 0):,} | "
       f"{compacted.get(s, 0) / max(received, 1):.1%} |")
-p(f"Compaction of every partition (`fleetgate admin compact --all`): {read('e2e.compact.time').strip()}.")
+p(f"Compaction of every partition (`fleetgate admin compact --all`): {read('e2e.compact.time').strip()}; "
+  "rewritten (files and bytes read → written, from the OPTIMIZE commits): "
+  + "; ".join(f"{t} {r['files_removed']} → {r['files_added']} files, {r['bytes_removed']:,} → {r['bytes_added']:,} bytes"
+              for t, r in load("compact.rewrites.json").items()) + ".")
+rewrites = load("delete.rewrites.json")["charging"]
+deleted = re.search(r"deleted: (\d+) rows", read("delete.txt"))
+charging_rows = next(s["stored"] for s in verify["streams"] if s["stream"] == "charging")
+p(f"A retention DELETE of about 1 % of a table, on a copy of that compacted store (charge history switched off "
+  f"for every hundredth vehicle; `fleetgate admin retention`: DELETE, VACUUM, log cleanup): "
+  f"{int(deleted.group(1)) if deleted else 0:,} of {charging_rows:,} charging rows in {read('delete.time').strip()}; "
+  f"it rewrote {rewrites['files_removed']} file(s), {rewrites['bytes_removed']:,} bytes read → "
+  f"{rewrites['bytes_added']:,} written, of a table of {rewrites['table_bytes']:,} bytes in {rewrites['table_files']} file(s).")
 p("")
 fg = {r["name"]: r for r in load("queries.fleetgate.json")}
 dd = {r["name"]: r for r in load("queries.duckdb.json")}
