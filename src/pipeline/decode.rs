@@ -12,8 +12,9 @@
 //! pass that puts each field's value straight into its schema slot; and,
 //! when that pass meets anything else, the payload read again as a JSON
 //! tree, record by record, which words each rejection and keeps what the
-//! dead letter needs. Both judge a value with the same [`convert`], so they
-//! accept exactly the same records. A payload with a rejected record is read
+//! dead letter needs. Both judge a value with the same functions (`judge_*`,
+//! which [`convert`] dispatches to for a tree's value), so they accept
+//! exactly the same records. A payload with a rejected record is read
 //! twice, at most twice the work of one reading.
 
 use std::fmt;
@@ -364,12 +365,7 @@ impl<'de> Visitor<'de> for RecordSeed<'_, '_> {
         let fields = &self.0.schema.fields;
         let mut slots: Vec<Option<Value>> = vec![None; fields.len()];
         while let Some(index) = map.next_key_seed(FieldSeed(fields))? {
-            let field = &fields[index];
-            let value = match map.next_value::<Json>()? {
-                Json::Null if field.required => return Err(give_up()),
-                Json::Null => Value::Null,
-                json => convert(field, &json).map_err(|_| give_up())?,
-            };
+            let value = map.next_value_seed(ValueSeed(&fields[index]))?;
             if slots[index].replace(value).is_some() {
                 return Err(give_up());
             }
@@ -413,6 +409,70 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     }
 }
 
+/// A field's value, read straight into its type: no JSON tree, one
+/// allocation for a string. Judged by the same functions as [`convert`];
+/// anything they would reject, or that is not a JSON scalar or an array of
+/// strings, gives up (the tree words why).
+struct ValueSeed<'c>(&'c FieldSpec);
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(type_name(self.0.field_type))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        match self.0.required {
+            true => Err(give_up()),
+            false => Ok(Value::Null),
+        }
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Value, E> {
+        judge_bool(self.0, b).map_err(|_| give_up())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Value, E> {
+        judge_i64(self.0, n).map_err(|_| give_up())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Value, E> {
+        judge_u64(self.0, n).map_err(|_| give_up())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Value, E> {
+        judge_f64(self.0, n).map_err(|_| give_up())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Value, E> {
+        judge_str(self.0, s).map_err(|_| give_up())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let field = self.0;
+        if field.field_type != FieldType::StringList {
+            return Err(give_up());
+        }
+        let mut list = Vec::new();
+        while let Some(item) = seq.next_element::<String>()? {
+            if list.len() == crate::schema::MAX_LIST_ITEMS || item.len() > field.max_len() {
+                return Err(give_up());
+            }
+            list.push(item);
+        }
+        Ok(Value::List(list))
+    }
+}
+
 /// Whether `json` is a valid value of `field`: the only values of a rejected
 /// record that its dead-letter copy keeps as they are.
 pub fn is_valid_value(field: &FieldSpec, json: &Json) -> bool {
@@ -421,83 +481,127 @@ pub fn is_valid_value(field: &FieldSpec, json: &Json) -> bool {
 
 /// Converts one JSON value to the field's type, checking its constraints.
 fn convert(field: &FieldSpec, json: &Json) -> Result<Value, Rejection> {
-    let wrong_type = || {
-        Rejection::new(
-            RejectCode::WrongType,
-            format!(
-                "field '{}' must be {}, got a JSON {}",
-                field.name,
-                type_name(field.field_type),
-                json_kind(json)
-            ),
-        )
-    };
-    let out_of_range = |what: String| {
-        Rejection::new(
-            RejectCode::OutOfRange,
-            format!("field '{}' {what}", field.name),
-        )
-    };
-    let value = match field.field_type {
-        FieldType::String => {
-            let s = json.as_str().ok_or_else(wrong_type)?;
-            if s.len() > field.max_len() {
-                return Err(out_of_range(format!(
-                    "is {} bytes long, more than {}",
-                    s.len(),
-                    field.max_len()
-                )));
+    match json {
+        Json::String(s) => judge_str(field, s),
+        Json::Bool(b) => judge_bool(field, *b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(n), _, _) => judge_i64(field, n),
+            (None, Some(n), _) => judge_u64(field, n),
+            (None, None, Some(n)) => judge_f64(field, n),
+            (None, None, None) => Err(wrong_type(field, "number")),
+        },
+        Json::Array(items) => {
+            if field.field_type != FieldType::StringList {
+                return Err(wrong_type(field, "array"));
             }
-            if let Some(allowed) = field.allowed.as_ref().filter(|a| !a.iter().any(|a| a == s)) {
-                return Err(out_of_range(format!(
-                    "is not one of {allowed:?} (a value of {} bytes)",
-                    s.len()
-                )));
-            }
-            Value::Str(s.to_owned())
-        }
-        FieldType::Int => {
-            let n = json.as_i64().ok_or_else(wrong_type)?;
-            check_range(field, n as f64).map_err(out_of_range)?;
-            Value::Int(n)
-        }
-        FieldType::Float => {
-            let n = json.as_f64().ok_or_else(wrong_type)?;
-            check_range(field, n).map_err(out_of_range)?;
-            Value::Float(n)
-        }
-        FieldType::Bool => Value::Bool(json.as_bool().ok_or_else(wrong_type)?),
-        FieldType::Timestamp => Value::Timestamp(match json {
-            Json::String(s) => DateTime::parse_from_rfc3339(s)
-                .map_err(|_| wrong_type())?
-                .timestamp_millis(),
-            Json::Number(n) => n.as_i64().ok_or_else(wrong_type)?,
-            _ => return Err(wrong_type()),
-        }),
-        FieldType::StringList => {
-            let items = json.as_array().ok_or_else(wrong_type)?;
             if items.len() > crate::schema::MAX_LIST_ITEMS {
-                return Err(out_of_range(format!(
-                    "has {} items, more than {}",
-                    items.len(),
-                    crate::schema::MAX_LIST_ITEMS
-                )));
+                return Err(out_of_range(
+                    field,
+                    format!(
+                        "has {} items, more than {}",
+                        items.len(),
+                        crate::schema::MAX_LIST_ITEMS
+                    ),
+                ));
             }
             let mut list = Vec::with_capacity(items.len());
             for item in items {
-                let s = item.as_str().ok_or_else(wrong_type)?;
+                let s = item.as_str().ok_or_else(|| wrong_type(field, "array"))?;
                 if s.len() > field.max_len() {
-                    return Err(out_of_range(format!(
-                        "has an item longer than {} bytes",
-                        field.max_len()
-                    )));
+                    return Err(out_of_range(
+                        field,
+                        format!("has an item longer than {} bytes", field.max_len()),
+                    ));
                 }
                 list.push(s.to_owned());
             }
-            Value::List(list)
+            Ok(Value::List(list))
         }
-    };
-    Ok(value)
+        Json::Null | Json::Object(_) => Err(wrong_type(field, json_kind(json))),
+    }
+}
+
+fn wrong_type(field: &FieldSpec, got: &str) -> Rejection {
+    Rejection::new(
+        RejectCode::WrongType,
+        format!(
+            "field '{}' must be {}, got a JSON {got}",
+            field.name,
+            type_name(field.field_type)
+        ),
+    )
+}
+
+fn out_of_range(field: &FieldSpec, what: String) -> Rejection {
+    Rejection::new(
+        RejectCode::OutOfRange,
+        format!("field '{}' {what}", field.name),
+    )
+}
+
+/// A JSON string as a value of `field`: a string or an RFC 3339 timestamp.
+fn judge_str(field: &FieldSpec, s: &str) -> Result<Value, Rejection> {
+    match field.field_type {
+        FieldType::String => {
+            if s.len() > field.max_len() {
+                return Err(out_of_range(
+                    field,
+                    format!("is {} bytes long, more than {}", s.len(), field.max_len()),
+                ));
+            }
+            if let Some(allowed) = field.allowed.as_ref().filter(|a| !a.iter().any(|a| a == s)) {
+                return Err(out_of_range(
+                    field,
+                    format!("is not one of {allowed:?} (a value of {} bytes)", s.len()),
+                ));
+            }
+            Ok(Value::Str(s.to_owned()))
+        }
+        FieldType::Timestamp => DateTime::parse_from_rfc3339(s)
+            .map(|t| Value::Timestamp(t.timestamp_millis()))
+            .map_err(|_| wrong_type(field, "string")),
+        _ => Err(wrong_type(field, "string")),
+    }
+}
+
+/// A JSON integer that fits an `i64`.
+fn judge_i64(field: &FieldSpec, n: i64) -> Result<Value, Rejection> {
+    match field.field_type {
+        FieldType::Int => {
+            check_range(field, n as f64).map_err(|what| out_of_range(field, what))?;
+            Ok(Value::Int(n))
+        }
+        FieldType::Float => judge_f64(field, n as f64),
+        FieldType::Timestamp => Ok(Value::Timestamp(n)),
+        _ => Err(wrong_type(field, "number")),
+    }
+}
+
+/// A JSON integer, which past `i64::MAX` only a float field takes.
+fn judge_u64(field: &FieldSpec, n: u64) -> Result<Value, Rejection> {
+    match i64::try_from(n) {
+        Ok(n) => judge_i64(field, n),
+        Err(_) if field.field_type == FieldType::Float => judge_f64(field, n as f64),
+        Err(_) => Err(wrong_type(field, "number")),
+    }
+}
+
+/// A JSON number with a fraction or an exponent: a float field's only.
+fn judge_f64(field: &FieldSpec, n: f64) -> Result<Value, Rejection> {
+    match field.field_type {
+        FieldType::Float => {
+            check_range(field, n).map_err(|what| out_of_range(field, what))?;
+            Ok(Value::Float(n))
+        }
+        _ => Err(wrong_type(field, "number")),
+    }
+}
+
+fn judge_bool(field: &FieldSpec, b: bool) -> Result<Value, Rejection> {
+    match field.field_type {
+        FieldType::Bool => Ok(Value::Bool(b)),
+        _ => Err(wrong_type(field, "boolean")),
+    }
 }
 
 fn check_range(field: &FieldSpec, n: f64) -> Result<(), String> {
@@ -808,6 +912,71 @@ mod tests {
                 false,
             ),
             (record(r#""seq":1,"ecu":"DME","severity":null"#), false),
+            // Each kind of value the one pass reads without a tree.
+            (
+                record(
+                    r#""seq":1,"ecu":"D\"ME","severity":"info","fault_codes":["P0300","U0100"]"#,
+                ),
+                true,
+            ),
+            (
+                record(r#""seq":1,"ecu":"DME","severity":"info","odometer_km":18446744073709551615"#),
+                false,
+            ),
+            (
+                record(
+                    r#""seq":1,"ecu":"DME","severity":"info","operating_hours":18446744073709551615,"battery_voltage_v":12"#,
+                ),
+                true,
+            ),
+            (
+                record(
+                    r#""seq":1,"ecu":"DME","severity":"info","operating_hours":1e3,"odometer_km":0"#,
+                ),
+                true,
+            ),
+            (
+                record(r#""seq":1,"ecu":"DME","severity":"info","battery_voltage_v":1000.5"#),
+                false,
+            ),
+            (
+                r#"{"vin":"WMW11DJ04N2T00001","ts":"2026-11-24T10:00:00+01:00","seq":1,"ecu":"D\u0045ME","severity":"info"}"#
+                    .to_owned(),
+                true,
+            ),
+            (
+                r#"{"vin":"WMW11DJ04N2T00001","ts":"yesterday","seq":1,"ecu":"DME","severity":"info"}"#
+                    .to_owned(),
+                false,
+            ),
+            (record(r#""seq":-1,"ecu":"DME","severity":"info""#), false),
+            (record(r#""seq":true,"ecu":"DME","severity":"info""#), false),
+            (record(r#""seq":1,"ecu":{"a":1},"severity":"info""#), false),
+            (
+                record(r#""seq":1,"ecu":"DME","severity":"info","fault_codes":["P0300",7]"#),
+                false,
+            ),
+            (
+                record(&format!(
+                    r#""seq":1,"ecu":"DME","severity":"info","fault_codes":[{}]"#,
+                    vec!["\"P0300\""; 64].join(",")
+                )),
+                true,
+            ),
+            (
+                record(&format!(
+                    r#""seq":1,"ecu":"DME","severity":"info","fault_codes":[{}]"#,
+                    vec!["\"P0300\""; 65].join(",")
+                )),
+                false,
+            ),
+            (
+                record(&format!(
+                    r#""seq":1,"ecu":"DME","severity":"info","anomaly":"{}""#,
+                    "a".repeat(129)
+                )),
+                false,
+            ),
             ("[]".to_owned(), false),
             ("7".to_owned(), false),
         ];
