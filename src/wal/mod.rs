@@ -35,8 +35,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamReader;
-use arrow::ipc::writer::StreamWriter;
+use arrow::ipc::writer::{
+    DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions, StreamWriter,
+    write_message,
+};
 
 use crate::core::fence::Fence;
 use crate::core::fsio;
@@ -271,6 +276,68 @@ pub struct ShardWal {
     retired: bool,
     /// In a cluster: the copies of this shard's group commits.
     copies: Option<ShardCopies>,
+    ipc: IpcFrames,
+}
+
+/// The end of an Arrow IPC stream: the continuation marker and a zero length.
+const IPC_END_OF_STREAM: [u8; 8] = [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0];
+
+/// Writes the Arrow IPC stream of each frame: the table's schema message,
+/// the batch, the end marker. A table's schema message is encoded once and
+/// copied into each of its frames (encoding it anew cost more than the
+/// batch of a few dozen rows); the bytes are those of a `StreamWriter`.
+#[derive(Default)]
+struct IpcFrames {
+    /// Per table, the schema last seen and its encoded message; `None` for
+    /// a schema with dictionaries, whose frames a `StreamWriter` writes.
+    schemas: HashMap<Table, (SchemaRef, Option<Vec<u8>>)>,
+    context: IpcWriteContext,
+}
+
+impl IpcFrames {
+    fn stream(&mut self, table: Table, batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+        let schema = batch.schema();
+        let options = IpcWriteOptions::default();
+        let known = matches!(
+            self.schemas.get(&table),
+            Some((seen, _)) if Arc::ptr_eq(seen, &schema) || seen == &schema
+        );
+        if !known {
+            let mut dictionaries = DictionaryTracker::new(false);
+            let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
+                &schema,
+                &mut dictionaries,
+                &options,
+            );
+            let message = match dictionaries.dict_id().is_empty() {
+                true => {
+                    let mut bytes = Vec::new();
+                    write_message(&mut bytes, encoded, &options)?;
+                    Some(bytes)
+                }
+                false => None,
+            };
+            self.schemas.insert(table, (Arc::clone(&schema), message));
+        }
+        let Some((_, Some(schema_message))) = self.schemas.get(&table) else {
+            let mut ipc = Vec::new();
+            let mut writer = StreamWriter::try_new(&mut ipc, &schema)?;
+            writer.write(batch)?;
+            writer.finish()?;
+            drop(writer);
+            return Ok(ipc);
+        };
+        let mut ipc = schema_message.clone();
+        let (_, encoded) = IpcDataGenerator::default().encode(
+            batch,
+            &mut DictionaryTracker::new(false),
+            &options,
+            &mut self.context,
+        )?;
+        write_message(&mut ipc, encoded, &options)?;
+        ipc.extend_from_slice(&IPC_END_OF_STREAM);
+        Ok(ipc)
+    }
 }
 
 /// The copies of one shard's group commits: the frames appended since the
@@ -338,6 +405,7 @@ impl ShardWal {
                 retry_at: None,
                 retry_delay: COPY_RETRY_FIRST,
             }),
+            ipc: IpcFrames::default(),
         })
     }
 
@@ -354,7 +422,8 @@ impl ShardWal {
             shard: self.shard,
             seq: self.next_seq,
         };
-        let frame = encode_frame(id.seq, table, partition, batch)?;
+        let ipc = self.ipc.stream(table, batch)?;
+        let frame = encode_frame(id.seq, table, partition, &ipc);
         if self.retired {
             self.rotate()?;
             self.retired = false;
@@ -636,19 +705,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     fsio::sync_dir(dir).map_err(io_err(dir))
 }
 
-fn encode_frame(
-    seq: u64,
-    table: Table,
-    partition: PartitionKey,
-    batch: &RecordBatch,
-) -> Result<Vec<u8>> {
-    let mut ipc = Vec::new();
-    {
-        let mut writer = StreamWriter::try_new(&mut ipc, &batch.schema())?;
-        writer.write(batch)?;
-        writer.finish()?;
-    }
-    let compressed = lz4_flex::block::compress_prepend_size(&ipc);
+/// A frame around `ipc`, the Arrow IPC stream of one entry's batch.
+fn encode_frame(seq: u64, table: Table, partition: PartitionKey, ipc: &[u8]) -> Vec<u8> {
+    let compressed = lz4_flex::block::compress_prepend_size(ipc);
     let (days, hour) = partition.to_parts();
     let mut body = Vec::with_capacity(BODY_HEADER_BYTES + compressed.len());
     body.extend_from_slice(&seq.to_le_bytes());
@@ -660,7 +719,7 @@ fn encode_frame(
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     frame.extend_from_slice(&body);
-    Ok(frame)
+    frame
 }
 
 fn decode_body(
@@ -1024,18 +1083,59 @@ mod tests {
     }
 
     #[test]
+    fn a_frames_ipc_stream_is_the_bytes_a_stream_writer_writes() {
+        let streamed = |batch: &RecordBatch| {
+            let mut ipc = Vec::new();
+            let mut writer = StreamWriter::try_new(&mut ipc, &batch.schema()).expect("writer");
+            writer.write(batch).expect("write");
+            writer.finish().expect("finish");
+            drop(writer);
+            ipc
+        };
+        let mut frames = IpcFrames::default();
+        let table = Table::Stream(crate::schema::Stream::Rtti);
+        for n in [0, 10, 20] {
+            let ipc = frames.stream(table, &batch(n)).expect("ipc");
+            assert_eq!(ipc, streamed(&batch(n)), "the schema message is reused");
+        }
+        let dictionary = RecordBatch::try_from_iter([(
+            "d",
+            Arc::new(
+                ["a", "b", "a"]
+                    .into_iter()
+                    .collect::<arrow::array::DictionaryArray<arrow::datatypes::Int32Type>>(),
+            ) as arrow::array::ArrayRef,
+        )])
+        .expect("batch");
+        let ipc = frames.stream(table, &dictionary).expect("ipc");
+        assert_eq!(
+            ipc,
+            streamed(&dictionary),
+            "a new schema, with dictionaries"
+        );
+        let read = StreamReader::try_new(ipc.as_slice(), None)
+            .expect("reader")
+            .next()
+            .expect("a batch")
+            .expect("decoded");
+        assert_eq!(read, dictionary);
+    }
+
+    #[test]
     fn a_torn_tail_is_cut_off_and_the_rest_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(write(dir.path(), 2, 1 << 30, Arc::default()));
         let path = only_segment(dir.path());
         let good_len = fs::metadata(&path).expect("stat").len();
+        let ipc = IpcFrames::default()
+            .stream(Table::DeadLetters, &batch(0))
+            .expect("ipc");
         let frame = encode_frame(
             2,
             Table::DeadLetters,
             PartitionKey::from_millis(PARTITION_MS),
-            &batch(0),
-        )
-        .expect("frame");
+            &ipc,
+        );
         let mut file = OpenOptions::new().append(true).open(&path).expect("open");
         file.write_all(&frame[..frame.len() / 2])
             .expect("torn write");
