@@ -165,7 +165,8 @@ impl<P: Protocol> RemoteLink<P> {
                 // due to previously received data request
                 o = self.link_rx.exchange(&mut self.notifications) => {
                     o?;
-                    let mut packets = VecDeque::new();
+                    // fleetgate patch: sized once, not grown packet by packet.
+                    let mut packets = VecDeque::with_capacity(self.notifications.len());
                     let mut unscheduled = false;
 
                     for notif in self.notifications.drain(..) {
