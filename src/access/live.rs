@@ -60,6 +60,9 @@ const MAX_POSITION_BYTES: usize = 16 * 1024;
 /// under load, so a step must span many: one step costs a policy session
 /// and a plan whatever its rows.
 const MAX_STEP_ENTRIES: i64 = 8192;
+/// WAL entries per shard of a stream's first step: a client that resumes
+/// far behind starts small, and its steps grow from there.
+const FIRST_STEP_ENTRIES: i64 = 128;
 /// Rows a step aims to hand over: a step that handed over more halves the
 /// next one's entries, one that handed over fewer than a quarter of this
 /// doubles them, so a client that comes back behind gets what it missed in
@@ -670,12 +673,13 @@ pub enum LiveEvent {
 
 /// Entries per shard of the step after one of `entries` that handed over
 /// `rows`: fewer after a large answer, more after a small one, within
-/// 1..=[`MAX_STEP_ENTRIES`].
-fn next_step_entries(entries: i64, rows: u64) -> i64 {
+/// 1..=`most` (at most [`MAX_STEP_ENTRIES`]; less once a step was too large
+/// to answer).
+fn next_step_entries(entries: i64, rows: u64, most: i64) -> i64 {
     if rows > STEP_ROWS {
         (entries / 2).max(1)
     } else if rows < STEP_ROWS / 4 {
-        entries.saturating_mul(2).min(MAX_STEP_ENTRIES)
+        entries.saturating_mul(2).min(most)
     } else {
         entries
     }
@@ -693,6 +697,10 @@ pub struct LiveStream {
     position: Position,
     /// Entries per shard of the next step.
     step_entries: i64,
+    /// Most entries per shard a step may grow to: halved with a step that
+    /// was over the query memory or time bound, for good, so that a stream
+    /// does not go back to a size that failed.
+    step_most: i64,
     commits: watch::Receiver<Arc<Commits>>,
     key: Secret,
     /// Rows handed to the client, and how many of them a `delivered` line
@@ -800,7 +808,8 @@ impl AccessEnv {
             hourly: admitted.hourly,
             treatments: admitted.treatments,
             position: admitted.position,
-            step_entries: MAX_STEP_ENTRIES,
+            step_entries: FIRST_STEP_ENTRIES,
+            step_most: MAX_STEP_ENTRIES,
             commits: admitted.commits,
             key: admitted.key,
             rows: 0,
@@ -1057,12 +1066,13 @@ impl AccessEnv {
                 // Too much for one answer: smaller steps, down to one entry.
                 Err(AccessError::Limit(_)) if stream.step_entries > 1 => {
                     stream.step_entries /= 2;
+                    stream.step_most = stream.step_entries;
                     continue;
                 }
                 Err(e) => return Ending::Failed(e),
             };
             let handed: u64 = unseen.iter().map(|(_, rows, _)| rows).sum();
-            stream.step_entries = next_step_entries(stream.step_entries, handed);
+            stream.step_entries = next_step_entries(stream.step_entries, handed, stream.step_most);
             for (table, rows, json) in unseen {
                 stream.position.take_table(&step, table);
                 if rows == 0 {
@@ -1222,19 +1232,28 @@ mod tests {
 
     #[test]
     fn a_step_shrinks_after_a_large_answer_and_grows_back_after_small_ones() {
-        let mut entries = MAX_STEP_ENTRIES;
-        entries = next_step_entries(entries, 4 * STEP_ROWS);
+        let mut entries = FIRST_STEP_ENTRIES;
+        for _ in 0..20 {
+            entries = next_step_entries(entries, 0, MAX_STEP_ENTRIES);
+        }
+        assert_eq!(entries, MAX_STEP_ENTRIES, "grows to the most, never above");
+        entries = next_step_entries(entries, 4 * STEP_ROWS, MAX_STEP_ENTRIES);
         assert_eq!(entries, MAX_STEP_ENTRIES / 2);
-        assert_eq!(next_step_entries(1, 4 * STEP_ROWS), 1, "never below one");
         assert_eq!(
-            next_step_entries(entries, STEP_ROWS),
+            next_step_entries(1, 4 * STEP_ROWS, MAX_STEP_ENTRIES),
+            1,
+            "never below one"
+        );
+        assert_eq!(
+            next_step_entries(entries, STEP_ROWS, MAX_STEP_ENTRIES),
             entries,
             "about right"
         );
-        for _ in 0..20 {
-            entries = next_step_entries(entries, 0);
-        }
-        assert_eq!(entries, MAX_STEP_ENTRIES, "never above the most");
+        assert_eq!(
+            next_step_entries(64, 0, 64),
+            64,
+            "not past a size that was too large to answer"
+        );
     }
 
     #[test]
