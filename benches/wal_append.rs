@@ -1,4 +1,4 @@
-//! WAL append: one record batch framed (zstd-compressed Arrow IPC, CRC32)
+//! WAL append: one record batch framed (LZ4-compressed Arrow IPC, CRC32)
 //! and written to the shard's log, with and without the fsync that makes
 //! it durable.
 //!

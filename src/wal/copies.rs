@@ -222,7 +222,7 @@ fn parse_key(rest: &str) -> Option<(u16, u64)> {
 fn decode_copy(bytes: &[u8], shard: u16) -> std::result::Result<(i64, Vec<super::Entry>), String> {
     let codec = match Codec::of_segment(bytes) {
         Some(codec) if bytes.len() >= HEADER_BYTES => codec,
-        _ => return Err("not a fleetgate WAL copy".into()),
+        _ => return Err("not a fleetgate WAL copy of this release or an older one".into()),
     };
     let created_ms = i64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "header")?);
     let mut entries = Vec::new();

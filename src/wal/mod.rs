@@ -873,7 +873,7 @@ fn read_segment(
         return Err(WalError::Corrupt {
             path: path.to_owned(),
             offset: 0,
-            reason: "not a fleetgate WAL segment".into(),
+            reason: "not a fleetgate WAL segment of this release or an older one".into(),
         });
     };
     let created_ms = i64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
