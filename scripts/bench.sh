@@ -66,10 +66,11 @@ TOML
 sed -i 's/^\[storage\]$/[storage]\nvacuum_grace_ms = 1/' "$FG_DIR/fleetgate.toml"
 /usr/bin/time -f "%e s, %M KiB peak" -o "$OUT/e2e.compact.time" \
   "$FLEETGATE" admin --config "$FG_DIR/fleetgate.toml" compact --all > "$OUT/e2e.compact.txt"
+# Before the sweep, whose log cleanup may remove the compaction's commits.
+python3 scripts/delta_rewrites.py "$FG_DIR/data" OPTIMIZE > "$OUT/compact.rewrites.json"
 "$FLEETGATE" admin --config "$FG_DIR/fleetgate.toml" retention > /dev/null
 du -sb "$FG_DIR"/data/{rtti,diagnostics,charging,teleservice} > "$OUT/e2e.disk.compacted.txt"
 E2E_DATA=$FG_DIR/data
-python3 scripts/delta_rewrites.py "$E2E_DATA" OPTIMIZE > "$OUT/compact.rewrites.json"
 # A retention DELETE of 1 % of a table, on a copy of the compacted store:
 # charge history switched off for every hundredth vehicle, whose charging
 # rows the next sweep deletes (a Delta DELETE, then VACUUM of what it replaced).

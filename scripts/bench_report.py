@@ -148,11 +148,12 @@ p(f"Compaction of every partition (`fleetgate admin compact --all`): {read('e2e.
   + "; ".join(f"{t} {r['files_removed']} → {r['files_added']} files, {r['bytes_removed']:,} → {r['bytes_added']:,} bytes"
               for t, r in load("compact.rewrites.json").items()) + ".")
 rewrites = load("delete.rewrites.json")["charging"]
-deleted = re.search(r"deleted: (\d+) rows", read("delete.txt"))
+deleted = sum(int(n) for n in re.findall(r"^deleted charging/\S+ \(\w+\): (\d+) rows", read("delete.txt"), re.M))
 charging_rows = next(s["stored"] for s in verify["streams"] if s["stream"] == "charging")
 p(f"A retention DELETE of about 1 % of a table, on a copy of that compacted store (charge history switched off "
-  f"for every hundredth vehicle; `fleetgate admin retention`: DELETE, VACUUM, log cleanup): "
-  f"{int(deleted.group(1)) if deleted else 0:,} of {charging_rows:,} charging rows in {read('delete.time').strip()}; "
+  f"for every hundredth vehicle): {deleted:,} of the {charging_rows:,} charging rows stored; "
+  f"`fleetgate admin retention` (the DELETE, then VACUUM and log cleanup of all four tables) took "
+  f"{read('delete.time').strip()}; "
   f"it rewrote {rewrites['files_removed']} file(s), {rewrites['bytes_removed']:,} bytes read → "
   f"{rewrites['bytes_added']:,} written, of a table of {rewrites['table_bytes']:,} bytes in {rewrites['table_files']} file(s).")
 p("")
