@@ -1,5 +1,5 @@
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     fmt,
 };
 
@@ -12,7 +12,7 @@ use crate::{
         PubAckProperties, PubComp, PubCompProperties, PubRec, PubRecProperties, PubRel,
         PubRelProperties, Publish, PublishProperties, SubAck, SubAckProperties, UnsubAck,
     },
-    ConnectionId, Filter, RouterId, Topic,
+    ConnectionId, Filter, RouterId,
 };
 
 mod alertlog;
@@ -348,30 +348,20 @@ pub struct MeterData {
     pub size: usize,
 }
 
+/// fleetgate patch: a connection's totals only. Upstream also kept a count
+/// per topic the connection ever published to, a string and a map entry
+/// each, for the life of the connection, which nothing read.
 #[derive(Debug, Default, Clone)]
 pub struct IncomingMeter {
-    publishes: HashMap<Topic, MeterData>,
     subscribes: HashSet<Filter>,
     total_publishes: MeterData,
 }
 
 impl IncomingMeter {
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let meter = {
-            let topic = std::str::from_utf8(&publish.topic)?.to_string();
-            self.publishes.entry(topic).or_default()
-        };
-        meter.count += 1;
-        meter.size += publish.len();
-
         self.total_publishes.count += 1;
         self.total_publishes.size += publish.len();
-
         Ok(())
-    }
-
-    pub fn get_topic_meters(&self) -> &HashMap<Topic, MeterData> {
-        &self.publishes
     }
 
     pub fn register_subscription(&mut self, filter: Filter) -> bool {
