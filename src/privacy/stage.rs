@@ -410,13 +410,13 @@ impl Privacy {
     /// time went back.
     pub fn trip_id(&mut self, vin: &str, cycle: Option<i64>, ts_ms: i64) -> String {
         let max_ms = self.shared.settings.max_trip.as_millis() as i64;
-        let continues = self.trips.get(vin).is_some_and(|t| {
+        let continues = |t: &Trip| {
             t.cycle == cycle
                 && ts_ms >= t.last_ms
                 && ts_ms - t.started_ms < max_ms
                 && ts_ms.div_euclid(HOUR_MS) == t.started_ms.div_euclid(HOUR_MS)
-        });
-        if let Some(trip) = self.trips.get_mut(vin).filter(|_| continues) {
+        };
+        if let Some(trip) = self.trips.get_mut(vin).filter(|t| continues(t)) {
             trip.last_ms = ts_ms;
             return trip.id.clone();
         }
