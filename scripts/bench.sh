@@ -8,6 +8,7 @@
 #               its rate is acknowledged records over the time until all are stored;
 #               then stopped cleanly and verified record by record; compacted,
 #               and on a copy a retention DELETE of 1 % of the charging table;
+#               the same run with the tables on S3 (moto);
 # 3. half rate: fleetgate at half of e2e's rate, open loop, for latency;
 #               then the same with acknowledgements on receipt, to compare;
 # 4. mosquitto: the same loadgen against Mosquitto (Debian package) with a plain
@@ -25,7 +26,7 @@
 # Results land in $BENCH_OUT (default target/bench/<timestamp>): every loadgen
 # report, /metrics scrapes, server logs, and results.md, which is also printed.
 # Needs: mosquitto (apt-get install mosquitto mosquitto-clients), python3 with duckdb,
-# deltalake and adbc-driver-flightsql.
+# deltalake, adbc-driver-flightsql and moto[server].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PUBLISHES=${1:-2000000}
@@ -97,6 +98,26 @@ done
   "$FLEETGATE" admin --config "$DEL_DIR/fleetgate.toml" retention > "$OUT/delete.txt"
 python3 scripts/delta_rewrites.py "$DEL_DIR/data" DELETE charging > "$OUT/delete.rewrites.json"
 rm -rf "$DEL_DIR"
+
+echo "== 2b. end to end with the tables on S3 (moto, a Python S3 server on the same cores)"
+MOTO_PORT=$(free_port)
+moto_server -H 127.0.0.1 -p "$MOTO_PORT" > "$OUT/moto.log" 2>&1 &
+MOTO_PID=$!
+PIDS+=("$MOTO_PID")
+wait_port "$MOTO_PORT"
+python3 -c "import urllib.request, sys; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method='PUT'))" \
+  "http://127.0.0.1:$MOTO_PORT/telemetry"
+start_fleetgate e2e-s3 store "[storage.s3]
+endpoint = \"http://127.0.0.1:$MOTO_PORT\"
+region = \"us-east-1\"
+allow_http = true
+access_key_id = \"bench\"
+secret_access_key = \"bench\"" 'uri = "s3://telemetry/fleetgate"'
+STARTED=$(date +%s.%N)
+loadgen --port "$FG_PORT" --count "$PUBLISHES" --out "$OUT/e2e-s3"
+wait_stored e2e-s3 "$STARTED"
+stop_fleetgate e2e-s3
+kill "$MOTO_PID"
 
 echo "== 3. half of the end-to-end (stored) rate, open loop"
 HALF=$(python3 -c "import json; print(int(json.load(open('$OUT/e2e.stored.json'))['records_per_s'] / 2))")

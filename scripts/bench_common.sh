@@ -23,7 +23,8 @@ wait_port() {
 peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
 
-# start_fleetgate NAME SINK [TOML]: sets FG_PID, FG_PORT, FG_ADMIN, FG_DIR
+# start_fleetgate NAME SINK [TOML [STORAGE]]: TOML goes before the [storage]
+# table, STORAGE into it; sets FG_PID, FG_PORT, FG_ADMIN, FG_DIR
 start_fleetgate() {
   FG_DIR=$WORK/$1
   mkdir -p "$FG_DIR"
@@ -35,6 +36,7 @@ ${3:-}
 data_dir = "$FG_DIR/data"
 key_file = "$FG_DIR/keys/root.key"
 vault_file = "$FG_DIR/keys/vault.redb"
+${4:-}
 TOML
   # Its default log filter, whatever the caller's shell exports.
   env -u RUST_LOG "$FLEETGATE" serve --config "$FG_DIR/fleetgate.toml" --sink "$2" \

@@ -109,6 +109,9 @@ p(f"End to end (stored rate) vs Mosquitto's QoS 1 pass-through: **{ratio_mq:.2f}
   + (f"; **{lost:,.0f} acknowledged records never reached fleetgate**: rumqttd dropped the oldest unread "
      f"messages when its in-memory log (broker.segment_bytes × segment_count) overflowed." if lost > 0 else "."))
 q = lambda text, name, quant: histogram_quantile(text, name, float(quant)) * 1e3
+s3 = load("e2e-s3.stored.json")
+p(f"With the tables on S3 (moto, a Python S3 server on the same two cores; WAL, keys and registry local): "
+  f"{s3['records_per_s']:,.0f} records/s stored end to end, {s3['records_per_s'] / durable:.0%} of the local run's.")
 p(f"At half rate ({runs['half']['records_per_s']:,.0f} records/s offered): receipt→durable (WAL fsync) "
   f"p50 {q(half_metrics, 'fleetgate_receipt_to_durable_seconds', '0.5'):.0f} ms, "
   f"p99 {q(half_metrics, 'fleetgate_receipt_to_durable_seconds', '0.99'):.0f} ms; receipt→queryable "
