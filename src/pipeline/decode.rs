@@ -464,9 +464,8 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         }
         let mut list = Vec::new();
         while let Some(item) = seq.next_element::<String>()? {
-            if list.len() == crate::schema::MAX_LIST_ITEMS || item.len() > field.max_len() {
-                return Err(give_up());
-            }
+            judge_list_len(field, list.len() + 1).map_err(|_| give_up())?;
+            judge_list_item(field, &item).map_err(|_| give_up())?;
             list.push(item);
         }
         Ok(Value::List(list))
@@ -494,25 +493,11 @@ fn convert(field: &FieldSpec, json: &Json) -> Result<Value, Rejection> {
             if field.field_type != FieldType::StringList {
                 return Err(wrong_type(field, "array"));
             }
-            if items.len() > crate::schema::MAX_LIST_ITEMS {
-                return Err(out_of_range(
-                    field,
-                    format!(
-                        "has {} items, more than {}",
-                        items.len(),
-                        crate::schema::MAX_LIST_ITEMS
-                    ),
-                ));
-            }
+            judge_list_len(field, items.len())?;
             let mut list = Vec::with_capacity(items.len());
             for item in items {
                 let s = item.as_str().ok_or_else(|| wrong_type(field, "array"))?;
-                if s.len() > field.max_len() {
-                    return Err(out_of_range(
-                        field,
-                        format!("has an item longer than {} bytes", field.max_len()),
-                    ));
-                }
+                judge_list_item(field, s)?;
                 list.push(s.to_owned());
             }
             Ok(Value::List(list))
@@ -561,6 +546,31 @@ fn judge_str(field: &FieldSpec, s: &str) -> Result<Value, Rejection> {
             .map(|t| Value::Timestamp(t.timestamp_millis()))
             .map_err(|_| wrong_type(field, "string")),
         _ => Err(wrong_type(field, "string")),
+    }
+}
+
+/// A string list of `len` items: at most [`crate::schema::MAX_LIST_ITEMS`].
+fn judge_list_len(field: &FieldSpec, len: usize) -> Result<(), Rejection> {
+    match len > crate::schema::MAX_LIST_ITEMS {
+        true => Err(out_of_range(
+            field,
+            format!(
+                "has {len} items, more than {}",
+                crate::schema::MAX_LIST_ITEMS
+            ),
+        )),
+        false => Ok(()),
+    }
+}
+
+/// One item of a string list: at most the field's length.
+fn judge_list_item(field: &FieldSpec, item: &str) -> Result<(), Rejection> {
+    match item.len() > field.max_len() {
+        true => Err(out_of_range(
+            field,
+            format!("has an item longer than {} bytes", field.max_len()),
+        )),
+        false => Ok(()),
     }
 }
 
