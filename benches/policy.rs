@@ -69,9 +69,11 @@ fn policy(c: &mut Criterion) {
     let retention = Retention::load(None, &schemas).expect("rules");
     let access = access_registry(now_ms);
     let purposes = Purposes::built_in().expect("purposes");
-    let store = fleetgate::store::StoreRoot::local(dir.path()).expect("store root");
+    let tables = fleetgate::store::Snapshots::new(
+        fleetgate::store::StoreRoot::local(dir.path()).expect("store root"),
+    );
     let inputs = PolicyInputs {
-        store: &store,
+        tables: &tables,
         schemas: &schemas,
         retention: &retention,
         access: &access,
@@ -93,10 +95,9 @@ fn policy(c: &mut Criterion) {
         group.bench_function(format!("{query}/no_policy"), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let ctx =
-                        fleetgate::query::session_at(dir.path(), &schemas, &retention, now_ms)
-                            .await
-                            .expect("session");
+                    let ctx = fleetgate::query::session_over(&tables, &schemas, &retention, now_ms)
+                        .await
+                        .expect("session");
                     ctx.sql(sql)
                         .await
                         .expect("plan")

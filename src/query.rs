@@ -1,7 +1,8 @@
 //! SQL over the store through DataFusion.
 //!
 //! Every stream is a table named after it, plus `dead_letters`. Each reads
-//! the latest version of its Delta table (delta-rs's provider), with the
+//! the latest version of its Delta table (delta-rs's provider, over the
+//! versions and footers [`Snapshots`] keeps between queries), with the
 //! hour partitions as columns `date` (DATE) and `hour` (INT), so filters on
 //! them, and on the time columns the log keeps statistics of, prune files
 //! before any is opened. Only the files that version names are read, and
@@ -16,11 +17,13 @@ use datafusion::catalog::view::ViewTable;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableProvider;
 use datafusion::error::DataFusionError;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lifecycle::retention::{Retention, RetentionError};
 use crate::schema::{Registry, SchemaError};
-use crate::store::{StoreError, StoreRoot, TableFiles, delta};
+use crate::store::{Snapshots, StoreError, StoreRoot, TableFiles, delta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -86,13 +89,29 @@ pub async fn session_on(
     retention: &Retention,
     now_ms: i64,
 ) -> Result<SessionContext> {
+    session_over(&Snapshots::new(root.clone()), registry, retention, now_ms).await
+}
+
+/// [`session_on`] over `tables`, which keeps their latest versions and
+/// footers between sessions.
+pub async fn session_over(
+    tables: &Snapshots,
+    registry: &Registry,
+    retention: &Retention,
+    now_ms: i64,
+) -> Result<SessionContext> {
     let config = SessionConfig::new().with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config.clone());
+    let runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(
+            CacheManagerConfig::default().with_file_metadata_cache(Some(tables.footers())),
+        )
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(config.clone(), runtime);
     // The files are registered here only, to plan the views.
     let files = SessionContext::new_with_config(config);
     for (table, schema) in registry.tables() {
         let name = table.name();
-        let Some(stored) = stored_table(root, name, &[&files, &ctx]).await? else {
+        let Some(stored) = stored_table(tables, name, &[&files, &ctx]).await? else {
             ctx.register_table(name, empty_table(&schema)?)?;
             continue;
         };
@@ -115,15 +134,15 @@ pub(crate) fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
     )?))
 }
 
-/// The latest version of the Delta table `name` under `root`, if one was
+/// The latest version of the Delta table `name` of `tables`, if one was
 /// created; the sessions in `sessions` (the one planning over it and the
 /// one running the plans) are given the store it reads from.
 pub(crate) async fn stored_table(
-    root: &StoreRoot,
+    tables: &Snapshots,
     name: &str,
     sessions: &[&SessionContext],
 ) -> Result<Option<Arc<dyn TableProvider>>> {
-    let Some(table) = delta::open(root, name).await? else {
+    let Some(table) = tables.latest(name).await? else {
         return Ok(None);
     };
     Ok(Some(provider(&table, sessions).await?))

@@ -885,7 +885,7 @@ impl AccessEnv {
             }
         }
         let mut commits = self.follower.subscribe(
-            &self.store,
+            self.tables.root(),
             &self.wal_shards,
             Duration::from_millis(self.settings.live_poll_ms),
         );

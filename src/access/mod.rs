@@ -109,8 +109,8 @@ pub enum Engine {
 
 /// Everything a query or an access change needs.
 pub struct AccessEnv {
-    /// Where the tables live.
-    pub store: crate::store::StoreRoot,
+    /// The tables, kept between queries.
+    pub tables: crate::store::Snapshots,
     pub schemas: Arc<Registry>,
     pub retention: RetentionConfig,
     /// Deletion requests and legal holds: every query leaves out their rows.
@@ -360,8 +360,10 @@ impl AccessEnv {
                 "access-registry",
                 config.access.registry_file.clone(),
             ),
-            store: crate::store::StoreRoot::from_config(&config.storage)
-                .map_err(crate::query::QueryError::from)?,
+            tables: crate::store::Snapshots::new(
+                crate::store::StoreRoot::from_config(&config.storage)
+                    .map_err(crate::query::QueryError::from)?,
+            ),
             schemas: Registry::load_from(config.storage.schema_dir.as_deref())?,
             retention: config.retention.clone(),
             settings: config.access.clone(),
@@ -589,7 +591,7 @@ impl AccessEnv {
             &self.schemas,
         )?;
         let inputs = PolicyInputs {
-            store: &self.store,
+            tables: &self.tables,
             schemas: &self.schemas,
             retention: &retention,
             access: &registry,

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{Array, AsArray, StringBuilder};
 use arrow::datatypes::{DataType, Int32Type};
 use datafusion::datasource::empty::EmptyTable;
+use datafusion::execution::cache::cache_manager::{CacheManagerConfig, FileMetadataCache};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -46,6 +47,7 @@ use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
 };
+use crate::store::Snapshots;
 use crate::store::delta::{self, PARTITION_COLUMNS};
 
 /// What a principal's view does to a table.
@@ -85,7 +87,8 @@ const SERVICE_PARTNER_COLUMNS: [&str; 7] = [
 
 /// What the policy needs to know.
 pub struct PolicyInputs<'a> {
-    pub store: &'a crate::store::StoreRoot,
+    /// The tables, as this node keeps them between queries.
+    pub tables: &'a Snapshots,
     pub schemas: &'a Registry,
     pub retention: &'a Retention,
     pub access: &'a AccessRegistry,
@@ -173,9 +176,9 @@ pub async fn session(
     if inputs.distributed {
         distributable(principal, purpose)?;
     }
-    let ctx = principal_context(inputs.memory_limit)?;
+    let ctx = principal_context(inputs.memory_limit, inputs.tables.footers())?;
     let files = SessionContext::new_with_config(SessionConfig::new());
-    let root = inputs.store;
+    let root = inputs.tables.root();
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
     let mut treatments = BTreeMap::new();
     let mut hidden_tables = BTreeMap::new();
@@ -209,7 +212,7 @@ pub async fn session(
         let stored = match inputs.live {
             Some(live) => live.table(name, &files, &ctx).await?,
             None if inputs.distributed => portable_table(root, name, &files).await?,
-            None => stored_table(root, name, &[&files, &ctx]).await?,
+            None => stored_table(inputs.tables, name, &[&files, &ctx]).await?,
         };
         match stored {
             Some(stored) => files.register_table(name, stored)?,
@@ -293,11 +296,16 @@ const REMOVED_FUNCTIONS: [&str; 5] = [
 
 /// The principal's own session: information_schema on, a memory pool of
 /// `memory_limit` bytes with no spilling (a query may not fill the disk the
-/// store writes to), no recursive CTE (one can run forever), and none of the
-/// functions in [`REMOVED_FUNCTIONS`] nor any table function.
-fn principal_context(memory_limit: usize) -> Result<SessionContext> {
+/// store writes to), the node's shared cache of Parquet `footers`, no
+/// recursive CTE (one can run forever), and none of the functions in
+/// [`REMOVED_FUNCTIONS`] nor any table function.
+fn principal_context(
+    memory_limit: usize,
+    footers: Arc<FileMetadataCache>,
+) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
+        .with_cache_manager(CacheManagerConfig::default().with_file_metadata_cache(Some(footers)))
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )

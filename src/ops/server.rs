@@ -668,6 +668,8 @@ fn spawn_sweeper(
                     };
                     maintain(&retention, &root, &lifecycle, &metrics, run, compaction);
                 }
+                // Whichever node swept: no footer of a file it deleted stays.
+                access.tables.forget_footers();
                 match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {
                         tracing::info!(files = files.len(), "expired query audit files deleted");

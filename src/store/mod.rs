@@ -11,12 +11,14 @@ mod compact;
 mod counters;
 pub mod delta;
 mod files;
+mod snapshots;
 mod wal_copies;
 mod writer;
 
 pub use compact::{Compaction, compact};
 pub use counters::TableListener;
 pub use files::TableFiles;
+pub use snapshots::Snapshots;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
