@@ -654,6 +654,95 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
     );
 }
 
+/// RTTI is rewritten sorted by band of latitude (0.01°), then time:
+/// traffic queries ask for road cells and areas, and in a sorted file the
+/// pages outside an area's band have statistics that let the reader skip
+/// them. Probes stay as
+/// received (RTTI stores no vehicle or sequence number to tell a re-sent
+/// probe by), and a partition a rewrite made is not rewritten again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_sorts_rtti_by_latitude_band_then_time() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let t0 = (now - 3 * HOUR) / HOUR * HOUR;
+    let probe = |lat: f64, lon: f64, ts: i64| {
+        (
+            format!("vehicles/{A}/rtti"),
+            format!(r#"{{"vin":"{A}","ts":{ts},"seq":1,"latitude":{lat},"longitude":{lon}}}"#)
+                .into_bytes(),
+        )
+    };
+    let rounds = [
+        vec![probe(59.9, 18.2, t0 + 3_000), probe(59.1, 17.9, t0 + 1_000)],
+        vec![probe(59.5, 18.0, t0 + 2_000), probe(59.1, 17.5, t0 + 4_000)],
+        vec![probe(59.1, 17.9, t0), probe(55.6, 13.0, t0 + 5_000)],
+    ];
+    let mut sent = 0;
+    for round in rounds {
+        sent += round.len() as u64;
+        publish_all(server.handle.mqtt_addr(), &round).await;
+        wait_for(|| server.handle.metrics().totals().stored == sent);
+    }
+    let data = server.data_dir();
+    let (config, _dir) = server.stop();
+    let settings = fleetgate::store::Compaction {
+        target_bytes: config.storage.compact_target_bytes,
+        zstd_level: config.storage.zstd_level,
+    };
+    let root = store(&data);
+    let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction");
+    assert_eq!(replaced, 3, "the partition's three files were replaced");
+
+    let table = fleetgate::store::delta::open(&root, "rtti")
+        .await
+        .expect("open")
+        .expect("a table");
+    let files: Vec<String> = table
+        .snapshot()
+        .expect("snapshot")
+        .log_data()
+        .iter()
+        .map(|f| f.path().to_string())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = std::fs::File::open(data.join("rtti").join(&files[0])).expect("file");
+    let rows: Vec<(f64, f64, i64)> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
+            .expect("parquet")
+            .flat_map(|batch| positions(&batch.expect("batch")))
+            .collect();
+    let mut sorted = rows.clone();
+    sorted.sort_by(|a, b| {
+        let band = |lat: f64| (lat * 100.0).floor();
+        band(a.0).total_cmp(&band(b.0)).then(a.2.cmp(&b.2))
+    });
+    assert_eq!(rows.len(), 6, "every probe kept");
+    assert_eq!(rows, sorted, "sorted by band of latitude, then time");
+    assert_eq!(
+        fleetgate::store::compact(&root, now, settings).expect("compaction"),
+        0,
+        "a rewritten partition is left alone"
+    );
+}
+
+/// `(latitude, longitude, ts)` of each row of `batch`.
+fn positions(batch: &arrow::array::RecordBatch) -> Vec<(f64, f64, i64)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Float64Type, Int64Type};
+    let column = |name: &str| batch.column_by_name(name).expect(name).clone();
+    let ts = arrow::compute::cast(&column("ts"), &DataType::Int64).expect("cast");
+    let (lat, lon) = (column("latitude"), column("longitude"));
+    (0..batch.num_rows())
+        .map(|i| {
+            (
+                lat.as_primitive::<Float64Type>().value(i),
+                lon.as_primitive::<Float64Type>().value(i),
+                ts.as_primitive::<Int64Type>().value(i),
+            )
+        })
+        .collect()
+}
+
 /// `(vehicle_id, ts, seq)` of each row of `batch`.
 fn record_keys(batch: &arrow::array::RecordBatch) -> Vec<(String, i64, i64)> {
     use arrow::array::{Array, AsArray};

@@ -10,10 +10,13 @@
 //! rewritten sorted by vehicle, time and sequence number, and keep one row
 //! of each vehicle's `(ts, seq)`, the first received: a record a vehicle
 //! sent twice (it re-sends what got no PUBACK, to the node it reconnects
-//! to, which may be another) is stored once from then on. Each file such a
-//! rewrite adds is tagged, so a partition is rewritten again only when new
-//! files reach it. RTTI (no vehicle, no sequence number stored) and the dead
-//! letters are binned by Delta's OPTIMIZE, unsorted.
+//! to, which may be another) is stored once from then on. RTTI (no vehicle,
+//! no sequence number stored) is rewritten sorted by band of latitude, then
+//! time: the way traffic queries select it (road cells, areas), with its
+//! time columns still in runs that compress; every probe is kept.
+//! Each file such a rewrite adds is tagged, so a partition is rewritten
+//! again only when new files reach it. The dead letters are binned by
+//! Delta's OPTIMIZE, unsorted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
@@ -46,9 +49,45 @@ const CLOSED_AFTER_MS: i64 = 5 * 60 * 1000;
 /// The tag on a file a sorting rewrite added (Delta `add.tags`).
 const REWRITTEN_TAG: &str = "fleetgate.sorted";
 
+/// How a table's closed partitions are rewritten, by the columns it has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rewrite {
+    /// Sorted by [`RECORD_KEY`], one row per record.
+    Records,
+    /// Sorted by band of latitude ([`BANDS_PER_DEGREE`]), then time,
+    /// every row kept.
+    Positions,
+}
+
 /// The columns a record is known by, when a table has them all: the order
 /// a rewrite sorts by.
 const RECORD_KEY: [&str; 3] = ["vehicle_id", "ts", "seq"];
+
+/// A table of positions without a record key (RTTI) is sorted by bands of
+/// latitude this many to a degree (0.01°, about 1.1 km), then by time and
+/// time of receipt: a page's statistics then span a band or two, so a query
+/// for an area skips the pages of other bands, while the times and WAL
+/// entries stay in runs within a band and compress nearly as well as
+/// unsorted (sorted by latitude, longitude and time instead, the table grew
+/// by a quarter).
+const BANDS_PER_DEGREE: u32 = 100;
+
+/// The columns [`Rewrite::Positions`] sorts by.
+const POSITION_COLUMNS: [&str; 4] = ["latitude", "ts", "wal_app", "wal_entry"];
+
+impl Rewrite {
+    /// The rewrite a table with the columns of `schema` gets, if any.
+    fn of(schema: &arrow::datatypes::Schema) -> Option<Self> {
+        let has_all = |columns: &[&str]| columns.iter().all(|c| schema.field_with_name(c).is_ok());
+        if has_all(&RECORD_KEY) {
+            Some(Self::Records)
+        } else if has_all(&POSITION_COLUMNS) {
+            Some(Self::Positions)
+        } else {
+            None
+        }
+    }
+}
 
 /// Columns that differ between two copies of one record: when and through
 /// which WAL entry each copy was received.
@@ -70,11 +109,12 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
                 continue;
             };
             let schema = delta_table.snapshot()?.snapshot().arrow_schema();
-            let keyed = RECORD_KEY.iter().all(|c| schema.field_with_name(c).is_ok());
-            replaced += if keyed {
-                rewrite_closed(root, table.name(), delta_table, &open, settings).await?
-            } else {
-                optimize_closed(delta_table, &open, settings).await?
+            replaced += match Rewrite::of(&schema) {
+                Some(rewrite) => {
+                    let name = table.name();
+                    rewrite_closed(root, name, delta_table, &open, rewrite, settings).await?
+                }
+                None => optimize_closed(delta_table, &open, settings).await?,
             };
             // The rewritten files and their commits, on local disk.
             if let Some(dir) = root.table_dir(table.name()) {
@@ -113,13 +153,14 @@ async fn optimize_closed(
     Ok(replaced)
 }
 
-/// Rewrites, sorted and with one row per record, every partition before
-/// `open` that holds a file no rewrite made; one commit per partition.
+/// Rewrites as `rewrite` says every partition before `open` that holds a
+/// file no rewrite made; one commit per partition.
 async fn rewrite_closed(
     root: &StoreRoot,
     name: &str,
     delta_table: DeltaTable,
     open: &(String, u8),
+    rewrite: Rewrite,
     settings: Compaction,
 ) -> Result<u64> {
     let mut partitions: BTreeMap<(String, u8), Vec<LogicalFileView>> = BTreeMap::new();
@@ -151,20 +192,30 @@ async fn rewrite_closed(
         }
         let removed = files.len() as u64;
         let predicate = format!("date = '{date}' AND hour = {hour}");
-        rewrite_partition(root, name, &delta_table, files, predicate, settings).await?;
+        rewrite_partition(
+            root,
+            name,
+            &delta_table,
+            files,
+            predicate,
+            rewrite,
+            settings,
+        )
+        .await?;
         replaced += removed;
     }
     Ok(replaced)
 }
 
-/// Replaces `files` (one partition's) by their rows sorted by the record
-/// key, one row per record, in one commit that changes no data.
+/// Replaces `files` (one partition's) by their rows as `rewrite` orders
+/// them, in one commit that changes no data.
 async fn rewrite_partition(
     root: &StoreRoot,
     name: &str,
     delta_table: &DeltaTable,
     files: Vec<LogicalFileView>,
     predicate: String,
+    rewrite: Rewrite,
     settings: Compaction,
 ) -> Result<()> {
     let snapshot = delta_table.snapshot()?;
@@ -187,24 +238,39 @@ async fn rewrite_partition(
         .iter()
         .map(|f| identifier(f.name()))
         .collect();
-    // One record: rows equal in every column but those of the copy and the
-    // encrypted ones (sealed with a nonce of their own per copy). Two
-    // records a vehicle sent under one (ts, seq) differ elsewhere and stay.
-    let same: Vec<String> = schema
-        .fields()
-        .iter()
-        .filter(|f| !COPY_COLUMNS.contains(&f.name().as_str()))
-        .filter(|f| !matches!(f.data_type(), DataType::Binary | DataType::LargeBinary))
-        .map(|f| identifier(f.name()))
-        .collect();
-    let key = RECORD_KEY.map(identifier).join(", ");
-    let sql = format!(
-        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {same} \
-         ORDER BY received_at, wal_app, wal_entry) AS fleetgate_copy FROM part) \
-         WHERE fleetgate_copy = 1 ORDER BY {key}",
-        columns = columns.join(", "),
-        same = same.join(", ")
-    );
+    let sql = match rewrite {
+        Rewrite::Records => {
+            // One record: rows equal in every column but those of the copy
+            // and the encrypted ones (sealed with a nonce of their own per
+            // copy). Two records a vehicle sent under one (ts, seq) differ
+            // elsewhere and stay.
+            let same: Vec<String> = schema
+                .fields()
+                .iter()
+                .filter(|f| !COPY_COLUMNS.contains(&f.name().as_str()))
+                .filter(|f| !matches!(f.data_type(), DataType::Binary | DataType::LargeBinary))
+                .map(|f| identifier(f.name()))
+                .collect();
+            format!(
+                "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {same} \
+                 ORDER BY received_at, wal_app, wal_entry) AS fleetgate_copy FROM part) \
+                 WHERE fleetgate_copy = 1 ORDER BY {key}",
+                columns = columns.join(", "),
+                same = same.join(", "),
+                key = RECORD_KEY.map(identifier).join(", ")
+            )
+        }
+        Rewrite::Positions => format!(
+            "SELECT {columns} FROM part ORDER BY floor({latitude} * {BANDS_PER_DEGREE}), {times}",
+            columns = columns.join(", "),
+            latitude = identifier(POSITION_COLUMNS[0]),
+            times = POSITION_COLUMNS[1..]
+                .iter()
+                .map(|c| identifier(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let mut rows = ctx.sql(&sql).await?.execute_stream().await?;
     let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
     let mut writer = RecordBatchWriter::for_table(delta_table)?.with_writer_properties(properties);
