@@ -17,7 +17,6 @@ use datafusion::catalog::view::ViewTable;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableProvider;
 use datafusion::error::DataFusionError;
-use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -102,9 +101,7 @@ pub async fn session_over(
 ) -> Result<SessionContext> {
     let config = SessionConfig::new().with_information_schema(true);
     let runtime = RuntimeEnvBuilder::new()
-        .with_cache_manager(
-            CacheManagerConfig::default().with_file_metadata_cache(Some(tables.footers())),
-        )
+        .with_cache_manager(tables.cache_config())
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(config.clone(), runtime);
     // The files are registered here only, to plan the views.

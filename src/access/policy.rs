@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{Array, AsArray, StringBuilder};
 use arrow::datatypes::{DataType, Int32Type};
 use datafusion::datasource::empty::EmptyTable;
-use datafusion::execution::cache::cache_manager::{CacheManagerConfig, FileMetadataCache};
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -176,7 +176,7 @@ pub async fn session(
     if inputs.distributed {
         distributable(principal, purpose)?;
     }
-    let ctx = principal_context(inputs.memory_limit, inputs.tables.footers())?;
+    let ctx = principal_context(inputs.memory_limit, inputs.tables.cache_config())?;
     let files = SessionContext::new_with_config(SessionConfig::new());
     let root = inputs.tables.root();
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
@@ -296,16 +296,13 @@ const REMOVED_FUNCTIONS: [&str; 5] = [
 
 /// The principal's own session: information_schema on, a memory pool of
 /// `memory_limit` bytes with no spilling (a query may not fill the disk the
-/// store writes to), the node's shared cache of Parquet `footers`, no
-/// recursive CTE (one can run forever), and none of the functions in
+/// store writes to), the node's shared cache of Parquet footers (`cache`),
+/// no recursive CTE (one can run forever), and none of the functions in
 /// [`REMOVED_FUNCTIONS`] nor any table function.
-fn principal_context(
-    memory_limit: usize,
-    footers: Arc<FileMetadataCache>,
-) -> Result<SessionContext> {
+fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
-        .with_cache_manager(CacheManagerConfig::default().with_file_metadata_cache(Some(footers)))
+        .with_cache_manager(cache)
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )

@@ -668,8 +668,10 @@ fn spawn_sweeper(
                     };
                     maintain(&retention, &root, &lifecycle, &metrics, run, compaction);
                 }
-                // Whichever node swept: no footer of a file it deleted stays.
-                access.tables.forget_footers();
+                // On every node, whether it swept or not: the kept table
+                // versions and footers go, with what they say of files a
+                // sweep on any node deleted.
+                access.tables.forget();
                 match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {
                         tracing::info!(files = files.len(), "expired query audit files deleted");

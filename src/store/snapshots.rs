@@ -11,14 +11,18 @@
 //! or any other.
 //!
 //! A file is never rewritten in place, so a footer read once stays true.
-//! The footer cache is emptied at every maintenance tick
-//! ([`Snapshots::forget_footers`]), so that the statistics of a file a
-//! retention sweep deleted are not kept in memory beyond it.
+//! The kept versions and the footers are all dropped every [`KEEP_FOR`]
+//! (at the first query after it, and at every maintenance tick of the
+//! server's sweeper: [`Snapshots::forget`]), so that what they say of a file
+//! a retention sweep or an erasure deleted (paths, partition values, the
+//! log's and the footer's column statistics) is not kept in memory much
+//! beyond its deletion.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use datafusion::execution::cache::cache_manager::FileMetadataCache;
+use datafusion::execution::cache::cache_manager::{CacheManagerConfig, FileMetadataCache};
 use datafusion::execution::cache::default_cache::DefaultCache;
 use deltalake::DeltaTable;
 
@@ -28,11 +32,20 @@ use super::delta::{self, StoreRoot};
 /// Memory the footer cache may hold; the least recently used go first.
 const FOOTER_CACHE_BYTES: usize = 64 << 20;
 
+/// How long kept versions and footers are kept at most.
+const KEEP_FOR: Duration = Duration::from_secs(300);
+
 /// The latest versions of the tables under one root, and their footers.
 pub struct Snapshots {
     root: StoreRoot,
-    kept: Mutex<HashMap<String, DeltaTable>>,
+    kept: Mutex<Kept>,
     footers: Arc<FileMetadataCache>,
+}
+
+/// The kept versions, and since when they and the footers are kept.
+struct Kept {
+    tables: HashMap<String, DeltaTable>,
+    since: Instant,
 }
 
 impl Snapshots {
@@ -40,7 +53,10 @@ impl Snapshots {
     pub fn new(root: StoreRoot) -> Self {
         Self {
             root,
-            kept: Mutex::new(HashMap::new()),
+            kept: Mutex::new(Kept {
+                tables: HashMap::new(),
+                since: Instant::now(),
+            }),
             footers: Arc::new(DefaultCache::new(FOOTER_CACHE_BYTES).with_name("fleetgate footers")),
         }
     }
@@ -52,43 +68,79 @@ impl Snapshots {
 
     /// Table `name` at its latest version, `None` if it was never created:
     /// the kept version brought up to date, or the table loaded if none is
-    /// kept or the kept one cannot be (its commits were cleaned up).
+    /// kept or the kept one cannot be brought up to date.
     pub async fn latest(&self, name: &str) -> Result<Option<DeltaTable>> {
-        let kept = self.lock().get(name).cloned();
+        let kept = {
+            let mut kept = self.lock();
+            if kept.since.elapsed() >= KEEP_FOR {
+                self.forget_kept(&mut kept);
+            }
+            kept.tables.get(name).cloned()
+        };
         let updated = match kept {
-            Some(mut table) => table.update_incremental(None).await.ok().map(|()| table),
+            Some(mut table) => match table.update_incremental(None).await {
+                Ok(()) => Some(table),
+                Err(error) => {
+                    tracing::debug!(table = name, %error, "loading the table anew: its kept version cannot be brought up to date");
+                    None
+                }
+            },
             None => None,
         };
-        let table = match updated {
-            Some(table) => table,
+        let (table, loaded) = match updated {
+            Some(table) => (table, false),
             None => match delta::open(&self.root, name).await? {
-                Some(table) => table,
+                Some(table) => (table, true),
                 None => {
-                    self.lock().remove(name);
+                    self.lock().tables.remove(name);
                     return Ok(None);
                 }
             },
         };
         let mut kept = self.lock();
-        // Another query may have kept a later version meanwhile.
-        if kept.get(name).is_none_or(|k| k.version() < table.version()) {
-            kept.insert(name.to_owned(), table.clone());
+        // Another query may have kept a later version meanwhile; a table
+        // loaded anew replaces whatever was kept (its log may have started
+        // over at a lower version).
+        if loaded
+            || kept
+                .tables
+                .get(name)
+                .is_none_or(|k| k.version() < table.version())
+        {
+            kept.tables.insert(name.to_owned(), table.clone());
         }
         Ok(Some(table))
     }
 
-    /// The footer cache, for every query session's runtime.
-    pub fn footers(&self) -> Arc<FileMetadataCache> {
-        Arc::clone(&self.footers)
+    /// How every query session's runtime caches: in the shared footer
+    /// cache, within [`FOOTER_CACHE_BYTES`].
+    pub fn cache_config(&self) -> CacheManagerConfig {
+        CacheManagerConfig::default()
+            .with_file_metadata_cache(Some(Arc::clone(&self.footers)))
+            .with_metadata_cache_limit(FOOTER_CACHE_BYTES)
     }
 
-    /// Empties the footer cache.
-    pub fn forget_footers(&self) {
+    /// Drops every kept version and footer: the next query of each table
+    /// loads it from its log, and reads the footers it needs again.
+    pub fn forget(&self) {
+        let mut kept = self.lock();
+        self.forget_kept(&mut kept);
+    }
+
+    fn forget_kept(&self, kept: &mut Kept) {
+        kept.tables.clear();
+        kept.since = Instant::now();
         self.footers.clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, DeltaTable>> {
+    fn lock(&self) -> MutexGuard<'_, Kept> {
         self.kept.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many footers are cached now.
+    #[cfg(test)]
+    fn footers_cached(&self) -> usize {
+        self.footers.len()
     }
 }
 
@@ -204,6 +256,45 @@ mod tests {
             !named.contains(&removed[0]),
             "{named:?} still names {removed:?}"
         );
+    }
+
+    /// Every session whose runtime takes [`Snapshots::cache_config`] reads
+    /// footers through the one cache, and [`Snapshots::forget`] empties it
+    /// along with the kept versions.
+    #[test]
+    fn sessions_share_the_footers_until_they_are_forgotten() {
+        use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+        use datafusion::prelude::{SessionConfig, SessionContext};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = StoreRoot::local(dir.path()).expect("root");
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        let hours = [1_780_000_000_000, 1_780_003_600_000].map(PartitionKey::from_millis);
+        let parts: Vec<_> = hours.iter().map(|h| (*h, seqs(&schema, &[1, 2]))).collect();
+        append(&root, "charging", &schema, &parts, 1).expect("append");
+        let tables = Snapshots::new(root);
+        let sum = || async {
+            let table = tables.latest("charging").await?.expect("a table");
+            let runtime = RuntimeEnvBuilder::new()
+                .with_cache_manager(tables.cache_config())
+                .build_arc()?;
+            let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+            ctx.register_table("charging", table.table_provider().await?)?;
+            let batches = ctx
+                .sql("SELECT sum(seq) FROM charging")
+                .await?
+                .collect()
+                .await?;
+            Ok::<_, crate::store::StoreError>(batches[0].num_rows())
+        };
+        assert_eq!(block_on(sum()).expect("first session"), 1);
+        assert_eq!(tables.footers_cached(), 2, "one footer per file");
+        assert_eq!(block_on(sum()).expect("second session"), 1);
+        assert_eq!(tables.footers_cached(), 2, "read from the cache");
+        tables.forget();
+        assert_eq!(tables.footers_cached(), 0);
+        assert!(tables.lock().tables.is_empty());
     }
 
     /// A kept version whose commits the log cleanup deleted since (a
