@@ -672,10 +672,17 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
                 .into_bytes(),
         )
     };
+    // Within the band of 59.10°, time orders the rows, not latitude; and
+    // the probe sent twice is kept twice.
     let rounds = [
         vec![probe(59.9, 18.2, t0 + 3_000), probe(59.1, 17.9, t0 + 1_000)],
         vec![probe(59.5, 18.0, t0 + 2_000), probe(59.1, 17.5, t0 + 4_000)],
         vec![probe(59.1, 17.9, t0), probe(55.6, 13.0, t0 + 5_000)],
+        vec![
+            probe(59.105, 18.0, t0 + 500),
+            probe(59.101, 18.0, t0 + 9_000),
+        ],
+        vec![probe(59.9, 18.2, t0 + 3_000)],
     ];
     let mut sent = 0;
     for round in rounds {
@@ -691,7 +698,7 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
     };
     let root = store(&data);
     let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction");
-    assert_eq!(replaced, 3, "the partition's three files were replaced");
+    assert_eq!(replaced, 5, "the partition's five files were replaced");
 
     let table = fleetgate::store::delta::open(&root, "rtti")
         .await
@@ -716,7 +723,7 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
         let band = |lat: f64| (lat * 100.0).floor();
         band(a.0).total_cmp(&band(b.0)).then(a.2.cmp(&b.2))
     });
-    assert_eq!(rows.len(), 6, "every probe kept");
+    assert_eq!(rows.len(), 9, "every probe kept");
     assert_eq!(rows, sorted, "sorted by band of latitude, then time");
     assert_eq!(
         fleetgate::store::compact(&root, now, settings).expect("compaction"),
