@@ -1,12 +1,14 @@
 //! SQL over the store through DataFusion.
 //!
 //! Every stream is a table named after it, plus `dead_letters`. Each reads
-//! the latest version of its Delta table (delta-rs's provider, over the
-//! versions and footers [`Snapshots`] keeps between queries), with the
-//! hour partitions as columns `date` (DATE) and `hour` (INT), so filters on
-//! them, and on the time columns the log keeps statistics of, prune files
-//! before any is opened. Only the files that version names are read, and
-//! only through views that hide every row past its retention rule.
+//! the latest version of its Delta table ([`Snapshots`] keeps versions and
+//! footers between queries) as the Parquet files that version names,
+//! through DataFusion's own Parquet scan ([`TableFiles`]; delta-rs's
+//! provider for a table with deletion vectors or mapped columns, which
+//! fleetgate never writes), with the hour partitions as columns `date`
+//! (DATE) and `hour` (INT), so filters on them, and on the time columns the
+//! log keeps statistics of, prune files before any is opened. Only through
+//! views that hide every row past its retention rule.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,8 +134,9 @@ pub(crate) fn empty_table(schema: &SchemaRef) -> Result<Arc<MemTable>> {
 }
 
 /// The latest version of the Delta table `name` of `tables`, if one was
-/// created; the sessions in `sessions` (the one planning over it and the
-/// one running the plans) are given the store it reads from.
+/// created, as the Parquet files it names; the sessions in `sessions` (the
+/// one planning over it and the one running the plans) are given the store
+/// it reads from.
 pub(crate) async fn stored_table(
     tables: &Snapshots,
     name: &str,
@@ -142,7 +145,18 @@ pub(crate) async fn stored_table(
     let Some(table) = tables.latest(name).await? else {
         return Ok(None);
     };
-    Ok(Some(provider(&table, sessions).await?))
+    // DataFusion's own Parquet scan over the files the version names: the
+    // same rows, without the Delta scan's extra columns and transforms.
+    for session in sessions {
+        table.update_datafusion_session(&session.state())?;
+    }
+    let schema = table.snapshot()?.snapshot().arrow_schema();
+    match TableFiles::new(tables.root(), name, &table, schema) {
+        Ok(files) => Ok(Some(Arc::new(files))),
+        // Deletion vectors or mapped columns: only delta-rs reads those.
+        Err(StoreError::NotPlainFiles(_)) => Ok(Some(provider(&table, sessions).await?)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// [`stored_table`] as the Parquet files its latest version names

@@ -1,13 +1,17 @@
 //! One version of a Delta table as the plain Parquet files it names, for
-//! plans that leave this process (distributed queries on Ballista).
+//! this node's queries and for plans that leave this process (distributed
+//! queries on Ballista).
 //!
-//! delta-rs's own provider plans a scan node of its own, which no other
-//! process can decode. [`TableFiles`] holds what that version's log says
-//! (each file's path, size and partition values) and plans DataFusion's
-//! own Parquet scan over exactly those files, which a Ballista scheduler
-//! splits into tasks and its executors run. It is only correct for tables
-//! written without deletion vectors or column mapping, which is how
-//! fleetgate writes them (delta-rs writes neither).
+//! [`TableFiles`] holds what that version's log says (each file's path,
+//! size and partition values) and plans DataFusion's own Parquet scan over
+//! exactly those files: a Ballista scheduler can split it into tasks, which
+//! delta-rs's scan node it cannot decode, and on one node it reads the same
+//! rows with less work per batch (no file-id column, partition values as
+//! DataFusion's own). Before any file is opened, the log's statistics skip
+//! those a query's filters rule out (not carried to other processes, whose
+//! executors prune by footer). It is only correct for tables written
+//! without deletion vectors or column mapping, which is how fleetgate
+//! writes them (delta-rs writes neither), and refuses any other.
 
 use std::sync::Arc;
 
@@ -17,6 +21,7 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
@@ -24,10 +29,12 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use deltalake::DeltaTable;
-use deltalake::kernel::LogicalFileView;
+use deltalake::kernel::{EagerSnapshot, LogicalFileView};
 use object_store::ObjectMeta;
 use object_store::path::Path as ObjectPath;
 use serde::{Deserialize, Serialize};
@@ -40,6 +47,9 @@ use super::{Result as StoreResult, StoreError};
 pub struct TableFiles {
     schema: SchemaRef,
     listing: Listing,
+    /// The version's log, whose statistics skip files before any is
+    /// opened; `None` for a listing another process sent, or some files.
+    log: Option<EagerSnapshot>,
 }
 
 /// What a plan that scans a [`TableFiles`] carries to other processes.
@@ -83,7 +93,9 @@ impl TableFiles {
                 "its columns are mapped (delta.columnMapping)",
             ));
         }
-        Self::with_files(root, name, schema, snapshot.log_data().iter())
+        let mut files = Self::with_files(root, name, schema, snapshot.log_data().iter())?;
+        files.log = Some(snapshot.snapshot().clone());
+        Ok(files)
     }
 
     /// [`TableFiles::new`] of only `files`, some of the table's.
@@ -140,6 +152,7 @@ impl TableFiles {
         Ok(Self {
             schema,
             listing: Listing { store, files },
+            log: None,
         })
     }
 
@@ -167,7 +180,29 @@ impl TableFiles {
                 "a table's files arrived without their partition columns".into(),
             ));
         }
-        Ok(Self { schema, listing })
+        Ok(Self {
+            schema,
+            listing,
+            log: None,
+        })
+    }
+
+    /// Which files the log's statistics say may hold rows `predicate`
+    /// keeps, in listing order; `None` when there is no log or predicate.
+    fn kept_by_log(&self, predicate: Option<&Arc<dyn PhysicalExpr>>) -> Result<Option<Vec<bool>>> {
+        let (Some(log), Some(predicate)) = (&self.log, predicate) else {
+            return Ok(None);
+        };
+        // A predicate the statistics cannot answer keeps every file.
+        let Some(pruning) = PruningPredicateBuilder::new()
+            .with_file_schema(Arc::clone(&self.schema))
+            .build(Arc::clone(predicate))
+        else {
+            return Ok(None);
+        };
+        let kept = pruning.prune(log)?;
+        // The log and the listing name the same files in the same order.
+        Ok((kept.len() == self.listing.files.len()).then_some(kept))
     }
 
     /// The columns the files hold, and the partition columns after them.
@@ -206,8 +241,18 @@ impl TableProvider for TableFiles {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let (file_schema, partition_fields) = self.split_schema();
+        let predicate = conjunction(filters.iter().cloned())
+            .map(|p| {
+                let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
+                state.create_physical_expr(p, &df_schema)
+            })
+            .transpose()?;
+        let kept = self.kept_by_log(predicate.as_ref())?;
         let mut files = Vec::with_capacity(self.listing.files.len());
-        for file in &self.listing.files {
+        for (i, file) in self.listing.files.iter().enumerate() {
+            if kept.as_ref().is_some_and(|kept| !kept[i]) {
+                continue;
+            }
             let mut values = Vec::with_capacity(partition_fields.len());
             for (field, value) in partition_fields.iter().zip(&file.partition) {
                 values.push(match value {
@@ -232,10 +277,17 @@ impl TableProvider for TableFiles {
         let table_schema = TableSchema::builder(file_schema)
             .with_table_partition_cols(partition_fields)
             .build();
-        let mut source = ParquetSource::new(table_schema).with_table_parquet_options(options);
-        if let Some(predicate) = conjunction(filters.iter().cloned()) {
-            let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
-            source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
+        let store_url = ObjectStoreUrl::parse(&self.listing.store)?;
+        // Footers through the session's cache (the node's, for a query).
+        let footers = CachedParquetFileReaderFactory::new(
+            state.runtime_env().object_store(&store_url)?,
+            state.runtime_env().cache_manager.get_file_metadata_cache(),
+        );
+        let mut source = ParquetSource::new(table_schema)
+            .with_table_parquet_options(options)
+            .with_parquet_file_reader_factory(Arc::new(footers));
+        if let Some(predicate) = predicate {
+            source = source.with_predicate(predicate);
         }
         if files.is_empty() {
             let schema = match projection {
@@ -255,18 +307,63 @@ impl TableProvider for TableFiles {
             groups[i % count].push(file);
         }
         let groups = groups.into_iter().map(FileGroup::new).collect();
-        let config = FileScanConfigBuilder::new(
-            ObjectStoreUrl::parse(&self.listing.store)?,
-            Arc::new(source),
-        )
-        .with_file_groups(groups)
-        .with_projection_indices(projection.cloned())?
-        .with_limit(limit)
-        .build();
+        let config = FileScanConfigBuilder::new(store_url, Arc::new(source))
+            .with_file_groups(groups)
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
         Ok(DataSourceExec::from_data_source(config))
     }
 }
 
 fn not_plain(table: &str, reason: &str) -> StoreError {
     StoreError::NotPlainFiles(format!("table {table}: {reason}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::DataType;
+    use datafusion::logical_expr::{col, lit};
+    use datafusion::physical_plan::displayable;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+    use crate::store::{PartitionKey, append, block_on, delta};
+
+    /// A file whose log statistics rule out a query's filter is not in its
+    /// scan at all: two files of one hour, times 1–2 and 10–11 (a column
+    /// the log keeps statistics of), and a filter on times above 5 scans
+    /// only the second.
+    #[test]
+    fn the_log_statistics_skip_files_before_any_is_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = StoreRoot::local(dir.path()).expect("root");
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("ts", DataType::Int64, false)]));
+        let hour = PartitionKey::from_millis(1_780_000_000_000);
+        for times in [[1, 2], [10, 11]] {
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from(times.to_vec()))],
+            )
+            .expect("batch");
+            append(&root, "charging", &schema, &[(hour, batch)], 1).expect("append");
+        }
+        let scanned = |filters: Vec<Expr>| {
+            block_on(async {
+                let table = delta::open(&root, "charging").await?.expect("a table");
+                let columns = table.snapshot()?.snapshot().arrow_schema();
+                let files = TableFiles::new(&root, "charging", &table, columns)?;
+                let ctx = SessionContext::new();
+                let plan = files.scan(&ctx.state(), None, &filters, None).await?;
+                let shown = displayable(plan.as_ref()).indent(true).to_string();
+                Ok::<_, StoreError>(shown.matches(".parquet").count())
+            })
+            .expect("scan")
+        };
+        assert_eq!(scanned(Vec::new()), 2);
+        assert_eq!(scanned(vec![col("ts").gt(lit(5i64))]), 1);
+        assert_eq!(scanned(vec![col("ts").gt(lit(50i64))]), 0);
+    }
 }
