@@ -625,24 +625,11 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
     );
 
     // The partition is one file, its rows in record order.
-    let table = fleetgate::store::delta::open(&root, "diagnostics")
+    let rows: Vec<(String, i64, i64)> = only_file(&root, &data, "diagnostics")
         .await
-        .expect("open")
-        .expect("a table");
-    let files: Vec<String> = table
-        .snapshot()
-        .expect("snapshot")
-        .log_data()
         .iter()
-        .map(|f| f.path().to_string())
+        .flat_map(record_keys)
         .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    let file = std::fs::File::open(data.join("diagnostics").join(&files[0])).expect("file");
-    let rows: Vec<(String, i64, i64)> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
-            .expect("parquet")
-            .flat_map(|batch| record_keys(&batch.expect("batch")))
-            .collect();
     assert_eq!(rows.len(), 5);
     let mut sorted = rows.clone();
     sorted.sort();
@@ -700,24 +687,11 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
     let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction");
     assert_eq!(replaced, 5, "the partition's five files were replaced");
 
-    let table = fleetgate::store::delta::open(&root, "rtti")
+    let rows: Vec<(f64, f64, i64)> = only_file(&root, &data, "rtti")
         .await
-        .expect("open")
-        .expect("a table");
-    let files: Vec<String> = table
-        .snapshot()
-        .expect("snapshot")
-        .log_data()
         .iter()
-        .map(|f| f.path().to_string())
+        .flat_map(positions)
         .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    let file = std::fs::File::open(data.join("rtti").join(&files[0])).expect("file");
-    let rows: Vec<(f64, f64, i64)> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
-            .expect("parquet")
-            .flat_map(|batch| positions(&batch.expect("batch")))
-            .collect();
     let mut sorted = rows.clone();
     sorted.sort_by(|a, b| {
         let band = |lat: f64| (lat * 100.0).floor();
@@ -730,6 +704,31 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
         0,
         "a rewritten partition is left alone"
     );
+}
+
+/// The rows of table `name`'s one file, which the test asserts it has.
+async fn only_file(
+    root: &fleetgate::store::StoreRoot,
+    data: &std::path::Path,
+    name: &str,
+) -> Vec<arrow::array::RecordBatch> {
+    let table = fleetgate::store::delta::open(root, name)
+        .await
+        .expect("open")
+        .expect("a table");
+    let files: Vec<String> = table
+        .snapshot()
+        .expect("snapshot")
+        .log_data()
+        .iter()
+        .map(|f| f.path().to_string())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = std::fs::File::open(data.join(name).join(&files[0])).expect("file");
+    parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
+        .expect("parquet")
+        .map(|batch| batch.expect("batch"))
+        .collect()
 }
 
 /// `(latitude, longitude, ts)` of each row of `batch`.

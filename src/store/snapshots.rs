@@ -170,6 +170,14 @@ mod tests {
         .expect("batch")
     }
 
+    /// An empty store, and the one-column schema the tests write.
+    fn seq_store() -> (tempfile::TempDir, StoreRoot, SchemaRef) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = StoreRoot::local(dir.path()).expect("root");
+        let schema = Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        (dir, root, schema)
+    }
+
     fn files(table: &DeltaTable) -> usize {
         table
             .snapshot()
@@ -184,10 +192,7 @@ mod tests {
     /// are both seen, and the file the DELETE removed is no longer named.
     #[test]
     fn a_kept_table_is_brought_up_to_date() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = StoreRoot::local(dir.path()).expect("root");
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        let (_dir, root, schema) = seq_store();
         let hour = PartitionKey::from_millis(1_780_000_000_000);
         let tables = Snapshots::new(root.clone());
         block_on(async {
@@ -266,10 +271,7 @@ mod tests {
         use datafusion::execution::runtime_env::RuntimeEnvBuilder;
         use datafusion::prelude::{SessionConfig, SessionContext};
 
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = StoreRoot::local(dir.path()).expect("root");
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        let (_dir, root, schema) = seq_store();
         let hours = [1_780_000_000_000, 1_780_003_600_000].map(PartitionKey::from_millis);
         let parts: Vec<_> = hours.iter().map(|h| (*h, seqs(&schema, &[1, 2]))).collect();
         append(&root, "charging", &schema, &parts, 1).expect("append");
@@ -302,10 +304,7 @@ mod tests {
     /// the query.
     #[test]
     fn a_kept_table_whose_commits_were_cleaned_up_still_comes_up_to_date() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = StoreRoot::local(dir.path()).expect("root");
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]));
+        let (dir, root, schema) = seq_store();
         let hour = PartitionKey::from_millis(1_780_000_000_000);
         let tables = Snapshots::new(root.clone());
         append(
