@@ -178,6 +178,19 @@ mod tests {
         (dir, root, schema)
     }
 
+    /// `values` appended to the table `charging` in one hour, one commit.
+    fn append_seqs(root: &StoreRoot, schema: &SchemaRef, values: &[i64]) {
+        let hour = PartitionKey::from_millis(1_780_000_000_000);
+        append(root, "charging", schema, &[(hour, seqs(schema, values))], 1).expect("append");
+    }
+
+    /// The table `charging` as `tables` hands it out now.
+    fn latest(tables: &Snapshots) -> DeltaTable {
+        block_on(tables.latest("charging"))
+            .expect("latest")
+            .expect("table")
+    }
+
     fn files(table: &DeltaTable) -> usize {
         table
             .snapshot()
@@ -193,7 +206,6 @@ mod tests {
     #[test]
     fn a_kept_table_is_brought_up_to_date() {
         let (_dir, root, schema) = seq_store();
-        let hour = PartitionKey::from_millis(1_780_000_000_000);
         let tables = Snapshots::new(root.clone());
         block_on(async {
             assert!(tables.latest("charging").await?.is_none());
@@ -201,30 +213,12 @@ mod tests {
         })
         .expect("no table yet");
 
-        append(
-            &root,
-            "charging",
-            &schema,
-            &[(hour, seqs(&schema, &[1]))],
-            1,
-        )
-        .expect("append");
-        let first = block_on(tables.latest("charging"))
-            .expect("latest")
-            .expect("table");
+        append_seqs(&root, &schema, &[1]);
+        let first = latest(&tables);
         assert_eq!(files(&first), 1);
 
-        append(
-            &root,
-            "charging",
-            &schema,
-            &[(hour, seqs(&schema, &[2, 3]))],
-            1,
-        )
-        .expect("append");
-        let second = block_on(tables.latest("charging"))
-            .expect("latest")
-            .expect("table");
+        append_seqs(&root, &schema, &[2, 3]);
+        let second = latest(&tables);
         assert!(second.version() > first.version());
         assert_eq!(files(&second), 2);
 
@@ -234,9 +228,7 @@ mod tests {
             Ok::<_, crate::store::StoreError>(())
         })
         .expect("delete");
-        let third = block_on(tables.latest("charging"))
-            .expect("latest")
-            .expect("table");
+        let third = latest(&tables);
         assert!(third.version() > second.version());
         let named: Vec<String> = third
             .snapshot()
@@ -305,29 +297,12 @@ mod tests {
     #[test]
     fn a_kept_table_whose_commits_were_cleaned_up_still_comes_up_to_date() {
         let (dir, root, schema) = seq_store();
-        let hour = PartitionKey::from_millis(1_780_000_000_000);
         let tables = Snapshots::new(root.clone());
-        append(
-            &root,
-            "charging",
-            &schema,
-            &[(hour, seqs(&schema, &[1]))],
-            1,
-        )
-        .expect("append");
-        let kept = block_on(tables.latest("charging"))
-            .expect("latest")
-            .expect("table");
+        append_seqs(&root, &schema, &[1]);
+        let kept = latest(&tables);
         // Later commits, a checkpoint, and every commit before it gone.
         for seq in 2..5 {
-            append(
-                &root,
-                "charging",
-                &schema,
-                &[(hour, seqs(&schema, &[seq]))],
-                1,
-            )
-            .expect("append");
+            append_seqs(&root, &schema, &[seq]);
         }
         block_on(async {
             let table = delta::open(&root, "charging").await?.expect("table");
@@ -343,9 +318,7 @@ mod tests {
                 std::fs::remove_file(&path).expect("remove commit");
             }
         }
-        let latest = block_on(tables.latest("charging"))
-            .expect("latest")
-            .expect("table");
+        let latest = latest(&tables);
         assert!(latest.version() > kept.version());
         assert_eq!(files(&latest), 4);
     }
