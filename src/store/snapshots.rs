@@ -191,13 +191,19 @@ mod tests {
             .expect("table")
     }
 
-    fn files(table: &DeltaTable) -> usize {
+    /// The paths of the files `table`'s version names.
+    fn paths(table: &DeltaTable) -> Vec<String> {
         table
             .snapshot()
             .expect("snapshot")
             .log_data()
             .iter()
-            .count()
+            .map(|f| f.path().to_string())
+            .collect()
+    }
+
+    fn files(table: &DeltaTable) -> usize {
+        paths(table).len()
     }
 
     /// A kept version is brought up to date before it is handed out: an
@@ -230,20 +236,7 @@ mod tests {
         .expect("delete");
         let third = latest(&tables);
         assert!(third.version() > second.version());
-        let named: Vec<String> = third
-            .snapshot()
-            .expect("snapshot")
-            .log_data()
-            .iter()
-            .map(|f| f.path().to_string())
-            .collect();
-        let removed: Vec<String> = first
-            .snapshot()
-            .expect("snapshot")
-            .log_data()
-            .iter()
-            .map(|f| f.path().to_string())
-            .collect();
+        let (named, removed) = (paths(&third), paths(&first));
         assert_eq!(
             named.len(),
             1,
