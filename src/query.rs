@@ -4,8 +4,9 @@
 //! the latest version of its Delta table ([`Snapshots`] keeps versions and
 //! footers between queries) as the Parquet files that version names,
 //! through DataFusion's own Parquet scan ([`TableFiles`]; delta-rs's
-//! provider for a table with deletion vectors or mapped columns, which
-//! fleetgate never writes), with the hour partitions as columns `date`
+//! provider for a table it refuses: deletion vectors, mapped columns, or
+//! the WAL columns appended after the partition columns of a table older
+//! than them), with the hour partitions as columns `date`
 //! (DATE) and `hour` (INT), so filters on them, and on the time columns the
 //! log keeps statistics of, prune files before any is opened. Only through
 //! views that hide every row past its retention rule.
@@ -153,8 +154,12 @@ pub(crate) async fn stored_table(
     let schema = table.snapshot()?.snapshot().arrow_schema();
     match TableFiles::new(tables.root(), name, &table, schema) {
         Ok(files) => Ok(Some(Arc::new(files))),
-        // Deletion vectors or mapped columns: only delta-rs reads those.
-        Err(StoreError::NotPlainFiles(_)) => Ok(Some(provider(&table, sessions).await?)),
+        // Deletion vectors, mapped columns, partition columns not last:
+        // delta-rs reads those.
+        Err(StoreError::NotPlainFiles(reason)) => {
+            tracing::debug!(%reason, "read through delta-rs's provider");
+            Ok(Some(provider(&table, sessions).await?))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -11,7 +11,9 @@
 //! those a query's filters rule out (not carried to other processes, whose
 //! executors prune by footer). It is only correct for tables written
 //! without deletion vectors or column mapping, which is how fleetgate
-//! writes them (delta-rs writes neither), and refuses any other.
+//! writes them (delta-rs writes neither), and whose columns end with the
+//! partition columns, which a table created before the WAL columns were
+//! added to it does not (they were appended after); it refuses any other.
 
 use std::sync::Arc;
 
@@ -72,8 +74,9 @@ struct File {
 
 impl TableFiles {
     /// The files of `table`, the table `name` under `root` at the version
-    /// it was loaded at, with the columns `schema` (the Delta provider's,
-    /// whose last columns are the [`PARTITION_COLUMNS`]).
+    /// it was loaded at, with the columns `schema` (the version's, as the
+    /// log or the Delta provider gives them), whose last columns must be the
+    /// [`PARTITION_COLUMNS`].
     pub fn new(
         root: &StoreRoot,
         name: &str,
@@ -189,20 +192,22 @@ impl TableFiles {
 
     /// Which files the log's statistics say may hold rows `predicate`
     /// keeps, in listing order; `None` when there is no log or predicate.
-    fn kept_by_log(&self, predicate: Option<&Arc<dyn PhysicalExpr>>) -> Result<Option<Vec<bool>>> {
+    ///
+    /// The log's timestamp statistics are truncated to milliseconds; every
+    /// time fleetgate stores is a whole millisecond (the schemas take
+    /// milliseconds), so a truncated maximum is the true one.
+    fn kept_by_log(&self, predicate: Option<&Arc<dyn PhysicalExpr>>) -> Option<Vec<bool>> {
         let (Some(log), Some(predicate)) = (&self.log, predicate) else {
-            return Ok(None);
+            return None;
         };
-        // A predicate the statistics cannot answer keeps every file.
-        let Some(pruning) = PruningPredicateBuilder::new()
+        // A predicate the statistics cannot answer, or fail to, keeps
+        // every file.
+        let pruning = PruningPredicateBuilder::new()
             .with_file_schema(Arc::clone(&self.schema))
-            .build(Arc::clone(predicate))
-        else {
-            return Ok(None);
-        };
-        let kept = pruning.prune(log)?;
+            .build(Arc::clone(predicate))?;
+        let kept = pruning.prune(log).ok()?;
         // The log and the listing name the same files in the same order.
-        Ok((kept.len() == self.listing.files.len()).then_some(kept))
+        (kept.len() == self.listing.files.len()).then_some(kept)
     }
 
     /// The columns the files hold, and the partition columns after them.
@@ -247,7 +252,7 @@ impl TableProvider for TableFiles {
                 state.create_physical_expr(p, &df_schema)
             })
             .transpose()?;
-        let kept = self.kept_by_log(predicate.as_ref())?;
+        let kept = self.kept_by_log(predicate.as_ref());
         let mut files = Vec::with_capacity(self.listing.files.len());
         for (i, file) in self.listing.files.iter().enumerate() {
             if kept.as_ref().is_some_and(|kept| !kept[i]) {
