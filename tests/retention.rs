@@ -592,12 +592,7 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
             ),
         ],
     ];
-    let mut sent = 0;
-    for round in rounds {
-        sent += round.len() as u64;
-        publish_all(server.handle.mqtt_addr(), &round).await;
-        wait_for(|| server.handle.metrics().totals().stored == sent);
-    }
+    publish_in_rounds(&server, rounds).await;
     let data = server.data_dir();
     let (config, _dir) = server.stop();
     let all = "SELECT count(*) FROM diagnostics";
@@ -671,12 +666,7 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
         ],
         vec![probe(59.9, 18.2, t0 + 3_000)],
     ];
-    let mut sent = 0;
-    for round in rounds {
-        sent += round.len() as u64;
-        publish_all(server.handle.mqtt_addr(), &round).await;
-        wait_for(|| server.handle.metrics().totals().stored == sent);
-    }
+    publish_in_rounds(&server, rounds).await;
     let data = server.data_dir();
     let (config, _dir) = server.stop();
     let settings = fleetgate::store::Compaction {
@@ -704,6 +694,20 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
         0,
         "a rewritten partition is left alone"
     );
+}
+
+/// Publishes each round once the one before is stored, so that each
+/// becomes files of its own.
+async fn publish_in_rounds(
+    server: &TestServer,
+    rounds: impl IntoIterator<Item = Vec<(String, Vec<u8>)>>,
+) {
+    let mut sent = 0;
+    for round in rounds {
+        sent += round.len() as u64;
+        publish_all(server.handle.mqtt_addr(), &round).await;
+        wait_for(|| server.handle.metrics().totals().stored == sent);
+    }
 }
 
 /// The rows of table `name`'s one file, which the test asserts it has.
