@@ -696,6 +696,71 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
     );
 }
 
+/// Dead letters are rewritten like the streams: one file per closed hour,
+/// in order of arrival, every rejection kept, and written with the
+/// table's own column types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_every_dead_letter_in_order_of_arrival() {
+    let server = TestServer::start();
+    let data = server.data_dir();
+    let root = store(&data);
+    let files = || async {
+        match fleetgate::store::delta::open(&root, "dead_letters").await {
+            Ok(Some(table)) => table
+                .snapshot()
+                .expect("snapshot")
+                .log_data()
+                .iter()
+                .count(),
+            _ => 0,
+        }
+    };
+    // Each rejection waits for the one before to be committed: one file each.
+    for round in 1..=3 {
+        let rejected = (format!("vehicles/{A}/diagnostics"), b"not json".to_vec());
+        publish_all(server.handle.mqtt_addr(), &[rejected]).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while files().await < round {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dead letter {round} committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let (config, _dir) = server.stop();
+    let settings = fleetgate::store::Compaction {
+        target_bytes: config.storage.compact_target_bytes,
+        zstd_level: config.storage.zstd_level,
+    };
+    // Two hours on, the hour they arrived in is closed.
+    let later = fleetgate::core::clock::now_ms() + 2 * HOUR;
+    let replaced = fleetgate::store::compact(&root, later, settings).expect("compaction");
+    assert_eq!(replaced, 3, "the hour's three files were replaced");
+
+    let batches = only_file(&root, &data, "dead_letters").await;
+    let arrivals: Vec<i64> = batches
+        .iter()
+        .flat_map(|batch| {
+            let column = batch.column_by_name("received_at").expect("received_at");
+            let times =
+                arrow::compute::cast(column, &arrow::datatypes::DataType::Int64).expect("cast");
+            use arrow::array::AsArray;
+            times
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .collect();
+    assert_eq!(arrivals.len(), 3, "every dead letter kept");
+    assert!(arrivals.is_sorted(), "in order of arrival: {arrivals:?}");
+    assert_eq!(
+        fleetgate::store::compact(&root, later, settings).expect("compaction"),
+        0,
+        "a rewritten partition is left alone"
+    );
+}
+
 /// Publishes each round once the one before is stored, so that each
 /// becomes files of its own.
 async fn publish_in_rounds(
@@ -729,10 +794,25 @@ async fn only_file(
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");
     let file = std::fs::File::open(data.join(name).join(&files[0])).expect("file");
-    parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
-        .expect("parquet")
-        .map(|batch| batch.expect("batch"))
-        .collect()
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
+        .expect("parquet");
+    // Every reader takes the file's own Arrow types (a string written as a
+    // view is cast back to a string in every scan).
+    let declared = table
+        .snapshot()
+        .expect("snapshot")
+        .snapshot()
+        .arrow_schema();
+    for column in arrow::array::RecordBatchReader::schema(&reader).fields() {
+        let field = declared.field_with_name(column.name()).expect("a column");
+        assert_eq!(
+            column.data_type(),
+            field.data_type(),
+            "{name}.{} is written as the table declares it",
+            column.name()
+        );
+    }
+    reader.map(|batch| batch.expect("batch")).collect()
 }
 
 /// `(latitude, longitude, ts)` of each row of `batch`.

@@ -14,22 +14,22 @@
 //! no sequence number stored) is rewritten sorted by band of latitude, then
 //! time: the way traffic queries select it (road cells, areas), with its
 //! time columns still in runs that compress; every probe is kept.
-//! Each file such a rewrite adds is tagged, so a partition is rewritten
-//! again only when new files reach it. The dead letters are binned by
-//! Delta's OPTIMIZE, unsorted.
+//! The dead letters are rewritten in order of arrival. Each file a
+//! rewrite adds is tagged, so a partition is rewritten again only when new
+//! files reach it. A rewrite writes the table's own column types: every
+//! reader then takes the file's strings as they are, with no cast.
 
 use std::collections::{BTreeMap, HashMap};
-use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, LogicalFileView};
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-use deltalake::{DeltaTable, FilterValue, filter_literal};
 use futures::StreamExt;
 
 use super::delta::{self, StoreRoot};
@@ -57,6 +57,8 @@ enum Rewrite {
     /// Sorted by band of latitude ([`BANDS_PER_DEGREE`]), then time,
     /// every row kept.
     Positions,
+    /// In order of arrival ([`ARRIVAL_COLUMNS`]), every row kept.
+    Arrival,
 }
 
 /// The columns a record is known by, when a table has them all: the order
@@ -75,16 +77,19 @@ const BANDS_PER_DEGREE: u32 = 100;
 /// The columns [`Rewrite::Positions`] sorts by.
 const POSITION_COLUMNS: [&str; 4] = ["latitude", "ts", "wal_app", "wal_entry"];
 
+/// The columns [`Rewrite::Arrival`] sorts by, those of them a table has.
+const ARRIVAL_COLUMNS: [&str; 3] = ["received_at", "wal_app", "wal_entry"];
+
 impl Rewrite {
-    /// The rewrite a table with the columns of `schema` gets, if any.
-    fn of(schema: &arrow::datatypes::Schema) -> Option<Self> {
+    /// The rewrite a table with the columns of `schema` gets.
+    fn of(schema: &arrow::datatypes::Schema) -> Self {
         let has_all = |columns: &[&str]| columns.iter().all(|c| schema.field_with_name(c).is_ok());
         if has_all(&RECORD_KEY) {
-            Some(Self::Records)
+            Self::Records
         } else if has_all(&POSITION_COLUMNS) {
-            Some(Self::Positions)
+            Self::Positions
         } else {
-            None
+            Self::Arrival
         }
     }
 }
@@ -109,13 +114,9 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
                 continue;
             };
             let schema = delta_table.snapshot()?.snapshot().arrow_schema();
-            replaced += match Rewrite::of(&schema) {
-                Some(rewrite) => {
-                    let name = table.name();
-                    rewrite_closed(root, name, delta_table, &open, rewrite, settings).await?
-                }
-                None => optimize_closed(delta_table, &open, settings).await?,
-            };
+            let rewrite = Rewrite::of(&schema);
+            replaced +=
+                rewrite_closed(root, table.name(), delta_table, &open, rewrite, settings).await?;
             // The rewritten files and their commits, on local disk.
             if let Some(dir) = root.table_dir(table.name()) {
                 delta::sync_tree(&dir, started_ms - 2_000)?;
@@ -123,34 +124,6 @@ pub fn compact(root: &StoreRoot, now_ms: i64, settings: Compaction) -> Result<u6
         }
         Ok(replaced)
     })
-}
-
-/// Bins the small files of the partitions before `open` with OPTIMIZE.
-async fn optimize_closed(
-    mut delta_table: DeltaTable,
-    open: &(String, u8),
-    settings: Compaction,
-) -> Result<u64> {
-    let (date, hour) = (&open.0, open.1.to_string());
-    let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
-    let target = NonZeroU64::new(settings.target_bytes).unwrap_or(NonZeroU64::MIN);
-    let earlier_days = [filter_literal("date", "<", FilterValue::Scalar(date))?];
-    let earlier_hours = [
-        filter_literal("date", "=", FilterValue::Scalar(date))?,
-        filter_literal("hour", "<", FilterValue::Scalar(&hour))?,
-    ];
-    let mut replaced = 0;
-    for filters in [&earlier_days[..], &earlier_hours[..]] {
-        let (after, metrics) = delta_table
-            .optimize()
-            .with_filters(filters)
-            .with_target_size(target)
-            .with_writer_properties(properties.clone())
-            .await?;
-        delta_table = after;
-        replaced += metrics.num_files_removed;
-    }
-    Ok(replaced)
 }
 
 /// Rewrites as `rewrite` says every partition before `open` that holds a
@@ -270,10 +243,28 @@ async fn rewrite_partition(
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+        Rewrite::Arrival => {
+            let arrival: Vec<String> = ARRIVAL_COLUMNS
+                .iter()
+                .filter(|c| schema.field_with_name(c).is_ok())
+                .map(|c| identifier(c))
+                .collect();
+            let order = if arrival.is_empty() {
+                String::new()
+            } else {
+                format!(" ORDER BY {}", arrival.join(", "))
+            };
+            format!(
+                "SELECT {columns} FROM part{order}",
+                columns = columns.join(", ")
+            )
+        }
     };
     let mut rows = ctx.sql(&sql).await?.execute_stream().await?;
     let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
-    let mut writer = RecordBatchWriter::for_table(delta_table)?.with_writer_properties(properties);
+    let mut writer = RecordBatchWriter::for_table(delta_table)?
+        .with_writer_properties(properties)
+        .with_target_file_size(settings.target_bytes);
     while let Some(batch) = rows.next().await {
         writer.write(batch?).await?;
     }
