@@ -38,6 +38,8 @@ const KEEP_FOR: Duration = Duration::from_secs(300);
 /// The latest versions of the tables under one root, and their footers.
 pub struct Snapshots {
     root: StoreRoot,
+    /// [`KEEP_FOR`], but in tests.
+    keep_for: Duration,
     kept: Mutex<Kept>,
     footers: Arc<FileMetadataCache>,
 }
@@ -51,8 +53,13 @@ struct Kept {
 impl Snapshots {
     /// Nothing kept yet: the first query of each table loads it.
     pub fn new(root: StoreRoot) -> Self {
+        Self::keeping_for(root, KEEP_FOR)
+    }
+
+    fn keeping_for(root: StoreRoot, keep_for: Duration) -> Self {
         Self {
             root,
+            keep_for,
             kept: Mutex::new(Kept {
                 tables: HashMap::new(),
                 since: Instant::now(),
@@ -72,7 +79,7 @@ impl Snapshots {
     pub async fn latest(&self, name: &str) -> Result<Option<DeltaTable>> {
         let kept = {
             let mut kept = self.lock();
-            if kept.since.elapsed() >= KEEP_FOR {
+            if kept.since.elapsed() >= self.keep_for {
                 self.forget_kept(&mut kept);
             }
             kept.tables.get(name).cloned()
@@ -248,36 +255,67 @@ mod tests {
         );
     }
 
+    /// A store whose table `charging` has two files (two hours).
+    fn two_files() -> (tempfile::TempDir, StoreRoot) {
+        let (dir, root, schema) = seq_store();
+        let hours = [1_780_000_000_000, 1_780_003_600_000].map(PartitionKey::from_millis);
+        let parts: Vec<_> = hours.iter().map(|h| (*h, seqs(&schema, &[1, 2]))).collect();
+        append(&root, "charging", &schema, &parts, 1).expect("append");
+        (dir, root)
+    }
+
+    /// `SELECT sum(seq) FROM charging` in a session of its own that caches
+    /// as `tables` says; the rows of its answer.
+    async fn sum_of_seqs(tables: &Snapshots) -> crate::store::Result<usize> {
+        use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+        use datafusion::prelude::{SessionConfig, SessionContext};
+
+        let table = tables.latest("charging").await?.expect("a table");
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(tables.cache_config())
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+        ctx.register_table("charging", table.table_provider().await?)?;
+        let batches = ctx
+            .sql("SELECT sum(seq) FROM charging")
+            .await?
+            .collect()
+            .await?;
+        Ok(batches[0].num_rows())
+    }
+
+    /// Once kept for their bound, the kept versions and the footers are
+    /// dropped by the next query, before it loads what it reads: a node
+    /// whose sweeper never runs still forgets what it read of files a sweep
+    /// elsewhere deleted.
+    #[test]
+    fn what_is_kept_is_dropped_at_the_first_query_past_its_bound() {
+        let (_dir, root) = two_files();
+        let keep_for = Duration::from_millis(100);
+        let tables = Snapshots::keeping_for(root, keep_for);
+        assert_eq!(block_on(sum_of_seqs(&tables)).expect("a query"), 1);
+        assert_eq!(tables.footers_cached(), 2);
+        let first = tables.lock().since;
+        std::thread::sleep(keep_for * 2);
+        // The table only: no footer is read again.
+        latest(&tables);
+        assert_eq!(tables.footers_cached(), 0, "the footers were dropped");
+        let kept = tables.lock();
+        assert!(kept.since > first, "kept anew since this query");
+        assert_eq!(kept.tables.len(), 1, "only the table just loaded");
+    }
+
     /// Every session whose runtime takes [`Snapshots::cache_config`] reads
     /// footers through the one cache, and [`Snapshots::forget`] empties it
     /// along with the kept versions.
     #[test]
     fn sessions_share_the_footers_until_they_are_forgotten() {
-        use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-        use datafusion::prelude::{SessionConfig, SessionContext};
-
-        let (_dir, root, schema) = seq_store();
-        let hours = [1_780_000_000_000, 1_780_003_600_000].map(PartitionKey::from_millis);
-        let parts: Vec<_> = hours.iter().map(|h| (*h, seqs(&schema, &[1, 2]))).collect();
-        append(&root, "charging", &schema, &parts, 1).expect("append");
+        let (_dir, root) = two_files();
         let tables = Snapshots::new(root);
-        let sum = || async {
-            let table = tables.latest("charging").await?.expect("a table");
-            let runtime = RuntimeEnvBuilder::new()
-                .with_cache_manager(tables.cache_config())
-                .build_arc()?;
-            let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
-            ctx.register_table("charging", table.table_provider().await?)?;
-            let batches = ctx
-                .sql("SELECT sum(seq) FROM charging")
-                .await?
-                .collect()
-                .await?;
-            Ok::<_, crate::store::StoreError>(batches[0].num_rows())
-        };
-        assert_eq!(block_on(sum()).expect("first session"), 1);
+        let sum = || block_on(sum_of_seqs(&tables));
+        assert_eq!(sum().expect("first session"), 1);
         assert_eq!(tables.footers_cached(), 2, "one footer per file");
-        assert_eq!(block_on(sum()).expect("second session"), 1);
+        assert_eq!(sum().expect("second session"), 1);
         assert_eq!(tables.footers_cached(), 2, "read from the cache");
         tables.forget();
         assert_eq!(tables.footers_cached(), 0);
