@@ -84,6 +84,7 @@ fn policy(c: &mut Criterion) {
         now_ms,
         memory_limit: 256 << 20,
         live: None,
+        named: None,
         distributed: false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

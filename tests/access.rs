@@ -573,6 +573,18 @@ async fn no_sql_form_reaches_around_the_views() {
             .map(String::from)
             .into()
     );
+    // A query's session holds the tables it names; these name none as a
+    // query does and still see every view.
+    let shown: BTreeSet<String> = f
+        .rows("alice", own, "SHOW TABLES")
+        .await
+        .into_iter()
+        .filter(|r| r[1] == "public")
+        .map(|r| r[2].clone())
+        .collect();
+    assert_eq!(shown, tables);
+    let described = f.rows("alice", own, "DESCRIBE charging").await;
+    assert!(described.iter().any(|r| r[0] == "vin"), "{described:?}");
     for who in ["alice", "repair", "lic", "operator"] {
         let purpose = match who {
             "alice" => own,

@@ -1158,7 +1158,7 @@ impl AccessEnv {
                 &stream.purpose,
                 now_ms,
                 memory_mb,
-                Some(&live),
+                super::Scope::Live(&live),
                 super::Engine::Local,
             )
             .await?;

@@ -95,6 +95,17 @@ pub enum AccessError {
 
 pub type Result<T, E = AccessError> = std::result::Result<T, E>;
 
+/// Which tables a principal's session holds.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// Every table the principal may see.
+    Every,
+    /// The tables a statement names ([`policy::tables_named`]).
+    Named(&'a std::collections::BTreeSet<String>),
+    /// A live step's tables, over its unseen rows.
+    Live(&'a live::LiveTables<'a>),
+}
+
 /// Where a principal's query runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -568,19 +579,25 @@ impl AccessEnv {
         now_ms: i64,
         memory_mb: u32,
     ) -> Result<PolicySession> {
-        self.session_with(principal, purpose, now_ms, memory_mb, None, Engine::Local)
-            .await
+        self.session_with(
+            principal,
+            purpose,
+            now_ms,
+            memory_mb,
+            Scope::Every,
+            Engine::Local,
+        )
+        .await
     }
 
-    /// [`Self::session`], over `live`'s unseen rows instead of the stored
-    /// tables when given.
+    /// [`Self::session`], holding the tables `scope` says.
     async fn session_with(
         &self,
         principal: &Principal,
         purpose: &str,
         now_ms: i64,
         memory_mb: u32,
-        live: Option<&live::LiveTables<'_>>,
+        scope: Scope<'_>,
         engine: Engine,
     ) -> Result<PolicySession> {
         let purpose = self.purposes.check(purpose, principal.kind)?;
@@ -601,7 +618,14 @@ impl AccessEnv {
             min_group: self.settings.min_group_vehicles,
             now_ms,
             memory_limit: memory_mb as usize * 1024 * 1024,
-            live,
+            live: match scope {
+                Scope::Live(live) => Some(live),
+                _ => None,
+            },
+            named: match scope {
+                Scope::Named(named) => Some(named),
+                _ => None,
+            },
             distributed: engine == Engine::Ballista,
         };
         policy::session(&inputs, principal, purpose).await
@@ -841,13 +865,20 @@ impl AccessEnv {
         tables: &mut Vec<String>,
     ) -> Result<Planned> {
         limits::check_text(sql, self.settings.max_statement_bytes)?;
+        // The parser's state is large: dropped before anything is awaited.
+        let (statement, named) = {
+            let parser = policy::parser();
+            let statement = parser.sql_to_statement(sql, &Dialect::Generic)?;
+            limits::check_shape(&statement)?;
+            let named = policy::tables_named(&parser, &statement)?;
+            (statement, named)
+        };
+        let scope = named.as_ref().map_or(Scope::Every, Scope::Named);
         let memory_mb = self.settings.query_memory_mb;
         let session = self
-            .session_with(principal, purpose, now_ms, memory_mb, None, engine)
+            .session_with(principal, purpose, now_ms, memory_mb, scope, engine)
             .await?;
         let state = session.ctx.state();
-        let statement = state.sql_to_statement(sql, &Dialect::Generic)?;
-        limits::check_shape(&statement)?;
         let mut treatments = Vec::new();
         for reference in state.resolve_table_references(&statement)? {
             if reference.schema().is_some_and(|s| s != "public") {

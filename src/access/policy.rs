@@ -1,5 +1,6 @@
 //! The policy as a plan rewrite: for one principal and purpose, a
-//! DataFusion session whose every table is a view written for them. The
+//! DataFusion session whose every table is a view written for them (for a
+//! query, only the tables it names: [`tables_named`]). The
 //! Parquet files are registered only in a second, private session that
 //! plans those views; the principal's session holds the views and nothing
 //! else: no file, no listing table, no function that decrypts. Whatever SQL
@@ -18,7 +19,7 @@
 //! Role limits: a service partner sees maintenance needs only; a remote
 //! charge management provider sees remote-managed sessions only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -29,8 +30,11 @@ use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
 use super::barrier::PolicyView;
 use super::purpose::Purpose;
@@ -106,6 +110,10 @@ pub struct PolicyInputs<'a> {
     /// For a live stream: the versions it follows and the rows it has not
     /// seen, read instead of the stored tables.
     pub live: Option<&'a super::live::LiveTables<'a>>,
+    /// The tables a statement names ([`tables_named`]): the session holds
+    /// only those, so that a query loads and plans no other table's view;
+    /// `None`, every table.
+    pub named: Option<&'a BTreeSet<String>>,
     /// The views are planned for a Ballista cluster (see
     /// [`super::distributed`]): over the tables' files, without the
     /// query audit, and only for principals whose views are plain SQL.
@@ -185,7 +193,7 @@ pub async fn session(
     for (table, arrow_schema) in inputs.schemas.tables() {
         let name = table.name();
         // A live step reads the tables it follows and nothing else.
-        if inputs.live.is_some_and(|live| !live.follows(name)) {
+        if inputs.live.is_some_and(|live| !live.follows(name)) || !named(inputs, name) {
             continue;
         }
         let view = match table {
@@ -227,7 +235,7 @@ pub async fn session(
     }
     match planner.operator_only() {
         // A live step follows stored tables, never the audit log.
-        _ if inputs.live.is_some() => {}
+        _ if inputs.live.is_some() || !named(inputs, audit::TABLE) => {}
         // The audit's files are on this node only.
         View::Select { .. } if inputs.distributed => {
             hidden_tables.insert(
@@ -299,6 +307,50 @@ const REMOVED_FUNCTIONS: [&str; 5] = [
 /// store writes to), the node's shared cache of Parquet footers (`cache`),
 /// no recursive CTE (one can run forever), and none of the functions in
 /// [`REMOVED_FUNCTIONS`] nor any table function.
+/// Whether the session for `inputs` holds the table `name`.
+fn named(inputs: &PolicyInputs<'_>, name: &str) -> bool {
+    inputs.named.is_none_or(|named| named.contains(name))
+}
+
+/// The configuration of every principal's session.
+fn principal_config() -> SessionConfig {
+    let mut config = SessionConfig::new().with_information_schema(true);
+    config.options_mut().execution.enable_recursive_ctes = false;
+    config
+}
+
+/// A state that parses statements as a principal's session does, before
+/// that session is built.
+pub fn parser() -> SessionState {
+    SessionStateBuilder::new()
+        .with_config(principal_config())
+        .build()
+}
+
+/// The tables a plain query (`SELECT`, `WITH`, set operations) reads, by
+/// name, for a session that holds those only; `None` for any other
+/// statement (`SHOW`, `DESCRIBE`, `EXPLAIN`, ...) or a query that reads
+/// another schema (`information_schema`), which need every table.
+pub fn tables_named(
+    parser: &SessionState,
+    statement: &Statement,
+) -> Result<Option<BTreeSet<String>>> {
+    let Statement::Statement(statement_inner) = statement else {
+        return Ok(None);
+    };
+    if !matches!(**statement_inner, SqlStatement::Query(_)) {
+        return Ok(None);
+    }
+    let mut names = BTreeSet::new();
+    for reference in parser.resolve_table_references(statement)? {
+        if reference.schema().is_some_and(|s| s != "public") {
+            return Ok(None);
+        }
+        names.insert(reference.table().to_owned());
+    }
+    Ok(Some(names))
+}
+
 fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
@@ -307,9 +359,7 @@ fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<S
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
         .build_arc()?;
-    let mut config = SessionConfig::new().with_information_schema(true);
-    config.options_mut().execution.enable_recursive_ctes = false;
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let ctx = SessionContext::new_with_config_rt(principal_config(), runtime);
     let table_functions: Vec<String> = ctx.state().table_functions().keys().cloned().collect();
     for name in table_functions {
         ctx.deregister_udtf(&name);
@@ -848,4 +898,47 @@ fn reveal(files: &SessionContext, field: &FieldSpec, keys: DataKeys) -> String {
         sql_identifier(field.column_name()),
         sql_identifier(&field.name)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables a statement names, as the session for it holds them.
+    fn named(sql: &str) -> Option<Vec<String>> {
+        let parser = parser();
+        let statement = parser
+            .sql_to_statement(sql, &datafusion::common::config::Dialect::Generic)
+            .expect("parses");
+        tables_named(&parser, &statement)
+            .expect("resolves")
+            .map(|names| names.into_iter().collect())
+    }
+
+    #[test]
+    fn a_query_names_the_tables_it_reads_and_other_statements_need_all() {
+        let names = |list: &[&str]| Some(list.iter().map(|n| (*n).to_owned()).collect());
+        assert_eq!(named("SELECT count(*) FROM rtti"), names(&["rtti"]));
+        assert_eq!(
+            named(
+                "WITH c AS (SELECT * FROM charging) SELECT * FROM c JOIN teleservice t \
+                 ON c.vin = t.vin WHERE c.seq IN (SELECT seq FROM diagnostics)"
+            ),
+            names(&["charging", "diagnostics", "teleservice"])
+        );
+        assert_eq!(
+            named("SELECT * FROM datafusion.public.rtti"),
+            names(&["rtti"])
+        );
+        assert_eq!(named("SELECT 1"), names(&[]));
+        for every in [
+            "SHOW TABLES",
+            "DESCRIBE rtti",
+            "EXPLAIN SELECT * FROM rtti",
+            "SELECT * FROM information_schema.tables",
+            "SELECT * FROM rtti, information_schema.columns",
+        ] {
+            assert_eq!(named(every), None, "{every}");
+        }
+    }
 }
