@@ -326,8 +326,8 @@ pub struct StorageConfig {
     /// removed from a table stays on disk for the queries already reading
     /// it, before VACUUM deletes it; at least `access.query_timeout_ms`.
     pub vacuum_grace_ms: i64,
-    /// Size at which compaction, rewriting a closed hour partition's small
-    /// files, closes a file and starts the next (in the rewrite's order).
+    /// The target size each compaction commit records; a rewrite writes a
+    /// closed hour partition's rows as one file.
     pub compact_target_bytes: u64,
     /// Where the tables live: `None` = under `data_dir` on local disk, or
     /// `s3://bucket/prefix` on an S3 object store (see `[storage.s3]`).

@@ -77,8 +77,9 @@ const BANDS_PER_DEGREE: u32 = 100;
 /// The columns [`Rewrite::Positions`] sorts by.
 const POSITION_COLUMNS: [&str; 4] = ["latitude", "ts", "wal_app", "wal_entry"];
 
-/// The columns [`Rewrite::Arrival`] sorts by, those of them a table has.
-const ARRIVAL_COLUMNS: [&str; 3] = ["received_at", "wal_app", "wal_entry"];
+/// The columns [`Rewrite::Arrival`] sorts by, those of them a table has
+/// (`record_index`, a record's place in its publish: dead letters only).
+const ARRIVAL_COLUMNS: [&str; 4] = ["received_at", "wal_app", "wal_entry", "record_index"];
 
 impl Rewrite {
     /// The rewrite a table with the columns of `schema` gets.
@@ -249,22 +250,19 @@ async fn rewrite_partition(
                 .filter(|c| schema.field_with_name(c).is_ok())
                 .map(|c| identifier(c))
                 .collect();
-            let order = if arrival.is_empty() {
-                String::new()
-            } else {
-                format!(" ORDER BY {}", arrival.join(", "))
-            };
+            // Every table has `received_at` ([`crate::schema`]).
             format!(
-                "SELECT {columns} FROM part{order}",
-                columns = columns.join(", ")
+                "SELECT {columns} FROM part ORDER BY {order}",
+                columns = columns.join(", "),
+                order = arrival.join(", ")
             )
         }
     };
     let mut rows = ctx.sql(&sql).await?.execute_stream().await?;
     let properties = writer_properties(settings.zstd_level, 1 << 20, &[])?;
-    let mut writer = RecordBatchWriter::for_table(delta_table)?
-        .with_writer_properties(properties)
-        .with_target_file_size(settings.target_bytes);
+    // One file per partition: a rolling writer would upload in the
+    // background, holding far more than the rewrite's memory bound.
+    let mut writer = RecordBatchWriter::for_table(delta_table)?.with_writer_properties(properties);
     while let Some(batch) = rows.next().await {
         writer.write(batch?).await?;
     }
