@@ -864,6 +864,12 @@ impl AccessEnv {
         now_ms: i64,
         tables: &mut Vec<String>,
     ) -> Result<Planned> {
+        // Who asks and why are refused (and audited as refusals) before
+        // what they wrote is read.
+        let checked = self.purposes.check(purpose, principal.kind)?;
+        if engine == Engine::Ballista {
+            policy::distributable(principal, checked)?;
+        }
         limits::check_text(sql, self.settings.max_statement_bytes)?;
         // The parser's state is large: dropped before anything is awaited.
         let (statement, named) = {

@@ -192,7 +192,8 @@ pub async fn session(
     let mut hidden_tables = BTreeMap::new();
     for (table, arrow_schema) in inputs.schemas.tables() {
         let name = table.name();
-        // A live step reads the tables it follows and nothing else.
+        // A live step reads the tables it follows, a query those it names,
+        // and nothing else.
         if inputs.live.is_some_and(|live| !live.follows(name)) || !named(inputs, name) {
             continue;
         }
@@ -234,7 +235,8 @@ pub async fn session(
         treatments.insert(name.to_owned(), treatment);
     }
     match planner.operator_only() {
-        // A live step follows stored tables, never the audit log.
+        // A live step follows stored tables, never the audit log; a
+        // query that does not name it does not get it.
         _ if inputs.live.is_some() || !named(inputs, audit::TABLE) => {}
         // The audit's files are on this node only.
         View::Select { .. } if inputs.distributed => {
@@ -268,7 +270,7 @@ pub async fn session(
 /// the operator's and a licensee's are SQL over the tables; a user's and a
 /// third party's name VINs and pseudonyms of their own, and a revealing
 /// purpose's decrypt with keys that stay on this node.
-fn distributable(principal: &Principal, purpose: &Purpose) -> Result<()> {
+pub(super) fn distributable(principal: &Principal, purpose: &Purpose) -> Result<()> {
     if !matches!(
         principal.kind,
         PrincipalKind::Operator | PrincipalKind::Licensee
@@ -302,11 +304,6 @@ const REMOVED_FUNCTIONS: [&str; 5] = [
     "file_row_index",
 ];
 
-/// The principal's own session: information_schema on, a memory pool of
-/// `memory_limit` bytes with no spilling (a query may not fill the disk the
-/// store writes to), the node's shared cache of Parquet footers (`cache`),
-/// no recursive CTE (one can run forever), and none of the functions in
-/// [`REMOVED_FUNCTIONS`] nor any table function.
 /// Whether the session for `inputs` holds the table `name`.
 fn named(inputs: &PolicyInputs<'_>, name: &str) -> bool {
     inputs.named.is_none_or(|named| named.contains(name))
@@ -351,6 +348,11 @@ pub fn tables_named(
     Ok(Some(names))
 }
 
+/// The principal's own session: information_schema on, a memory pool of
+/// `memory_limit` bytes with no spilling (a query may not fill the disk the
+/// store writes to), the node's shared cache of Parquet footers (`cache`),
+/// no recursive CTE (one can run forever), and none of the functions in
+/// [`REMOVED_FUNCTIONS`] nor any table function.
 fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
@@ -931,6 +933,16 @@ mod tests {
             names(&["rtti"])
         );
         assert_eq!(named("SELECT 1"), names(&[]));
+        // A CTE named like a table hides the table from the query, not
+        // the tables its body reads.
+        assert_eq!(
+            named("WITH rtti AS (SELECT * FROM charging) SELECT * FROM rtti"),
+            names(&["charging"])
+        );
+        assert_eq!(
+            named("WITH rtti AS (SELECT * FROM rtti) SELECT * FROM rtti"),
+            names(&["rtti"])
+        );
         for every in [
             "SHOW TABLES",
             "DESCRIBE rtti",
