@@ -10,7 +10,7 @@
 mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fleetgate::access::policy::{self, PolicyInputs};
+use fleetgate::access::policy::{self, PolicyInputs, Scope};
 use fleetgate::access::purpose::Purposes;
 use fleetgate::access::registry::{
     AccessRegistry, GrantRequest, PrincipalKind, Role, new_principal,
@@ -83,8 +83,7 @@ fn policy(c: &mut Criterion) {
         min_group: 5,
         now_ms,
         memory_limit: 256 << 20,
-        live: None,
-        named: None,
+        scope: Scope::Every,
         distributed: false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

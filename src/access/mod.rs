@@ -52,7 +52,7 @@ use crate::lifecycle::requests::LifecycleState;
 use crate::lifecycle::retention::{Retention, RetentionError};
 use crate::privacy::stage::PrivacyShared;
 use crate::schema::{Registry, SchemaError};
-use policy::{PolicyInputs, PolicySession};
+use policy::{PolicyInputs, PolicySession, Scope};
 use purpose::Purposes;
 use registry::{AccessRegistry, Principal, PrincipalKind};
 
@@ -94,17 +94,6 @@ pub enum AccessError {
 }
 
 pub type Result<T, E = AccessError> = std::result::Result<T, E>;
-
-/// Which tables a principal's session holds.
-#[derive(Clone, Copy)]
-enum Scope<'a> {
-    /// Every table the principal may see.
-    Every,
-    /// The tables a statement names ([`policy::tables_named`]).
-    Named(&'a std::collections::BTreeSet<String>),
-    /// A live step's tables, over its unseen rows.
-    Live(&'a live::LiveTables<'a>),
-}
 
 /// Where a principal's query runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -618,14 +607,7 @@ impl AccessEnv {
             min_group: self.settings.min_group_vehicles,
             now_ms,
             memory_limit: memory_mb as usize * 1024 * 1024,
-            live: match scope {
-                Scope::Live(live) => Some(live),
-                _ => None,
-            },
-            named: match scope {
-                Scope::Named(named) => Some(named),
-                _ => None,
-            },
+            scope,
             distributed: engine == Engine::Ballista,
         };
         policy::session(&inputs, principal, purpose).await

@@ -107,17 +107,37 @@ pub struct PolicyInputs<'a> {
     pub now_ms: i64,
     /// Bytes the session's operators (and its answer) may reserve; nothing spills.
     pub memory_limit: usize,
-    /// For a live stream: the versions it follows and the rows it has not
-    /// seen, read instead of the stored tables.
-    pub live: Option<&'a super::live::LiveTables<'a>>,
-    /// The tables a statement names ([`tables_named`]): the session holds
-    /// only those, so that a query loads and plans no other table's view;
-    /// `None`, every table.
-    pub named: Option<&'a BTreeSet<String>>,
+    /// Which tables the session holds.
+    pub scope: Scope<'a>,
     /// The views are planned for a Ballista cluster (see
     /// [`super::distributed`]): over the tables' files, without the
     /// query audit, and only for principals whose views are plain SQL.
     pub distributed: bool,
+}
+
+/// Which tables a principal's session holds.
+#[derive(Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every table the principal may see.
+    Every,
+    /// The tables a statement names ([`tables_named`]), so that a query
+    /// loads and plans no other table's view.
+    Named(&'a BTreeSet<String>),
+    /// The tables a live stream follows, over the versions it follows and
+    /// the rows it has not seen instead of the stored tables; never the
+    /// query audit.
+    Live(&'a super::live::LiveTables<'a>),
+}
+
+impl Scope<'_> {
+    /// Whether the session holds the table `name`.
+    fn holds(&self, name: &str) -> bool {
+        match self {
+            Scope::Every => true,
+            Scope::Named(named) => named.contains(name),
+            Scope::Live(live) => live.follows(name) && name != audit::TABLE,
+        }
+    }
 }
 
 /// A principal's session: the views it may query, and why the others are hidden.
@@ -192,9 +212,7 @@ pub async fn session(
     let mut hidden_tables = BTreeMap::new();
     for (table, arrow_schema) in inputs.schemas.tables() {
         let name = table.name();
-        // A live step reads the tables it follows, a query those it names,
-        // and nothing else.
-        if inputs.live.is_some_and(|live| !live.follows(name)) || !named(inputs, name) {
+        if !inputs.scope.holds(name) {
             continue;
         }
         let view = match table {
@@ -218,10 +236,10 @@ pub async fn session(
                 treatment,
             ),
         };
-        let stored = match inputs.live {
-            Some(live) => live.table(name, &files, &ctx).await?,
-            None if inputs.distributed => portable_table(root, name, &files).await?,
-            None => stored_table(inputs.tables, name, &[&files, &ctx]).await?,
+        let stored = match inputs.scope {
+            Scope::Live(live) => live.table(name, &files, &ctx).await?,
+            _ if inputs.distributed => portable_table(root, name, &files).await?,
+            _ => stored_table(inputs.tables, name, &[&files, &ctx]).await?,
         };
         match stored {
             Some(stored) => files.register_table(name, stored)?,
@@ -235,9 +253,7 @@ pub async fn session(
         treatments.insert(name.to_owned(), treatment);
     }
     match planner.operator_only() {
-        // A live step follows stored tables, never the audit log; a
-        // query that does not name it does not get it.
-        _ if inputs.live.is_some() || !named(inputs, audit::TABLE) => {}
+        _ if !inputs.scope.holds(audit::TABLE) => {}
         // The audit's files are on this node only.
         View::Select { .. } if inputs.distributed => {
             hidden_tables.insert(
@@ -303,11 +319,6 @@ const REMOVED_FUNCTIONS: [&str; 5] = [
     "input_file_name",
     "file_row_index",
 ];
-
-/// Whether the session for `inputs` holds the table `name`.
-fn named(inputs: &PolicyInputs<'_>, name: &str) -> bool {
-    inputs.named.is_none_or(|named| named.contains(name))
-}
 
 /// The configuration of every principal's session.
 fn principal_config() -> SessionConfig {
