@@ -647,6 +647,16 @@ async fn no_sql_form_reaches_around_the_views() {
         "no vehicle identifier",
     )
     .await;
+    // A hidden table named anywhere in a query is refused, not left out of
+    // the session it would otherwise not be named in.
+    for hidden in [
+        "WITH probes AS (SELECT * FROM rtti) SELECT count(*) FROM charging",
+        "SELECT count(*) FROM charging WHERE seq IN (SELECT 1 FROM rtti)",
+        "WITH rtti AS (SELECT * FROM rtti) SELECT count(*) FROM charging",
+    ] {
+        f.refused("alice", own, hidden, "no vehicle identifier")
+            .await;
+    }
     assert!(
         !f.rows("operator", "operations", "EXPLAIN SELECT * FROM charging")
             .await
