@@ -623,10 +623,7 @@ fn compact(config: &Config, all: bool) -> anyhow::Result<()> {
     let now_ms = fleetgate::core::clock::now_ms();
     // Two hours on, every partition up to the current one counts as closed.
     let as_of = if all { now_ms + 2 * 3_600_000 } else { now_ms };
-    let settings = fleetgate::store::Compaction {
-        target_bytes: config.storage.compact_target_bytes,
-        zstd_level: config.storage.zstd_level,
-    };
+    let settings = fleetgate::store::Compaction::from_config(&config.storage);
     let started = std::time::Instant::now();
     let replaced = fleetgate::store::compact(&root, as_of, settings)?;
     println!(

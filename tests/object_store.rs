@@ -74,10 +74,7 @@ async fn compaction_rewrites_an_hour_in_the_bucket() {
     assert_eq!(count(&config, "diagnostics", now).await, 4);
 
     let root = StoreRoot::from_config(&config.storage).expect("root");
-    let settings = fleetgate::store::Compaction {
-        target_bytes: config.storage.compact_target_bytes,
-        zstd_level: config.storage.zstd_level,
-    };
+    let settings = fleetgate::store::Compaction::from_config(&config.storage);
     let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction on S3");
     assert!(replaced >= 2, "{replaced}");
     assert_eq!(count(&config, "diagnostics", now).await, 3);

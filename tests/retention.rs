@@ -597,10 +597,7 @@ async fn compaction_keeps_one_row_of_a_record_sent_twice_sorted() {
     let (config, _dir) = server.stop();
     let all = "SELECT count(*) FROM diagnostics";
     assert_eq!(count_at(&data, all, now).await, 6, "stored as received");
-    let settings = fleetgate::store::Compaction {
-        target_bytes: config.storage.compact_target_bytes,
-        zstd_level: config.storage.zstd_level,
-    };
+    let settings = fleetgate::store::Compaction::from_config(&config.storage);
     let root = store(&data);
     let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction");
     assert!(
@@ -669,10 +666,7 @@ async fn compaction_sorts_rtti_by_latitude_band_then_time() {
     publish_in_rounds(&server, rounds).await;
     let data = server.data_dir();
     let (config, _dir) = server.stop();
-    let settings = fleetgate::store::Compaction {
-        target_bytes: config.storage.compact_target_bytes,
-        zstd_level: config.storage.zstd_level,
-    };
+    let settings = fleetgate::store::Compaction::from_config(&config.storage);
     let root = store(&data);
     let replaced = fleetgate::store::compact(&root, now, settings).expect("compaction");
     assert_eq!(replaced, 5, "the partition's five files were replaced");
@@ -737,10 +731,7 @@ async fn compaction_keeps_every_dead_letter_in_order_of_arrival() {
         }
     }
     let (config, _dir) = server.stop();
-    let settings = fleetgate::store::Compaction {
-        target_bytes: config.storage.compact_target_bytes,
-        zstd_level: config.storage.zstd_level,
-    };
+    let settings = fleetgate::store::Compaction::from_config(&config.storage);
     // Two hours on, the hour they arrived in is closed.
     let later = fleetgate::core::clock::now_ms() + 2 * HOUR;
     let replaced = fleetgate::store::compact(&root, later, settings).expect("compaction");

@@ -297,10 +297,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
                 root: root.clone(),
                 lifecycle,
                 vacuum_grace_ms: config.storage.vacuum_grace_ms,
-                compaction: crate::store::Compaction {
-                    target_bytes: config.storage.compact_target_bytes,
-                    zstd_level: config.storage.zstd_level,
-                },
+                compaction: crate::store::Compaction::from_config(&config.storage),
                 max_clock_skew_ms: config.pipeline.max_clock_skew_ms,
                 every: Duration::from_secs(secs),
                 lease: maintenance_lease(config, plane.as_ref()),

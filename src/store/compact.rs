@@ -42,6 +42,16 @@ pub struct Compaction {
     pub zstd_level: i32,
 }
 
+impl Compaction {
+    /// As `[storage]` says.
+    pub fn from_config(storage: &crate::config::StorageConfig) -> Self {
+        Self {
+            target_bytes: storage.compact_target_bytes,
+            zstd_level: storage.zstd_level,
+        }
+    }
+}
+
 /// An hour partition is closed this long after its hour ends: the writers
 /// commit what they hold within their roll age, far less than this.
 const CLOSED_AFTER_MS: i64 = 5 * 60 * 1000;
