@@ -657,6 +657,10 @@ async fn no_sql_form_reaches_around_the_views() {
         f.refused("alice", own, hidden, "no vehicle identifier")
             .await;
     }
+    // Who asks and why are judged before what they wrote: an unknown
+    // purpose is refused whatever the statement, even one that does not parse.
+    f.refused("alice", "not_a_purpose", "SELEC nonsense FROM", "unknown")
+        .await;
     assert!(
         !f.rows("operator", "operations", "EXPLAIN SELECT * FROM charging")
             .await
