@@ -11,6 +11,8 @@
 //! log keeps statistics of, prune files before any is opened. Only through
 //! views that hide every row past its retention rule.
 
+use std::any::Any;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,9 +25,9 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::lifecycle::retention::{Retention, RetentionError};
+use crate::lifecycle::retention::{Retention, RetentionError, row_time_columns};
 use crate::schema::{Registry, SchemaError};
-use crate::store::{Snapshots, StoreError, StoreRoot, TableFiles, delta};
+use crate::store::{PartitionKey, Snapshots, StoreError, StoreRoot, TableFiles, delta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -115,11 +117,15 @@ pub async fn session_over(
             ctx.register_table(name, empty_table(&schema)?)?;
             continue;
         };
+        let definition = retention
+            .visible_rows(
+                name,
+                now_ms,
+                true,
+                earliest_rows(stored.as_ref(), name).as_ref(),
+            )
+            .select(name, "*");
         files.register_table(name, stored)?;
-        let definition = format!(
-            "SELECT * FROM {name} WHERE {}",
-            retention.visible_sql(name, now_ms, true)
-        );
         let plan = files.sql(&definition).await?.into_unoptimized_plan();
         ctx.register_table(name, Arc::new(ViewTable::new(plan, Some(definition))))?;
     }
@@ -162,6 +168,19 @@ pub(crate) async fn stored_table(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The earliest row time in each hour partition of `stored`, table
+/// `table`, by its log's statistics ([`TableFiles::earliest_rows`]);
+/// `None` for a table read through delta-rs's provider.
+pub(crate) fn earliest_rows(
+    stored: &dyn TableProvider,
+    table: &str,
+) -> Option<BTreeMap<PartitionKey, Option<i64>>> {
+    let stored: &dyn Any = stored;
+    stored
+        .downcast_ref::<TableFiles>()?
+        .earliest_rows(&row_time_columns(table))
 }
 
 /// [`stored_table`] as the Parquet files its latest version names

@@ -252,6 +252,93 @@ async fn expired_rows_cannot_be_reached_by_any_statement() {
     }
 }
 
+/// Where the log's statistics put every row of an hour partition within
+/// every rule, a query reads the partition without its time columns; a
+/// partition before it that may hold an expired row is still read row by
+/// row, and hides that row. RTTI, kept 24 hours: a row at `T` and one two
+/// hours later, each in its own partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_within_their_rules_are_read_without_row_times() {
+    let server = TestServer::start();
+    let probe = |seq: u64, ts: i64| {
+        record(
+            A,
+            Stream::Rtti,
+            seq,
+            ts,
+            serde_json::json!({"latitude": 59.3, "longitude": 18.0, "speed_kmh": 50.0}),
+        )
+    };
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[probe(1, T), probe(2, T + 2 * HOUR)],
+    )
+    .await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let times = ["ts", "received_at"];
+    let reads_times = |columns: &Vec<String>| times.iter().any(|t| columns.iter().any(|c| c == t));
+    // Both rows within 24 hours: neither partition's times are read.
+    let both = T + DAY - 1;
+    assert_eq!(visible(&data, "rtti", both).await, 2);
+    let scans = scanned_columns(&data, "SELECT avg(speed_kmh) FROM rtti", both).await;
+    assert!(
+        !scans.is_empty() && !scans.iter().any(reads_times),
+        "{scans:?}"
+    );
+    // The first row expired: its partition is read with the times, the
+    // later one without.
+    let one = T + DAY + 1;
+    assert_eq!(visible(&data, "rtti", one).await, 1);
+    let scans = scanned_columns(&data, "SELECT avg(speed_kmh) FROM rtti", one).await;
+    assert_eq!(
+        scans.iter().filter(|s| reads_times(s)).count(),
+        1,
+        "{scans:?}"
+    );
+    assert_eq!(
+        scans.iter().filter(|s| !reads_times(s)).count(),
+        1,
+        "{scans:?}"
+    );
+    assert_eq!(
+        count_at(&data, "SELECT count(*) FROM rtti WHERE ts < now()", one).await,
+        1
+    );
+    // Both expired.
+    let none = T + 2 * HOUR + DAY + 1;
+    assert_eq!(visible(&data, "rtti", none).await, 0);
+    let scans = scanned_columns(&data, "SELECT avg(speed_kmh) FROM rtti", none).await;
+    assert!(
+        !scans.is_empty() && scans.iter().all(reads_times),
+        "{scans:?}"
+    );
+}
+
+/// The columns each file scan in the physical plan of `sql` at `now_ms` reads.
+async fn scanned_columns(data: &std::path::Path, sql: &str, now_ms: i64) -> Vec<Vec<String>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::DataType;
+    let mut plan = String::new();
+    for batch in query_at(data, &format!("EXPLAIN {sql}"), now_ms).await {
+        let text = |i: usize| arrow::compute::cast(batch.column(i), &DataType::Utf8).expect("text");
+        let (kinds, plans) = (text(0), text(1));
+        for row in 0..batch.num_rows() {
+            if kinds.as_string::<i32>().value(row) == "physical_plan" {
+                plan.push_str(plans.as_string::<i32>().value(row));
+            }
+        }
+    }
+    plan.lines()
+        .filter(|line| line.contains("DataSourceExec"))
+        .map(|line| {
+            let columns = line.split("projection=[").nth(1).unwrap_or_default();
+            let columns = columns.split(']').next().unwrap_or_default();
+            columns.split(", ").map(str::to_owned).collect()
+        })
+        .collect()
+}
+
 fn run(now_ms: i64, dry_run: bool) -> retention::SweepRun {
     retention::SweepRun {
         now_ms,

@@ -42,11 +42,11 @@ use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, ea
 use super::{AccessError, Result, audit};
 use crate::core::table::Table;
 use crate::lifecycle::requests::{sql_identifier, sql_literal};
-use crate::lifecycle::retention::Retention;
+use crate::lifecycle::retention::{Retention, VisibleRows};
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
 use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
-use crate::query::{empty_table, portable_table, stored_table};
+use crate::query::{earliest_rows, empty_table, portable_table, stored_table};
 use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
@@ -161,9 +161,9 @@ enum View {
 }
 
 impl View {
-    /// The view's definition over `table`, of whose rows `visible` (the
-    /// retention filter) keeps those still visible.
-    fn sql(&self, table: &str, visible: &str) -> String {
+    /// The view's definition over `table`, of whose rows `visible` (by
+    /// retention) are those still visible.
+    fn sql(&self, table: &str, visible: &VisibleRows) -> String {
         let View::Select {
             columns,
             filter,
@@ -174,10 +174,7 @@ impl View {
         else {
             return String::new();
         };
-        let mut sql = format!(
-            "SELECT {} FROM {table} WHERE ({visible})",
-            columns.join(", ")
-        );
+        let mut sql = visible.select(table, &columns.join(", "));
         if let Some(filter) = filter {
             sql.push_str(&format!(" AND ({filter})"));
         }
@@ -219,28 +216,28 @@ pub async fn session(
             Table::Stream(stream) => planner.stream_view(inputs.schemas.get(stream), &files)?,
             Table::DeadLetters => planner.operator_only(),
         };
-        let (sql, treatment) = match view {
+        let treatment = match &view {
             View::Hidden(reason) => {
-                hidden_tables.insert(name.to_owned(), reason);
+                hidden_tables.insert(name.to_owned(), reason.clone());
                 continue;
             }
-            View::Select { treatment, .. } => (
-                view.sql(
-                    name,
-                    &inputs.retention.visible_sql(
-                        name,
-                        inputs.now_ms,
-                        principal.kind == PrincipalKind::Operator,
-                    ),
-                ),
-                treatment,
-            ),
+            View::Select { treatment, .. } => *treatment,
         };
         let stored = match inputs.scope {
             Scope::Live(live) => live.table(name, &files, &ctx).await?,
             _ if inputs.distributed => portable_table(root, name, &files).await?,
             _ => stored_table(inputs.tables, name, &[&files, &ctx]).await?,
         };
+        let visible = inputs.retention.visible_rows(
+            name,
+            inputs.now_ms,
+            principal.kind == PrincipalKind::Operator,
+            stored
+                .as_ref()
+                .and_then(|stored| earliest_rows(stored.as_ref(), name))
+                .as_ref(),
+        );
+        let sql = view.sql(name, &visible);
         match stored {
             Some(stored) => files.register_table(name, stored)?,
             None if inputs.distributed => files.register_table(

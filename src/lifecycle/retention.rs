@@ -314,13 +314,74 @@ impl Retention {
             .unwrap_or_default()
             .date_naive();
         let per_row = rule_case_sql(self.table(table), String::new(), "false", kept_since);
+        // The partition bound holds for the row time too: it is never later
+        // than the partitioning column.
+        let kept = format!("date >= DATE '{date}' AND ({per_row})");
+        self.requested_and_held(table, kept, with_held)
+    }
+
+    /// The rows of `table` visible at `now_ms` ([`Retention::visible_sql`])
+    /// of a version whose hour partitions hold no row earlier than
+    /// `earliest` says (by the log's statistics, `None` where unknown): from
+    /// the first partition on whose every row is within every rule of the
+    /// table, no row's time is compared, so a query reads no time column
+    /// there; only deletion requests and holds apply.
+    pub fn visible_rows(
+        &self,
+        table: &str,
+        now_ms: i64,
+        with_held: bool,
+        earliest: Option<&BTreeMap<PartitionKey, Option<i64>>>,
+    ) -> VisibleRows {
+        let each = self.visible_sql(table, now_ms, with_held);
+        let Some((from, first)) = earliest.and_then(|earliest| {
+            let from = self.whole_from(table, now_ms, earliest)?;
+            Some((from, earliest.keys().next() == Some(&from)))
+        }) else {
+            return VisibleRows::EachRow(each);
+        };
+        let whole = self.requested_and_held(table, "true".to_owned(), with_held);
+        if first {
+            return VisibleRows::Whole(whole);
+        }
+        let (date, hour) = delta::partition_values(from);
+        VisibleRows::Split {
+            whole: format!(
+                "(date > DATE '{date}' OR (date = DATE '{date}' AND hour >= {hour})) AND ({whole})"
+            ),
+            each: format!("({}) AND ({each})", partitions_before(from)),
+        }
+    }
+
+    /// The first of the hour partitions `earliest` names from which on no
+    /// row is earlier than the latest cutoff of `table`'s rules at `now_ms`,
+    /// so that every rule keeps every row (every table has a last rule for
+    /// the rows no other covers, checked when the rules are loaded); `None`
+    /// if the last partition holds such a row, or may.
+    fn whole_from(
+        &self,
+        table: &str,
+        now_ms: i64,
+        earliest: &BTreeMap<PartitionKey, Option<i64>>,
+    ) -> Option<PartitionKey> {
+        let rules = self.table(table);
+        let latest_cutoff = rules.iter().map(|rule| now_ms - rule.keep_ms()).max()?;
+        earliest
+            .iter()
+            .rev()
+            .take_while(|(_, earliest)| earliest.is_some_and(|e| e >= latest_cutoff))
+            .last()
+            .map(|(key, _)| *key)
+    }
+
+    /// `kept` without the rows deletion requests name, and with
+    /// (`with_held`) the rows holds keep.
+    fn requested_and_held(&self, table: &str, kept: String, with_held: bool) -> String {
         let requested: String = self
             .requests_of(table)
             .map(|r| format!(" AND NOT {}", r.rows.sql()))
             .collect();
-        // The partition bound holds for the row time too: it is never later
-        // than the partitioning column.
-        let visible = format!("date >= DATE '{date}' AND ({per_row}){requested}");
+        let visible = format!("{kept}{requested}");
         let held: Vec<String> = match with_held {
             true => self.held_of(table).map(Selection::sql).collect(),
             false => Vec::new(),
@@ -330,6 +391,46 @@ impl Retention {
         } else {
             format!("({visible}) OR {}", held.join(" OR "))
         }
+    }
+}
+
+/// The rows of a table a query sees, as conditions on its rows
+/// ([`Retention::visible_rows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisibleRows {
+    /// Each row against its rule.
+    EachRow(String),
+    /// Every row within every rule: deletion requests and holds only.
+    Whole(String),
+    /// The hour partitions from one on whole, those before it each row.
+    Split { whole: String, each: String },
+}
+
+impl VisibleRows {
+    /// `SELECT columns FROM table WHERE …` of the visible rows: a statement
+    /// to which more conditions can be added with `AND`, and then
+    /// `GROUP BY`. Split, it reads the table twice (the partitions before
+    /// and from the first whole one), as the rows of a subquery named as
+    /// the table.
+    pub fn select(&self, table: &str, columns: &str) -> String {
+        match self {
+            Self::EachRow(visible) | Self::Whole(visible) => {
+                format!("SELECT {columns} FROM {table} WHERE ({visible})")
+            }
+            Self::Split { whole, each } => format!(
+                "SELECT {columns} FROM (SELECT * FROM {table} WHERE {whole} \
+                 UNION ALL SELECT * FROM {table} WHERE {each}) AS {table} WHERE true"
+            ),
+        }
+    }
+}
+
+/// The columns of `table` a row's time ([`row_time_sql`]) is made of.
+pub fn row_time_columns(table: &str) -> Vec<&'static str> {
+    let received = crate::schema::RECEIVED_AT_COLUMN;
+    match time_column(table) {
+        column if column == received => vec![received],
+        column => vec![column, received],
     }
 }
 
@@ -838,6 +939,75 @@ mod tests {
 
     fn message(result: Result<Retention>) -> String {
         result.expect_err("rejected").to_string()
+    }
+
+    /// Partitions whose earliest row the log puts within every rule of the
+    /// table are read whole, without a row's time: from the first of them
+    /// on that the latest partitions all are; before it, each row against
+    /// its rule.
+    #[test]
+    fn partitions_within_every_rule_are_read_without_row_times() {
+        let rules = Retention::load(None, &Registry::load().expect("schemas")).expect("rules");
+        let now = 1_795_500_000_000 / HOUR_MS * HOUR_MS;
+        let hour = |h: i64| PartitionKey::from_millis(now + h * HOUR_MS);
+        let visible = |earliest: &[(i64, Option<i64>)]| {
+            let earliest: BTreeMap<_, _> = earliest.iter().map(|(h, e)| (hour(*h), *e)).collect();
+            rules.visible_rows("rtti", now, false, Some(&earliest))
+        };
+        let each = rules.visible_sql("rtti", now, false);
+        // RTTI is kept 24 hours: its cutoff is `now - 24 h`.
+        let cutoff = now - 24 * HOUR_MS;
+        assert_eq!(
+            visible(&[(-24, Some(cutoff)), (-1, Some(now - HOUR_MS))]),
+            VisibleRows::Whole("true".into())
+        );
+        let (date, h) = delta::partition_values(hour(-23));
+        assert_eq!(
+            visible(&[
+                (-25, Some(cutoff - 1)),
+                (-24, Some(cutoff - 1)),
+                (-23, Some(cutoff)),
+                (-1, Some(now)),
+            ]),
+            VisibleRows::Split {
+                whole: format!(
+                    "(date > DATE '{date}' OR (date = DATE '{date}' AND hour >= {h})) AND (true)"
+                ),
+                each: format!("({}) AND ({each})", partitions_before(hour(-23))),
+            }
+        );
+        // A partition the log says nothing of (or counts a null time in)
+        // is read row by row, and so is every one before it.
+        assert!(matches!(
+            visible(&[(-3, Some(now)), (-2, None), (-1, Some(now))]),
+            VisibleRows::Split { .. }
+        ));
+        assert_eq!(
+            visible(&[(-2, Some(now)), (-1, None)]),
+            VisibleRows::EachRow(each.clone())
+        );
+        assert_eq!(
+            visible(&[(-1, Some(cutoff - 1))]),
+            VisibleRows::EachRow(each.clone())
+        );
+        assert_eq!(
+            rules.visible_rows("rtti", now, false, None),
+            VisibleRows::EachRow(each)
+        );
+        // Teleservice keeps HV warn calls 183 days and the rest a year: a
+        // partition is whole only once within the shorter.
+        let teleservice = |earliest: i64| {
+            let earliest = BTreeMap::from([(hour(-1), Some(earliest))]);
+            rules.visible_rows("teleservice", now, false, Some(&earliest))
+        };
+        assert!(matches!(
+            teleservice(now - 183 * 24 * HOUR_MS),
+            VisibleRows::Whole(_)
+        ));
+        assert!(matches!(
+            teleservice(now - 183 * 24 * HOUR_MS - 1),
+            VisibleRows::EachRow(_)
+        ));
     }
 
     #[test]

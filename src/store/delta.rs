@@ -341,6 +341,14 @@ pub fn partition_values(key: PartitionKey) -> (String, u8) {
     (date.format("%Y-%m-%d").to_string(), hour)
 }
 
+/// The partition whose values the Delta log writes as `date` and `hour`
+/// ([`partition_values`]); `None` for values no partition has.
+pub fn partition_of_values(date: &str, hour: &str) -> Option<PartitionKey> {
+    let date = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    let days = (date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?).num_days();
+    PartitionKey::from_parts(i32::try_from(days).ok()?, hour.parse().ok()?)
+}
+
 /// What every WAL shard's application id starts with.
 const WAL_APP_PREFIX: &str = "fleetgate-wal-";
 

@@ -15,12 +15,15 @@
 //! partition columns, which a table created before the WAL columns were
 //! added to it does not (they were appended after); it refuses any other.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
+use arrow::array::{ArrayRef, AsArray};
+use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::common::pruning::PruningStatistics;
+use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -41,8 +44,8 @@ use object_store::ObjectMeta;
 use object_store::path::Path as ObjectPath;
 use serde::{Deserialize, Serialize};
 
-use super::delta::{PARTITION_COLUMNS, StoreRoot};
-use super::{Result as StoreResult, StoreError};
+use super::delta::{self, PARTITION_COLUMNS, StoreRoot};
+use super::{PartitionKey, Result as StoreResult, StoreError};
 
 /// A table version's files, scanned as Parquet.
 #[derive(Debug)]
@@ -210,6 +213,53 @@ impl TableFiles {
         (kept.len() == self.listing.files.len()).then_some(kept)
     }
 
+    /// The earliest time any row of each hour partition holds in any of
+    /// `columns` (timestamps, none of which may be null), by the log's
+    /// statistics: a partition maps to `None` where a file's statistics are
+    /// missing. `None` without a log, for a column that may be null, or for
+    /// a file whose partition values name no hour.
+    ///
+    /// The log's timestamp statistics are truncated to milliseconds, so a
+    /// minimum is never later than the true one.
+    pub fn earliest_rows(&self, columns: &[&str]) -> Option<BTreeMap<PartitionKey, Option<i64>>> {
+        let log = self.log.as_ref()?;
+        let files = &self.listing.files;
+        if log.num_containers() != files.len() {
+            return None;
+        }
+        let mut earliest = vec![Some(i64::MAX); files.len()];
+        for name in columns {
+            // The table's schema says no row holds a null there (Delta
+            // writers must refuse one), so the minimum is every row's bound.
+            // (delta-rs cannot give the log's null counts of a timestamp.)
+            if self.schema.field_with_name(name).ok()?.is_nullable() {
+                return None;
+            }
+            let mins = log
+                .min_values(&Column::new_unqualified(*name))
+                .and_then(|mins| millis(&mins))?;
+            for (earliest, min) in earliest.iter_mut().zip(mins) {
+                *earliest = earliest.zip(min).map(|(a, b)| a.min(b));
+            }
+        }
+        let mut by_values: HashMap<&[Option<String>], Option<i64>> = HashMap::new();
+        for (file, earliest) in files.iter().zip(earliest) {
+            by_values
+                .entry(&file.partition)
+                .and_modify(|e| *e = e.zip(earliest).map(|(a, b)| a.min(b)))
+                .or_insert(earliest);
+        }
+        by_values
+            .into_iter()
+            .map(|(values, earliest)| match values {
+                [Some(date), Some(hour)] => {
+                    Some((delta::partition_of_values(date, hour)?, earliest))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The columns the files hold, and the partition columns after them.
     fn split_schema(&self) -> (SchemaRef, Vec<FieldRef>) {
         let fields = self.schema.fields();
@@ -319,6 +369,27 @@ impl TableProvider for TableFiles {
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+/// Each of `timestamps`' values in milliseconds, rounded down; `None` for
+/// an array that holds no timestamps.
+fn millis(timestamps: &ArrayRef) -> Option<Vec<Option<i64>>> {
+    let DataType::Timestamp(unit, _) = timestamps.data_type() else {
+        return None;
+    };
+    let raw = arrow::compute::cast(timestamps, &DataType::Int64).ok()?;
+    let to_ms = |v: i64| match unit {
+        TimeUnit::Second => v.checked_mul(1000),
+        TimeUnit::Millisecond => Some(v),
+        TimeUnit::Microsecond => Some(v.div_euclid(1000)),
+        TimeUnit::Nanosecond => Some(v.div_euclid(1_000_000)),
+    };
+    Some(
+        raw.as_primitive::<Int64Type>()
+            .iter()
+            .map(|v| v.and_then(to_ms))
+            .collect(),
+    )
 }
 
 fn not_plain(table: &str, reason: &str) -> StoreError {
