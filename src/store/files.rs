@@ -224,7 +224,7 @@ impl TableFiles {
     pub fn earliest_rows(&self, columns: &[&str]) -> Option<BTreeMap<PartitionKey, Option<i64>>> {
         let log = self.log.as_ref()?;
         let files = &self.listing.files;
-        if log.num_containers() != files.len() {
+        if columns.is_empty() || log.num_containers() != files.len() {
             return None;
         }
         let mut earliest = vec![Some(i64::MAX); files.len()];
@@ -242,22 +242,27 @@ impl TableFiles {
                 *earliest = earliest.zip(min).map(|(a, b)| a.min(b));
             }
         }
-        let mut by_values: HashMap<&[Option<String>], Option<i64>> = HashMap::new();
+        // Most files share their partition's values: each is parsed once.
+        let mut keys: HashMap<&[Option<String>], PartitionKey> = HashMap::new();
+        let mut by_partition: BTreeMap<PartitionKey, Option<i64>> = BTreeMap::new();
         for (file, earliest) in files.iter().zip(earliest) {
-            by_values
-                .entry(&file.partition)
+            let key = match keys.get(file.partition.as_slice()) {
+                Some(key) => *key,
+                None => {
+                    let [Some(date), Some(hour)] = file.partition.as_slice() else {
+                        return None;
+                    };
+                    let key = delta::partition_of_values(date, hour)?;
+                    keys.insert(&file.partition, key);
+                    key
+                }
+            };
+            by_partition
+                .entry(key)
                 .and_modify(|e| *e = e.zip(earliest).map(|(a, b)| a.min(b)))
                 .or_insert(earliest);
         }
-        by_values
-            .into_iter()
-            .map(|(values, earliest)| match values {
-                [Some(date), Some(hour)] => {
-                    Some((delta::partition_of_values(date, hour)?, earliest))
-                }
-                _ => None,
-            })
-            .collect()
+        Some(by_partition)
     }
 
     /// The columns the files hold, and the partition columns after them.
@@ -398,7 +403,7 @@ fn not_plain(table: &str, reason: &str) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::array::{Int64Array, RecordBatch, TimestampMillisecondArray};
     use arrow::datatypes::DataType;
     use datafusion::logical_expr::{col, lit};
     use datafusion::physical_plan::displayable;
@@ -406,6 +411,83 @@ mod tests {
 
     use super::*;
     use crate::store::{PartitionKey, append, block_on, delta};
+
+    /// Each hour partition's earliest row time is the least of its files'
+    /// minimums over every column asked for; a column that may be null
+    /// proves nothing.
+    #[test]
+    fn the_log_gives_each_partition_its_earliest_row_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = StoreRoot::local(dir.path()).expect("root");
+        let time = || DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None);
+        let schema = |received_at_may_be_null: bool| -> SchemaRef {
+            Arc::new(Schema::new(vec![
+                Field::new("ts", time(), false),
+                Field::new("received_at", time(), received_at_may_be_null),
+            ]))
+        };
+        let hour = 1_780_000_000_000 / 3_600_000 * 3_600_000;
+        // (ts, received_at) of each file's two rows, the first two files in
+        // one hour, the third in the next.
+        let files = [
+            [(hour + 500, hour + 900), (hour + 700, hour + 800)],
+            [(hour + 600, hour + 300), (hour + 650, hour + 400)],
+            [
+                (hour + 3_600_400, hour + 3_600_200),
+                (hour + 3_600_500, hour + 3_600_900),
+            ],
+        ];
+        for (table, nullable) in [("charging", false), ("rtti", true)] {
+            let schema = schema(nullable);
+            for rows in files {
+                let batch = RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(TimestampMillisecondArray::from(
+                            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                        )),
+                        Arc::new(TimestampMillisecondArray::from(
+                            rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                        )),
+                    ],
+                )
+                .expect("batch");
+                let key = PartitionKey::from_millis(rows[0].0);
+                append(&root, table, &schema, &[(key, batch)], 1).expect("append");
+            }
+        }
+        let earliest_in = |table: &str, columns: &[&str]| {
+            block_on(async {
+                let table_name = table;
+                let table = delta::open(&root, table_name).await?.expect("a table");
+                let schema = table.snapshot()?.snapshot().arrow_schema();
+                let files = TableFiles::new(&root, table_name, &table, schema)?;
+                Ok::<_, StoreError>(files.earliest_rows(columns))
+            })
+            .expect("listing")
+        };
+        let earliest = |columns: &[&str]| earliest_in("charging", columns);
+        let first = PartitionKey::from_millis(hour);
+        let second = PartitionKey::from_millis(hour + 3_600_000);
+        assert_eq!(
+            earliest(&["ts", "received_at"]),
+            Some(BTreeMap::from([
+                (first, Some(hour + 300)),
+                (second, Some(hour + 3_600_200))
+            ]))
+        );
+        assert_eq!(
+            earliest(&["ts"]),
+            Some(BTreeMap::from([
+                (first, Some(hour + 500)),
+                (second, Some(hour + 3_600_400))
+            ]))
+        );
+        assert_eq!(earliest(&[]), None);
+        // The same files, where received_at may be null.
+        assert_eq!(earliest_in("rtti", &["ts", "received_at"]), None);
+        assert!(earliest_in("rtti", &["ts"]).is_some());
+    }
 
     /// A file whose log statistics rule out a query's filter is not in its
     /// scan at all: two files of one hour, times 1–2 and 10–11 (a column
