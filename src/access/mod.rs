@@ -18,6 +18,7 @@
 pub mod account;
 pub mod audit;
 mod barrier;
+mod described;
 pub mod dictionary;
 pub mod distributed;
 pub mod export;
@@ -38,10 +39,11 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::ParamValues;
 use datafusion::common::config::Dialect;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::DataFrame;
 use futures::StreamExt;
 
@@ -134,6 +136,8 @@ pub struct AccessEnv {
     follower: Arc<live::Follower>,
     /// WAL shards whose commits live streams follow (this node's workers).
     wal_shards: crate::store::delta::NodeShards,
+    /// Plans made to describe a statement, for its run.
+    described: described::DescribedPlans,
 }
 
 /// A query's answer as it is computed; see [`AccessEnv::query_stream`].
@@ -373,6 +377,7 @@ impl AccessEnv {
                 config.access.max_concurrent_queries as usize,
             )),
             running: Arc::new(Mutex::new(HashMap::new())),
+            described: described::DescribedPlans::default(),
             live_running: live::LiveCounts::default(),
             live_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.access.max_live_streams as usize,
@@ -678,7 +683,9 @@ impl AccessEnv {
     /// dropped, and `access.query_timeout_ms` covers it to its last batch.
     /// The audit gets its line, with the decision, before the first batch
     /// leaves, and a second one (`delivered`, the rows sent) when it ends:
-    /// see [`AccessEnv::finish`].
+    /// see [`AccessEnv::finish`]. A plain statement the same principal has
+    /// just described for the same purpose runs the plan that description
+    /// made ([`described`]).
     pub async fn query_stream(
         &self,
         principal: &Principal,
@@ -697,17 +704,31 @@ impl AccessEnv {
                 .acquire_owned()
                 .await
                 .map_err(|_| AccessError::Limit("the query layer is closed".into()))?;
-            let parameters = parameters.map_or(Parameters::None, Parameters::Bound);
-            let planned = self
-                .plan(principal, purpose, sql, parameters, now_ms, &mut tables)
-                .await?;
-            let stream = DataFrame::new(planned.state, planned.plan)
-                .execute_stream()
-                .await
-                .map_err(|e| {
-                    limits::running_error(principal.kind, e, self.settings.query_memory_mb)
-                })?;
-            Ok::<_, AccessError>((running, slot, planned.treatments, stream))
+            let described = match parameters {
+                None => self.described.take(principal, purpose, sql),
+                Some(_) => None,
+            };
+            let (treatments, stream) = match described {
+                Some(described) => {
+                    tables = described.tables;
+                    let stream = execute_stream(described.plan, described.task);
+                    (described.treatments, stream)
+                }
+                None => {
+                    let parameters = parameters.map_or(Parameters::None, Parameters::Bound);
+                    let planned = self
+                        .plan(principal, purpose, sql, parameters, now_ms, &mut tables)
+                        .await?;
+                    let stream = DataFrame::new(planned.state, planned.plan)
+                        .execute_stream()
+                        .await;
+                    (planned.treatments, stream)
+                }
+            };
+            let stream = stream.map_err(|e| {
+                limits::running_error(principal.kind, e, self.settings.query_memory_mb)
+            })?;
+            Ok::<_, AccessError>((running, slot, treatments, stream))
         };
         let started = match tokio::time::timeout_at(deadline, starting).await {
             Ok(started) => started,
@@ -942,6 +963,8 @@ impl AccessEnv {
         let outcome = match self.start(principal) {
             Ok(_running) => {
                 self.bounded(async {
+                    // A plain statement's plan is kept for its run.
+                    let reusable = parameters.is_none();
                     let parameters = parameters.map_or(Parameters::Unbound, Parameters::Bound);
                     let planned = self
                         .plan(principal, purpose, sql, parameters, now_ms, &mut tables)
@@ -977,17 +1000,28 @@ impl AccessEnv {
                     // Placeholders still open: the columns as the logical
                     // plan types them (a physical plan needs the values).
                     let columns = if parameters.fields().is_empty() {
-                        DataFrame::new(planned.state, planned.plan)
+                        let task = Arc::new(TaskContext::from(&planned.state));
+                        let plan = DataFrame::new(planned.state, planned.plan)
                             .create_physical_plan()
                             .await
-                            .map(|plan| plan.schema())
                             .map_err(|e| {
                                 limits::running_error(
                                     principal.kind,
                                     e,
                                     self.settings.query_memory_mb,
                                 )
-                            })?
+                            })?;
+                        let columns = plan.schema();
+                        if reusable {
+                            let plan = described::Reusable {
+                                plan,
+                                task,
+                                treatments: planned.treatments,
+                                tables: tables.clone(),
+                            };
+                            self.described.keep(principal, purpose, sql, plan);
+                        }
+                        columns
                     } else {
                         Arc::clone(planned.plan.schema().inner())
                     };

@@ -8,7 +8,9 @@
 //! client could not ask for anyway. Statements and prepared statements
 //! (parameters `$1`, `$2`, … bound to one row of values, which the handle
 //! then carries) are planned when described (refusals come back there, and
-//! are audited) and run, audited, when fetched; the answer is streamed as
+//! are audited) and run, audited, when fetched (a statement without
+//! parameters runs the plan its description made, if fetched within a
+//! second by the same caller); the answer is streamed as
 //! it is computed, under `/sql`'s time limit and memory pool (the batches
 //! on their way, at most two per call plus the transport's window, are
 //! outside the pool).
