@@ -209,6 +209,8 @@ pub struct Metrics {
     pub wal: WalCounters,
     /// Publishes thrown away unread by the discard sink (benchmarks only).
     pub publishes_discarded: AtomicU64,
+    /// Flight SQL fetches that ran the plan their description made.
+    pub flight_sql_plans_reused: AtomicU64,
     /// Seconds in which one connection hit `broker.max_publishes_per_second`
     /// (counted by the patched broker).
     pub publish_rate_limited: Arc<AtomicU64>,
@@ -504,6 +506,13 @@ impl Collector for Metrics {
             "In a cluster: 1 while this node holds the lease on its node_id (its table commits wait otherwise).",
             Gauge,
             unlabelled(self.node_lease_held.load(Relaxed)),
+        )?;
+        encode_family(
+            out,
+            "flight_sql_plans_reused",
+            "Flight SQL fetches that ran the plan their statement's description made, not planned again.",
+            Counter,
+            unlabelled(self.flight_sql_plans_reused.load(Relaxed)),
         )?;
         encode_family(
             out,

@@ -158,6 +158,15 @@ async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
     assert_eq!(status, 200, "{body}");
 
     let out = run_clients(server.handle.flight_sql_addr(), &alice, &analyst);
+    // Each plain statement fetched ran the plan its description made: six
+    // of them (alice's three, pyarrow's partial, count and operator's);
+    // refused, prepared and forged ones planned anew or not at all.
+    let reused = std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        server.handle.metrics().flight_sql_plans_reused.load(reused),
+        6,
+        "{out}"
+    );
 
     // Her vehicle's row only, the contract decrypted for her.
     assert_eq!(

@@ -137,7 +137,7 @@ pub struct AccessEnv {
     /// WAL shards whose commits live streams follow (this node's workers).
     wal_shards: crate::store::delta::NodeShards,
     /// Plans made to describe a statement, for its run.
-    described: described::DescribedPlans,
+    described: Arc<described::DescribedPlans>,
 }
 
 /// A query's answer as it is computed; see [`AccessEnv::query_stream`].
@@ -145,6 +145,8 @@ pub struct StreamingAnswer {
     pub request_id: String,
     /// The answer's columns, also when it has no rows.
     pub schema: SchemaRef,
+    /// Whether it runs the plan its statement's description made.
+    pub described: bool,
     stream: SendableRecordBatchStream,
     deadline: tokio::time::Instant,
     limit: Duration,
@@ -377,7 +379,10 @@ impl AccessEnv {
                 config.access.max_concurrent_queries as usize,
             )),
             running: Arc::new(Mutex::new(HashMap::new())),
-            described: described::DescribedPlans::default(),
+            described: Arc::new(described::DescribedPlans::for_config(
+                config.storage.vacuum_grace_ms,
+                config.access.query_timeout_ms,
+            )),
             live_running: live::LiveCounts::default(),
             live_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.access.max_live_streams as usize,
@@ -404,6 +409,8 @@ impl AccessEnv {
         change: impl FnOnce(&mut AccessRegistry) -> Result<R> + Send,
     ) -> Result<R> {
         let outcome = self.registry.update(change)??;
+        // No plan made under the registry before runs after the change.
+        self.described.clear();
         let tag = match (vin, &self.privacy) {
             (Some(vin), Some(privacy)) => Some(crate::privacy::pseudo::vin_tag(
                 &privacy.keys.redaction_key(),
@@ -708,6 +715,7 @@ impl AccessEnv {
                 None => self.described.take(principal, purpose, sql),
                 Some(_) => None,
             };
+            let reused = described.is_some();
             let (treatments, stream) = match described {
                 Some(described) => {
                     tables = described.tables;
@@ -728,7 +736,7 @@ impl AccessEnv {
             let stream = stream.map_err(|e| {
                 limits::running_error(principal.kind, e, self.settings.query_memory_mb)
             })?;
-            Ok::<_, AccessError>((running, slot, treatments, stream))
+            Ok::<_, AccessError>((running, slot, treatments, stream, reused))
         };
         let started = match tokio::time::timeout_at(deadline, starting).await {
             Ok(started) => started,
@@ -742,14 +750,15 @@ impl AccessEnv {
             &tables,
             started
                 .as_ref()
-                .map(|(_, _, treatments, _)| treatments.clone()),
+                .map(|(_, _, treatments, _, _)| treatments.clone()),
             None,
             now_ms,
         )?;
-        let (running, slot, treatments, stream) = started?;
+        let (running, slot, treatments, stream, described) = started?;
         Ok(StreamingAnswer {
             request_id,
             schema: stream.schema(),
+            described,
             stream,
             deadline,
             limit,
@@ -951,20 +960,23 @@ impl AccessEnv {
     /// values bound so far, if any; without them the statement may keep its
     /// placeholders (a prepared statement being created). A refusal is
     /// audited like a query's; a statement that plans is audited when it runs.
+    /// `keep_plan`: a statement without parameters keeps its plan for the
+    /// run that follows ([`described`]; [`AccessEnv::query_stream`]).
     pub async fn schema_of(
         &self,
         principal: &Principal,
         purpose: &str,
         sql: &str,
         parameters: Option<ParamValues>,
+        keep_plan: bool,
         now_ms: i64,
     ) -> Result<Described> {
+        let since = std::time::Instant::now();
         let mut tables = Vec::new();
         let outcome = match self.start(principal) {
             Ok(_running) => {
                 self.bounded(async {
-                    // A plain statement's plan is kept for its run.
-                    let reusable = parameters.is_none();
+                    let reusable = keep_plan && parameters.is_none();
                     let parameters = parameters.map_or(Parameters::Unbound, Parameters::Bound);
                     let planned = self
                         .plan(principal, purpose, sql, parameters, now_ms, &mut tables)
@@ -1019,7 +1031,7 @@ impl AccessEnv {
                                 treatments: planned.treatments,
                                 tables: tables.clone(),
                             };
-                            self.described.keep(principal, purpose, sql, plan);
+                            self.described.keep(principal, purpose, sql, since, plan);
                         }
                         columns
                     } else {
@@ -1051,6 +1063,13 @@ impl AccessEnv {
                 Err(e)
             }
         }
+    }
+
+    /// Drops the plans kept for the runs of statements described before
+    /// (see [`AccessEnv::schema_of`]): after a vehicle event, and at each
+    /// maintenance tick.
+    pub fn forget_described(&self) {
+        self.described.clear();
     }
 
     /// The tables `principal` may query for `purpose`, each with its

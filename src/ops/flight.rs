@@ -9,8 +9,9 @@
 //! (parameters `$1`, `$2`, … bound to one row of values, which the handle
 //! then carries) are planned when described (refusals come back there, and
 //! are audited) and run, audited, when fetched (a statement without
-//! parameters runs the plan its description made, if fetched within a
-//! second by the same caller); the answer is streamed as
+//! parameters runs the plan its flight info's description made, if fetched
+//! by the same caller within a second of that description's start); the
+//! answer is streamed as
 //! it is computed, under `/sql`'s time limit and memory pool (the batches
 //! on their way, at most two per call plus the transport's window, are
 //! outside the pool).
@@ -56,6 +57,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::registry::Principal;
 use crate::access::{AccessEnv, AccessError, Described, Ending};
+use crate::metrics::Metrics;
 use crate::ops::queries::QueryRuntime;
 use crate::ops::served::{self, ServeError, Served};
 
@@ -76,10 +78,12 @@ pub fn spawn(
     addr: SocketAddr,
     access: Arc<AccessEnv>,
     queries: QueryRuntime,
+    metrics: Arc<Metrics>,
 ) -> Result<Served, FlightSqlError> {
     let service = FlightSqlEndpoint {
         access,
         queries,
+        metrics,
         handle_key: HandleKey::random()?,
     };
     Ok(served::spawn(
@@ -134,6 +138,8 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 struct FlightSqlEndpoint {
     access: Arc<AccessEnv>,
     queries: QueryRuntime,
+    /// Counts the fetches that ran a described plan.
+    metrics: Arc<Metrics>,
     /// Signs the statement handles this process hands out (random per run):
     /// a handle it did not sign is refused before anything in it is read.
     handle_key: HandleKey,
@@ -190,7 +196,12 @@ impl FlightSqlEndpoint {
     /// The columns `statement` answers with for the caller, exactly as its
     /// answer is sent (dictionaries stay dictionaries), and its open
     /// parameters.
-    async fn describe(&self, caller: Caller, statement: Statement) -> Result<Described, Status> {
+    async fn describe(
+        &self,
+        caller: Caller,
+        statement: Statement,
+        keep_plan: bool,
+    ) -> Result<Described, Status> {
         let access = Arc::clone(&self.access);
         self.on_queries(async move {
             let values = statement.values().map_err(AccessError::Invalid)?;
@@ -200,6 +211,7 @@ impl FlightSqlEndpoint {
                     &caller.purpose,
                     &statement.sql,
                     values,
+                    keep_plan,
                     crate::core::clock::now_ms(),
                 )
                 .await
@@ -214,7 +226,8 @@ impl FlightSqlEndpoint {
         caller: Caller,
         statement: Statement,
     ) -> Result<Response<FlightInfo>, Status> {
-        let described = self.describe(caller, statement.clone()).await?;
+        // Its plan waits for the fetch of the ticket below.
+        let described = self.describe(caller, statement.clone(), true).await?;
         if !described.parameters.fields().is_empty() {
             return Err(Status::invalid_argument(
                 "the statement has parameters ($1, $2, …): prepare it and bind their values",
@@ -361,6 +374,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         let (batches_tx, batches) = tokio::sync::mpsc::channel(ANSWER_BATCHES_AHEAD);
         self.queries.spawn(answer(
             Arc::clone(&self.access),
+            Arc::clone(&self.metrics),
             caller,
             statement,
             started_tx,
@@ -409,9 +423,10 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = self.caller(request.metadata())?;
         let statement = Statement::text(query.query);
-        let described = self.describe(caller, statement.clone()).await?;
+        let described = self.describe(caller, statement.clone(), false).await?;
         // Stateless: the handle is the statement (and, once bound, its
-        // values), checked again whenever it is described or run.
+        // values), checked again whenever it is described or run; no plan
+        // waits for it (one waits for the fetch its flight info names).
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: statement.handle(&self.handle_key)?,
             dataset_schema: schema_message(&described.columns)?,
@@ -599,6 +614,7 @@ enum Piece {
 /// stopped, also when this task panics or is dropped at shutdown.
 async fn answer(
     access: Arc<AccessEnv>,
+    metrics: Arc<Metrics>,
     caller: Caller,
     statement: Statement,
     started: oneshot::Sender<Result<(SchemaRef, String), AccessError>>,
@@ -633,6 +649,11 @@ async fn answer(
             return;
         }
     };
+    if answer.described {
+        metrics
+            .flight_sql_plans_reused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut delivery = Delivery {
         access: Arc::clone(&access),
         answer: Some(answer),

@@ -316,6 +316,8 @@ async fn vehicle_event(
         );
     }
     let outcome = events::apply(&state.privacy, &state.lifecycle, &request, now);
+    // No plan made before the event runs after it.
+    state.access.forget_described();
     match outcome {
         Ok(effect) => (
             StatusCode::OK,

@@ -272,6 +272,7 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         config.admin.flight_sql_addr,
         access.clone(),
         queries.handle(),
+        metrics.clone(),
     )?;
     let admin = http::spawn(
         config.admin.http_addr,
@@ -666,9 +667,10 @@ fn spawn_sweeper(
                     maintain(&retention, &root, &lifecycle, &metrics, run, compaction);
                 }
                 // On every node, whether it swept or not: the kept table
-                // versions and footers go, with what they say of files a
-                // sweep on any node deleted.
+                // versions, footers and described plans go, with what they
+                // say of files a sweep on any node deleted.
                 access.tables.forget();
+                access.forget_described();
                 match access.expire_audit(now_ms) {
                     Ok(files) if !files.is_empty() => {
                         tracing::info!(files = files.len(), "expired query audit files deleted");
