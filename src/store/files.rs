@@ -111,12 +111,7 @@ impl TableFiles {
         schema: SchemaRef,
         files: impl Iterator<Item = LogicalFileView>,
     ) -> StoreResult<Self> {
-        let partitioned = schema.fields().len() >= PARTITION_COLUMNS.len()
-            && schema.fields()[schema.fields().len() - PARTITION_COLUMNS.len()..]
-                .iter()
-                .map(|f| f.name().as_str())
-                .eq(PARTITION_COLUMNS);
-        if !partitioned {
+        if !ends_with_partition_columns(&schema) {
             return Err(not_plain(
                 name,
                 &format!("its columns do not end with {PARTITION_COLUMNS:?}"),
@@ -171,12 +166,7 @@ impl TableFiles {
     pub fn decode(bytes: &[u8], schema: SchemaRef) -> Result<Self> {
         let listing: Listing =
             serde_json::from_slice(bytes).map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let fields = schema.fields();
-        let partitioned = fields.len() >= PARTITION_COLUMNS.len()
-            && fields[fields.len() - PARTITION_COLUMNS.len()..]
-                .iter()
-                .map(|f| f.name().as_str())
-                .eq(PARTITION_COLUMNS);
+        let partitioned = ends_with_partition_columns(&schema);
         let complete = listing
             .files
             .iter()
@@ -374,6 +364,16 @@ impl TableProvider for TableFiles {
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+/// Whether `schema`'s last columns are the [`PARTITION_COLUMNS`].
+fn ends_with_partition_columns(schema: &Schema) -> bool {
+    let fields = schema.fields();
+    fields.len() >= PARTITION_COLUMNS.len()
+        && fields[fields.len() - PARTITION_COLUMNS.len()..]
+            .iter()
+            .map(|f| f.name().as_str())
+            .eq(PARTITION_COLUMNS)
 }
 
 /// Each of `timestamps`' values in milliseconds, rounded down; `None` for
