@@ -127,12 +127,18 @@ pub fn time_column(table: &str) -> &'static str {
 /// receipt if that is earlier (a vehicle clock ahead of ours, up to
 /// `pipeline.max_clock_skew_ms`); dead letters: their receipt.
 pub fn row_time_sql(table: &str) -> String {
-    let partitioned_by = time_column(table);
+    match row_time_columns(table).as_slice() {
+        [only] => (*only).to_owned(),
+        columns => format!("least({})", columns.join(", ")),
+    }
+}
+
+/// The columns of `table` a row's time ([`row_time_sql`]) is made of.
+pub fn row_time_columns(table: &str) -> Vec<&'static str> {
     let received = crate::schema::RECEIVED_AT_COLUMN;
-    if partitioned_by == received {
-        received.to_owned()
-    } else {
-        format!("least({partitioned_by}, {received})")
+    match time_column(table) {
+        column if column == received => vec![received],
+        column => vec![column, received],
     }
 }
 
@@ -322,10 +328,11 @@ impl Retention {
 
     /// The rows of `table` visible at `now_ms` ([`Retention::visible_sql`])
     /// of a version whose hour partitions hold no row earlier than
-    /// `earliest` says (by the log's statistics, `None` where unknown): from
-    /// the first partition on whose every row is within every rule of the
-    /// table, no row's time is compared, so a query reads no time column
-    /// there; only deletion requests and holds apply.
+    /// `earliest` says (by the log's statistics, `None` where unknown): in
+    /// the run of partitions counted back from the newest whose every row is
+    /// within every rule of the table, no row's time is compared, so the
+    /// view reads no time column there; only deletion requests and holds
+    /// apply. The partitions before that run are read row by row.
     pub fn visible_rows(
         &self,
         table: &str,
@@ -333,12 +340,11 @@ impl Retention {
         with_held: bool,
         earliest: Option<&BTreeMap<PartitionKey, Option<i64>>>,
     ) -> VisibleRows {
-        let each = self.visible_sql(table, now_ms, with_held);
         let Some((from, first)) = earliest.and_then(|earliest| {
             let from = self.whole_from(table, now_ms, earliest)?;
             Some((from, earliest.keys().next() == Some(&from)))
         }) else {
-            return VisibleRows::EachRow(each);
+            return VisibleRows::EachRow(self.visible_sql(table, now_ms, with_held));
         };
         let whole = self.requested_and_held(table, "true".to_owned(), with_held);
         if first {
@@ -349,7 +355,11 @@ impl Retention {
             whole: format!(
                 "(date > DATE '{date}' OR (date = DATE '{date}' AND hour >= {hour})) AND ({whole})"
             ),
-            each: format!("({}) AND ({each})", partitions_before(from)),
+            each: format!(
+                "({}) AND ({})",
+                partitions_before(from),
+                self.visible_sql(table, now_ms, with_held)
+            ),
         }
     }
 
@@ -422,15 +432,6 @@ impl VisibleRows {
                  UNION ALL SELECT * FROM {table} WHERE {each}) AS {table} WHERE true"
             ),
         }
-    }
-}
-
-/// The columns of `table` a row's time ([`row_time_sql`]) is made of.
-pub fn row_time_columns(table: &str) -> Vec<&'static str> {
-    let received = crate::schema::RECEIVED_AT_COLUMN;
-    match time_column(table) {
-        column if column == received => vec![received],
-        column => vec![column, received],
     }
 }
 
@@ -976,8 +977,8 @@ mod tests {
                 each: format!("({}) AND ({each})", partitions_before(hour(-23))),
             }
         );
-        // A partition the log says nothing of (or counts a null time in)
-        // is read row by row, and so is every one before it.
+        // A partition the log says nothing of is read row by row, and so is
+        // every one before it.
         assert!(matches!(
             visible(&[(-3, Some(now)), (-2, None), (-1, Some(now))]),
             VisibleRows::Split { .. }
