@@ -135,8 +135,9 @@ fn error_of(answer: &serde_json::Value) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
+/// A server that stored one charging row of vehicle A and one of B, an
+/// hour old; and the time it was started at.
+async fn two_vehicles_charged() -> (TestServer, i64) {
     let server = TestServer::start();
     let now = fleetgate::core::clock::now_ms();
     publish_all(
@@ -148,6 +149,12 @@ async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
     )
     .await;
     wait_for(|| server.handle.metrics().totals().stored == 2);
+    (server, now)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
+    let (server, now) = two_vehicles_charged().await;
     let admin = server.admin();
     let alice = admin.principal(r#"{"id":"alice","kind":"user"}"#);
     let analyst = admin.principal(r#"{"id":"analyst","kind":"operator"}"#);
@@ -351,17 +358,7 @@ print(table.column(0)[0].as_py(), flush=True)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_between_describe_and_fetch_reaches_the_answer() {
     use std::io::{BufRead, Write};
-    let server = TestServer::start();
-    let now = fleetgate::core::clock::now_ms();
-    publish_all(
-        server.handle.mqtt_addr(),
-        &[
-            charging(A, 1, now - HOUR, "SE-A-1"),
-            charging(B, 1, now - HOUR, "SE-B-1"),
-        ],
-    )
-    .await;
-    wait_for(|| server.handle.metrics().totals().stored == 2);
+    let (server, _) = two_vehicles_charged().await;
     let admin = server.admin();
     let analyst = admin.principal(r#"{"id":"analyst","kind":"operator"}"#);
     let mut client = std::process::Command::new("python3")
