@@ -9,6 +9,23 @@ mod common;
 
 use common::*;
 
+/// pyarrow has no Flight SQL client: a command is a protobuf Any, written by
+/// hand. Run before the scripts below.
+const PROTOBUF: &str = r#"
+def field(number, payload):
+    n, length = len(payload), b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length += bytes([byte | 0x80 if n else byte])
+        if not n:
+            break
+    return bytes([(number << 3) | 2]) + length + payload
+
+def command(name, body):
+    url = b"type.googleapis.com/arrow.flight.protocol.sql." + name.encode()
+    return field(1, url) + field(2, body)
+"#;
+
 /// Runs every client call; prints one JSON object of answers and errors.
 const CLIENTS: &str = r#"
 import json, sys
@@ -57,19 +74,7 @@ out["no_token"] = attempt(lambda: rows(None, own, "SELECT 1"))
 out["parameters"] = attempt(lambda: rows(alice, own, "SELECT vin, contract_number FROM charging WHERE seq = $1", (1,)))
 out["parameters_none_match"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq = $1", (7,)))
 
-# pyarrow has no Flight SQL client: the command is a protobuf Any, written by hand.
-def field(number, payload):
-    n, length = len(payload), b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length += bytes([byte | 0x80 if n else byte])
-        if not n:
-            break
-    return bytes([(number << 3) | 2]) + length + payload
-
-def command(name, body):
-    url = b"type.googleapis.com/arrow.flight.protocol.sql." + name.encode()
-    return field(1, url) + field(2, body)
+# `field` and `command`: PROTOBUF, run before this.
 
 def pyarrow_rows(token, purpose, sql):
     client = fl.FlightClient(uri)
@@ -117,7 +122,13 @@ print(json.dumps(out, default=str))
 
 fn run_clients(addr: std::net::SocketAddr, alice: &str, analyst: &str) -> serde_json::Value {
     let out = std::process::Command::new("python3")
-        .args(["-c", CLIENTS, &addr.to_string(), alice, analyst])
+        .args([
+            "-c",
+            &format!("{PROTOBUF}{CLIENTS}"),
+            &addr.to_string(),
+            alice,
+            analyst,
+        ])
         .output()
         .expect("python3 must be installed (see .ci/run)");
     assert!(
@@ -330,16 +341,7 @@ import sys
 import pyarrow.flight as fl
 
 addr, token, purpose, sql = sys.argv[1:5]
-def field(number, payload):
-    n, length = len(payload), b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length += bytes([byte | 0x80 if n else byte])
-        if not n:
-            break
-    return bytes([(number << 3) | 2]) + length + payload
-url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
-cmd = field(1, url) + field(2, field(1, sql.encode()))
+cmd = command("CommandStatementQuery", field(1, sql.encode()))
 client = fl.FlightClient("grpc://" + addr)
 options = fl.FlightCallOptions(headers=[
     (b"authorization", b"Bearer " + token.encode()),
@@ -364,7 +366,7 @@ async fn a_deletion_between_describe_and_fetch_reaches_the_answer() {
     let mut client = std::process::Command::new("python3")
         .args([
             "-c",
-            DESCRIBE_THEN_FETCH,
+            &format!("{PROTOBUF}{DESCRIBE_THEN_FETCH}"),
             &server.handle.flight_sql_addr().to_string(),
             &analyst,
             "operations",
