@@ -23,7 +23,8 @@ use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, 
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::pruning::PruningStatistics;
-use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::common::stats::Precision;
+use datafusion::common::{Column, DFSchema, ScalarValue, Statistics};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -73,6 +74,9 @@ struct File {
     /// The partition values as the log writes them, in the order of
     /// [`PARTITION_COLUMNS`]; `None` for a null value.
     partition: Vec<Option<String>>,
+    /// How many rows the file holds, from the log's statistics.
+    #[serde(default)]
+    rows: Option<u64>,
 }
 
 impl TableFiles {
@@ -147,6 +151,7 @@ impl TableFiles {
                         .iter()
                         .map(|c| values.get(*c).cloned().flatten())
                         .collect(),
+                    rows: file.num_records().and_then(|n| u64::try_from(n).ok()),
                 })
             })
             .collect::<StoreResult<_>>()?;
@@ -318,7 +323,15 @@ impl TableProvider for TableFiles {
                 e_tag: None,
                 version: None,
             };
-            files.push(PartitionedFile::new_from_meta(meta).with_partition_values(values));
+            let mut scanned = PartitionedFile::new_from_meta(meta).with_partition_values(values);
+            // Exact, as the log counts every row a file holds (no deletion
+            // vector hides one): a count of rows can be answered from it.
+            if let Some(rows) = file.rows.and_then(|n| usize::try_from(n).ok()) {
+                let statistics = Statistics::new_unknown(&file_schema);
+                scanned = scanned
+                    .with_statistics(Arc::new(statistics.with_num_rows(Precision::Exact(rows))));
+            }
+            files.push(scanned);
         }
         let mut options = state.table_options().parquet.clone();
         // The types the files were written with (Utf8, Binary), as the
