@@ -9,7 +9,9 @@
 //! than them), with the hour partitions as columns `date`
 //! (DATE) and `hour` (INT), so filters on them, and on the time columns the
 //! log keeps statistics of, prune files before any is opened. Only through
-//! views that hide every row past its retention rule.
+//! views that hide every row past its retention rule. A count of every row
+//! a view keeps, by partition or in all, is read from the log
+//! ([`RowCountsFromLog`]).
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -23,11 +25,16 @@ use datafusion::datasource::MemTable;
 use datafusion::datasource::TableProvider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lifecycle::retention::{Retention, RetentionError, row_time_columns};
 use crate::schema::{Registry, SchemaError};
 use crate::store::{PartitionKey, Snapshots, StoreError, StoreRoot, TableFiles, delta};
+
+mod row_counts;
+
+pub(crate) use row_counts::RowCountsFromLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -108,7 +115,13 @@ pub async fn session_over(
     let runtime = RuntimeEnvBuilder::new()
         .with_cache_manager(tables.cache_config())
         .build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(config.clone(), runtime);
+    let state = SessionStateBuilder::new()
+        .with_config(config.clone())
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(RowCountsFromLog::new(|_| false)))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     // The files are registered here only, to plan the views.
     let files = SessionContext::new_with_config(config);
     for (table, schema) in registry.tables() {

@@ -1182,6 +1182,58 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
 
 /// A query over its memory gets a clear error, and one over its time is
 /// cancelled with a clear error.
+/// The operator's count of the hours a view keeps whole is read from the
+/// log through the view's barrier, and the hours it filters row by row are
+/// read; the count is the view's. A user's count of their own rows reads
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_of_whole_hours_is_read_from_the_log() {
+    let f = fixture().await;
+    // charging: the hours of 2026-11-24 are within every rule, the older
+    // ones are filtered by each row's time.
+    let (whole, filtered) = ("date=2026-11-24", "date=2026-11-19");
+    for sql in [
+        "SELECT count(*) FROM charging",
+        "SELECT date, hour, count(*) FROM charging GROUP BY date, hour",
+    ] {
+        let plan = f.plan(sql).await;
+        assert!(
+            plan.contains("PolicyBarrierExec") && !plan.contains(whole) && plan.contains(filtered),
+            "{sql}: {plan}"
+        );
+    }
+    // A day of whole hours: nothing is read.
+    let plan = f
+        .plan("SELECT count(*) FROM charging WHERE date = DATE '2026-11-24'")
+        .await;
+    assert!(!plan.contains("file_type=parquet"), "{plan}");
+    let plan = f.plan("SELECT count(seq) FROM charging").await;
+    assert!(plan.contains(whole) && plan.contains(filtered), "{plan}");
+    let op = "operator";
+    let ops = "operations";
+    for (all, each) in [
+        (
+            "SELECT count(*) FROM charging",
+            "SELECT count(seq) FROM charging",
+        ),
+        (
+            "SELECT count(*) FROM charging WHERE date = DATE '2026-11-24'",
+            "SELECT count(seq) FROM charging WHERE date = DATE '2026-11-24'",
+        ),
+        (
+            "SELECT date, hour, count(*) FROM charging GROUP BY date, hour ORDER BY date, hour",
+            "SELECT date, hour, count(seq) FROM charging GROUP BY date, hour ORDER BY date, hour",
+        ),
+    ] {
+        let counted = f.rows(op, ops, all).await;
+        assert!(!counted.is_empty() && counted != vec![row(&["0"])], "{all}");
+        assert_eq!(counted, f.rows(op, ops, each).await, "{all}");
+    }
+    let own = "own_data_access";
+    let all = "SELECT count(*) FROM charging";
+    assert_eq!(f.rows("alice", own, all).await, vec![row(&["1"])]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_are_bounded_in_memory_and_time() {
     let mut f = fixture().await;

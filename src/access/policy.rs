@@ -36,7 +36,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
-use super::barrier::PolicyView;
+use super::barrier::{BarrierExec, PolicyView};
 use super::purpose::Purpose;
 use super::registry::{AccessRegistry, Period, Principal, PrincipalKind, Role, earlier_end};
 use super::{AccessError, Result, audit};
@@ -46,7 +46,7 @@ use crate::lifecycle::retention::{Retention, VisibleRows};
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
 use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
-use crate::query::{earliest_rows, empty_table, portable_table, stored_table};
+use crate::query::{RowCountsFromLog, earliest_rows, empty_table, portable_table, stored_table};
 use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
@@ -359,8 +359,9 @@ pub fn tables_named(
 /// The principal's own session: information_schema on, a memory pool of
 /// `memory_limit` bytes with no spilling (a query may not fill the disk the
 /// store writes to), the node's shared cache of Parquet footers (`cache`),
-/// no recursive CTE (one can run forever), and none of the functions in
-/// [`REMOVED_FUNCTIONS`] nor any table function.
+/// no recursive CTE (one can run forever), none of the functions in
+/// [`REMOVED_FUNCTIONS`] nor any table function, and counts of whole views
+/// read from the log through their barriers ([`RowCountsFromLog`]).
 fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
@@ -369,7 +370,15 @@ fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<S
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
         .build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(principal_config(), runtime);
+    let state = SessionStateBuilder::new()
+        .with_config(principal_config())
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(RowCountsFromLog::new(|plan| {
+            plan.downcast_ref::<BarrierExec>().is_some()
+        })))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     let table_functions: Vec<String> = ctx.state().table_functions().keys().cloned().collect();
     for name in table_functions {
         ctx.deregister_udtf(&name);
