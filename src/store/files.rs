@@ -23,8 +23,7 @@ use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, 
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::pruning::PruningStatistics;
-use datafusion::common::stats::Precision;
-use datafusion::common::{Column, DFSchema, ScalarValue, Statistics};
+use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -47,6 +46,12 @@ use serde::{Deserialize, Serialize};
 
 use super::delta::{self, PARTITION_COLUMNS, StoreRoot};
 use super::{PartitionKey, Result as StoreResult, StoreError};
+
+/// How many rows a scanned file holds, as the log counts them: every row
+/// the file holds (no deletion vector hides one). Attached to each file of
+/// a scan (`PartitionedFile::extensions`) whose log gives its count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowCount(pub u64);
 
 /// A table version's files, scanned as Parquet.
 #[derive(Debug)]
@@ -324,12 +329,8 @@ impl TableProvider for TableFiles {
                 version: None,
             };
             let mut scanned = PartitionedFile::new_from_meta(meta).with_partition_values(values);
-            // Exact, as the log counts every row a file holds (no deletion
-            // vector hides one): a count of rows can be answered from it.
-            if let Some(rows) = file.rows.and_then(|n| usize::try_from(n).ok()) {
-                let statistics = Statistics::new_unknown(&file_schema);
-                scanned = scanned
-                    .with_statistics(Arc::new(statistics.with_num_rows(Precision::Exact(rows))));
+            if let Some(rows) = file.rows {
+                scanned.extensions.insert(RowCount(rows));
             }
             files.push(scanned);
         }

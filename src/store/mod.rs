@@ -17,7 +17,7 @@ mod writer;
 
 pub use compact::{Compaction, compact};
 pub use counters::TableListener;
-pub use files::TableFiles;
+pub use files::{RowCount, TableFiles};
 pub use snapshots::Snapshots;
 
 use std::collections::HashMap;
