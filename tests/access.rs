@@ -1180,8 +1180,6 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
     server.handle.shutdown().expect("shutdown");
 }
 
-/// A query over its memory gets a clear error, and one over its time is
-/// cancelled with a clear error.
 /// The operator's count of the hours a view keeps whole is read from the
 /// log through the view's barrier, and the hours it filters row by row are
 /// read; the count is the view's. A user's count of their own rows reads
@@ -1202,6 +1200,12 @@ async fn a_count_of_whole_hours_is_read_from_the_log() {
             "{sql}: {plan}"
         );
     }
+    // A filter on an hour: applied to each branch, above its barrier.
+    let plan = f.plan("SELECT count(*) FROM charging WHERE hour = 7").await;
+    assert!(
+        plan.contains("PolicyBarrierExec") && !plan.contains(whole),
+        "{plan}"
+    );
     // A day of whole hours: nothing is read.
     let plan = f
         .plan("SELECT count(*) FROM charging WHERE date = DATE '2026-11-24'")
@@ -1221,6 +1225,10 @@ async fn a_count_of_whole_hours_is_read_from_the_log() {
             "SELECT count(seq) FROM charging WHERE date = DATE '2026-11-24'",
         ),
         (
+            "SELECT count(*) FROM charging WHERE hour = 7",
+            "SELECT count(seq) FROM charging WHERE hour = 7",
+        ),
+        (
             "SELECT date, hour, count(*) FROM charging GROUP BY date, hour ORDER BY date, hour",
             "SELECT date, hour, count(seq) FROM charging GROUP BY date, hour ORDER BY date, hour",
         ),
@@ -1234,6 +1242,8 @@ async fn a_count_of_whole_hours_is_read_from_the_log() {
     assert_eq!(f.rows("alice", own, all).await, vec![row(&["1"])]);
 }
 
+/// A query over its memory gets a clear error, and one over its time is
+/// cancelled with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_are_bounded_in_memory_and_time() {
     let mut f = fixture().await;

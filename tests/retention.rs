@@ -367,6 +367,18 @@ async fn row_counts_by_partition_come_from_the_log_where_the_view_keeps_every_ro
     let hours = "SELECT count(DISTINCT hour) FROM rtti";
     assert_eq!(count_at(&data, hours, all).await, 2);
     assert!(!reads_files(hours, all).await);
+    // A subquery runs with the plan, and a function may differ by row:
+    // neither is evaluated while the plan is made.
+    for (sql, n) in [
+        (
+            "SELECT count(*) FROM rtti WHERE date = (SELECT max(date) FROM rtti)",
+            3,
+        ),
+        ("SELECT count(*) FROM rtti WHERE random() < 2", 3),
+        ("SELECT count(*) FROM rtti WHERE 1 / (hour - 13) <> 0", 3),
+    ] {
+        assert_eq!(count_at(&data, sql, all).await, n, "{sql}");
+    }
     // Not a count of every row: read.
     for (sql, n) in [
         ("SELECT count(DISTINCT latitude) FROM rtti", 1),
@@ -380,6 +392,10 @@ async fn row_counts_by_partition_come_from_the_log_where_the_view_keeps_every_ro
     let later = T + DAY + 2;
     assert_eq!(counts(by_hour, later).await, [(14, 1)]);
     assert!(reads_files(by_hour, later).await);
+    // A filter on the hour is applied to each part: the later hour's count
+    // still comes from the log.
+    let at_14 = "SELECT count(*) FROM rtti WHERE hour = 14";
+    assert_eq!(count_at(&data, at_14, later).await, 1);
 }
 
 /// The columns each Parquet scan in the physical plan of `sql` at `now_ms` reads.

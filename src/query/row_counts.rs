@@ -9,31 +9,40 @@
 //! that groups by columns and only counts rows (`count(*)`, `count(1)`, no
 //! `DISTINCT`, no `FILTER`), such a plan is run on each file's one row
 //! instead of its rows, and the aggregate's output is built from the
-//! counts. The plan may filter and project its rows, and join branches
-//! with `UNION ALL` (a retention view that reads some hours whole and
-//! filters the others, `WHERE date = ...`); where any part of it reads a
-//! file column (a filter on a row's time or vehicle), a file without a row
-//! count, a limit, or a node this rule does not know, it runs as before.
+//! counts. The plan may filter its rows on partition columns, rename
+//! them, and join branches with `UNION ALL`: a retention view reads the
+//! hours within every rule whole and filters the others by each row's
+//! time, so such a count takes the whole hours' counts from the log and
+//! counts the others' rows. Where a branch reads a file column (a row's
+//! time, a vehicle a deletion request or hold names), holds a file the log
+//! has no count for, a limit, or a node this rule does not know, that
+//! branch runs as before; so does the whole plan when a filter or
+//! projection above the union is not one the rule can evaluate.
 //!
 //! Nodes the session names as see-through pass every row of their one
-//! input unchanged (a principal's policy barrier). An expression above one
-//! is evaluated only on a file that has rows and whose row the nodes below
-//! kept, as it would have been on each of that file's rows: it meets no
-//! row the view leaves out, and raises the error it would have.
+//! input unchanged (a principal's policy barrier). Above one, only
+//! expressions that cannot fail, vary or wait ([`infallible`]: comparisons
+//! of columns and literals) are evaluated, while the plan is made, on one
+//! row per file that has rows and that the nodes below kept: they meet no
+//! row the view leaves out, raise no error, and give what they would have
+//! given on each of that file's rows. Any other expression (arithmetic, a
+//! function, a subquery) leaves the plan as it was.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, RecordBatchOptions};
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::common::config::ConfigOptions;
-use datafusion::common::stats::Precision;
-use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Result, ScalarValue};
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::physical_expr::expressions::{Column, DynamicFilterPhysicalExpr, Literal};
+use datafusion::logical_expr::Operator;
+use datafusion::physical_expr::expressions::{
+    BinaryExpr, Column, InListExpr, IsNotNullExpr, IsNullExpr, Literal, NotExpr,
+};
 use datafusion::physical_expr::utils::{collect_columns, reassign_expr_columns};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
@@ -44,8 +53,10 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{
-    ChildrenPropertiesMode, ExecutionPlan, PhysicalExpr, ReplaceChildrenOptions,
+    ChildrenPropertiesMode, ExecutionPlan, Partitioning, PhysicalExpr, ReplaceChildrenOptions,
 };
+
+use crate::store::RowCount;
 
 /// Which plan nodes pass every row of their one input through unchanged.
 type SeeThrough = fn(&dyn ExecutionPlan) -> bool;
@@ -68,12 +79,20 @@ impl RowCountsFromLog {
     }
 
     /// The totals `node` would compute, as a one-batch source with its
-    /// schema; `None` when it is not a count over [`Block`]s.
+    /// schema, or as a union of branches some of which are counted
+    /// ([`Self::counted_by_branch`]); `None` when it is not a count over
+    /// [`Block`]s.
     fn counted(&self, node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         let Some(aggregate) = node.downcast_ref::<AggregateExec>() else {
             return Ok(None);
         };
-        if !counts_rows_only(aggregate) {
+        // The counts come out in one partition (or one per branch): only
+        // where no aggregate above relies on a hash partitioning of them.
+        let hashed = matches!(
+            aggregate.properties().output_partitioning(),
+            Partitioning::Hash(..)
+        );
+        if !counts_rows_only(aggregate) || hashed {
             return Ok(None);
         }
         let schema = aggregate.schema();
@@ -96,9 +115,14 @@ impl RowCountsFromLog {
                 let value = expr.evaluate(&block.row)?.into_array(1)?;
                 values.push(ScalarValue::try_from_array(&value, 0)?);
             }
-            let rows = i64::try_from(block.rows).unwrap_or(i64::MAX);
             let total = totals.entry(values).or_default();
-            *total = total.saturating_add(rows);
+            let sum = i64::try_from(block.rows)
+                .ok()
+                .and_then(|rows| total.checked_add(rows));
+            let Some(sum) = sum else {
+                return Ok(None);
+            };
+            *total = sum;
         }
         // No grouping: one row, zero when there are no rows.
         let groups: Vec<(Vec<ScalarValue>, i64)> = if keys.is_empty() {
@@ -125,13 +149,14 @@ impl RowCountsFromLog {
         )?))
     }
 
-    /// A partial count over branches joined by `UNION ALL` (through nodes
-    /// that pass rows only), where only some are [`Block`]s: as the
-    /// branches' own partial counts, those of blocks built from them, each
-    /// branch under its own copy of the nodes between. The final aggregate
-    /// above adds partial counts of any origin. Nothing of the aggregate
-    /// moves below a see-through node but column references and counts,
-    /// which evaluate nothing on a row.
+    /// A partial count over branches joined by `UNION ALL`, where only some
+    /// are [`Block`]s: as the branches' own partial counts, those of blocks
+    /// built from them, each branch under its own copy of the nodes between
+    /// (filters, projections, a barrier), which take each row alone. The
+    /// final aggregate above adds partial counts of any origin. Nothing of
+    /// the aggregate moves below a see-through node but column references
+    /// and counts, which evaluate nothing on a row; a copied filter stays
+    /// above its barrier.
     fn counted_by_branch(
         &self,
         aggregate: &AggregateExec,
@@ -147,7 +172,7 @@ impl RowCountsFromLog {
                 break union;
             }
             match input.children()[..] {
-                [child] if input.fetch().is_none() && self.passes_rows(input.as_ref()) => {
+                [child] if input.fetch().is_none() && self.per_branch(input.as_ref()) => {
                     between.push(Arc::clone(input));
                     input = child;
                 }
@@ -185,6 +210,13 @@ impl RowCountsFromLog {
         Ok(Some(UnionExec::try_new(branches)?))
     }
 
+    /// Whether `plan`, above a union, can be applied to each branch
+    /// instead: the union's rows pass it, or a filter or projection takes
+    /// them alone.
+    fn per_branch(&self, plan: &dyn ExecutionPlan) -> bool {
+        plan.is::<FilterExec>() || plan.is::<ProjectionExec>() || self.passes_rows(plan)
+    }
+
     /// Whether `plan` passes every row of its one input unchanged.
     fn passes_rows(&self, plan: &dyn ExecutionPlan) -> bool {
         plan.is::<RepartitionExec>()
@@ -208,6 +240,9 @@ impl RowCountsFromLog {
             };
         }
         if let Some(filter) = plan.downcast_ref::<FilterExec>() {
+            if !infallible(filter.predicate()) {
+                return Ok(None);
+            }
             let Some(blocks) = self.blocks(filter.input())? else {
                 return Ok(None);
             };
@@ -228,6 +263,13 @@ impl RowCountsFromLog {
             return Ok(Some(kept));
         }
         if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
+            let renames = projection
+                .projection_expr()
+                .iter()
+                .all(|p| p.expr.is::<Column>() || p.expr.is::<Literal>());
+            if !renames {
+                return Ok(None);
+            }
             let Some(blocks) = self.blocks(projection.input())? else {
                 return Ok(None);
             };
@@ -347,20 +389,22 @@ fn scan_blocks(scan: &FileScanConfig) -> Result<Option<Vec<Block>>> {
             let on_partitions = collect_columns(&predicate)
                 .iter()
                 .all(|c| c.index() >= file_columns);
-            if !on_partitions || is_dynamic(&predicate)? {
+            if !on_partitions || !infallible(&predicate) {
                 return Ok(None);
             }
             Some(reassign_expr_columns(predicate, &partition_schema)?)
         }
     };
     let output: SchemaRef = scan.projected_schema()?;
-    let mut seen = std::collections::HashSet::new();
+    // A file split into byte ranges is in the scan once per range.
+    let mut ranged = HashSet::new();
     let mut blocks = Vec::new();
     for file in scan.file_groups.iter().flat_map(|group| group.iter()) {
-        let Some(Precision::Exact(rows)) = file.statistics.as_ref().map(|s| s.num_rows) else {
+        let Some(&RowCount(rows)) = file.extensions.get::<RowCount>() else {
             return Ok(None);
         };
-        if !seen.insert(file.object_meta.location.as_ref()) || rows == 0 {
+        let again = file.range.is_some() && !ranged.insert(file.object_meta.location.as_ref());
+        if again || rows == 0 {
             continue;
         }
         if file.partition_values.len() != partitions.len() {
@@ -368,7 +412,10 @@ fn scan_blocks(scan: &FileScanConfig) -> Result<Option<Vec<Block>>> {
         }
         let values = |indexes: &mut dyn Iterator<Item = usize>| -> Result<Vec<ArrayRef>> {
             indexes
-                .map(|i| file.partition_values[i].to_array())
+                .map(|i| match file.partition_values.get(i) {
+                    Some(value) => value.to_array(),
+                    None => internal_err!("a file lacks partition value {i}"),
+                })
                 .collect()
         };
         if let Some(predicate) = &predicate {
@@ -378,10 +425,7 @@ fn scan_blocks(scan: &FileScanConfig) -> Result<Option<Vec<Block>>> {
             }
         }
         let row = one_row(&output, values(&mut projected.iter().copied())?)?;
-        blocks.push(Block {
-            row,
-            rows: u64::try_from(rows).unwrap_or(u64::MAX),
-        });
+        blocks.push(Block { row, rows });
     }
     Ok(Some(blocks))
 }
@@ -403,16 +447,43 @@ fn holds(predicate: &Arc<dyn PhysicalExpr>, row: &RecordBatch) -> Result<bool> {
     Ok(value.is_some_and(|v| v.is_valid(0) && v.value(0)))
 }
 
-/// Whether `predicate` holds a filter that changes while the plan runs.
-fn is_dynamic(predicate: &Arc<dyn PhysicalExpr>) -> Result<bool> {
-    let mut dynamic = false;
-    predicate.apply(|expr| {
-        dynamic = expr.is::<DynamicFilterPhysicalExpr>();
-        Ok(if dynamic {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    })?;
-    Ok(dynamic)
+/// Whether `expr` is made only of what cannot fail, change between rows
+/// or runs, or wait for another plan: columns, literals, comparisons,
+/// `AND`, `OR`, `NOT`, `IS [NOT] NULL` and `IN` a list of literals. It is
+/// evaluated while the plan is made, on one row per file: no arithmetic
+/// (which can fail on a row the plan would never reach), no function
+/// (`random()`), no subquery (not run yet), no dynamic filter.
+fn infallible(expr: &Arc<dyn PhysicalExpr>) -> bool {
+    if expr.is::<Column>() || expr.is::<Literal>() {
+        return true;
+    }
+    if let Some(binary) = expr.downcast_ref::<BinaryExpr>() {
+        let comparison = matches!(
+            binary.op(),
+            Operator::Eq
+                | Operator::NotEq
+                | Operator::Lt
+                | Operator::LtEq
+                | Operator::Gt
+                | Operator::GtEq
+                | Operator::And
+                | Operator::Or
+                | Operator::IsDistinctFrom
+                | Operator::IsNotDistinctFrom
+        );
+        return comparison && infallible(binary.left()) && infallible(binary.right());
+    }
+    if let Some(not) = expr.downcast_ref::<NotExpr>() {
+        return infallible(not.arg());
+    }
+    if let Some(is_null) = expr.downcast_ref::<IsNullExpr>() {
+        return infallible(is_null.arg());
+    }
+    if let Some(is_not_null) = expr.downcast_ref::<IsNotNullExpr>() {
+        return infallible(is_not_null.arg());
+    }
+    if let Some(in_list) = expr.downcast_ref::<InListExpr>() {
+        return infallible(in_list.expr()) && in_list.list().iter().all(|e| e.is::<Literal>());
+    }
+    false
 }
