@@ -9,9 +9,10 @@
 //! than them), with the hour partitions as columns `date`
 //! (DATE) and `hour` (INT), so filters on them, and on the time columns the
 //! log keeps statistics of, prune files before any is opened. Only through
-//! views that hide every row past its retention rule. A count of every row
-//! a view keeps, by partition or in all, is read from the log
-//! ([`RowCountsFromLog`]).
+//! views that hide every row past its retention rule. Counts of the hour
+//! partitions a view keeps whole are read from the log
+//! ([`RowCountsFromLog`]), and aggregates grouped by hour partition look a
+//! key up once per run of rows ([`PartitionGroups`]).
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -32,8 +33,10 @@ use crate::lifecycle::retention::{Retention, RetentionError, row_time_columns};
 use crate::schema::{Registry, SchemaError};
 use crate::store::{PartitionKey, Snapshots, StoreError, StoreRoot, TableFiles, delta};
 
+mod partition_groups;
 mod row_counts;
 
+pub(crate) use partition_groups::PartitionGroups;
 pub(crate) use row_counts::RowCountsFromLog;
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +123,7 @@ pub async fn session_over(
         .with_runtime_env(runtime)
         .with_default_features()
         .with_physical_optimizer_rule(Arc::new(RowCountsFromLog::new(|_| false)))
+        .with_physical_optimizer_rule(Arc::new(PartitionGroups::new(|_| false)))
         .build();
     let ctx = SessionContext::new_with_state(state);
     // The files are registered here only, to plan the views.

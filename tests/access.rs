@@ -1240,6 +1240,24 @@ async fn a_count_of_whole_hours_is_read_from_the_log() {
     let own = "own_data_access";
     let all = "SELECT count(*) FROM charging";
     assert_eq!(f.rows("alice", own, all).await, vec![row(&["1"])]);
+    // Other aggregates by hour run over runs of rows, above the barrier,
+    // with the hash aggregate's answers, for the operator and for a user.
+    let by = |key: &str| {
+        format!(
+            "SELECT date, {key}, count(seq), max(seq), avg(seq) FROM charging \
+             GROUP BY date, {key} ORDER BY 1, 2"
+        )
+    };
+    let plan = f.plan(&by("hour")).await;
+    assert!(
+        plan.contains("RunAggregateExec") && plan.contains("PolicyBarrierExec"),
+        "{plan}"
+    );
+    for (who, purpose) in [(op, ops), ("alice", own)] {
+        let runs = f.rows(who, purpose, &by("hour")).await;
+        assert!(!runs.is_empty(), "{who}");
+        assert_eq!(runs, f.rows(who, purpose, &by("hour + 0")).await, "{who}");
+    }
 }
 
 /// A query over its memory gets a clear error, and one over its time is

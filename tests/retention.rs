@@ -398,6 +398,81 @@ async fn row_counts_by_partition_come_from_the_log_where_the_view_keeps_every_ro
     assert_eq!(count_at(&data, at_14, later).await, 1);
 }
 
+/// An aggregate grouped by `date` and `hour` runs over runs of rows with
+/// the same partition values (`RunAggregateExec`), with the answers of
+/// DataFusion's own hash aggregate, which a key computed from them gets:
+/// nulls, several functions and several hours included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_by_hour_partition_agree_with_the_hash_aggregate() {
+    let server = TestServer::start();
+    let probe = |seq: u64, ts: i64, speed: Option<f64>| {
+        record(
+            A,
+            Stream::Rtti,
+            seq,
+            ts,
+            serde_json::json!({"latitude": 59.3, "longitude": 18.0, "speed_kmh": speed}),
+        )
+    };
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            probe(1, T, Some(50.0)),
+            probe(2, T + 1, None),
+            probe(3, T + 2, Some(30.5)),
+            probe(4, T + 2 * HOUR, None),
+            probe(5, T + 3 * HOUR, Some(90.0)),
+        ],
+    )
+    .await;
+    let data = server.data_dir();
+    server.handle.shutdown().expect("shutdown");
+    let now = T + DAY - 1;
+    let aggregates = "count(*), count(speed_kmh), sum(speed_kmh), avg(speed_kmh), \
+                      min(speed_kmh), max(speed_kmh), min(latitude)";
+    let by_partition = format!(
+        "SELECT date, hour, {aggregates} FROM rtti GROUP BY date, hour ORDER BY date, hour"
+    );
+    let by_expression = format!(
+        "SELECT date, hour + 0, {aggregates} FROM rtti GROUP BY date, hour + 0 ORDER BY 1, 2"
+    );
+    let text = |batches: Vec<arrow::array::RecordBatch>| {
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("format")
+            .to_string()
+            .lines()
+            .filter(|line| !line.starts_with('+'))
+            .skip(1)
+            .map(|line| line.split('|').map(str::trim).collect::<Vec<_>>().join("|"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let runs = text(query_at(&data, &by_partition, now).await);
+    let hashed = text(query_at(&data, &by_expression, now).await);
+    assert_eq!(runs, hashed);
+    assert_eq!(
+        runs.lines().filter(|l| l.starts_with("|2026")).count(),
+        3,
+        "{runs}"
+    );
+    let data = &data;
+    let plan =
+        |sql: String| async move { text(query_at(data, &format!("EXPLAIN {sql}"), now).await) };
+    assert!(
+        plan(by_partition.clone())
+            .await
+            .contains("RunAggregateExec")
+    );
+    assert!(
+        !plan(by_expression.clone())
+            .await
+            .contains("RunAggregateExec")
+    );
+    // A function whose state grows with its input keeps the hash aggregate.
+    let distinct = "SELECT hour, count(DISTINCT speed_kmh) FROM rtti GROUP BY hour".to_owned();
+    assert!(!plan(distinct).await.contains("RunAggregateExec"));
+}
+
 /// The columns each Parquet scan in the physical plan of `sql` at `now_ms` reads.
 async fn scanned_columns(data: &std::path::Path, sql: &str, now_ms: i64) -> Vec<Vec<String>> {
     use arrow::array::AsArray;

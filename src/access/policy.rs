@@ -32,6 +32,7 @@ use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -46,7 +47,9 @@ use crate::lifecycle::retention::{Retention, VisibleRows};
 use crate::privacy::pseudo::{KeyRing, Secret, vehicle_pseudonym};
 use crate::privacy::stage::{PrivacyShared, TRIP_GENERATION_HEX, TRIP_VEHICLE_HEX, decrypt};
 use crate::privacy::vault::VehicleKeys;
-use crate::query::{RowCountsFromLog, earliest_rows, empty_table, portable_table, stored_table};
+use crate::query::{
+    PartitionGroups, RowCountsFromLog, earliest_rows, empty_table, portable_table, stored_table,
+};
 use crate::schema::{
     FieldSpec, FieldType, INTERNAL_DOMAIN, KEY_EPOCH_COLUMN, PrivacyClass, Registry, StreamSchema,
     Transform,
@@ -374,9 +377,8 @@ fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<S
         .with_config(principal_config())
         .with_runtime_env(runtime)
         .with_default_features()
-        .with_physical_optimizer_rule(Arc::new(RowCountsFromLog::new(|plan| {
-            plan.downcast_ref::<BarrierExec>().is_some()
-        })))
+        .with_physical_optimizer_rule(Arc::new(RowCountsFromLog::new(is_barrier)))
+        .with_physical_optimizer_rule(Arc::new(PartitionGroups::new(is_barrier)))
         .build();
     let ctx = SessionContext::new_with_state(state);
     let table_functions: Vec<String> = ctx.state().table_functions().keys().cloned().collect();
@@ -387,6 +389,11 @@ fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<S
         ctx.deregister_udf(name);
     }
     Ok(ctx)
+}
+
+/// Whether `plan` is a view's barrier, which passes its input's rows.
+fn is_barrier(plan: &dyn ExecutionPlan) -> bool {
+    plan.is::<BarrierExec>()
 }
 
 /// Plans `sql` in the private session `files` and registers it in the
