@@ -145,10 +145,16 @@ echo "== 5. query suite: fleetgate (DataFusion) vs DuckDB"
 python3 scripts/duckdb_suite.py "$E2E_DATA" scripts/queries.sql > "$OUT/queries.duckdb.json"
 
 echo "== 6. Flight SQL: concurrent principals, ingest beside them, a large answer"
-FL_DIR=$WORK/flight
-cp -a "$WORK/e2e" "$FL_DIR"
-FL_PORT=$(free_port); FL_ADMIN=$(free_port); FL_FLIGHT=$(free_port)
-cat > "$FL_DIR/flight.toml" <<TOML
+# Each measurement that compares ingest with and without readers gets a
+# server of its own over a fresh copy of the e2e store: on one server the
+# later run would also meet the rows the earlier one stored (a larger log,
+# more files in the open hour) and pay for them.
+serve_flight() {
+  FL_DIR=$WORK/$1
+  rm -rf "$FL_DIR"
+  cp -a "$WORK/e2e" "$FL_DIR"
+  FL_PORT=$(free_port); FL_ADMIN=$(free_port); FL_FLIGHT=$(free_port)
+  cat > "$FL_DIR/flight.toml" <<TOML
 [storage]
 data_dir = "$FL_DIR/data"
 key_file = "$FL_DIR/keys/root.key"
@@ -164,27 +170,39 @@ audit_file = "$FL_DIR/audit/deletions.jsonl"
 requests_file = "$FL_DIR/audit/deletion-requests.json"
 holds_file = "$FL_DIR/audit/legal-holds.json"
 TOML
-env -u RUST_LOG "$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
-  --mqtt-addr "127.0.0.1:$FL_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FL_ADMIN" \
-  --flight-sql-addr "127.0.0.1:$FL_FLIGHT" > "$OUT/flight.serve.log" 2>&1 &
-FL_PID=$!
-PIDS+=("$FL_PID")
-wait_port "$FL_FLIGHT"
+  env -u RUST_LOG "$FLEETGATE" serve --config "$FL_DIR/flight.toml" \
+    --mqtt-addr "127.0.0.1:$FL_PORT" --mqtt5-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$FL_ADMIN" \
+    --flight-sql-addr "127.0.0.1:$FL_FLIGHT" > "$OUT/$1.serve.log" 2>&1 &
+  FL_PID=$!
+  PIDS+=("$FL_PID")
+  wait_port "$FL_FLIGHT"
+}
+stop_flight() {
+  kill -TERM "$FL_PID"
+  wait "$FL_PID"
+  rm -rf "$FL_DIR"
+}
 analysts() {
   "$LOADGEN" analysts --flight-addr "127.0.0.1:$FL_FLIGHT" --admin-addr "127.0.0.1:$FL_ADMIN" \
     --admin-token "$FL_DIR/keys/admin.token" "$@"
 }
+serve_flight flight
 for clients in 1 8 32; do
   analysts --clients "$clients" --duration 30 > "$OUT/analysts.$clients.json"
 done
+python3 scripts/flight_vs_http.py "127.0.0.1:$FL_FLIGHT" "127.0.0.1:$FL_ADMIN" \
+  "$FL_DIR/keys/admin.token" 1000000 > "$OUT/flight_vs_http.json"
+stop_flight
+serve_flight flight-ingest-alone
 loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/flight-ingest-alone"
+stop_flight
+serve_flight flight-ingest-queried
 analysts --clients 32 --duration 40 > "$OUT/analysts.32.ingest.json" &
 ANALYSTS_PID=$!
 sleep 5
 loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/flight-ingest-queried"
 wait "$ANALYSTS_PID"
-python3 scripts/flight_vs_http.py "127.0.0.1:$FL_FLIGHT" "127.0.0.1:$FL_ADMIN" \
-  "$FL_DIR/keys/admin.token" 1000000 > "$OUT/flight_vs_http.json"
+stop_flight
 
 echo "== 7. live access: followers beside half-rate ingest, and the portal in a browser"
 followers() {
@@ -192,12 +210,15 @@ followers() {
     --admin-token "$FL_DIR/keys/admin.token" --tables charging "$@"
 }
 for n in 1 16 64 256; do
+  serve_flight "live-$n"
   followers --followers "$n" --duration 40 > "$OUT/followers.$n.json" &
   FOLLOWERS_PID=$!
   sleep 5
   loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/live-ingest-$n"
   wait "$FOLLOWERS_PID"
+  stop_flight
 done
+serve_flight portal
 # A user holding the first vehicle of the e2e run (the store was copied from it).
 ADMIN_AUTH="Authorization: Bearer $(cat "$FL_DIR/keys/admin.token")"
 RUN_TAG=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['run_tag'])" \
@@ -213,8 +234,7 @@ for i in 1 2 3 4 5; do
     | python3 -c "import json, sys; d = json.load(sys.stdin); print(json.dumps({'state': d['state'], 'ready_ms': d['ready_ms']}))" \
     > "$OUT/portal.$i.json"
 done
-kill -TERM "$FL_PID"
-wait "$FL_PID"
+stop_flight
 
 echo "== 8. fleet shape: one connection per vehicle"
 CARGO_TARGET_DIR=$TARGET scripts/fleet_shape.sh "$OUT"

@@ -191,15 +191,17 @@ for name in ["analysts.1.json", "analysts.8.json", "analysts.32.json", "analysts
 alone, queried = load("flight-ingest-alone/report.json"), load("flight-ingest-queried/report.json")
 pa, pq = alone["latency"]["p99_us"] / 1e3, queried["latency"]["p99_us"] / 1e3
 p("")
-p(f"Half-rate ingest ({alone['records_per_s']:,.0f} records/s) on that server: publish→PUBACK p99 "
-  f"{pa:.2f} ms alone, {pq:.2f} ms beside 32 query clients ({pq / pa - 1:+.0%}).")
+p(f"Half-rate ingest ({alone['records_per_s']:,.0f} records/s), alone and beside 32 query clients, "
+  f"each on a server of its own over a fresh copy of the e2e store: publish→PUBACK p99 "
+  f"{pa:.2f} ms alone, {pq:.2f} ms beside them ({pq / pa - 1:+.0%}).")
 fh = load("flight_vs_http.json")
 p(f"`{fh['sql']}`: Flight SQL (ADBC) {fh['flight_sql']['median_s']:.2f} s, "
   f"POST /sql as Arrow IPC {fh['http_arrow']['median_s']:.2f} s (median of 3; "
   f"{fh['flight_sql']['rows']:,} rows).")
 p("")
-p("Live access on that server (`loadgen followers`: N operator principals each following "
-  "`charging` over `GET /live`, beside half-rate ingest):")
+p("Live access (`loadgen followers`: N operator principals each following `charging` over "
+  "`GET /live`, beside half-rate ingest; each N on a server of its own over a fresh copy of the "
+  "e2e store, compared with the ingest alone above):")
 p("")
 p("| followers | rows delivered | receipt→delivered p50 (ms) | p99 (ms) | max (ms) | errors "
   "| ingest PUBACK p99 (ms) | vs. no follower |")
