@@ -4,15 +4,18 @@
 //! Every row a file holds has the file's `date` and `hour`, and a scan's
 //! batches each come from one file, so an aggregate grouped by partition
 //! columns (`GROUP BY date, hour`) sees long runs of rows with the same
-//! key. DataFusion's hash aggregate still hashes and compares every row's
+//! key (a filter above the scan may join batches of several files: then
+//! several runs a batch). DataFusion's hash aggregate still hashes and compares every row's
 //! key (half the time of such a query over 1.8 M rows). A physical
 //! optimizer rule replaces that aggregate, when its keys are partition
 //! columns of a file scan below it and its functions keep a state of fixed
-//! size per group (`count`, `sum`, `avg`, `min`, `max`, none `DISTINCT`,
-//! none filtered or ordered), with [`RunAggregateExec`]: it splits each
-//! batch into runs of equal keys (one run per batch here), looks each
+//! size per group (`count`; `sum`, `avg`, `min`, `max` of numbers and
+//! times; none `DISTINCT`, filtered or ordered), with [`RunAggregateExec`]:
+//! it splits each batch into runs of equal keys, looks each
 //! run's key up once, and hands the hash aggregate's own group accumulators
-//! the batch with each row's group, so states and answers are theirs. It
+//! the batch with each row's group, so states and answers are theirs; its
+//! groups count against the query's memory pool as the hash aggregate's
+//! do. It
 //! is correct for any order of rows, only fast for runs; it evaluates the
 //! same expressions on the same rows at the same place in the plan, so it
 //! sits where the aggregate sat,
@@ -29,9 +32,9 @@ use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, Tr
 use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
-use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
@@ -44,8 +47,8 @@ use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, InputOrderMode,
-    Partitioning, PhysicalExpr, PlanProperties, ReplaceChildrenOptions,
+    DisplayAs, DisplayFormatType, ExecutionPlan, InputDistributionRequirements, InputOrderMode,
+    PhysicalExpr, PlanProperties, ReplaceChildrenOptions,
 };
 use futures::StreamExt;
 
@@ -76,8 +79,11 @@ impl PartitionGroups {
             _ => return None,
         };
         let group_by = aggregate.group_expr();
+        // Each function's state per group a few numbers: count, or the
+        // others of a number (a string's min would hold the string).
         let fixed = aggregate.aggr_expr().iter().all(|a| {
             FIXED_STATE.contains(&a.fun().name())
+                && (a.fun().name() == "count" || a.field().data_type().is_primitive())
                 && !a.is_distinct()
                 && a.order_bys().is_empty()
                 && a.groups_accumulator_supported()
@@ -99,15 +105,11 @@ impl PartitionGroups {
             }
             keys.push(column.clone());
         }
-        // The aggregate's own properties: the same rows in the same
-        // partitions, in no order (its input is not sorted by the keys).
         Some(Arc::new(RunAggregateExec {
             partial,
             keys,
             aggregates: aggregate.aggr_expr().to_vec(),
-            input: Arc::clone(aggregate.input()),
-            schema: aggregate.schema(),
-            properties: Arc::clone(aggregate.properties()),
+            aggregate: Arc::clone(node),
             metrics: ExecutionPlanMetricsSet::new(),
         }))
     }
@@ -185,18 +187,17 @@ impl PhysicalOptimizerRule for PartitionGroups {
 }
 
 /// An aggregate of raw rows that looks up the group of each run of rows
-/// with equal keys once. `partial`: it emits the accumulators'
-/// states for a final aggregate above, as a `Partial` aggregate does, one
-/// output partition per input partition; otherwise their values, as a
-/// `Single` one does.
+/// with equal keys once. `partial`: it emits the accumulators' states for
+/// a final aggregate above, as a `Partial` aggregate does, one output
+/// partition per input partition; otherwise their values, as a `Single`
+/// one does. Everything but how it runs is the aggregate it replaces
+/// (`aggregate`): its input, schema, properties and required distribution.
 #[derive(Debug)]
 pub(crate) struct RunAggregateExec {
     partial: bool,
     keys: Vec<Column>,
     aggregates: Vec<Arc<AggregateFunctionExpr>>,
-    input: Arc<dyn ExecutionPlan>,
-    schema: SchemaRef,
-    properties: Arc<PlanProperties>,
+    aggregate: Arc<dyn ExecutionPlan>,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -220,11 +221,15 @@ impl ExecutionPlan for RunAggregateExec {
     }
 
     fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
+        self.aggregate.properties()
+    }
+
+    fn input_distribution_requirements(&self) -> InputDistributionRequirements {
+        self.aggregate.input_distribution_requirements()
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
+        self.aggregate.children()
     }
 
     fn apply_expressions(
@@ -249,30 +254,15 @@ impl ExecutionPlan for RunAggregateExec {
 
     fn replace_children(
         self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let (Some(input), true) = (children.pop(), children.is_empty()) else {
-            return internal_err!("RunAggregateExec has exactly one child");
-        };
-        let partitions = input.output_partitioning().partition_count();
-        let properties = if partitions == self.input.output_partitioning().partition_count() {
-            Arc::clone(&self.properties)
-        } else {
-            Arc::new(PlanProperties::new(
-                EquivalenceProperties::new(Arc::clone(&self.schema)),
-                Partitioning::UnknownPartitioning(partitions),
-                input.pipeline_behavior(),
-                input.boundedness(),
-            ))
-        };
+        let aggregate = Arc::clone(&self.aggregate).replace_children(children, options)?;
         Ok(Arc::new(Self {
             partial: self.partial,
             keys: self.keys.clone(),
             aggregates: self.aggregates.clone(),
-            input,
-            schema: Arc::clone(&self.schema),
-            properties,
+            aggregate,
             metrics: ExecutionPlanMetricsSet::new(),
         }))
     }
@@ -298,7 +288,14 @@ impl ExecutionPlan for RunAggregateExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let mut input = self.input.execute(partition, context)?;
+        let [input] = self.aggregate.children()[..] else {
+            return internal_err!("RunAggregateExec has exactly one input");
+        };
+        // The groups' memory counts against the query's pool, as the hash
+        // aggregate's does: over it, the query fails with the pool's error.
+        let reservation = MemoryConsumer::new(format!("RunAggregateExec[{partition}]"))
+            .register(context.memory_pool());
+        let mut input = input.execute(partition, context)?;
         let mut groups = Groups::new(self)?;
         let metrics = BaselineMetrics::new(&self.metrics, partition);
         let output = futures::stream::once(async move {
@@ -306,6 +303,7 @@ impl ExecutionPlan for RunAggregateExec {
                 let batch = batch?;
                 let _timer = metrics.elapsed_compute().timer();
                 groups.add(&batch)?;
+                reservation.try_resize(groups.size())?;
             }
             let _timer = metrics.elapsed_compute().timer();
             let out = groups.emit()?;
@@ -313,7 +311,7 @@ impl ExecutionPlan for RunAggregateExec {
             Ok(out)
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
+            self.aggregate.schema(),
             output,
         )))
     }
@@ -345,7 +343,7 @@ impl Groups {
                 .map(|a| a.create_groups_accumulator())
                 .collect::<Result<_>>()?,
             partial: exec.partial,
-            schema: Arc::clone(&exec.schema),
+            schema: exec.aggregate.schema(),
             groups: Vec::new(),
             index_of: HashMap::new(),
             row_groups: Vec::new(),
@@ -391,6 +389,13 @@ impl Groups {
             accumulator.update_batch(&arguments, &self.row_groups, None, self.groups.len())?;
         }
         Ok(())
+    }
+
+    /// Bytes the groups hold: their keys and every accumulator.
+    fn size(&self) -> usize {
+        let key = self.keys.len() * std::mem::size_of::<ScalarValue>();
+        let keys = self.groups.len() * (2 * key + std::mem::size_of::<usize>());
+        keys + self.accumulators.iter().map(|a| a.size()).sum::<usize>()
     }
 
     /// One row per group: its key, then each aggregate's state (partial)
