@@ -396,6 +396,11 @@ async fn row_counts_by_partition_come_from_the_log_where_the_view_keeps_every_ro
     // still comes from the log.
     let at_14 = "SELECT count(*) FROM rtti WHERE hour = 14";
     assert_eq!(count_at(&data, at_14, later).await, 1);
+    let plan = query_at(&data, &format!("EXPLAIN {at_14}"), later).await;
+    let plan = arrow::util::pretty::pretty_format_batches(&plan)
+        .expect("plan")
+        .to_string();
+    assert!(plan.contains("partition_sizes=[1]"), "{plan}");
 }
 
 /// An aggregate grouped by `date` and `hour` runs over runs of rows with

@@ -392,11 +392,15 @@ fn scan_blocks(scan: &FileScanConfig) -> Result<Option<Vec<Block>>> {
             if !on_partitions || !infallible(&predicate) {
                 return Ok(None);
             }
-            Some(reassign_expr_columns(predicate, &partition_schema)?)
+            match reassign_expr_columns(predicate, &partition_schema) {
+                Ok(predicate) => Some(predicate),
+                Err(_) => return Ok(None),
+            }
         }
     };
     let output: SchemaRef = scan.projected_schema()?;
-    // A file split into byte ranges is in the scan once per range.
+    // A file split into byte ranges is in the scan once per range (a log
+    // names a path once, so no file is also listed whole).
     let mut ranged = HashSet::new();
     let mut blocks = Vec::new();
     for file in scan.file_groups.iter().flat_map(|group| group.iter()) {
