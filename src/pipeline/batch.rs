@@ -27,17 +27,33 @@ enum Column {
 }
 
 impl Column {
-    fn for_field(field_type: FieldType, transform: Transform) -> Self {
+    /// A builder with room for `rows` values (and `bytes` bytes of
+    /// strings or bytes), so that a batch holds little more memory than
+    /// its rows need.
+    fn for_field(field_type: FieldType, transform: Transform, rows: usize, bytes: usize) -> Self {
         match (transform, field_type) {
-            (Transform::Encrypt, _) => Column::Binary(BinaryBuilder::new()),
+            (Transform::Encrypt, _) => Column::Binary(BinaryBuilder::with_capacity(rows, bytes)),
             (Transform::Pseudonym | Transform::Trip, _) | (_, FieldType::String) => {
-                Column::Utf8(StringBuilder::new())
+                Column::Utf8(StringBuilder::with_capacity(rows, bytes))
             }
-            (_, FieldType::Int) => Column::Int64(Int64Builder::new()),
-            (_, FieldType::Float) => Column::Float64(Float64Builder::new()),
-            (_, FieldType::Bool) => Column::Boolean(BooleanBuilder::new()),
-            (_, FieldType::Timestamp) => Column::Timestamp(timestamp_builder()),
-            (_, FieldType::StringList) => Column::List(ListBuilder::new(StringBuilder::new())),
+            (_, FieldType::Int) => Column::Int64(Int64Builder::with_capacity(rows)),
+            (_, FieldType::Float) => Column::Float64(Float64Builder::with_capacity(rows)),
+            (_, FieldType::Bool) => Column::Boolean(BooleanBuilder::with_capacity(rows)),
+            (_, FieldType::Timestamp) => Column::Timestamp(timestamp_builder(rows)),
+            (_, FieldType::StringList) => Column::List(ListBuilder::with_capacity(
+                StringBuilder::with_capacity(rows, bytes),
+                rows,
+            )),
+        }
+    }
+
+    /// Bytes of string or byte values appended so far.
+    fn value_bytes(&self) -> usize {
+        match self {
+            Column::Binary(b) => b.values_slice().len(),
+            Column::Utf8(b) => b.values_slice().len(),
+            Column::List(b) => b.values_ref().values_slice().len(),
+            _ => 0,
         }
     }
 
@@ -95,8 +111,8 @@ impl Column {
     }
 }
 
-fn timestamp_builder() -> TimestampMillisecondBuilder {
-    TimestampMillisecondBuilder::new().with_timezone("UTC")
+fn timestamp_builder(rows: usize) -> TimestampMillisecondBuilder {
+    TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC")
 }
 
 /// The stored columns of one partition: the schema's stored fields, then
@@ -127,7 +143,24 @@ struct StoredLayout {
 pub struct StreamBatcher {
     layout: Arc<StoredLayout>,
     partitions: HashMap<PartitionKey, Columns>,
+    /// Each partition of the last drain, in rows and, per stored field,
+    /// bytes of values: the room its next builders start with. Builders
+    /// that start with arrow's default room (1,024 values) made a batch of
+    /// a hundred rows hold ten times the memory its rows need, which the
+    /// table writers count against their budget and commit early for.
+    last_drain: HashMap<PartitionKey, Room>,
 }
+
+/// The room a partition's builders start with.
+struct Room {
+    rows: usize,
+    /// Per stored field, bytes of string or byte values.
+    bytes: Vec<usize>,
+}
+
+/// Room for this many rows in a partition the last drain did not hold;
+/// the builders grow from there.
+const FIRST_ROWS: usize = 64;
 
 impl StreamBatcher {
     pub fn new(schema: &StreamSchema) -> Self {
@@ -151,6 +184,7 @@ impl StreamBatcher {
                 has_key_epoch: schema.has_key_epoch,
             }),
             partitions: HashMap::new(),
+            last_drain: HashMap::new(),
         }
     }
 
@@ -162,18 +196,28 @@ impl StreamBatcher {
         };
         let epoch = privacy.epoch(ts);
         let layout = &self.layout;
-        let columns = self
-            .partitions
-            .entry(PartitionKey::from_millis(ts))
-            .or_insert_with(|| Columns {
+        let key = PartitionKey::from_millis(ts);
+        let last_drain = &self.last_drain;
+        let columns = self.partitions.entry(key).or_insert_with(|| {
+            let room = last_drain.get(&key);
+            let rows = room.map_or(FIRST_ROWS, |r| r.rows);
+            Columns {
                 fields: layout
                     .stored
                     .iter()
-                    .map(|f| Column::for_field(f.spec.field_type, f.spec.transform))
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let bytes = room.and_then(|r| r.bytes.get(i)).copied();
+                        let bytes = bytes.unwrap_or(rows * 16);
+                        Column::for_field(f.spec.field_type, f.spec.transform, rows, bytes)
+                    })
                     .collect(),
-                key_epoch: layout.has_key_epoch.then(Int32Builder::new),
-                received_at: timestamp_builder(),
-            });
+                key_epoch: layout
+                    .has_key_epoch
+                    .then(|| Int32Builder::with_capacity(rows)),
+                received_at: timestamp_builder(rows),
+            }
+        });
         for (field, column) in layout.stored.iter().zip(&mut columns.fields) {
             let value = &record.values[field.index];
             let spec = &field.spec;
@@ -229,6 +273,22 @@ impl StreamBatcher {
     /// Finishes every partition into a record batch, leaving the batcher empty.
     pub fn drain(&mut self) -> Result<Vec<(PartitionKey, RecordBatch)>> {
         let mut out = Vec::with_capacity(self.partitions.len());
+        // Each partition's next builders start with the room this drain's
+        // took, a little more, so that a steady stream grows none.
+        let more = |n: usize| n + n / 8 + 1;
+        self.last_drain = self
+            .partitions
+            .iter()
+            .map(|(key, columns)| {
+                let rows = more(columns.received_at.len());
+                let bytes = columns
+                    .fields
+                    .iter()
+                    .map(|c| more(c.value_bytes()))
+                    .collect();
+                (*key, Room { rows, bytes })
+            })
+            .collect();
         for (key, mut columns) in self.partitions.drain() {
             debug_assert!(
                 columns
@@ -247,5 +307,82 @@ impl StreamBatcher {
             ));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pipeline::decode::{Decoded, Limits, decode};
+    use crate::privacy::pseudo::KeyRing;
+    use crate::privacy::stage::{PrivacySettings, PrivacyShared};
+    use crate::privacy::vault::Vault;
+    use crate::schema::{Registry, Stream};
+
+    /// The bytes `batch`'s rows use, without the room left in its buffers.
+    fn used_bytes(batch: &RecordBatch) -> usize {
+        batch
+            .columns()
+            .iter()
+            .map(|c| c.to_data().get_slice_memory_size().expect("sized"))
+            .sum()
+    }
+
+    /// A steady stream's batches (a hundred rows a drain, as workers hand
+    /// over between WAL syncs) hold at most twice the memory their rows
+    /// use: the table writers count held memory and commit when it fills.
+    #[test]
+    fn a_steady_streams_batches_hold_little_more_than_their_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = KeyRing::load_or_create(&dir.path().join("root.key")).expect("keys");
+        let vault = Vault::open(&dir.path().join("vault.redb"), &keys).expect("vault");
+        let settings = PrivacySettings {
+            key_epoch_days: 30,
+            max_trip: Duration::from_secs(1800),
+        };
+        let mut privacy = Privacy::new(PrivacyShared::new(keys, vault, settings));
+        let registry = Registry::load().expect("schemas");
+        let schema = registry.get(Stream::Rtti);
+        let payload = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("schemas/examples/rtti/valid/commute.json"),
+        )
+        .expect("example");
+        let limits = Limits {
+            max_payload_bytes: 1 << 20,
+            max_records_per_publish: 100,
+            max_clock_skew_ms: i64::MAX,
+        };
+        let vin = "WMW11DJ04N2T00001";
+        let received_at_ms = 1_796_083_200_000;
+        let mut decoded = Decoded::default();
+        decode(schema, &limits, vin, &payload, received_at_ms, &mut decoded);
+        assert!(!decoded.valid.is_empty(), "{:?}", decoded.rejected);
+        let mut batcher = StreamBatcher::new(schema);
+        for drain in 0..3 {
+            let mut rows = 0;
+            while rows < 100 {
+                for record in &decoded.valid {
+                    batcher.push(record, vin, received_at_ms, &mut privacy);
+                    rows += 1;
+                }
+            }
+            let batches = batcher.drain().expect("drain");
+            assert_eq!(
+                batches.iter().map(|(_, b)| b.num_rows()).sum::<usize>(),
+                rows
+            );
+            for (partition, batch) in &batches {
+                let (held, used) = (batch.get_array_memory_size(), used_bytes(batch));
+                if drain > 0 {
+                    assert!(
+                        held <= 2 * used,
+                        "{partition:?}: {held} bytes held for {used} used"
+                    );
+                }
+            }
+        }
     }
 }
