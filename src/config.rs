@@ -410,7 +410,7 @@ impl Default for StorageConfig {
             schema_dir: None,
             roll_rows: 1_000_000,
             roll_bytes: 128 * 1024 * 1024,
-            roll_age_ms: 2_000,
+            roll_age_ms: 250,
             max_open_files: 64,
             memory_budget_bytes: 256 * 1024 * 1024,
             zstd_level: 3,
