@@ -37,7 +37,7 @@ mod partition_groups;
 mod row_counts;
 
 pub(crate) use partition_groups::PartitionGroups;
-pub(crate) use row_counts::RowCountsFromLog;
+pub(crate) use row_counts::{RowCountsFromLog, is_plain_comparison};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {

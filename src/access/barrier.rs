@@ -47,6 +47,8 @@ use datafusion::physical_plan::{
     PhysicalExpr, PlanProperties, ReplaceChildrenOptions,
 };
 
+use crate::query::is_plain_comparison;
+
 /// One table's view for one principal, planned apart from the principal's query.
 #[derive(Debug)]
 pub(crate) struct PolicyView {
@@ -201,14 +203,7 @@ fn infallible(expr: &Expr, view: &PolicyView) -> bool {
             Operator::And | Operator::Or => {
                 infallible(&binary.left, view) && infallible(&binary.right, view)
             }
-            Operator::Eq
-            | Operator::NotEq
-            | Operator::Lt
-            | Operator::LtEq
-            | Operator::Gt
-            | Operator::GtEq
-            | Operator::IsDistinctFrom
-            | Operator::IsNotDistinctFrom => {
+            op if is_plain_comparison(&op) => {
                 column_and_literal(&binary.left, &binary.right)
                     || column_and_literal(&binary.right, &binary.left)
             }

@@ -451,6 +451,23 @@ fn holds(predicate: &Arc<dyn PhysicalExpr>, row: &RecordBatch) -> Result<bool> {
     Ok(value.is_some_and(|v| v.is_valid(0) && v.value(0)))
 }
 
+/// Whether `op` compares two values of one type, which cannot fail: `=`,
+/// `<>`, `<`, `<=`, `>`, `>=`, `IS [NOT] DISTINCT FROM` (no pattern match,
+/// whose pattern may not compile).
+pub(crate) fn is_plain_comparison(op: &Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom
+    )
+}
+
 /// Whether `expr` is made only of what cannot fail, change between rows
 /// or runs, or wait for another plan: columns, literals, comparisons,
 /// `AND`, `OR`, `NOT`, `IS [NOT] NULL` and `IN` a list of literals. It is
@@ -462,20 +479,11 @@ fn infallible(expr: &Arc<dyn PhysicalExpr>) -> bool {
         return true;
     }
     if let Some(binary) = expr.downcast_ref::<BinaryExpr>() {
-        let comparison = matches!(
-            binary.op(),
-            Operator::Eq
-                | Operator::NotEq
-                | Operator::Lt
-                | Operator::LtEq
-                | Operator::Gt
-                | Operator::GtEq
-                | Operator::And
-                | Operator::Or
-                | Operator::IsDistinctFrom
-                | Operator::IsNotDistinctFrom
-        );
-        return comparison && infallible(binary.left()) && infallible(binary.right());
+        let op = binary.op();
+        let logic = matches!(op, Operator::And | Operator::Or);
+        return (logic || is_plain_comparison(op))
+            && infallible(binary.left())
+            && infallible(binary.right());
     }
     if let Some(not) = expr.downcast_ref::<NotExpr>() {
         return infallible(not.arg());
