@@ -19,6 +19,17 @@ fn publish(stream: Stream, seq: u64, fields: serde_json::Value) -> Message {
     record(A, stream, seq, T, fields)
 }
 
+/// Vehicle A's RTTI probe `seq` at `ts`, at 59.3 N 18.0 E, at `speed` km/h.
+fn probe_at(seq: u64, ts: i64, speed: Option<f64>) -> Message {
+    record(
+        A,
+        Stream::Rtti,
+        seq,
+        ts,
+        serde_json::json!({"latitude": 59.3, "longitude": 18.0, "speed_kmh": speed}),
+    )
+}
+
 /// One record per rule, all at `T`, stored and committed.
 async fn store_one_row_per_rule() -> TestServer {
     let server = TestServer::start();
@@ -260,18 +271,12 @@ async fn expired_rows_cannot_be_reached_by_any_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_within_their_rules_are_read_without_row_times() {
     let server = TestServer::start();
-    let probe = |seq: u64, ts: i64| {
-        record(
-            A,
-            Stream::Rtti,
-            seq,
-            ts,
-            serde_json::json!({"latitude": 59.3, "longitude": 18.0, "speed_kmh": 50.0}),
-        )
-    };
     publish_all(
         server.handle.mqtt_addr(),
-        &[probe(1, T), probe(2, T + 2 * HOUR)],
+        &[
+            probe_at(1, T, Some(50.0)),
+            probe_at(2, T + 2 * HOUR, Some(50.0)),
+        ],
     )
     .await;
     let data = server.data_dir();
@@ -322,18 +327,13 @@ async fn partitions_within_their_rules_are_read_without_row_times() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_counts_by_partition_come_from_the_log_where_the_view_keeps_every_row() {
     let server = TestServer::start();
-    let probe = |seq: u64, ts: i64| {
-        record(
-            A,
-            Stream::Rtti,
-            seq,
-            ts,
-            serde_json::json!({"latitude": 59.3, "longitude": 18.0, "speed_kmh": 50.0}),
-        )
-    };
     publish_all(
         server.handle.mqtt_addr(),
-        &[probe(1, T), probe(2, T + 1), probe(3, T + 2 * HOUR)],
+        &[
+            probe_at(1, T, Some(50.0)),
+            probe_at(2, T + 1, Some(50.0)),
+            probe_at(3, T + 2 * HOUR, Some(50.0)),
+        ],
     )
     .await;
     let data = server.data_dir();
@@ -410,23 +410,14 @@ async fn row_counts_by_partition_come_from_the_log_where_the_view_keeps_every_ro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregates_by_hour_partition_agree_with_the_hash_aggregate() {
     let server = TestServer::start();
-    let probe = |seq: u64, ts: i64, speed: Option<f64>| {
-        record(
-            A,
-            Stream::Rtti,
-            seq,
-            ts,
-            serde_json::json!({"latitude": 59.3, "longitude": 18.0, "speed_kmh": speed}),
-        )
-    };
     publish_all(
         server.handle.mqtt_addr(),
         &[
-            probe(1, T, Some(50.0)),
-            probe(2, T + 1, None),
-            probe(3, T + 2, Some(30.5)),
-            probe(4, T + 2 * HOUR, None),
-            probe(5, T + 3 * HOUR, Some(90.0)),
+            probe_at(1, T, Some(50.0)),
+            probe_at(2, T + 1, None),
+            probe_at(3, T + 2, Some(30.5)),
+            probe_at(4, T + 2 * HOUR, None),
+            probe_at(5, T + 3 * HOUR, Some(90.0)),
         ],
     )
     .await;
