@@ -158,9 +158,14 @@ struct Room {
     bytes: Vec<usize>,
 }
 
-/// Room for this many rows in a partition the last drain did not hold;
-/// the builders grow from there.
-const FIRST_ROWS: usize = 64;
+/// Room for this many rows in a partition the last drain did not hold
+/// (a vehicle may send records for many hours at once); the builders grow
+/// from there.
+const FIRST_ROWS: usize = 8;
+/// The most rows' room a partition's builders start with: a burst (a
+/// vehicle's backlog) leaves no large reservation to the small batches
+/// after it; beyond it the builders grow as they fill.
+const MOST_ROWS: usize = 4096;
 
 impl StreamBatcher {
     pub fn new(schema: &StreamSchema) -> Self {
@@ -274,17 +279,18 @@ impl StreamBatcher {
     pub fn drain(&mut self) -> Result<Vec<(PartitionKey, RecordBatch)>> {
         let mut out = Vec::with_capacity(self.partitions.len());
         // Each partition's next builders start with the room this drain's
-        // took, a little more, so that a steady stream grows none.
-        let more = |n: usize| n + n / 8 + 1;
+        // took, a little more, so that a steady stream grows none; at most
+        // `MOST_ROWS` rows, each field's bytes in proportion.
         self.last_drain = self
             .partitions
             .iter()
             .map(|(key, columns)| {
-                let rows = more(columns.received_at.len());
+                let took = columns.received_at.len().max(1);
+                let rows = (took + took / 8 + 1).min(MOST_ROWS);
                 let bytes = columns
                     .fields
                     .iter()
-                    .map(|c| more(c.value_bytes()))
+                    .map(|c| c.value_bytes() / took * rows + rows)
                     .collect();
                 (*key, Room { rows, bytes })
             })
@@ -384,5 +390,27 @@ mod tests {
                 }
             }
         }
+        // A burst (a backlog of 10,000 rows) leaves the row after it a
+        // bounded room, not the burst's.
+        let mut rows = 0;
+        while rows < 10_000 {
+            for record in &decoded.valid {
+                batcher.push(record, vin, received_at_ms, &mut privacy);
+                rows += 1;
+            }
+        }
+        let burst: usize = batcher
+            .drain()
+            .expect("drain")
+            .iter()
+            .map(|(_, b)| used_bytes(b))
+            .sum();
+        batcher.push(&decoded.valid[0], vin, received_at_ms, &mut privacy);
+        let after = batcher.drain().expect("drain");
+        let held: usize = after.iter().map(|(_, b)| b.get_array_memory_size()).sum();
+        assert!(
+            held < burst / 2,
+            "{held} bytes held for one row after a burst of {burst}"
+        );
     }
 }
