@@ -376,6 +376,10 @@ mod tests {
         assert!(!inside(col("seq").eq(lit(5i64))));
         assert!(!inside((col("seq") / lit(0i32)).eq(lit(1i32))));
         assert!(!inside(lit(1i32).eq(col("seq") / lit(0i32))));
+        // A pattern may not compile.
+        let pattern = |op| datafusion::logical_expr::binary_expr(col("name"), op, lit("("));
+        assert!(!inside(pattern(Operator::RegexMatch)));
+        assert!(!inside(pattern(Operator::LikeMatch)));
         // `next` is computed by the view, not passed through.
         assert!(!inside(col("next").eq(lit(2i32))));
         assert!(!inside(
