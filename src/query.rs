@@ -27,6 +27,9 @@ use datafusion::datasource::TableProvider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lifecycle::retention::{Retention, RetentionError, row_time_columns};
@@ -38,6 +41,17 @@ mod row_counts;
 
 pub(crate) use partition_groups::PartitionGroups;
 pub(crate) use row_counts::{RowCountsFromLog, is_plain_comparison};
+
+/// Which plan nodes a session's optimizer rules may look through: nodes
+/// that pass every row of their one input unchanged (a principal's policy
+/// barrier).
+type SeeThrough = fn(&dyn ExecutionPlan) -> bool;
+
+/// Whether `plan` passes every row of its one input unchanged: a
+/// repartition, a merge of partitions, or a node `see_through` names.
+fn passes_rows(plan: &dyn ExecutionPlan, see_through: SeeThrough) -> bool {
+    plan.is::<RepartitionExec>() || plan.is::<CoalescePartitionsExec>() || see_through(plan)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {

@@ -39,11 +39,9 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
-use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::projection::ProjectionExec;
-use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{
@@ -52,8 +50,7 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
-/// Which plan nodes pass every row of their one input through unchanged.
-type SeeThrough = fn(&dyn ExecutionPlan) -> bool;
+use super::{SeeThrough, passes_rows};
 
 /// Aggregate functions whose state has a fixed size per group.
 const FIXED_STATE: [&str; 5] = ["count", "sum", "avg", "min", "max"];
@@ -152,9 +149,7 @@ impl PartitionGroups {
                 .iter()
                 .all(|branch| self.is_partition_column(branch, index));
         }
-        let passes_rows = plan.is::<RepartitionExec>()
-            || plan.is::<CoalescePartitionsExec>()
-            || (self.see_through)(plan.as_ref());
+        let passes_rows = passes_rows(plan.as_ref(), self.see_through);
         match plan.children()[..] {
             [input] if passes_rows => self.is_partition_column(input, index),
             _ => false,

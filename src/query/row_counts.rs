@@ -46,20 +46,16 @@ use datafusion::physical_expr::expressions::{
 use datafusion::physical_expr::utils::{collect_columns, reassign_expr_columns};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
-use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
-use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{
     ChildrenPropertiesMode, ExecutionPlan, Partitioning, PhysicalExpr, ReplaceChildrenOptions,
 };
 
+use super::{SeeThrough, passes_rows};
 use crate::store::RowCount;
-
-/// Which plan nodes pass every row of their one input through unchanged.
-type SeeThrough = fn(&dyn ExecutionPlan) -> bool;
 
 /// The rule; see the module's documentation.
 #[derive(Debug)]
@@ -219,9 +215,7 @@ impl RowCountsFromLog {
 
     /// Whether `plan` passes every row of its one input unchanged.
     fn passes_rows(&self, plan: &dyn ExecutionPlan) -> bool {
-        plan.is::<RepartitionExec>()
-            || plan.is::<CoalescePartitionsExec>()
-            || (self.see_through)(plan)
+        passes_rows(plan, self.see_through)
     }
 
     /// `plan`'s output as [`Block`]s, when it is made of nodes this rule
