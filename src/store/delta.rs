@@ -166,6 +166,16 @@ impl StoreRoot {
         })
     }
 
+    /// A root at `url` (`s3://bucket/prefix/`) in `store`: tests that
+    /// watch what the tables ask of a bucket.
+    #[cfg(test)]
+    pub(crate) fn in_store(url: Url, store: Arc<dyn ObjectStore>) -> Self {
+        register_s3_log_stores();
+        Self {
+            location: Location::ObjectStore { url, store },
+        }
+    }
+
     /// The root directory, on local disk; `None` on an object store.
     pub fn local_dir(&self) -> Option<&Path> {
         match &self.location {

@@ -28,6 +28,7 @@ use deltalake::DeltaTable;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::table::config::TablePropertiesExt;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -552,11 +553,18 @@ async fn write_and_commit<'a>(
         partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
         predicate: None,
     };
+    // Expired log files are looked for (a listing of the whole log) only
+    // with a checkpoint: none expires before one.
+    let snapshot = table.snapshot()?;
+    let checkpoint_due = (snapshot.version() + 2)
+        .is_multiple_of(snapshot.table_config().checkpoint_interval().get());
     let finalized = CommitBuilder::from(
-        CommitProperties::default().with_application_transactions(transactions),
+        CommitProperties::default()
+            .with_application_transactions(transactions)
+            .with_cleanup_expired_logs(Some(checkpoint_due)),
     )
     .with_actions(adds.into_iter().map(Action::Add).collect())
-    .build(Some(table.snapshot()?), table.log_store(), operation)
+    .build(Some(snapshot), table.log_store(), operation)
     .await?;
     let version = finalized.version();
     if let Some(dir) = &local_dir {
@@ -708,6 +716,136 @@ mod tests {
                     .num_rows()
             })
             .sum()
+    }
+
+    /// An in-memory bucket that counts the listings of log directories.
+    #[derive(Debug, Default)]
+    struct ListCounting {
+        inner: object_store::memory::InMemory,
+        log_listings: AtomicUsize,
+    }
+
+    impl ListCounting {
+        fn count(&self, prefix: Option<&object_store::path::Path>) {
+            if prefix.is_some_and(|p| p.as_ref().contains("_delta_log")) {
+                self.log_listings.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl std::fmt::Display for ListCounting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "ListCounting({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for ListCounting {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.count(prefix);
+            self.inner.list(prefix)
+        }
+
+        fn list_with_offset(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+            offset: &object_store::path::Path,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.count(prefix);
+            self.inner.list_with_offset(prefix, offset)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.count(prefix);
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// In a bucket, a listing is a request, billed, and the slowest part of
+    /// reading a log. A writer committing roll after roll, alone on its
+    /// table, lists the log three times per commit: to read the newest
+    /// version before it commits, for delta-rs's check that none came
+    /// after it, and to read the version it wrote. It does not list the
+    /// whole log for expired files on every commit: none expires between
+    /// checkpoints.
+    #[test]
+    fn a_commit_lists_the_log_three_times() {
+        let bucket = Arc::new(ListCounting::default());
+        let url = url::Url::parse("s3://fleet/data/").expect("url");
+        let root = StoreRoot::in_store(url, bucket.clone());
+        let (tx, rx) = crossbeam::channel::bounded(16);
+        let rows = Arc::new(Rows::default());
+        let writer = spawn_writer(settings(&root, 1, None), rx, rows.clone(), Arc::default())
+            .expect("writer");
+        tx.send(entry(0)).expect("send");
+        wait_for_rows(&rows, 1);
+        let before = bucket.log_listings.load(Ordering::SeqCst);
+        let commits = 5;
+        for seq in 1..=commits {
+            tx.send(entry(seq)).expect("send");
+            wait_for_rows(&rows, usize::try_from(seq).expect("seq") + 1);
+        }
+        let listings = bucket.log_listings.load(Ordering::SeqCst) - before;
+        drop(tx);
+        writer.join().expect("writer");
+        assert_eq!(
+            listings,
+            3 * usize::try_from(commits).expect("commits"),
+            "log listings for {commits} commits"
+        );
     }
 
     /// A node held an entry, waiting for its roll, when it lost the lease on
