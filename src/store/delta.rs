@@ -43,7 +43,9 @@ fn table_properties() -> HashMap<String, Option<String>> {
         // A checkpoint every 100 commits keeps opening a table cheap.
         ("delta.checkpointInterval", "100"),
         // The log of commits (paths, partition values, time statistics) is
-        // kept for a day after a checkpoint supersedes it.
+        // kept for a day after a checkpoint supersedes it (the retention
+        // sweep removes it sooner; without sweeps, the writers look for
+        // expired log files with each checkpoint they write).
         ("delta.logRetentionDuration", "interval 1 day"),
         // A writer's commits only add files (blind appends): a DELETE or
         // OPTIMIZE running meanwhile need not fail on them.

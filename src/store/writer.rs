@@ -553,15 +553,16 @@ async fn write_and_commit<'a>(
         partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
         predicate: None,
     };
-    // Expired log files are looked for (a listing of the whole log) only
-    // with a checkpoint: none expires before one.
     let snapshot = table.snapshot()?;
-    let checkpoint_due = (snapshot.version() + 2)
-        .is_multiple_of(snapshot.table_config().checkpoint_interval().get());
+    let cleanup = cleans_log(
+        snapshot.version(),
+        snapshot.table_config().checkpoint_interval().get(),
+    );
     let finalized = CommitBuilder::from(
         CommitProperties::default()
             .with_application_transactions(transactions)
-            .with_cleanup_expired_logs(Some(checkpoint_due)),
+            // Otherwise as the table says (`delta.enableExpiredLogCleanup`).
+            .with_cleanup_expired_logs((!cleanup).then_some(false)),
     )
     .with_actions(adds.into_iter().map(Action::Add).collect())
     .build(Some(snapshot), table.log_store(), operation)
@@ -573,6 +574,15 @@ async fn write_and_commit<'a>(
     // The table stays at the version read before this commit: the next
     // commit reads the newest one first anyway.
     Ok((table, commit))
+}
+
+/// Whether the commit after `read_version` looks for expired log files (a
+/// listing of the whole log): only the one that writes the interval's
+/// checkpoint (delta-rs writes it at the versions `v` with `v + 1` a
+/// multiple of `checkpoint_interval`), so that an expired file waits at most
+/// one interval of commits, instead of every commit listing the log.
+fn cleans_log(read_version: u64, checkpoint_interval: u64) -> bool {
+    (read_version + 2).is_multiple_of(checkpoint_interval)
 }
 
 /// Writes `parts` of table `name` (files of `schema`) under `root` as one
@@ -818,9 +828,8 @@ mod tests {
     /// reading a log. A writer committing roll after roll, alone on its
     /// table, lists the log three times per commit: to read the newest
     /// version before it commits, for delta-rs's check that none came
-    /// after it, and to read the version it wrote. It does not list the
-    /// whole log for expired files on every commit: none expires between
-    /// checkpoints.
+    /// after it, and to read the version it wrote. Looking for expired log
+    /// files (a fourth) waits for the commit that writes a checkpoint.
     #[test]
     fn a_commit_lists_the_log_three_times() {
         let bucket = Arc::new(ListCounting::default());
@@ -846,6 +855,15 @@ mod tests {
             3 * usize::try_from(commits).expect("commits"),
             "log listings for {commits} commits"
         );
+    }
+
+    /// The commit that writes the checkpoint (version 99, 199, ... at an
+    /// interval of 100) looks for expired log files; the others do not.
+    #[test]
+    fn the_log_is_cleaned_with_each_checkpoint() {
+        let cleaning: Vec<u64> = (0..400).filter(|&read| cleans_log(read, 100)).collect();
+        assert_eq!(cleaning, vec![98, 198, 298, 398], "read versions");
+        assert!(cleans_log(0, 2) && !cleans_log(1, 2) && cleans_log(2, 2));
     }
 
     /// A node held an entry, waiting for its roll, when it lost the lease on
