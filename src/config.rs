@@ -409,7 +409,7 @@ impl Default for StorageConfig {
             vault_file: PathBuf::from("./keys/vault.redb"),
             schema_dir: None,
             roll_rows: 1_000_000,
-            roll_bytes: 4 * 1024 * 1024,
+            roll_bytes: 16 * 1024 * 1024,
             roll_age_ms: 1_000,
             max_open_files: 64,
             memory_budget_bytes: 256 * 1024 * 1024,
