@@ -194,20 +194,29 @@ done
 python3 scripts/flight_vs_http.py "127.0.0.1:$FL_FLIGHT" "127.0.0.1:$FL_ADMIN" \
   "$FL_DIR/keys/admin.token" 1000000 > "$OUT/flight_vs_http.json"
 stop_flight
-# Three of each, alternating, each after the same 5 s from its server's
-# start: one run of each is within the machine's noise of the other.
+# ingest_beside RUN SECS [LOAD_OUT LOAD...]: on a fresh server, LOAD (if
+# any) in the background with its output in LOAD_OUT, then, 5 s after the
+# server's start, half-rate ingest for SECS, reported in $OUT/RUN.
+ingest_beside() {
+  local run=$1 secs=$2 load_pid=
+  serve_flight "$run"
+  if [ $# -gt 2 ]; then
+    local load_out=$3
+    shift 3
+    "$@" > "$load_out" &
+    load_pid=$!
+  fi
+  sleep 5
+  loadgen --port "$FL_PORT" --rate "$HALF" --duration "$secs" --out "$OUT/$run"
+  [ -z "$load_pid" ] || wait "$load_pid"
+  stop_flight
+}
+# Three of each, alternating: one run of each is within the machine's noise
+# of the other.
 for i in 1 2 3; do
-  serve_flight flight-ingest-alone
-  sleep 5
-  loadgen --port "$FL_PORT" --rate "$HALF" --duration 20 --out "$OUT/flight-ingest-alone.$i"
-  stop_flight
-  serve_flight flight-ingest-queried
-  analysts --clients 32 --duration 30 > "$OUT/analysts.32.ingest.$i.json" &
-  ANALYSTS_PID=$!
-  sleep 5
-  loadgen --port "$FL_PORT" --rate "$HALF" --duration 20 --out "$OUT/flight-ingest-queried.$i"
-  wait "$ANALYSTS_PID"
-  stop_flight
+  ingest_beside "flight-ingest-alone.$i" 20
+  ingest_beside "flight-ingest-queried.$i" 20 "$OUT/analysts.32.ingest.$i.json" \
+    analysts --clients 32 --duration 30
 done
 
 echo "== 7. live access: followers beside half-rate ingest, and the portal in a browser"
@@ -216,13 +225,7 @@ followers() {
     --admin-token "$FL_DIR/keys/admin.token" --tables charging "$@"
 }
 for n in 1 16 64 256; do
-  serve_flight "live-$n"
-  followers --followers "$n" --duration 40 > "$OUT/followers.$n.json" &
-  FOLLOWERS_PID=$!
-  sleep 5
-  loadgen --port "$FL_PORT" --rate "$HALF" --duration 30 --out "$OUT/live-ingest-$n"
-  wait "$FOLLOWERS_PID"
-  stop_flight
+  ingest_beside "live-ingest-$n" 30 "$OUT/followers.$n.json" followers --followers "$n" --duration 40
 done
 serve_flight portal
 # A user holding the first vehicle of the e2e run (the store was copied from it).
