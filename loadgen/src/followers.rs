@@ -167,7 +167,7 @@ async fn read_stream(
             break;
         }
     }
-    let mut pending = String::new();
+    let mut blocks = SseBlocks::default();
     loop {
         line.clear();
         if reader.read_line(&mut line).await.map_err(text)? == 0 {
@@ -177,34 +177,85 @@ async fn read_stream(
         if size == 0 {
             return Ok(());
         }
-        let mut chunk = vec![0; size + 2];
-        reader.read_exact(&mut chunk).await.map_err(text)?;
-        chunk.truncate(size);
-        pending.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = pending.find("\n\n") {
-            let block: String = pending.drain(..end + 2).collect();
-            record(&block, outcome);
-        }
+        // The chunk and the CRLF after it.
+        let chunk = blocks.tail(size + 2);
+        reader.read_exact(chunk).await.map_err(text)?;
+        blocks.truncate_tail(2);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        blocks.take(|block| record(block, now_ms, outcome));
     }
 }
 
-/// Records the rows of one `rows` event.
-fn record(block: &str, outcome: &mut Outcome) {
-    if !block.lines().any(|l| l == "event: rows") {
+/// The bytes of an event stream read so far, cut into its blocks (events,
+/// each ending in an empty line) as they complete. An event of many rows
+/// arrives in many chunks: each byte is searched once and moved once.
+#[derive(Default)]
+struct SseBlocks {
+    pending: Vec<u8>,
+    /// How much of `pending` is known to hold no block's end.
+    searched: usize,
+}
+
+impl SseBlocks {
+    /// `len` new bytes at the end, to read into.
+    fn tail(&mut self, len: usize) -> &mut [u8] {
+        let start = self.pending.len();
+        self.pending.resize(start + len, 0);
+        &mut self.pending[start..]
+    }
+
+    /// Drops the last `len` bytes read.
+    fn truncate_tail(&mut self, len: usize) {
+        self.pending
+            .truncate(self.pending.len().saturating_sub(len));
+    }
+
+    /// Hands `each` every complete block, in order, and keeps the rest.
+    fn take(&mut self, mut each: impl FnMut(&[u8])) {
+        let mut start = 0;
+        while let Some(end) = memchr::memmem::find(&self.pending[self.searched..], b"\n\n") {
+            let end = self.searched + end + 2;
+            each(&self.pending[start..end]);
+            start = end;
+            self.searched = end;
+        }
+        self.pending.drain(..start);
+        // The last byte may be the first of a block's end.
+        self.searched = self.pending.len().saturating_sub(1);
+    }
+}
+
+/// A `rows` event's data: the only field read is each row's receipt time.
+#[derive(serde::Deserialize)]
+struct RowsEvent<'a> {
+    #[serde(borrow)]
+    rows: Vec<RowReceived<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RowReceived<'a> {
+    #[serde(borrow, default)]
+    received_at: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Records the rows of one block if it is a `rows` event, as delivered at
+/// `now_ms`.
+fn record(block: &[u8], now_ms: i64, outcome: &mut Outcome) {
+    let mut lines = block.split(|&b| b == b'\n');
+    if !lines.clone().any(|l| l == b"event: rows") {
         return;
     }
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+    let Some(data) = lines.find_map(|l| l.strip_prefix(b"data: ")) else {
         return;
     };
-    let Ok(event) = serde_json::from_str::<serde_json::Value>(data) else {
+    let Ok(event) = serde_json::from_slice::<RowsEvent>(data) else {
         return;
     };
     outcome.events += 1;
-    for row in event["rows"].as_array().into_iter().flatten() {
-        let received = row["received_at"]
-            .as_str()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    for row in event.rows {
+        let received = row
+            .received_at
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
         if let Some(received) = received {
             let micros = (now_ms - received.timestamp_millis()).max(0) as u64 * 1000;
             outcome.latencies.saturating_record(micros.max(1));
@@ -214,4 +265,75 @@ fn record(block: &str, outcome: &mut Outcome) {
 
 fn histogram() -> Result<Histogram<u64>, FollowersError> {
     crate::run::new_histogram().map_err(|e| FollowersError::Histogram(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> Outcome {
+        Outcome {
+            latencies: histogram().expect("histogram"),
+            events: 0,
+            error: None,
+        }
+    }
+
+    /// Feeds `stream` to an [`SseBlocks`] in chunks of `size` bytes.
+    fn blocks_of(stream: &[u8], size: usize) -> Vec<Vec<u8>> {
+        let mut blocks = SseBlocks::default();
+        let mut seen = Vec::new();
+        for chunk in stream.chunks(size) {
+            blocks.tail(chunk.len() + 2)[..chunk.len()].copy_from_slice(chunk);
+            blocks.truncate_tail(2);
+            blocks.take(|block| seen.push(block.to_vec()));
+        }
+        seen
+    }
+
+    #[test]
+    fn blocks_come_whole_however_the_chunks_cut_them() {
+        let stream =
+            b"event: start\ndata: {}\n\nevent: rows\nid: p1\ndata: {\"rows\":[]}\n\n: ping\n\n";
+        let whole = blocks_of(stream, stream.len());
+        assert_eq!(
+            whole,
+            vec![
+                b"event: start\ndata: {}\n\n".to_vec(),
+                b"event: rows\nid: p1\ndata: {\"rows\":[]}\n\n".to_vec(),
+                b": ping\n\n".to_vec(),
+            ]
+        );
+        for size in 1..stream.len() {
+            assert_eq!(blocks_of(stream, size), whole, "chunks of {size} bytes");
+        }
+    }
+
+    #[test]
+    fn a_rows_event_records_every_row_with_a_receipt_time() {
+        let mut outcome = outcome();
+        let received = "2026-12-02T05:00:00.000Z";
+        let now_ms = chrono::DateTime::parse_from_rfc3339(received)
+            .expect("time")
+            .timestamp_millis()
+            + 250;
+        let block = format!(
+            "event: rows\nid: p\ndata: {{\"table\":\"charging\",\"rows\":[{{\"received_at\":\"{received}\",\"soc_pct\":1.5}},{{\"soc_pct\":2}},{{\"received_at\":\"{received}\"}}]}}\n\n"
+        );
+        record(block.as_bytes(), now_ms, &mut outcome);
+        assert_eq!(outcome.events, 1);
+        assert_eq!(outcome.latencies.len(), 2);
+        assert!(
+            outcome
+                .latencies
+                .equivalent(outcome.latencies.max(), 250_000)
+        );
+        // Any other event records nothing.
+        record(
+            b"event: position\nid: p\ndata: {}\n\n",
+            now_ms,
+            &mut outcome,
+        );
+        assert_eq!((outcome.events, outcome.latencies.len()), (1, 2));
+    }
 }
