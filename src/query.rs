@@ -331,14 +331,14 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
             for batch in batches {
                 writer.write(&with_text_columns(batch)?)?;
             }
-            String::from_utf8_lossy(&writer.into_inner()).into_owned()
+            utf8(writer.into_inner())
         }
         OutputFormat::Json => {
             let mut writer = arrow::json::ArrayWriter::new(Vec::new());
             let refs: Vec<&RecordBatch> = batches.iter().collect();
             writer.write_batches(&refs)?;
             writer.finish()?;
-            let mut text = String::from_utf8_lossy(&writer.into_inner()).into_owned();
+            let mut text = utf8(writer.into_inner());
             if text.is_empty() {
                 text.push_str("[]");
             }
@@ -349,10 +349,18 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
             let refs: Vec<&RecordBatch> = batches.iter().collect();
             writer.write_batches(&refs)?;
             writer.finish()?;
-            String::from_utf8_lossy(&writer.into_inner()).into_owned()
+            utf8(writer.into_inner())
         }
     };
     Ok(text)
+}
+
+/// A writer's output as text: taken as it is when it is UTF-8, as the
+/// Arrow writers write it (a live stream formats every step's rows), and
+/// with replacement characters otherwise.
+fn utf8(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned())
 }
 
 #[cfg(test)]
