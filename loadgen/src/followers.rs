@@ -50,6 +50,9 @@ pub struct FollowersReport {
     pub rows_per_second: f64,
     /// `rows` events (one per table and step).
     pub events: u64,
+    /// `rows` events whose data was not an object with an array of row
+    /// objects: their rows are not counted.
+    pub unreadable_events: u64,
     /// Followers that could not open, or whose stream broke off.
     pub errors: u64,
     pub first_error: Option<String>,
@@ -87,7 +90,7 @@ pub async fn run(followers: &Followers) -> Result<FollowersReport, FollowersErro
         )));
     }
     let mut latencies = histogram()?;
-    let (mut events, mut errors, mut first_error) = (0, 0, None);
+    let (mut events, mut unreadable_events, mut errors, mut first_error) = (0, 0, 0, None);
     for task in tasks {
         let outcome = task
             .await
@@ -96,6 +99,7 @@ pub async fn run(followers: &Followers) -> Result<FollowersReport, FollowersErro
             .add(&outcome.latencies)
             .map_err(|e| FollowersError::Task(e.to_string()))?;
         events += outcome.events;
+        unreadable_events += outcome.unreadable_events;
         if let Some(error) = outcome.error {
             errors += 1;
             first_error.get_or_insert(error);
@@ -109,6 +113,7 @@ pub async fn run(followers: &Followers) -> Result<FollowersReport, FollowersErro
         rows: latencies.len(),
         rows_per_second: latencies.len() as f64 / seconds,
         events,
+        unreadable_events,
         errors,
         first_error,
         latency: (&latencies).into(),
@@ -120,6 +125,7 @@ pub async fn run(followers: &Followers) -> Result<FollowersReport, FollowersErro
 struct Outcome {
     latencies: Histogram<u64>,
     events: u64,
+    unreadable_events: u64,
     error: Option<String>,
 }
 
@@ -133,6 +139,7 @@ async fn follow(
     let mut outcome = Outcome {
         latencies,
         events: 0,
+        unreadable_events: 0,
         error: None,
     };
     let reading = read_stream(addr, request, &mut outcome);
@@ -177,18 +184,29 @@ async fn read_stream(
         if size == 0 {
             return Ok(());
         }
+        if size > MAX_CHUNK_BYTES {
+            return Err(format!("a chunk of {size} bytes, over {MAX_CHUNK_BYTES}"));
+        }
         // The chunk and the CRLF after it.
-        let chunk = blocks.tail(size + 2);
-        reader.read_exact(chunk).await.map_err(text)?;
-        blocks.truncate_tail(2);
+        reader
+            .read_exact(blocks.tail(size + 2))
+            .await
+            .map_err(text)?;
+        blocks.end_chunk()?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         blocks.take(|block| record(block, now_ms, outcome));
     }
 }
 
+/// Longest chunk read: the server writes one per event, and a step's
+/// answer is bounded by the query memory limit.
+const MAX_CHUNK_BYTES: usize = 1 << 30;
+
 /// The bytes of an event stream read so far, cut into its blocks (events,
-/// each ending in an empty line) as they complete. An event of many rows
-/// arrives in many chunks: each byte is searched once and moved once.
+/// each ending in an empty line) as they complete. fleetgate writes an
+/// event per chunk, but a proxy between may cut an event into several or
+/// join several into one: each byte is searched once and moved once either
+/// way.
 #[derive(Default)]
 struct SseBlocks {
     pending: Vec<u8>,
@@ -204,15 +222,20 @@ impl SseBlocks {
         &mut self.pending[start..]
     }
 
-    /// Drops the last `len` bytes read.
-    fn truncate_tail(&mut self, len: usize) {
-        self.pending
-            .truncate(self.pending.len().saturating_sub(len));
+    /// Ends the chunk just read into [`Self::tail`]: drops the CRLF that
+    /// closes it, which must be there.
+    fn end_chunk(&mut self) -> Result<(), String> {
+        if !self.pending.ends_with(b"\r\n") {
+            return Err("a chunk without its closing CRLF".into());
+        }
+        self.pending.truncate(self.pending.len() - 2);
+        Ok(())
     }
 
     /// Hands `each` every complete block, in order, and keeps the rest.
     fn take(&mut self, mut each: impl FnMut(&[u8])) {
         let mut start = 0;
+        self.searched = self.searched.min(self.pending.len());
         while let Some(end) = memchr::memmem::find(&self.pending[self.searched..], b"\n\n") {
             let end = self.searched + end + 2;
             each(&self.pending[start..end]);
@@ -227,21 +250,75 @@ impl SseBlocks {
 
 /// A `rows` event's data: the only field read is each row's receipt time.
 #[derive(serde::Deserialize)]
-struct RowsEvent<'a> {
-    #[serde(borrow)]
-    rows: Vec<RowReceived<'a>>,
+struct RowsEvent {
+    rows: Vec<RowReceived>,
 }
 
+/// A delivered row, of which only `received_at` is read.
 #[derive(serde::Deserialize)]
-struct RowReceived<'a> {
-    #[serde(borrow, default)]
-    received_at: Option<std::borrow::Cow<'a, str>>,
+struct RowReceived {
+    #[serde(default)]
+    received_at: ReceivedAt,
+}
+
+/// A row's `received_at` in milliseconds since the epoch, when it is an
+/// RFC 3339 string; a row without one (or with anything else there) is
+/// counted as delivered but not timed.
+#[derive(Default)]
+struct ReceivedAt(Option<i64>);
+
+impl<'de> serde::Deserialize<'de> for ReceivedAt {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ReceivedAt;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, text: &str) -> Result<ReceivedAt, E> {
+                let at = chrono::DateTime::parse_from_rfc3339(text).ok();
+                Ok(ReceivedAt(at.map(|at| at.timestamp_millis())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<ReceivedAt, E> {
+                Ok(ReceivedAt(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<ReceivedAt, E> {
+                Ok(ReceivedAt(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<ReceivedAt, E> {
+                Ok(ReceivedAt(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<ReceivedAt, E> {
+                Ok(ReceivedAt(None))
+            }
+            fn visit_unit<E>(self) -> Result<ReceivedAt, E> {
+                Ok(ReceivedAt(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<ReceivedAt, A::Error> {
+                serde::de::IgnoredAny.visit_seq(seq)?;
+                Ok(ReceivedAt(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ReceivedAt, A::Error> {
+                serde::de::IgnoredAny.visit_map(map)?;
+                Ok(ReceivedAt(None))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// Records the rows of one block if it is a `rows` event, as delivered at
 /// `now_ms`.
 fn record(block: &[u8], now_ms: i64, outcome: &mut Outcome) {
-    let mut lines = block.split(|&b| b == b'\n');
+    let mut lines = block
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
     if !lines.clone().any(|l| l == b"event: rows") {
         return;
     }
@@ -249,15 +326,13 @@ fn record(block: &[u8], now_ms: i64, outcome: &mut Outcome) {
         return;
     };
     let Ok(event) = serde_json::from_slice::<RowsEvent>(data) else {
+        outcome.unreadable_events += 1;
         return;
     };
     outcome.events += 1;
     for row in event.rows {
-        let received = row
-            .received_at
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
-        if let Some(received) = received {
-            let micros = (now_ms - received.timestamp_millis()).max(0) as u64 * 1000;
+        if let ReceivedAt(Some(received_ms)) = row.received_at {
+            let micros = (now_ms - received_ms).max(0) as u64 * 1000;
             outcome.latencies.saturating_record(micros.max(1));
         }
     }
@@ -275,6 +350,7 @@ mod tests {
         Outcome {
             latencies: histogram().expect("histogram"),
             events: 0,
+            unreadable_events: 0,
             error: None,
         }
     }
@@ -284,8 +360,10 @@ mod tests {
         let mut blocks = SseBlocks::default();
         let mut seen = Vec::new();
         for chunk in stream.chunks(size) {
-            blocks.tail(chunk.len() + 2)[..chunk.len()].copy_from_slice(chunk);
-            blocks.truncate_tail(2);
+            let tail = blocks.tail(chunk.len() + 2);
+            tail[..chunk.len()].copy_from_slice(chunk);
+            tail[chunk.len()..].copy_from_slice(b"\r\n");
+            blocks.end_chunk().expect("a whole chunk");
             blocks.take(|block| seen.push(block.to_vec()));
         }
         seen
@@ -293,8 +371,7 @@ mod tests {
 
     #[test]
     fn blocks_come_whole_however_the_chunks_cut_them() {
-        let stream =
-            b"event: start\ndata: {}\n\nevent: rows\nid: p1\ndata: {\"rows\":[]}\n\n: ping\n\n";
+        let stream = b"event: start\ndata: {}\n\nevent: rows\nid: p1\ndata: {\"rows\":[]}\n\n: ping\n\nevent: rows\ndata: {";
         let whole = blocks_of(stream, stream.len());
         assert_eq!(
             whole,
@@ -310,18 +387,21 @@ mod tests {
     }
 
     #[test]
-    fn a_rows_event_records_every_row_with_a_receipt_time() {
+    fn a_rows_event_times_every_row_with_a_receipt_time_and_counts_the_rest() {
         let mut outcome = outcome();
-        let received = "2026-12-02T05:00:00.000Z";
-        let now_ms = chrono::DateTime::parse_from_rfc3339(received)
+        let now_ms = chrono::DateTime::parse_from_rfc3339("2026-12-02T05:00:00.250Z")
             .expect("time")
-            .timestamp_millis()
-            + 250;
-        let block = format!(
-            "event: rows\nid: p\ndata: {{\"table\":\"charging\",\"rows\":[{{\"received_at\":\"{received}\",\"soc_pct\":1.5}},{{\"soc_pct\":2}},{{\"received_at\":\"{received}\"}}]}}\n\n"
-        );
+            .timestamp_millis();
+        // Timed: a plain and an escaped time. Delivered, not timed: none, null,
+        // a number, an object.
+        let rows = r#"[{"received_at":"2026-12-02T05:00:00.000Z","soc_pct":1.5},
+            {"soc_pct":2},{"received_at":null},{"received_at":1764651600000},
+            {"received_at":{"at":1}},{"received_at":"2026-12-02T05:00:00.000\u005a"}]"#
+            .replace('\n', "");
+        let block =
+            format!("event: rows\r\nid: p\r\ndata: {{\"table\":\"charging\",\"rows\":{rows}}}\n\n");
         record(block.as_bytes(), now_ms, &mut outcome);
-        assert_eq!(outcome.events, 1);
+        assert_eq!((outcome.events, outcome.unreadable_events), (1, 0));
         assert_eq!(outcome.latencies.len(), 2);
         assert!(
             outcome
@@ -335,5 +415,16 @@ mod tests {
             &mut outcome,
         );
         assert_eq!((outcome.events, outcome.latencies.len()), (1, 2));
+        // Rows that are not an array of objects: counted, not timed.
+        for data in [
+            r#"{"rows":7}"#,
+            r#"{"rows":[1]}"#,
+            r#"{"table":"charging"}"#,
+        ] {
+            let block = format!("event: rows\ndata: {data}\n\n");
+            record(block.as_bytes(), now_ms, &mut outcome);
+        }
+        assert_eq!((outcome.events, outcome.unreadable_events), (1, 3));
+        assert_eq!(outcome.latencies.len(), 2);
     }
 }
