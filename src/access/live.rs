@@ -44,6 +44,7 @@ use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
 use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio_util::task::TaskTracker;
 
 use super::policy::Treatment;
 use super::registry::{Principal, PrincipalKind};
@@ -437,9 +438,11 @@ pub(crate) struct Follower(Mutex<Option<watch::Receiver<Arc<Commits>>>>);
 
 impl Follower {
     /// A receiver of the follower's readings, starting the follower (on the
-    /// caller's runtime) if none runs, or if the last one ended.
+    /// caller's runtime, tracked in `tasks`) if none runs, or if the last
+    /// one ended.
     fn subscribe(
         self: &Arc<Self>,
+        tasks: &TaskTracker,
         store: &StoreRoot,
         shards: &NodeShards,
         every: Duration,
@@ -452,7 +455,7 @@ impl Follower {
         }
         let (sender, receiver) = watch::channel(Arc::new(Commits::default()));
         *running = Some(receiver.clone());
-        tokio::spawn(follow(
+        tasks.spawn(follow(
             Arc::clone(self),
             sender,
             store.clone(),
@@ -885,6 +888,7 @@ impl AccessEnv {
             }
         }
         let mut commits = self.follower.subscribe(
+            &self.query_tasks,
             self.tables.root(),
             &self.wal_shards,
             Duration::from_millis(self.settings.live_poll_ms),

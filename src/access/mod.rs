@@ -134,6 +134,10 @@ pub struct AccessEnv {
     live_slots: Arc<tokio::sync::Semaphore>,
     /// The task that reads the tables' logs for live streams.
     follower: Arc<live::Follower>,
+    /// The work of principals' queries and live streams, the follower
+    /// included: the query pool runs and tracks that work here, and waits
+    /// for all of it before it stops.
+    query_tasks: tokio_util::task::TaskTracker,
     /// WAL shards whose commits live streams follow (this node's workers).
     wal_shards: crate::store::delta::NodeShards,
     /// Plans made to describe a statement, for its run.
@@ -388,11 +392,18 @@ impl AccessEnv {
                 config.access.max_live_streams as usize,
             )),
             follower: Arc::default(),
+            query_tasks: tokio_util::task::TaskTracker::new(),
             wal_shards: crate::store::delta::NodeShards {
                 node: config.cluster.node_id.clone(),
                 count: u16::try_from(config.worker_count()).unwrap_or(u16::MAX),
             },
         })
+    }
+
+    /// The tracker of principals' work: the pool that runs queries and
+    /// live streams tracks them here, beside the follower their steps read.
+    pub fn query_tasks(&self) -> tokio_util::task::TaskTracker {
+        self.query_tasks.clone()
     }
 
     pub fn registry(&self) -> Result<AccessRegistry> {

@@ -266,8 +266,12 @@ pub fn start(config: &Config) -> Result<ServerHandle> {
         None => None,
     };
     let admin_token = AdminToken::load_or_create(&config.admin.token_file)?;
-    let queries =
-        QueryPool::start(config.access.query_threads).map_err(ServerError::QueryRuntime)?;
+    let queries = QueryPool::start(
+        config.access.query_threads,
+        access.query_tasks(),
+        Duration::from_millis(config.access.query_timeout_ms),
+    )
+    .map_err(ServerError::QueryRuntime)?;
     let flight_sql = flight::spawn(
         config.admin.flight_sql_addr,
         access.clone(),
@@ -799,6 +803,8 @@ impl ServerHandle {
         }
         self.admin.stop();
         self.flight_sql.stop();
+        // After the front-ends: their clients are gone, so the queries and
+        // streams still on the pool end, and it waits for them.
         drop(self.queries);
         if let Some(sweeper) = self.retention {
             drop(sweeper.stop);
