@@ -1013,6 +1013,11 @@ impl AccessEnv {
         let mut told = tokio::time::Instant::now();
         let rows = stream.row_tables();
         loop {
+            // Steps that hand nothing over (hidden rows, an empty hour, a
+            // smaller retry) do not notice a client that left: ask.
+            if events.is_closed() {
+                return Ending::ClientGone;
+            }
             let now_ms = crate::core::clock::now_ms();
             if let Some((table, start_ms)) = stream.hour_due(now_ms) {
                 let hour = self
@@ -1104,13 +1109,13 @@ impl AccessEnv {
         rows: u64,
         json: String,
     ) -> std::result::Result<(), Ending> {
-        stream.rows += rows;
         let event = LiveEvent::Rows {
             table: table.name().to_owned(),
             rows_json: json,
             position: stream.sealed_position(),
         };
         self.send(events, event).await?;
+        stream.rows += rows;
         let interval = Duration::from_millis(self.settings.live_audit_interval_ms);
         if stream.audited_at.elapsed() >= interval {
             let rows = stream.rows - stream.rows_audited;
