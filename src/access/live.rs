@@ -893,10 +893,18 @@ impl AccessEnv {
             &self.wal_shards,
             Duration::from_millis(self.settings.live_poll_ms),
         );
-        commits
-            .wait_for(|c| c.read)
-            .await
-            .map_err(|_| AccessError::Unavailable("the live follower stopped".into()))?;
+        // A table whose log cannot be read keeps the follower from a
+        // complete reading: the stream is refused in time, not held open.
+        let limit = Duration::from_millis(self.settings.query_timeout_ms);
+        match tokio::time::timeout(limit, commits.wait_for(|c| c.read)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(AccessError::Unavailable("the live follower stopped".into())),
+            Err(_) => {
+                return Err(AccessError::Unavailable(
+                    "the live follower cannot read every table's log yet; try again".into(),
+                ));
+            }
+        }
         let latest = Arc::clone(&commits.borrow_and_update());
         let rows: Vec<Table> = tables
             .iter()
