@@ -789,6 +789,12 @@ impl ServerHandle {
     /// the process.
     pub fn shutdown(self) -> Result<MetricsSnapshot> {
         self.stop.store(true, Ordering::Relaxed);
+        // Told first so that it starts no sweep while the rest stops; a
+        // sweep under way ends (a commit is whole) and is joined below.
+        let retention = self.retention.map(|sweeper| {
+            drop(sweeper.stop);
+            sweeper.thread
+        });
         join("ingest", self.ingest)?;
         let mut logs = Vec::new();
         for w in self.workers {
@@ -806,9 +812,8 @@ impl ServerHandle {
         // After the front-ends: their clients are gone, so the queries and
         // streams still on the pool end, and it waits for them.
         drop(self.queries);
-        if let Some(sweeper) = self.retention {
-            drop(sweeper.stop);
-            join("retention", sweeper.thread)?;
+        if let Some(sweeper) = retention {
+            join("retention", sweeper)?;
         }
         let pending = self.tracker.pending_count();
         if pending > 0 {
