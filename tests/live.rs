@@ -559,6 +559,67 @@ fn an_open_stream_audits_what_it_delivered_as_it_goes() {
     });
 }
 
+/// A server stopped cleanly while a stream is open and stepping writes the
+/// stream's last `delivered` line before it goes: the lines still add up
+/// to what the client was handed.
+#[test]
+fn a_stream_open_when_the_server_stops_gets_its_last_line() {
+    // No line while the stream is open: only its last one counts its rows.
+    let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 3_600_000);
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let alice = alice_holds(&server.admin(), A, now);
+    let mqtt = server.handle.mqtt_addr();
+    let mut live =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+    for seq in 1..=3 {
+        publish_blocking(mqtt, &[charging(A, seq, now - HOUR, "SE-A")]);
+        let (rows, _) = live.rows_of("charging", 1);
+        assert_eq!(seqs(&rows), vec![i64::try_from(seq).expect("small")]);
+    }
+    // More rows, so that the stream may be at work when the stop comes;
+    // the client reads whatever it gets until the server closes the stream.
+    let more: Vec<Message> = (4..=40)
+        .map(|seq| charging(A, seq, now - HOUR, "SE-A"))
+        .collect();
+    publish_blocking(mqtt, &more);
+    let reader = std::thread::spawn(move || {
+        let mut received = 3;
+        while let Some(event) = live.next() {
+            if event.event == "rows" {
+                received += event.data["rows"].as_array().map_or(0, Vec::len);
+            }
+        }
+        received
+    });
+    let server = server.restart();
+    let received = i64::try_from(reader.join().expect("reader")).expect("small");
+
+    let operator = server
+        .admin()
+        .principal(r#"{"id":"ops","kind":"operator"}"#);
+    let audit = r#"{"sql":"SELECT rows FROM query_audit WHERE action = 'delivered' AND principal = 'alice'","purpose":"operations"}"#;
+    let (status, body) = http_request(
+        server.handle.admin_addr(),
+        "POST",
+        "/sql",
+        Some(&operator),
+        audit,
+    );
+    assert_eq!(status, 200, "{body}");
+    let lines: Vec<Value> = serde_json::from_str(&body).expect("rows");
+    let counted: i64 = lines.iter().filter_map(|l| l["rows"].as_i64()).sum();
+    assert_eq!(lines.len(), 1, "the stream's last line: {lines:?}");
+    // Every row the client got is counted; rows handed to the transport
+    // that the stop cut off may be too, but never more than were stored.
+    assert!(
+        (received..=40).contains(&counted),
+        "received {received}: {lines:?}"
+    );
+    server.handle.shutdown().expect("shutdown");
+}
+
 /// Retries `attempt` until it gives a value; panics past [`DEADLINE`].
 fn wait_for_value<T>(mut attempt: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();
