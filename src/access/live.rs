@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arrow::array::RecordBatch;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use datafusion::datasource::{MemTable, TableProvider};
@@ -333,6 +334,8 @@ pub struct Commits {
     read: bool,
     /// The unseen rows the streams of this reading have read, each once.
     scans: SharedScans,
+    /// The JSON the streams of this reading were handed, each text made once.
+    answers: SharedAnswers,
 }
 
 /// The rows of a table's version in a window of WAL entries (a step's
@@ -360,6 +363,154 @@ impl SharedScans {
     fn cell(&self, table: Table, window: &str) -> Arc<ScanCell> {
         let mut scans = self.0.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(scans.entry((table, window.to_owned())).or_default())
+    }
+}
+
+/// The JSON of rows the streams of one reading were handed, per table,
+/// window and [`Audience`]: a stream whose views give rows equal, value for
+/// value and column for column, to rows already put into JSON for the same
+/// audience gets that text rather than encoding its own, so streams that
+/// see the same rows (an operator's dashboards, a fleet of operator
+/// followers) pay for the encoding once. Since the rows are compared, a
+/// stream gets exactly the text it would have made. The rows are kept
+/// beside their text for that, as long as the reading, within
+/// [`MOST_ANSWER_BYTES`] per audience: whether an answer is kept depends on
+/// nothing outside its audience either.
+#[derive(Clone, Default)]
+struct SharedAnswers(Arc<Mutex<KeptAnswers>>);
+
+/// Whose views a text was made through, apart from the moment: a stream
+/// quicker for a text already made learns only that a stream entitled to
+/// the same rows saw the same ones, never anything about rows its views
+/// hide.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Audience {
+    /// Every operator's views are the same for a purpose.
+    Operators { purpose: String },
+    /// Anyone else's are their own.
+    Principal { id: String, purpose: String },
+}
+
+impl Audience {
+    fn of(principal: &Principal, purpose: &str) -> Self {
+        match principal.kind {
+            PrincipalKind::Operator => Self::Operators {
+                purpose: purpose.to_owned(),
+            },
+            PrincipalKind::User | PrincipalKind::ThirdParty | PrincipalKind::Licensee => {
+                Self::Principal {
+                    id: principal.id.clone(),
+                    purpose: purpose.to_owned(),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct KeptAnswers {
+    answers: HashMap<(Window, Audience), Vec<Arc<Answer>>>,
+    /// Per audience: the Arrow memory of the rows kept and the length of
+    /// their texts.
+    bytes: HashMap<Audience, usize>,
+}
+
+/// Rows, and their JSON once the first stream that needs it made it.
+struct Answer {
+    rows: Vec<RecordBatch>,
+    json: tokio::sync::OnceCell<Arc<str>>,
+}
+
+/// Most distinct answers kept per window and audience; streams whose rows
+/// match none of them encode their own.
+const MOST_ANSWERS_PER_WINDOW: usize = 4;
+/// Most bytes one reading keeps for one audience's answers (rows and
+/// texts); an answer that would pass it is not kept.
+const MOST_ANSWER_BYTES: usize = 64 << 20;
+
+impl SharedAnswers {
+    /// `rows` of `table` in `window`, for `audience`, as a JSON array: made
+    /// once per reading for equal rows.
+    async fn json(
+        &self,
+        table: Table,
+        window: &str,
+        audience: Audience,
+        rows: Vec<RecordBatch>,
+    ) -> Result<Arc<str>> {
+        let key = ((table, window.to_owned()), audience);
+        let known = self.lock().answers.get(&key).cloned().unwrap_or_default();
+        // Compared outside the lock: every step of the reading takes it.
+        let (answer, rows_size) = match known.into_iter().find(|a| a.rows == rows) {
+            Some(answer) => (answer, None),
+            None => {
+                let answer = Arc::new(Answer {
+                    rows,
+                    json: tokio::sync::OnceCell::new(),
+                });
+                let size: usize = answer.rows.iter().map(|b| b.get_array_memory_size()).sum();
+                let kept = self.keep(&key, &answer, size);
+                (answer, kept.then_some(size))
+            }
+        };
+        let json = answer
+            .json
+            .get_or_try_init(|| async {
+                let text = crate::query::format(&answer.rows, crate::query::OutputFormat::Json)?;
+                Ok::<_, AccessError>(Arc::<str>::from(text))
+            })
+            .await;
+        if let Some(rows_size) = rows_size {
+            // Its text counts too; an answer whose text does not fit (or
+            // could not be made) is let go.
+            let text_size = json.as_ref().map_or(usize::MAX, |text| text.len());
+            self.count_text(&key, &answer, rows_size, text_size);
+        }
+        Ok(Arc::clone(json?))
+    }
+
+    /// Keeps `answer` (of `size` bytes of rows) under `key` if another
+    /// stream of the audience asked for the window before (a stream alone
+    /// in its window, catching up, keeps nothing) and the window and
+    /// audience have room.
+    fn keep(&self, key: &(Window, Audience), answer: &Arc<Answer>, size: usize) -> bool {
+        let mut shared = self.lock();
+        let Some(held) = shared.answers.get(key).map(Vec::len) else {
+            shared.answers.insert(key.clone(), Vec::new());
+            return false;
+        };
+        let used = shared.bytes.get(&key.1).copied().unwrap_or(0);
+        if used + size > MOST_ANSWER_BYTES || held >= MOST_ANSWERS_PER_WINDOW {
+            return false;
+        }
+        shared
+            .answers
+            .entry(key.clone())
+            .or_default()
+            .push(Arc::clone(answer));
+        *shared.bytes.entry(key.1.clone()).or_default() += size;
+        true
+    }
+
+    /// Counts the text of a kept `answer`, or lets the answer go if that
+    /// passes its audience's bytes.
+    fn count_text(&self, key: &(Window, Audience), answer: &Arc<Answer>, rows: usize, text: usize) {
+        let mut shared = self.lock();
+        let used = shared.bytes.get(&key.1).copied().unwrap_or(0);
+        if used.saturating_add(text) <= MOST_ANSWER_BYTES {
+            *shared.bytes.entry(key.1.clone()).or_default() += text;
+            return;
+        }
+        if let Some(list) = shared.answers.get_mut(key) {
+            list.retain(|kept| !Arc::ptr_eq(kept, answer));
+        }
+        if let Some(used) = shared.bytes.get_mut(&key.1) {
+            *used = used.saturating_sub(rows);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeptAnswers> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -527,6 +678,7 @@ async fn follow(
         if changed && commits.read {
             sender.send_replace(Arc::new(Commits {
                 scans: SharedScans::default(),
+                answers: SharedAnswers::default(),
                 ..commits.clone()
             }));
         }
@@ -665,7 +817,7 @@ pub enum LiveEvent {
     /// position after them.
     Rows {
         table: String,
-        rows_json: String,
+        rows_json: Arc<str>,
         position: String,
     },
     /// Where the stream stands, sent now and then while nothing comes.
@@ -1037,6 +1189,7 @@ impl AccessEnv {
                 };
                 stream.position.set_last_hour(table, start_ms);
                 if count > 0 {
+                    let json = Arc::from(json);
                     if let Err(ending) = self.hand_rows(stream, events, table, count, json).await {
                         return ending;
                     }
@@ -1115,7 +1268,7 @@ impl AccessEnv {
         events: &mpsc::Sender<LiveEvent>,
         table: Table,
         rows: u64,
-        json: String,
+        json: Arc<str>,
     ) -> std::result::Result<(), Ending> {
         let event = LiveEvent::Rows {
             table: table.name().to_owned(),
@@ -1157,7 +1310,7 @@ impl AccessEnv {
         commits: &Commits,
         step: &Position,
         now_ms: i64,
-    ) -> Result<Vec<(Table, u64, String)>> {
+    ) -> Result<Vec<(Table, u64, Arc<str>)>> {
         let principal = self.same_principal(stream)?;
         let followed = stream.row_tables();
         let memory_mb = self.settings.query_memory_mb;
@@ -1189,7 +1342,18 @@ impl AccessEnv {
             let df = session.ctx.sql(&format!("SELECT * FROM {name}")).await?;
             let (_, batches) = super::collect_bounded(df, &pool, principal.kind, memory_mb).await?;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let json = crate::query::format(&batches, crate::query::OutputFormat::Json)?;
+            let json = match commits.tables.get(&table) {
+                _ if rows == 0 => Arc::from("[]"),
+                Some(committed) => {
+                    let window = stream.position.unseen_sql(step, table, committed);
+                    let audience = Audience::of(&principal, &stream.purpose);
+                    commits
+                        .answers
+                        .json(table, &window, audience, batches)
+                        .await?
+                }
+                None => crate::query::format(&batches, crate::query::OutputFormat::Json)?.into(),
+            };
             unseen.push((table, rows as u64, json));
         }
         Ok(unseen)
@@ -1246,6 +1410,152 @@ impl AccessEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One batch of `column` holding `values`.
+    fn rows(column: &str, values: &[i64]) -> Vec<RecordBatch> {
+        let array: arrow::array::ArrayRef =
+            Arc::new(arrow::array::Int64Array::from(values.to_vec()));
+        vec![RecordBatch::try_from_iter([(column, array)]).expect("batch")]
+    }
+
+    fn encoded(batches: &[RecordBatch]) -> String {
+        crate::query::format(batches, crate::query::OutputFormat::Json).expect("JSON")
+    }
+
+    /// `rows` as `answers` gives them for `audience` in `window` of `table`.
+    fn answer(
+        answers: &SharedAnswers,
+        table: Table,
+        window: &str,
+        audience: &Audience,
+        rows: Vec<RecordBatch>,
+    ) -> Arc<str> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(answers.json(table, window, audience.clone(), rows))
+            .expect("json")
+    }
+
+    fn principal(id: &str, kind: PrincipalKind) -> Principal {
+        Principal {
+            id: id.to_owned(),
+            kind,
+            token_sha256: String::new(),
+            gatekeeper: false,
+            role: None,
+            eea: true,
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn operators_share_an_audience_per_purpose_and_anyone_else_has_their_own() {
+        use PrincipalKind::{Licensee, Operator, ThirdParty, User};
+        let of = |id, kind, purpose| Audience::of(&principal(id, kind), purpose);
+        assert_eq!(
+            of("ops", Operator, "operations"),
+            of("ops2", Operator, "operations")
+        );
+        assert_ne!(
+            of("ops", Operator, "operations"),
+            of("ops", Operator, "hv_warn_call")
+        );
+        for kind in [User, ThirdParty, Licensee] {
+            assert_ne!(of("a", kind, "p"), of("b", kind, "p"), "{kind:?}");
+            assert_ne!(of("a", kind, "p"), of("a", kind, "q"), "{kind:?}");
+            assert_ne!(of("a", kind, "p"), of("a", Operator, "p"), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn equal_rows_for_one_audience_share_one_text_and_any_difference_gets_its_own() {
+        use crate::core::table::Stream;
+        let charging = Table::Stream(Stream::Charging);
+        let answers = SharedAnswers::default();
+        let window = "entry > 1";
+        let ops = Audience::of(&principal("ops", PrincipalKind::Operator), "operations");
+        let alice = Audience::of(&principal("alice", PrincipalKind::User), "operations");
+        // The first stream in a window keeps nothing (it may be alone in
+        // it); the second keeps its text.
+        let alone = answer(&answers, charging, window, &ops, rows("seq", &[1, 2]));
+        assert_eq!(&*alone, encoded(&rows("seq", &[1, 2])));
+        assert_eq!(answers.lock().bytes.get(&ops), None, "nothing kept");
+        let first = answer(&answers, charging, window, &ops, rows("seq", &[1, 2]));
+        assert!(!Arc::ptr_eq(&alone, &first));
+        assert_eq!(&*first, encoded(&rows("seq", &[1, 2])));
+        // Equal rows, made apart: the same text, not encoded again.
+        let again = answer(&answers, charging, window, &ops, rows("seq", &[1, 2]));
+        assert!(Arc::ptr_eq(&first, &again));
+        // A value, a column name, a window, a table or an audience apart:
+        // each its own text, the one its rows make.
+        let diagnostics = Table::Stream(Stream::Diagnostics);
+        for (table, window, audience, other) in [
+            (charging, window, &ops, rows("seq", &[1, 3])),
+            (charging, window, &ops, rows("soc", &[1, 2])),
+            (charging, "entry > 2", &ops, rows("seq", &[1, 2])),
+            (diagnostics, window, &ops, rows("seq", &[1, 2])),
+            (charging, window, &alice, rows("seq", &[1, 2])),
+        ] {
+            let expected = encoded(&other);
+            let text = answer(&answers, table, window, audience, other);
+            assert!(!Arc::ptr_eq(&first, &text), "{audience:?} {window}");
+            assert_eq!(&*text, expected);
+        }
+    }
+
+    #[test]
+    fn a_window_keeps_its_first_answers_and_the_rest_encode_their_own() {
+        let charging = Table::Stream(crate::core::table::Stream::Charging);
+        let answers = SharedAnswers::default();
+        let ops = Audience::of(&principal("ops", PrincipalKind::Operator), "operations");
+        let most = MOST_ANSWERS_PER_WINDOW as i64;
+        let of = |value: i64| answer(&answers, charging, "w", &ops, rows("seq", &[value]));
+        of(most + 1);
+        let firsts: Vec<Arc<str>> = (0..most).map(of).collect();
+        for (value, first) in (0..most).zip(&firsts) {
+            assert!(Arc::ptr_eq(first, &of(value)), "answer {value} kept");
+        }
+        let (one, two) = (of(most), of(most));
+        assert!(!Arc::ptr_eq(&one, &two), "one past the most: not kept");
+        assert_eq!(&*one, encoded(&rows("seq", &[most])));
+    }
+
+    #[test]
+    fn an_audience_keeps_no_more_bytes_than_its_bound_and_others_are_not_counted() {
+        let charging = Table::Stream(crate::core::table::Stream::Charging);
+        let answers = SharedAnswers::default();
+        let big: Vec<i64> = (0..400_000).collect();
+        let ops = Audience::of(&principal("ops", PrincipalKind::Operator), "operations");
+        let alice = Audience::of(&principal("alice", PrincipalKind::User), "own_data_access");
+        // Rows of 3.2 MB and their text, larger: kept as long as both fit
+        // in the audience's bytes; then each stream encodes its own.
+        let mut kept = 0;
+        for window in 0..10 {
+            let window = window.to_string();
+            answer(&answers, charging, &window, &ops, rows("seq", &big));
+            let one = answer(&answers, charging, &window, &ops, rows("seq", &big));
+            let two = answer(&answers, charging, &window, &ops, rows("seq", &big));
+            kept += usize::from(Arc::ptr_eq(&one, &two));
+        }
+        let rows_size: usize = rows("seq", &big)
+            .iter()
+            .map(|b| b.get_array_memory_size())
+            .sum();
+        let text_size = encoded(&rows("seq", &big)).len();
+        assert_eq!(
+            kept,
+            MOST_ANSWER_BYTES / (rows_size + text_size),
+            "answers of {rows_size} bytes of rows and {text_size} of text"
+        );
+        let used = answers.lock().bytes.get(&ops).copied().unwrap_or(0);
+        assert!(used <= MOST_ANSWER_BYTES, "{used}");
+        // Another audience has room of its own.
+        answer(&answers, charging, "0", &alice, rows("seq", &big));
+        let one = answer(&answers, charging, "0", &alice, rows("seq", &big));
+        let two = answer(&answers, charging, "0", &alice, rows("seq", &big));
+        assert!(Arc::ptr_eq(&one, &two));
+    }
 
     #[test]
     fn a_step_shrinks_after_a_large_answer_and_grows_back_after_small_ones() {
