@@ -450,6 +450,11 @@ fn streams_at_one_position_each_get_their_own_view() {
     let mut alices = open(&alice, "own_data_access");
     let mut bobs = open(&bob, "own_data_access");
     let mut operators = open(&operator, "operations");
+    // Streams of one audience (one user's two, two operators for one
+    // purpose) are handed one JSON text per window: each still its rows.
+    let mut alices_second = open(&alice, "own_data_access");
+    let other_operator = admin.principal(r#"{"id":"ops2","kind":"operator"}"#);
+    let mut other_operators = open(&other_operator, "operations");
 
     let mqtt = server.handle.mqtt_addr();
     for round in 0..2u64 {
@@ -462,23 +467,31 @@ fn streams_at_one_position_each_get_their_own_view() {
                 charging(B, seq + 1, now - HOUR, "SE-B"),
             ],
         );
-        let (rows, _) = alices.rows_of("charging", 1);
-        assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![a], &Value::from(A)));
+        for live in [&mut alices, &mut alices_second] {
+            let (rows, _) = live.rows_of("charging", 1);
+            assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![a], &Value::from(A)));
+        }
         let (rows, _) = bobs.rows_of("charging", 1);
         assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![b], &Value::from(B)));
-        let (rows, _) = operators.rows_of("charging", 2);
-        let mut got = seqs(&rows);
-        got.sort_unstable();
-        assert_eq!(got, vec![a, b]);
-        assert!(
-            rows.iter().all(|r| r.get("vin").is_none_or(Value::is_null)),
-            "the operator's view has no VIN: {rows:?}"
-        );
+        for live in [&mut operators, &mut other_operators] {
+            let (rows, _) = live.rows_of("charging", 2);
+            let mut got = seqs(&rows);
+            got.sort_unstable();
+            assert_eq!(got, vec![a, b]);
+            assert!(
+                rows.iter().all(|r| r.get("vin").is_none_or(Value::is_null)),
+                "the operator's view has no VIN: {rows:?}"
+            );
+        }
     }
     // Neither user got the other's row meanwhile: their streams hold
     // nothing more once everything is stored and delivered.
     wait_for(|| server.handle.metrics().totals().stored == 4);
-    for (name, live) in [("alice", &mut alices), ("bob", &mut bobs)] {
+    for (name, live) in [
+        ("alice", &mut alices),
+        ("alice's second", &mut alices_second),
+        ("bob", &mut bobs),
+    ] {
         assert!(
             live.stash.iter().all(|e| e.data["table"] != "charging"),
             "{name}: {:?}",
