@@ -450,11 +450,15 @@ fn streams_at_one_position_each_get_their_own_view() {
     let mut alices = open(&alice, "own_data_access");
     let mut bobs = open(&bob, "own_data_access");
     let mut operators = open(&operator, "operations");
-    // Streams of one audience (one user's two, two operators for one
-    // purpose) are handed one JSON text per window: each still its rows.
+    // Streams of one audience (one user's three, three operators for one
+    // purpose) share a window's JSON text once the second asks for it, so
+    // the third gets the second's: each still its own view's rows.
     let mut alices_second = open(&alice, "own_data_access");
-    let other_operator = admin.principal(r#"{"id":"ops2","kind":"operator"}"#);
-    let mut other_operators = open(&other_operator, "operations");
+    let mut alices_third = open(&alice, "own_data_access");
+    let second_operator = admin.principal(r#"{"id":"ops2","kind":"operator"}"#);
+    let mut second_operators = open(&second_operator, "operations");
+    let third_operator = admin.principal(r#"{"id":"ops3","kind":"operator"}"#);
+    let mut third_operators = open(&third_operator, "operations");
 
     let mqtt = server.handle.mqtt_addr();
     for round in 0..2u64 {
@@ -467,13 +471,13 @@ fn streams_at_one_position_each_get_their_own_view() {
                 charging(B, seq + 1, now - HOUR, "SE-B"),
             ],
         );
-        for live in [&mut alices, &mut alices_second] {
+        for live in [&mut alices, &mut alices_second, &mut alices_third] {
             let (rows, _) = live.rows_of("charging", 1);
             assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![a], &Value::from(A)));
         }
         let (rows, _) = bobs.rows_of("charging", 1);
         assert_eq!((seqs(&rows), &rows[0]["vin"]), (vec![b], &Value::from(B)));
-        for live in [&mut operators, &mut other_operators] {
+        for live in [&mut operators, &mut second_operators, &mut third_operators] {
             let (rows, _) = live.rows_of("charging", 2);
             let mut got = seqs(&rows);
             got.sort_unstable();
@@ -490,6 +494,7 @@ fn streams_at_one_position_each_get_their_own_view() {
     for (name, live) in [
         ("alice", &mut alices),
         ("alice's second", &mut alices_second),
+        ("alice's third", &mut alices_third),
         ("bob", &mut bobs),
     ] {
         assert!(
