@@ -475,19 +475,15 @@ impl SharedAnswers {
     /// audience have room.
     fn keep(&self, key: &(Window, Audience), answer: &Arc<Answer>, size: usize) -> bool {
         let mut shared = self.lock();
-        let Some(held) = shared.answers.get(key).map(Vec::len) else {
+        let used = shared.bytes.get(&key.1).copied().unwrap_or(0);
+        let Some(kept) = shared.answers.get_mut(key) else {
             shared.answers.insert(key.clone(), Vec::new());
             return false;
         };
-        let used = shared.bytes.get(&key.1).copied().unwrap_or(0);
-        if used + size > MOST_ANSWER_BYTES || held >= MOST_ANSWERS_PER_WINDOW {
+        if used + size > MOST_ANSWER_BYTES || kept.len() >= MOST_ANSWERS_PER_WINDOW {
             return false;
         }
-        shared
-            .answers
-            .entry(key.clone())
-            .or_default()
-            .push(Arc::clone(answer));
+        kept.push(Arc::clone(answer));
         *shared.bytes.entry(key.1.clone()).or_default() += size;
         true
     }
