@@ -975,3 +975,55 @@ async fn every_file_fleetgate_creates_is_owner_only() {
         "{running} and {stopped} files checked"
     );
 }
+
+/// What a client sends never reaches the log through the broker's own
+/// lines: a PUBLISH before CONNECT (its payload), a client id the router
+/// refuses (a phone number), a second CONNECT (its user name and
+/// password). rumqttd logged each packet whole, at levels fleetgate's
+/// default filter lets through.
+#[test]
+fn the_broker_logs_no_packet_a_client_sent() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServeProcess::spawn(dir.path(), "");
+    let secret = "491701234567";
+
+    let topic = b"vehicles/x/charging";
+    let payload = format!(r#"{{"contact_phone":"+{secret}"}}"#);
+    let mut publish = vec![0x30, (2 + topic.len() + payload.len()) as u8];
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic);
+    publish.extend_from_slice(payload.as_bytes());
+    raw_session(server.addr, &publish);
+
+    raw_session(server.addr, &connect_packet(&format!("+{secret}")));
+
+    let mut second = b"\x00\x04MQTT\x04\xc2\x00\x0a".to_vec();
+    for field in ["probe-1", &format!("u{secret}"), &format!("p{secret}")] {
+        second.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        second.extend_from_slice(field.as_bytes());
+    }
+    let mut packets = connect_packet("probe-1");
+    packets.extend_from_slice(&[0x10, second.len() as u8]);
+    packets.extend_from_slice(&second);
+    packets.extend_from_slice(&[0xc0, 0x00]);
+    let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(&packets).expect("packets");
+    // CONNACK, then the PINGRESP: the router handled the second CONNECT.
+    let mut answers = [0u8; 6];
+    stream
+        .read_exact(&mut answers)
+        .expect("CONNACK and PINGRESP");
+    assert_eq!(answers[4..], [0xd0, 0x00]);
+    drop(stream);
+
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    for handled in ["NotConnectPacket", "Invalid client_id", "Unexpected packet"] {
+        assert!(log.contains(handled), "{handled}: {log}");
+    }
+    assert!(!log.contains(secret), "{log}");
+}

@@ -23,8 +23,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("Zero keep alive")]
     ZeroKeepAlive,
-    #[error("Not connect packet")]
-    NotConnectPacket(Packet),
+    #[error("Not connect packet: {0}")]
+    NotConnectPacket(&'static str),
     #[error("Network {0}")]
     Network(#[from] network::Error),
     #[error("Timeout")]
@@ -70,7 +70,7 @@ impl<P: Protocol> RemoteLink<P> {
         assigned_client_id: Option<String>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
-            return Err(Error::NotConnectPacket(connect_packet));
+            return Err(Error::NotConnectPacket(connect_packet.kind()));
         };
 
         // Register this connection with the router. Router replys with ack which if ok will
@@ -217,10 +217,12 @@ where
 
     let (connect, _props, login) = match packet {
         Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
-        packet => return Err(Error::NotConnectPacket(packet)),
+        packet => return Err(Error::NotConnectPacket(packet.kind())),
     };
 
-    Span::current().record("client_id", &connect.client_id);
+    // fleetgate patch: the client id is not recorded in the connection's
+    // span (every line of the connection would carry it as the vehicle
+    // chose it: a VIN, a phone number); its `connection_id` names it.
 
     if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
         // fleetgate patch: say why before closing (CONNACK 0x04 in MQTT

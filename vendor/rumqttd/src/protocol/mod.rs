@@ -40,6 +40,29 @@ pub enum Packet {
     Disconnect(Disconnect, Option<DisconnectProperties>),
 }
 
+impl Packet {
+    /// The packet's type, for a log line: never its fields, which carry
+    /// payloads, credentials and client ids (fleetgate patch).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Packet::Connect(..) => "CONNECT",
+            Packet::ConnAck(..) => "CONNACK",
+            Packet::Publish(..) => "PUBLISH",
+            Packet::PubAck(..) => "PUBACK",
+            Packet::PingReq(..) => "PINGREQ",
+            Packet::PingResp(..) => "PINGRESP",
+            Packet::Subscribe(..) => "SUBSCRIBE",
+            Packet::SubAck(..) => "SUBACK",
+            Packet::PubRec(..) => "PUBREC",
+            Packet::PubRel(..) => "PUBREL",
+            Packet::PubComp(..) => "PUBCOMP",
+            Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+            Packet::UnsubAck(..) => "UNSUBACK",
+            Packet::Disconnect(..) => "DISCONNECT",
+        }
+    }
+}
+
 //--------------------------- Connect packet -------------------------------
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PingReq;

@@ -345,7 +345,9 @@ impl Router {
     ) {
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
-            error!("Invalid client_id: {}", err);
+            // fleetgate patch: the id is not logged; it may be a phone number.
+            let _ = err;
+            error!("Invalid client_id: it holds one of + $ # /");
             return;
         };
 
@@ -1126,7 +1128,9 @@ impl Router {
                     break;
                 }
                 incoming => {
-                    warn!(packet=?incoming, "Unexpected packet received, ignoring the packet." );
+                    // fleetgate patch: the type only; a packet's fields
+                    // hold payloads and credentials.
+                    warn!(packet = incoming.kind(), "Unexpected packet received, ignoring the packet." );
                 }
             }
         }
