@@ -205,6 +205,9 @@ pub struct Metrics {
     pub streams: [StreamCounters; Stream::ALL.len()],
     /// Rejections of publishes whose topic names no stream.
     pub unrouted: RejectCounters,
+    /// Publishes whose topic names no stream, not stored because a policy
+    /// says so (the VIN in their topic has its SIM off).
+    pub unrouted_dropped: PolicyCounters,
     pub dead_letters: TableCounters,
     pub wal: WalCounters,
     /// Publishes thrown away unread by the discard sink (benchmarks only).
@@ -229,6 +232,7 @@ pub struct Metrics {
 pub struct MetricsSnapshot {
     pub streams: Vec<StreamSnapshot>,
     pub unrouted_rejected: Vec<(&'static str, u64)>,
+    pub unrouted_dropped: Vec<(&'static str, u64)>,
     pub dead_letters_stored: u64,
     pub rows_delayed_by_write_errors: u64,
     pub wal_syncs: u64,
@@ -302,6 +306,7 @@ impl Metrics {
                 })
                 .collect(),
             unrouted_rejected: self.unrouted.snapshot(),
+            unrouted_dropped: self.unrouted_dropped.snapshot(),
             dead_letters_stored: self.dead_letters.rows_stored.load(Relaxed),
             rows_delayed_by_write_errors: delayed,
             wal_syncs: self.wal.syncs.load(Relaxed),
@@ -335,6 +340,10 @@ impl Metrics {
             .iter()
             .map(|c| self.unrouted.0[c.index()].load(Relaxed))
             .sum::<u64>();
+        t.dropped += PolicyDrop::ALL
+            .iter()
+            .map(|r| self.unrouted_dropped.get(*r))
+            .sum::<u64>();
         t
     }
 
@@ -356,6 +365,7 @@ impl Metrics {
         }
         tracing::info!(
             unrouted_rejected = ?snap.unrouted_rejected,
+            unrouted_dropped = ?snap.unrouted_dropped,
             dead_letters_stored = snap.dead_letters_stored,
             publishes_discarded = self.publishes_discarded.load(Relaxed),
             rows_delayed_by_write_errors = snap.rows_delayed_by_write_errors,
@@ -550,14 +560,18 @@ impl Collector for Metrics {
             Counter,
             rejected,
         )?;
-        let dropped = Stream::ALL.iter().flat_map(|&s| {
+        let dropped_labels = Stream::ALL
+            .iter()
+            .map(|s| (s.name(), &self.stream(*s).dropped_by_policy))
+            .chain([("none", &self.unrouted_dropped)]);
+        let dropped = dropped_labels.flat_map(|(stream, counters)| {
             PolicyDrop::ALL.iter().map(move |&r| {
                 (
                     vec![
-                        ("stream", s.name().to_owned()),
+                        ("stream", stream.to_owned()),
                         ("reason", r.as_str().to_owned()),
                     ],
-                    self.stream(s).dropped_by_policy.get(r),
+                    counters.get(r),
                 )
             })
         });

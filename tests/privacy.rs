@@ -440,3 +440,71 @@ async fn rtti_dead_letters_name_no_vehicle_and_stop_with_the_sim() {
         vec![("sim_deactivated", 1)]
     );
 }
+
+/// A record that needs a consent its vehicle has not given is dropped by
+/// policy even when it is invalid too: its dead letter would keep the
+/// fields the consent protects (the call's exact position, its mileage),
+/// and the vehicle gets no key for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_record_that_needs_a_consent_is_dropped_without_it() {
+    let server = TestServer::start();
+    let precise = serde_json::json!({"latitude": 48.1234567, "longitude": 11.7654321});
+    let unknown_field = serde_json::json!({"x": 1});
+    let mut invalid = with(teleservice(B, 7, NOW, "smart_maintenance"), precise);
+    invalid = with(invalid, unknown_field);
+    publish_all(server.handle.mqtt_addr(), &[invalid]).await;
+    let metrics = server.handle.metrics().clone();
+    let teleservice_counters = || metrics.stream(Stream::Teleservice);
+    wait_for(|| {
+        teleservice_counters()
+            .records_received
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    });
+    let vault = std::sync::Arc::clone(server.handle.privacy());
+    let data = server.data_dir();
+    let totals = server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        dropped_by_policy(&totals, Stream::Teleservice),
+        vec![("no_consent_smart_maintenance", 1)]
+    );
+    assert_eq!(totals.dead_letters_stored, 0);
+    assert_eq!(count(&data, "SELECT count(*) FROM dead_letters").await, 0);
+    assert!(!parquet_text(&data).contains("48.1234567"));
+    assert_eq!(vault.vault.get(B).expect("vault"), None, "refused: no key");
+}
+
+/// A vehicle whose SIM is off has nothing stored, rejected publishes
+/// included: one to an unknown stream or topic under its VIN is dropped
+/// by policy, not dead-lettered, and gives it no key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_with_its_sim_off_has_no_rejected_topic_stored() {
+    let server = TestServer::start();
+    let deactivated = Consent {
+        sim_active: false,
+        ..Consent::default()
+    };
+    let privacy = std::sync::Arc::clone(server.handle.privacy());
+    privacy.set_consent(B, deactivated).expect("sim off");
+    publish_all(
+        server.handle.mqtt_addr(),
+        &[
+            (format!("vehicles/{B}/radio"), b"{}".to_vec()),
+            (format!("vehicles/{B}/teleservice/x"), b"{}".to_vec()),
+            (format!("vehicles/{A}/radio"), b"{}".to_vec()),
+        ],
+    )
+    .await;
+    let metrics = server.handle.metrics().clone();
+    wait_for(|| metrics.totals().rejected + metrics.totals().dropped == 3);
+    let data = server.data_dir();
+    let totals = server.handle.shutdown().expect("shutdown");
+    assert_eq!(
+        count(&data, "SELECT count(*) FROM dead_letters").await,
+        1,
+        "only A's"
+    );
+    assert_eq!(privacy.vault.get(B).expect("vault"), None, "no key for B");
+    assert!(privacy.vault.get(A).expect("vault").is_some());
+    assert_eq!(totals.unrouted_dropped, vec![("sim_deactivated", 2)]);
+}

@@ -28,7 +28,7 @@ use crate::ingest::link::{Inbound, Route, TOPIC_ROOT};
 use crate::metrics::{Metrics, PolicyDrop};
 use crate::pipeline::batch::StreamBatcher;
 use crate::pipeline::dead_letter::{self, DeadLetter};
-use crate::pipeline::decode::{self, Decoded, Limits, Record, RejectedBytes};
+use crate::pipeline::decode::{self, Decoded, Limits, Record, RejectedBytes, RejectedRecord};
 use crate::privacy::pseudo::is_vin;
 use crate::privacy::stage::{Privacy, PrivacyShared};
 use crate::schema::{
@@ -295,9 +295,11 @@ impl Worker {
     /// Decodes the round's publishes into `self.decoded` (one entry per
     /// publish, in order), then loads, at once, the keys of the vehicles
     /// whose records will use them: a stream that pseudonymises or
-    /// encrypts (RTTI does neither), and a record past the consent gates or
-    /// one rejected (its dead letter names the vehicle by pseudonym). A
-    /// vehicle whose records are all refused gets no key, as before.
+    /// encrypts (RTTI does neither), and a record past the consent gates,
+    /// valid or not (a dead letter names the vehicle by pseudonym), or a
+    /// publish whose topic is rejected but names the vehicle; never of a
+    /// vehicle whose SIM is off. A vehicle whose records are all refused
+    /// gets no key, as before.
     fn decode_round(&mut self, round: &[Inbound]) {
         if self.decoded.len() < round.len() {
             self.decoded.resize_with(round.len(), Decoded::default);
@@ -306,8 +308,12 @@ impl Worker {
         let mut vins = Vec::new();
         for (inbound, decoded) in round.iter().zip(self.decoded.iter_mut()) {
             decoded.clear();
-            let Route::Vehicle { vin, stream } = &inbound.route else {
-                continue;
+            let (vin, stream) = match &inbound.route {
+                Route::Vehicle { vin, stream } => (vin, stream),
+                Route::Rejected { topic, .. } => {
+                    vins.extend(topic_vins(topic));
+                    continue;
+                }
             };
             decode::decode(
                 registry.get(*stream),
@@ -325,8 +331,14 @@ impl Worker {
         self.privacy.load_consents(&vins);
         let mut keyed_vins = Vec::new();
         for (inbound, decoded) in round.iter().zip(self.decoded.iter()) {
-            let Route::Vehicle { vin, stream } = &inbound.route else {
-                continue;
+            let (vin, stream) = match &inbound.route {
+                Route::Vehicle { vin, stream } => (vin, stream),
+                Route::Rejected { topic, stream, .. } => {
+                    if *stream != Some(Stream::Rtti) && topic_collected(&mut self.privacy, topic) {
+                        keyed_vins.extend(topic_vins(topic));
+                    }
+                    continue;
+                }
             };
             if !self.keyed[stream.index()] {
                 continue;
@@ -337,7 +349,11 @@ impl Worker {
                 .valid
                 .iter()
                 .any(|record| refusing_gate(schema, &consent, record).is_none());
-            if stored || !decoded.rejected.is_empty() {
+            let dead_lettered = decoded
+                .rejected
+                .iter()
+                .any(|rejected| refusing_gate_of_rejected(schema, &consent, rejected).is_none());
+            if consent.sim_active && (stored || dead_lettered) {
                 keyed_vins.push(vin.as_str());
             }
         }
@@ -390,6 +406,16 @@ impl Worker {
                 topic,
                 stream,
             } => {
+                if !topic_collected(&mut self.privacy, &topic) {
+                    // Collection stops with the SIM (§1.6, §8.8): a publish
+                    // under its VIN too, whatever its topic.
+                    let dropped = match stream {
+                        Some(s) => &self.ctx.metrics.stream(s).dropped_by_policy,
+                        None => &self.ctx.metrics.unrouted_dropped,
+                    };
+                    dropped.add(PolicyDrop::SimDeactivated, 1);
+                    return;
+                }
                 let counters = match stream {
                     Some(s) => &self.ctx.metrics.stream(s).rejected,
                     None => &self.ctx.metrics.unrouted,
@@ -438,7 +464,18 @@ impl Worker {
                 self.batchers[stream.index()].push(record, &vin, received_at_ms, &mut self.privacy);
             }
         }
-        if consent.sim_active && !decoded.rejected.is_empty() {
+        if !consent.sim_active {
+            return;
+        }
+        // What a gate keeps out is not kept as a dead letter either.
+        let mut dead = Vec::with_capacity(decoded.rejected.len());
+        for rejected in &decoded.rejected {
+            match refusing_gate_of_rejected(schema, &consent, rejected) {
+                Some(gate) => dropped.add(PolicyDrop::for_consent(&gate.consent), 1),
+                None => dead.push(rejected),
+            }
+        }
+        if !dead.is_empty() {
             // RTTI is anonymous probe data (seed L2005): its dead letters name
             // no vehicle and keep no copy of a position.
             let anonymous = stream == Stream::Rtti;
@@ -448,7 +485,7 @@ impl Worker {
                 Some(id) => format!("{TOPIC_ROOT}/vin:{id}/{stream}"),
                 None => RTTI_DEAD_LETTER_TOPIC.to_owned(),
             };
-            for rejected in &decoded.rejected {
+            for rejected in dead {
                 self.ctx
                     .metrics
                     .stream(stream)
@@ -556,7 +593,7 @@ impl Worker {
                     || Stream::from_name(level).is_some()
                 {
                     level.to_owned()
-                } else if is_vin(level) && i <= VIN_LEVEL_MAX {
+                } else if is_topic_vin(i, level) {
                     format!(
                         "vin:{}",
                         self.privacy.vehicle_id(INTERNAL_DOMAIN, level, epoch)
@@ -621,6 +658,43 @@ impl Worker {
         copy.truncate(self.ctx.dead_letter_payload_bytes);
         copy
     }
+}
+
+/// The gate `rejected` would not pass had it been valid, if any; a payload
+/// that did not parse passes every gate (its bytes are never kept).
+fn refusing_gate_of_rejected<'s>(
+    schema: &'s StreamSchema,
+    consent: &Consent,
+    rejected: &RejectedRecord,
+) -> Option<&'s ConsentGate> {
+    let RejectedBytes::Json(json) = &rejected.bytes else {
+        return None;
+    };
+    schema.consent_gates.iter().find(|g| {
+        !consent.get(&g.consent)
+            && json.get(&g.field).and_then(Json::as_str) == Some(g.equals.as_str())
+    })
+}
+
+/// Whether every vehicle `topic` names has its SIM active: one that does
+/// not has nothing stored, a rejected publish under its VIN included.
+fn topic_collected(privacy: &mut Privacy, topic: &str) -> bool {
+    topic_vins(topic).all(|vin| privacy.consent(vin).sim_active)
+}
+
+/// Whether level `i` of a topic holds a vehicle's VIN.
+fn is_topic_vin(i: usize, level: &str) -> bool {
+    is_vin(level) && i <= VIN_LEVEL_MAX
+}
+
+/// The VINs a topic names (a TLS vehicle's topic names its own and the
+/// one it publishes for).
+fn topic_vins(topic: &str) -> impl Iterator<Item = &str> {
+    topic
+        .split('/')
+        .enumerate()
+        .filter(|(i, level)| is_topic_vin(*i, level))
+        .map(|(_, level)| level)
 }
 
 /// The consent gate that refuses `record` under `consent`, if any: a record
