@@ -1230,3 +1230,45 @@ fn a_stream_on_one_node_follows_rows_another_node_stored() {
     got.sort();
     assert_eq!(got, vec![2, 3], "from both nodes, once each");
 }
+
+/// A client that opens a stream and then never reads (nor closes) holds
+/// up nothing when the server stops: once the socket's buffers are full
+/// the stream cannot be written to its end, and after a short grace the
+/// stop closes the connection rather than waiting for it for ever.
+#[test]
+fn a_client_that_never_reads_does_not_hold_up_a_stop() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let operator = server
+        .admin()
+        .principal(r#"{"id":"ops","kind":"operator"}"#);
+    let mut silent = TcpStream::connect(addr).expect("connect");
+    write!(
+        silent,
+        "GET /live?tables=charging HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {operator}\r\n\
+         x-fleetgate-purpose: operations\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("request");
+    silent.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut head = [0u8; 512];
+    let read = silent.read(&mut head).expect("the answer's head");
+    assert!(
+        head[..read].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..read])
+    );
+    // Far more rows than loopback's socket buffers hold, as JSON.
+    let messages: Vec<Message> = (0..40_000)
+        .map(|seq| charging(B, seq, now - HOUR, "SE-B-0000000000000000000000000000"))
+        .collect();
+    publish_blocking(server.handle.mqtt_addr(), &messages);
+    wait_for(|| server.handle.metrics().totals().stored == 40_000);
+
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(server.handle.shutdown().is_ok());
+    });
+    assert_eq!(stopped.recv_timeout(DEADLINE), Ok(true), "the stop ended");
+    drop(silent);
+}

@@ -100,39 +100,21 @@ async fn serve(
     stopped: oneshot::Receiver<()>,
 ) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let stopped = futures::FutureExt::shared(stopped);
-    let shutdown = {
-        let stopped = stopped.clone();
-        async move {
-            let _ = stopped.await;
-        }
+    let shutdown = async move {
+        let _ = stopped.await;
     };
-    let serving = tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         // A client that vanished without closing is noticed, and its
         // queries end.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(FlightServiceServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown);
-    // A client that neither reads nor closes must not hold up a shutdown.
-    let deadline = async move {
-        let _ = stopped.await;
-        tokio::time::sleep(STOP_GRACE).await;
-    };
-    tokio::select! {
-        served = serving => {
-            if let Err(e) = served {
-                tracing::error!(error = %e, "Flight SQL stopped");
-            }
-        }
-        () = deadline => {
-            tracing::warn!("Flight SQL clients still connected at shutdown: closed");
-        }
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "Flight SQL stopped");
     }
 }
-
-/// How long a shutdown waits for Flight SQL calls under way.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What every call reads.
 struct FlightSqlEndpoint {

@@ -1,13 +1,20 @@
 //! A front-end served on a thread of its own with a single-threaded tokio
 //! runtime, so that it never competes with the pipeline's threads (its
 //! queries go to the query runtime, [`crate::ops::queries`]). The HTTP
-//! endpoint and Flight SQL both run this way.
+//! endpoint and Flight SQL both run this way. A stop gives the calls under
+//! way [`STOP_GRACE`] to end, then closes every connection: a client that
+//! neither reads nor closes must not hold up a shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
 
+use std::time::Duration;
+
 use tokio::sync::oneshot;
+
+/// How long a stop waits for the calls under way.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -40,8 +47,9 @@ impl Served {
 }
 
 /// Binds `addr` and runs `serve` on a thread named `thread_name` until
-/// stopped; `serve` gets the listener and the stop signal. `what` names the
-/// front-end in errors and logs.
+/// stopped; `serve` gets the listener and the stop signal, and is dropped
+/// with every connection [`STOP_GRACE`] after the signal if it has not
+/// ended by then. `what` names the front-end in errors and logs.
 pub fn spawn<F, Fut>(
     what: &'static str,
     thread_name: &str,
@@ -71,11 +79,26 @@ where
                 }
             };
             runtime.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, stopped).await,
-                    Err(e) => tracing::error!(error = %e, front_end = what, "listener"),
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(e) => return tracing::error!(error = %e, front_end = what, "listener"),
+                };
+                let (stop_serving, stop_signal) = oneshot::channel();
+                let serving = serve(listener, stop_signal);
+                tokio::pin!(serving);
+                tokio::select! {
+                    () = &mut serving => return,
+                    _ = stopped => {}
+                }
+                let _ = stop_serving.send(());
+                if tokio::time::timeout(STOP_GRACE, serving).await.is_err() {
+                    tracing::warn!(
+                        front_end = what,
+                        "clients still connected at shutdown: closed"
+                    );
                 }
             });
+            // Dropping the runtime drops every connection's task.
         })
         .map_err(|source| ServeError::Thread { what, source })?;
     Ok(Served {
