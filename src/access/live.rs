@@ -41,9 +41,12 @@ use arrow::array::RecordBatch;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use datafusion::datasource::{MemTable, TableProvider};
-use datafusion::prelude::SessionContext;
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryPool, MemoryReservation,
+};
+use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::DeltaTable;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio_util::task::TaskTracker;
 
@@ -344,25 +347,44 @@ pub struct Commits {
 /// would otherwise plan and scan the table on its own. Raw stored rows, as
 /// the Delta scan gives them; every stream applies its own principal's
 /// views to them. A new reading starts empty, so a deletion committed
-/// since is in the next step's rows. A window whose rows are over the query
-/// memory bound is not shared: each stream then reads it through its own
-/// views as before, so that whether a step fits never depends on rows the
-/// principal cannot see.
+/// since is in the next step's rows. The windows of one reading hold at
+/// most the query memory bound together (a stream catching up alone steps
+/// through many); a window that does not fit is not shared: each stream
+/// then reads it through its own views as before, so that whether a step
+/// fits in memory never depends on rows the principal cannot see.
 #[derive(Clone, Default)]
-struct SharedScans(Arc<Mutex<HashMap<Window, Arc<ScanCell>>>>);
+struct SharedScans {
+    cells: Arc<Mutex<HashMap<Window, Arc<ScanCell>>>>,
+    /// What the reading's windows hold, made with the first.
+    pool: Arc<std::sync::OnceLock<Arc<dyn MemoryPool>>>,
+}
 
 /// A table and a window of its WAL entries (a step's `unseen_sql`).
 type Window = (Table, String);
 /// One window's rows, read by the first step that needs them; `None` when
 /// they were too many to hold.
-type ScanCell = tokio::sync::OnceCell<Option<Arc<MemTable>>>;
+type ScanCell = tokio::sync::OnceCell<Option<HeldRows>>;
+
+/// A window's rows and their memory, counted in the reading's pool while
+/// they are held.
+struct HeldRows {
+    rows: Arc<MemTable>,
+    _memory: MemoryReservation,
+}
 
 impl SharedScans {
     /// The cell of `table`'s rows in `window`, filled by the first step
     /// that reads it.
     fn cell(&self, table: Table, window: &str) -> Arc<ScanCell> {
-        let mut scans = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(scans.entry((table, window.to_owned())).or_default())
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(cells.entry((table, window.to_owned())).or_default())
+    }
+
+    /// The pool the reading's windows are held in: `memory_mb` in all.
+    fn pool(&self, memory_mb: u32) -> Arc<dyn MemoryPool> {
+        Arc::clone(self.pool.get_or_init(|| {
+            Arc::new(GreedyMemoryPool::new((memory_mb as usize) << 20)) as Arc<dyn MemoryPool>
+        }))
     }
 }
 
@@ -558,24 +580,42 @@ impl LiveTables<'_> {
         let cell = self.commits.scans.cell(table, &window);
         let shared = cell
             .get_or_try_init(|| async {
-                let pool = Arc::clone(&files.runtime_env().memory_pool);
-                match super::collect_bounded(unseen().await?, &pool, self.kind, self.memory_mb)
-                    .await
-                {
-                    Ok((schema, batches)) => {
-                        Ok(Some(Arc::new(MemTable::try_new(schema, vec![batches])?)))
-                    }
-                    Err(AccessError::Limit(_)) => Ok(None),
-                    Err(e) => Err(e),
-                }
+                let pool = self.commits.scans.pool(self.memory_mb);
+                shared_rows(unseen().await?, &pool, self.kind, self.memory_mb).await
             })
             .await?;
         Ok(Some(match shared {
-            Some(rows) => Arc::clone(rows) as Arc<dyn TableProvider>,
+            Some(held) => Arc::clone(&held.rows) as Arc<dyn TableProvider>,
             // Too many to share: this stream's own views read the window.
             None => unseen().await?.into_view(),
         }))
     }
+}
+
+/// The rows of `window` (a scan of one table's unseen rows) to share among
+/// the streams of a reading, held in `pool`; `None` when they do not fit.
+async fn shared_rows(
+    window: DataFrame,
+    pool: &Arc<dyn MemoryPool>,
+    kind: PrincipalKind,
+    memory_mb: u32,
+) -> Result<Option<HeldRows>> {
+    let running = |e| super::limits::running_error(kind, e, memory_mb);
+    let memory = MemoryConsumer::new("fleetgate live window").register(pool);
+    let mut stream = window.execute_stream().await.map_err(running)?;
+    let schema = stream.schema();
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(running)?;
+        if memory.try_grow(batch.get_array_memory_size()).is_err() {
+            return Ok(None);
+        }
+        batches.push(batch);
+    }
+    Ok(Some(HeldRows {
+        rows: Arc::new(MemTable::try_new(schema, vec![batches])?),
+        _memory: memory,
+    }))
 }
 
 /// The follower of the process: a template receiver of its readings while
@@ -1577,6 +1617,48 @@ mod tests {
             64,
             "not past a size that was too large to answer"
         );
+    }
+
+    /// A reading's windows are read in a session of their own with no
+    /// memory bound (the private `files` session of a stream's policy):
+    /// whether their rows are shared still follows the query memory bound,
+    /// over all the windows the reading holds.
+    #[test]
+    fn a_readings_windows_hold_no_more_than_the_memory_bound_together() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let scans = SharedScans::default();
+        let held = |values: &[i64]| {
+            runtime.block_on(async {
+                let files = SessionContext::new();
+                // In batches under the scan's batch size, so that none is
+                // cut into slices that each count the whole buffer.
+                let batches: Vec<RecordBatch> = values
+                    .chunks(8_000)
+                    .flat_map(|chunk| rows("seq", chunk))
+                    .collect();
+                let table = MemTable::try_new(batches[0].schema(), vec![batches]).expect("table");
+                files
+                    .register_table("charging_committed", Arc::new(table))
+                    .expect("register");
+                let window = files
+                    .sql("SELECT * FROM charging_committed")
+                    .await
+                    .expect("plan");
+                shared_rows(window, &scans.pool(1), PrincipalKind::User, 1)
+                    .await
+                    .expect("read")
+            })
+        };
+        let over: Vec<i64> = (0..400_000).collect();
+        assert!(held(&over).is_none(), "3.2 MB of rows over a 1 MiB bound");
+        let most: Vec<i64> = (0..80_000).collect();
+        let first = held(&most);
+        assert!(first.is_some(), "640 KB fit");
+        assert!(held(&most).is_none(), "and twice that does not");
+        drop(first);
+        assert!(held(&most).is_some(), "room again once the first is let go");
     }
 
     #[test]
