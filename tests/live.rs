@@ -1272,3 +1272,43 @@ fn a_client_that_never_reads_does_not_hold_up_a_stop() {
     assert_eq!(stopped.recv_timeout(DEADLINE), Ok(true), "the stop ended");
     drop(silent);
 }
+
+/// A stream opened before its table has any commit, then resumed from
+/// its first position after a row was committed meanwhile: the row comes.
+/// The position must say "followed from the start", not "never followed"
+/// (which a resumed stream starts from now).
+#[test]
+fn a_stream_resumed_from_before_its_tables_first_commit_misses_nothing() {
+    let server = TestServer::start();
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let alice = alice_holds(&server.admin(), A, now);
+    let mqtt = server.handle.mqtt_addr();
+    let mut live =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
+    let start = live.next().expect("start");
+    assert_eq!(start.event, "start");
+    let first = start.id.expect("the start event's id is a position");
+    drop(live);
+
+    publish_blocking(mqtt, &[charging(A, 1, now - HOUR, "SE-A-1")]);
+    wait_for(|| server.handle.metrics().totals().stored == 1);
+    let mut live = LiveClient::open(
+        addr,
+        "tables=charging",
+        &alice,
+        "own_data_access",
+        Some(&first),
+    )
+    .expect("resume");
+    assert_eq!(live.next().expect("start").event, "start");
+    publish_blocking(mqtt, &[charging(A, 2, now - HOUR, "SE-A-2")]);
+    let (rows, _) = live.rows_of("charging", 2);
+    assert_eq!(
+        seqs(&rows),
+        vec![1, 2],
+        "the row missed while away, then the new one"
+    );
+    drop(live);
+    server.handle.shutdown().expect("shutdown");
+}

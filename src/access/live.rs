@@ -194,7 +194,11 @@ impl Position {
     }
 
     /// Tables of `tables` this position has nothing of (a resumed position
-    /// that followed fewer) start where `commits` stand: from now.
+    /// that followed fewer) start where `commits` stand: from now. Every
+    /// shard of this node that has not committed to the table yet is
+    /// recorded as having nothing seen, so that the position names the
+    /// table even before its first commit: resumed, it reads what came
+    /// since, rather than looking like a table it never followed.
     fn start_missing(&mut self, commits: &Commits, tables: &[Table]) {
         for &table in tables {
             if self.0.keys().any(|(t, _)| *t == table) {
@@ -204,6 +208,11 @@ impl Position {
                 for (app, &entry) in &committed.through {
                     self.0.insert((table, app.clone()), entry);
                 }
+            }
+            for shard in 0..commits.shards.count {
+                self.0
+                    .entry((table, commits.shards.app(shard)))
+                    .or_insert(-1);
             }
         }
     }
