@@ -1312,3 +1312,35 @@ fn a_stream_resumed_from_before_its_tables_first_commit_misses_nothing() {
     drop(live);
     server.handle.shutdown().expect("shutdown");
 }
+
+/// Rows handed over get their `delivered` line once the audit interval
+/// has passed even when no more rows follow: the grant holder's last read
+/// keeps up with a stream left open on a quiet vehicle.
+#[test]
+fn rows_handed_over_are_audited_on_time_without_more_rows() {
+    let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 2_000);
+    let now = fleetgate::core::clock::now_ms();
+    let addr = server.handle.admin_addr();
+    let admin = server.admin();
+    let alice = alice_holds(&admin, A, now);
+    let mut live =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+    publish_blocking(
+        server.handle.mqtt_addr(),
+        &[charging(A, 1, now - HOUR, "SE-A")],
+    );
+    let (rows, _) = live.rows_of("charging", 1);
+    assert_eq!(seqs(&rows), vec![1]);
+
+    // Nothing more comes; the stream stays open.
+    let operator = admin.principal(r#"{"id":"ops","kind":"operator"}"#);
+    let audit = r#"{"sql":"SELECT rows FROM query_audit WHERE action = 'delivered' AND principal = 'alice'","purpose":"operations"}"#;
+    wait_for(|| {
+        let (status, body) = http_request(addr, "POST", "/sql", Some(&operator), audit);
+        assert_eq!(status, 200, "{body}");
+        body.contains(r#""rows":1"#)
+    });
+    drop(live);
+    server.handle.shutdown().expect("shutdown");
+}

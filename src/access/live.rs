@@ -1252,8 +1252,13 @@ impl AccessEnv {
                 let wait_ms = u64::try_from(next_close_ms - now_ms).unwrap_or(0);
                 let hour_closes = tokio::time::sleep(Duration::from_millis(wait_ms));
                 let hourly = !stream.hourly.is_empty();
+                // Rows handed over and not audited yet get their line on
+                // time even if no more come.
+                let audit_due = tokio::time::sleep_until(stream.audited_at + self.audit_interval());
+                let unaudited = stream.rows > stream.rows_audited;
                 tokio::select! {
                     () = hour_closes, if hourly => {}
+                    () = audit_due, if unaudited => self.audit_delivered(stream),
                     () = events.closed() => return Ending::ClientGone,
                     changed = stream.commits.changed() => {
                         if changed.is_err() {
@@ -1322,28 +1327,35 @@ impl AccessEnv {
         };
         self.send(events, event).await?;
         stream.rows += rows;
-        let interval = Duration::from_millis(self.settings.live_audit_interval_ms);
-        if stream.audited_at.elapsed() >= interval {
-            let rows = stream.rows - stream.rows_audited;
-            let audited = self.audit(
-                &stream.request_id,
-                &stream.principal,
-                &stream.purpose,
-                "delivered",
-                &stream.names(),
-                Ok(stream.treatments.clone()),
-                Some(rows),
-                crate::core::clock::now_ms(),
-            );
-            match audited {
-                Ok(()) => {
-                    stream.rows_audited = stream.rows;
-                    stream.audited_at = tokio::time::Instant::now();
-                }
-                Err(error) => tracing::error!(%error, "live stream: audit"),
-            }
+        if stream.audited_at.elapsed() >= self.audit_interval() {
+            self.audit_delivered(stream);
         }
         Ok(())
+    }
+
+    fn audit_interval(&self) -> Duration {
+        Duration::from_millis(self.settings.live_audit_interval_ms)
+    }
+
+    /// A `delivered` line for the rows handed over since the last one; if
+    /// it cannot be written, they are counted in the next, an interval on.
+    fn audit_delivered(&self, stream: &mut LiveStream) {
+        let rows = stream.rows - stream.rows_audited;
+        let audited = self.audit(
+            &stream.request_id,
+            &stream.principal,
+            &stream.purpose,
+            "delivered",
+            &stream.names(),
+            Ok(stream.treatments.clone()),
+            Some(rows),
+            crate::core::clock::now_ms(),
+        );
+        match audited {
+            Ok(()) => stream.rows_audited = stream.rows,
+            Err(error) => tracing::error!(%error, "live stream: audit"),
+        }
+        stream.audited_at = tokio::time::Instant::now();
     }
 
     /// Per followed table: the rows of `commits` the stream has not seen
