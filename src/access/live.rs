@@ -1115,7 +1115,7 @@ impl AccessEnv {
                     && lag > MAX_BEHIND_ENTRIES
                 {
                     return Err(AccessError::Invalid(format!(
-                        "this position is {lag} WAL entries behind on {}, more than live access \
+                        "this position is more WAL entries behind on {} than live access \
                          catches up ({MAX_BEHIND_ENTRIES}): read what was missed with SQL \
                          (received_at) and follow from now",
                         table.name()
