@@ -580,6 +580,8 @@ impl LiveTables<'_> {
         let unseen = || async {
             let provider = crate::query::provider(&committed.table, &[files, run]).await?;
             let committed_name = format!("{name}_committed");
+            // Read twice when the window is too large to share.
+            files.deregister_table(&committed_name)?;
             files.register_table(&committed_name, provider)?;
             files
                 .sql(&format!("SELECT * FROM {committed_name} WHERE {window}"))
