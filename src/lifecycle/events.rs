@@ -285,10 +285,10 @@ pub fn apply(
             }
         }
         VehicleEvent::LegalHoldReleased => {
-            if requests::release_hold(&state.holds, &id()?)? {
+            if requests::release_hold(&state.holds, &id()?, &tag)? {
                 "legal hold released".to_owned()
             } else {
-                "no legal hold of that name".to_owned()
+                "no legal hold of that name on this vehicle".to_owned()
             }
         }
     };

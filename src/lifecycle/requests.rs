@@ -192,21 +192,26 @@ pub fn add(requests: &Document, request: DeletionRequest) -> Result<()> {
     })
 }
 
-/// Places `hold`, replacing one of the same name; returns whether it is new.
+/// Places `hold`, replacing the vehicle's hold of the same name; returns
+/// whether it is new. One name may hold several vehicles (one legal
+/// matter): each vehicle's hold stands on its own.
 pub fn place_hold(holds: &Document, hold: LegalHold) -> Result<bool> {
     holds.update(|holds: &mut Vec<LegalHold>| {
-        let new = !holds.iter().any(|h| h.name == hold.name);
-        holds.retain(|h| h.name != hold.name);
+        let same = |h: &LegalHold| h.name == hold.name && h.vehicle_tag == hold.vehicle_tag;
+        let new = !holds.iter().any(same);
+        holds.retain(|h| !same(h));
         holds.push(hold);
         new
     })
 }
 
-/// Releases the hold named `name`; returns whether there was one.
-pub fn release_hold(holds: &Document, name: &str) -> Result<bool> {
+/// Releases the hold named `name` of the vehicle tagged `vehicle_tag`;
+/// returns whether there was one.
+pub fn release_hold(holds: &Document, name: &str, vehicle_tag: &str) -> Result<bool> {
     holds.update(|holds: &mut Vec<LegalHold>| {
-        let found = holds.iter().any(|h| h.name == name);
-        holds.retain(|h| h.name != name);
+        let same = |h: &LegalHold| h.name == name && h.vehicle_tag == vehicle_tag;
+        let found = holds.iter().any(same);
+        holds.retain(|h| !same(h));
         found
     })
 }
@@ -279,8 +284,29 @@ mod tests {
         assert!(place_hold(&path, hold.clone()).expect("place"));
         assert!(!place_hold(&path, hold.clone()).expect("place again"));
         assert_eq!(load_holds(&path).expect("load"), vec![hold]);
-        assert!(release_hold(&path, "LH-1").expect("release"));
-        assert!(!release_hold(&path, "LH-1").expect("release again"));
+        assert!(release_hold(&path, "LH-1", "tag").expect("release"));
+        assert!(!release_hold(&path, "LH-1", "tag").expect("release again"));
         assert!(load_holds(&path).expect("load").is_empty());
+    }
+
+    /// One legal matter may hold several vehicles under one name: placing
+    /// it for a second vehicle must not lift the first's, and releasing
+    /// one vehicle's leaves the other's.
+    #[test]
+    fn a_hold_name_on_two_vehicles_holds_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = Document::File(dir.path().join("holds.json"));
+        let hold = |tag: &str| LegalHold {
+            name: "LH-1".into(),
+            vehicle_tag: tag.into(),
+            covers: vec![case(tag).rows],
+            placed_ms: 1,
+        };
+        assert!(place_hold(&path, hold("a")).expect("place"));
+        assert!(place_hold(&path, hold("b")).expect("place for b"));
+        assert_eq!(load_holds(&path).expect("load"), vec![hold("a"), hold("b")]);
+        assert!(!release_hold(&path, "LH-1", "c").expect("not c's"));
+        assert!(release_hold(&path, "LH-1", "b").expect("release b's"));
+        assert_eq!(load_holds(&path).expect("load"), vec![hold("a")]);
     }
 }
