@@ -116,15 +116,21 @@ pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Replaces `path` with `contents`: a temporary file, fsync'd, renamed over
-/// it, and the directory fsync'd.
+/// it, and the directory fsync'd. A replacement that fails removes its
+/// temporary file: what it held must not outlive the attempt.
 pub fn replace(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     create_dir_all(parent_dir(path))?;
     let temporary = path.with_extension("tmp");
-    let mut file = create(&temporary)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    rename_durably(&temporary, path)
+    let written = (|| {
+        let mut file = create(&temporary)?;
+        file.write_all(contents)?;
+        file.sync_all()
+    })();
+    let replaced = written.and_then(|()| rename_durably(&temporary, path));
+    if replaced.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    replaced
 }
 
 /// The JSON document at `path`; its default when the file does not exist yet.
@@ -173,5 +179,16 @@ mod tests {
         assert_eq!(mode(&path.with_extension("lock")), FILE_MODE);
         assert_eq!(mode(&dir.path().join("state/sub")), DIR_MODE);
         assert_eq!(load_json::<Vec<u32>>(&path).expect("load"), vec![7]);
+    }
+
+    /// A replacement that fails (here its rename: a directory stands at
+    /// the path) leaves nothing of what it wrote.
+    #[test]
+    fn a_failed_replacement_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("copy.wal");
+        fs::create_dir(&path).expect("a directory in the way");
+        assert!(replace(&path, b"acknowledged rows").is_err());
+        assert!(!path.with_extension("tmp").exists());
     }
 }
