@@ -308,14 +308,21 @@ pub(super) fn distributable(principal: &Principal, purpose: &Purpose) -> Result<
 }
 
 /// Functions no principal's session has: table functions make rows out of
-/// nothing (`generate_series(1, 4e9)`); `repeat`, `lpad` and `rpad` make a
-/// string as long as an argument asks, outside the memory pool; and
-/// `input_file_name`, `file_row_index` tell where a row sits among rows its
-/// view hides.
-const REMOVED_FUNCTIONS: [&str; 5] = [
+/// nothing (`generate_series(1, 4e9)`), and so do the array functions
+/// `range` and `generate_series` with `unnest`; `repeat`, `lpad`, `rpad`,
+/// `array_repeat` and `array_resize` make a string or an array as long as an
+/// argument asks, outside the memory pool (`array_repeat(1, 2e9)` asks the
+/// allocator for 16 GiB at once); and `input_file_name`, `file_row_index`
+/// tell where a row sits among rows its view hides. Removing a function
+/// removes its aliases (`list_repeat`, …).
+const REMOVED_FUNCTIONS: [&str; 9] = [
     "repeat",
     "lpad",
     "rpad",
+    "range",
+    "generate_series",
+    "array_repeat",
+    "array_resize",
     "input_file_name",
     "file_row_index",
 ];
