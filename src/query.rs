@@ -69,6 +69,8 @@ pub enum QueryError {
     Delta(Box<deltalake::DeltaTableError>),
     #[error("formatting the result: {0}")]
     Format(#[from] arrow::error::ArrowError),
+    #[error("the answer as text is over {most_bytes} bytes")]
+    TooLarge { most_bytes: usize },
 }
 
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
@@ -353,6 +355,92 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
         }
     };
     Ok(text)
+}
+
+/// [`format`] as JSON or CSV, refused with [`QueryError::TooLarge`] once the
+/// text would pass `most_bytes`: it is written a slice of rows at a time
+/// into a buffer that does not grow past that, so an answer small as Arrow
+/// (a long column name on every row, a value repeated) cannot become an
+/// unbounded text. Other formats are made whole, then measured.
+pub fn format_within(
+    batches: &[RecordBatch],
+    format: OutputFormat,
+    most_bytes: usize,
+) -> Result<String> {
+    let capped = Capped {
+        bytes: Vec::new(),
+        most: most_bytes,
+        over: false,
+    };
+    let too_large = QueryError::TooLarge { most_bytes };
+    let slices = batches.iter().flat_map(|batch| {
+        (0..batch.num_rows())
+            .step_by(SLICE_ROWS)
+            .map(|offset| batch.slice(offset, SLICE_ROWS.min(batch.num_rows() - offset)))
+    });
+    let bytes = match format {
+        OutputFormat::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(capped);
+            let written = slices
+                .map(|slice| writer.write(&slice))
+                .collect::<Result<(), _>>()
+                .and_then(|()| writer.finish());
+            match written {
+                Err(_) if writer.get_ref().over => return Err(too_large),
+                Err(e) => return Err(e.into()),
+                Ok(()) if writer.get_ref().bytes.is_empty() => b"[]".to_vec(),
+                Ok(()) => writer.into_inner().bytes,
+            }
+        }
+        OutputFormat::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(capped);
+            let written: Result<()> = slices
+                .map(|slice| Ok(writer.write(&with_text_columns(&slice)?)?))
+                .collect();
+            let capped = writer.into_inner();
+            match written {
+                Err(_) if capped.over => return Err(too_large),
+                Err(e) => return Err(e),
+                Ok(()) => capped.bytes,
+            }
+        }
+        OutputFormat::Table | OutputFormat::Ndjson => {
+            let text = self::format(batches, format)?;
+            return if text.len() > most_bytes {
+                Err(too_large)
+            } else {
+                Ok(text)
+            };
+        }
+    };
+    Ok(utf8(bytes))
+}
+
+/// Rows written at a time by [`format_within`].
+const SLICE_ROWS: usize = 1024;
+
+/// A buffer that refuses a write that would take it past `most` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    most: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.most {
+            self.over = true;
+            return Err(std::io::Error::other("the answer is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A writer's output as text: taken as it is when it is UTF-8, as the

@@ -1187,6 +1187,42 @@ async fn hostile_statements_are_bounded_and_the_server_lives() {
     server.handle.shutdown().expect("shutdown");
 }
 
+/// An answer small as Arrow can be a large text (a long column name on
+/// every row of a JSON answer): the text is held to the query memory bound
+/// too, refused with a clear 400, and the Arrow answer of the same
+/// statement still comes.
+#[test]
+fn an_answer_too_large_as_text_is_refused_with_a_limit() {
+    let server = TestServer::start_with(|c| c.access.query_memory_mb = 1);
+    let addr = server.handle.admin_addr();
+    let token = server
+        .admin()
+        .principal(r#"{"id":"lic","kind":"licensee"}"#);
+    let ask = |format: &str| {
+        let forty: Vec<String> = (0..40).map(|i| format!("({i})")).collect();
+        let values = forty.join(", ");
+        // 1,600 rows of one boolean, each named by 2,000 characters: some
+        // 200 bytes as Arrow, 3.2 MB as JSON.
+        let sql = format!(
+            "SELECT true AS \"{}\" FROM (VALUES {values}) a(v), (VALUES {values}) b(v)",
+            "x".repeat(2_000)
+        );
+        let request =
+            serde_json::json!({ "sql": sql, "purpose": "product_improvement", "format": format });
+        http_bytes(addr, "POST", "/sql", Some(&token), &request.to_string())
+    };
+    let (status, body) = ask("json");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 400, "{}", &body[..body.len().min(200)]);
+    assert!(
+        body.contains("limit") && body.contains("query_memory_mb"),
+        "{body}"
+    );
+    let (status, _) = ask("arrow");
+    assert_eq!(status, 200);
+    server.handle.shutdown().expect("shutdown");
+}
+
 /// The operator's count of the hours a view keeps whole is read from the
 /// log through the view's barrier, and the hours it filters row by row are
 /// read; the count is the view's. A user's count of their own rows reads

@@ -45,6 +45,7 @@ use crate::ops::admin_token::AdminToken;
 use crate::ops::queries::QueryRuntime;
 use crate::ops::served::{self, ServeError, Served};
 use crate::privacy::stage::PrivacyShared;
+use crate::query::OutputFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -425,41 +426,45 @@ async fn sql(
         engine,
     } = request;
     let access = Arc::clone(&state.access);
+    // Made into text on the query pool too, and within the query memory
+    // bound: an answer small as Arrow can be a large text.
     let job = async move {
         let now_ms = crate::core::clock::now_ms();
-        access
+        let answer = access
             .query_on(engine, &principal, &purpose, &sql, now_ms)
-            .await
+            .await?;
+        let most_bytes = (access.settings.query_memory_mb as usize) << 20;
+        let text = |format| {
+            crate::query::format_within(&answer.batches, format, most_bytes).map_err(|e| match e {
+                crate::query::QueryError::TooLarge { .. } => AccessError::Limit(format!(
+                    "{e}, the query memory bound (access.query_memory_mb): select fewer rows \
+                     or columns, or ask for format arrow"
+                )),
+                e => AccessError::Query(e),
+            })
+        };
+        let body = match format {
+            ResultFormat::Json => ("application/json", text(OutputFormat::Json)?.into_bytes()),
+            ResultFormat::Csv => ("text/csv", text(OutputFormat::Csv)?.into_bytes()),
+            ResultFormat::Arrow => (
+                "application/vnd.apache.arrow.stream",
+                arrow_ipc(&answer.batches).map_err(AccessError::Query)?,
+            ),
+        };
+        Ok((answer.request_id.clone(), body))
     };
-    let answer = match run_query(&queries, job).await {
-        Ok(answer) => answer,
+    let (request_id, (content_type, bytes)) = match run_query(&queries, job).await {
+        Ok(answered) => answered,
         Err(response) => return response,
     };
-    let body = match format {
-        ResultFormat::Json => {
-            crate::query::format(&answer.batches, crate::query::OutputFormat::Json)
-                .map(|text| ("application/json", text.into_bytes()))
-        }
-        ResultFormat::Csv => crate::query::format(&answer.batches, crate::query::OutputFormat::Csv)
-            .map(|text| ("text/csv", text.into_bytes())),
-        ResultFormat::Arrow => {
-            arrow_ipc(&answer.batches).map(|bytes| ("application/vnd.apache.arrow.stream", bytes))
-        }
-    };
-    match body {
-        Ok((content_type, bytes)) => (
-            [
-                (header::CONTENT_TYPE, content_type.to_owned()),
-                (
-                    header::HeaderName::from_static("x-request-id"),
-                    answer.request_id,
-                ),
-            ],
-            bytes,
-        )
-            .into_response(),
-        Err(e) => access_error(&AccessError::Query(e)),
-    }
+    (
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (header::HeaderName::from_static("x-request-id"), request_id),
+        ],
+        bytes,
+    )
+        .into_response()
 }
 
 fn arrow_ipc(batches: &[arrow::array::RecordBatch]) -> Result<Vec<u8>, crate::query::QueryError> {
