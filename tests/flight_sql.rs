@@ -73,6 +73,7 @@ out["hidden_table"] = attempt(lambda: rows(alice, own, "SELECT count(*) FROM rtt
 out["no_token"] = attempt(lambda: rows(None, own, "SELECT 1"))
 out["parameters"] = attempt(lambda: rows(alice, own, "SELECT vin, contract_number FROM charging WHERE seq = $1", (1,)))
 out["parameters_none_match"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq = $1", (7,)))
+out["parameter_mistyped"] = attempt(lambda: rows(alice, own, "SELECT vin FROM charging WHERE seq = $1", ("WMW11DJ04N2T09999",)))
 
 # `field` and `command`: PROTOBUF, run before this.
 
@@ -255,6 +256,16 @@ async fn adbc_and_pyarrow_query_through_the_same_policy_and_audit() {
         error_of(&out["parameters_unbound"]).contains("prepare it and bind"),
         "{out}"
     );
+    // A value that does not fit its parameter is refused naming the
+    // parameter, never quoting the value: not in the reply, not in the audit.
+    let mistyped = error_of(&out["parameter_mistyped"]);
+    assert!(mistyped.contains("parameter $1"), "{out}");
+    let value = "WMW11DJ04N2T09999";
+    assert!(!mistyped.contains(value), "{out}");
+    for file in files_under(&server.config.access.audit_dir) {
+        let text = std::fs::read_to_string(&file).expect("audit file");
+        assert!(!text.contains(value), "{}: {text}", file.display());
+    }
     assert!(
         error_of(&out["forged_ticket"]).contains("not one this server handed out"),
         "{out}"

@@ -233,8 +233,12 @@ fn typed_as_expected(plan: &LogicalPlan, values: ParamValues) -> Result<ParamVal
         if let Some(Some(data_type)) = expected.get(&id)
             && value.value.data_type() != *data_type
         {
-            value.value = value.value.cast_to(data_type).map_err(|e| {
-                AccessError::Invalid(format!("parameter {id} is not a {data_type}: {e}"))
+            // Arrow's cast error quotes the value: name its type only.
+            let given = value.value.data_type();
+            value.value = value.value.cast_to(data_type).map_err(|_| {
+                AccessError::Invalid(format!(
+                    "parameter {id} is not a {data_type}: a {given} value that does not cast to it"
+                ))
             })?;
         }
         typed.push(value);
