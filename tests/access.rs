@@ -946,6 +946,60 @@ async fn revocation_gatekeepers_audit_and_export() {
 }
 
 /// `POST /sql` and `GET /export` on a running server, with bearer tokens.
+/// A grant ends at its `until`: past it the recipient reads nothing more,
+/// not even the rows of the period it covered (as after a revocation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_grant_gives_nothing_more() {
+    let f = fixture().await;
+    let repair = "repair_and_maintenance";
+    principal(
+        &f.env,
+        "late",
+        PrincipalKind::ThirdParty,
+        Some(Role::IndependentRepair),
+        true,
+    );
+    let request = |until_ms| GrantRequest {
+        user: "alice".into(),
+        recipient: "late".into(),
+        vin: A.into(),
+        streams: vec!["teleservice".into()],
+        purpose: repair.into(),
+        from_ms: Some(NOW - 30 * DAY),
+        until_ms: Some(until_ms),
+    };
+    f.env
+        .give_grant(request(NOW + DAY), NOW)
+        .expect("grant in force");
+    assert_eq!(
+        f.rows("late", repair, "SELECT seq FROM teleservice")
+            .await
+            .len(),
+        1
+    );
+    principal(
+        &f.env,
+        "gone",
+        PrincipalKind::ThirdParty,
+        Some(Role::IndependentRepair),
+        true,
+    );
+    let ended = GrantRequest {
+        recipient: "gone".into(),
+        ..request(NOW - HOUR)
+    };
+    f.env
+        .give_grant(ended, NOW - 2 * HOUR)
+        .expect("grant that ended");
+    f.refused(
+        "gone",
+        repair,
+        "SELECT seq FROM teleservice",
+        "no grant in force",
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_and_export_over_http() {
     let server = TestServer::start();

@@ -219,8 +219,8 @@ impl AccessRegistry {
         self.tenures.iter().filter(move |t| t.user == user)
     }
 
-    /// The grants in force for `recipient` at `now_ms`: not revoked, and
-    /// none at all for a gatekeeper.
+    /// The grants in force for `recipient` at `now_ms`: not revoked, not
+    /// past their `until`, and none at all for a gatekeeper.
     pub fn grants_for<'a>(
         &'a self,
         recipient: &'a Principal,
@@ -230,6 +230,7 @@ impl AccessRegistry {
             !recipient.gatekeeper
                 && g.recipient == recipient.id
                 && g.revoked_ms.is_none_or(|at| at > now_ms)
+                && g.until_ms.is_none_or(|until| until > now_ms)
         })
     }
 
