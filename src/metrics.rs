@@ -139,13 +139,16 @@ pub enum PolicyDrop {
     ConsentProductQuality,
     /// The vehicle's SIM is deactivated: collection stops (§1.6, §8.8).
     SimDeactivated,
+    /// The vehicle's charge history is switched off (L1082-1084).
+    ChargeHistoryOff,
 }
 
 impl PolicyDrop {
-    pub const ALL: [PolicyDrop; 3] = [
+    pub const ALL: [PolicyDrop; 4] = [
         PolicyDrop::ConsentSmartMaintenance,
         PolicyDrop::ConsentProductQuality,
         PolicyDrop::SimDeactivated,
+        PolicyDrop::ChargeHistoryOff,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -153,6 +156,7 @@ impl PolicyDrop {
             PolicyDrop::ConsentSmartMaintenance => "no_consent_smart_maintenance",
             PolicyDrop::ConsentProductQuality => "no_consent_product_quality",
             PolicyDrop::SimDeactivated => "sim_deactivated",
+            PolicyDrop::ChargeHistoryOff => "charge_history_off",
         }
     }
 

@@ -531,3 +531,40 @@ async fn rows_a_released_hold_kept_past_their_rule_go_at_the_next_sweep() {
     wait_for(|| charging().rows_expired.load(Relaxed) == 1);
     server.handle.shutdown().expect("shutdown");
 }
+
+/// Switching the charge history off deletes its rows and stops it: a
+/// charging record the vehicle sends afterwards is dropped by policy, not
+/// stored (and kept for its rule once the deletion request has retired);
+/// switched on again, the next one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_history_switched_off_stores_no_charging_record() {
+    let server = TestServer::start();
+    let admin = &server.admin();
+    let mqtt = server.handle.mqtt_addr();
+    let metrics = server.handle.metrics().clone();
+    let charging_counters = || metrics.stream(Stream::Charging);
+    let off = accepted(
+        admin,
+        r#"{"event":"charge_history_off","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    assert!(off.contains("charge_history_on"), "{off}");
+    publish_all(mqtt, &[charging(A, 1, TEST_NOW_MS, "SE-A-1")]).await;
+    wait_for(|| charging_counters().records_received.load(Relaxed) == 1);
+    wait_for(|| metrics.totals().dropped == 1);
+    assert_eq!(charging_counters().table.rows_stored.load(Relaxed), 0);
+
+    let on = accepted(
+        admin,
+        r#"{"event":"charge_history_on","vin":"WMW11DJ04N2T00001"}"#,
+    );
+    assert!(on.contains("charge_history=true"), "{on}");
+    publish_all(mqtt, &[charging(A, 2, TEST_NOW_MS, "SE-A-2")]).await;
+    wait_for(|| charging_counters().table.rows_stored.load(Relaxed) == 1);
+    assert_eq!(
+        charging_counters()
+            .dropped_by_policy
+            .get(PolicyDrop::ChargeHistoryOff),
+        1
+    );
+    server.handle.shutdown().expect("shutdown");
+}

@@ -9,15 +9,20 @@ pub struct Consent {
     pub product_quality: bool,
     /// False after SIM deactivation (§1.6, §8.8): collection stops.
     pub sim_active: bool,
+    /// False while the charge history is switched off (L1082-1084): no
+    /// charging record is stored.
+    pub charge_history: bool,
 }
 
 impl Default for Consent {
-    /// The seed's defaults: opt-in functions off, SIM active.
+    /// The seed's defaults: opt-in functions off, SIM active, charge
+    /// history on.
     fn default() -> Self {
         Self {
             smart_maintenance: false,
             product_quality: false,
             sim_active: true,
+            charge_history: true,
         }
     }
 }
@@ -39,6 +44,7 @@ impl Consent {
         u8::from(self.smart_maintenance)
             | u8::from(self.product_quality) << 1
             | u8::from(!self.sim_active) << 2
+            | u8::from(!self.charge_history) << 3
     }
 
     /// The inverse of [`Consent::to_flags`].
@@ -47,6 +53,7 @@ impl Consent {
             smart_maintenance: flags & 1 != 0,
             product_quality: flags & 2 != 0,
             sim_active: flags & 4 == 0,
+            charge_history: flags & 8 == 0,
         }
     }
 }

@@ -67,8 +67,10 @@ pub enum VehicleEvent {
     /// An opt-in consent (Smart Maintenance, Product Quality) withdrawn.
     ConsentWithdrawn,
     ConsentGiven,
-    /// Charge history switched off (L1082-1084).
+    /// Charge history switched off (L1082-1084): its rows go, and no
+    /// charging record is stored until it is switched on again.
     ChargeHistoryOff,
+    ChargeHistoryOn,
     /// A teleservice case closed (L2505-2507).
     CaseClosed,
     /// A remote-managed charging session ended (L1085-1087).
@@ -93,6 +95,7 @@ impl VehicleEvent {
             VehicleEvent::ConsentWithdrawn => "consent_withdrawn",
             VehicleEvent::ConsentGiven => "consent_given",
             VehicleEvent::ChargeHistoryOff => "charge_history_off",
+            VehicleEvent::ChargeHistoryOn => "charge_history_on",
             VehicleEvent::CaseClosed => "case_closed",
             VehicleEvent::ChargingSessionEnded => "charging_session_ended",
             VehicleEvent::AnalysisCompleted => "analysis_completed",
@@ -170,8 +173,11 @@ pub fn apply(
         change(&mut consent);
         privacy.set_consent(vin, consent)?;
         Ok(format!(
-            "smart_maintenance={} product_quality={} sim_active={}",
-            consent.smart_maintenance, consent.product_quality, consent.sim_active
+            "smart_maintenance={} product_quality={} sim_active={} charge_history={}",
+            consent.smart_maintenance,
+            consent.product_quality,
+            consent.sim_active,
+            consent.charge_history
         ))
     };
     let consent = || {
@@ -205,6 +211,7 @@ pub fn apply(
         }
         VehicleEvent::SimDeactivated => set(&|c| c.sim_active = false)?,
         VehicleEvent::SimActivated => set(&|c| c.sim_active = true)?,
+        VehicleEvent::ChargeHistoryOn => set(&|c| c.charge_history = true)?,
         VehicleEvent::ConsentWithdrawn | VehicleEvent::ConsentGiven => {
             let kind = consent()?;
             let on = event == VehicleEvent::ConsentGiven;
@@ -251,7 +258,14 @@ pub fn apply(
                     requested_ms: now_ms,
                 },
             )?;
-            format!("{table} rows hidden now, deleted from disk by the next retention sweep")
+            let effect =
+                format!("{table} rows hidden now, deleted from disk by the next retention sweep");
+            if event == VehicleEvent::ChargeHistoryOff {
+                set(&|c| c.charge_history = false)?;
+                format!("{effect}; no charging record is stored until charge_history_on")
+            } else {
+                effect
+            }
         }
         VehicleEvent::LegalHoldPlaced => {
             let covers = match &request.case_id {

@@ -353,7 +353,7 @@ impl Worker {
                 .rejected
                 .iter()
                 .any(|rejected| refusing_gate_of_rejected(schema, &consent, rejected).is_none());
-            if consent.sim_active && (stored || dead_lettered) {
+            if collection_stopped(*stream, &consent).is_none() && (stored || dead_lettered) {
                 keyed_vins.push(vin.as_str());
             }
         }
@@ -447,14 +447,16 @@ impl Worker {
         self.received_bytes[stream.index()] += payload.len() as u64;
         let consent = self.privacy.consent(&vin);
         let dropped = &self.ctx.metrics.stream(stream).dropped_by_policy;
-        if !consent.sim_active && !decoded.rejected.is_empty() {
-            // Collection stops with the SIM (§1.6, §8.8): rejected records too.
-            dropped.add(PolicyDrop::SimDeactivated, decoded.rejected.len() as u64);
+        let stopped = collection_stopped(stream, &consent);
+        if let Some(reason) = stopped {
+            // Collection stops with the SIM (§1.6, §8.8), and the charge
+            // history while it is off (L1082-1084): rejected records too.
+            dropped.add(reason, decoded.rejected.len() as u64);
         }
         if !decoded.valid.is_empty() {
             for record in &decoded.valid {
-                if !consent.sim_active {
-                    dropped.add(PolicyDrop::SimDeactivated, 1);
+                if let Some(reason) = stopped {
+                    dropped.add(reason, 1);
                     continue;
                 }
                 if let Some(gate) = refusing_gate(schema, &consent, record) {
@@ -464,7 +466,7 @@ impl Worker {
                 self.batchers[stream.index()].push(record, &vin, received_at_ms, &mut self.privacy);
             }
         }
-        if !consent.sim_active {
+        if stopped.is_some() {
             return;
         }
         // What a gate keeps out is not kept as a dead letter either.
@@ -674,6 +676,18 @@ fn refusing_gate_of_rejected<'s>(
         !consent.get(&g.consent)
             && json.get(&g.field).and_then(Json::as_str) == Some(g.equals.as_str())
     })
+}
+
+/// Why nothing of `stream` is collected from a vehicle with `consent`, if
+/// so: its SIM is off, or (charging) its charge history is.
+fn collection_stopped(stream: Stream, consent: &Consent) -> Option<PolicyDrop> {
+    if !consent.sim_active {
+        Some(PolicyDrop::SimDeactivated)
+    } else if stream == Stream::Charging && !consent.charge_history {
+        Some(PolicyDrop::ChargeHistoryOff)
+    } else {
+        None
+    }
 }
 
 /// Whether every vehicle `topic` names has its SIM active: one that does
