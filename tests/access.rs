@@ -1555,3 +1555,31 @@ async fn answers_not_yet_dropped_count_against_the_principals_limit() {
     drop(first);
     ask().await.expect("a dropped answer frees its turn");
 }
+
+/// A user's account page reads the whole query audit and runs a scan per
+/// grant: it counts as one of the user's requests like a query, so a user
+/// cannot run any number of them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_page_counts_against_the_principals_limit() {
+    let (config, _dir) = TestServer::start().stop();
+    let privacy = PrivacyShared::open(&config).expect("vault");
+    let env = AccessEnv::new(&config, Some(privacy)).expect("access env");
+    env.add_principal("alice", PrincipalKind::User, None, false, false, NOW)
+        .expect("alice");
+    let alice = env.principal("alice").expect("alice");
+    env.account(&alice, NOW).await.expect("an account page");
+    let own = "own_data_access";
+    let _first = env
+        .query(&alice, own, "SELECT 1", NOW)
+        .await
+        .expect("first");
+    let _second = env
+        .query(&alice, own, "SELECT 1", NOW)
+        .await
+        .expect("second");
+    let third = env.account(&alice, NOW).await;
+    assert!(
+        matches!(&third, Err(e) if e.to_string().contains("max_queries_per_principal")),
+        "{third:?}"
+    );
+}

@@ -11,7 +11,9 @@ use super::{AccessEnv, AccessError, DAY_MS, Result, audit, rfc3339};
 use crate::lifecycle::requests::{MatchValue, sql_literal};
 
 impl AccessEnv {
-    /// The account of `user`: vehicles held, grants given, last reads.
+    /// The account of `user`: vehicles held, grants given, last reads. It
+    /// reads the query audit, so it runs as a query does: one of the user's
+    /// requests, in a query slot, within the time limit.
     pub async fn account(&self, user: &Principal, now_ms: i64) -> Result<Value> {
         if user.kind != PrincipalKind::User {
             return Err(AccessError::Refused(format!(
@@ -20,6 +22,11 @@ impl AccessEnv {
                 user.kind.name()
             )));
         }
+        let _running = self.start(user)?;
+        self.bounded(self.account_page(user, now_ms)).await
+    }
+
+    async fn account_page(&self, user: &Principal, now_ms: i64) -> Result<Value> {
         let registry = self.registry()?;
         let vehicles: Vec<Value> = registry
             .vehicles_held(&user.id)
