@@ -367,7 +367,7 @@ pub fn format_within(
     format: OutputFormat,
     most_bytes: usize,
 ) -> Result<String> {
-    let capped = Capped {
+    let mut capped = Capped {
         bytes: Vec::new(),
         most: most_bytes,
         over: false,
@@ -378,33 +378,27 @@ pub fn format_within(
             .step_by(SLICE_ROWS)
             .map(|offset| batch.slice(offset, SLICE_ROWS.min(batch.num_rows() - offset)))
     });
-    let bytes = match format {
+    // The writers write into `capped` through a borrow and are dropped
+    // before it is read: the CSV writer's `into_inner` unwraps its last
+    // flush, which `capped` may refuse.
+    let written: Result<()> = match format {
         OutputFormat::Json => {
-            let mut writer = arrow::json::ArrayWriter::new(capped);
-            let written = slices
-                .map(|slice| writer.write(&slice))
-                .collect::<Result<(), _>>()
-                .and_then(|()| writer.finish());
-            match written {
-                Err(_) if writer.get_ref().over => return Err(too_large),
-                Err(e) => return Err(e.into()),
-                Ok(()) if writer.get_ref().bytes.is_empty() => b"[]".to_vec(),
-                Ok(()) => writer.into_inner().bytes,
+            let mut writer = arrow::json::ArrayWriter::new(&mut capped);
+            let mut written: Result<()> = slices.map(|slice| Ok(writer.write(&slice)?)).collect();
+            if written.is_ok() {
+                written = writer.finish().map_err(QueryError::from);
             }
+            written
         }
         OutputFormat::Csv => {
             let mut writer = arrow::csv::WriterBuilder::new()
                 .with_header(true)
-                .build(capped);
-            let written: Result<()> = slices
+                .build(&mut capped);
+            // Dropping the writer flushes what it buffered, ignoring a
+            // refusal, which `capped.over` records.
+            slices
                 .map(|slice| Ok(writer.write(&with_text_columns(&slice)?)?))
-                .collect();
-            let capped = writer.into_inner();
-            match written {
-                Err(_) if capped.over => return Err(too_large),
-                Err(e) => return Err(e),
-                Ok(()) => capped.bytes,
-            }
+                .collect()
         }
         OutputFormat::Table | OutputFormat::Ndjson => {
             let text = self::format(batches, format)?;
@@ -415,6 +409,15 @@ pub fn format_within(
             };
         }
     };
+    match written {
+        _ if capped.over => return Err(too_large),
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    let mut bytes = capped.bytes;
+    if bytes.is_empty() && format == OutputFormat::Json {
+        bytes = b"[]".to_vec();
+    }
     Ok(utf8(bytes))
 }
 

@@ -945,7 +945,6 @@ async fn revocation_gatekeepers_audit_and_export() {
     assert_eq!(json["tables"]["charging"][0]["contract_number"], "SE-A-1");
 }
 
-/// `POST /sql` and `GET /export` on a running server, with bearer tokens.
 /// A grant ends at its `until`: past it the recipient reads nothing more,
 /// not even the rows of the period it covered (as after a revocation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1000,6 +999,7 @@ async fn an_expired_grant_gives_nothing_more() {
     .await;
 }
 
+/// `POST /sql` and `GET /export` on a running server, with bearer tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_and_export_over_http() {
     let server = TestServer::start();
@@ -1274,6 +1274,22 @@ fn an_answer_too_large_as_text_is_refused_with_a_limit() {
     );
     let (status, _) = ask("arrow");
     assert_eq!(status, 200);
+    // As CSV the name comes once, but 262,144 rows of `true` are 1.3 MB of
+    // text (32 kB of Arrow): refused the same way.
+    let sixty_four: Vec<String> = (0..64).map(|i| format!("({i})")).collect();
+    let values = sixty_four.join(", ");
+    let sql = format!(
+        "SELECT true AS t FROM (VALUES {values}) a(v), (VALUES {values}) b(v), \
+         (VALUES {values}) c(v)"
+    );
+    let request =
+        serde_json::json!({ "sql": sql, "purpose": "product_improvement", "format": "csv" });
+    let (status, body) = http_request(addr, "POST", "/sql", Some(&token), &request.to_string());
+    assert_eq!(status, 400, "{}", &body[..body.len().min(200)]);
+    assert!(
+        body.contains("limit") && body.contains("query_memory_mb"),
+        "{body}"
+    );
     server.handle.shutdown().expect("shutdown");
 }
 
