@@ -1223,13 +1223,36 @@ async fn collect_bounded(
     let schema = stream.schema();
     let mut batches = Vec::new();
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(running)?;
+        let batch = compact_views(batch.map_err(running)?)?;
         answer
             .try_grow(batch.get_array_memory_size())
             .map_err(running)?;
         batches.push(batch);
     }
     Ok((schema, batches))
+}
+
+/// `batch` with its string and binary views copied out of the buffers they
+/// point into: a few rows a view keeps of a large page would otherwise hold
+/// (and count against the bound) the whole page, so whether an answer fits
+/// would depend on the rows the view hides.
+fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
+    use arrow::array::{ArrayRef, AsArray};
+    use arrow::datatypes::DataType;
+    let is_view = |c: &ArrayRef| matches!(c.data_type(), DataType::Utf8View | DataType::BinaryView);
+    if !batch.columns().iter().any(is_view) {
+        return Ok(batch);
+    }
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
+            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
+            _ => Arc::clone(c),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns).map_err(DataFusionError::from)?)
 }
 
 const DAY_MS: i64 = 86_400_000;
