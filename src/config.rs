@@ -501,11 +501,13 @@ impl Config {
             || a.query_threads == 0
             || a.live_poll_ms == 0
             || a.max_live_per_principal == 0
+            || a.live_audit_interval_ms == 0
         {
             return invalid(
                 "access.max_statement_bytes, query_memory_mb, export_memory_mb, \
                  query_timeout_ms, max_concurrent_queries, max_queries_per_principal, \
-                 query_threads, live_poll_ms and max_live_per_principal must be > 0"
+                 query_threads, live_poll_ms, max_live_per_principal and \
+                 live_audit_interval_ms must be > 0"
                     .into(),
             );
         }

@@ -178,6 +178,17 @@ fn alice_holds(admin: &Admin, vin: &str, now: i64) -> String {
     alice
 }
 
+/// Alice (holding vehicle A since a day before `now`) following `charging`
+/// on `server`, past the stream's `start` event.
+fn alice_follows_charging(server: &TestServer, now: i64) -> LiveClient {
+    let alice = alice_holds(&server.admin(), A, now);
+    let addr = server.handle.admin_addr();
+    let mut live =
+        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
+    assert_eq!(live.next().expect("start").event, "start");
+    live
+}
+
 /// Registers the repair shop `repair` and has alice grant it her vehicle
 /// A's teleservice data from a day before `now`; its token and the grant id.
 fn alice_grants_repair(admin: &Admin, alice: &str, now: i64) -> (String, String) {
@@ -515,12 +526,7 @@ fn streams_at_one_position_each_get_their_own_view() {
 fn a_window_too_large_to_share_is_read_through_the_streams_own_view() {
     let server = TestServer::start_with(|c| c.access.query_memory_mb = 1);
     let now = fleetgate::core::clock::now_ms();
-    let addr = server.handle.admin_addr();
-    let admin = server.admin();
-    let alice = alice_holds(&admin, A, now);
-    let mut live =
-        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
-    assert_eq!(live.next().expect("start").event, "start");
+    let mut live = alice_follows_charging(&server, now);
 
     // Over a MiB of another vehicle's rows in the same commits as hers.
     let mut messages: Vec<Message> = (0..6000)
@@ -542,12 +548,9 @@ fn an_open_stream_audits_what_it_delivered_as_it_goes() {
     let now = fleetgate::core::clock::now_ms();
     let addr = server.handle.admin_addr();
     let admin = server.admin();
-    let alice = alice_holds(&admin, A, now);
+    let mut live = alice_follows_charging(&server, now);
     let mqtt = server.handle.mqtt_addr();
     let publish = |messages: &[Message]| publish_blocking(mqtt, messages);
-    let mut live =
-        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
-    assert_eq!(live.next().expect("start").event, "start");
     for seq in 1..=3 {
         publish(&[charging(A, seq, now - HOUR, "SE-A")]);
         let (rows, _) = live.rows_of("charging", 1);
@@ -1042,11 +1045,7 @@ fn a_table_from_before_the_wal_columns_is_migrated_and_followed_live() {
         dir,
     };
     let now = fleetgate::core::clock::now_ms();
-    let alice = alice_holds(&server.admin(), A, now);
-    let addr = server.handle.admin_addr();
-    let mut live =
-        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
-    assert_eq!(live.next().expect("start").event, "start");
+    let mut live = alice_follows_charging(&server, now);
     runtime.block_on(publish_all(
         server.handle.mqtt_addr(),
         &[charging(A, 1, now - HOUR, "SE-A-1")],
@@ -1318,14 +1317,11 @@ fn a_stream_resumed_from_before_its_tables_first_commit_misses_nothing() {
 /// keeps up with a stream left open on a quiet vehicle.
 #[test]
 fn rows_handed_over_are_audited_on_time_without_more_rows() {
-    let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 2_000);
+    let server = TestServer::start_with(|c| c.access.live_audit_interval_ms = 10_000);
     let now = fleetgate::core::clock::now_ms();
     let addr = server.handle.admin_addr();
     let admin = server.admin();
-    let alice = alice_holds(&admin, A, now);
-    let mut live =
-        LiveClient::open(addr, "tables=charging", &alice, "own_data_access", None).expect("open");
-    assert_eq!(live.next().expect("start").event, "start");
+    let mut live = alice_follows_charging(&server, now);
     publish_blocking(
         server.handle.mqtt_addr(),
         &[charging(A, 1, now - HOUR, "SE-A")],

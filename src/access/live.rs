@@ -1225,6 +1225,13 @@ impl AccessEnv {
             if events.is_closed() {
                 return Ending::ClientGone;
             }
+            // Rows handed over get their line on time while the stream
+            // steps through other rows too (idle, the wait below sees to it).
+            if stream.rows > stream.rows_audited
+                && stream.audited_at.elapsed() >= self.audit_interval()
+            {
+                self.audit_delivered(stream);
+            }
             let now_ms = crate::core::clock::now_ms();
             if let Some((table, start_ms)) = stream.hour_due(now_ms) {
                 let hour = self
