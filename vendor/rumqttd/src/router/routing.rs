@@ -346,12 +346,12 @@ impl Router {
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
             // fleetgate patch: the id is not logged; it may be a phone number.
-            let _ = err;
+            debug_assert!(matches!(err, RouterError::InvalidClientId(_)));
             error!("Invalid client_id: it holds one of + $ # /");
             return;
         };
 
-        let span = tracing::info_span!("incoming_connect", client_id);
+        let span = tracing::info_span!("incoming_connect");
         let _guard = span.enter();
 
         // fleetgate patch: a network client never replaces an in-process link
@@ -516,7 +516,7 @@ impl Router {
             }
         };
 
-        let span = tracing::info_span!("incoming_disconnect", client_id);
+        let span = tracing::info_span!("incoming_disconnect");
         let _guard = span.enter();
 
         // must handle last will before sending disconnect packet
@@ -721,7 +721,7 @@ impl Router {
         // entry and its fields formatted, for every batch and every publish
         // (13 % of the server's instructions under load), and the errors
         // below are rare; `[>] incoming` above still names the connection.
-        let span = tracing::debug_span!("incoming_payload", client_id);
+        let span = tracing::debug_span!("incoming_payload");
         let _guard = span.enter();
 
         // fleetgate patch: the packets are moved into the router's own
@@ -1642,7 +1642,7 @@ fn validate_and_set_topic_alias(
 /// We write everything to outgoing buf with out worrying about buffer size
 /// because acks most certainly won't cause memory bloat
 fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
-    let span = tracing::info_span!("outgoing_ack", client_id = outgoing.client_id);
+    let span = tracing::info_span!("outgoing_ack");
     let _guard = span.enter();
 
     let acks = ackslog.readv();
@@ -1702,7 +1702,7 @@ fn forward_device_data(
     connection: &mut Connection,
     shared_group: Option<&mut SharedGroup>,
 ) -> ConsumeStatus {
-    let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
+    let span = tracing::info_span!("outgoing_publish");
     let _guard = span.enter();
 
     if let Some(ref shared_group) = shared_group {
@@ -2021,7 +2021,6 @@ fn validate_subscription(
 }
 
 fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
-    trace!("Validating Client ID = {}", client_id,);
     // Ensure that only client devices of the tenant can
     if "+$#/".chars().any(|c| client_id.contains(c)) {
         return Err(RouterError::InvalidClientId(client_id.to_string()));
