@@ -664,16 +664,19 @@ fn retention(config: &Config, dry_run: bool) -> anyhow::Result<()> {
     let state = fleetgate::lifecycle::requests::LifecycleState::open(config)?;
     let rules = Retention::current(config.retention.rules_file.as_deref(), &state, &registry)?;
     let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
-    // In a cluster, requests stay active while nodes' WAL copies older
-    // than them wait to be stored (as in the server's sweep).
-    let unstored_since_ms =
-        match !config.cluster.control_plane.is_empty() && config.cluster.copy_wal {
-            true => {
-                let copies = fleetgate::wal::copies::Copies::new(root.wal_copies()?, "");
-                Some(copies.oldest_ms()?.unwrap_or(i64::MAX))
-            }
-            false => None,
-        };
+    // Requests stay active while rows older than them wait to be stored:
+    // in this node's write-ahead log (a stopped or crashed server's, which
+    // its next start stores), and in a cluster in nodes' WAL copies (as in
+    // the server's sweep).
+    let wal_holds_rows = fleetgate::wal::holds_entries(&config.wal_dir())?;
+    let unstored_since_ms = if wal_holds_rows {
+        Some(i64::MIN)
+    } else if !config.cluster.control_plane.is_empty() && config.cluster.copy_wal {
+        let copies = fleetgate::wal::copies::Copies::new(root.wal_copies()?, "");
+        Some(copies.oldest_ms()?.unwrap_or(i64::MAX))
+    } else {
+        None
+    };
     let run = retention::SweepRun {
         now_ms: fleetgate::core::clock::now_ms(),
         max_clock_skew_ms: config.pipeline.max_clock_skew_ms,

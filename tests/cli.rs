@@ -477,3 +477,43 @@ async fn an_older_data_directory_is_converted_in_place() {
         .shutdown()
         .expect("shutdown");
 }
+
+/// `fleetgate admin retention` on a stopped node whose write-ahead log
+/// still holds acknowledged rows (a crash before they reached a table)
+/// retires no deletion request: those rows come back at the next start,
+/// and the request must still be there to delete them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_retention_retires_no_request_while_the_wal_holds_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Rows wait in the writer for ten minutes: acknowledged, in the WAL only.
+    let server = ServeProcess::spawn(dir.path(), "[storage]\nroll_age_ms = 600000\n");
+    publish_all(server.addr, &[charging(A, 1, TEST_NOW_MS, "SE-A-1")]).await;
+    server.kill();
+    let admin = |args: &[&str]| {
+        let mut all: Vec<&std::ffi::OsStr> = vec![
+            "admin".as_ref(),
+            "--config".as_ref(),
+            "fleetgate.toml".as_ref(),
+        ];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        fleetgate(dir.path(), &all)
+    };
+    admin(&["event", "--vin", A, "--event", "charge-history-off"]);
+    // Made ten minutes ago: past the five minutes after which a sweep
+    // retires a request whose rows are all stored.
+    let requests_file = dir.path().join("audit/deletion-requests.json");
+    let mut requests: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&requests_file).expect("requests"))
+            .expect("JSON");
+    for request in requests.as_array_mut().expect("a list") {
+        let made = request["requested_ms"].as_i64().expect("requested_ms");
+        request["requested_ms"] = (made - 600_000).into();
+    }
+    std::fs::write(&requests_file, requests.to_string()).expect("aged");
+
+    admin(&["retention"]);
+    let requests: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&requests_file).expect("requests"))
+            .expect("JSON");
+    assert_eq!(requests.as_array().map(Vec::len), Some(1), "{requests}");
+}

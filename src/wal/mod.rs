@@ -784,6 +784,31 @@ pub fn inspect(wal_dir: &Path) -> Result<Recovered> {
     read_dir(wal_dir, Mode::Inspect)
 }
 
+/// Whether any segment under `wal_dir` holds an entry (more than its
+/// header), without reading one: a clean stop leaves none, a crash before
+/// the tables had every entry leaves some. Entries already in their tables
+/// but not truncated yet count too.
+pub fn holds_entries(wal_dir: &Path) -> Result<bool> {
+    let Ok(shard_dirs) = fs::read_dir(wal_dir) else {
+        return Ok(false);
+    };
+    for shard_dir in shard_dirs {
+        let shard_dir = shard_dir.map_err(io_err(wal_dir))?.path();
+        let Ok(segments) = fs::read_dir(&shard_dir) else {
+            continue;
+        };
+        for segment in segments {
+            let path = segment.map_err(io_err(&shard_dir))?.path();
+            if path.extension().is_some_and(|e| e == "wal")
+                && fs::metadata(&path).map_err(io_err(&path))?.len() > HEADER_BYTES as u64
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     Recover { skip_corrupt: bool },
@@ -1178,6 +1203,28 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_log_holds_entries_from_its_first_append_until_a_clean_stop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!holds_entries(dir.path()).expect("no log yet"));
+        let tracker = Arc::new(Tracker::default());
+        let mut wal =
+            ShardWal::open(&settings(dir.path(), 1 << 20), 0, None, tracker.clone()).expect("open");
+        assert!(!holds_entries(dir.path()).expect("an empty segment"));
+        let id = wal
+            .append(
+                Table::DeadLetters,
+                PartitionKey::from_millis(PARTITION_MS),
+                &batch(0),
+            )
+            .expect("append");
+        wal.sync().expect("sync");
+        assert!(holds_entries(dir.path()).expect("an entry"));
+        tracker.covered(&[id]);
+        wal.close().expect("close");
+        assert!(!holds_entries(dir.path()).expect("a clean stop"));
     }
 
     #[test]
