@@ -91,8 +91,15 @@ impl CopyStore for LocalCopies {
     }
 }
 
+/// How old a temporary file must be to be taken for one a killed writer
+/// left: a copy is written in milliseconds.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Every finished copy below `dir` (a temporary file of an unfinished
-/// write is not one), as keys relative to `root`, with its mtime.
+/// write is not one), as keys relative to `root`, with its mtime. A
+/// temporary file older than [`STALE_TEMPORARY`] (a write a crash cut
+/// short, whose retry went to another key) is deleted: what it holds must
+/// not outlive the copies.
 fn list_files(root: &Path, dir: &Path, keys: &mut Vec<(String, i64)>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -103,6 +110,17 @@ fn list_files(root: &Path, dir: &Path, keys: &mut Vec<(String, i64)>) -> std::io
         let path = entry?.path();
         if path.is_dir() {
             list_files(root, &path, keys)?;
+        } else if path.extension().is_some_and(|x| x == "tmp") {
+            let age = std::fs::metadata(&path)?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
+            if age > STALE_TEMPORARY {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
         } else if path.extension().is_some_and(|x| x == "wal")
             && let Some(key) = path.strip_prefix(root).ok().and_then(Path::to_str)
         {
@@ -189,5 +207,44 @@ impl CopyStore for RemoteCopies {
             object_store::Error::NotFound { .. } => Ok(()),
             e => Err(std::io::Error::other(e)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temporary file a killed writer left is deleted once it is older
+    /// than any write takes; a younger one may be a write under way.
+    #[test]
+    fn a_stale_temporary_copy_is_deleted_when_the_copies_are_listed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copies = LocalCopies {
+            dir: dir.path().to_owned(),
+        };
+        copies
+            .put("node/shard-000/1-2.wal", b"entries".to_vec())
+            .expect("a copy");
+        let shard = dir.path().join("node/shard-000");
+        let stale = shard.join("3-4.tmp");
+        let fresh = shard.join("5-6.tmp");
+        for path in [&stale, &fresh] {
+            std::fs::write(path, b"cut short").expect("temporary");
+        }
+        let two_hours_ago = std::time::SystemTime::now() - 2 * STALE_TEMPORARY;
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .expect("aged");
+        let keys: Vec<String> = copies
+            .list("")
+            .expect("list")
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(keys, vec!["node/shard-000/1-2.wal".to_owned()]);
+        assert!(!stale.exists());
+        assert!(fresh.exists());
     }
 }
