@@ -298,8 +298,8 @@ impl Worker {
     /// encrypts (RTTI does neither), and a record past the consent gates,
     /// valid or not (a dead letter names the vehicle by pseudonym), or a
     /// publish whose topic is rejected but names the vehicle; never of a
-    /// vehicle whose SIM is off. A vehicle whose records are all refused
-    /// gets no key, as before.
+    /// vehicle whose SIM is off (nor, for charging, whose charge history
+    /// is). A vehicle whose records are all refused gets no key, as before.
     fn decode_round(&mut self, round: &[Inbound]) {
         if self.decoded.len() < round.len() {
             self.decoded.resize_with(round.len(), Decoded::default);
