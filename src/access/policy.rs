@@ -204,7 +204,15 @@ pub async fn session(
     if inputs.distributed {
         distributable(principal, purpose)?;
     }
-    let ctx = principal_context(inputs.memory_limit, inputs.tables.cache_config())?;
+    // A live step reads one window, while many streams step at once: on
+    // one partition, so that no repartition buffers (and counts against the
+    // memory bound) the window's raw rows, those the views hide included.
+    let partitions = matches!(inputs.scope, Scope::Live(_)).then_some(1);
+    let ctx = principal_context(
+        inputs.memory_limit,
+        inputs.tables.cache_config(),
+        partitions,
+    )?;
     let files = SessionContext::new_with_config(SessionConfig::new());
     let root = inputs.tables.root();
     let planner = ViewPlanner::new(inputs, principal, purpose)?;
@@ -371,8 +379,13 @@ pub fn tables_named(
 /// store writes to), the node's shared cache of Parquet footers (`cache`),
 /// no recursive CTE (one can run forever), none of the functions in
 /// [`REMOVED_FUNCTIONS`] nor any table function, and counts of whole views
-/// read from the log through their barriers ([`RowCountsFromLog`]).
-fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<SessionContext> {
+/// read from the log through their barriers ([`RowCountsFromLog`]); on
+/// `partitions` partitions if given, else one per core.
+fn principal_context(
+    memory_limit: usize,
+    cache: CacheManagerConfig,
+    partitions: Option<usize>,
+) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory_limit)))
         .with_cache_manager(cache)
@@ -380,8 +393,12 @@ fn principal_context(memory_limit: usize, cache: CacheManagerConfig) -> Result<S
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
         .build_arc()?;
+    let mut config = principal_config();
+    if let Some(partitions) = partitions {
+        config = config.with_target_partitions(partitions);
+    }
     let state = SessionStateBuilder::new()
-        .with_config(principal_config())
+        .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
         .with_physical_optimizer_rule(Arc::new(RowCountsFromLog::new(is_barrier)))
