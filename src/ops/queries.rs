@@ -15,6 +15,8 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
+use crate::core::priority;
+
 /// Stack of each query thread. The statement bounds (`access::limits`)
 /// keep a statement's tree shallow and DataFusion grows its own recursion
 /// on the heap; this leaves room for the rest (evaluation, dropping the
@@ -26,12 +28,6 @@ const QUERY_STACK_BYTES: usize = 64 << 20;
 /// pool near `access.max_concurrent_queries` deadlocks every query (seen
 /// with 4 threads and 4 queries). Threads are made only when needed.
 const QUERY_BLOCKING_THREADS: usize = 512;
-/// How much nicer (lower in CPU priority) than the process the query
-/// threads run: under the scheduler's weights, a thread at +10 gets about a
-/// tenth of the CPU time of one at +0 when both want a core.
-pub const QUERY_NICENESS: i32 = 10;
-/// The highest nice value there is.
-const NICEST: i32 = 19;
 
 /// The query runtime. Dropping it waits, up to its bound, for the work in
 /// `tasks` to end, then drops whatever still runs.
@@ -55,14 +51,13 @@ impl QueryPool {
     pub fn start(threads: u32, tasks: TaskTracker, stop_within: Duration) -> std::io::Result<Self> {
         // Threads inherit their creator's nice value, and the pool's own
         // threads create more: lower from the starting thread's, once.
-        let nice = rustix::process::getpriority_process(None)
-            .map_or(QUERY_NICENESS, |own| (own + QUERY_NICENESS).min(NICEST));
+        let nice = priority::nicer_than_this_thread(priority::QUERY_NICENESS);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1) as usize)
             .max_blocking_threads(QUERY_BLOCKING_THREADS)
             .thread_name("fleetgate-sql")
             .thread_stack_size(QUERY_STACK_BYTES)
-            .on_thread_start(move || run_at(nice))
+            .on_thread_start(move || priority::run_at(nice))
             .enable_all()
             .build()?;
         Ok(Self {
@@ -121,16 +116,6 @@ fn stop(runtime: Runtime, tasks: &TaskTracker, within: Duration) {
         );
     }
     runtime.shutdown_timeout(Duration::from_secs(5));
-}
-
-/// Sets the calling thread's nice value. On Linux it belongs to each
-/// thread, and `setpriority` with no pid changes only the caller's.
-/// Lowering the priority needs no privilege; if it fails anyway the thread
-/// runs at the priority it inherited.
-fn run_at(nice: i32) {
-    if let Err(error) = rustix::process::setpriority_process(None, nice) {
-        tracing::debug!(%error, "a query thread keeps the CPU priority it inherited");
-    }
 }
 
 /// Where a front-end sends a principal's query to run.
@@ -208,7 +193,7 @@ mod tests {
             .expect("ran")
             .expect("joined")
             .expect("blocking thread's priority");
-        let expected = (before + QUERY_NICENESS).min(NICEST);
+        let expected = (before + priority::QUERY_NICENESS).min(19);
         assert_eq!(on_worker, expected);
         assert_eq!(on_blocking, expected);
         assert_eq!(
