@@ -517,3 +517,57 @@ async fn admin_retention_retires_no_request_while_the_wal_holds_rows() {
             .expect("JSON");
     assert_eq!(requests.as_array().map(Vec::len), Some(1), "{requests}");
 }
+
+/// Each thread of process `pid`: its name and nice value.
+fn threads_and_nice(pid: u32) -> Vec<(String, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            // After the name in parentheses: state is field 3, nice field 19.
+            let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?;
+            Some((name.trim().to_owned(), nice.parse().ok()?))
+        })
+        .collect()
+}
+
+/// On busy cores the threads that decide how long a vehicle waits for its
+/// acknowledgement go first: table commits (Parquet, Delta) and the
+/// retention sweep run at nice +5, the query pool at +10, and the broker,
+/// the link and the workers (WAL fsyncs) at the process's own priority.
+#[test]
+fn work_that_can_wait_runs_at_a_lower_cpu_priority_than_ingest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServeProcess::spawn(dir.path(), "");
+    let threads = threads_and_nice(server.child.id());
+    let own = threads
+        .iter()
+        .find(|(name, _)| name == "fleetgate")
+        .map(|(_, nice)| *nice)
+        .expect("the main thread");
+    for (prefix, nicer_by) in [
+        ("router-", 0),
+        ("mqtt-v4", 0),
+        ("ingest", 0),
+        ("worker-", 0),
+        ("writer-", 0),
+        ("commit-", 5),
+        ("retention", 5),
+        ("fleetgate-sql", 10),
+    ] {
+        let nice: Vec<i32> = threads
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, nice)| *nice)
+            .collect();
+        assert!(!nice.is_empty(), "no thread {prefix}* in {threads:?}");
+        let expected = (own + nicer_by).min(19);
+        assert!(
+            nice.iter().all(|n| *n == expected),
+            "{prefix}* at {nice:?}, expected {expected} (the process at {own})"
+        );
+    }
+    server.terminate();
+}

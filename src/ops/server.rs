@@ -26,6 +26,7 @@ use crate::control::ControlPlane;
 use crate::control::documents::Document;
 use crate::control::lease::{self, Lease};
 use crate::core::fence::Fence;
+use crate::core::priority;
 use crate::ingest::auth::{CREDENTIALS, Credentials};
 use crate::ingest::durable::DurableFrontier;
 use crate::ingest::{broker, link as ingest};
@@ -631,6 +632,8 @@ fn spawn_sweeper(
     let thread = std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || {
+            // Compaction and deletions can wait for the ingest path.
+            priority::run_nicer(priority::STORE_NICENESS);
             let mut held = false;
             let mut next_sweep = Instant::now() + every;
             while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =

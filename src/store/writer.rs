@@ -37,6 +37,7 @@ use parquet::file::properties::WriterProperties;
 use super::delta::{self, PARTITION_COLUMNS, StoreRoot};
 use super::{PartitionKey, Result, StoreError, io_error};
 use crate::core::fence::Fence;
+use crate::core::priority;
 use crate::wal::{EntryId, Tracker};
 
 /// Rows of one hour partition on their way to a table writer, with the WAL
@@ -187,7 +188,12 @@ pub fn spawn_writer(
     };
     let committer = std::thread::Builder::new()
         .name(format!("commit-{}", settings.table))
-        .spawn(move || committer.run(held_rx, committed_tx))
+        .spawn(move || {
+            // Parquet encoding and Delta commits decide how soon rows are
+            // queryable, not how long a vehicle waits for its PUBACK.
+            priority::run_nicer(priority::STORE_NICENESS);
+            committer.run(held_rx, committed_tx)
+        })
         .map_err(io_error(std::path::Path::new("commit thread")))?;
     let name = format!("writer-{}", settings.table);
     let mut writer = TableWriter {
