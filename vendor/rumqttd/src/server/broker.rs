@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -525,6 +525,38 @@ impl Callback for WSCallback {
     }
 }
 
+/// fleetgate patch: a connection that ended before it was connected is
+/// logged by whose doing that was. A peer that closes without a word (a TCP
+/// health check) is routine; one that sends no CONNECT in time, or not a
+/// CONNECT, is the client's doing; a refused login is for an operator to
+/// see; only the router being gone is the broker's error.
+fn log_failed_connect(e: &remote::Error) {
+    use remote::Error as E;
+    let closed = |io: &io::Error| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+        )
+    };
+    match e {
+        E::Io(io) | E::Network(network::Error::Io(io)) if closed(io) => {
+            debug!(error=?e, "A connection closed before its CONNECT")
+        }
+        E::InvalidAuth => warn!("A client's login was refused"),
+        E::Send(_)
+        | E::TrySend(_)
+        | E::Recv(_)
+        | E::Link(_)
+        | E::NotConnectionAck
+        | E::ConnectionAck(_)
+        | E::SessionEnd => error!(error=?e, "Error while handling MQTT connect packet"),
+        _ => info!(error=?e, "A client did not connect"),
+    }
+}
+
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
@@ -553,7 +585,7 @@ async fn remote<P: Protocol>(
     let connect_packet = match Box::pin(mqtt_connect(config, &mut network)).await {
         Ok(p) => p,
         Err(e) => {
-            error!(error=?e, "Error while handling MQTT connect packet");
+            log_failed_connect(&e);
             return;
         }
     };
