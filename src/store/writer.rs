@@ -14,9 +14,7 @@
 //! commit left behind is named by no version, so no reader sees it, and
 //! vacuum removes it. Commits of one table run one at a time, in the order
 //! received. These threads never decode or pseudonymise; they only store
-//! what the workers built. The committing thread runs only on CPU time the
-//! ingest path does not want (`core::priority::run_when_idle`): how soon
-//! rows are queryable can wait, a vehicle's acknowledgement should not.
+//! what the workers built.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -193,7 +191,7 @@ pub fn spawn_writer(
         .spawn(move || {
             // Parquet encoding and Delta commits decide how soon rows are
             // queryable, not how long a vehicle waits for its PUBACK.
-            priority::run_when_idle();
+            priority::run_nicer(priority::STORE_NICENESS);
             committer.run(held_rx, committed_tx)
         })
         .map_err(io_error(std::path::Path::new("commit thread")))?;
