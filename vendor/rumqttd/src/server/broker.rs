@@ -437,7 +437,16 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 {
                     Ok(Ok(o)) => o,
                     Ok(Err(e)) => {
-                        error!(error=?e, "Tls accept error");
+                        // fleetgate patch: a client's failed handshake is
+                        // not the broker's error (a TCP probe of the TLS
+                        // port closes at once).
+                        match tls_failure(&e) {
+                            Ok("closed") => {
+                                debug!("A connection closed before its TLS handshake")
+                            }
+                            Ok(failure) => warn!(failure, "A TLS handshake failed"),
+                            Err(e) => error!(error=?e, "Tls accept error"),
+                        }
                         return;
                     }
                     Err(_) => {
@@ -525,35 +534,77 @@ impl Callback for WSCallback {
     }
 }
 
-/// fleetgate patch: a connection that ended before it was connected is
-/// logged by whose doing that was. A peer that closes without a word (a TCP
-/// health check) is routine; one that sends no CONNECT in time, or not a
-/// CONNECT, is the client's doing; a refused login is for an operator to
-/// see; only the router being gone is the broker's error.
-fn log_failed_connect(e: &remote::Error) {
+/// fleetgate patch: whether a connection ended because its peer went away
+/// (closed, reset, or silent past its keep-alive): how a vehicle leaves a
+/// cellular network, and how a TCP health check ends, not a broker fault.
+fn peer_gone(e: &remote::Error) -> bool {
     use remote::Error as E;
-    let closed = |io: &io::Error| {
-        matches!(
-            io.kind(),
-            io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::UnexpectedEof
-                | io::ErrorKind::BrokenPipe
-        )
-    };
     match e {
-        E::Io(io) | E::Network(network::Error::Io(io)) if closed(io) => {
-            debug!(error=?e, "A connection closed before its CONNECT")
+        E::Io(io) | E::Network(network::Error::Io(io)) => io_peer_gone(io),
+        E::Network(network::Error::KeepAlive(_)) => true,
+        _ => false,
+    }
+}
+
+fn io_peer_gone(io: &io::Error) -> bool {
+    matches!(
+        io.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::TimedOut
+    )
+}
+
+/// fleetgate patch: whether the client broke the protocol (a malformed or
+/// unexpected packet, a zero keep-alive, an id it may not use).
+fn client_fault(e: &remote::Error) -> bool {
+    use remote::Error as E;
+    matches!(
+        e,
+        E::Network(network::Error::Protocol(_))
+            | E::NotConnectPacket(_)
+            | E::ZeroKeepAlive
+            | E::InvalidClientId
+    )
+}
+
+/// fleetgate patch: a connection that ended before it was connected is
+/// logged by whose doing that was, never with what the client sent. A peer
+/// that goes away is debug, one that sends no CONNECT in time info (a
+/// silent socket), a broken protocol warn; a refused login is debug here
+/// because the authentication handler logs it, with its reason, and counts
+/// it; only the router being gone is the broker's error.
+fn log_failed_connect(e: &remote::Error) {
+    if peer_gone(e) {
+        debug!(error=?e, "A connection closed before its CONNECT");
+    } else if matches!(e, remote::Error::InvalidAuth) {
+        debug!("A client's login was refused");
+    } else if matches!(e, remote::Error::Timeout(_)) {
+        info!("A client sent no CONNECT in time");
+    } else if client_fault(e) {
+        warn!(error=?e, "A client broke the protocol before its CONNECT");
+    } else {
+        error!(error=?e, "Error while handling MQTT connect packet");
+    }
+}
+
+/// fleetgate patch: what a failed TLS handshake is, without what it holds
+/// (a tenant id is a certificate's organisation: a VIN). A certificate the
+/// acceptor cannot load (`TLSAcceptor::new`) is the broker's error.
+#[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+fn tls_failure(e: &Error) -> Result<&'static str, &Error> {
+    match e {
+        Error::Io(io) | Error::Certs(tls::Error::Io(io)) if io_peer_gone(io) => Ok("closed"),
+        Error::Io(_) | Error::Certs(tls::Error::Io(_)) => Ok("I/O"),
+        Error::Certs(tls::Error::NoPeerCertificate) => Ok("no client certificate"),
+        Error::Certs(tls::Error::InvalidTenantId(_) | tls::Error::InvalidTenant) => {
+            Ok("invalid tenant certificate")
         }
-        E::InvalidAuth => warn!("A client's login was refused"),
-        E::Send(_)
-        | E::TrySend(_)
-        | E::Recv(_)
-        | E::Link(_)
-        | E::NotConnectionAck
-        | E::ConnectionAck(_)
-        | E::SessionEnd => error!(error=?e, "Error while handling MQTT connect packet"),
-        _ => info!(error=?e, "A client did not connect"),
+        #[cfg(feature = "use-rustls")]
+        Error::Certs(tls::Error::Rustls(_)) => Ok("handshake refused"),
+        _ => Err(e),
     }
 }
 
@@ -665,11 +716,14 @@ async fn remote<P: Protocol>(
             info!(reason=?e, "closed by the router");
             send_disconnect = false;
         }
-        // Connection was closed by peer
-        Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
-            if err.kind() == io::ErrorKind::ConnectionAborted =>
-        {
-            info!(error=?err, "disconnected");
+        // fleetgate patch: a vehicle that closes, resets or goes silent
+        // (it lost its network) is routine, a broken protocol the client's
+        // fault; only the rest is the broker's error.
+        Err(e) if peer_gone(&e) => {
+            info!(error=?e, "disconnected");
+        }
+        Err(e) if client_fault(&e) => {
+            warn!(error=?e, "disconnected: the client broke the protocol");
         }
         // Any other error
         Err(e) => {
