@@ -195,3 +195,102 @@ fn wal_copies_live_in_the_bucket_until_committed() {
     assert!(copies.read(false).expect("read").shards.is_empty());
     assert!(copies.nodes().expect("nodes").is_empty());
 }
+
+/// An S3 stand-in that keeps connections alive (HTTP/1.1), for whole-object
+/// PUT and GET, on a runtime of its own: moto's server closes every
+/// connection after one answer, so a client never reuses one with it, as it
+/// does with S3.
+fn keep_alive_bucket() -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Bytes;
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode, header};
+
+    type Objects = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+    fn headers() -> HeaderMap {
+        HeaderMap::from_iter([
+            (header::ETAG, header::HeaderValue::from_static("\"probe\"")),
+            (
+                header::LAST_MODIFIED,
+                header::HeaderValue::from_static("Tue, 01 Dec 2026 00:00:00 GMT"),
+            ),
+        ])
+    }
+    async fn put(
+        State(objects): State<Objects>,
+        Path(key): Path<String>,
+        body: Bytes,
+    ) -> (StatusCode, HeaderMap) {
+        if let Ok(mut objects) = objects.lock() {
+            objects.insert(key, body.to_vec());
+        }
+        (StatusCode::OK, headers())
+    }
+    async fn get(
+        State(objects): State<Objects>,
+        Path(key): Path<String>,
+    ) -> Result<(HeaderMap, Vec<u8>), StatusCode> {
+        let body = objects.lock().ok().and_then(|o| o.get(&key).cloned());
+        body.map(|body| (headers(), body))
+            .ok_or(StatusCode::NOT_FOUND)
+    }
+    let app = axum::Router::new()
+        .route("/{*key}", axum::routing::put(put).get(get))
+        .with_state(Objects::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    (addr, runtime)
+}
+
+/// One store is used from many runtimes: each table's commit thread has its
+/// own, the WAL copies theirs, the queries theirs. A pooled connection must
+/// not belong to the runtime that opened it: a request another runtime sends
+/// over it would wait until that one runs again (a commit thread between two
+/// rolls: here, never), or fail once it is gone (reqwest#2501).
+#[test]
+fn a_store_used_from_one_runtime_answers_another() {
+    use object_store::{ObjectStoreExt, PutPayload, path::Path};
+    let (addr, _server) = keep_alive_bucket();
+    let mut config = Config::default();
+    config.storage.uri = Some(format!("s3://{BUCKET}/fleet"));
+    config.storage.s3.endpoint = Some(format!("http://{addr}"));
+    config.storage.s3.allow_http = true;
+    config.storage.s3.access_key_id = Some("test".into());
+    config.storage.s3.secret_access_key = Some("test".into());
+    config.storage.s3.request_timeout_ms = 5_000;
+    config.storage.s3.max_retries = 0;
+    let root = StoreRoot::from_config(&config.storage).expect("root");
+    let (store, prefix) = root.object_store().expect("an object store");
+    let key = Path::from(format!("{prefix}probe"));
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    // A commit thread's runtime: it opens the connection, then idles.
+    let first = runtime();
+    first
+        .block_on(store.put(&key, PutPayload::from_static(b"written")))
+        .expect("put");
+    let second = runtime();
+    let read = second.block_on(async { store.get(&key).await?.bytes().await });
+    assert_eq!(read.expect("get from another runtime").as_ref(), b"written");
+    drop(first);
+    let third = runtime();
+    let read = third.block_on(async { store.get(&key).await?.bytes().await });
+    assert_eq!(
+        read.expect("get once the first runtime is gone").as_ref(),
+        b"written"
+    );
+}
