@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -269,35 +269,36 @@ impl StoreRoot {
     }
 }
 
+/// The runtime every object store request's network I/O runs on, whichever
+/// runtime sends it. A pooled connection is driven by a task of the runtime
+/// that opened it, and one store is used from many: each table's commit
+/// thread has a runtime of its own, the WAL copies (which acknowledgements
+/// wait for) theirs, the queries theirs. Without this, a request sent over
+/// a connection a commit thread's runtime opened waited until that commit
+/// thread ran again, and failed once its runtime was gone (reqwest#2501).
+/// Made by the first store opened (at start-up, on the main thread, whose
+/// priority its threads keep; a failed start is tried again by the next),
+/// and never dropped.
+fn store_io() -> Result<tokio::runtime::Handle> {
+    static IO: std::sync::Mutex<Option<tokio::runtime::Runtime>> = std::sync::Mutex::new(None);
+    let mut io = IO.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(runtime) = io.as_ref() {
+        return Ok(runtime.handle().clone());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("store-io")
+        .enable_all()
+        .build()
+        .map_err(io_error(Path::new("object store I/O runtime")))?;
+    let handle = runtime.handle().clone();
+    *io = Some(runtime);
+    Ok(handle)
+}
+
 /// delta-rs opens an `s3://` table through a log store made for the
 /// scheme; ours is its default one over the store we hand it (commits by
 /// conditional PUT), which needs no AWS SDK.
-/// The runtime every object store request runs on, whichever runtime sends
-/// it. A pooled connection is driven by a task of the runtime that opened
-/// it, and one store is used from many: each table's commit thread has a
-/// runtime of its own, the WAL copies (which acknowledgements wait for)
-/// theirs, the queries theirs. Without this, a request sent over a
-/// connection a commit thread's runtime opened waited until that commit
-/// thread ran again, and failed once its runtime was gone (reqwest#2501).
-/// Made once, by the first store opened (at start-up, on the main thread,
-/// whose priority its threads keep), and never dropped.
-fn store_io() -> Result<tokio::runtime::Handle> {
-    static IO: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    match IO.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("store-io")
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-    }) {
-        Ok(runtime) => Ok(runtime.handle().clone()),
-        Err(e) => Err(io_error(Path::new("object store I/O runtime"))(
-            std::io::Error::other(e.clone()),
-        )),
-    }
-}
-
 fn register_s3_log_stores() {
     static REGISTERED: std::sync::Once = std::sync::Once::new();
     REGISTERED.call_once(|| {
