@@ -373,7 +373,7 @@ pub fn format_within(
         over: false,
     };
     let too_large = QueryError::TooLarge { most_bytes };
-    let slices = batches.iter().flat_map(|batch| {
+    let mut slices = batches.iter().flat_map(|batch| {
         (0..batch.num_rows())
             .step_by(SLICE_ROWS)
             .map(|offset| batch.slice(offset, SLICE_ROWS.min(batch.num_rows() - offset)))
@@ -384,7 +384,7 @@ pub fn format_within(
     let written: Result<()> = match format {
         OutputFormat::Json => {
             let mut writer = arrow::json::ArrayWriter::new(&mut capped);
-            let mut written: Result<()> = slices.map(|slice| Ok(writer.write(&slice)?)).collect();
+            let mut written: Result<()> = slices.try_for_each(|slice| Ok(writer.write(&slice)?));
             if written.is_ok() {
                 written = writer.finish().map_err(QueryError::from);
             }
@@ -396,9 +396,7 @@ pub fn format_within(
                 .build(&mut capped);
             // Dropping the writer flushes what it buffered, ignoring a
             // refusal, which `capped.over` records.
-            slices
-                .map(|slice| Ok(writer.write(&with_text_columns(&slice)?)?))
-                .collect()
+            slices.try_for_each(|slice| Ok(writer.write(&with_text_columns(&slice)?)?))
         }
         OutputFormat::Table | OutputFormat::Ndjson => {
             let text = self::format(batches, format)?;
