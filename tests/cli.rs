@@ -63,6 +63,21 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
         let mut connack = [0u8; 4];
         assert_eq!(vehicle.peek(&mut connack).expect("CONNACK"), 4);
     }
+    // A client that breaks the protocol after connecting: a PUBACK for a
+    // publish it was never sent. Its connection is closed; that is its fault.
+    {
+        use std::io::{Read, Write};
+        let mut client = std::net::TcpStream::connect(server.addr).expect("client");
+        client
+            .write_all(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05stray\x40\x02\x00\x07")
+            .expect("CONNECT, PUBACK");
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        // The broker closes the connection; reading returns at its close.
+        let mut answers = Vec::new();
+        let _ = client.read_to_end(&mut answers);
+    }
     let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
     let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
     publish_all(server.addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
@@ -93,7 +108,8 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
         assert!(!log.contains(secret), "{secret} in the log");
     }
     // A clean start, a vehicle that connects, publishes and disconnects, a
-    // probe, a vehicle gone without a word, and a clean stop are not errors.
+    // probe, a vehicle gone without a word, a client breaking the protocol,
+    // and a clean stop are not errors.
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert!(errors.is_empty(), "error lines in a clean run: {errors:#?}");
 

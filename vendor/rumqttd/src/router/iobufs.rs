@@ -5,7 +5,7 @@ use std::{
 
 use flume::{Receiver, Sender};
 use parking_lot::Mutex;
-use tracing::{error, warn};
+use tracing::warn;
 
 use crate::{
     protocol::Packet,
@@ -163,7 +163,7 @@ impl Outgoing {
 
         // We don't support out of order acks
         if pkid != head {
-            error!(pkid, head, "out of order ack.");
+            warn!(pkid, head, "out of order ack.");
             return None;
         }
 
@@ -185,7 +185,7 @@ impl Outgoing {
 
         // out of order acks
         if pkid != id {
-            error!(pkid, id, "out of order ack.");
+            warn!(pkid, id, "out of order ack.");
             return None;
         }
 

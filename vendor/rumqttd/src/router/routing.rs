@@ -347,7 +347,7 @@ impl Router {
         if let Err(err) = validate_clientid(&client_id) {
             // fleetgate patch: the id is not logged; it may be a phone number.
             debug_assert!(matches!(err, RouterError::InvalidClientId(_)));
-            error!("Invalid client_id: it holds one of + $ # /");
+            warn!("Invalid client_id: it holds one of + $ # /");
             return;
         };
 
@@ -375,7 +375,7 @@ impl Router {
 
             let connection_id = self.connection_map.get(&client_id);
             if let Some(connection_id) = connection_id {
-                error!(
+                info!(
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );
@@ -929,7 +929,7 @@ impl Router {
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
                         if subscription_id == Some(0) {
-                            error!("Subscription identifier can't be 0");
+                            warn!("Subscription identifier can't be 0");
                             disconnect = true;
                             disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                             break;
@@ -1020,7 +1020,7 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
                     if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                        warn!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         break;
                     }
@@ -1034,7 +1034,7 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
                     if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                        warn!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         break;
                     }
@@ -1105,7 +1105,7 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubcomp.pkid;
                     if outgoing.register_pubcomp(pkid).is_none() {
-                        error!(
+                        warn!(
                             pkid,
                             "ack received for pkid {}, but the pkid didn't exists!", pkid
                         );
@@ -1479,7 +1479,7 @@ fn append_to_commitlog(
         .as_ref()
         .is_some_and(|p| !p.subscription_identifiers.is_empty())
     {
-        error!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
+        warn!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
         return Err(RouterError::Disconnect(
             DisconnectReasonCode::MalformedPacket,
         ));
@@ -1554,7 +1554,7 @@ fn append_will_message(
         .as_ref()
         .is_some_and(|p| !p.subscription_identifiers.is_empty())
     {
-        error!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
+        warn!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
         return Err(RouterError::Disconnect(
             DisconnectReasonCode::MalformedPacket,
         ));
@@ -1613,7 +1613,7 @@ fn validate_and_set_topic_alias(
     alias: u16,
 ) -> Result<(), RouterError> {
     if alias == 0 || alias > TOPIC_ALIAS_MAX {
-        error!("Alias must be greater than 0 and <={TOPIC_ALIAS_MAX}");
+        warn!("Alias must be greater than 0 and <={TOPIC_ALIAS_MAX}");
         return Err(RouterError::Disconnect(
             DisconnectReasonCode::TopicAliasInvalid,
         ));
@@ -1622,7 +1622,7 @@ fn validate_and_set_topic_alias(
     if publish.topic.is_empty() {
         // if publish topic is empty, publisher must have set a valid alias
         let Some(alias_topic) = connection.topic_aliases.get(&alias) else {
-            error!("Empty topic name with invalid alias");
+            warn!("Empty topic name with invalid alias");
             return Err(RouterError::Disconnect(DisconnectReasonCode::ProtocolError));
         };
         // set the publish topic before further processing
