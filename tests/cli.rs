@@ -12,6 +12,18 @@ use std::process::Command;
 use common::*;
 use fleetgate::schema::Stream;
 
+/// A socket to the MQTT port at `addr` that has sent `bytes` (packets
+/// written by hand) and waits up to 10 s for each answer.
+fn raw_mqtt(addr: std::net::SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.write_all(bytes).expect("packets");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+}
+
 /// Runs the binary in `cwd`, which must succeed, and returns what it printed.
 fn fleetgate(cwd: &std::path::Path, args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(BIN)
@@ -51,33 +63,20 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     drop(std::net::TcpStream::connect(server.addr).expect("probe"));
     // A vehicle that loses its network after connecting: its socket is
     // reset (closed with the CONNACK unread, Linux sends a RST).
-    {
-        use std::io::Write;
-        let mut vehicle = std::net::TcpStream::connect(server.addr).expect("vehicle");
-        vehicle
-            .write_all(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05reset")
-            .expect("CONNECT");
-        vehicle
-            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .expect("timeout");
-        let mut connack = [0u8; 4];
-        assert_eq!(vehicle.peek(&mut connack).expect("CONNACK"), 4);
-    }
+    let vehicle = raw_mqtt(
+        server.addr,
+        b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05reset",
+    );
+    assert_eq!(vehicle.peek(&mut [0u8; 4]).expect("CONNACK"), 4);
+    drop(vehicle);
     // A client that breaks the protocol after connecting: a PUBACK for a
     // publish it was never sent. Its connection is closed; that is its fault.
-    {
-        use std::io::{Read, Write};
-        let mut client = std::net::TcpStream::connect(server.addr).expect("client");
-        client
-            .write_all(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05stray\x40\x02\x00\x07")
-            .expect("CONNECT, PUBACK");
-        client
-            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .expect("timeout");
-        // The broker closes the connection; reading returns at its close.
-        let mut answers = Vec::new();
-        let _ = client.read_to_end(&mut answers);
-    }
+    let mut client = raw_mqtt(
+        server.addr,
+        b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05stray\x40\x02\x00\x07",
+    );
+    // The broker closes the connection; reading returns at its close.
+    let _ = std::io::Read::read_to_end(&mut client, &mut Vec::new());
     let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
     let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
     publish_all(server.addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;
