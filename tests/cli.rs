@@ -67,16 +67,33 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
         server.addr,
         b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05reset",
     );
-    assert_eq!(vehicle.peek(&mut [0u8; 4]).expect("CONNACK"), 4);
+    let mut connack = [0u8; 4];
+    assert_eq!(vehicle.peek(&mut connack).expect("CONNACK"), 4);
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "accepted");
     drop(vehicle);
-    // A client that breaks the protocol after connecting: a PUBACK for a
-    // publish it was never sent. Its connection is closed; that is its fault.
-    let mut client = raw_mqtt(
-        server.addr,
-        b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05stray\x40\x02\x00\x07",
-    );
-    // The broker closes the connection; reading returns at its close.
-    let _ = std::io::Read::read_to_end(&mut client, &mut Vec::new());
+    // Clients that break the protocol: a PUBACK for a publish never sent,
+    // and a client id no client may use. The broker closes each connection;
+    // that is the client's fault, a warning.
+    for (packets, what) in [
+        (
+            &b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05stray\x40\x02\x00\x07"[..],
+            "Unsolicited/ooo ack",
+        ),
+        (
+            &b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03a/b"[..],
+            "Invalid client_id",
+        ),
+    ] {
+        let mut client = raw_mqtt(server.addr, packets);
+        std::io::Read::read_to_end(&mut client, &mut Vec::new())
+            .unwrap_or_else(|e| panic!("{what}: the broker closes the connection: {e}"));
+        wait_for(|| {
+            std::fs::read_to_string(dir.path().join("serve.log")).is_ok_and(|log| {
+                log.lines()
+                    .any(|l| l.contains(" WARN ") && l.contains(what))
+            })
+        });
+    }
     let (_, bytes) = examples(Stream::Charging, "valid").remove(0);
     let vin = records(&bytes)[0]["vin"].as_str().expect("vin").to_owned();
     publish_all(server.addr, &[(format!("vehicles/{vin}/charging"), bytes)]).await;

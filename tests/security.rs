@@ -1027,3 +1027,40 @@ fn the_broker_logs_no_packet_a_client_sent() {
     }
     assert!(!log.contains(secret), "{log}");
 }
+
+/// A vehicle fleet with passwords: a CONNECT that carries no login at all is
+/// refused before the password check (which logs and counts refusals), so
+/// the broker says so itself, at WARN, and names nothing the client sent.
+#[test]
+fn a_connect_without_a_login_is_refused_with_a_warning() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = dir.path().join("vehicle-credentials.json");
+    let server = ServeProcess::spawn(
+        dir.path(),
+        &format!("[broker]\ncredentials_file = {:?}\n", credentials),
+    );
+    let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(&connect_packet("491701234567"))
+        .expect("CONNECT");
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).expect("CONNACK");
+    assert_eq!(
+        connack,
+        [0x20, 0x02, 0x00, 0x04],
+        "bad user name or password"
+    );
+    wait_for(|| {
+        std::fs::read_to_string(dir.path().join("serve.log")).is_ok_and(|log| {
+            log.lines()
+                .any(|l| l.contains(" WARN ") && l.contains("without a user name and password"))
+        })
+    });
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    assert!(!log.contains("491701234567"), "{log}");
+}

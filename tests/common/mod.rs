@@ -541,6 +541,9 @@ impl ServeProcess {
                 "--config",
             ])
             .arg(&config_path)
+            // Its default log filter, whatever the caller's shell exports:
+            // tests read what it logs.
+            .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(log)

@@ -43,6 +43,8 @@ pub enum Error {
     ConnectionAck(String),
     #[error("Authentication error")]
     InvalidAuth,
+    #[error("CONNECT without a login")]
+    NoLogin,
     #[error("Channel try send error")]
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
@@ -271,8 +273,10 @@ async fn handle_auth(
 
     // if authentication is configured and connect packet doesn't have login details
     // return an error
+    // fleetgate patch: its own error, so that it is logged (the handler
+    // below, which logs and counts refusals, never sees it).
     let Some(login) = login else {
-        return Err(Error::InvalidAuth);
+        return Err(Error::NoLogin);
     };
 
     let username = &login.username;

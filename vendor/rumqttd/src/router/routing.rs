@@ -55,6 +55,19 @@ pub enum RouterError {
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
 
+/// fleetgate patch: why a publish was refused, without its topic (which
+/// names a vehicle) or anything else the client sent.
+fn refused_publish(e: &RouterError) -> &'static str {
+    match e {
+        RouterError::Disconnect(_) => "protocol error",
+        RouterError::NonUtf8Topic(_) => "topic not UTF-8",
+        #[cfg(feature = "validate-tenant-prefix")]
+        RouterError::BadTenant(..) => "topic outside the tenant's prefix",
+        RouterError::NoMatchingFilters(_) => "no subscription matches the topic",
+        _ => "other",
+    }
+}
+
 pub struct Router {
     id: RouterId,
     /// Id of this router. Used to index native commitlog to store data from
@@ -375,7 +388,9 @@ impl Router {
 
             let connection_id = self.connection_map.get(&client_id);
             if let Some(connection_id) = connection_id {
-                info!(
+                // fleetgate patch: warn, not error: a vehicle back before its
+                // keep-alive ran out, or two devices sharing one login.
+                warn!(
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );
@@ -868,9 +883,8 @@ impl Router {
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
-                            error!(
-                                reason = ?e, "Failed to append to commitlog"
-                            );
+                            // fleetgate patch: the client's doing, named without its topic.
+                            warn!(reason = refused_publish(&e), "A publish was refused");
                             self.router_meters.failed_publishes += 1;
                             disconnect = true;
 
@@ -1088,9 +1102,8 @@ impl Router {
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
-                            error!(
-                                reason = ?e, "Failed to append to commitlog"
-                            );
+                            // fleetgate patch: the client's doing, named without its topic.
+                            warn!(reason = refused_publish(&e), "A publish was refused");
                             self.router_meters.failed_publishes += 1;
                             disconnect = true;
                             break;
@@ -1415,9 +1428,8 @@ impl Router {
             }
             Err(e) => {
                 // Disconnect on bad publishes
-                error!(
-                    reason = ?e, "Failed to append to commitlog"
-                );
+                // fleetgate patch: the client's doing, named without its topic.
+                warn!(reason = refused_publish(&e), "A publish was refused");
                 self.router_meters.failed_publishes += 1;
                 // Removed disconnect = true from here because we disconnect anyways
             }

@@ -441,10 +441,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         // not the broker's error (a TCP probe of the TLS
                         // port closes at once).
                         match tls_failure(&e) {
-                            Ok("closed") => {
+                            Ok(failure) if failure == "closed" => {
                                 debug!("A connection closed before its TLS handshake")
                             }
-                            Ok(failure) => warn!(failure, "A TLS handshake failed"),
+                            Ok(failure) => warn!(%failure, "A TLS handshake failed"),
                             Err(e) => error!(error=?e, "Tls accept error"),
                         }
                         return;
@@ -572,17 +572,21 @@ fn client_fault(e: &remote::Error) -> bool {
 
 /// fleetgate patch: a connection that ended before it was connected is
 /// logged by whose doing that was, never with what the client sent. A peer
-/// that goes away is debug, one that sends no CONNECT in time info (a
-/// silent socket), a broken protocol warn; a refused login is debug here
-/// because the authentication handler logs it, with its reason, and counts
-/// it; only the router being gone is the broker's error.
+/// that goes away is debug; one that sends no CONNECT in time (a silent
+/// socket holding a connection slot), a broken protocol or a CONNECT
+/// without a login warn; a refused login is debug here because the
+/// authentication handler logs it, with its reason, and counts it; only the
+/// router being gone is the broker's error.
 fn log_failed_connect(e: &remote::Error) {
     if peer_gone(e) {
         debug!(error=?e, "A connection closed before its CONNECT");
     } else if matches!(e, remote::Error::InvalidAuth) {
         debug!("A client's login was refused");
+    } else if matches!(e, remote::Error::NoLogin) {
+        warn!("A client sent a CONNECT without a user name and password");
     } else if matches!(e, remote::Error::Timeout(_)) {
-        info!("A client sent no CONNECT in time");
+        // As the TLS listener's: silent sockets hold connection slots.
+        warn!("A client sent no CONNECT in time");
     } else if client_fault(e) {
         warn!(error=?e, "A client broke the protocol before its CONNECT");
     } else {
@@ -590,21 +594,55 @@ fn log_failed_connect(e: &remote::Error) {
     }
 }
 
-/// fleetgate patch: what a failed TLS handshake is, without what it holds
-/// (a tenant id is a certificate's organisation: a VIN). A certificate the
-/// acceptor cannot load (`TLSAcceptor::new`) is the broker's error.
+/// fleetgate patch: why a client's TLS handshake failed, without what its
+/// certificate holds (a tenant id is its organisation: a VIN); `Err` for
+/// what is the broker's own failure (a server certificate or key the
+/// acceptor cannot use, `TLSAcceptor::new`).
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-fn tls_failure(e: &Error) -> Result<&'static str, &Error> {
+fn tls_failure(e: &Error) -> Result<String, &Error> {
     match e {
-        Error::Io(io) | Error::Certs(tls::Error::Io(io)) if io_peer_gone(io) => Ok("closed"),
-        Error::Io(_) | Error::Certs(tls::Error::Io(_)) => Ok("I/O"),
-        Error::Certs(tls::Error::NoPeerCertificate) => Ok("no client certificate"),
-        Error::Certs(tls::Error::InvalidTenantId(_) | tls::Error::InvalidTenant) => {
-            Ok("invalid tenant certificate")
+        Error::Io(io) | Error::Certs(tls::Error::Io(io)) if io_peer_gone(io) => {
+            Ok("closed".into())
         }
+        // tokio-rustls reports the client's failures (an expired or
+        // unknown certificate, a bad message) as InvalidData around
+        // rustls's error, whose text names the check that failed.
         #[cfg(feature = "use-rustls")]
-        Error::Certs(tls::Error::Rustls(_)) => Ok("handshake refused"),
+        Error::Io(io) | Error::Certs(tls::Error::Io(io)) => Ok(io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>())
+            .map_or_else(|| io.kind().to_string(), |e| rustls_failure(e).into())),
+        Error::Certs(tls::Error::NoPeerCertificate) => Ok("no client certificate".into()),
+        Error::Certs(tls::Error::InvalidTenantId(_) | tls::Error::InvalidTenant) => {
+            Ok("invalid tenant certificate".into())
+        }
         _ => Err(e),
+    }
+}
+
+/// fleetgate patch: which check of a client's TLS handshake failed, from a
+/// fixed set: rustls's own text may quote names a certificate holds.
+#[cfg(feature = "use-rustls")]
+fn rustls_failure(e: &tokio_rustls::rustls::Error) -> &'static str {
+    use tokio_rustls::rustls::{CertificateError, Error as E};
+    match e {
+        E::InvalidCertificate(CertificateError::Expired) => "client certificate expired",
+        E::InvalidCertificate(CertificateError::NotValidYet) => "client certificate not yet valid",
+        E::InvalidCertificate(CertificateError::Revoked) => "client certificate revoked",
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "client certificate from an unknown CA"
+        }
+        E::InvalidCertificate(CertificateError::BadSignature) => {
+            "client certificate with a bad signature"
+        }
+        E::InvalidCertificate(_) => "client certificate invalid",
+        E::NoCertificatesPresented => "no client certificate",
+        E::PeerIncompatible(_) => "client's TLS incompatible",
+        E::InvalidMessage(_) | E::PeerMisbehaved(_) | E::InappropriateMessage { .. } => {
+            "client broke the TLS protocol"
+        }
+        E::AlertReceived(_) => "client sent a TLS alert",
+        _ => "handshake failed",
     }
 }
 
@@ -695,7 +733,16 @@ async fn remote<P: Protocol>(
     {
         Ok(l) => l,
         Err(e) => {
-            error!(error=?e, "Remote link error");
+            // fleetgate patch: the router refusing the client (its id; the
+            // router logged why) and a peer gone before its CONNACK are not
+            // the broker's errors.
+            match &e {
+                e if peer_gone(e) => info!(error=?e, "A connection closed before its CONNACK"),
+                remote::Error::Link(_) | remote::Error::NotConnectionAck => {
+                    warn!("The router refused a connection")
+                }
+                e => error!(error=?e, "Remote link error"),
+            }
             return;
         }
     };
