@@ -441,10 +441,8 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         // not the broker's error (a TCP probe of the TLS
                         // port closes at once).
                         match tls_failure(&e) {
-                            Ok(failure) if failure == "closed" => {
-                                debug!("A connection closed before its TLS handshake")
-                            }
-                            Ok(failure) => warn!(%failure, "A TLS handshake failed"),
+                            Ok(None) => debug!("A connection closed before its TLS handshake"),
+                            Ok(Some(failure)) => warn!(failure, "A TLS handshake failed"),
                             Err(e) => error!(error=?e, "Tls accept error"),
                         }
                         return;
@@ -594,27 +592,25 @@ fn log_failed_connect(e: &remote::Error) {
     }
 }
 
-/// fleetgate patch: why a client's TLS handshake failed, without what its
-/// certificate holds (a tenant id is its organisation: a VIN); `Err` for
-/// what is the broker's own failure (a server certificate or key the
-/// acceptor cannot use, `TLSAcceptor::new`).
+/// fleetgate patch: why a client's TLS handshake failed (`None`: the peer
+/// closed it, as a TCP probe does), without what its certificate holds (a
+/// tenant id is its organisation: a VIN); `Err` for the broker's own failure
+/// (a server certificate or key the acceptor cannot use, `TLSAcceptor::new`).
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-fn tls_failure(e: &Error) -> Result<String, &Error> {
+fn tls_failure(e: &Error) -> Result<Option<&'static str>, &Error> {
     match e {
-        Error::Io(io) | Error::Certs(tls::Error::Io(io)) if io_peer_gone(io) => {
-            Ok("closed".into())
-        }
-        // tokio-rustls reports the client's failures (an expired or
-        // unknown certificate, a bad message) as InvalidData around
-        // rustls's error, whose text names the check that failed.
+        Error::Io(io) | Error::Certs(tls::Error::Io(io)) if io_peer_gone(io) => Ok(None),
+        // tokio-rustls reports the client's failures (an expired or unknown
+        // certificate, a bad message) as I/O errors around rustls's error.
         #[cfg(feature = "use-rustls")]
-        Error::Io(io) | Error::Certs(tls::Error::Io(io)) => Ok(io
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>())
-            .map_or_else(|| io.kind().to_string(), |e| rustls_failure(e).into())),
-        Error::Certs(tls::Error::NoPeerCertificate) => Ok("no client certificate".into()),
+        Error::Io(io) | Error::Certs(tls::Error::Io(io)) => Ok(Some(
+            io.get_ref()
+                .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>())
+                .map_or("I/O error", rustls_failure),
+        )),
+        Error::Certs(tls::Error::NoPeerCertificate) => Ok(Some("no client certificate")),
         Error::Certs(tls::Error::InvalidTenantId(_) | tls::Error::InvalidTenant) => {
-            Ok("invalid tenant certificate".into())
+            Ok(Some("invalid tenant certificate"))
         }
         _ => Err(e),
     }
