@@ -11,7 +11,7 @@
 
 use rustix::process::{getpriority_process, setpriority_process};
 
-/// The table writers, their commits and the retention sweep (compaction).
+/// The table commits (Parquet, Delta) and the retention sweep (compaction).
 pub const STORE_NICENESS: i32 = 5;
 /// The query pool: principals' queries, answers and live streams.
 pub const QUERY_NICENESS: i32 = 10;
