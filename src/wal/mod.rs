@@ -999,6 +999,16 @@ mod tests {
         }
     }
 
+    /// Appends `batch(n)` to `wal` as dead letters of the test's hour.
+    fn append_dead_letters(wal: &mut ShardWal, n: i64) -> EntryId {
+        wal.append(
+            Table::DeadLetters,
+            PartitionKey::from_millis(PARTITION_MS),
+            &batch(n),
+        )
+        .expect("append")
+    }
+
     fn batch(n: i64) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("seq", DataType::Int64, false),
@@ -1213,13 +1223,7 @@ mod tests {
         let mut wal =
             ShardWal::open(&settings(dir.path(), 1 << 20), 0, None, tracker.clone()).expect("open");
         assert!(!holds_entries(dir.path()).expect("an empty segment"));
-        let id = wal
-            .append(
-                Table::DeadLetters,
-                PartitionKey::from_millis(PARTITION_MS),
-                &batch(0),
-            )
-            .expect("append");
+        let id = append_dead_letters(&mut wal, 0);
         wal.sync().expect("sync");
         assert!(holds_entries(dir.path()).expect("an entry"));
         tracker.covered(&[id]);
@@ -1236,14 +1240,7 @@ mod tests {
             ShardWal::open(&settings(dir.path(), 1), 0, None, tracker.clone()).expect("open");
         let mut ids = Vec::new();
         for i in 0..2 {
-            ids.push(
-                wal.append(
-                    Table::DeadLetters,
-                    PartitionKey::from_millis(PARTITION_MS),
-                    &batch(i),
-                )
-                .expect("append"),
-            );
+            ids.push(append_dead_letters(&mut wal, i));
             wal.sync().expect("sync");
         }
         let segments = || fs::read_dir(shard_dir(dir.path(), 0)).expect("dir").count();
@@ -1290,13 +1287,7 @@ mod tests {
             Arc::new(Tracker::default()),
         )
         .expect("reopen");
-        let id = wal
-            .append(
-                Table::DeadLetters,
-                PartitionKey::from_millis(PARTITION_MS),
-                &batch(0),
-            )
-            .expect("append");
+        let id = append_dead_letters(&mut wal, 0);
         assert_eq!(id.seq, 2);
     }
 
@@ -1307,12 +1298,7 @@ mod tests {
         let mut wal =
             ShardWal::open(&settings(dir.path(), 1), 0, None, tracker.clone()).expect("open");
         for i in 0..2 {
-            wal.append(
-                Table::DeadLetters,
-                PartitionKey::from_millis(PARTITION_MS),
-                &batch(i),
-            )
-            .expect("append");
+            append_dead_letters(&mut wal, i);
             wal.sync().expect("sync");
         }
         // A thread that panics while holding the lock poisons it: from then
@@ -1341,13 +1327,7 @@ mod tests {
             tracker,
         )
         .expect("open");
-        let id = wal
-            .append(
-                Table::DeadLetters,
-                PartitionKey::from_millis(PARTITION_MS),
-                &batch(0),
-            )
-            .expect("append");
+        let id = append_dead_letters(&mut wal, 0);
         assert_eq!(id.seq, 2);
     }
 }
