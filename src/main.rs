@@ -379,6 +379,7 @@ fn main() -> anyhow::Result<()> {
             statement,
         } => {
             let mut config = common.load()?;
+            stored_somewhere(&config)?;
             if scheduler.is_some() {
                 config.access.ballista_scheduler = scheduler;
             }
@@ -442,6 +443,7 @@ fn main() -> anyhow::Result<()> {
             format,
         } => {
             let config = common.load()?;
+            stored_somewhere(&config)?;
             let env = AccessEnv::new(&config, Some(open_privacy(&config)?))?;
             let user = env.principal(&user)?;
             let export = runtime.block_on(env.export(&user, fleetgate::core::clock::now_ms()))?;
@@ -501,6 +503,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The vault and keys, which only one process may hold open.
+/// Fails when the store is a local directory that is not there: most often
+/// a mistyped path, whose tables would otherwise read as empty.
+fn stored_somewhere(config: &Config) -> anyhow::Result<()> {
+    let root = fleetgate::store::StoreRoot::from_config(&config.storage)?;
+    if let Some(dir) = root.local_dir()
+        && !dir.is_dir()
+    {
+        anyhow::bail!(
+            "no data directory at {}: nothing was stored there (storage.data_dir, or --data-dir)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn open_privacy(config: &Config) -> anyhow::Result<Arc<PrivacyShared>> {
     PrivacyShared::open(config).context(
         "cannot open the vault (is the server running? it holds the vault open; use its HTTP routes)",

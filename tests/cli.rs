@@ -180,6 +180,46 @@ fn unknown_config_key_is_refused_by_name() {
     assert!(stderr.contains("rol_rows"), "{stderr}");
 }
 
+/// A mistyped data directory is an error that names it, not an empty
+/// answer that looks like no data, and reading creates nothing there.
+#[test]
+fn reading_a_data_directory_that_is_not_there_fails_with_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("dta");
+    let out = dir.path().join("export");
+    let statement = "SELECT count(*) FROM rtti";
+    let runs: [&[&std::ffi::OsStr]; 2] = [
+        &["sql".as_ref(), statement.as_ref()],
+        &[
+            "export".as_ref(),
+            "--user".as_ref(),
+            "alice".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ],
+    ];
+    for args in runs {
+        let out = Command::new(BIN)
+            .current_dir(dir.path())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&missing)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run fleetgate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains("no data directory") && stderr.contains(&*missing.to_string_lossy()),
+            "{args:?}: {stderr}"
+        );
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_retention_lists_then_deletes_expired_partitions() {
     let server = TestServer::start();
