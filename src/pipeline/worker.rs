@@ -232,18 +232,18 @@ impl Worker {
                     }
                     let now = crate::core::clock::now_ms();
                     // Fsync'd with its copy still due: not yet durable as promised.
-                    if !synced.pending
-                        && let Ok(mut h) = wal.receipt_to_durable_ms.lock()
-                    {
-                        for column in self.unsynced_receipts.drain(..) {
-                            if let Some(times) =
-                                column.as_any().downcast_ref::<TimestampMillisecondArray>()
-                            {
-                                for t in times.values() {
-                                    h.saturating_record((now - t).max(0) as u64);
-                                }
-                            }
-                        }
+                    if !synced.pending {
+                        crate::metrics::record_since_receipt(
+                            &wal.receipt_to_durable_ms,
+                            now,
+                            self.unsynced_receipts.iter().filter_map(|column| {
+                                column
+                                    .as_any()
+                                    .downcast_ref::<TimestampMillisecondArray>()
+                                    .map(|times| &times.values()[..])
+                            }),
+                        );
+                        self.unsynced_receipts.clear();
                     }
                 }
                 Ok(None) => {}

@@ -30,25 +30,18 @@ impl CommitListener for TableListener {
         c.rows_stored.fetch_add(commit.rows as u64, Relaxed);
         c.files_committed.fetch_add(commit.files as u64, Relaxed);
         c.bytes_committed.fetch_add(commit.bytes, Relaxed);
-        let now = crate::core::clock::now_ms();
-        if let Ok(mut h) = self.metrics.wal.receipt_to_queryable_ms.lock() {
-            for b in batches {
-                let times = b
-                    .batch
-                    .column_by_name(crate::schema::RECEIVED_AT_COLUMN)
-                    .and_then(|c| {
-                        c.as_any()
-                            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
-                            .cloned()
-                    });
-                for t in times
-                    .iter()
-                    .flat_map(|a| a.values().iter().copied().collect::<Vec<_>>())
-                {
-                    h.saturating_record((now - t).max(0) as u64);
-                }
-            }
-        }
+        let receipts = batches.iter().filter_map(|b| {
+            b.batch
+                .column_by_name(crate::schema::RECEIVED_AT_COLUMN)?
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                .map(|times| &times.values()[..])
+        });
+        crate::metrics::record_since_receipt(
+            &self.metrics.wal.receipt_to_queryable_ms,
+            crate::core::clock::now_ms(),
+            receipts,
+        );
     }
 
     fn holding(&self, bytes: usize) {
