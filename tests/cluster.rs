@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use fleetgate::control::ControlPlane;
-use fleetgate::control::lease::{self, Lease};
+use fleetgate::control::lease::{self, Claim, Lease};
 use fleetgate::privacy::pseudo::KeyRing;
 use fleetgate::privacy::vault::Vault;
 use fleetgate::schema::Stream;
@@ -158,6 +158,33 @@ fn the_maintenance_lease_has_one_holder_and_moves_when_it_lapses() {
     // A clean stop hands it over at once.
     second.release().expect("release");
     assert!(first.hold().expect("hold"));
+}
+
+/// A holder whose step (storing a dead node's WAL) outlasted its term asks
+/// again before its next step (the sweep), rather than act on the answer
+/// it had before: by then another node may hold the lease.
+#[test]
+fn a_holder_asks_again_after_a_step_that_outlasted_its_term() {
+    let postgres = Postgres::start();
+    let plane = |_| Arc::new(ControlPlane::connect(&postgres.url()).expect("control plane"));
+    let term = Duration::from_secs(2);
+    let first = Claim::new(Lease::new(plane(1), lease::MAINTENANCE, "node-1", term));
+    let second = Lease::new(plane(2), lease::MAINTENANCE, "node-2", term);
+    assert!(first.renew().expect("hold"));
+    assert!(
+        first.confirm().expect("confirm"),
+        "trusted right after renewal"
+    );
+    // node-1's step takes longer than the term; node-2 takes the lease.
+    std::thread::sleep(term + Duration::from_millis(500));
+    assert!(second.hold().expect("hold"), "the lapsed lease moves");
+    assert!(
+        !first.confirm().expect("confirm"),
+        "node-1 learns it lost the lease before it acts again"
+    );
+    // Once node-2 stops, node-1's next confirmation takes the lease back.
+    second.release().expect("release");
+    assert!(first.confirm().expect("confirm"));
 }
 
 /// What the nodes of a test cluster share: a PostgreSQL of its own, the

@@ -10,8 +10,9 @@
 //! clock: a node gets the lease if nobody holds it, if it holds it already,
 //! or if the holder's term has run out. A holder that stops (killed, cut
 //! off) keeps it at most `term` longer. The lease decides who starts a run;
-//! it is renewed between runs, not during one, so a run longer than the
-//! term can overlap the next holder's. Two conflicting Delta commits then
+//! it is renewed between runs, and before each run once two thirds of a term
+//! have passed since the last renewal ([`Claim::confirm`]), not during one,
+//! so a run longer than the term can overlap the next holder's. Two conflicting Delta commits then
 //! fail one of them; the deletion audit and the retiring of requests are
 //! not fenced (README, "Cluster").
 
@@ -164,6 +165,16 @@ impl Claim {
     /// See [`crate::core::fence::Fence::epoch`].
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether this holder may act on the lease now: without asking while
+    /// its last renewal is trusted, by renewing it once that trust ran out
+    /// (after a step that took long, in which the lease may have moved).
+    pub fn confirm(&self) -> Result<bool> {
+        if self.holds() {
+            return Ok(true);
+        }
+        self.renew()
     }
 
     /// Whether this holder may still act on the lease.

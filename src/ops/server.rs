@@ -24,7 +24,7 @@ use crate::access::{AccessEnv, AccessError};
 use crate::config::{Acknowledge, Config, ConfigError, SinkKind};
 use crate::control::ControlPlane;
 use crate::control::documents::Document;
-use crate::control::lease::{self, Lease};
+use crate::control::lease::{self, Claim, Lease};
 use crate::core::fence::Fence;
 use crate::core::priority;
 use crate::ingest::auth::{CREDENTIALS, Credentials};
@@ -634,14 +634,14 @@ fn spawn_sweeper(
         .spawn(move || {
             // Compaction and deletions can wait for the ingest path.
             priority::run_nicer(priority::STORE_NICENESS);
+            let claim = lease.map(|(lease, _)| Claim::new(lease));
             let mut held = false;
-            let mut next_sweep = Instant::now() + every;
-            while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(tick)
-            {
-                let holds = match &lease {
+            // Whether this node may maintain the tables now, by `ask`ing
+            // the lease; a change is logged and shown in /metrics.
+            let mut may_maintain = |ask: fn(&Claim) -> crate::control::Result<bool>| {
+                let holds = match &claim {
                     None => true,
-                    Some((lease, _)) => lease.hold().unwrap_or_else(|error| {
+                    Some(claim) => ask(claim).unwrap_or_else(|error| {
                         tracing::warn!(%error, "cannot renew the maintenance lease");
                         false
                     }),
@@ -651,11 +651,18 @@ fn spawn_sweeper(
                     metrics
                         .maintenance_lease_held
                         .store(u64::from(held), Ordering::Relaxed);
-                    if lease.is_some() {
+                    if claim.is_some() {
                         tracing::info!(held, "maintenance lease (retention sweep, compaction)");
                     }
                 }
-                if held && let Some(takeover) = &takeover {
+                holds
+            };
+            let mut next_sweep = Instant::now() + every;
+            while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(tick)
+            {
+                let holds = may_maintain(Claim::renew);
+                if holds && let Some(takeover) = &takeover {
                     takeover.run();
                 }
                 if Instant::now() < next_sweep {
@@ -663,7 +670,9 @@ fn spawn_sweeper(
                 }
                 next_sweep = Instant::now() + every;
                 let now_ms = crate::core::clock::now_ms();
-                if held {
+                // Storing a dead node's WAL may have outlasted the trust in
+                // the renewal above: the lease may have moved since.
+                if holds && may_maintain(Claim::confirm) {
                     let run = retention::SweepRun {
                         now_ms,
                         max_clock_skew_ms,
@@ -689,8 +698,8 @@ fn spawn_sweeper(
                 }
             }
             if held
-                && let Some((lease, _)) = &lease
-                && let Err(error) = lease.release()
+                && let Some(claim) = &claim
+                && let Err(error) = claim.lease().release()
             {
                 tracing::warn!(%error, "cannot release the maintenance lease; it lapses");
             }
