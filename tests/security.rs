@@ -1028,6 +1028,64 @@ fn the_broker_logs_no_packet_a_client_sent() {
     assert!(!log.contains(secret), "{log}");
 }
 
+/// What fails in a client's TLS handshake is the client's doing: a TCP
+/// probe of the TLS port is no warning, a client that speaks plain MQTT
+/// or shows a certificate from another CA is one WARN line saying which
+/// check failed, from a fixed set that quotes nothing from its certificate
+/// (whose organisation is a VIN); never an ERROR.
+#[test]
+fn a_failed_tls_handshake_is_a_warning_that_quotes_no_certificate() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = vehicle_pki(dir.path());
+    pki.ca("rogue-ca");
+    pki.sign(
+        "rogue-ca",
+        "car-rogue",
+        &format!("/O={A}/CN=car-rogue"),
+        "extendedKeyUsage=clientAuth\n",
+    );
+    let server = ServeProcess::spawn(
+        dir.path(),
+        &format!(
+            "[broker.tls]\naddr = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+            pki.path("server.pem"),
+            pki.path("server.key"),
+            pki.path("vehicle-ca.pem"),
+        ),
+    );
+    let tls = server.tls.expect("the TLS address in the banner");
+    drop(std::net::TcpStream::connect(tls).expect("a probe"));
+    let mut plain = std::net::TcpStream::connect(tls).expect("connect");
+    plain
+        .write_all(&connect_packet("plain-mqtt"))
+        .expect("a CONNECT where a ClientHello belongs");
+    let own = format!("/tenants/{A}/vehicles/{A}/teleservice");
+    assert!(
+        !mosquitto_pub(&pki, tls.port(), "car-rogue", &own, &teleservice_now(A, 1)),
+        "a certificate from another CA is refused"
+    );
+    let warned = |failure: &str| {
+        std::fs::read_to_string(dir.path().join("serve.log")).is_ok_and(|log| {
+            log.lines().any(|l| {
+                l.contains(" WARN ") && l.contains("A TLS handshake failed") && l.contains(failure)
+            })
+        })
+    };
+    wait_for(|| warned("client broke the TLS protocol"));
+    wait_for(|| warned("client certificate from an unknown CA"));
+    drop(plain);
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    assert!(!log.contains(" ERROR "), "{log}");
+    assert!(!log.contains(A), "{log}");
+    assert_eq!(
+        log.matches("A TLS handshake failed").count(),
+        2,
+        "the probe is no warning: {log}"
+    );
+}
+
 /// A vehicle fleet with passwords: a CONNECT that carries no login at all is
 /// refused before the password check (which logs and counts refusals), so
 /// the broker says so itself, at WARN, and names nothing the client sent.

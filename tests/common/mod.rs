@@ -504,6 +504,8 @@ pub struct ServeProcess {
     pub addr: std::net::SocketAddr,
     /// Where its `/metrics` and admin routes answer.
     pub admin: std::net::SocketAddr,
+    /// Where vehicles connect with client certificates, if `[broker.tls]` is set.
+    pub tls: Option<std::net::SocketAddr>,
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
@@ -572,7 +574,17 @@ impl ServeProcess {
             .and_then(|rest| rest.split('/').next())
             .and_then(|addr| addr.parse().ok())
             .expect("the admin address in the banner");
-        Self { child, addr, admin }
+        let tls = banner
+            .split("mqtts://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok());
+        Self {
+            child,
+            addr,
+            admin,
+            tls,
+        }
     }
 
     /// Starts `fleetgate serve` in `dir` with `config`, which must refuse to
