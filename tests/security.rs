@@ -1086,6 +1086,82 @@ fn a_failed_tls_handshake_is_a_warning_that_quotes_no_certificate() {
     );
 }
 
+/// An MQTT 5 session whose CONNECT (clean start, no properties) the broker
+/// accepted, then `publish` sent; returns everything the broker sent back
+/// until it closed the connection.
+fn mqtt5_session(addr: std::net::SocketAddr, client_id: &str, publish: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut connect = b"\x00\x04MQTT\x05\x02\x00\x0a\x00".to_vec();
+    connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(client_id.as_bytes());
+    let mut packets = vec![0x10, connect.len() as u8];
+    packets.extend_from_slice(&connect);
+    packets.extend_from_slice(publish);
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(&packets).expect("packets");
+    let mut answers = Vec::new();
+    stream
+        .read_to_end(&mut answers)
+        .expect("the broker closes the connection");
+    assert_eq!(answers.first(), Some(&0x20), "a CONNACK first: {answers:?}");
+    answers
+}
+
+/// MQTT 5 topic aliases a client may not send (alias 0; an empty topic
+/// with an alias it never set) end its connection with a DISCONNECT that
+/// says why, and one WARN line each; never an ERROR line, never its topic.
+#[test]
+fn a_topic_alias_a_client_may_not_send_disconnects_it_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServeProcess::spawn(dir.path(), "");
+    let topic = format!("vehicles/{A}/teleservice");
+    // PUBLISH, QoS 0: the topic, properties (topic alias), a payload.
+    let publish = |topic: &str, alias: u16| {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&[0x03, 0x23]);
+        body.extend_from_slice(&alias.to_be_bytes());
+        body.extend_from_slice(b"{}");
+        let mut packet = vec![0x30, body.len() as u8];
+        packet.extend_from_slice(&body);
+        packet
+    };
+    for (client, publish, reason) in [
+        ("alias-zero", publish(&topic, 0), 0x94),
+        ("alias-unset", publish("", 7), 0x82),
+    ] {
+        let answers = mqtt5_session(server.mqtt5, client, &publish);
+        let connack_len = usize::from(answers[1]) + 2;
+        assert_eq!(
+            answers.get(connack_len..),
+            Some(&[0xe0, 0x02, reason, 0x00][..]),
+            "{client}: a DISCONNECT with its reason after the CONNACK: {answers:?}"
+        );
+    }
+    wait_for(|| {
+        std::fs::read_to_string(dir.path().join("serve.log"))
+            .is_ok_and(|log| log.matches("A publish was refused").count() == 2)
+    });
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    for warned in [
+        "Alias must be greater than 0",
+        "Empty topic name with invalid alias",
+        "A publish was refused",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(" WARN ") && l.contains(warned)),
+            "{warned}: {log}"
+        );
+    }
+    assert!(!log.contains(" ERROR "), "{log}");
+    assert!(!log.contains(A), "{log}");
+}
+
 /// A vehicle fleet with passwords: a CONNECT that carries no login at all is
 /// refused before the password check (which logs and counts refusals), so
 /// the broker says so itself, at WARN, and names nothing the client sent.

@@ -504,6 +504,8 @@ pub struct ServeProcess {
     pub addr: std::net::SocketAddr,
     /// Where its `/metrics` and admin routes answer.
     pub admin: std::net::SocketAddr,
+    /// Where MQTT 5 clients connect.
+    pub mqtt5: std::net::SocketAddr,
     /// Where vehicles connect with client certificates, if `[broker.tls]` is set.
     pub tls: Option<std::net::SocketAddr>,
 }
@@ -574,6 +576,12 @@ impl ServeProcess {
             .and_then(|rest| rest.split('/').next())
             .and_then(|addr| addr.parse().ok())
             .expect("the admin address in the banner");
+        let mqtt5 = banner
+            .split("(MQTT 5: ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|addr| addr.parse().ok())
+            .expect("the MQTT 5 address in the banner");
         let tls = banner
             .split("mqtts://")
             .nth(1)
@@ -583,6 +591,7 @@ impl ServeProcess {
             child,
             addr,
             admin,
+            mqtt5,
             tls,
         }
     }
