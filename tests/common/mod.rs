@@ -558,35 +558,20 @@ impl ServeProcess {
         std::io::BufReader::new(stdout)
             .read_line(&mut banner)
             .expect("banner");
-        let addr = banner
-            .split("mqtt://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| {
-                let log = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
-                let last_run = log.rsplit(" INFO ").next().unwrap_or_default();
-                let tail: String = last_run.chars().take(3000).collect();
-                panic!("no address in {banner:?}; the log of that run:\n{tail}")
-            })
-            .parse()
-            .expect("socket address");
-        let admin = banner
-            .split("metrics on http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|addr| addr.parse().ok())
-            .expect("the admin address in the banner");
-        let mqtt5 = banner
-            .split("(MQTT 5: ")
-            .nth(1)
-            .and_then(|rest| rest.split(')').next())
-            .and_then(|addr| addr.parse().ok())
-            .expect("the MQTT 5 address in the banner");
-        let tls = banner
-            .split("mqtts://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok());
+        // The address after `marker`, up to the first of `ends`.
+        let address = |marker: &str, ends: &[char]| -> Option<std::net::SocketAddr> {
+            let rest = banner.split(marker).nth(1)?;
+            rest.split(ends).next()?.parse().ok()
+        };
+        let addr = address("mqtt://", &[' ']).unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+            let last_run = log.rsplit(" INFO ").next().unwrap_or_default();
+            let tail: String = last_run.chars().take(3000).collect();
+            panic!("no address in {banner:?}; the log of that run:\n{tail}")
+        });
+        let admin = address("metrics on http://", &['/']).expect("the admin address in the banner");
+        let mqtt5 = address("(MQTT 5: ", &[')']).expect("the MQTT 5 address in the banner");
+        let tls = address("mqtts://", &[' ']);
         Self {
             child,
             addr,
