@@ -411,7 +411,12 @@ fn main() -> anyhow::Result<()> {
                     .await?;
                 anyhow::Ok(query::format(&answer.batches, format)?)
             })?;
-            println!("{text}");
+            // CSV and NDJSON end in a newline already: one more would read
+            // as an empty record.
+            match text.ends_with('\n') {
+                true => print!("{text}"),
+                false => println!("{text}"),
+            }
             Ok(())
         }
         Command::Ballista { role } => {

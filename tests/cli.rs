@@ -139,7 +139,7 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     );
     assert_eq!(
         csv,
-        "seq,event,soc_pct\n880,start,18.0\n881,progress,62.5\n882,end,80.0\n\n"
+        "seq,event,soc_pct\n880,start,18.0\n881,progress,62.5\n882,end,80.0\n"
     );
     let json = sql(
         dir.path(),
@@ -161,6 +161,12 @@ async fn serve_stores_everything_on_sigterm_and_sql_reads_it() {
     for format in ["table", "csv", "json", "ndjson"] {
         let all = sql(dir.path(), format, "SELECT * FROM charging");
         assert!(all.contains("880"), "{format}: {all}");
+        // Every line a row (or the table's frame): no blank line at the
+        // end, which CSV and NDJSON readers take for one more record.
+        assert!(
+            all.ends_with('\n') && !all.ends_with("\n\n"),
+            "{format}: {all:?}"
+        );
     }
 }
 
@@ -362,7 +368,7 @@ async fn access_sql_as_a_user_and_export() {
     assert_eq!(
         csv,
         format!(
-            "vin,seq,contract_number\n{vin},880,SE-CHG-00048213\n{vin},881,SE-CHG-00048213\n{vin},882,SE-CHG-00048213\n\n"
+            "vin,seq,contract_number\n{vin},880,SE-CHG-00048213\n{vin},881,SE-CHG-00048213\n{vin},882,SE-CHG-00048213\n"
         )
     );
     let refused = Command::new(BIN)
