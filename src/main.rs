@@ -507,7 +507,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The vault and keys, which only one process may hold open.
 /// Fails when the store is a local directory that is not there: most often
 /// a mistyped path, whose tables would otherwise read as empty.
 fn stored_somewhere(config: &Config) -> anyhow::Result<()> {
@@ -523,6 +522,7 @@ fn stored_somewhere(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The vault and keys, which only one process may hold open.
 fn open_privacy(config: &Config) -> anyhow::Result<Arc<PrivacyShared>> {
     PrivacyShared::open(config).context(
         "cannot open the vault (is the server running? it holds the vault open; use its HTTP routes)",

@@ -12,9 +12,9 @@
 //! off) keeps it at most `term` longer. The lease decides who starts a run;
 //! it is renewed between runs, and before each run once two thirds of a term
 //! have passed since the last renewal ([`Claim::confirm`]), not during one,
-//! so a run longer than the term can overlap the next holder's. Two conflicting Delta commits then
-//! fail one of them; the deletion audit and the retiring of requests are
-//! not fenced (README, "Cluster").
+//! so a run longer than the term can overlap the next holder's. Two
+//! conflicting Delta commits then fail one of them; the deletion audit and
+//! the retiring of requests are not fenced (README, "Cluster").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
