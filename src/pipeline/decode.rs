@@ -582,6 +582,12 @@ fn judge_i64(field: &FieldSpec, n: i64) -> Result<Value, Rejection> {
             Ok(Value::Int(n))
         }
         FieldType::Float => judge_f64(field, n as f64),
+        // Stored as microseconds: a time past what they hold would fail
+        // every write of its table's batch, for ever.
+        FieldType::Timestamp if n.checked_mul(1_000).is_none() => Err(out_of_range(
+            field,
+            "is beyond the times that can be stored".to_owned(),
+        )),
         FieldType::Timestamp => Ok(Value::Timestamp(n)),
         _ => Err(wrong_type(field, "number")),
     }
@@ -697,6 +703,22 @@ mod tests {
             &mut out,
         );
         out
+    }
+
+    /// A time that fits an i64 of milliseconds but not one of microseconds
+    /// (as stored) is rejected here, not at the table's write, where it
+    /// failed every retry of its batch.
+    #[test]
+    fn a_time_past_what_can_be_stored_is_out_of_range() {
+        const VIN: &str = "WMW11DJ04N2T00001";
+        for started_at in [9_300_000_000_000_000_i64, i64::MIN, i64::MAX] {
+            let payload = format!(
+                r#"{{"vin":"{VIN}","ts":1796083100000,"seq":1,"session_id":"S","event":"start","started_at":{started_at}}}"#
+            );
+            let out = decode_one(Stream::Charging, VIN, payload.as_bytes());
+            assert!(out.valid.is_empty(), "{started_at}");
+            assert_eq!(out.rejected[0].rejection.code, RejectCode::OutOfRange);
+        }
     }
 
     #[test]
